@@ -1,0 +1,124 @@
+"""Store write/read throughput and compression for candidate codecs and chunk sizes.
+
+    .venv/bin/python bench/bench_store.py [--tokens 1000000] [--out bench/results_store.md]
+
+Every candidate gets the same pre-generated synthetic trace (bench/synthetic.py: 16 layers,
+64 experts, top-8, with weights) in one run, side by side. Measured:
+- write: TraceStore.append + close (validation, encoding, compression, file writes), tokens/s
+  and MB/s of raw routing data;
+- read: every chunk of routing/experts decompressed in one thread (Blosc limited to one
+  thread), GB/s of decompressed data, warm page cache (best of 3 passes);
+- scan: iter_chunks(["experts", "domain", "lang"]) with prefetch, as the counters read it;
+- ratio: raw / stored bytes of routing/experts and of the whole store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numcodecs.blosc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import TraceSpec, generate_chunk, group_preferences  # noqa: E402
+
+from engine.store import TraceStore  # noqa: E402
+
+CANDIDATES = {
+    "lz4-bitshuffle-4MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}, chunk_mib=4),
+    "lz4-byteshuffle-4MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}, chunk_mib=4),
+    "zstd3-bitshuffle-4MiB": dict(codec={"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}, chunk_mib=4),
+    "lz4-bitshuffle-1MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}, chunk_mib=1),
+    "lz4-bitshuffle-4MiB-shard16": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"},
+                                        chunk_mib=4, shard_chunks=16),
+}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--workdir", default=None, help="where to write the stores (default: a temp dir)")
+    args = parser.parse_args()
+
+    spec = TraceSpec(n_tokens=args.tokens)
+    L, K = spec.n_layers, spec.top_k
+    prefs = group_preferences(spec)
+    batch_rows = 65536
+    batches = []
+    for a in range(0, spec.n_tokens, batch_rows):
+        b = generate_chunk(spec, a, min(spec.n_tokens, a + batch_rows), prefs)
+        b["experts"] = b["experts"].astype(np.uint8)
+        b["weights"] = b["weights"].astype(np.float16)
+        batches.append(b)
+    raw_routing = spec.n_tokens * L * K * 3  # experts (1 B) + weights (2 B)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="moetrace-bench-store-"))
+    numcodecs.blosc.set_nthreads(1)
+
+    rows = []
+    for name in args.candidates.split(","):
+        cand = CANDIDATES[name]
+        path = work / f"{name}.zarr"
+        chunk_rows = (cand["chunk_mib"] << 20) // (L * K)
+        t0 = time.perf_counter()
+        store = TraceStore.create(path, n_layers=L, n_experts=spec.n_experts, top_k=K,
+                                  labels={"domain": ["math", "code", "prose", "dates"], "lang": ["en", "de"]},
+                                  weights=True, chunk_rows=chunk_rows, codec=cand["codec"],
+                                  shard_chunks=cand.get("shard_chunks"), overwrite=True)
+        with store:
+            for b in batches:
+                store.append(b)
+        write_s = time.perf_counter() - t0
+
+        reader = TraceStore.open(path)
+        arr = reader._array("experts")
+        read_s = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for a in range(0, len(reader), chunk_rows):
+                np.asarray(arr[a:a + chunk_rows])
+            read_s.append(time.perf_counter() - t0)
+        scan_s = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for chunk in reader.iter_chunks(["experts", "domain", "lang"]):
+                pass
+            scan_s.append(time.perf_counter() - t0)
+        experts_raw = spec.n_tokens * L * K
+        experts_stored = dir_bytes(path / "routing" / "experts")
+        total_stored = dir_bytes(path)
+        total_raw = experts_raw * 3 + spec.n_tokens * (8 + 4 + 4 + 1 + 2 + 2)
+        rows.append({
+            "candidate": name,
+            "chunk_rows": chunk_rows,
+            "write_tok_s": spec.n_tokens / write_s,
+            "write_MB_s": raw_routing / write_s / 1e6,
+            "read_GB_s": experts_raw / min(read_s) / 1e9,
+            "scan_GB_s": experts_raw / min(scan_s) / 1e9,
+            "ratio_experts": experts_raw / experts_stored,
+            "ratio_total": total_raw / total_stored,
+        })
+        print(f"done {name}", file=sys.stderr, flush=True)
+        shutil.rmtree(path)
+
+    print(f"Synthetic trace: {spec.n_tokens:,} tokens x {L} layers x top-{K} of {spec.n_experts} experts "
+          f"({spec.n_tokens * L * K:,} routing rows), with float16 weights.\n")
+    print("| candidate | chunk rows | write tok/s | write MB/s | read experts GB/s (1 thread) "
+          "| scan experts+labels GB/s | ratio experts | ratio store |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['candidate']} | {r['chunk_rows']:,} | {r['write_tok_s']:,.0f} | {r['write_MB_s']:.0f} "
+              f"| {r['read_GB_s']:.2f} | {r['scan_GB_s']:.2f} | {r['ratio_experts']:.2f} | {r['ratio_total']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The ``moetrace`` command line.
+
+Subcommands live in ``engine/commands/*.py`` (see that package's docstring). A
+:class:`engine.errors.MoetraceError` raised by a command is printed as one line on
+stderr and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import engine
+import engine.commands
+from engine.errors import MoetraceError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moetrace",
+        description="Capture, count, analyze and intervene on Mixture-of-Experts routing.",
+    )
+    parser.add_argument("--version", action="version", version=f"moetrace {engine.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_info in sorted(pkgutil.iter_modules(engine.commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"engine.commands.{module_info.name}")
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        code = args.func(args)
+    except MoetraceError as exc:
+        print(f"moetrace {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moetrace {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0 if code is None else int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

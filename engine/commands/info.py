@@ -1,0 +1,46 @@
+"""``moetrace info STORE [--json]``: what a trace store holds."""
+
+from __future__ import annotations
+
+import json
+
+from engine.store import TraceStore
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("info", help="rows, sequences, layers, experts, labels and array sizes of a store")
+    p.add_argument("store", help="path of a moetrace trace store (.zarr directory)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def run(args) -> int:
+    info = TraceStore.open(args.store).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"store       {info['path']}")
+    print(f"model       {info['model'] or '-'} (scoring: {info['scoring'] or '-'})")
+    print(f"rows        {info['rows']:,} tokens, {info['routing_rows']:,} routing rows")
+    print(f"sequences   {info['sequences']:,} (metadata rows: {info['sequence_metadata_rows']:,})")
+    print(f"layers      {info['n_layers']} {info['layer_ids']}")
+    print(f"experts     {info['n_experts']}, top-{info['top_k']}")
+    for label, counts in info["labels"].items():
+        values = ", ".join(f"{k}={v:,}" for k, v in counts.items())
+        print(f"label       {label}: {values}")
+    print(f"{'array':<24} {'shape':<22} {'dtype':<10} {'raw':>10} {'stored':>10} {'ratio':>6}")
+    for name, a in info["arrays"].items():
+        raw, stored = a["raw_bytes"], a["stored_bytes"]
+        ratio = f"{raw / stored:.1f}x" if raw and stored else "-"
+        print(f"{name:<24} {str(tuple(a['shape'])):<22} {a['dtype']:<10} {_size(raw):>10} {_size(stored):>10} {ratio:>6}")
+    return 0

@@ -1,0 +1,283 @@
+"""The trace store: round trips, chunk alignment, validation errors and crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.errors import MoetraceError
+from engine.store import FORMAT_VERSION, TraceStore
+
+
+def make_rows(start: int, n: int, L: int, K: int, E: int, weights: bool = True) -> dict:
+    """Deterministic rows [start, start+n): every value is a function of the row index."""
+    r = np.arange(start, start + n, dtype=np.int64)
+    layer = np.arange(L)[None, :, None]
+    rank = np.arange(K)[None, None, :]
+    rows = {
+        "seq": r // 50,
+        "pos": (r % 50).astype(np.int32),
+        "token_id": (r % 997).astype(np.int32),
+        "generated": (r % 50) >= 40,
+        "domain": np.array(["math", "bio", "code"])[r % 3],
+        "experts": (r[:, None, None] * 31 + layer * 7 + rank * 3) % E,
+    }
+    if weights:
+        rows["weights"] = (((r[:, None, None] + layer + rank) % 100) / 100).astype(np.float16)
+    return rows
+
+
+def concat(batches: list[dict]) -> dict:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def assert_rows_equal(store: TraceStore, expected: dict, start: int = 0) -> None:
+    n = len(expected["seq"])
+    got = store.read(["seq", "pos", "token_id", "generated", "domain", "experts", "weights"], start, start + n)
+    for key in ("seq", "pos", "token_id", "generated", "experts", "weights"):
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    np.testing.assert_array_equal(store.decode_label("domain", got["domain"]), expected["domain"])
+
+
+def test_round_trip_with_partial_chunks_and_reopen(tmp_path):
+    path = tmp_path / "t.zarr"
+    batches = []
+    with TraceStore.create(path, n_layers=3, n_experts=10, top_k=2, labels=["domain"],
+                           weights=True, chunk_rows=16) as st_:
+        start = 0
+        for n in (5, 16, 1, 40, 7):
+            batches.append(make_rows(start, n, 3, 2, 10))
+            st_.append(batches[-1])
+            start += n
+        st_.flush()
+        assert len(st_) == start
+    # Reopen, append across the partial last chunk, read everything back.
+    st_ = TraceStore.open(path, mode="a")
+    batches.append(make_rows(start, 30, 3, 2, 10))
+    st_.append(batches[-1])
+    st_.close()
+    reader = TraceStore.open(path)
+    assert len(reader) == start + 30
+    assert_rows_equal(reader, concat(batches))
+    spans = [(c.start, c.stop) for c in reader.iter_chunks(["seq"], rows=(3, 70))]
+    assert spans == [(3, 16), (16, 32), (32, 48), (48, 64), (64, 70)]
+
+
+def test_rows_invisible_until_flush(tmp_path):
+    st_ = TraceStore.create(tmp_path / "t.zarr", n_layers=2, n_experts=4, top_k=1, chunk_rows=8)
+    st_.append({"seq": np.zeros(5), "pos": np.arange(5), "experts": np.zeros((5, 2, 1), int)})
+    assert len(TraceStore.open(tmp_path / "t.zarr")) == 0
+    st_.append({"seq": np.zeros(5), "pos": np.arange(5, 10), "experts": np.ones((5, 2, 1), int)})
+    # One whole chunk (8 rows) was written and committed; 2 rows still buffered.
+    assert len(TraceStore.open(tmp_path / "t.zarr")) == 8
+    st_.flush()
+    assert len(TraceStore.open(tmp_path / "t.zarr")) == 10
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=8),
+    chunk_rows=st.sampled_from([1, 3, 8, 32]),
+    shard_chunks=st.sampled_from([None, 2]),
+    n_experts=st.sampled_from([3, 256, 300]),
+    rows=st.tuples(st.integers(0, 200), st.integers(0, 200)),
+)
+def test_property_append_then_read_equals_input(tmp_path_factory, sizes, chunk_rows, shard_chunks, n_experts, rows):
+    path = tmp_path_factory.mktemp("prop") / "t.zarr"
+    L, K = 2, 3
+    batches, start = [], 0
+    with TraceStore.create(path, n_layers=L, n_experts=n_experts, top_k=K, labels=["domain"], weights=True,
+                           chunk_rows=chunk_rows, shard_chunks=shard_chunks) as st_:
+        for n in sizes:
+            batches.append(make_rows(start, n, L, K, n_experts))
+            st_.append(batches[-1])
+            start += n
+    reader = TraceStore.open(path)
+    assert len(reader) == start
+    expected_dtype = np.uint8 if n_experts <= 256 else np.uint16
+    assert reader.read(["experts"])["experts"].dtype == expected_dtype
+    if start:
+        assert_rows_equal(reader, concat(batches))
+    a, b = sorted(rows)
+    pieces = list(reader.iter_chunks(["experts", "seq"], rows=(a, b)))
+    got = np.concatenate([c["experts"] for c in pieces]) if pieces else np.zeros((0, L, K))
+    want = concat(batches)["experts"][a:b] if start else np.zeros((0, L, K))
+    np.testing.assert_array_equal(got, want)
+    assert all(c.start % chunk_rows == 0 for c in pieces[1:])
+
+
+def test_fixed_label_vocabulary_and_codes(tmp_path):
+    st_ = TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=4, top_k=1,
+                            labels={"lang": ["en", "de"]}, chunk_rows=4)
+    st_.append({"seq": [0, 0], "pos": [0, 1], "experts": [[[1]], [[2]]], "lang": ["de", "en"]})
+    st_.append({"seq": [1], "pos": [0], "experts": [[[3]]], "lang": np.array([0], dtype=np.uint16)})
+    with pytest.raises(MoetraceError, match=r"tokens/lang: value 'fr' is not in the label vocabulary"):
+        st_.append({"seq": [2], "pos": [0], "experts": [[[0]]], "lang": ["fr"]})
+    with pytest.raises(MoetraceError, match=r"tokens/lang: expected codes in \[0, 2\)"):
+        st_.append({"seq": [2], "pos": [0], "experts": [[[0]]], "lang": np.array([5])})
+    st_.close()
+    reader = TraceStore.open(tmp_path / "t.zarr")
+    assert reader.labels == {"lang": ["en", "de"]}
+    assert reader.decode_label("lang", reader.read(["lang"])["lang"]).tolist() == ["de", "en", "en"]
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"experts": np.full((2, 3, 2), 8)}, r"routing/experts: expected expert ids in \[0, 8\), got 8"),
+    ({"experts": np.zeros((2, 4, 2), int)}, r"routing/experts: expected shape \(n, 3, 2\)"),
+    ({"experts": np.zeros((2, 3, 1), int)}, r"routing/experts: expected shape \(n, 3, 2\)"),
+    ({"weights": np.full((2, 3, 2), np.nan)}, r"routing/weights: expected finite values, got NaN"),
+    ({"weights": np.zeros((2, 3))}, r"routing/weights: expected shape \(2, 3, 2\)"),
+    ({"pos": np.arange(3)}, r"tokens/pos: expected shape \(2,\)"),
+    ({"experts": np.full((2, 3, 2), 1.5)}, r"routing/experts: expected integers"),
+    ({"bogus": np.zeros(2)}, r"unknown column\(s\) \['bogus'\]"),
+])
+def test_append_rejects_bad_batches(tmp_path, batch, message):
+    st_ = TraceStore.create(tmp_path / "t.zarr", n_layers=3, n_experts=8, top_k=2, weights=True)
+    good = {"seq": np.zeros(2), "pos": np.arange(2), "experts": np.zeros((2, 3, 2), int),
+            "weights": np.zeros((2, 3, 2))}
+    with pytest.raises(MoetraceError, match=message):
+        st_.append({**good, **batch})
+    st_.close()
+    assert len(TraceStore.open(tmp_path / "t.zarr")) == 0
+
+
+def test_missing_required_column(tmp_path):
+    st_ = TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1, labels=["domain"])
+    with pytest.raises(MoetraceError, match="missing required column 'domain'"):
+        st_.append({"seq": [0], "pos": [0], "experts": [[[0]]]})
+
+
+def test_open_rejects_non_stores_and_newer_versions(tmp_path):
+    with pytest.raises(MoetraceError, match="not a moetrace store"):
+        TraceStore.open(tmp_path)
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(MoetraceError, match="no 'moetrace' group attribute"):
+        TraceStore.open(tmp_path / "plain.zarr")
+    TraceStore.create(tmp_path / "new.zarr", n_layers=1, n_experts=2, top_k=1).close()
+    meta_path = tmp_path / "new.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["moetrace"]["format_version"] = FORMAT_VERSION + 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(MoetraceError, match=f"format_version {FORMAT_VERSION + 1} is newer"):
+        TraceStore.open(tmp_path / "new.zarr")
+
+
+def test_store_is_plain_zarr_for_other_readers(tmp_path):
+    rows = make_rows(0, 20, 2, 2, 5)
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=2, n_experts=5, top_k=2, labels=["domain"],
+                           weights=True, model="tiny", scoring="softmax") as st_:
+        st_.append(rows)
+    group = zarr.open_group(str(tmp_path / "t.zarr"), mode="r")
+    meta = group.attrs["moetrace"]
+    assert meta["committed"] == 20 and meta["n_experts"] == 5 and meta["model"] == "tiny"
+    assert meta["labels"]["domain"] == ["bio", "code", "math"]
+    np.testing.assert_array_equal(group["routing/experts"][:], rows["experts"])
+    assert group["routing/experts"].chunks[1:] == (2, 2)
+
+
+def test_sequences_metadata(tmp_path):
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1) as st_:
+        st_.append_sequences({"seq": [0, 1], "answer_char": ["A", " B "], "correct": [True, False]})
+        st_.append_sequences({"seq": [2], "answer_char": ["C"], "correct": [True]})
+        with pytest.raises(MoetraceError, match=r"sequences: expected columns"):
+            st_.append_sequences({"seq": [3]})
+    seqs = TraceStore.open(tmp_path / "t.zarr").read_sequences()
+    assert seqs["seq"].tolist() == [0, 1, 2]
+    assert seqs["answer_char"].tolist() == ["A", " B ", "C"]
+    assert seqs["correct"].tolist() == [True, False, True]
+
+
+def test_info_counts_sequences_and_labels(tmp_path):
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=2, n_experts=5, top_k=2, labels=["domain"],
+                           weights=True, chunk_rows=7) as st_:
+        st_.append(make_rows(0, 120, 2, 2, 5))  # seq = r // 50 -> 3 sequences, one spans chunks
+    info = TraceStore.open(tmp_path / "t.zarr").info()
+    assert info["rows"] == 120 and info["sequences"] == 3 and info["routing_rows"] == 480
+    assert info["labels"]["domain"] == {"bio": 40, "code": 40, "math": 40}
+    assert info["arrays"]["routing/experts"]["raw_bytes"] == 480
+    assert info["arrays"]["routing/experts"]["stored_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------- crash safety
+CHILD = textwrap.dedent("""
+    import random, sys
+    sys.path.insert(0, {tests!r})
+    from test_store import make_rows
+    from engine.store import TraceStore
+    st = TraceStore.open({path!r}, mode="a")
+    rng = random.Random({seed})
+    start = len(st)
+    print("ready", flush=True)
+    while True:
+        n = rng.randint(1, 150)
+        st.append(make_rows(start, n, 4, 2, 16))
+        start += n
+        if rng.random() < 0.5:
+            st.flush()
+""")
+
+
+def test_sigkill_during_appends_never_loses_committed_rows(tmp_path):
+    """A writer killed with SIGKILL at random moments leaves a store whose committed rows are
+    intact; reopening for append resumes exactly after them."""
+    path = tmp_path / "crash.zarr"
+    TraceStore.create(path, n_layers=4, n_experts=16, top_k=2, labels=["domain"], weights=True,
+                      chunk_rows=64).close()
+    rng = random.Random(1234)
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), tests_dir])}
+    previous = 0
+    grew = 0
+    for trial in range(20):
+        code = CHILD.format(tests=tests_dir, path=str(path), seed=trial)
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+        assert child.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.0, 0.25))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        reader = TraceStore.open(path)
+        n = len(reader)
+        assert n >= previous, "committed rows must never shrink"
+        grew += n > previous
+        if n:
+            assert_rows_equal(reader, make_rows(0, n, 4, 2, 16))
+        previous = n
+    assert grew >= 10, "the writer should have committed new rows in most trials"
+    # The store still accepts appends after the last kill and everything reads back.
+    st_ = TraceStore.open(path, mode="a")
+    assert len(st_) == previous
+    st_.append(make_rows(previous, 10, 4, 2, 16))
+    st_.close()
+    reader = TraceStore.open(path)
+    assert len(reader) == previous + 10
+    assert_rows_equal(reader, make_rows(0, previous + 10, 4, 2, 16))
+    assert not list(path.rglob("*.partial"))
+
+
+def test_cli_info(tmp_path, capsys):
+    from engine.cli import main
+
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=2, n_experts=5, top_k=2, labels=["domain"],
+                           weights=True) as st_:
+        st_.append(make_rows(0, 60, 2, 2, 5))
+    assert main(["info", str(tmp_path / "t.zarr"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 60 and info["sequences"] == 2 and info["top_k"] == 2
+    assert main(["info", str(tmp_path / "t.zarr")]) == 0
+    assert "routing/experts" in capsys.readouterr().out
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a moetrace store" in err[0]
