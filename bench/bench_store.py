@@ -30,12 +30,18 @@ from synthetic import TraceSpec, generate_chunk, group_preferences  # noqa: E402
 from engine.store import TraceStore  # noqa: E402
 
 CANDIDATES = {
+    "lz4-noshuffle-4MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "noshuffle"}, chunk_mib=4),
     "lz4-bitshuffle-4MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}, chunk_mib=4),
-    "lz4-byteshuffle-4MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}, chunk_mib=4),
-    "zstd3-bitshuffle-4MiB": dict(codec={"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}, chunk_mib=4),
-    "lz4-bitshuffle-1MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}, chunk_mib=1),
-    "lz4-bitshuffle-4MiB-shard16": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"},
-                                        chunk_mib=4, shard_chunks=16),
+    "zstd1-noshuffle-4MiB": dict(codec={"cname": "zstd", "clevel": 1, "shuffle": "noshuffle"}, chunk_mib=4),
+    "zstd1-bitshuffle-4MiB": dict(codec={"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}, chunk_mib=4),
+    "lz4-noshuffle-1MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "noshuffle"}, chunk_mib=1),
+    "lz4-noshuffle-8MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "noshuffle"}, chunk_mib=8),
+    "lz4-bitshuffle-8MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}, chunk_mib=8),
+    "lz4c1-bitshuffle-8MiB": dict(codec={"cname": "lz4", "clevel": 1, "shuffle": "bitshuffle"}, chunk_mib=8),
+    "lz4-bitshuffle-8MiB-shard8": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"},
+                                       chunk_mib=8, shard_chunks=8),
+    "lz4-noshuffle-4MiB-shard16": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "noshuffle"},
+                                       chunk_mib=4, shard_chunks=16),
 }
 
 

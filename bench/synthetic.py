@@ -63,9 +63,12 @@ def generate_chunk(spec: TraceSpec, start: int, stop: int, prefs: np.ndarray | N
     follow = rng.random((n, L)) < 0.3
     for layer in range(1, L):
         top1[:, layer] = np.where(follow[:, layer], (top1[:, layer - 1] * 7 + 3) % E, top1[:, layer])
-    # Lower ranks: distinct experts by a stride coprime with E.
-    stride = next(s for s in range(5, 5 + E) if np.gcd(s, E) == 1)
-    experts = (top1[:, :, None] + stride * np.arange(K)[None, None, :]) % E
+    # Lower ranks: random distinct experts, as offsets with random positive steps whose
+    # total stays below E (so no offset wraps onto the top-1 or onto each other).
+    max_step = max(1, (E - 1) // max(1, K - 1))
+    steps = rng.integers(1, max_step + 1, size=(n, L, K))
+    steps[:, :, 0] = 0
+    experts = (top1[:, :, None] + np.cumsum(steps, axis=-1)) % E
     w = rng.dirichlet(np.ones(K), size=(n, L)).astype(np.float32)
     w = -np.sort(-w, axis=-1)
     return {

@@ -49,11 +49,12 @@ ROUTING_COLUMNS = ("experts", "weights", "probs")
 LABEL_DTYPE = np.uint16
 MAX_LABEL_VALUES = int(np.iinfo(LABEL_DTYPE).max) + 1
 
-# Chosen by bench/bench_store.py (see bench/RESULTS.md): lz4 + bitshuffle reads fastest
-# at a compression ratio close to zstd's on routing ids.
+# Chosen by bench/bench_store.py (numbers in bench/RESULTS.md): lz4 + bitshuffle keeps
+# zstd's compression ratio on routing ids at twice its decompression speed; 8 MiB chunks
+# halve the per-chunk overhead of 4 MiB ones when scanning.
 DEFAULT_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
 # Target uncompressed size of one routing/experts chunk.
-TARGET_CHUNK_BYTES = 4 << 20
+TARGET_CHUNK_BYTES = 8 << 20
 MAX_CHUNK_BYTES = 8 << 20
 
 
@@ -67,7 +68,7 @@ def expert_dtype(n_experts: int) -> np.dtype:
 
 
 def auto_chunk_rows(n_layers: int, top_k: int, n_experts: int) -> int:
-    """Rows per chunk so that one ``routing/experts`` chunk is about 4 MiB (a power of 2)."""
+    """Rows per chunk so that one ``routing/experts`` chunk is about 8 MiB (a power of 2)."""
     row_bytes = n_layers * top_k * expert_dtype(n_experts).itemsize
     rows = max(1024, TARGET_CHUNK_BYTES // max(1, row_bytes))
     return 1 << int(math.floor(math.log2(rows)))
@@ -138,7 +139,7 @@ class TraceStore:
         appending another value is an error) or ``["domain", "lang"]`` (vocabularies
         grow as string values are appended). ``layer_ids``: the model's index of each
         recorded MoE layer (default ``0..n_layers-1``). ``chunk_rows``: rows per chunk
-        (default: about 4 MiB of ``routing/experts``). ``shard_chunks``: store
+        (default: about 8 MiB of ``routing/experts``). ``shard_chunks``: store
         ``shard_chunks`` chunks per shard file (for very large stores); the writer then
         writes whole shards. ``weights``/``probs``/``token_text``: create the optional
         ``routing/weights`` [N,L,K], ``routing/probs`` [N,L,E], ``tokens/text`` arrays.
