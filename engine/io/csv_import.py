@@ -1,0 +1,573 @@
+"""Import seed 000's ``samples.csv`` + ``topks.csv`` into a :class:`TraceStore`.
+
+Input format
+------------
+``samples.csv``: one row per token. Columns:
+
+- ``q_ix`` (int, -> ``tokens/seq``), ``token_ix`` (int, -> ``tokens/pos``), ``token`` (the
+  token text, -> ``tokens/text``; read verbatim: leading/trailing whitespace, ``" "``,
+  ``"\\n"`` in quoted fields and ``""`` are kept exactly, like R's ``strip.white = F``);
+- optional ``token_id`` (int, -> ``tokens/token_id``, else -1) and ``generated``
+  (``true/false/1/0``, -> ``tokens/generated``, else False);
+- label columns (strings that vary per token, -> ``tokens/<label>`` codes): the names
+  given in ``labels``, by default those of ``domain``, ``lang``, ``language``, ``subject``
+  that are present;
+- every other column is per-question metadata (e.g. ``question_output_token``,
+  ``answer_char``): it must be constant within a ``q_ix`` and goes to
+  ``sequences/<column>`` (one row per ``q_ix``, ``sequences/seq`` = ``q_ix``). Values are
+  read as text and stored as int64, float64 or bool when every value of the column
+  parses as such (``TRUE``/``FALSE``/``true``/``false`` for bool), else as strings.
+
+``topks.csv``: one row per token x layer x rank: ``q_ix, token_ix, layer_ix, topk_ix,
+expert`` (``topk_ix`` 1-based, ``layer_ix`` the model's 0-based layer index), optional
+``weight`` (-> ``routing/weights``); other columns are ignored. The recorded layers are
+the distinct ``layer_ix`` values, ``top_k`` is the largest ``topk_ix``, ``n_experts`` is the
+largest expert + 1 unless given. Every token of ``samples.csv`` needs exactly one row per
+(layer, rank); a missing or duplicated cell is an error naming its key.
+
+Rows of either file may come in any order. The store is sorted by ``(q_ix, token_ix)``.
+
+Row numbers in error messages count CSV records with the header as row 1, so they are
+line numbers unless a quoted field spans several lines.
+
+Memory and time
+---------------
+Bounded by ``memory_budget`` (plus the interpreter and pyarrow's read blocks), not by the
+file sizes: external partitioning.
+
+1. Stream ``samples.csv``'s key columns once; keep a bounded systematic sample of the
+   ``(q_ix, token_ix)`` keys, from which P partition boundaries are chosen (quantiles,
+   so skewed keys still give balanced partitions). P ~ 6 x file bytes / budget.
+2. Stream both files once more, routing every row to its partition's temporary Arrow
+   IPC file (next to the output).
+3. For each partition, in key order: load it, sort its tokens (O(n log n)), scatter its
+   routing rows into a dense ``[n, L, K]`` block (O(rows)), check that every cell was
+   filled exactly once, and append to the store.
+
+Two sequential reads of ``samples.csv`` (keys, then every column), one of ``topks.csv``,
+one write and read of a compact binary copy (Arrow IPC, ~25 bytes per routing row);
+O(R) time for R routing rows plus O(n log n) per partition. Per-question metadata is
+held in memory (one row per ``q_ix``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+from tqdm.auto import tqdm
+
+from engine.errors import MoetraceError
+from engine.io import resolve_n_experts, staged_store
+from engine.store import TraceStore
+
+SAMPLE_KEYS = ("q_ix", "token_ix", "token")
+TOPK_KEYS = ("q_ix", "token_ix", "layer_ix", "topk_ix", "expert")
+DEFAULT_LABELS = ("domain", "lang", "language", "subject")
+DEFAULT_MEMORY_BUDGET = 512 << 20
+BLOCK_SIZE = 1 << 20
+KEY_SAMPLE_CAP = 1 << 17
+MAX_PARTITIONS = 512
+# Bytes of working memory per byte of topks.csv while a partition is assembled.
+MEMORY_PER_CSV_BYTE = 6
+
+
+def import_csv(
+    samples: str | os.PathLike,
+    topks: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    labels: list[str] | None = None,
+    n_experts: int | None = None,
+    model: str | None = None,
+    scoring: str | None = None,
+    chunk_rows: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TraceStore:
+    """Import seed 000's ``samples.csv`` and ``topks.csv`` into a new store at ``out``.
+
+    Writes N tokens (rows of ``samples.csv``) sorted by ``(q_ix, token_ix)``:
+    ``tokens/seq`` int64 [N] = q_ix, ``tokens/pos`` int32 [N] = token_ix, ``tokens/text``
+    str [N], ``tokens/<label>`` uint16 [N], ``routing/experts`` [N, L, K] (uint8/uint16),
+    ``routing/weights`` float16 [N, L, K] when ``topks.csv`` has ``weight``, and
+    ``sequences/*`` [S] (one row per q_ix). See the module docstring for the format.
+
+    ``labels``: label column names (default: those of ``domain, lang, language, subject``
+    present). ``n_experts``: default max expert + 1. ``memory_budget``: bytes of working
+    memory to stay under (sets the number of temporary partitions). Returns the store,
+    opened read-only. Raises MoetraceError naming file, row and column on bad input; no
+    store is left at ``out`` then.
+    """
+    samples, topks = Path(samples), Path(topks)
+    sample_names = _header(samples, newlines_in_values=True)
+    topk_names = _header(topks, newlines_in_values=False)
+    _require_columns(samples, sample_names, SAMPLE_KEYS)
+    _require_columns(topks, topk_names, TOPK_KEYS)
+    if labels is None:
+        labels = [c for c in DEFAULT_LABELS if c in sample_names]
+    else:
+        labels = list(labels)
+        _require_columns(samples, sample_names, labels, what="label column(s)")
+    token_extras = [c for c in ("token_id", "generated") if c in sample_names]
+    reserved = set(SAMPLE_KEYS) | set(token_extras) | set(labels)
+    seq_columns = [c for c in sample_names if c not in reserved]
+    has_weight = "weight" in topk_names
+
+    sample_types = {"q_ix": pa.int64(), "token_ix": pa.int64(), "token": pa.string(),
+                    "token_id": pa.int64(), "generated": pa.bool_()}
+    sample_types.update({c: pa.string() for c in labels + seq_columns})
+    sample_types = {c: t for c, t in sample_types.items() if c in sample_names}
+    topk_types = {c: pa.int64() for c in TOPK_KEYS}
+    if has_weight:
+        topk_types["weight"] = pa.float64()
+
+    # Pass 1: key ranges and a bounded sample of keys -> partition boundaries.
+    keys = _KeySpace.scan(samples, progress)
+    budget = max(1 << 20, int(memory_budget))
+    est = MEMORY_PER_CSV_BYTE * topks.stat().st_size + 4 * samples.stat().st_size
+    n_parts = int(min(MAX_PARTITIONS, max(1, math.ceil(est / budget))))
+    bounds = keys.boundaries(n_parts)
+    n_parts = len(bounds) + 1
+
+    out = Path(out)
+    with staged_store(out, overwrite) as partial, tempfile.TemporaryDirectory(
+            prefix=f".{out.name}.parts-", dir=out.parent if out.parent.exists() else None) as tmp:
+        tmp = Path(tmp)
+        # Pass 2: route samples rows to partitions.
+        with _PartitionWriter(tmp / "samples", n_parts) as writer:
+            for row0, batch in _batches(samples, sample_types, True, progress, "samples.csv"):
+                _no_nulls(samples, batch, ["q_ix", "token_ix", *token_extras], row0)
+                key = keys.encode(samples, batch, row0)
+                cols = {"key": key, "row": np.arange(row0, row0 + len(key), dtype=np.int64)}
+                table = pa.table({**cols, **{c: batch.column(c) for c in batch.schema.names
+                                             if c not in ("q_ix", "token_ix")}})
+                writer.write(np.searchsorted(bounds, key, side="right"), table)
+        # Pass 3: route topks rows to partitions, collecting layers, top_k, max expert.
+        layer_set = np.zeros(0, dtype=np.int64)
+        max_rank, max_expert = 0, -1
+        with _PartitionWriter(tmp / "topks", n_parts) as writer:
+            for row0, batch in _batches(topks, topk_types, False, progress, "topks.csv"):
+                _no_nulls(topks, batch, list(topk_types), row0)
+                layer = batch.column("layer_ix").to_numpy()
+                rank = batch.column("topk_ix").to_numpy()
+                expert = batch.column("expert").to_numpy()
+                _check_range(topks, "layer_ix", layer, 0, np.iinfo(np.int32).max, row0)
+                _check_range(topks, "topk_ix", rank, 1, 65536, row0)
+                _check_range(topks, "expert", expert, 0,
+                             (n_experts - 1) if n_experts is not None else 65535, row0,
+                             hint=f" (n_experts={n_experts})" if n_experts is not None else "")
+                layer_set = np.union1d(layer_set, np.unique(layer))
+                max_rank = max(max_rank, int(rank.max()))
+                max_expert = max(max_expert, int(expert.max()))
+                key = keys.encode(topks, batch, row0, samples_path=samples)
+                cols = {"key": key, "layer": layer.astype(np.int32), "rank": (rank - 1).astype(np.int32),
+                        "expert": expert.astype(np.int32),
+                        "row": np.arange(row0, row0 + len(key), dtype=np.int64)}
+                if has_weight:
+                    cols["weight"] = batch.column("weight").to_numpy().astype(np.float32)
+                writer.write(np.searchsorted(bounds, key, side="right"), pa.table(cols))
+        if max_expert < 0:
+            raise MoetraceError(f"{topks}: no data rows (expected one row per token x layer x rank)")
+        n_experts = resolve_n_experts(max_expert, n_experts, str(topks))
+        L, K = len(layer_set), max_rank
+        store = TraceStore.create(partial, n_layers=L, n_experts=n_experts, top_k=K,
+                                  layer_ids=layer_set.tolist(), labels=labels, model=model,
+                                  scoring=scoring, weights=has_weight, token_text=True,
+                                  chunk_rows=chunk_rows)
+        # Pass 4: assemble partition by partition, in key order.
+        seq_tables = []
+        for part in tqdm(range(n_parts), desc="assemble", unit="part", disable=not progress):
+            tok = _read_partition(tmp / "samples", part)
+            if tok is None:
+                _no_tokens_for(samples, topks, tmp / "topks", part, keys)
+                continue
+            tok = tok.take(pa.array(np.argsort(tok.column("key").to_numpy(), kind="stable")))
+            key = tok.column("key").to_numpy()
+            rows = tok.column("row").to_numpy()
+            dup = np.flatnonzero(key[1:] == key[:-1])
+            if len(dup):
+                q, t = keys.decode(key[dup[0]])
+                raise MoetraceError(
+                    f"{samples}: rows {rows[dup[0]]} and {rows[dup[0] + 1]}: duplicate token "
+                    f"q_ix={q}, token_ix={t} (expected one row per (q_ix, token_ix))")
+            routing = _assemble_routing(samples, topks, tmp / "topks", part, key, layer_set, K,
+                                        has_weight, keys)
+            seq, pos = keys.decode(key)
+            if len(pos) and (pos.min() < np.iinfo(np.int32).min or pos.max() > np.iinfo(np.int32).max):
+                raise MoetraceError(f"{samples}: column token_ix: expected values that fit int32")
+            batch = {"seq": seq, "pos": pos.astype(np.int32),
+                     "text": np.asarray(tok.column("token").to_numpy(zero_copy_only=False), dtype=str),
+                     **routing}
+            if "token_id" in token_extras:
+                batch["token_id"] = tok.column("token_id").to_numpy()
+            if "generated" in token_extras:
+                batch["generated"] = tok.column("generated").to_numpy(zero_copy_only=False).astype(bool)
+            for label in labels:
+                batch[label] = np.asarray(tok.column(label).to_numpy(zero_copy_only=False), dtype=str)
+            store.append(batch)
+            seq_tables.append(_sequence_rows(samples, tok, seq, rows, seq_columns))
+        store.flush()
+        _append_sequences(samples, store, seq_tables, seq_columns)
+        store.close()
+    return TraceStore.open(out)
+
+
+# ---------------------------------------------------------------------- reading
+def _csv_options(path: Path, column_types: dict, newlines_in_values: bool, bad_rows: list,
+                 include: list[str] | None = None):
+    def on_invalid(row):
+        bad_rows.append(row)
+        return "error"
+
+    return dict(
+        read_options=pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False),
+        parse_options=pacsv.ParseOptions(newlines_in_values=newlines_in_values, invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(
+            column_types=column_types, include_columns=include or [], strings_can_be_null=False,
+            quoted_strings_can_be_null=False),
+    )
+
+
+def _header(path: Path, newlines_in_values: bool) -> list[str]:
+    """Column names of a CSV file (MoetraceError when missing, empty or unreadable)."""
+    if not path.is_file():
+        raise MoetraceError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise MoetraceError(f"{path}: empty file (expected a header row and data rows)")
+    bad: list = []
+    try:
+        reader = pacsv.open_csv(path, **_csv_options(path, {}, newlines_in_values, bad))
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        raise _csv_error(path, exc, bad, {}, newlines_in_values) from None
+    names = reader.schema.names
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise MoetraceError(f"{path}: row 1: duplicate column name(s) {dup}")
+    return names
+
+
+def _require_columns(path: Path, names: list[str], required, what: str = "column(s)") -> None:
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise MoetraceError(f"{path}: row 1: missing {what} {missing} (expected {list(required)}, got {names})")
+
+
+def _batches(path: Path, column_types: dict, newlines_in_values: bool, progress: bool, desc: str,
+             include: list[str] | None = None):
+    """Yield ``(first_row_number, RecordBatch)``; row numbers count the header as row 1."""
+    bad: list = []
+    include = include or list(column_types)
+    opts = _csv_options(path, column_types, newlines_in_values, bad, include)
+    row0 = 2
+    try:
+        reader = pacsv.open_csv(path, **opts)
+        with tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
+            for batch in reader:
+                if batch.num_rows:
+                    yield row0, batch
+                row0 += batch.num_rows
+                bar.update(BLOCK_SIZE)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        raise _csv_error(path, exc, bad, column_types, newlines_in_values) from None
+
+
+def _csv_error(path: Path, exc: Exception, bad: list, column_types: dict, newlines_in_values: bool) -> MoetraceError:
+    """Turn a pyarrow CSV error into a one-line MoetraceError naming file, row and column."""
+    if bad:
+        row = bad[0]
+        text = row.text if len(row.text) <= 60 else row.text[:57] + "..."
+        where = f"row {row.number}" if row.number is not None else "a row"
+        return MoetraceError(
+            f"{path}: {where}: expected {row.expected_columns} columns, got {row.actual_columns} "
+            f"(truncated or malformed line {text!r})")
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "Empty CSV file" in message:
+        return MoetraceError(f"{path}: empty file (expected a header row and data rows)")
+    match = re.search(r"In CSV column #(\d+)", message)
+    if match:
+        located = _locate_bad_value(path, int(match.group(1)), column_types, newlines_in_values)
+        if located is not None:
+            return located
+    return MoetraceError(f"{path}: unreadable CSV: {message}")
+
+
+def _locate_bad_value(path: Path, index: int, column_types: dict, newlines_in_values: bool):
+    """Re-read one column as text to find the first value that does not convert."""
+    bad: list = []
+    try:
+        names = pacsv.open_csv(path, **_csv_options(path, {}, newlines_in_values, bad)).schema.names
+        name = names[index]
+        target = column_types.get(name)
+        if target is None:
+            return None
+        row0 = 2
+        reader = pacsv.open_csv(path, **_csv_options(path, {name: pa.string()}, newlines_in_values, bad, [name]))
+        for batch in reader:
+            col = batch.column(0)
+            try:
+                pc.cast(col, target)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                lo, hi = 0, len(col)  # first failing value by bisection: cast(col[:hi]) fails
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    try:
+                        pc.cast(col.slice(0, mid), target)
+                        lo = mid
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                        hi = mid
+                value = col[hi - 1].as_py()
+                kinds = {pa.int64(): "an integer", pa.float64(): "a number", pa.bool_(): "true/false"}
+                kind = kinds.get(target, str(target))
+                return MoetraceError(
+                    f"{path}: row {row0 + hi - 1}, column {name}: expected {kind}, got {value!r}")
+            row0 += batch.num_rows
+    except (pa.ArrowInvalid, UnicodeDecodeError, IndexError):
+        return None
+    return None
+
+
+def _no_nulls(path: Path, batch: pa.RecordBatch, columns: list[str], row0: int) -> None:
+    for name in columns:
+        col = batch.column(name)
+        if col.null_count:
+            i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise MoetraceError(f"{path}: row {row0 + i}, column {name}: empty value, expected {col.type}")
+
+
+def _check_range(path: Path, name: str, values: np.ndarray, lo: int, hi: int, row0: int, hint: str = "") -> None:
+    bad = (values < lo) | (values > hi)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise MoetraceError(
+            f"{path}: row {row0 + i}, column {name}: expected a value in [{lo}, {hi}]{hint}, got {int(values[i])}")
+
+
+class _KeySpace:
+    """Maps ``(q_ix, token_ix)`` to one sortable int64 key ``(q - q0) * width + (t - t0)``."""
+
+    def __init__(self, q0: int, q1: int, t0: int, t1: int, sample: np.ndarray):
+        self.q0, self.q1, self.t0, self.t1 = q0, q1, t0, t1
+        self.width = t1 - t0 + 1
+        self.sample = sample
+
+    @classmethod
+    def scan(cls, samples: Path, progress: bool) -> "_KeySpace":
+        types = {"q_ix": pa.int64(), "token_ix": pa.int64()}
+        q0 = t0 = np.iinfo(np.int64).max
+        q1 = t1 = np.iinfo(np.int64).min
+        qs, ts, stride, n = [], [], 1, 0
+        for row0, batch in _batches(samples, types, True, progress, "scan samples.csv"):
+            _no_nulls(samples, batch, list(types), row0)
+            q = batch.column("q_ix").to_numpy()
+            t = batch.column("token_ix").to_numpy()
+            q0, q1 = min(q0, int(q.min())), max(q1, int(q.max()))
+            t0, t1 = min(t0, int(t.min())), max(t1, int(t.max()))
+            take = np.arange((-n) % stride, len(q), stride)  # every stride-th row overall
+            qs.append(q[take])
+            ts.append(t[take])
+            n += len(q)
+            if sum(map(len, qs)) > KEY_SAMPLE_CAP:  # halve the sample, double the stride
+                qs, ts = [np.concatenate(qs)[::2]], [np.concatenate(ts)[::2]]
+                stride *= 2
+        if n == 0:
+            raise MoetraceError(f"{samples}: no data rows (expected one row per token)")
+        if (q1 - q0 + 1) * (t1 - t0 + 1) >= 2**62:
+            raise MoetraceError(f"{samples}: q_ix/token_ix ranges too wide ({q0}..{q1} x {t0}..{t1})")
+        space = cls(q0, q1, t0, t1, np.zeros(0, np.int64))
+        space.sample = np.sort((np.concatenate(qs) - q0) * space.width + (np.concatenate(ts) - t0))
+        return space
+
+    def boundaries(self, n_parts: int) -> np.ndarray:
+        """Sorted keys splitting the sampled keys into ``n_parts`` about equal partitions."""
+        if n_parts <= 1 or len(self.sample) == 0:
+            return np.zeros(0, dtype=np.int64)
+        cut = (np.arange(1, n_parts) * len(self.sample)) // n_parts
+        return np.unique(self.sample[cut])
+
+    def encode(self, path: Path, batch: pa.RecordBatch, row0: int, samples_path: Path | None = None) -> np.ndarray:
+        q = batch.column("q_ix").to_numpy()
+        t = batch.column("token_ix").to_numpy()
+        if samples_path is not None:  # a topks row outside the samples' key ranges
+            bad = (q < self.q0) | (q > self.q1) | (t < self.t0) | (t > self.t1)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise MoetraceError(
+                    f"{path}: row {row0 + i}, columns q_ix/token_ix: token q_ix={int(q[i])}, "
+                    f"token_ix={int(t[i])} has no row in {samples_path}")
+        return (q - self.q0) * self.width + (t - self.t0)
+
+    def decode(self, key):
+        """Key(s) -> (q_ix, token_ix)."""
+        return key // self.width + self.q0, key % self.width + self.t0
+
+
+class _PartitionWriter:
+    """Appends Arrow tables to ``<base>-<part>.arrow`` IPC stream files, one per partition."""
+
+    def __init__(self, base: Path, n_parts: int):
+        self.base, self.n_parts = base, n_parts
+        self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+
+    def __enter__(self) -> "_PartitionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def write(self, part: np.ndarray, table: pa.Table) -> None:
+        order = np.argsort(part, kind="stable")
+        sorted_part = part[order]
+        edges = np.searchsorted(sorted_part, np.arange(self.n_parts + 1))
+        for p in np.unique(sorted_part):
+            piece = table.take(pa.array(order[edges[p]:edges[p + 1]]))
+            writer = self.writers.get(int(p))
+            if writer is None:
+                writer = self.writers[int(p)] = ipc.new_stream(f"{self.base}-{int(p)}.arrow", piece.schema)
+            writer.write_table(piece)
+
+
+def _read_partition(base: Path, part: int) -> pa.Table | None:
+    path = Path(f"{base}-{part}.arrow")
+    if not path.exists():
+        return None
+    with ipc.open_stream(path) as reader:
+        table = reader.read_all()
+    path.unlink()
+    return table.combine_chunks()
+
+
+def _no_tokens_for(samples: Path, topks: Path, base: Path, part: int, keys: _KeySpace) -> None:
+    """A partition without tokens must not hold routing rows either."""
+    table = _read_partition(base, part)
+    if table is not None and table.num_rows:
+        i = int(np.argmin(table.column("row").to_numpy()))
+        q, t = keys.decode(int(table.column("key")[i].as_py()))
+        raise MoetraceError(
+            f"{topks}: row {table.column('row')[i].as_py()}, columns q_ix/token_ix: token q_ix={q}, "
+            f"token_ix={t} has no row in {samples}")
+
+
+def _assemble_routing(samples: Path, topks: Path, base: Path, part: int, key: np.ndarray,
+                      layer_ids: np.ndarray, K: int, has_weight: bool, keys: _KeySpace) -> dict:
+    """Scatter a partition's topks rows into ``experts`` [n, L, K] (+ ``weights``)."""
+    n, L = len(key), len(layer_ids)
+    table = _read_partition(base, part)
+    if table is None:
+        table = pa.table({"key": pa.array([], pa.int64()), "layer": pa.array([], pa.int32()),
+                          "rank": pa.array([], pa.int32()), "expert": pa.array([], pa.int32()),
+                          "row": pa.array([], pa.int64()), "weight": pa.array([], pa.float32())})
+    tkey = table.column("key").to_numpy()
+    rows = table.column("row").to_numpy()
+    tok = np.searchsorted(key, tkey)
+    unknown = (tok >= n) | (key[np.minimum(tok, n - 1)] != tkey)
+    if unknown.any():
+        i = int(np.argmin(np.where(unknown, rows, np.iinfo(np.int64).max)))
+        q, t = keys.decode(int(tkey[i]))
+        raise MoetraceError(f"{topks}: row {rows[i]}, columns q_ix/token_ix: token q_ix={q}, "
+                            f"token_ix={t} has no row in {samples}")
+    layer = np.searchsorted(layer_ids, table.column("layer").to_numpy())
+    rank = table.column("rank").to_numpy().astype(np.int64)
+    cell = (tok * L + layer) * K + rank
+    counts = np.bincount(cell, minlength=n * L * K)
+    if (counts > 1).any():
+        c = int(np.flatnonzero(counts > 1)[0])
+        dup_rows = np.sort(rows[cell == c])
+        q, t = keys.decode(int(key[c // (L * K)]))
+        raise MoetraceError(
+            f"{topks}: rows {dup_rows[0]} and {dup_rows[1]}: duplicate key q_ix={q}, token_ix={t}, "
+            f"layer_ix={layer_ids[(c // K) % L]}, topk_ix={c % K + 1}")
+    if (counts == 0).any():
+        c = int(np.argmin(counts))
+        q, t = keys.decode(int(key[c // (L * K)]))
+        raise MoetraceError(
+            f"{topks}: missing row for q_ix={q}, token_ix={t}, layer_ix={layer_ids[(c // K) % L]}, "
+            f"topk_ix={c % K + 1} (expected one row per token of {samples.name} x {L} layers x {K} ranks)")
+    experts = np.empty(n * L * K, dtype=np.int32)
+    experts[cell] = table.column("expert").to_numpy()
+    out = {"experts": experts.reshape(n, L, K)}
+    if has_weight:
+        weights = np.empty(n * L * K, dtype=np.float32)
+        weights[cell] = table.column("weight").to_numpy()
+        bad = ~np.isfinite(weights)
+        if bad.any():
+            i = int(np.flatnonzero(bad[cell])[0])
+            raise MoetraceError(
+                f"{topks}: row {rows[i]}, column weight: expected a finite number, got {weights[cell[i]]}")
+        out["weights"] = weights.reshape(n, L, K)
+    return out
+
+
+# ---------------------------------------------------------------------- sequences
+def _sequence_rows(samples: Path, tok: pa.Table, seq: np.ndarray, rows: np.ndarray,
+                   seq_columns: list[str]) -> pa.Table:
+    """First row of every q_ix in a sorted partition; checks columns are constant per q_ix."""
+    first = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
+    same_q = np.r_[False, seq[1:] == seq[:-1]]
+    for name in seq_columns:
+        values = tok.column(name)
+        changed = np.r_[False, pc.not_equal(values.slice(1), values.slice(0, len(values) - 1))
+                        .to_numpy(zero_copy_only=False)] if len(values) > 1 else np.zeros(len(values), bool)
+        bad = np.flatnonzero(changed & same_q)
+        if len(bad):
+            i = bad[np.argmin(rows[bad])]
+            raise MoetraceError(
+                f"{samples}: row {rows[i]}, column {name}: value {values[i].as_py()!r} differs from "
+                f"{values[i - 1].as_py()!r} elsewhere in q_ix={seq[i]} (a per-question column must be "
+                f"constant within a q_ix; pass it in labels / --labels if it is a per-token label)")
+    idx = pa.array(first)
+    return pa.table({"seq": pa.array(seq[first]), "row": pa.array(rows[first]),
+                     **{name: tok.column(name).take(idx) for name in seq_columns}})
+
+
+def _append_sequences(samples: Path, store: TraceStore, tables: list[pa.Table], seq_columns: list[str]) -> None:
+    if not seq_columns or not tables:
+        return
+    table = pa.concat_tables(tables)
+    seq = table.column("seq").to_numpy()
+    rows = table.column("row").to_numpy()
+    # A q_ix split across two partitions appears twice: keep one, check they agree.
+    again = np.flatnonzero(seq[1:] == seq[:-1]) + 1
+    for name in seq_columns:
+        col = table.column(name)
+        for i in again:
+            if col[i].as_py() != col[i - 1].as_py():
+                raise MoetraceError(
+                    f"{samples}: row {rows[i]}, column {name}: value {col[i].as_py()!r} differs from "
+                    f"{col[i - 1].as_py()!r} elsewhere in q_ix={seq[i]} (a per-question column must be "
+                    f"constant within a q_ix)")
+    keep = pa.array(np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]]))
+    table = table.take(keep)
+    store.append_sequences({"seq": table.column("seq").to_numpy(),
+                            **{name: _typed(table.column(name)) for name in seq_columns}})
+
+
+_TRUE = ["TRUE", "true", "True"]
+_FALSE = ["FALSE", "false", "False"]
+
+
+def _typed(column: pa.ChunkedArray) -> np.ndarray:
+    """Text column [S] -> int64, float64 or bool array when every value parses so, else str."""
+    text = pa.chunked_array(column).combine_chunks()
+    if len(text) == 0:
+        return np.asarray(text.to_numpy(zero_copy_only=False), dtype=str)
+    for target in (pa.int64(), pa.float64()):
+        try:
+            return pc.cast(text, target).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    is_true = pc.is_in(text, pa.array(_TRUE)).to_numpy(zero_copy_only=False)
+    is_false = pc.is_in(text, pa.array(_FALSE)).to_numpy(zero_copy_only=False)
+    if (is_true | is_false).all():
+        return is_true
+    return np.asarray(text.to_numpy(zero_copy_only=False), dtype=str)

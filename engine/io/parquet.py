@@ -1,0 +1,392 @@
+"""The Parquet long format: one row per token x layer x rank, for DuckDB / polars users.
+
+Columns, in this order (an interface other tools rely on: keep it exact):
+
+=============  =========  ==========================================================
+``seq``        int64      sequence id (``tokens/seq``)
+``pos``        int32      position in the sequence (``tokens/pos``)
+``token_id``   int32      vocabulary id, -1 if unknown
+``layer``      int16      the model's layer index (``layer_ids[l]``, not ``l``)
+``rank``       int16      0 = top choice
+``expert``     int16      expert id (int32 only when n_experts > 32768)
+``weight``     float32    routing weight; only when the store has weights
+``<label>``    string     one column per label (``domain``, ``lang``, ...), the value
+=============  =========  ==========================================================
+
+Two optional columns follow when the store has the data: ``generated`` (bool, written
+only when some token is generated) and ``token`` (string, the token text of
+``tokens/text``). ``import_parquet`` treats every other string column as a label, so a
+file with exactly the columns above (e.g. written by DuckDB) needs no extra flags.
+
+Rows are token-major, then layer, then rank (the ``L x K`` block of a token is
+contiguous). The file's key-value metadata ``moetrace`` holds a JSON object with the
+model facts (``n_experts``, ``top_k``, ``layer_ids``, ``model``, ``scoring``), the label
+vocabularies in code order and the ``sequences/*`` columns, so export -> import gives
+back an equal store. Without it the importer infers layers, top-k and ``n_experts``
+from the rows (one extra pass over three columns).
+
+Both directions stream in row groups / record batches of bounded size; neither
+materializes the whole trace. Row numbers in error messages are 0-based.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from engine.errors import MoetraceError
+from engine.io import resolve_n_experts, staged_store
+from engine.store import TraceStore
+
+META_KEY = b"moetrace"
+META_FORMAT = "moetrace-long"
+META_VERSION = 1
+REQUIRED = ("seq", "pos", "layer", "rank", "expert")
+DEFAULT_ROW_GROUP_ROWS = 1 << 20
+READ_BATCH_ROWS = 1 << 18
+
+
+def long_schema(store: TraceStore, generated: bool = False, metadata: dict | None = None) -> pa.Schema:
+    """The Arrow schema :func:`export_parquet` writes for ``store``."""
+    fields = [
+        pa.field("seq", pa.int64()), pa.field("pos", pa.int32()), pa.field("token_id", pa.int32()),
+        pa.field("layer", pa.int16()), pa.field("rank", pa.int16()),
+        pa.field("expert", pa.int16() if store.n_experts <= 32768 else pa.int32()),
+    ]
+    if store.has_weights:
+        fields.append(pa.field("weight", pa.float32()))
+    fields += [pa.field(label, pa.string()) for label in store.label_names]
+    if generated:
+        fields.append(pa.field("generated", pa.bool_()))
+    if store.has_token_text:
+        fields.append(pa.field("token", pa.string()))
+    meta = None if metadata is None else {META_KEY: json.dumps(metadata).encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+def export_parquet(
+    store: TraceStore | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    compression: str = "zstd",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``store`` as a long-format Parquet file (see the module docstring).
+
+    ``N`` tokens give ``N * L * K`` rows, written chunk by chunk of the store into row
+    groups of ``row_group_rows`` rows (the last may be shorter), ``compression``
+    (default zstd). The file is written to ``OUT.partial-<pid>`` and renamed when
+    complete. Returns the output path.
+    """
+    if not isinstance(store, TraceStore):
+        store = TraceStore.open(store)
+    out = Path(out)
+    if row_group_rows < 1:
+        raise MoetraceError(f"row_group_rows: expected a positive integer, got {row_group_rows}")
+    L, K = store.n_layers, store.top_k
+    generated = any(bool(c["generated"].any()) for c in store.iter_chunks(["generated"]))
+    schema = long_schema(store, generated, _metadata(store))
+    layer = np.repeat(store.layer_ids.astype(np.int16), K)
+    rank = np.tile(np.arange(K, dtype=np.int16), L)
+    vocab = {label: pa.array(values or [""], pa.string()) for label, values in store.labels.items()}
+    columns = ["seq", "pos", "token_id", "experts", *store.label_names]
+    columns += ["weights"] * store.has_weights + ["generated"] * generated + ["text"] * store.has_token_text
+    with staged_store(out, overwrite) as partial:
+        with pq.ParquetWriter(partial, schema, compression=compression) as writer:
+            pending: list[pa.Table] = []
+            pending_rows = 0
+            chunks = store.iter_chunks(columns)
+            for chunk in tqdm(chunks, desc="export", unit="chunk", disable=not progress,
+                              total=-(-len(store) // store.chunk_rows)):
+                n = len(chunk)
+                per = L * K
+                data: dict[str, Any] = {
+                    "seq": np.repeat(chunk["seq"], per),
+                    "pos": np.repeat(chunk["pos"], per),
+                    "token_id": np.repeat(chunk["token_id"], per),
+                    "layer": np.tile(layer, n),
+                    "rank": np.tile(rank, n),
+                    "expert": chunk["experts"].reshape(-1).astype(schema.field("expert").type.to_pandas_dtype()),
+                }
+                if store.has_weights:
+                    data["weight"] = chunk["weights"].reshape(-1).astype(np.float32)
+                for label in store.label_names:
+                    data[label] = vocab[label].take(pa.array(np.repeat(chunk[label], per)))
+                if generated:
+                    data["generated"] = np.repeat(chunk["generated"], per)
+                if store.has_token_text:
+                    text = pa.array(np.asarray(chunk["text"], dtype=object), pa.string())
+                    data["token"] = text.take(pa.array(np.repeat(np.arange(n), per)))
+                pending.append(pa.table(data, schema=schema))
+                pending_rows += n * per
+                if pending_rows >= row_group_rows:
+                    table = pa.concat_tables(pending)
+                    whole = pending_rows // row_group_rows * row_group_rows
+                    writer.write_table(table.slice(0, whole), row_group_size=row_group_rows)
+                    pending, pending_rows = [table.slice(whole)], pending_rows - whole
+            if pending_rows:
+                writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
+    return out
+
+
+def _metadata(store: TraceStore) -> dict:
+    seqs = store.read_sequences()
+    return {
+        "format": META_FORMAT, "version": META_VERSION, "model": store.model, "scoring": store.scoring,
+        "n_experts": store.n_experts, "top_k": store.top_k, "layer_ids": store.layer_ids.tolist(),
+        "labels": store.labels,
+        "sequences": {name: {"dtype": _dtype_name(values), "values": values.tolist()}
+                      for name, values in seqs.items()},
+    }
+
+
+def _dtype_name(values: np.ndarray) -> str:
+    return "str" if values.dtype.kind in "OUT" else str(values.dtype)
+
+
+def import_parquet(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    n_experts: int | None = None,
+    chunk_rows: int | None = None,
+    batch_rows: int = READ_BATCH_ROWS,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TraceStore:
+    """Import a long-format Parquet file (see the module docstring) into a new store.
+
+    Rows of one token must be contiguous, ordered by layer then rank (as
+    :func:`export_parquet` writes them); a token whose ``L x K`` block is incomplete or
+    out of order is an error naming the row and column. Reads ``batch_rows`` rows at a
+    time. ``n_experts``: default from the file's metadata, else max expert + 1. Returns
+    the store (``N`` = rows / (L * K) tokens) opened read-only.
+    """
+    path = Path(path)
+    pf = _open_parquet(path)
+    schema = pf.schema_arrow
+    names = schema.names
+    missing = [c for c in REQUIRED if c not in names]
+    if missing:
+        raise MoetraceError(f"{path}: missing column(s) {missing} (expected {list(REQUIRED)} "
+                            f"+ optional token_id, weight, label columns; got {names})")
+    for name in (*REQUIRED, "token_id"):
+        if name in names and not pa.types.is_integer(schema.field(name).type):
+            raise MoetraceError(f"{path}: column {name}: expected an integer type, got {schema.field(name).type}")
+    if "weight" in names and not pa.types.is_floating(schema.field("weight").type):
+        raise MoetraceError(f"{path}: column weight: expected a floating-point type, got {schema.field('weight').type}")
+    if "generated" in names and not pa.types.is_boolean(schema.field("generated").type):
+        raise MoetraceError(f"{path}: column generated: expected bool, got {schema.field('generated').type}")
+    known = {*REQUIRED, "token_id", "weight", "generated", "token"}
+    labels = [n for n in names if n not in known and _is_string(schema.field(n).type)]
+    other = [n for n in names if n not in known and n not in labels]
+    if other:
+        raise MoetraceError(f"{path}: unexpected non-string column(s) {other} (labels must be string columns)")
+    if "token" in names and not _is_string(schema.field("token").type):
+        raise MoetraceError(f"{path}: column token: expected strings (token text), got {schema.field('token').type}")
+    if pf.metadata.num_rows == 0:
+        raise MoetraceError(f"{path}: no rows (expected one row per token x layer x rank)")
+
+    meta = _read_metadata(path, schema)
+    if meta is not None:
+        layer_ids = np.asarray(meta["layer_ids"], dtype=np.int64)
+        top_k = int(meta["top_k"])
+        max_expert = int(meta["n_experts"]) - 1
+        vocab: Any = {label: meta["labels"].get(label, []) for label in labels}
+        if any(label not in meta["labels"] for label in labels):
+            vocab = labels
+    else:
+        layer_ids, top_k, max_expert = _scan_shape(path, pf, batch_rows)
+        vocab = labels
+    n_experts = resolve_n_experts(max_expert, n_experts, str(path))
+    L, K = len(layer_ids), top_k
+    per = L * K
+    has_weight = "weight" in names
+    with staged_store(out, overwrite) as partial:
+        store = TraceStore.create(
+            partial, n_layers=L, n_experts=n_experts, top_k=K, layer_ids=layer_ids.tolist(), labels=vocab,
+            model=None if meta is None else meta.get("model"), scoring=None if meta is None else meta.get("scoring"),
+            weights=has_weight, token_text="token" in names, chunk_rows=chunk_rows)
+        carry: pa.Table | None = None
+        offset = 0  # file row number of carry's first row
+        last_token: tuple[int, int] | None = None
+        batches = pf.iter_batches(batch_size=max(int(batch_rows), per), use_threads=False)
+        for batch in tqdm(batches, desc="import", unit="batch", disable=not progress,
+                          total=-(-pf.metadata.num_rows // max(int(batch_rows), per))):
+            table = pa.Table.from_batches([batch])
+            if carry is not None and carry.num_rows:
+                table = pa.concat_tables([carry, table.cast(carry.schema)])
+            table = table.combine_chunks()
+            m = table.num_rows // per
+            if m:
+                block = table.slice(0, m * per)
+                last_token = _append_blocks(path, store, block, offset, layer_ids, K, labels,
+                                            n_experts, last_token)
+            carry = table.slice(m * per)
+            offset += m * per
+        if carry is not None and carry.num_rows:
+            seq, pos = carry.column("seq")[0].as_py(), carry.column("pos")[0].as_py()
+            raise MoetraceError(
+                f"{path}: row {offset}: token seq={seq}, pos={pos} has only {carry.num_rows} of its "
+                f"{per} rows ({L} layers x {K} ranks; incomplete token block at the end of the file)")
+        store.flush()
+        if meta is not None and meta.get("sequences"):
+            store.append_sequences({name: _sequence_values(col) for name, col in meta["sequences"].items()})
+        store.close()
+    return TraceStore.open(out)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    if not path.is_file():
+        raise MoetraceError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise MoetraceError(f"{path}: empty file (expected a Parquet file)")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MoetraceError(f"{path}: not a readable Parquet file (truncated or corrupt: {first})") from None
+
+
+def _read_metadata(path: Path, schema: pa.Schema) -> dict | None:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise MoetraceError(f"{path}: metadata 'moetrace': expected JSON, got unreadable bytes") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise MoetraceError(f"{path}: metadata 'moetrace': expected format {META_FORMAT!r}")
+    if int(meta.get("version", 0)) > META_VERSION:
+        raise MoetraceError(f"{path}: metadata 'moetrace': version {meta.get('version')} is newer than "
+                            f"this moetrace reads (up to {META_VERSION})")
+    return meta
+
+
+def _scan_shape(path: Path, pf: pq.ParquetFile, batch_rows: int) -> tuple[np.ndarray, int, int]:
+    """One pass over layer/rank/expert: (sorted layer ids, top_k, max expert)."""
+    layers = np.zeros(0, dtype=np.int64)
+    max_rank, max_expert, offset = -1, -1, 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["layer", "rank", "expert"], use_threads=False):
+        cols = {}
+        for name in ("layer", "rank", "expert"):
+            col = batch.column(name)
+            _no_nulls(path, name, col, offset)
+            cols[name] = col.to_numpy().astype(np.int64)
+        for name, lo in (("layer", 0), ("rank", 0), ("expert", 0)):
+            bad = cols[name] < lo
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise MoetraceError(f"{path}: row {offset + i}, column {name}: expected a value >= {lo}, "
+                                    f"got {int(cols[name][i])}")
+        layers = np.union1d(layers, np.unique(cols["layer"]))
+        max_rank = max(max_rank, int(cols["rank"].max()))
+        max_expert = max(max_expert, int(cols["expert"].max()))
+        offset += batch.num_rows
+    return layers, max_rank + 1, max_expert
+
+
+def _no_nulls(path: Path, name: str, col: pa.Array, offset: int) -> None:
+    if col.null_count:
+        i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise MoetraceError(f"{path}: row {offset + i}, column {name}: expected a value, got null")
+
+
+def _append_blocks(path: Path, store: TraceStore, table: pa.Table, offset: int, layer_ids: np.ndarray,
+                   K: int, labels: list[str], n_experts: int, last_token: tuple[int, int] | None):
+    """Validate ``m`` whole token blocks (``m * L * K`` rows from file row ``offset``) and append."""
+    L = len(layer_ids)
+    per = L * K
+    m = table.num_rows // per
+
+    def numeric(name: str) -> np.ndarray:
+        col = table.column(name).combine_chunks()
+        _no_nulls(path, name, col, offset)
+        return col.to_numpy(zero_copy_only=False)
+
+    def fail(name: str, flat: int, expected: Any, got: Any) -> None:
+        raise MoetraceError(
+            f"{path}: row {offset + flat}, column {name}: expected {expected}, got {got} (the {per} rows "
+            f"of a token, {L} layers x {K} ranks, must be contiguous and ordered by layer then rank)")
+
+    layer = numeric("layer").astype(np.int64).reshape(m, L, K)
+    want = np.broadcast_to(layer_ids[None, :, None], layer.shape)
+    if (layer != want).any():
+        flat = int(np.argmax((layer != want).reshape(-1)))
+        fail("layer", flat, int(want.reshape(-1)[flat]), int(layer.reshape(-1)[flat]))
+    rank = numeric("rank").astype(np.int64).reshape(m, L, K)
+    want = np.broadcast_to(np.arange(K)[None, None, :], rank.shape)
+    if (rank != want).any():
+        flat = int(np.argmax((rank != want).reshape(-1)))
+        fail("rank", flat, int(want.reshape(-1)[flat]), int(rank.reshape(-1)[flat]))
+    expert = numeric("expert").astype(np.int64)
+    bad = (expert < 0) | (expert >= n_experts)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise MoetraceError(f"{path}: row {offset + i}, column expert: expected a value in [0, {n_experts}), "
+                            f"got {int(expert[i])}")
+    first = np.arange(m) * per
+    batch: dict[str, Any] = {"experts": expert.reshape(m, L, K)}
+    per_token = ["seq", "pos"] + [c for c in ("token_id", "generated") if c in table.column_names]
+    for name in per_token:
+        values = numeric(name).reshape(m, per)
+        diff = values != values[:, :1]
+        if diff.any():
+            flat = int(np.argmax(diff.reshape(-1)))
+            fail(name, flat, values.reshape(-1)[flat // per * per].item(), values.reshape(-1)[flat].item())
+        batch[name] = values[:, 0]
+    for name in labels + ["token"] * ("token" in table.column_names):
+        col = table.column(name).combine_chunks()
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
+        _no_nulls(path, name, col, offset)
+        heads = col.take(pa.array(np.repeat(first, per)))
+        same = pc.equal(col, heads).to_numpy(zero_copy_only=False)
+        if not same.all():
+            flat = int(np.argmin(same))
+            fail(name, flat, repr(heads[flat].as_py()), repr(col[flat].as_py()))
+        values = np.asarray(col.take(pa.array(first)).to_numpy(zero_copy_only=False), dtype=str)
+        batch["text" if name == "token" else name] = values
+    if "weight" in table.column_names:
+        weight = numeric("weight").astype(np.float32)
+        if not np.isfinite(weight).all():
+            i = int(np.argmin(np.isfinite(weight)))
+            raise MoetraceError(f"{path}: row {offset + i}, column weight: expected a finite number, got {weight[i]}")
+        batch["weights"] = weight.reshape(m, L, K)
+    seq, pos = batch["seq"], batch["pos"]
+    same = np.r_[False, (seq[1:] == seq[:-1]) & (pos[1:] == pos[:-1])]
+    if last_token is not None:
+        same[0] = (int(seq[0]), int(pos[0])) == last_token
+    if same.any():
+        i = int(np.argmax(same))
+        raise MoetraceError(f"{path}: row {offset + i * per}: duplicate token seq={int(seq[i])}, pos={int(pos[i])} "
+                            f"(its {per} rows appear twice in a row)")
+    if pos.min() < np.iinfo(np.int32).min or pos.max() > np.iinfo(np.int32).max:
+        i = int(np.argmax((pos < np.iinfo(np.int32).min) | (pos > np.iinfo(np.int32).max)))
+        raise MoetraceError(f"{path}: row {offset + i * per}, column pos: expected an int32 value, got {int(pos[i])}")
+    store.append(batch)
+    return int(seq[-1]), int(pos[-1])
+
+
+def _sequence_values(column: dict) -> np.ndarray:
+    dtype = column.get("dtype", "str")
+    if dtype == "str":
+        return np.asarray(column["values"], dtype=str)
+    return np.asarray(column["values"], dtype=np.dtype(dtype))

@@ -1,0 +1,208 @@
+"""import-parquet / export-parquet (the long format): contract, properties, errors, DuckDB."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from io_contract import CHUNK, WEIRD_TOKENS, ImporterContract, RefTrace, assert_store_equals_trace, assert_stores_equal
+
+from engine.cli import main
+from engine.io import export_parquet, import_parquet
+from engine.store import TraceStore
+
+
+def make_long_trace(rng, n_tokens=None, L=None, K=None, weights=None, n_labels=None, text=None) -> RefTrace:
+    """Random trace in file order (tokens need not be sorted by seq/pos)."""
+    N = int(rng.integers(1, 30)) if n_tokens is None else n_tokens
+    L = int(rng.integers(1, 4)) if L is None else L
+    K = int(rng.integers(1, 4)) if K is None else K
+    weights = bool(rng.random() < 0.5) if weights is None else weights
+    n_labels = int(rng.integers(0, 3)) if n_labels is None else n_labels
+    text = bool(rng.random() < 0.5) if text is None else text
+    E = int(rng.integers(K, K + 10))
+    seq = rng.integers(-5, 5, N).astype(np.int64)
+    pos = rng.permutation(N).astype(np.int32)  # distinct: no two adjacent tokens are equal
+    experts = np.stack([rng.permutation(E)[:K] for _ in range(N * L)]).reshape(N, L, K).astype(np.int64)
+    labels = {name: np.array([f"{name}-{v}" for v in range(4)] + [" x "])[rng.integers(0, 5, N)]
+              for name in ("domain", "lang")[:n_labels]}
+    return RefTrace(
+        seq=seq, pos=pos, labels=labels, experts=experts,
+        layer_ids=sorted(rng.choice(L + 30, L, replace=False).tolist()), n_experts=int(experts.max()) + 1,
+        text=np.array([WEIRD_TOKENS[i] for i in rng.integers(0, len(WEIRD_TOKENS), N)], dtype=object) if text else None,
+        weights=rng.random((N, L, K)).astype(np.float16).astype(np.float32) if weights else None)
+
+
+def long_table(trace: RefTrace) -> pa.Table:
+    """The long format of ``trace`` built with plain NumPy (the independent writer)."""
+    N, L, K = trace.experts.shape
+    per = L * K
+    cols = {"seq": pa.array(np.repeat(trace.seq, per), pa.int64()),
+            "pos": pa.array(np.repeat(trace.pos, per), pa.int32()),
+            "token_id": pa.array(np.full(N * per, -1), pa.int32()),
+            "layer": pa.array(np.tile(np.repeat(trace.layer_ids, K), N), pa.int16()),
+            "rank": pa.array(np.tile(np.arange(K), N * L), pa.int16()),
+            "expert": pa.array(trace.experts.reshape(-1), pa.int16())}
+    if trace.weights is not None:
+        cols["weight"] = pa.array(trace.weights.reshape(-1), pa.float32())
+    for name, values in trace.labels.items():
+        cols[name] = pa.array(np.repeat(np.asarray(values, dtype=object), per), pa.string())
+    if trace.text is not None:
+        cols["token"] = pa.array(np.repeat(trace.text, per), pa.string())
+    return pa.table(cols)
+
+
+def write_long(trace: RefTrace, path: Path, rng, row_group_size=None) -> Path:
+    table = long_table(trace)
+    if table.num_columns > 6 and "domain" in table.column_names and rng.random() < 0.5:
+        i = table.column_names.index("domain")  # polars-style dictionary-encoded strings
+        table = table.set_column(i, "domain", table.column("domain").dictionary_encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = int(rng.integers(1, 40)) if row_group_size is None else row_group_size
+    pq.write_table(table, path, row_group_size=size, compression="zstd")
+    return path
+
+
+class TestParquetImporter(ImporterContract):
+    command = "import-parquet"
+    broken_shape = {"n_tokens": 6, "L": 2, "K": 2, "weights": True, "n_labels": 1, "text": False}
+
+    def make_trace(self, rng, **shape):
+        return make_long_trace(rng, **shape)
+
+    def write_source(self, trace, directory, rng):
+        return {"path": write_long(trace, directory / "in.parquet", rng), "extra": []}
+
+    def run_import(self, source, out, **kwargs):
+        return import_parquet(source["path"], out, **kwargs)
+
+    def cli_args(self, source, out):
+        return [str(source["path"]), str(out), "--chunk-rows", str(CHUNK), *source["extra"]]
+
+    def broken_sources(self, trace, directory, rng):
+        directory.mkdir(parents=True)
+        table = long_table(trace)
+        per = len(trace.layer_ids) * trace.experts.shape[2]
+
+        def write(name, tbl, extra=()):
+            path = directory / f"{name}.parquet"
+            pq.write_table(tbl, path, row_group_size=5)
+            return {"path": path, "extra": list(extra)}
+
+        good = write("good", table)
+        data = good["path"].read_bytes()
+        cut = directory / "cut.parquet"
+        cut.write_bytes(data[: len(data) // 2])
+        yield "truncated", {"path": cut, "extra": []}, ["cut.parquet", "not a readable Parquet file"]
+        empty = directory / "empty.parquet"
+        empty.write_bytes(b"")
+        yield "empty", {"path": empty, "extra": []}, ["empty.parquet", "empty file"]
+        yield "missing column", write("nocol", table.drop_columns(["rank"])), \
+            ["nocol.parquet", "missing column", "rank"]
+        floaty = table.set_column(5, "expert", pa.array(table.column("expert").to_numpy().astype(np.float64)))
+        yield "float experts", write("float", floaty), ["float.parquet", "column expert", "integer type"]
+        drop = per + 1  # second token loses its layer-0 rank-1 row: the block shifts
+        yield "incomplete", write("gap", pa.concat_tables([table.slice(0, drop), table.slice(drop + 1)])), \
+            ["gap.parquet", f"row {drop}, column"]
+        yield "truncated rows", write("short", table.slice(0, table.num_rows - 1)), ["short.parquet", "incomplete"]
+        yield "duplicate", write("dup", pa.concat_tables([table.slice(0, per), table])), \
+            ["dup.parquet", f"row {per}", "duplicate token"]
+        yield "n_experts", write("nexp", table, ["--n-experts", "1"]), ["nexp.parquet", "n_experts=1"]
+        nulls = table.set_column(5, "expert", pa.array([None] + table.column("expert").to_pylist()[1:], pa.int16()))
+        yield "null", write("null", nulls), ["null.parquet", "row 0, column expert"]
+        yield "extra column", write("extra", table.append_column("score", pa.array(np.zeros(table.num_rows)))), \
+            ["extra.parquet", "score"]
+        yield "no rows", write("norows", table.slice(0, 0)), ["norows.parquet", "no rows"]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), row_group=st.integers(1, 50), batch_rows=st.integers(1, 64))
+def test_random_long_files_import_exactly(seed, row_group, batch_rows):
+    rng = np.random.default_rng(seed)
+    trace = make_long_trace(rng)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_long(trace, Path(tmp) / "in.parquet", rng, row_group_size=row_group)
+        store = import_parquet(path, Path(tmp) / "o.zarr", batch_rows=batch_rows, progress=False, chunk_rows=CHUNK)
+        assert_store_equals_trace(store, trace)
+        out = Path(tmp) / "again.parquet"
+        export_parquet(store, out, row_group_rows=row_group, progress=False)
+        assert pq.read_table(out).select(long_table(trace).column_names).equals(long_table(trace))
+
+
+def test_duckdb_written_long_format_needs_no_flags(tmp_path):
+    """A file DuckDB writes (no moetrace metadata, labels as VARCHAR) imports as is."""
+    rng = np.random.default_rng(9)
+    trace = make_long_trace(rng, n_tokens=25, L=3, K=2, weights=True, n_labels=2, text=False)
+    src = long_table(trace)
+    path = tmp_path / "duck.parquet"
+    con = duckdb.connect()
+    con.register("src", src)
+    con.execute(f"COPY (SELECT * FROM src) TO '{path}' (FORMAT parquet, ROW_GROUP_SIZE 16)")
+    assert main(["import-parquet", str(path), str(tmp_path / "o.zarr"), "-q", "--chunk-rows", "64"]) == 0
+    store = TraceStore.open(tmp_path / "o.zarr")
+    assert_store_equals_trace(store, trace)
+
+
+def test_export_streams_in_row_groups_with_zstd(tmp_path):
+    rng = np.random.default_rng(2)
+    trace = make_long_trace(rng, n_tokens=100, L=2, K=2, weights=False, n_labels=1, text=False)
+    src = write_long(trace, tmp_path / "in.parquet", rng)
+    store = import_parquet(src, tmp_path / "o.zarr", progress=False, chunk_rows=16)
+    out = tmp_path / "out.parquet"
+    assert main(["export-parquet", str(tmp_path / "o.zarr"), str(out), "--row-group-rows", "30", "-q"]) == 0
+    meta = pq.ParquetFile(out).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sizes == [30] * 13 + [10]
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert pq.read_schema(out).names == ["seq", "pos", "token_id", "layer", "rank", "expert", "domain"]
+    back = import_parquet(out, tmp_path / "back.zarr", progress=False, chunk_rows=CHUNK)
+    assert_stores_equal(store, back)
+    # counts by label from DuckDB over the export equal NumPy over the reference
+    got = dict(duckdb.sql(f"SELECT domain, count(*) FROM '{out}' GROUP BY ALL").fetchall())
+    values, counts = np.unique(trace.labels["domain"], return_counts=True)
+    assert got == {v: 4 * c for v, c in zip(values.tolist(), counts.tolist())}
+
+
+def test_generated_flag_and_large_expert_ids_survive(tmp_path):
+    st_path = tmp_path / "s.zarr"
+    store = TraceStore.create(st_path, n_layers=1, n_experts=40000, top_k=2, labels=["domain"], chunk_rows=8)
+    store.append({"seq": np.array([0, 0, 1]), "pos": np.array([0, 1, 0]), "generated": np.array([False, True, True]),
+                  "token_id": np.array([5, 6, 7]), "domain": np.array(["a", "b", "a"]),
+                  "experts": np.array([[[39999, 1]], [[2, 3]], [[4, 5]]])})
+    store.close()
+    out = tmp_path / "o.parquet"
+    export_parquet(st_path, out, progress=False)
+    schema = pq.read_schema(out)
+    assert schema.field("expert").type == pa.int32() and schema.field("generated").type == pa.bool_()
+    back = import_parquet(out, tmp_path / "b.zarr", progress=False)
+    assert_stores_equal(TraceStore.open(st_path), back)
+
+
+def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    trace = make_long_trace(rng, n_tokens=40, L=1, K=1)
+    store = import_parquet(write_long(trace, tmp_path / "in.parquet", rng), tmp_path / "o.zarr", progress=False,
+                           chunk_rows=8)
+    real = TraceStore.iter_chunks
+
+    def failing(self, *args, **kwargs):
+        for i, chunk in enumerate(real(self, *args, **kwargs)):
+            if i == 2 and "experts" in chunk:
+                raise OSError("disk full")
+            yield chunk
+
+    monkeypatch.setattr(TraceStore, "iter_chunks", failing)
+    out = tmp_path / "out.parquet"
+    try:
+        export_parquet(store, out, row_group_rows=4, progress=False)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("export did not fail")
+    assert not out.exists() and not list(tmp_path.glob("out.parquet*"))
