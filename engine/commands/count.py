@@ -1,0 +1,84 @@
+"""``moetrace count``: stream a trace store into count tensors saved as Zarr.
+
+    moetrace count STORE OUT.zarr --stats experts,paths,pairs,temporal,coact
+                   [--by domain,lang] [--skip-shared-prefix] [--generated-only]
+                   [--positions A:B] [--group label=v1,v2]... [--vocab-size V]
+                   [--overwrite] [--quiet]
+
+The output is the Dataset of :func:`engine.aggregate.count`, written with
+``xarray.Dataset.to_zarr`` (read it with ``xarray.open_zarr`` or
+``engine.aggregate.load_counts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.errors import MoetraceError
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _positions(text: str) -> tuple[int, int]:
+    try:
+        a, b = text.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise MoetraceError(f"--positions: expected START:STOP integers (e.g. 10:200), got {text!r}") from None
+
+
+def _groups(items: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        label, sep, values = item.partition("=")
+        if not sep or not label or not values:
+            raise MoetraceError(f"--group: expected LABEL=VALUE[,VALUE...] (e.g. domain=biology,math), got {item!r}")
+        out.setdefault(label.strip(), []).extend(_csv(values))
+    return out
+
+
+def run_count(args: argparse.Namespace) -> int:
+    from engine.aggregate import count, save_counts
+
+    ds = count(
+        args.store,
+        stats=_csv(args.stats),
+        by=_csv(args.by) if args.by else [],
+        skip_shared_prefix=args.skip_shared_prefix,
+        generated_only=args.generated_only,
+        positions=_positions(args.positions) if args.positions else None,
+        groups=_groups(args.group) if args.group else None,
+        vocab_size=args.vocab_size,
+        progress=not args.quiet,
+    )
+    save_counts(ds, args.out, overwrite=args.overwrite)
+    if not args.quiet:
+        total = int(ds["tokens"].sum())
+        extra = f", last shared prefix token {ds.attrs['last_shared_pos']}" if "last_shared_pos" in ds.attrs else ""
+        print(f"counted {total} tokens into {args.out}: {', '.join(v for v in ds.data_vars)}{extra}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "count",
+        help="count expert choices, paths, pairs, transitions, co-activation into a Zarr counts file",
+        description="Stream a trace store through the Numba counters and write the counts (xarray Dataset) to Zarr.",
+    )
+    p.add_argument("store", help="trace store (Zarr directory)")
+    p.add_argument("out", help="output counts file (Zarr directory, e.g. counts.zarr)")
+    p.add_argument("--stats", default="experts",
+                   help="comma-separated: experts,paths,pairs,temporal,coact,weight_sum,vocab (default: experts)")
+    p.add_argument("--by", default="", help="comma-separated label names to group by, e.g. domain,lang")
+    p.add_argument("--skip-shared-prefix", action="store_true",
+                   help="drop the token prefix shared by every sequence (seed 000's last_shared_tok)")
+    p.add_argument("--generated-only", action="store_true", help="count only generated tokens")
+    p.add_argument("--positions", help="keep positions START:STOP (start inclusive, stop exclusive)")
+    p.add_argument("--group", action="append", metavar="LABEL=V1,V2",
+                   help="keep only these label values (repeatable); a --by label keeps exactly these coordinates")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size V for the vocab statistic")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=run_count)

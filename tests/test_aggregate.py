@@ -1,0 +1,413 @@
+"""engine.aggregate: counts from a trace store against DuckDB SQL and a pandas transcription of seed 000."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import aggregate as A
+from engine.cli import main as cli_main
+from engine.errors import MoetraceError
+from engine.store import TraceStore
+
+DOMAINS = ["bio", "math", "law"]
+LANGS = ["en", "fr"]
+
+
+def make_trace(rng, n_seq, L, K, E, shared=2):
+    """Rows in store order: contiguous sequences, a shared token prefix, some pos gaps."""
+    lengths = rng.integers(shared + 2, shared + 9, n_seq)
+    seq = np.repeat(rng.permutation(np.arange(100, 100 + n_seq)), lengths).astype(np.int64)
+    pos = []
+    for length in lengths:
+        steps = np.where(rng.random(length) < 0.85, 1, 2)  # occasional gaps break temporal pairs
+        steps[: shared + 1] = 1
+        pos.append(np.cumsum(steps) - 1)
+    pos = np.concatenate(pos).astype(np.int32)
+    n = len(seq)
+    token_id = rng.integers(0, 5, n).astype(np.int32)
+    first = np.r_[0, np.cumsum(lengths)[:-1]]
+    for i in range(shared):
+        token_id[first + i] = 40 + i
+    # a later shifted index that all sequences share, with differing tokens before it
+    token_id[first + shared + 1] = 77
+    dom = np.repeat(rng.choice(DOMAINS, n_seq), lengths)
+    lang = np.repeat(rng.choice(LANGS, n_seq), lengths)
+    experts = np.argsort(rng.random((n, L, E)), axis=-1)[:, :, :K].astype(np.uint8)
+    return {
+        "seq": seq, "pos": pos, "token_id": token_id, "generated": rng.random(n) < 0.6,
+        "domain": dom, "lang": lang, "experts": experts,
+        "weights": rng.random((n, L, K)).astype(np.float16),
+    }
+
+
+def write_store(path, trace, L, K, E, chunk_rows, layer_ids=None, weights=True):
+    with TraceStore.create(path, n_layers=L, n_experts=E, top_k=K, labels={"domain": DOMAINS, "lang": LANGS},
+                           layer_ids=layer_ids, weights=weights, chunk_rows=chunk_rows, model="toy") as st:
+        data = dict(trace)
+        if not weights:
+            data.pop("weights")
+        st.append(data)
+    return path
+
+
+def r_last_shared_tok(seq, pos, token):
+    """Pandas transcription of seed 000's R code for ``last_shared_tok``."""
+    df = pd.DataFrame({"q_ix": seq, "token_ix": pos, "token": token})
+    df = df.sort_values(["q_ix", "token_ix"], kind="stable")
+    df["shifted_token_ix"] = df.groupby("q_ix").cumcount() + 1
+    counts = df.groupby(["shifted_token_ix", "token"]).size().rename("n").reset_index()
+    hits = counts[counts["n"] == df["q_ix"].nunique()]["shifted_token_ix"]
+    last = hits.max() if len(hits) else -np.inf  # R: max of nothing is -Inf
+    keep = (df["shifted_token_ix"] > last).reindex(range(len(seq))).to_numpy()
+    return (0 if last == -np.inf else int(last)), keep
+
+
+def keep_mask(trace, skip_shared_prefix, generated_only, positions, groups, where=None):
+    keep = np.ones(len(trace["seq"]), dtype=bool)
+    for column, values in (where or {}).items():
+        keep &= np.isin(trace[column], values)
+    if skip_shared_prefix:
+        keep &= r_last_shared_tok(trace["seq"], trace["pos"], trace["token_id"])[1]
+    if generated_only:
+        keep &= trace["generated"]
+    if positions:
+        keep &= (trace["pos"] >= positions[0]) & (trace["pos"] < positions[1])
+    for label, values in (groups or {}).items():
+        keep &= np.isin(trace[label], values)
+    return keep
+
+
+def sql_counts(trace, keep, layer_ids, by):
+    """DuckDB reference: {stat: {(group..., layer, a, b): count}} over the long routing table."""
+    n, L, K = trace["experts"].shape
+    rows = np.repeat(np.arange(n), L * K)
+    r = pd.DataFrame({
+        "row": rows, "seq": trace["seq"][rows], "pos": trace["pos"][rows].astype(np.int64),
+        "keep": keep[rows], "domain": trace["domain"][rows], "lang": trace["lang"][rows],
+        "li": np.tile(np.repeat(np.arange(L), K), n), "layer": np.tile(np.repeat(layer_ids, K), n),
+        "rank": np.tile(np.arange(K), n * L), "expert": trace["experts"].reshape(-1).astype(np.int64),
+        "weight": trace["weights"].reshape(-1).astype(np.float64),
+    })
+    con = duckdb.connect()
+    con.register("r", r)
+    g = "".join(f"a.{b}, " for b in by)
+    queries = {
+        "experts": f"SELECT {g} a.layer, a.rank, a.expert, count(*) FROM r a WHERE a.keep GROUP BY ALL",
+        "paths": f"""SELECT {g} b.layer, a.expert, b.expert, count(*) FROM r a JOIN r b
+                     ON a.row = b.row AND b.li = a.li + 1 AND a.rank = 0 AND b.rank = 0
+                     WHERE a.keep GROUP BY ALL""",
+        "pairs": f"""SELECT {g} a.layer, a.expert, b.expert, count(*) FROM r a JOIN r b
+                     ON a.row = b.row AND a.li = b.li AND a.rank = 0 AND b.rank = 1
+                     WHERE a.keep GROUP BY ALL""",
+        "temporal": f"""SELECT {g} a.layer, a.expert, b.expert, count(*) FROM r a JOIN r b
+                        ON b.row = a.row + 1 AND a.seq = b.seq AND b.pos = a.pos + 1 AND a.li = b.li
+                        AND a.rank = 0 AND b.rank = 0 WHERE a.keep AND b.keep GROUP BY ALL""",
+        "coact": """SELECT a.layer, a.expert, b.expert, count(*) FROM r a JOIN r b
+                    ON a.row = b.row AND a.li = b.li WHERE a.keep GROUP BY ALL""",
+        "weight_sum": f"SELECT {g} a.layer, a.expert, sum(a.weight) FROM r a WHERE a.keep GROUP BY ALL",
+        "tokens": f"SELECT {g} count(DISTINCT a.row) FROM r a WHERE a.keep GROUP BY ALL",
+    }
+    out = {}
+    for name, q in queries.items():
+        res = con.execute(q).fetchall()
+        out[name] = {tuple(row[:-1]): row[-1] for row in res}
+    return out
+
+
+def nonzero(da):
+    if not da.dims:
+        return {(): da.item()} if da.item() else {}
+    s = da.to_series()
+    s = s[s != 0]
+    return {(k if isinstance(k, tuple) else (k,)): v for k, v in s.items()}
+
+
+def assert_counts_equal(ds, want):
+    for name, ref in want.items():
+        got = nonzero(ds[name])
+        if name == "weight_sum":
+            assert got.keys() == ref.keys(), name
+            np.testing.assert_allclose([got[k] for k in ref], [ref[k] for k in ref], rtol=1e-9)
+        else:
+            assert got == ref, name
+
+
+STATS = ["experts", "paths", "pairs", "temporal", "coact", "weight_sum"]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_seq=st.integers(2, 7),
+    L=st.integers(1, 3),
+    K=st.integers(2, 3),
+    extra_e=st.integers(0, 3),
+    chunk_rows=st.sampled_from([4, 16, 64]),
+    by=st.sampled_from([[], ["domain"], ["lang", "domain"], ["domain", "lang"]]),
+    skip=st.booleans(),
+    generated_only=st.booleans(),
+    positions=st.sampled_from([None, (1, 6), (3, 100)]),
+    groups=st.sampled_from([None, {"domain": ["math", "bio"]}, {"lang": ["fr"]}]),
+    where=st.sampled_from([None, {"token_id": [0, 1, 77]}, {"domain": ["law", "bio"], "generated": [True]}]),
+)
+def test_counts_equal_duckdb(seed, n_seq, L, K, extra_e, chunk_rows, by, skip, generated_only, positions, groups,
+                             where):
+    rng = np.random.default_rng(seed)
+    E = K + extra_e
+    trace = make_trace(rng, n_seq, L, K, E)
+    layer_ids = sorted(rng.choice(np.arange(10), L, replace=False).tolist())
+    keep = keep_mask(trace, skip, generated_only, positions, groups, where)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_store(Path(tmp) / "s.zarr", trace, L, K, E, chunk_rows, layer_ids)
+        args = dict(stats=STATS if L > 1 else [s for s in STATS if s != "paths"], by=by,
+                    where=where, skip_shared_prefix=skip, generated_only=generated_only, positions=positions,
+                    groups=groups, progress=False)
+        if not keep.any():
+            with pytest.raises(MoetraceError, match="empty selection"):
+                A.count(path, **args)
+            return
+        ds = A.count(path, **args)
+    want = sql_counts(trace, keep, np.array(layer_ids), by)
+    if L == 1:
+        want.pop("paths")
+    assert_counts_equal(ds, want)
+    assert list(ds["layer"].values) == layer_ids
+    assert ds["experts"].dims == (*by, "layer", "rank", "expert")
+    assert ds["coact"].dims == ("layer", "expert", "other_expert")
+    for label, values in (groups or {}).items():
+        if label in by:
+            assert list(ds[label].values) == values
+    if skip:
+        assert ds.attrs["last_shared_pos"] == r_last_shared_tok(trace["seq"], trace["pos"], trace["token_id"])[0]
+
+
+def test_chunking_never_changes_a_count(tmp_path):
+    rng = np.random.default_rng(11)
+    L, K, E = 3, 2, 6
+    trace = make_trace(rng, 6, L, K, E)
+    n = len(trace["seq"])
+    args = dict(stats=STATS, by=["domain", "lang"], skip_shared_prefix=True, progress=False)
+    results = []
+    for n_chunks in (1, 2, 4):
+        path = write_store(tmp_path / f"s{n_chunks}.zarr", trace, L, K, E, chunk_rows=-(-n // n_chunks))
+        results.append(A.count(path, **args))
+    for ds in results[1:]:
+        for name in results[0].data_vars:
+            np.testing.assert_array_equal(ds[name].values, results[0][name].values, err_msg=name)
+    # count_range pieces (cut inside chunks and inside sequences) sum exactly to the whole
+    path = tmp_path / "s4.zarr"
+    cuts = [0, 1, n // 3, n // 3 + 1, n - 2, n]
+    pieces = [A.count_range(path, a, b, **args) for a, b in zip(cuts[:-1], cuts[1:])]
+    total = pieces[0]
+    for piece in pieces[1:]:
+        total = total + piece
+    for name in results[0].data_vars:
+        np.testing.assert_allclose(total[name].values, results[0][name].values, err_msg=name)
+    assert int(results[0]["temporal"].sum()) > 0
+
+
+def test_temporal_across_chunk_boundaries(tmp_path):
+    """One long sequence split into 1-row chunks: every transition still counted."""
+    L, K, E, n = 2, 2, 4, 9
+    rng = np.random.default_rng(5)
+    experts = np.argsort(rng.random((n, L, E)), axis=-1)[:, :, :K].astype(np.uint8)
+    trace = {"seq": np.zeros(n, np.int64), "pos": np.arange(n, dtype=np.int32), "experts": experts,
+             "domain": np.array(["bio"] * n), "lang": np.array(["en"] * n)}
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=L, n_experts=E, top_k=K,
+                           labels={"domain": DOMAINS, "lang": LANGS}, chunk_rows=1) as st:
+        st.append(trace)
+    ds = A.count(tmp_path / "t.zarr", stats=["temporal"], progress=False)
+    want = np.zeros((L, E, E), np.int64)
+    for t in range(n - 1):
+        for l in range(L):
+            want[l, experts[t, l, 0], experts[t + 1, l, 0]] += 1
+    np.testing.assert_array_equal(ds["temporal"].values, want)
+
+
+def test_shared_prefix_matches_r_transcription_on_shuffled_rows(tmp_path):
+    rng = np.random.default_rng(7)
+    for trial in range(5):
+        trace = make_trace(rng, 5, 1, 1, 2, shared=int(rng.integers(0, 3)))
+        if trial == 4:
+            trace["token_id"][:] = rng.integers(0, 3, len(trace["seq"]))  # (almost surely) nothing shared
+        order = rng.permutation(len(trace["seq"]))  # store rows need not be sorted
+        shuffled = {k: v[order] for k, v in trace.items()}
+        path = write_store(tmp_path / f"p{trial}.zarr", shuffled, 1, 1, 2, chunk_rows=4, weights=False)
+        last, seq_ids, cutoff = A.shared_prefix(path)
+        want_last, want_keep = r_last_shared_tok(shuffled["seq"], shuffled["pos"], shuffled["token_id"])
+        assert last == want_last
+        idx = np.searchsorted(seq_ids, shuffled["seq"])
+        np.testing.assert_array_equal(shuffled["pos"] > cutoff[idx], want_keep)
+
+
+def test_shared_prefix_by_token_text(tmp_path):
+    """A store without token ids (e.g. imported from seed 000's CSV) compares token text, like the R code."""
+    rng = np.random.default_rng(8)
+    trace = make_trace(rng, 4, 1, 1, 2, shared=3)
+    text = np.array([f"t{t}" for t in trace["token_id"]])
+    with TraceStore.create(tmp_path / "x.zarr", n_layers=1, n_experts=2, top_k=1, token_text=True,
+                           labels={"domain": DOMAINS, "lang": LANGS}, chunk_rows=8) as st:
+        st.append({**{k: v for k, v in trace.items() if k not in ("token_id", "weights")}, "text": text})
+    last, _, _ = A.shared_prefix(tmp_path / "x.zarr")
+    assert last == r_last_shared_tok(trace["seq"], trace["pos"], text)[0] == 5  # 0..2 and the 77 at index 5
+
+
+def coverage_reference(trace, keep, table, kind, by):
+    """Pandas transcription of seed 000's "Analyze proportions to be ablated" blocks."""
+    ex = trace["experts"].astype(int)
+    n, L, _ = ex.shape
+    rows = []
+    for r in np.flatnonzero(keep):
+        if kind == "paths":
+            hits = [table[l, ex[r, l - 1, 0], ex[r, l, 0]] for l in range(1, L)]
+        elif kind == "experts":
+            hits = [table[l, ex[r, l, 0]] for l in range(L)]
+        else:
+            hits = [table[l, ex[r, l, 0], ex[r, l, 1]] for l in range(L)]
+        rows.append({"q_ix": trace["seq"][r], "domain": trace["domain"][r], "lang": trace["lang"][r],
+                     "n_spec": int(sum(hits)), "n_possible": len(hits)})
+    df = pd.DataFrame(rows)
+    df["any"] = df["n_spec"] > 0
+    df["half"] = df["n_spec"] >= df["n_possible"] * 0.5
+    out = df.groupby(by).agg(n_questions=("q_ix", "nunique"), n_toks=("q_ix", "size"),
+                             n_toks_with_any=("any", "sum"), n_toks_with_half=("half", "sum"),
+                             n_targeted=("n_spec", "sum"), n_possible=("n_possible", "sum"))
+    out["prop_targeted"] = out["n_targeted"] / out["n_possible"]
+    out["prop_toks_with_any"] = out["n_toks_with_any"] / out["n_toks"]
+    out["prop_toks_with_half"] = out["n_toks_with_half"] / out["n_toks"]
+    return out
+
+
+class TableTargets:
+    """Test fixture with the three table methods of engine.targets.Targets."""
+
+    def __init__(self, experts, paths, pairs):
+        self.tables = {"experts": experts, "paths": paths, "pairs": pairs}
+
+    def expert_table(self, layer_ids, n_experts):
+        return self.tables["experts"]
+
+    def path_table(self, layer_ids, n_experts):
+        return self.tables["paths"]
+
+    def pair_table(self, layer_ids, n_experts):
+        return self.tables["pairs"]
+
+
+def test_coverage_matches_seed_000_transcription(tmp_path):
+    rng = np.random.default_rng(9)
+    L, K, E = 4, 2, 5
+    trace = make_trace(rng, 8, L, K, E)
+    path = write_store(tmp_path / "c.zarr", trace, L, K, E, chunk_rows=7)
+    targets = TableTargets(rng.random((L, E)) < 0.3, rng.random((L, E, E)) < 0.3, rng.random((L, E, E)) < 0.3)
+    keep = keep_mask(trace, True, False, None, None)
+    for kind in ("paths", "experts", "pairs"):
+        ds = A.coverage(path, targets, by=["domain", "lang"], kind=kind, skip_shared_prefix=True, progress=False)
+        want = coverage_reference(trace, keep, targets.tables[kind], kind, ["domain", "lang"])
+        for (dom, lang), row in want.iterrows():
+            got = ds.sel(domain=dom, lang=lang)
+            for col in want.columns:
+                np.testing.assert_allclose(float(got[col]), row[col], err_msg=f"{kind} {col}")
+        assert int(ds["n_toks"].sum()) == keep.sum()
+
+
+def test_coverage_with_engine_targets(tmp_path):
+    """The real Targets object gives the same tables, hence the same coverage, as the fixture."""
+    Targets = pytest.importorskip("engine.targets").Targets
+    rng = np.random.default_rng(10)
+    L, K, E = 3, 2, 4
+    trace = make_trace(rng, 5, L, K, E)
+    path = write_store(tmp_path / "t.zarr", trace, L, K, E, chunk_rows=9, layer_ids=[1, 4, 6])
+    targets = Targets(paths={4: [[2, 3], [0, 1]], 6: [[1, 1]]}, experts={1: [1], 6: [0, 2]}, pairs={4: [[0, 1]]})
+    paths = np.zeros((L, E, E), bool)
+    paths[1, 2, 3] = paths[1, 0, 1] = paths[2, 1, 1] = True
+    experts = np.zeros((L, E), bool)
+    experts[0, 1] = experts[2, 0] = experts[2, 2] = True
+    pairs = np.zeros((L, E, E), bool)
+    pairs[1, 0, 1] = True
+    fixture = TableTargets(experts, paths, pairs)
+    for kind in ("paths", "experts", "pairs"):
+        got = A.coverage(path, targets, by=["lang"], kind=kind, progress=False)
+        want = A.coverage(path, fixture, by=["lang"], kind=kind, progress=False)
+        xr.testing.assert_identical(got, want)
+        assert int(got["n_targeted"].sum()) > 0
+
+
+def test_save_load_cli_roundtrip(tmp_path):
+    rng = np.random.default_rng(3)
+    trace = make_trace(rng, 4, 2, 2, 4)
+    path = write_store(tmp_path / "s.zarr", trace, 2, 2, 4, chunk_rows=5)
+    out = tmp_path / "counts.zarr"
+    code = cli_main(["count", str(path), str(out), "--stats", "experts,paths,pairs,temporal,coact",
+                     "--by", "domain,lang", "--skip-shared-prefix", "--positions", "0:50", "--quiet"])
+    assert code == 0
+    ds = xr.open_zarr(out)
+    direct = A.count(path, stats=["experts", "paths", "pairs", "temporal", "coact"], by=["domain", "lang"],
+                     skip_shared_prefix=True, positions=(0, 50), progress=False)
+    for name in direct.data_vars:
+        np.testing.assert_array_equal(ds[name].values, direct[name].values)
+    assert list(ds["domain"].values) == DOMAINS
+    loaded = A.load_counts(out)
+    assert loaded.attrs["moetrace_counts_version"] == 1 and loaded.attrs["last_shared_pos"] >= 1
+    assert json.loads(loaded.attrs["filters"])["positions"] == [0, 50]
+    assert cli_main(["count", str(path), str(out), "--quiet"]) == 2  # exists, no --overwrite
+    assert cli_main(["count", str(path), str(out), "--by", "domain", "--group", "domain=math,bio",
+                     "--generated-only", "--overwrite", "--quiet"]) == 0
+    ds = A.load_counts(out)
+    assert list(ds["domain"].values) == ["math", "bio"]
+    keep = trace["generated"] & np.isin(trace["domain"], ["math", "bio"])
+    assert int(ds["tokens"].sum()) == keep.sum()
+    assert cli_main(["count", str(path), str(out), "--stats", "experts,bogus", "--overwrite", "--quiet"]) == 2
+
+
+def test_errors(tmp_path):
+    rng = np.random.default_rng(4)
+    trace = make_trace(rng, 3, 2, 2, 4)
+    path = write_store(tmp_path / "s.zarr", trace, 2, 2, 4, chunk_rows=8, weights=False)
+    with pytest.raises(MoetraceError, match="unknown label 'topic'"):
+        A.count(path, by=["topic"], progress=False)
+    with pytest.raises(MoetraceError, match="unknown statistic 'expert'"):
+        A.count(path, stats=["expert"], progress=False)
+    with pytest.raises(MoetraceError, match="empty selection"):
+        A.count(path, positions=(1000, 2000), progress=False)
+    with pytest.raises(MoetraceError, match="'chem' is not a domain"):
+        A.count(path, groups={"domain": ["chem"]}, progress=False)
+    with pytest.raises(MoetraceError, match="routing/weights"):
+        A.count(path, stats=["weight_sum"], progress=False)
+    with pytest.raises(MoetraceError, match="vocab_size"):
+        A.count(path, stats=["vocab"], progress=False)
+    ds = A.count(path, progress=False)
+    ds.attrs["moetrace_counts_version"] = 99
+    ds.to_zarr(tmp_path / "v99.zarr", mode="w", consolidated=False)
+    with pytest.raises(MoetraceError, match="version 99"):
+        A.load_counts(tmp_path / "v99.zarr")
+    with pytest.raises(MoetraceError, match="not a moetrace counts file"):
+        A.load_counts(path)  # a trace store, not a counts file
+    with pytest.raises(MoetraceError, match="not a counts file|no such"):
+        A.load_counts(tmp_path / "missing.zarr")
+
+
+def test_vocab_counts(tmp_path):
+    rng = np.random.default_rng(6)
+    trace = make_trace(rng, 4, 2, 2, 4)
+    trace["token_id"][::5] = -1
+    path = write_store(tmp_path / "v.zarr", trace, 2, 2, 4, chunk_rows=6)
+    ds = A.count(path, stats=["vocab"], vocab_size=80, progress=False)
+    want = np.zeros((80, 2, 4), np.int64)
+    for r in range(len(trace["seq"])):
+        if trace["token_id"][r] >= 0:
+            for l in range(2):
+                for e in trace["experts"][r, l]:
+                    want[trace["token_id"][r], l, e] += 1
+    np.testing.assert_array_equal(ds["vocab"].values, want)
+    assert ds["vocab"].dims == ("token_id", "layer", "expert")
