@@ -1,0 +1,67 @@
+"""``moetrace specialize``: seed 000's specialized paths / experts / pairs of one group, as targets.
+
+    moetrace specialize COUNTS.zarr --method paths|experts|pairs --group domain=biology,lang=en
+                        [--threshold X] [--min-layer-index N] --out targets.json [--quiet]
+
+Writes seed 000's bare JSON ``{"<layer>": [...]}`` (see :mod:`engine.targets`); defaults follow
+the notebook (paths and experts skip the first recorded layer; thresholds 1 / 5 / 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine import metrics
+from engine.errors import MoetraceError
+from engine.targets import Targets
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("specialize", help="select a group's specialized paths, experts or pairs (seed 000)")
+    p.add_argument("counts", help="counts written by `moetrace count` (.zarr)")
+    p.add_argument("--method", required=True, choices=sorted(metrics.SPECIALIZATION_METHODS),
+                   help="paths: top-1 layer-to-layer paths; experts: top-1 expert per layer; pairs: ordered top-2")
+    p.add_argument("--group", required=True, help="target group as label=value[,label=value], e.g. domain=biology,lang=en")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="multiplier of the group's share of samples (default: paths 1, experts 5, pairs 5)")
+    p.add_argument("--min-layer-index", type=int, default=None,
+                   help="first layer position used (default: 1 for paths and experts, 0 for pairs)")
+    p.add_argument("--out", required=True, help="targets JSON to write (seed 000's bare format)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=run)
+
+
+def parse_group(text: str) -> dict[str, str]:
+    """``"domain=biology,lang=en"`` -> ``{"domain": "biology", "lang": "en"}``."""
+    group: dict[str, str] = {}
+    for part in text.split(","):
+        label, sep, value = part.partition("=")
+        label, value = label.strip(), value.strip()
+        if not sep or not label or not value:
+            raise MoetraceError(f"--group: expected label=value[,label=value] (e.g. domain=biology,lang=en), got {text!r}")
+        if label in group:
+            raise MoetraceError(f"--group: label {label!r} given twice in {text!r}")
+        group[label] = value
+    return group
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.aggregate import load_counts
+
+    counts = load_counts(args.counts)
+    selection = metrics.specialized(
+        counts, args.method, parse_group(args.group), threshold=args.threshold, min_layer_index=args.min_layer_index
+    )
+    Targets.from_specialized(args.method, selection).save_bare(args.out, args.method)
+    if not args.quiet:
+        group = ",".join(f"{k}={v}" for k, v in selection.group.items())
+        covered = int(selection.n_samples.sum())
+        print(
+            f"{len(selection)} specialized {args.method} for {group} (threshold {selection.threshold:g} x group share "
+            f"{selection.group_share:.4f}) in {len(set(selection.layer.tolist()))} layers; they cover {covered:,} of the "
+            f"group's {selection.group_samples:,} {args.method} samples; wrote {args.out}"
+        )
+        if len(selection) == 0:
+            print("warning: nothing selected; lower --threshold to select more", file=sys.stderr)
+    return 0
