@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_counting.py [--tokens 8000000] [--threads 2] [--data bench/data/counting]
 
 Generates (once; reused when present with the same size) a synthetic trace with
-planted specialization (bench/synthetic.py: 16 layers x top-8 of 64 experts, 8
+planted specialization (engine/synthetic.py: 16 layers x top-8 of 64 experts, 8
 (domain, lang) groups; 8M tokens = 1.07e9 routing rows) directly into a trace store,
 chunk by chunk, and the same trace as long-format Parquet (zstd, one row per token x
 layer x rank: seq int64, pos int32, token_id int32, layer int16, rank int16, expert
@@ -56,7 +56,7 @@ def generate(data: Path, n_tokens: int, batch_tokens: int = 65536) -> dict:
     from tqdm.auto import tqdm
 
     from engine.store import TraceStore
-    from synthetic import DOMAINS, LANGS, TraceSpec, generate_chunk, group_preferences
+    from engine.synthetic import DOMAINS, LANGS, TraceSpec, generate_chunk, group_preferences
 
     spec = TraceSpec(n_tokens=n_tokens, seq_len=512)
     meta_path = data / "meta.json"

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_store.py [--tokens 1000000] [--out bench/results_store.md]
 
-Every candidate gets the same pre-generated synthetic trace (bench/synthetic.py: 16 layers,
+Every candidate gets the same pre-generated synthetic trace (engine/synthetic.py: 16 layers,
 64 experts, top-8, with weights) in one run, side by side. Measured:
 - write: TraceStore.append + close (validation, encoding, compression, file writes), tokens/s
   and MB/s of raw routing data;
@@ -25,7 +25,7 @@ import numcodecs.blosc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import TraceSpec, generate_chunk, group_preferences  # noqa: E402
+from engine.synthetic import TraceSpec, generate_chunk, group_preferences  # noqa: E402
 
 from engine.store import TraceStore  # noqa: E402
 

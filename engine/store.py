@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,7 +409,7 @@ class TraceStore:
         out = {}
         for col in self._check_columns(columns):
             arr = self._array(col)
-            out[col] = np.asarray(arr[start:stop]) if stop > start else np.zeros(
+            out[col] = _host(arr[start:stop]) if stop > start else np.zeros(
                 (0, *arr.shape[1:]), dtype=_numpy_dtype(arr))
         return out
 
@@ -417,13 +418,15 @@ class TraceStore:
         columns: Sequence[str] | None = None,
         rows: tuple[int, int] | None = None,
         prefetch: bool = True,
+        readers: int = 2,
     ) -> Iterator[Chunk]:
         """Yield the committed rows in ``rows = (start, stop)`` as :class:`Chunk` blocks.
 
         Blocks follow the store's chunk grid (the first and last may be partial), so each
         read decompresses whole chunks once. With ``prefetch`` the next block is read and
         decompressed in a background thread while the caller works on the current one.
-        ``columns`` defaults to every token and routing column.
+        ``columns`` defaults to every token and routing column. String columns
+        (``text``) come as object arrays of str.
         """
         columns = self._check_columns(self.columns if columns is None else columns)
         n = len(self)
@@ -441,19 +444,22 @@ class TraceStore:
 
         def load(span: tuple[int, int]) -> Chunk:
             a, b = span
-            return Chunk(a, b, {col: np.asarray(self._array(col)[a:b]) for col in columns})
+            return Chunk(a, b, {col: _host(self._array(col)[a:b]) for col in columns})
 
         if not prefetch or len(spans) == 1:
             for span in spans:
                 yield load(span)
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetrace-prefetch") as pool:
-            pending = pool.submit(load, spans[0])
-            for span in spans[1:]:
-                current = pending.result()
-                pending = pool.submit(load, span)
+        # Keep `readers` blocks in flight, yielded in order. Blosc decompression releases the
+        # GIL, so the readers decompress in parallel with each other and with the caller.
+        with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="moetrace-prefetch") as pool:
+            pending = deque(pool.submit(load, span) for span in spans[:readers])
+            for span in spans[readers:]:
+                current = pending.popleft().result()
+                pending.append(pool.submit(load, span))
                 yield current
-            yield pending.result()
+            while pending:
+                yield pending.popleft().result()
 
     def read_sequences(self, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Per-sequence metadata: column name -> array [S] of committed sequence rows."""
@@ -465,7 +471,7 @@ class TraceStore:
             if name not in seq_group:
                 raise MoetraceError(
                     f"sequences/{name}: no such column in {self.path} (have {sorted(seq_group.array_keys())})")
-            out[name] = np.asarray(seq_group[name][:n])
+            out[name] = _host(seq_group[name][:n])
         return out
 
     def decode_label(self, label: str, codes: np.ndarray) -> np.ndarray:
@@ -721,6 +727,13 @@ def _as_int(values: np.ndarray, name: str) -> np.ndarray:
     if values.dtype.kind == "f" and values.size and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
         return values.astype(np.int64)
     raise MoetraceError(f"{name}: expected integers, got dtype {values.dtype}")
+
+
+def _host(values: Any) -> np.ndarray:
+    """A NumPy array; zarr's variable-length strings (StringDType) become object arrays of str,
+    which every NumPy, pandas and pyarrow function accepts."""
+    values = np.asarray(values)
+    return values.astype(object) if values.dtype.kind == "T" else values
 
 
 def _numpy_dtype(arr: zarr.Array) -> np.dtype:

@@ -331,6 +331,8 @@ class Targets:
             raise MoetraceError(f"method: expected one of {list(KINDS)}, got {method!r}")
         width = {"paths": 2, "experts": 1, "pairs": 2}[method]
         layers = np.asarray(items.layer, dtype=np.int64).reshape(-1)
+        if layers.size == 0:
+            return cls(mask_mode=mask_mode)  # nothing specialized: the empty intervention
         rows = np.asarray(items.items, dtype=np.int64).reshape(layers.shape[0], -1)
         if rows.shape[1] != width:
             raise MoetraceError(f"items: expected {width} expert ids per {method} item, got {rows.shape[1]}")

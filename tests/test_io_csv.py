@@ -92,7 +92,10 @@ def write_csv_trace(trace: RefTrace, directory: Path, rng, shuffle=True) -> dict
     order = rng.permutation(N) if shuffle else np.arange(N)
     samples = directory / "samples.csv"
     with open(samples, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=names, lineterminator="\n")
+        # Python's csv module quotes a field only when it holds a character of the line
+        # terminator; a bare CR in a token must be quoted to survive, so write CRLF then.
+        terminator = "\r\n" if any("\r" in t for t in trace.text) else "\n"
+        writer = csv.DictWriter(fh, fieldnames=names, lineterminator=terminator)
         writer.writeheader()
         writer.writerows(rows[i] for i in order)
     topks = directory / "topks.csv"

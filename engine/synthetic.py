@@ -114,3 +114,64 @@ def write_store(path, spec: TraceSpec, *, weights: bool = True, batch_rows: int 
             store.append(batch)
             bar.update(b - a)
     return store
+
+
+# Words per domain for the token text of seed-000 style CSV traces. The shared instruction
+# prefix is the same for every question, so seed 000's shared-prefix rule drops it.
+SHARED_PREFIX = ("Answer", " the", " following", " question", ":", "\n")
+_WORDS = {
+    "math": (" 3", " +", " 4", " =", " 7", " times", " sum", " 12", " /", " 5"),
+    "code": (" def", " f", "(", "x", ")", ":", " return", " x", " +", " 1"),
+    "prose": (" the", " fox", " ran", " over", " a", " hill", ",", " and", " then", " slept"),
+    "dates": (" 12", " March", " 1999", " is", " a", " Monday", " km", " 3", " m", " 3000"),
+}
+
+
+def write_seed000_csv(out_dir, spec: TraceSpec) -> tuple["Path", "Path"]:
+    """Write the synthetic trace as seed 000's ``samples.csv`` + ``topks.csv`` in ``out_dir``.
+
+    samples.csv: ``q_ix, token_ix, token, domain, lang, question_output_token, answer_char``
+    (one row per token; every question starts with the same ``SHARED_PREFIX``; the model's
+    output token carries stray whitespace, as real generations do). topks.csv: ``q_ix,
+    token_ix, layer_ix, topk_ix, expert, weight`` (topk_ix 1-based). Returns both paths.
+    """
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch = generate_chunk(spec, 0, spec.n_tokens)
+    n, L, K = batch["experts"].shape
+    rng = np.random.default_rng(spec.seed + 1)
+    pos = batch["pos"].astype(np.int64)
+    text = np.empty(n, dtype=object)
+    prefix = pos < len(SHARED_PREFIX)
+    text[prefix] = np.asarray(SHARED_PREFIX, dtype=object)[pos[prefix]]
+    for domain, words in _WORDS.items():
+        sel = (~prefix) & (batch["domain"] == domain)
+        text[sel] = np.asarray(words, dtype=object)[rng.integers(0, len(words), int(sel.sum()))]
+    q_ix = batch["seq"]
+    n_q = int(q_ix.max()) + 1
+    answers = np.asarray(list("ABCD"))[rng.integers(0, 4, n_q)]
+    # About 70% correct; outputs like " B\n" need seed 000's str_squish to compare.
+    outputs = np.where(rng.random(n_q) < 0.7, answers, np.asarray(list("ABCD"))[rng.integers(0, 4, n_q)])
+    outputs = np.char.add(np.char.add(" ", outputs.astype(str)), "\n")
+    samples = pa.table({
+        "q_ix": q_ix, "token_ix": pos, "token": pa.array(text.tolist(), pa.string()),
+        "domain": batch["domain"], "lang": batch["lang"],
+        "question_output_token": outputs[q_ix], "answer_char": answers[q_ix],
+    })
+    samples_path = out_dir / "samples.csv"
+    pacsv.write_csv(samples, samples_path)
+    layer = np.broadcast_to(np.arange(L)[None, :, None], (n, L, K)).reshape(-1)
+    rank = np.broadcast_to(np.arange(1, K + 1)[None, None, :], (n, L, K)).reshape(-1)
+    topks = pa.table({
+        "q_ix": np.repeat(q_ix, L * K), "token_ix": np.repeat(pos, L * K), "layer_ix": layer,
+        "topk_ix": rank, "expert": batch["experts"].reshape(-1),
+        "weight": np.round(batch["weights"].reshape(-1), 4),
+    })
+    topks_path = out_dir / "topks.csv"
+    pacsv.write_csv(topks, topks_path)
+    return samples_path, topks_path
