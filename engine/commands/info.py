@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from engine.store import TraceStore
-
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("info", help="rows, sequences, layers, experts, labels and array sizes of a store")
@@ -25,6 +23,8 @@ def _size(n: int | None) -> str:
 
 
 def run(args) -> int:
+    from engine.store import TraceStore
+
     info = TraceStore.open(args.store).info()
     if args.json:
         print(json.dumps(info, indent=2))

@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine import metrics
 from engine.errors import MoetraceError
-from engine.targets import Targets
+from engine.targets import KINDS
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("specialize", help="select a group's specialized paths, experts or pairs (seed 000)")
     p.add_argument("counts", help="counts written by `moetrace count` (.zarr)")
-    p.add_argument("--method", required=True, choices=sorted(metrics.SPECIALIZATION_METHODS),
+    p.add_argument("--method", required=True, choices=sorted(KINDS),
                    help="paths: top-1 layer-to-layer paths; experts: top-1 expert per layer; pairs: ordered top-2")
     p.add_argument("--group", required=True, help="target group as label=value[,label=value], e.g. domain=biology,lang=en")
     p.add_argument("--threshold", type=float, default=None,
@@ -50,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from engine.aggregate import load_counts
 
     counts = load_counts(args.counts)
+    from engine import metrics
+    from engine.targets import Targets
+
     selection = metrics.specialized(
         counts, args.method, parse_group(args.group), threshold=args.threshold, min_layer_index=args.min_layer_index
     )
