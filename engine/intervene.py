@@ -1,0 +1,348 @@
+"""Interventions inside transformers MoE routers, and the observer hook capture builds on.
+
+``patch_routers(model, targets, observer=...)`` replaces the ``forward`` of every router
+module (instance attribute, so only this model is touched) with one that:
+
+1. rebuilds the router logits exactly as the original forward does (the family adapter,
+   ``engine.models``);
+2. routes them with ``kernels.routing.fused_route``, passing this layer's expert mask, path
+   table, pair table and boosts from ``Targets``, and the top-1 experts the previous MoE layer
+   actually routed the same tokens to (``prev_top1``; the first MoE layer has none);
+3. calls every registered observer with a ``RouteEvent`` (the routing actually used);
+4. returns ``(router_logits, weights, indices)`` with the shapes and dtypes the original
+   returns (indices int64, weights in the family's dtype).
+
+Layers run in order within one forward, so the per-forward state is the list of top-1
+tensors per MoE layer position, reset when the first MoE layer runs. Path rules whose prefix is
+longer than one layer are matched in torch against that history and passed to the kernel as a
+per-token ``[T, E]`` mask (they then follow ``mask_mode`` like expert masks do).
+
+Patches nest: ``with intervene(model, t): with observe_routing(model, fn): ...`` records the
+routing used under ``t``. The innermost context that gives targets decides the interventions
+(and the backend); every observer of every open context is called. Leaving the outermost
+context (normally or by an exception) restores the original forwards.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.errors import MoetraceError
+from engine.models import RouterAdapter, RouterSite, adapter_for
+from engine.targets import Targets
+from kernels.routing import fused_route
+
+__all__ = [
+    "RouteEvent",
+    "RoutingPatch",
+    "ablate",
+    "intervene",
+    "observe_routing",
+    "patch_routers",
+    "router_sites",
+    "steer",
+]
+
+
+@dataclass(frozen=True)
+class RouteEvent:
+    """What one MoE layer routed in one forward pass (tensors detached, on the model's device).
+
+    layer_id: decoder layer index; position: rank among the MoE layers (0 = first).
+    experts: int32 [T, K] in rank order; weights: fp32 [T, K] (what the experts were weighted
+    with, after interventions); logits: [T, E] router logits as the router computed them
+    (before boosts), in the router's dtype; scoring: "softmax" or "sigmoid".
+    T = batch x sequence tokens of this forward, row-major (row = b * S + s), padding included.
+    """
+
+    layer_id: int
+    position: int
+    experts: torch.Tensor
+    weights: torch.Tensor
+    logits: torch.Tensor
+    scoring: str
+
+    def probs(self) -> torch.Tensor:
+        """fp32 [T, E] router distribution of the logits: softmax, or sigmoid scores."""
+        logits = self.logits.float()
+        return torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+
+
+Observer = Callable[[RouteEvent], None]
+
+
+def router_sites(model: nn.Module) -> list[RouterSite]:
+    """Every router of ``model`` in layer order (raises MoetraceError for unsupported models)."""
+    return adapter_for(model).find_routers(model)
+
+
+@dataclass
+class _LayerRules:
+    """The interventions of one MoE layer, as ``fused_route`` keyword arguments (CPU master copy).
+
+    ``long_paths``: prefix length n -> (prefixes int64 [R, n] oldest first, targets int64 [R]).
+    """
+
+    kernel: dict[str, torch.Tensor]
+    long_paths: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    _on_device: dict[torch.device, tuple[dict, dict]] = field(default_factory=dict)
+
+    def on(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+        """(kernel kwargs, long_paths) on ``device``, cached."""
+        if device not in self._on_device:
+            kernel = {k: v.to(device) for k, v in self.kernel.items()}
+            long_paths = {n: (p.to(device), t.to(device)) for n, (p, t) in self.long_paths.items()}
+            self._on_device[device] = (kernel, long_paths)
+        return self._on_device[device]
+
+
+def _layer_rules(targets: Targets, sites: Sequence[RouterSite]) -> list[_LayerRules | None]:
+    """Per MoE layer position, the dense intervention tables of ``targets`` (None: no rule)."""
+    layer_ids = [site.layer_id for site in sites]
+    n_experts = sites[0].spec.n_experts
+    targets.validate(layer_ids, n_experts)
+    short = Targets(paths={layer: [r for r in rules if len(r[0]) == 1] for layer, rules in targets.paths.items()})
+    experts = torch.from_numpy(targets.expert_table(layer_ids, n_experts))
+    paths = torch.from_numpy(short.path_table(layer_ids, n_experts))
+    pairs = torch.from_numpy(targets.pair_table(layer_ids, n_experts))
+    logit_add, scale = (torch.from_numpy(a) for a in targets.boost_arrays(layer_ids, n_experts))
+    out: list[_LayerRules | None] = []
+    for i, layer in enumerate(layer_ids):
+        kernel = {}
+        if experts[i].any():
+            kernel["expert_mask"] = experts[i]
+        if paths[i].any():
+            kernel["path_table"] = paths[i]
+        if pairs[i].any():
+            kernel["pair_table"] = pairs[i]
+        if (logit_add[i] != 0).any():
+            kernel["logit_boost"] = logit_add[i]
+        if (scale[i] != 1).any():
+            kernel["weight_scale"] = scale[i]
+        long_paths = {}
+        for n in sorted({len(prefix) for prefix, _ in targets.paths.get(layer, []) if len(prefix) > 1}):
+            rules = [(prefix, target) for prefix, target in targets.paths[layer] if len(prefix) == n]
+            long_paths[n] = (torch.tensor([p for p, _ in rules], dtype=torch.int64),
+                             torch.tensor([t for _, t in rules], dtype=torch.int64))
+        out.append(_LayerRules(kernel, long_paths) if kernel or long_paths else None)
+    return out
+
+
+@dataclass
+class _Entry:
+    """One open ``patch_routers`` context: its rules (None = no targets given) and observer."""
+
+    rules: list[_LayerRules | None] | None
+    mask_mode: str
+    observer: Observer | None
+    backend: str
+
+
+class RoutingPatch:
+    """The live patch of one model's routers, shared by every open context on that model.
+
+    ``sites``: the model's routers in layer order; ``adapter``: its family adapter.
+    """
+
+    def __init__(self, adapter: RouterAdapter, sites: list[RouterSite]):
+        self.adapter = adapter
+        self.sites = sites
+        self.entries: list[_Entry] = []
+        self._history: list[torch.Tensor | None] = [None] * len(sites)
+        self._saved: list[tuple[nn.Module, Any]] = []
+
+    # ---- install / restore -------------------------------------------------------------
+
+    def install(self) -> None:
+        """Set every router's instance ``forward`` to the patched one (remembering the old)."""
+        for site in self.sites:
+            module = site.module
+            self._saved.append((module, module.__dict__.get("forward")))
+            module.forward = self._patched_forward(site)
+
+    def restore(self) -> None:
+        """Put every router's original ``forward`` back."""
+        for module, previous in self._saved:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._saved.clear()
+
+    def _patched_forward(self, site: RouterSite) -> Callable[..., tuple]:
+        def forward(*args: Any, **kwargs: Any) -> tuple:
+            return self.route(site, args, kwargs)
+
+        return forward
+
+    # ---- the routing step --------------------------------------------------------------
+
+    def _active(self) -> tuple[_Entry | None, list[Observer]]:
+        active = next((e for e in reversed(self.entries) if e.rules is not None), None)
+        observers = [e.observer for e in self.entries if e.observer is not None]
+        return active, observers
+
+    def route(self, site: RouterSite, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        """The patched router forward: ``(router_logits [.., E], weights [.., K], indices [.., K] int64)``."""
+        adapter, spec, router = self.adapter, site.spec, site.module
+        hidden = adapter.hidden_states(args, kwargs)
+        logits = adapter.logits(router, hidden)
+        flat = logits.reshape(-1, spec.n_experts)
+        active, observers = self._active()
+        pos = site.position
+        if pos == 0:
+            self._history = [None] * len(self.sites)
+        extra: dict[str, Any] = {}
+        rules = active.rules[pos] if active is not None else None
+        if rules is not None:
+            extra = self._interventions(site, rules, flat)
+            extra["mask_mode"] = active.mask_mode
+        backend = active.backend if active is not None else (self.entries[-1].backend if self.entries else "auto")
+        try:
+            weights, experts, top1 = fused_route(
+                flat,
+                spec.top_k,
+                renormalize=spec.renormalize,
+                scoring=spec.scoring,
+                bias=adapter.selection_bias(router, args, kwargs),
+                n_group=spec.n_group,
+                topk_group=spec.topk_group,
+                routed_scaling=spec.routed_scaling,
+                backend=backend,
+                **extra,
+            )
+        except ValueError as err:
+            raise MoetraceError(f"router {site.name!r} (layer {site.layer_id}): {err}") from err
+        self._history[pos] = top1
+        if observers:
+            event = RouteEvent(site.layer_id, pos, experts, weights.detach(), flat.detach(), spec.scoring)
+            for observer in observers:
+                observer(event)
+        lead = logits.shape[:-1]
+        out_weights = weights.to(adapter.output_dtype(logits, hidden)).reshape(*lead, spec.top_k)
+        return logits, out_weights, experts.long().reshape(*lead, spec.top_k)
+
+    def _previous(self, site: RouterSite, back: int, n_tokens: int) -> torch.Tensor:
+        """int32 [T]: the top-1 routed by the MoE layer ``back`` positions before ``site``."""
+        prev = self._history[site.position - back]
+        if prev is None or prev.shape[0] != n_tokens:
+            got = "nothing" if prev is None else f"{prev.shape[0]} tokens"
+            raise MoetraceError(
+                f"router {site.name!r} (layer {site.layer_id}): path rules need the top-1 of the MoE layer "
+                f"{back} before it for the same {n_tokens} tokens in this forward, got {got}"
+            )
+        return prev
+
+    def _interventions(self, site: RouterSite, rules: _LayerRules, flat: torch.Tensor) -> dict[str, Any]:
+        """``fused_route`` keyword arguments for this layer and these tokens."""
+        kernel, long_paths = rules.on(flat.device)
+        extra = dict(kernel)
+        n_tokens, n_experts = flat.shape
+        if "path_table" in extra:
+            extra["prev_top1"] = self._previous(site, 1, n_tokens)
+        if long_paths:
+            history = {n: torch.stack([self._previous(site, b, n_tokens) for b in range(n, 0, -1)], dim=1)
+                       for n in long_paths}
+            mask = torch.zeros(n_tokens, n_experts, dtype=torch.bool, device=flat.device)
+            for n, (prefixes, targets) in long_paths.items():
+                match = (history[n].long()[:, None, :] == prefixes[None, :, :]).all(dim=-1)  # [T, R]
+                hits = torch.zeros(n_tokens, n_experts, dtype=torch.int32, device=flat.device)
+                hits.index_add_(1, targets, match.to(torch.int32))
+                mask |= hits > 0
+            if "expert_mask" in extra:
+                mask |= extra["expert_mask"][None, :]
+            extra["expert_mask"] = mask
+        return extra
+
+
+_PATCHES: weakref.WeakKeyDictionary[nn.Module, RoutingPatch] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def patch_routers(
+    model: nn.Module,
+    targets: Targets | None = None,
+    *,
+    observer: Observer | None = None,
+    backend: str = "auto",
+) -> Iterator[RoutingPatch]:
+    """Patch every router of ``model`` for the duration of the block.
+
+    Args:
+        model: a transformers MoE model of a supported family (``engine.models``).
+        targets: interventions (None: route as the model does; an empty ``Targets()`` too).
+        observer: called as ``observer(RouteEvent)`` after every MoE layer of every forward.
+        backend: ``fused_route`` backend: "auto" (Triton on CUDA, torch otherwise), "torch", "triton".
+    Yields the model's ``RoutingPatch``. Raises MoetraceError for an unsupported model or targets
+    naming layers/experts the model does not have (before anything is patched).
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise MoetraceError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    patch = _PATCHES.get(model)
+    if patch is None:
+        adapter = adapter_for(model)
+        patch = RoutingPatch(adapter, adapter.find_routers(model))
+    rules = None
+    mask_mode = "reroute"
+    if targets is not None:
+        if not isinstance(targets, Targets):
+            raise MoetraceError(f"targets: expected an engine.targets.Targets, got {type(targets).__name__}")
+        rules = _layer_rules(targets, patch.sites)
+        mask_mode = targets.mask_mode
+    entry = _Entry(rules=rules, mask_mode=mask_mode, observer=observer, backend=backend)
+    if not patch.entries:
+        patch.install()
+        _PATCHES[model] = patch
+    patch.entries.append(entry)
+    try:
+        yield patch
+    finally:
+        patch.entries.remove(entry)
+        if not patch.entries:
+            patch.restore()
+            _PATCHES.pop(model, None)
+
+
+def intervene(model: nn.Module, targets: Targets, *, backend: str = "auto"):
+    """Context manager: route every MoE layer of ``model`` under ``targets`` (see module docstring).
+
+    ``with intervene(model, targets): model(...)`` / ``model.generate(...)`` / a training step;
+    with an empty ``Targets()`` the outputs equal the unpatched model's.
+    """
+    return patch_routers(model, targets, backend=backend)
+
+
+def observe_routing(model: nn.Module, observer: Observer, *, backend: str = "auto"):
+    """Context manager: call ``observer(RouteEvent)`` for every MoE layer of every forward,
+    without changing the routing (composes with an enclosing ``intervene``)."""
+    return patch_routers(model, None, observer=observer, backend=backend)
+
+
+def ablate(
+    model: nn.Module,
+    experts: Mapping[int, Sequence[int]] | None = None,
+    paths: Mapping[int, Sequence[tuple[Sequence[int], int]]] | None = None,
+    pairs: Mapping[int, Sequence[tuple[int, int]]] | None = None,
+    mode: str = "reroute",
+    *,
+    backend: str = "auto",
+):
+    """``intervene`` with masks: ``experts`` {layer: [expert]}, ``paths`` {layer: [(prefix, target)]},
+    ``pairs`` {layer: [(first, second)]}; ``mode`` "reroute" or "zero" (see ``Targets``)."""
+    targets = Targets(experts=dict(experts or {}), paths=dict(paths or {}), pairs=dict(pairs or {}), mask_mode=mode)
+    return intervene(model, targets, backend=backend)
+
+
+def steer(model: nn.Module, layer: int, expert: int, logit: float = 0.0, scale: float = 1.0, *,
+          backend: str = "auto"):
+    """``intervene`` that adds ``logit`` to ``expert``'s router logit (sigmoid routers: to its
+    selection score) at ``layer`` and multiplies its routing weight by ``scale``."""
+    targets = Targets(boosts={layer: {expert: {"logit": logit, "scale": scale}}})
+    return intervene(model, targets, backend=backend)
