@@ -1,0 +1,157 @@
+"""Routing capture into a TraceStore from real transformers MoE classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.capture import capture
+from engine.errors import MoetraceError
+from engine.intervene import intervene, router_sites
+from engine.store import TraceStore
+from engine.targets import Targets
+from tiny_models import tiny_model
+
+
+def reference_routing(model, **inputs):
+    """The experts each router of the unpatched model picks: {layer_id: int64 [B*S, K]}."""
+    found = {}
+    hooks = []
+    for site in router_sites(model):
+        def hook(module, args, output, layer=site.layer_id):
+            found[layer] = output[2].reshape(-1, output[2].shape[-1]).detach().clone()
+        hooks.append(site.module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def padded_batch():
+    ids = torch.tensor([[0, 0, 5, 9, 12, 7], [3, 4, 8, 10, 11, 6]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral", "deepseek_v3"])
+def test_capture_records_the_models_own_routing_without_padding(tmp_path, family):
+    model = tiny_model(family)
+    ids, mask = padded_batch()
+    ref = reference_routing(model, input_ids=ids, attention_mask=mask)
+    with capture(model, tmp_path / "t.zarr", labels=["domain"]) as cap:
+        cap.set_batch(seq=[10, 11], labels={"domain": ["math", "code"]})
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    store = TraceStore.open(tmp_path / "t.zarr")
+    assert len(store) == int(mask.sum())
+    rows = store.read(["seq", "pos", "token_id", "generated", "domain", "experts", "weights"])
+    assert rows["seq"].tolist() == [10] * 4 + [11] * 6
+    assert rows["pos"].tolist() == [0, 1, 2, 3] + [0, 1, 2, 3, 4, 5]
+    assert rows["token_id"].tolist() == [5, 9, 12, 7, 3, 4, 8, 10, 11, 6]
+    assert not rows["generated"].any()
+    assert store.decode_label("domain", rows["domain"]).tolist() == ["math"] * 4 + ["code"] * 6
+    valid = mask.reshape(-1).bool()
+    for i, layer in enumerate(store.layer_ids):
+        np.testing.assert_array_equal(rows["experts"][:, i, :], ref[int(layer)][valid].numpy())
+    assert np.isfinite(rows["weights"]).all() and (rows["weights"] >= 0).all()
+
+
+def test_capture_during_generate_marks_generated_tokens(tmp_path):
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    new = 3
+    with capture(model, tmp_path / "t.zarr") as cap:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                           pad_token_id=0)
+    rows = TraceStore.open(tmp_path / "t.zarr").read(["seq", "pos", "generated"])
+    # Each row routes its prompt and the first new-1 generated tokens (the last one is never fed back).
+    per_row = mask.sum(1).tolist()
+    assert len(rows["seq"]) == sum(per_row) + 2 * (new - 1)
+    for seq, prompt_len in zip((0, 1), per_row):
+        sel = rows["seq"] == seq
+        assert sorted(rows["pos"][sel].tolist()) == list(range(prompt_len + new - 1))
+        assert rows["generated"][sel].sum() == new - 1
+        assert not rows["generated"][sel][rows["pos"][sel] < prompt_len].any()
+    assert cap.rows_captured == len(rows["seq"])
+
+
+def test_capture_while_ablating_records_the_routing_used(tmp_path):
+    model = tiny_model("qwen2_moe")
+    ids, mask = padded_batch()
+    ref = reference_routing(model, input_ids=ids, attention_mask=mask)
+    first_layer = router_sites(model)[0].layer_id
+    popular = int(torch.mode(ref[first_layer][:, 0]).values)
+    targets = Targets(experts={first_layer: [popular]})
+    with intervene(model, targets), capture(model, tmp_path / "t.zarr") as cap:
+        cap.set_batch()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    experts = TraceStore.open(tmp_path / "t.zarr").read(["experts"])["experts"]
+    assert popular not in experts[:, 0, :]
+    assert (experts[:, 1:, :] >= 0).all()
+
+
+def test_capture_needs_labels_when_the_store_has_them(tmp_path):
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    with pytest.raises(MoetraceError, match=r"the store has label 'domain'"):
+        with capture(model, tmp_path / "t.zarr", labels=["domain"]):
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+
+
+def test_writer_errors_reach_the_caller_and_committed_rows_survive(tmp_path):
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    sites = router_sites(model)
+    store = TraceStore.create(tmp_path / "t.zarr", n_layers=len(sites), n_experts=sites[0].spec.n_experts,
+                              top_k=sites[0].spec.top_k, layer_ids=[s.layer_id for s in sites],
+                              labels={"domain": ["math"]}, weights=True, chunk_rows=4)
+    with pytest.raises(MoetraceError, match=r"capture writer failed.*'code' is not in the label vocabulary"):
+        with capture(model, store) as cap:
+            cap.set_batch(seq=[0, 1], labels={"domain": ["math", "math"]})
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            cap.set_batch(seq=[2, 3], labels={"domain": ["code", "math"]})
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+    reread = TraceStore.open(tmp_path / "t.zarr")
+    assert len(reread) == int(mask.sum())
+    assert set(reread.read(["seq"])["seq"].tolist()) == {0, 1}
+
+
+def test_capture_rejects_a_store_of_another_shape(tmp_path):
+    model = tiny_model("olmoe")
+    TraceStore.create(tmp_path / "t.zarr", n_layers=2, n_experts=8, top_k=2).close()
+    with pytest.raises(MoetraceError, match=r"the model routes with"):
+        with capture(model, tmp_path / "t.zarr"):
+            pass
+
+
+def test_cli_capture_from_a_saved_checkpoint(tmp_path):
+    import json
+
+    from engine.cli import main
+
+    model = tiny_model("olmoe")
+    model.save_pretrained(tmp_path / "ckpt")
+    lines = [{"input_ids": [5, 6, 7], "domain": "math"}, {"input_ids": [9, 10], "domain": "code"},
+             {"input_ids": [11, 12, 13, 14], "domain": "math"}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "t.zarr"
+    assert main(["capture", str(out), "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data.jsonl"),
+                 "--labels", "domain", "--batch-size", "2", "--max-new-tokens", "2", "--quiet"]) == 0
+    store = TraceStore.open(out)
+    rows = store.read(["seq", "token_id", "generated", "domain"])
+    assert len(rows["seq"]) == 9 + 3  # prompt tokens + one fed-back generated token per sequence
+    assert rows["generated"].sum() == 3
+    prompt = ~rows["generated"]
+    assert rows["token_id"][prompt].tolist() == [5, 6, 7, 9, 10, 11, 12, 13, 14]
+    assert store.decode_label("domain", rows["domain"][prompt]).tolist() == ["math"] * 3 + ["code"] * 2 + ["math"] * 4
+    assert main(["capture", str(tmp_path / "u.zarr"), "--model", str(tmp_path / "ckpt"),
+                 "--data", str(tmp_path / "missing.jsonl")]) == 2
