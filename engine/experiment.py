@@ -60,7 +60,7 @@ def _mean_by(table: Mapping[str, np.ndarray], by: Sequence[str], column: str) ->
     return {str(k): float(values[keys == k].mean()) for k in np.unique(keys)}
 
 
-def random_like(selection: metrics.Selection, counts, method: str, seed: int) -> Targets:
+def random_like(selection: metrics.Selection, counts, method: str, seed: int, mask_mode: str = "reroute") -> Targets:
     """Targets with as many items per layer as ``selection``, drawn uniformly at random (without
     replacement) among the items with a non-zero count in ``counts`` at that layer.
 
@@ -87,7 +87,7 @@ def random_like(selection: metrics.Selection, counts, method: str, seed: int) ->
         layer = np.asarray(layers_out, dtype=np.int64)
         items = np.asarray(items_out, dtype=np.int64).reshape(len(layers_out), len(item_dims))
 
-    return Targets.from_specialized(method, _Items())
+    return Targets.from_specialized(method, _Items(), mask_mode=mask_mode)
 
 
 def run_experiment(
@@ -101,6 +101,7 @@ def run_experiment(
     by: Sequence[str] = ("domain",),
     labels: Sequence[str] = ("domain", "lang"),
     thresholds: Mapping[str, float] | None = None,
+    mask_mode: str = "reroute",
     n_random: int = 3,
     seed: int = 0,
     batch_size: int = 32,
@@ -111,7 +112,10 @@ def run_experiment(
     questions: MMLU-format dicts (``question, A-D, answer`` + labels); texts: optional dicts
     with ``text`` + labels for per-group loss. by: the labels that define a group (targets are
     selected and drops reported per group); labels: the label columns captured into the trace
-    (must include ``by``). thresholds: per-method override of seed 000's thresholds.
+    (must include ``by``). thresholds: per-method override of seed 000's thresholds (1 / 5 / 5;
+    a threshold times a group's share above 1 selects nothing, e.g. 5 with 4 equal groups).
+    mask_mode: "reroute" (a masked route sends the token to its next-best expert) or "zero"
+    (the route stays selected with weight 0), for the targets and the random controls alike.
     Returns the table as a dict of equal-length arrays (also written to ``OUT/results.csv``).
     """
     out = Path(out_dir)
@@ -157,10 +161,10 @@ def run_experiment(
     for method, group in tqdm(jobs, desc="ablations", disable=not progress, unit="target"):
         targeted = _group_name(group.values())
         selection = metrics.specialized(counts, method, group, threshold=thresholds.get(method))
-        real = Targets.from_specialized(method, selection)
+        real = Targets.from_specialized(method, selection, mask_mode=mask_mode)
         real.save_bare(targets_dir / f"{targeted.replace('/', '_')}_{method}.json", method)
         variants = [(method, -1, real)]
-        variants += [(f"random:{method}", s, random_like(selection, counts, method, seed * 1000 + s))
+        variants += [(f"random:{method}", s, random_like(selection, counts, method, seed * 1000 + s, mask_mode))
                      for s in range(n_random)]
         for name, variant_seed, targets in variants:
             cov = coverage(store, targets, by=by, kind=method, skip_shared_prefix=True, progress=False)
@@ -209,33 +213,44 @@ def write_results(table: Mapping[str, np.ndarray], path: str | Path) -> Path:
 
 
 def summarize(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Headline numbers per method from a results table.
+    """Headline numbers per method from a results table, for accuracy and (when measured) loss.
 
-    For each real method m: ``targeted_drop`` = mean over targeted groups of the accuracy drop
-    on that group; ``off_target_drop`` = mean over targeted groups of the mean drop on the
-    other groups; ``random_drop`` = the same targeted-group drop under ``random:m`` (mean over
-    seeds); targets that could not be evaluated (NaN rows) are left out of the means;
-    ``selectivity`` = targeted_drop / off_target_drop and ``vs_random`` =
-    targeted_drop / random_drop (inf when the denominator is 0 and the numerator positive).
+    For each real method m and a measure x (``drop``: accuracy drop; ``loss_increase``):
+    ``targeted_<x>`` = mean over targeted groups of x on that group; ``off_target_<x>`` = mean
+    over targeted groups of the mean x on the other groups; ``random_<x>`` = the targeted-group x
+    under ``random:m`` (mean over seeds); ``selectivity`` / ``loss_selectivity`` = targeted /
+    off-target and ``vs_random`` / ``loss_vs_random`` = targeted / random (inf when the
+    denominator is <= 0 and the numerator positive, NaN when both are <= 0). Targets that could
+    not be evaluated (NaN rows) are left out of the means.
     """
     method = np.asarray(table["method"], dtype=str)
     targeted = np.asarray(table["targeted_group"], dtype=str)
     evaluated = np.asarray(table["evaluated_group"], dtype=str)
-    drop = np.asarray(table["drop"], dtype=np.float64)
     own = targeted == evaluated
+
+    def ratio(a: float, b: float) -> float:
+        if b > 0:
+            return a / b
+        return float("inf") if a > 0 else float("nan")
+
+    def mean_of_groups(values: np.ndarray, rows: np.ndarray, groups: list[str]) -> float:
+        per_group = [values[rows & (targeted == g)] for g in groups]
+        per_group = [np.nanmean(v) for v in per_group if len(v) and not np.isnan(v).all()]
+        return float(np.mean(per_group)) if per_group else float("nan")
+
     out: dict[str, Any] = {}
     for m in sorted({x for x in method if not x.startswith("random:")}):
         real, rand = method == m, method == f"random:{m}"
         groups = sorted(set(targeted[real]))
-        t_drop = float(np.nanmean([drop[real & own & (targeted == g)].mean() for g in groups]))
-        o_drop = float(np.nanmean([drop[real & ~own & (targeted == g)].mean() for g in groups]))
-        r_drop = float(np.nanmean([np.nanmean(drop[rand & own & (targeted == g)]) for g in groups])) if rand.any() else float("nan")
-
-        def ratio(a: float, b: float) -> float:
-            if b > 0:
-                return a / b
-            return float("inf") if a > 0 else float("nan")
-
-        out[m] = {"targeted_drop": t_drop, "off_target_drop": o_drop, "random_drop": r_drop,
-                  "selectivity": ratio(t_drop, o_drop), "vs_random": ratio(t_drop, r_drop)}
+        entry: dict[str, float] = {}
+        for measure, prefix, suffix in (("drop", "", "drop"), ("loss_increase", "loss_", "loss_increase")):
+            if measure not in table:
+                continue
+            values = np.asarray(table[measure], dtype=np.float64)
+            t = mean_of_groups(values, real & own, groups)
+            o = mean_of_groups(values, real & ~own, groups)
+            r = mean_of_groups(values, rand & own, groups)
+            entry.update({f"targeted_{suffix}": t, f"off_target_{suffix}": o, f"random_{suffix}": r,
+                          f"{prefix}selectivity": ratio(t, o), f"{prefix}vs_random": ratio(t, r)})
+        out[m] = entry
     return out

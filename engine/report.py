@@ -53,8 +53,8 @@ from engine.store import TraceStore
 #: Columns ``results.csv`` must have (the experiment's interface).
 RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "base_accuracy", "ablated_accuracy")
 #: Numeric columns of ``results.csv`` the report reads when present (``nan`` allowed).
-NUMERIC_RESULT_COLUMNS = ("base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss", "coverage",
-                          "n_items", "seed")
+NUMERIC_RESULT_COLUMNS = ("base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss",
+                          "loss_increase", "coverage", "n_items", "seed")
 #: Statistics counted when a run directory has no ``counts.zarr`` or the source is a bare store.
 REPORT_STATS = ("experts", "paths", "temporal")
 #: Layers per usage-heatmap figure (more layers make several figures).
@@ -441,9 +441,13 @@ def _store_section(info: dict, counts: xr.Dataset, origin: str, groups: list[str
     return _section("store", "Trace store", body)
 
 
-def _pivot(df: pd.DataFrame, method: str, index: list[str], columns: list[str]) -> pd.DataFrame:
+# Effects an experiment table can hold: column -> colour-bar label.
+MEASURES = {"drop": "accuracy drop (base - ablated)", "loss_increase": "loss increase (ablated - base, nats)"}
+
+
+def _pivot(df: pd.DataFrame, method: str, index: list[str], columns: list[str], value: str = "drop") -> pd.DataFrame:
     sub = df[df["method"] == method]
-    return sub.pivot_table(index="targeted_group", columns="evaluated_group", values="drop",
+    return sub.pivot_table(index="targeted_group", columns="evaluated_group", values=value,
                            aggfunc="mean").reindex(index=index, columns=columns)
 
 
@@ -474,9 +478,9 @@ def _ratio(a: float, b: float) -> float:
     return float("inf") if a > 0 else float("nan")
 
 
-def _mean_drop(df: pd.DataFrame, rows: pd.Series, targeted: list[str]) -> float:
-    """Mean over the targeted groups g of the mean ``drop`` of the ``rows`` targeting g (NaN when none)."""
-    per_group = np.array([df.loc[rows & (df["targeted_group"] == g), "drop"].mean() for g in targeted],
+def _mean_drop(df: pd.DataFrame, rows: pd.Series, targeted: list[str], value: str = "drop") -> float:
+    """Mean over the targeted groups g of the mean ``value`` of the ``rows`` targeting g (NaN when none)."""
+    per_group = np.array([df.loc[rows & (df["targeted_group"] == g), value].mean() for g in targeted],
                          dtype=np.float64)
     per_group = per_group[~np.isnan(per_group)]
     return float(per_group.mean()) if per_group.size else float("nan")
@@ -495,46 +499,54 @@ def _experiment_section(df: pd.DataFrame, groups: list[str]) -> str:
     panels += [(r, None) for r in randoms if r not in {c for _, c in panels}]
     index = _ordered(set(df["targeted_group"]), groups)
     columns = _ordered(set(df["evaluated_group"]), groups)
-    drops = df["drop"].to_numpy(dtype=np.float64)
-    limit = float(np.nanmax(np.abs(drops))) if np.any(~np.isnan(drops)) and np.nanmax(np.abs(drops)) > 0 else 1.0
+    if "loss_increase" not in df.columns and {"base_loss", "ablated_loss"} <= set(df.columns):
+        df = df.assign(loss_increase=df["ablated_loss"] - df["base_loss"])
+    measures = [m for m in MEASURES if m in df.columns and np.any(~np.isnan(df[m].to_numpy(dtype=np.float64)))]
     side = min(7.0, max(3.0, 0.45 * max(len(index), len(columns)) + 1.5))
     figs = []
-    for method, control in panels:
-        names = [method] + ([control] if control else [])
-        fig = Figure(figsize=(side * len(names) + 1.0, side))
-        axes = np.atleast_1d(fig.subplots(1, len(names)))
-        image = None
-        for ax, name in zip(axes, names):
-            label = f"{name} (control)" if name == control else name
-            image = _matrix_ax(ax, _pivot(df, name, index, columns), label, limit, ylabel=ax is axes[0])
-        fig.colorbar(image, ax=list(axes), shrink=0.8, label="accuracy drop (base - ablated)")
-        figs.append(f"<h3>{_e(method)}</h3>" + _img(fig, f"ablation matrix of {method}"
-                                                      + (f" beside {control}" if control else "")))
+    for measure in measures:
+        values = df[measure].to_numpy(dtype=np.float64)
+        limit = float(np.nanmax(np.abs(values))) if np.nanmax(np.abs(values)) > 0 else 1.0
+        figs.append(f"<h3>{_e(MEASURES[measure])}</h3>")
+        for method, control in panels:
+            names = [method] + ([control] if control else [])
+            fig = Figure(figsize=(side * len(names) + 1.0, side))
+            axes = np.atleast_1d(fig.subplots(1, len(names)))
+            image = None
+            for ax, name in zip(axes, names):
+                label = f"{name} (control)" if name == control else name
+                image = _matrix_ax(ax, _pivot(df, name, index, columns, measure), label, limit,
+                                   ylabel=ax is axes[0])
+            fig.colorbar(image, ax=list(axes), shrink=0.8, label=MEASURES[measure])
+            figs.append(f"<h4>{_e(method)}</h4>" + _img(fig, f"{measure} matrix of {method}"
+                                                          + (f" beside {control}" if control else "")))
 
     own = df["targeted_group"] == df["evaluated_group"]
     summary = []
-    for method in methods:
-        real, rand = df["method"] == method, df["method"] == f"random:{method}"
-        targeted = sorted(set(df.loc[real, "targeted_group"]))
-        t_drop, o_drop, r_drop = (_mean_drop(df, rows, targeted) for rows in (real & own, real & ~own, rand & own))
-        summary.append([method, t_drop, o_drop, r_drop, _ratio(t_drop, o_drop), _ratio(t_drop, r_drop)])
+    for measure in measures:
+        for method in methods:
+            real, rand = df["method"] == method, df["method"] == f"random:{method}"
+            targeted = sorted(set(df.loc[real, "targeted_group"]))
+            t, o, r = (_mean_drop(df, rows, targeted, measure) for rows in (real & own, real & ~own, rand & own))
+            summary.append([method, MEASURES[measure].split(" (")[0], t, o, r, _ratio(t, o), _ratio(t, r)])
 
     value_cols = [c for c in ("base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss",
-                              "coverage", "n_items") if c in df.columns]
+                              "loss_increase", "coverage", "n_items") if c in df.columns]
     agg = {c: (c, "mean") for c in value_cols}
     if "seed" in df.columns:
         agg["seeds"] = ("seed", "nunique")
     table = (df.groupby(["method", "targeted_group", "evaluated_group"], sort=True)
              .agg(**agg).reset_index())
-    body = (_note("Accuracy drop (base - ablated) of every evaluated group when the routes specialized in the "
-                  "targeted group are ablated, mean over seeds, with the same number of random routes ablated "
-                  "as the control. One color scale for all matrices.")
+    body = (_note("Accuracy drop (base - ablated) and, when texts were scored, loss increase (ablated - base) "
+                  "of every evaluated group when the routes specialized in the targeted group are ablated, mean "
+                  "over seeds, with the same number of random routes ablated as the control. One color scale "
+                  "per measure.")
             + "".join(figs)
             + "<h3>Per method</h3>"
-            + _note("targeted drop: mean over targeted groups of the drop on that group; off-target: of the mean "
-                    "drop on the other groups; random: the control's drop on the targeted group.")
-            + _table(["method", "targeted drop", "off-target drop", "random drop", "targeted / off-target",
-                      "targeted / random"], summary)
+            + _note("targeted: mean over targeted groups of the effect on that group; off-target: of the mean "
+                    "effect on the other groups; random: the control's effect on the targeted group.")
+            + _table(["method", "measure", "targeted", "off-target", "random", "targeted / off-target",
+                      "targeted / random"], summary, text_cols=2)
             + "<h3>Results</h3>"
             + _table(["method", "targeted group", "evaluated group", *[c.replace("_", " ") for c in agg]],
                      table.itertuples(index=False), text_cols=3))

@@ -71,6 +71,7 @@ def test_summarize_by_hand():
         "targeted_group": np.array(["a", "a", "b", "b"] * 2),
         "evaluated_group": np.array(["a", "b", "a", "b"] * 2),
         "drop": np.array([0.4, 0.1, 0.0, 0.2, 0.1, 0.0, 0.0, 0.1]),
+        "loss_increase": np.array([1.0, 0.2, np.nan, 0.6, 0.4, 0.1, 0.3, 0.0]),
     }
     s = summarize(table)["paths"]
     assert s["targeted_drop"] == pytest.approx((0.4 + 0.2) / 2)
@@ -78,3 +79,9 @@ def test_summarize_by_hand():
     assert s["random_drop"] == pytest.approx((0.1 + 0.1) / 2)
     assert s["selectivity"] == pytest.approx(6.0)
     assert s["vs_random"] == pytest.approx(3.0)
+    # loss: targeted (1.0 + 0.6) / 2, off-target 0.2 (group b's off-target row is NaN: left out)
+    assert s["targeted_loss_increase"] == pytest.approx(0.8)
+    assert s["off_target_loss_increase"] == pytest.approx(0.2)
+    assert s["random_loss_increase"] == pytest.approx(0.2)
+    assert s["loss_selectivity"] == pytest.approx(4.0)
+    assert s["loss_vs_random"] == pytest.approx(4.0)

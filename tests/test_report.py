@@ -207,7 +207,7 @@ def test_table_cells_round_trip(cells):
 def test_experiment_summary_matches_hand_computed(run_report):
     rows = table_rows(section(run_report, "experiment"))
     # per method: targeted drop 0.3, off-target 0.05, random 0.02, ratios 6 and 15
-    assert ["experts", "0.3", "0.05", "0.02", "6", "15"] in rows
+    assert ["experts", "accuracy drop", "0.3", "0.05", "0.02", "6", "15"] in rows
     # the results table: one row per (method, targeted, evaluated), random seeds averaged
     detail = [r for r in rows if len(r) == 8]
     assert len(detail) == 2 * len(GROUPS) ** 2

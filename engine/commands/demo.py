@@ -1,18 +1,19 @@
-"""``moetrace demo [--out DIR]``: the built-in end-to-end run."""
+"""``moetrace demo [--out DIR]``: the built-in end-to-end run (see engine/demo/run.py)."""
 
 from __future__ import annotations
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the built-in end-to-end demo into DIR (default demo_out)")
+    p = subparsers.add_parser("demo", help="train/load the demo MoE model, run the ablation experiment, "
+                                           "write DIR/report.html and DIR/results.csv")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    p.add_argument("--random", type=int, default=3, help="random-control seeds per target (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from engine.demo.trace import run_trace_demo
+    from engine.demo.run import run_demo
 
-    summary = run_trace_demo(args.out, progress=not args.quiet)
-    print(f"demo finished in {summary['seconds']} s; outputs in {args.out}/")
+    run_demo(args.out, n_random=args.random, progress=not args.quiet)
     return 0

@@ -31,6 +31,12 @@ METHODS = ("paths", "experts", "pairs")
 DEFAULT_SPEC = TraceSpec(n_tokens=400 * 48, n_layers=8, n_experts=32, top_k=4, seq_len=48, seed=0)
 
 
+def _printer(verbose: bool):
+    import builtins
+
+    return builtins.print if verbose else (lambda *args, **kwargs: None)
+
+
 def _table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
@@ -38,8 +44,13 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_trace_demo(out: str | Path, spec: TraceSpec = DEFAULT_SPEC, progress: bool = True) -> dict:
-    """Run the trace demo into directory ``out``; returns a summary dict (also saved as JSON)."""
+def run_trace_demo(out: str | Path, spec: TraceSpec = DEFAULT_SPEC, progress: bool = True,
+                   verbose: bool = True) -> dict:
+    """Run the trace demo into directory ``out``; returns a summary dict (also saved as JSON).
+
+    ``verbose``: print each step's results (tables); otherwise only errors surface.
+    """
+    print = _printer(verbose)  # noqa: A001 - the steps' output goes through this one switch
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
