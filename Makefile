@@ -26,5 +26,6 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# Quick pytest-benchmark pass over the hot paths; the full-size scripts are listed in the README.
 bench: $(STAMP)
-	$(BIN)/python bench/bench_store.py
+	$(BIN)/python -m pytest bench/test_benchmarks.py --benchmark-only -q
