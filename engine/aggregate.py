@@ -581,13 +581,16 @@ def sequence_table(
     skip_shared_prefix: bool = False,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """One row per sequence: its id, its ``by`` label values and how many tokens it keeps.
+    """One row per sequence: its id, its ``by`` label values, how many tokens it keeps, and
+    its ``sequences/*`` metadata.
 
     Joins token-level labels onto per-sequence metadata (what seed 000's ``base_accs``
     groups by). Returns ``seq`` int64 [S] (sorted), one str array [S] per label (the value
-    of the sequence's first row), and ``n_tokens`` int64 [S], the rows left after the
-    shared-prefix filter when ``skip_shared_prefix`` (else all rows). Streams the seq and
-    label columns; memory grows with the number of sequences, not rows.
+    of the sequence's first row), ``n_tokens`` int64 [S], the rows left after the
+    shared-prefix filter when ``skip_shared_prefix`` (else all rows), and every
+    ``sequences/*`` column joined on ``seq`` (MoetraceError when a sequence with tokens has
+    no metadata row). Streams the seq and label columns; memory grows with the number of
+    sequences, not rows.
     """
     st = _open(store)
     by = [by] if isinstance(by, str) else list(by)
@@ -618,4 +621,18 @@ def sequence_table(
     for i, label in enumerate(by):
         table[label] = st.decode_label(label, codes[first, i]).astype(str)
     table["n_tokens"] = np.bincount(inverse.reshape(-1), weights=n_kept, minlength=len(uniq)).astype(np.int64)
+    meta = st.read_sequences()
+    if meta:
+        # Join the per-sequence metadata (sequences/*) on the sequence id.
+        meta_seq = np.asarray(meta.pop("seq"), dtype=np.int64)
+        order = np.argsort(meta_seq, kind="stable")
+        pos = np.searchsorted(meta_seq[order], uniq)
+        found = (pos < len(order)) & (meta_seq[order][np.minimum(pos, len(order) - 1)] == uniq)
+        if not found.all():
+            raise MoetraceError(
+                f"{st.path}: sequence {int(uniq[~found][0])} has tokens but no row in sequences/*")
+        rows = order[pos]
+        for name, values in meta.items():
+            if name not in table:
+                table[name] = np.asarray(values)[rows]
     return table

@@ -51,7 +51,10 @@ class Capture:
         self._events: list[RouteEvent] = []
         self._pending_batch: dict[str, Any] | None = None
         self._current: dict[str, Any] | None = None
-        self._next_seq = 0
+        # Automatic sequence ids continue after every id the (possibly pre-existing) store holds;
+        # read once here, before the writer thread touches the store.
+        top = [int(c["seq"].max()) for c in store.iter_chunks(["seq"]) if len(c)]
+        self._next_seq = max(top) + 1 if top else 0
         self._past: int | None = None
         self.rows_captured = 0
         self._writer = threading.Thread(target=self._write_loop, name="moetrace-capture-writer", daemon=True)
@@ -101,6 +104,8 @@ class Capture:
         shape = input_ids.shape if input_ids is not None else embeds.shape[:2]
         B, S = int(shape[0]), int(shape[1])
         mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
+            mask = args[1]  # model(input_ids, attention_mask) called positionally
         past = self._past
         if mask is not None and mask.dim() == 2:
             past = int(mask.shape[1]) - S if past is None else past
@@ -129,23 +134,33 @@ class Capture:
             "generated": past > 0,
             "batch": batch,
         }
+        on_cuda = item["experts"].is_cuda
         for key in ("valid", "pos", "token_id", "experts", "weights", "probs"):
             if item[key] is not None:
-                item[key] = item[key].detach().to("cpu", non_blocking=True)
+                item[key] = item[key].detach().to("cpu", non_blocking=on_cuda)
+        if on_cuda:
+            # Non-blocking copies into pinned memory: the writer waits on this event before reading.
+            item["copied"] = torch.cuda.Event()
+            item["copied"].record()
         self._put(item)
 
     # ------------------------------------------------------------------ internals
+    def _fresh_seq(self, B: int) -> np.ndarray:
+        """B sequence ids never used in the store nor by this capture."""
+        seq = np.arange(self._next_seq, self._next_seq + B, dtype=np.int64)
+        self._next_seq += B
+        return seq
+
     def _batch_for(self, B: int, continuation: bool) -> dict[str, Any]:
         if self._pending_batch is not None:
             batch, self._pending_batch = self._pending_batch, None
             if batch["seq"] is None:
-                batch["seq"] = np.arange(self._next_seq, self._next_seq + B, dtype=np.int64)
-            self._next_seq = max(self._next_seq, int(batch["seq"].max()) + 1 if len(batch["seq"]) else 0)
+                batch["seq"] = self._fresh_seq(B)
+            elif len(batch["seq"]):
+                self._next_seq = max(self._next_seq, int(batch["seq"].max()) + 1)
             self._current = batch
         elif not continuation or self._current is None:
-            seq = np.arange(self._next_seq, self._next_seq + B, dtype=np.int64)
-            self._next_seq += B
-            self._current = {"seq": seq, "labels": {}}
+            self._current = {"seq": self._fresh_seq(B), "labels": {}}
         batch = self._current
         if len(batch["seq"]) != B:
             raise MoetraceError(f"capture.set_batch: expected {B} sequence ids for a batch of {B} rows, "
@@ -182,6 +197,8 @@ class Capture:
                 self._error = exc
 
     def _write(self, item: dict[str, Any]) -> None:
+        if "copied" in item:
+            item["copied"].synchronize()
         valid = item["valid"].numpy()
         n = int(valid.sum())
         if n == 0:
@@ -242,8 +259,10 @@ def _open_store(store: TraceStore | str | Path, model: nn.Module, labels: Sequen
         raise MoetraceError(
             f"{opened.path}: store has (layers, experts, top_k, layer_ids) = {got}, "
             f"the model routes with {expected}")
-    if probs and not opened.has_probs:
-        raise MoetraceError(f"{opened.path}: probs=True but the store has no routing/probs array")
+    if probs != opened.has_probs:
+        raise MoetraceError(
+            f"{opened.path}: probs={probs} but the store {'has' if opened.has_probs else 'has no'} "
+            f"routing/probs array; capture with probs={opened.has_probs}")
     return opened
 
 

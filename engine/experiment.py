@@ -185,7 +185,7 @@ def run_experiment(
             for evaluated in base_acc:
                 rows.append({
                     "method": name, "targeted_group": targeted, "evaluated_group": evaluated,
-                    "seed": variant_seed, "n_items": len(selection),
+                    "seed": variant_seed, "n_items": targets.n_rules()[method],
                     "coverage": cov_by_group.get(evaluated, float("nan")),
                     "base_accuracy": base_acc[evaluated], "ablated_accuracy": acc.get(evaluated, float("nan")),
                     "drop": base_acc[evaluated] - acc.get(evaluated, float("nan")),

@@ -155,3 +155,30 @@ def test_cli_capture_from_a_saved_checkpoint(tmp_path):
     assert store.decode_label("domain", rows["domain"][prompt]).tolist() == ["math"] * 3 + ["code"] * 2 + ["math"] * 4
     assert main(["capture", str(tmp_path / "u.zarr"), "--model", str(tmp_path / "ckpt"),
                  "--data", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_automatic_sequence_ids_continue_after_an_existing_store(tmp_path):
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    for _ in range(2):  # the second capture reopens the store
+        with capture(model, tmp_path / "t.zarr"), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    seq = TraceStore.open(tmp_path / "t.zarr").read(["seq"])["seq"]
+    assert sorted(set(seq.tolist())) == [0, 1, 2, 3]
+
+
+def test_positional_attention_mask_skips_padding(tmp_path):
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    with capture(model, tmp_path / "t.zarr"), torch.no_grad():
+        model(ids, mask)
+    assert len(TraceStore.open(tmp_path / "t.zarr")) == int(mask.sum())
+
+
+def test_probs_setting_must_match_the_store(tmp_path):
+    model = tiny_model("olmoe")
+    with capture(model, tmp_path / "t.zarr", probs=True):
+        pass
+    with pytest.raises(MoetraceError, match=r"probs=False but the store has routing/probs"):
+        with capture(model, tmp_path / "t.zarr"):
+            pass

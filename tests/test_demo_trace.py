@@ -41,3 +41,14 @@ def test_sequence_table_joins_labels_and_kept_tokens(tmp_path):
     assert table["lang"].tolist() == batch["lang"][first].tolist()
     assert table["n_tokens"].tolist() == [5] * 10
     assert sequence_table(tmp_path / "t.zarr")["n_tokens"].tolist() == [8] * 10
+
+
+def test_sequence_table_joins_metadata_on_seq_whatever_its_order(tmp_path):
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1, labels=["domain"]) as st:
+        st.append({"seq": [5, 5, 7, 9], "pos": [0, 1, 0, 0], "experts": np.zeros((4, 1, 1), int),
+                   "domain": ["a", "a", "b", "a"]})
+        st.append_sequences({"seq": [9, 5, 7], "answer_char": ["C", "A", "B"]})
+    table = sequence_table(tmp_path / "t.zarr", ["domain"])
+    assert table["seq"].tolist() == [5, 7, 9]
+    assert table["answer_char"].tolist() == ["A", "B", "C"]
+    assert table["n_tokens"].tolist() == [2, 1, 1]

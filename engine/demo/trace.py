@@ -73,7 +73,7 @@ def run_trace_demo(out: str | Path, spec: TraceSpec = DEFAULT_SPEC, progress: bo
     print(f"[3/6] counted after dropping the shared prefix (last shared position "
           f"{counts.attrs['last_shared_pos']}) -> {out / 'counts.zarr'}")
 
-    seqs = {**store.read_sequences(), **sequence_table(store, by, skip_shared_prefix=True)}
+    seqs = sequence_table(store, by, skip_shared_prefix=True)
     acc = metrics.base_accuracy(seqs, by)
     ranking = metrics.layer_ranking(counts)
     ent = metrics.entropy(counts)
