@@ -220,7 +220,7 @@ def summarize(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
     over targeted groups of the mean x on the other groups; ``random_<x>`` = the targeted-group x
     under ``random:m`` (mean over seeds); ``selectivity`` / ``loss_selectivity`` = targeted /
     off-target and ``vs_random`` / ``loss_vs_random`` = targeted / random (inf when the
-    denominator is <= 0 and the numerator positive, NaN when both are <= 0). Targets that could
+    denominator is <= 0 and the numerator positive, NaN when both are <= 0 or either is NaN). Targets that could
     not be evaluated (NaN rows) are left out of the means.
     """
     method = np.asarray(table["method"], dtype=str)
@@ -229,6 +229,8 @@ def summarize(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
     own = targeted == evaluated
 
     def ratio(a: float, b: float) -> float:
+        if np.isnan(a) or np.isnan(b):
+            return float("nan")
         if b > 0:
             return a / b
         return float("inf") if a > 0 else float("nan")

@@ -469,23 +469,6 @@ def _matrix_ax(ax, matrix: pd.DataFrame, title: str, limit: float, ylabel: bool)
     return image
 
 
-def _ratio(a: float, b: float) -> float:
-    """a / b; inf when b is 0 and a positive, NaN when either is NaN or both are 0."""
-    if math.isnan(a) or math.isnan(b):
-        return float("nan")
-    if b > 0:
-        return a / b
-    return float("inf") if a > 0 else float("nan")
-
-
-def _mean_drop(df: pd.DataFrame, rows: pd.Series, targeted: list[str], value: str = "drop") -> float:
-    """Mean over the targeted groups g of the mean ``value`` of the ``rows`` targeting g (NaN when none)."""
-    per_group = np.array([df.loc[rows & (df["targeted_group"] == g), value].mean() for g in targeted],
-                         dtype=np.float64)
-    per_group = per_group[~np.isnan(per_group)]
-    return float(per_group.mean()) if per_group.size else float("nan")
-
-
 def _ordered(names: set[str], groups: list[str]) -> list[str]:
     """``names`` in the counts' group order, names the counts do not have after them, sorted."""
     return [g for g in groups if g in names] + sorted(names - set(groups))
@@ -521,14 +504,18 @@ def _experiment_section(df: pd.DataFrame, groups: list[str]) -> str:
             figs.append(f"<h4>{_e(method)}</h4>" + _img(fig, f"{measure} matrix of {method}"
                                                           + (f" beside {control}" if control else "")))
 
-    own = df["targeted_group"] == df["evaluated_group"]
+    # The same headline numbers the experiment prints (one definition, in engine.experiment).
+    from engine.experiment import summarize
+
+    headline = summarize({c: df[c].to_numpy() for c in ("method", "targeted_group", "evaluated_group", *measures)})
     summary = []
     for measure in measures:
+        suffix, prefix = ("drop", "") if measure == "drop" else ("loss_increase", "loss_")
         for method in methods:
-            real, rand = df["method"] == method, df["method"] == f"random:{method}"
-            targeted = sorted(set(df.loc[real, "targeted_group"]))
-            t, o, r = (_mean_drop(df, rows, targeted, measure) for rows in (real & own, real & ~own, rand & own))
-            summary.append([method, MEASURES[measure].split(" (")[0], t, o, r, _ratio(t, o), _ratio(t, r)])
+            h = headline[method]
+            summary.append([method, MEASURES[measure].split(" (")[0], h[f"targeted_{suffix}"],
+                            h[f"off_target_{suffix}"], h[f"random_{suffix}"], h[f"{prefix}selectivity"],
+                            h[f"{prefix}vs_random"]])
 
     value_cols = [c for c in ("base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss",
                               "loss_increase", "coverage", "n_items") if c in df.columns]

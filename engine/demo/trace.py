@@ -31,12 +31,6 @@ METHODS = ("paths", "experts", "pairs")
 DEFAULT_SPEC = TraceSpec(n_tokens=400 * 48, n_layers=8, n_experts=32, top_k=4, seq_len=48, seed=0)
 
 
-def _printer(verbose: bool):
-    import builtins
-
-    return builtins.print if verbose else (lambda *args, **kwargs: None)
-
-
 def _table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
@@ -50,19 +44,19 @@ def run_trace_demo(out: str | Path, spec: TraceSpec = DEFAULT_SPEC, progress: bo
 
     ``verbose``: print each step's results (tables); otherwise only errors surface.
     """
-    print = _printer(verbose)  # noqa: A001 - the steps' output goes through this one switch
+    say = print if verbose else (lambda *args, **kwargs: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary: dict = {}
 
     samples, topks = write_seed000_csv(out / "csv", spec)
-    print(f"[1/6] wrote seed-000 CSVs: {samples} and {topks}")
+    say(f"[1/6] wrote seed-000 CSVs: {samples} and {topks}")
 
     store = import_csv(samples, topks, out / "trace.zarr", overwrite=True, progress=progress)
     info = store.info()
     summary["rows"] = info["rows"]
-    print(f"[2/6] imported {info['rows']:,} tokens ({info['routing_rows']:,} routing rows), "
+    say(f"[2/6] imported {info['rows']:,} tokens ({info['routing_rows']:,} routing rows), "
           f"{info['sequences']} questions, {info['n_layers']} layers, top-{info['top_k']} of "
           f"{info['n_experts']} experts -> {store.path}")
 
@@ -70,7 +64,7 @@ def run_trace_demo(out: str | Path, spec: TraceSpec = DEFAULT_SPEC, progress: bo
     counts = count(store, stats=["experts", "paths", "pairs", "temporal", "coact"], by=by,
                    skip_shared_prefix=True, progress=progress)
     save_counts(counts, out / "counts.zarr")
-    print(f"[3/6] counted after dropping the shared prefix (last shared position "
+    say(f"[3/6] counted after dropping the shared prefix (last shared position "
           f"{counts.attrs['last_shared_pos']}) -> {out / 'counts.zarr'}")
 
     seqs = sequence_table(store, by, skip_shared_prefix=True)
@@ -78,14 +72,14 @@ def run_trace_demo(out: str | Path, spec: TraceSpec = DEFAULT_SPEC, progress: bo
     ranking = metrics.layer_ranking(counts)
     ent = metrics.entropy(counts)
     sticky = metrics.stickiness(counts)
-    print("[4/6] base accuracy per group (seed 000):")
-    print(_table([{"domain": d, "lang": l, "base_acc": f"{a:.2f}", "questions": q}
+    say("[4/6] base accuracy per group (seed 000):")
+    say(_table([{"domain": d, "lang": l, "base_acc": f"{a:.2f}", "questions": q}
                   for d, l, a, q in zip(acc["domain"], acc["lang"], acc["base_acc"], acc["questions"])],
                  ["domain", "lang", "base_acc", "questions"]))
     order = np.argsort(-ranking["chi2"].values)
-    print("      layers by domain separation (seed 002 chi-square): "
+    say("      layers by domain separation (seed 002 chi-square): "
           + ", ".join(f"{int(ranking['layer'].values[i])} (chi2={ranking['chi2'].values[i]:.0f})" for i in order[:3]))
-    print(f"      mean entropy {float(ent['entropy'].mean()):.2f} bits of max {float(ent['max_entropy'].max()):.2f}; "
+    say(f"      mean entropy {float(ent['entropy'].mean()):.2f} bits of max {float(ent['max_entropy'].max()):.2f}; "
           f"top-1 stickiness {float(sticky['stickiness'].mean()):.3f} vs baseline {float(sticky['baseline'].max()):.3f}")
 
     targets_dir = out / "targets"
@@ -107,9 +101,9 @@ def run_trace_demo(out: str | Path, spec: TraceSpec = DEFAULT_SPEC, progress: bo
                     "others_coverage": f"{float(others['prop_targeted'].mean()):.3f}",
                 })
     summary["targets"] = rows
-    print(f"[5/6] specialized targets (seed 000 rules) -> {targets_dir}/<domain>_<lang>_<method>.json; "
+    say(f"[5/6] specialized targets (seed 000 rules) -> {targets_dir}/<domain>_<lang>_<method>.json; "
           "share of each group's routes they cover:")
-    print(_table(rows, ["group", "method", "items", "own_coverage", "others_coverage"]))
+    say(_table(rows, ["group", "method", "items", "own_coverage", "others_coverage"]))
 
     parquet = export_parquet(store, out / "trace.parquet", overwrite=True, progress=progress)
     back = import_parquet(parquet, out / "roundtrip.zarr", overwrite=True, progress=progress)
@@ -117,7 +111,7 @@ def run_trace_demo(out: str | Path, spec: TraceSpec = DEFAULT_SPEC, progress: bo
     a, b = store.read(columns), back.read(columns)
     same = all(np.array_equal(a[c], b[c]) for c in columns) and store.labels == back.labels
     summary["parquet_round_trip_equal"] = bool(same)
-    print(f"[6/6] exported {parquet} ({parquet.stat().st_size / 1e6:.1f} MB) and imported it back: "
+    say(f"[6/6] exported {parquet} ({parquet.stat().st_size / 1e6:.1f} MB) and imported it back: "
           f"{'identical' if same else 'DIFFERENT'}")
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "trace_summary.json").write_text(json.dumps(summary, indent=2))
