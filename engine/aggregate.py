@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import xarray as xr
-from tqdm.auto import tqdm
+from engine.progress import tqdm
 
 from engine.errors import MoetraceError
 from engine.store import TraceStore

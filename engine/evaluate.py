@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from engine.progress import tqdm
 
 from engine.errors import MoetraceError
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from engine.progress import tqdm
 
 from engine import metrics
 from engine.aggregate import count, coverage, save_counts

@@ -97,7 +97,7 @@ def _inverse_cdf_table(prefs: np.ndarray, resolution: int = 4096) -> np.ndarray:
 def write_store(path, spec: TraceSpec, *, weights: bool = True, batch_rows: int = 65536, progress: bool = True,
                 **create_kwargs):
     """Write the synthetic trace into a new TraceStore at ``path`` and return it (closed)."""
-    from tqdm.auto import tqdm
+    from engine.progress import tqdm
 
     from engine.store import TraceStore
 

@@ -53,7 +53,7 @@ def read_jsonl(path: Path, labels: list[str]) -> list[dict]:
 
 def run(args) -> int:
     import torch
-    from tqdm.auto import tqdm
+    from engine.progress import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.capture import capture

@@ -152,7 +152,7 @@ def build_demo_model(out_dir: str | Path, seed: int = 0, config: DemoConfig | No
     multiple-choice accuracy per group on the evaluation questions). ``seed`` is used when
     ``config`` is None. Returns ``out_dir`` as a Path.
     """
-    from tqdm.auto import tqdm
+    from engine.progress import tqdm
     from transformers import OlmoeForCausalLM
 
     from engine.evaluate import multiple_choice_accuracy

@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
-from tqdm.auto import tqdm
+from engine.progress import tqdm
 
 from engine.errors import MoetraceError
 from engine.io import resolve_n_experts, staged_store

@@ -47,7 +47,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from engine.progress import tqdm
 
 from engine.errors import MoetraceError
 from engine.io import resolve_n_experts, staged_store

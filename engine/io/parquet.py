@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
+from engine.progress import tqdm
 
 from engine.errors import MoetraceError
 from engine.io import resolve_n_experts, staged_store
