@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -44,7 +45,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"moetrace {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_went_away()
     return 0 if code is None else int(code)
+
+
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (``moetrace info ... | head``): stop quietly, like a Unix tool.
+
+    stdout is pointed at /dev/null so that Python's final flush at exit cannot raise again;
+    the status is 128 + SIGPIPE, what a shell reports for a command killed by that signal.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

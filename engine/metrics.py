@@ -220,7 +220,10 @@ class Selection:
       n_samples: int64[n] the item's count in the group; n_total: int64[n] its count over all
         groups; prop: float64[n] = n_samples / n_total (R's ``prop_of_samples``).
     group_share: the group's share of all samples (R's ``n_tok_prop``); group_samples and
-    all_samples: the group's and all groups' sample totals.
+    all_samples: the group's and all groups' sample totals. max_threshold: the largest
+    threshold at which the rule still selects at least one item (0.0 when the group has no
+    samples): since ``prop <= 1``, a threshold above ``1 / group_share`` never selects anything
+    (with G equal groups, seed 000's default 5 needs G >= 5).
     """
 
     method: str
@@ -235,6 +238,7 @@ class Selection:
     n_samples: np.ndarray
     n_total: np.ndarray
     prop: np.ndarray = field(repr=False)
+    max_threshold: float = 0.0
 
     def __len__(self) -> int:
         return int(self.layer.shape[0])
@@ -321,6 +325,7 @@ def specialized(
         prop = n_g / n_all
     keep = (n_g > 0) & (prop >= group_share * threshold)
     index = np.nonzero(keep)
+    max_threshold = _largest_threshold(prop[n_g > 0], group_share)
     layer_ids = da["layer"].values.astype(np.int64)[index[0]]
     items = np.stack(
         [da[d].values.astype(np.int64)[i] for d, i in zip(item_dims, index[1:])], axis=1
@@ -338,7 +343,21 @@ def specialized(
         n_samples=n_g[index],
         n_total=n_all[index],
         prop=prop[index],
+        max_threshold=max_threshold,
     )
+
+
+def _largest_threshold(prop: np.ndarray, group_share: float) -> float:
+    """The largest t with ``max(prop) >= group_share * t`` in float64 (the rule's own arithmetic)."""
+    if prop.size == 0 or group_share <= 0:
+        return 0.0
+    best = float(prop.max())
+    t = best / group_share  # exact up to rounding: walk the few ulps to the largest t that passes
+    while t > 0 and not best >= group_share * t:
+        t = float(np.nextafter(t, 0.0))
+    while best >= group_share * float(np.nextafter(t, np.inf)):
+        t = float(np.nextafter(t, np.inf))
+    return t
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ the largest chi-square), each specialist with its preferred group.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import json
 import math
 
@@ -102,6 +103,22 @@ def collect(counts: xr.Dataset, layer: int | None = None, rank: int | None = Non
     return out
 
 
+def _fmt_apart(threshold: float | None, above: list) -> Callable[[float | None], str]:
+    """A formatter with enough significant digits (4 at least) that every value of ``above`` (all
+    strictly greater than ``threshold``) prints differently from the threshold, so a table that
+    says ``cv > q75`` never shows a selected cv equal to q75."""
+    def at(digits: int):
+        return lambda x: "-" if x is None else f"{x:.{digits}g}"
+
+    if threshold is None:
+        return at(4)
+    for digits in range(4, 18):
+        shown = at(digits)(threshold)
+        if all(at(digits)(v) != shown for v in above if v is not None):
+            return at(digits)
+    return at(17)
+
+
 def _print_table(title: str, frame: pd.DataFrame) -> None:
     print(title)
     print(frame.to_string(float_format=lambda x: f"{x:.4g}", na_rep="-"))
@@ -138,10 +155,14 @@ def print_stats(args: argparse.Namespace) -> int:
         _print_table(f"Lag-1 top-1 stickiness (random baseline 1/E = {sticky['baseline']:.4f})", frame)
     if "experts_at_layer" in tables:
         ex = tables["experts_at_layer"]
+        cvs = [s["cv"] for s in ex["specialists"]]
+        q75 = _fmt_apart(ex["q75"], cvs)
         print(f"Experts at layer {ex['layer']} by coefficient of variation across groups "
-              f"(specialists: cv > q75 = {ex['q75']:.4g}; generalists: cv < q25 = {ex['q25']:.4g})")
+              f"(specialists: cv > q75 = {q75(ex['q75'])}; generalists: cv < q25 = {ex['q25']:.4g})")
         if ex["specialists"]:
-            print(pd.DataFrame(ex["specialists"]).set_index("expert").to_string(float_format=lambda x: f"{x:.4g}"))
+            table = pd.DataFrame(ex["specialists"]).set_index("expert")
+            table["cv"] = [q75(v) for v in table["cv"]]
+            print(table.to_string(float_format=lambda x: f"{x:.4g}"))
         else:
             print("no specialists")
         print(f"generalists: {ex['generalists']}")

@@ -23,7 +23,10 @@ def add_parser(subparsers) -> None:
                    help="paths: top-1 layer-to-layer paths; experts: top-1 expert per layer; pairs: ordered top-2")
     p.add_argument("--group", required=True, help="target group as label=value[,label=value], e.g. domain=biology,lang=en")
     p.add_argument("--threshold", type=float, default=None,
-                   help="multiplier of the group's share of samples (default: paths 1, experts 5, pairs 5)")
+                   help="multiplier of the group's share of samples (default: paths 1, experts 5, pairs 5). An item "
+                        "is kept when its share of samples from the group >= group share x threshold; that share is "
+                        "at most 1, so threshold x group share > 1 selects nothing: with G equal groups the default "
+                        "5 needs G >= 5 (the warning names the largest threshold that still selects something)")
     p.add_argument("--min-layer-index", type=int, default=None,
                    help="first layer position used (default: 1 for paths and experts, 0 for pairs)")
     p.add_argument("--out", required=True, help="targets JSON to write (seed 000's bare format)")
@@ -43,6 +46,28 @@ def parse_group(text: str) -> dict[str, str]:
             raise MoetraceError(f"--group: label {label!r} given twice in {text!r}")
         group[label] = value
     return group
+
+
+def nothing_selected_warning(selection) -> str:
+    """The warning for an empty selection: why, and the largest threshold that selects something."""
+    share, threshold = selection.group_share, selection.threshold
+    why = ""
+    if threshold * share > 1:
+        why = (f" threshold {threshold:g} x group share {share:.4f} = {threshold * share:.3g} > 1, which no item can "
+               f"reach (its share of samples from the group is at most 1);")
+    if selection.max_threshold > 0:
+        return (f"warning: nothing selected;{why} the largest --threshold that selects something here is "
+                f"{_at_most(selection.max_threshold)}")
+    return f"warning: nothing selected;{why} the group has no {selection.method} samples in these layers"
+
+
+def _at_most(value: float) -> str:
+    """The shortest decimal (3+ significant digits) not above ``value``: passing it back selects something."""
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        if float(text) <= value:
+            return text
+    return repr(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,5 +90,5 @@ def run(args: argparse.Namespace) -> int:
             f"group's {selection.group_samples:,} {args.method} samples; wrote {args.out}"
         )
         if len(selection) == 0:
-            print("warning: nothing selected; lower --threshold to select more", file=sys.stderr)
+            print(nothing_selected_warning(selection), file=sys.stderr)
     return 0

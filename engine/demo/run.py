@@ -11,7 +11,8 @@
 3. write ``report.html`` (``engine.report.write_report``);
 4. run the trace walk-through of seed 000's CSV workflow into ``csv_demo/``
    (``engine.demo.trace.run_trace_demo``: import, count, targets, coverage, Parquet);
-5. print where the report is and the summary table.
+5. print the summary table, where the report and the demo checkpoint are, and write
+   ``prompts.jsonl`` (prompts in the demo tokenizer's words) with the command that captures them.
 """
 
 from __future__ import annotations
@@ -74,6 +75,27 @@ def run_demo(out: str | Path = "demo_out", *, n_random: int = 3, progress: bool 
                 continue
             print(f"{method:<8} {label:<14} {_fmt(s[f'targeted_{suffix}']):>9} {_fmt(s[f'off_target_{suffix}']):>11} "
                   f"{_fmt(s[f'random_{suffix}']):>9} {s[f'{prefix}selectivity']:>12.2f} {s[f'{prefix}vs_random']:>10.2f}")
+    prompts = write_example_prompts(out / "prompts.jsonl", texts)
+    print(f"\ndemo checkpoint: {model_dir}\n  an OlmoeForCausalLM with a word-level tokenizer that knows "
+          f"{len(tokenizer)} tokens (whole lower-case words, digits 0-18 and a few symbols; anything else is "
+          f"[UNK]), listed in {model_dir / 'tokenizer.json'}; example prompts in {prompts}. Trace them with:\n"
+          f"  moetrace capture --model {model_dir} --data {prompts} {out / 'my_trace.zarr'} --labels domain,lang")
     seconds = time.perf_counter() - t0
     print(f"\ndemo finished in {seconds:.0f} s; open {report}")
     return {**summary, "seconds": seconds}
+
+
+def write_example_prompts(path: Path, texts: list[dict[str, str]], per_group: int = 2) -> Path:
+    """``per_group`` prompts per (domain, lang) of the demo texts, each the first statement of a
+    text, as capture's JSONL input (``text``, ``domain``, ``lang``)."""
+    seen: dict[tuple[str, str], int] = {}
+    lines = []
+    for t in texts:
+        key = (t["domain"], t["lang"])
+        if seen.get(key, 0) >= per_group:
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        first = t["text"].split(" . ")[0].rstrip(" .")
+        lines.append(json.dumps({"text": first, "domain": t["domain"], "lang": t["lang"]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
