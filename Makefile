@@ -1,20 +1,25 @@
-# Two entry points: `make demo` and `make test`. Each builds .venv on first use.
+# Two entry points: `make demo` and `make test`. Each builds .venv on first use from the lock file,
+# so every fresh clone gets exactly the versions CI tested.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch is pinned: this version resolves to a local CPU build; an unpinned torch pulls GBs of CUDA wheels.
+# torch is pinned: this version resolves to a local CPU build here; an unpinned torch pulls GBs of CUDA wheels.
 TORCH_PIN := torch==2.13.0
+# Exact versions of every package, transitive ones included (`make lock` writes it).
+LOCK := requirements-lock.txt
 STAMP := $(VENV)/.installed
+# A throw-away environment with the newest versions pyproject.toml allows (torch stays pinned).
+LATEST := .venv-latest
 
-.PHONY: demo test test-slow bench install
+.PHONY: demo test test-slow test-latest lock bench install
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
-	$(BIN)/python -m pip install --quiet -e '.[dev]' $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +30,30 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Build $(LATEST) from scratch with the newest allowed versions and run the suite there: an
+# upcoming release that breaks moetrace shows here before users hit it.
+$(LATEST)/.installed: pyproject.toml setup.py
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install --quiet $(TORCH_PIN)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]' $(TORCH_PIN)
+	touch $@
+
+test-latest:
+	rm -f $(LATEST)/.installed
+	$(MAKE) $(LATEST)/.installed
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|triton|numba|numpy|zarr|xarray)=='
+	$(LATEST)/bin/python -m pytest -q
+
+# Re-lock to the set `make test-latest` just tested (run it first): every package, exact versions.
+lock: $(LATEST)/.installed
+	{ echo "# Exact, complete set of versions that CI and every fresh clone install (CPU build of torch)."; \
+	  echo "# Produced by \`make lock\` from the environment \`make test-latest\` tested (newest versions"; \
+	  echo "# pyproject.toml allows, torch pinned). Library users get the ranges in pyproject.toml."; \
+	  $(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -v '^wheel==' | sed 's/+cpu$$//'; \
+	} > $(LOCK)
 
 # Quick pytest-benchmark pass over the hot paths; the full-size scripts are listed in the README.
 bench: $(STAMP)
