@@ -40,24 +40,44 @@ from engine.capture import capture
 from engine.errors import MoetraceError
 from engine.evaluate import multiple_choice_accuracy, perplexity
 from engine.intervene import intervene
+from engine.significance import PairedBootstrap, combined_effect, paired_effect, ratio
 from engine.store import TraceStore
 from engine.targets import Targets
 
 METHODS = ("paths", "experts", "pairs")
 RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "seed", "n_items", "coverage",
-                  "base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss", "loss_increase")
+                  "base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss", "loss_increase",
+                  "n_questions", "drop_ci_low", "drop_ci_high", "drop_p_value",
+                  "n_texts", "loss_ci_low", "loss_ci_high", "loss_p_value")
+# OUT/items.csv: one row per evaluated item per variant (the paired data every interval comes from).
+# kind "question": base/ablated = 1 if answered correctly, weight 1; kind "text": base/ablated =
+# the text's mean next-token loss, weight = its scored tokens.
+ITEM_COLUMNS = ("kind", "method", "targeted_group", "seed", "evaluated_group", "item", "base", "ablated", "weight")
+N_BOOT = 2000
 
 
 def _group_name(values: Sequence[str]) -> str:
     return "/".join(str(v) for v in values)
 
 
-def _mean_by(table: Mapping[str, np.ndarray], by: Sequence[str], column: str) -> dict[str, float]:
-    """{group name: mean of ``column``} over the rows of a per-question table, groups by ``by``."""
-    keys = np.asarray(["/".join(v) for v in zip(*(np.asarray(table[b], dtype=str) for b in by))]) if by \
-        else np.full(len(table[column]), "all")
-    values = np.asarray(table[column], dtype=np.float64)
-    return {str(k): float(values[keys == k].mean()) for k in np.unique(keys)}
+def _group_keys(table: Mapping[str, np.ndarray], by: Sequence[str], n: int) -> np.ndarray:
+    return np.asarray(["/".join(v) for v in zip(*(np.asarray(table[b], dtype=str) for b in by))]) if by \
+        else np.full(n, "all")
+
+
+def _items_by(table: Mapping[str, np.ndarray], by: Sequence[str], index: str,
+              columns: Sequence[str]) -> dict[str, tuple[np.ndarray, ...]]:
+    """{group name: (item index [n], column arrays [n]...)} of a per-item table, items in index order."""
+    keys = _group_keys(table, by, len(table[index]))
+    order = np.argsort(np.asarray(table[index]), kind="stable")
+    keys = keys[order]
+    return {str(k): (np.asarray(table[index])[order][keys == k],
+                     *(np.asarray(table[c])[order][keys == k] for c in columns)) for k in np.unique(keys)}
+
+
+def _loss_of(items: tuple[np.ndarray, ...]) -> float:
+    _, loss, weight = items
+    return float((loss * weight).sum() / weight.sum())
 
 
 def random_like(selection: metrics.Selection, counts, method: str, seed: int, mask_mode: str = "reroute") -> Targets:
@@ -130,14 +150,15 @@ def run_experiment(
     thresholds = dict(thresholds or {})
 
     def evaluate(store_path: Path | None = None) -> tuple[dict, dict]:
+        """Per group: (question ids, correct bool) and (text ids, per-text loss, scored tokens)."""
         mc = multiple_choice_accuracy(model, tokenizer, questions, by=labels, batch_size=batch_size,
                                       progress=False, store=store_path,
                                       capture_fn=capture if store_path is not None else None)
-        acc = _mean_by(mc.table, by, "correct")
+        acc = _items_by(mc.table, by, "q", ["correct"])
         loss = {}
         if texts:
             pp = perplexity(model, tokenizer, texts, by=by, batch_size=batch_size, progress=False)
-            loss = {_group_name(k): v for k, v in pp.by_group().items()}
+            loss = _items_by(pp.table, by, "text", ["loss", "n_tokens"])
         return acc, loss
 
     # 1. base evaluation, capturing the routing of every scored token
@@ -154,7 +175,10 @@ def run_experiment(
     groups = [dict(zip(by, values)) for values in metrics.group_names(counts)]
 
     # 3-4. targets, coverage, ablated evaluations, random controls
+    boot = PairedBootstrap({g: len(v[0]) for g, v in base_acc.items()}, n_boot=N_BOOT, seed=seed)
+    text_boot = PairedBootstrap({g: len(v[0]) for g, v in base_loss.items()}, n_boot=N_BOOT, seed=seed)
     rows: list[dict[str, Any]] = []
+    items: list[dict[str, np.ndarray]] = []
     targets_dir = out / "targets"
     targets_dir.mkdir(exist_ok=True)
     jobs = [(method, group) for method in methods for group in groups]
@@ -183,23 +207,62 @@ def run_experiment(
                     warnings.warn(f"{name} targets of {targeted} not evaluated: {exc}", stacklevel=2)
                     acc, loss = {}, {}
             for evaluated in base_acc:
-                rows.append({
-                    "method": name, "targeted_group": targeted, "evaluated_group": evaluated,
-                    "seed": variant_seed, "n_items": targets.n_rules()[method],
-                    "coverage": cov_by_group.get(evaluated, float("nan")),
-                    "base_accuracy": base_acc[evaluated], "ablated_accuracy": acc.get(evaluated, float("nan")),
-                    "drop": base_acc[evaluated] - acc.get(evaluated, float("nan")),
-                    "base_loss": base_loss.get(evaluated, float("nan")),
-                    "ablated_loss": loss.get(evaluated, float("nan")),
-                    "loss_increase": loss.get(evaluated, float("nan")) - base_loss.get(evaluated, float("nan")),
-                })
+                variant = {"method": name, "targeted_group": targeted, "evaluated_group": evaluated,
+                           "seed": variant_seed}
+                row = {**variant, "n_items": targets.n_rules()[method],
+                       "coverage": cov_by_group.get(evaluated, float("nan")),
+                       **_paired_columns(base_acc, acc, base_loss, loss, evaluated, boot, text_boot, seed)}
+                rows.append(row)
+                items += _item_rows(variant, base_acc, acc, base_loss, loss, evaluated)
 
     table = {col: np.asarray([r[col] for r in rows]) for col in RESULT_COLUMNS}
     write_results(table, out / "results.csv")
-    summary = summarize(table)
-    summary["base_accuracy"] = base_acc
+    item_table = {col: np.concatenate([np.asarray(block[col]) for block in items]) for col in ITEM_COLUMNS}
+    write_results(item_table, out / "items.csv")
+    summary = summarize(table, item_table, seed=seed)
+    summary["base_accuracy"] = {g: float(v[1].mean()) for g, v in base_acc.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return table
+
+
+def _paired_columns(base_acc: dict, acc: dict, base_loss: dict, loss: dict, group: str,
+                    boot: PairedBootstrap, text_boot: PairedBootstrap, seed: int) -> dict[str, Any]:
+    """results.csv's measures of one (variant, evaluated group) with their paired intervals;
+    NaN where the variant was not evaluated (or no texts were given)."""
+    nan = float("nan")
+    base_correct = base_acc[group][1]
+    out: dict[str, Any] = {"base_accuracy": float(base_correct.mean()), "n_questions": len(base_correct)}
+    if group in acc:
+        drop = paired_effect(base_correct, acc[group][1], boot=boot, name=group, seed=seed)
+        out.update(ablated_accuracy=float(acc[group][1].mean()), drop=drop.estimate, drop_ci_low=drop.ci_low,
+                   drop_ci_high=drop.ci_high, drop_p_value=drop.p_value)
+    else:
+        out.update(ablated_accuracy=nan, drop=nan, drop_ci_low=nan, drop_ci_high=nan, drop_p_value=nan)
+    base_l = _loss_of(base_loss[group]) if group in base_loss else nan
+    out.update(base_loss=base_l, n_texts=len(base_loss[group][0]) if group in base_loss else 0)
+    if group in loss and group in base_loss:
+        _, base_per_text, weight = base_loss[group]
+        inc = paired_effect(loss[group][1], base_per_text, weight, boot=text_boot, name=group, seed=seed)
+        out.update(ablated_loss=_loss_of(loss[group]), loss_increase=inc.estimate, loss_ci_low=inc.ci_low,
+                   loss_ci_high=inc.ci_high, loss_p_value=inc.p_value)
+    else:
+        out.update(ablated_loss=nan, loss_increase=nan, loss_ci_low=nan, loss_ci_high=nan, loss_p_value=nan)
+    return out
+
+
+def _item_rows(variant: Mapping[str, Any], base_acc: dict, acc: dict, base_loss: dict, loss: dict,
+               group: str) -> list[dict[str, np.ndarray]]:
+    """items.csv rows of one (variant, evaluated group): its questions, then its texts."""
+    blocks = []
+    for kind, base, ablated in (("question", base_acc, acc), ("text", base_loss, loss)):
+        if group not in base or group not in ablated:
+            continue
+        ids, base_value = base[group][0], base[group][1].astype(np.float64)
+        weight = np.ones(len(ids)) if kind == "question" else base[group][2].astype(np.float64)
+        blocks.append({"kind": np.full(len(ids), kind), **{k: np.full(len(ids), v) for k, v in variant.items()},
+                       "item": ids, "base": base_value, "ablated": ablated[group][1].astype(np.float64),
+                       "weight": weight})
+    return blocks
 
 
 def write_results(table: Mapping[str, np.ndarray], path: str | Path) -> Path:
@@ -212,7 +275,8 @@ def write_results(table: Mapping[str, np.ndarray], path: str | Path) -> Path:
     return path
 
 
-def summarize(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def summarize(table: Mapping[str, np.ndarray], items: Mapping[str, np.ndarray] | None = None, *,
+              seed: int = 0, n_boot: int = N_BOOT) -> dict[str, Any]:
     """Headline numbers per method from a results table, for accuracy and (when measured) loss.
 
     For each real method m and a measure x (``drop``: accuracy drop; ``loss_increase``):
@@ -222,13 +286,20 @@ def summarize(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
     off-target and ``vs_random`` / ``loss_vs_random`` = targeted / random (inf when the
     denominator is <= 0 and the numerator positive, NaN when both are <= 0 or either is NaN). Targets that could
     not be evaluated (NaN rows) are left out of the means.
+
+    With ``items`` (the per-item table written to ``OUT/items.csv``, columns ``ITEM_COLUMNS``) every
+    headline number gets a 95% paired-bootstrap interval and a sign-flip permutation p-value
+    (``engine.significance``), under ``entry["intervals"]["drop" | "loss_increase"]``: ``targeted``,
+    ``off_target``, ``random``, ``targeted_minus_random`` (Effect dicts) and ``selectivity``,
+    ``vs_random`` (Ratio dicts); the flat ``selectivity`` / ``vs_random`` values then become those
+    ratios' estimates, NaN when the denominator's interval contains 0 (never ``inf``).
     """
     method = np.asarray(table["method"], dtype=str)
     targeted = np.asarray(table["targeted_group"], dtype=str)
     evaluated = np.asarray(table["evaluated_group"], dtype=str)
     own = targeted == evaluated
 
-    def ratio(a: float, b: float) -> float:
+    def ratio_of(a: float, b: float) -> float:
         if np.isnan(a) or np.isnan(b):
             return float("nan")
         if b > 0:
@@ -253,6 +324,111 @@ def summarize(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
             o = mean_of_groups(values, real & ~own, groups)
             r = mean_of_groups(values, rand & own, groups)
             entry.update({f"targeted_{suffix}": t, f"off_target_{suffix}": o, f"random_{suffix}": r,
-                          f"{prefix}selectivity": ratio(t, o), f"{prefix}vs_random": ratio(t, r)})
+                          f"{prefix}selectivity": ratio_of(t, o), f"{prefix}vs_random": ratio_of(t, r)})
+        if items is not None:
+            entry["intervals"] = _intervals(items, m, seed=seed, n_boot=n_boot)
+            for measure, prefix in (("drop", ""), ("loss_increase", "loss_")):
+                if measure in entry["intervals"]:
+                    entry[f"{prefix}selectivity"] = entry["intervals"][measure]["selectivity"]["estimate"]
+                    entry[f"{prefix}vs_random"] = entry["intervals"][measure]["vs_random"]["estimate"]
         out[m] = entry
     return out
+
+
+def _intervals(items: Mapping[str, np.ndarray], method: str, *, seed: int, n_boot: int) -> dict[str, Any]:
+    """Intervals and p-values of one method's headline effects from the per-item table (see summarize)."""
+    import pandas as pd
+
+    df = pd.DataFrame({c: np.asarray(items[c]) for c in ITEM_COLUMNS})
+    out: dict[str, Any] = {}
+    for kind, measure in (("question", "drop"), ("text", "loss_increase")):
+        sub = df[(df["kind"] == kind) & df["method"].isin([method, f"random:{method}"])]
+        if sub.empty:
+            continue
+        sign = 1.0 if measure == "drop" else -1.0  # drop = base - ablated; loss increase = ablated - base
+        cells = {key: g.sort_values("item") for key, g in sub.groupby(["method", "targeted_group", "evaluated_group"])}
+        sizes = {str(e): int(g["item"].nunique()) for e, g in sub.groupby("evaluated_group")}
+        boot = PairedBootstrap(sizes, n_boot=n_boot, seed=seed)
+
+        def paired(key):
+            """(base [n], ablated [n] averaged over seeds, weight [n]) of one cell, items in id order."""
+            g = cells[key]
+            mean = g.groupby("item", sort=True).agg(base=("base", "first"), ablated=("ablated", "mean"),
+                                                    weight=("weight", "first"))
+            return mean["base"].to_numpy(), mean["ablated"].to_numpy(), mean["weight"].to_numpy()
+
+        groups = sorted({t for (m, t, _e) in cells if m == method})
+        own, off, rand, diff = [], [], [], []
+        for g in groups:
+            if (method, g, g) in cells:
+                b, a, w = paired((method, g, g))
+                own.append((g, sign * (b - a), w))
+                if (f"random:{method}", g, g) in cells:
+                    _, ar, _ = paired((f"random:{method}", g, g))
+                    rand.append((g, sign * (b - ar), w))
+                    diff.append((g, sign * (ar - a), w))
+            others = [paired((m, t, e)) + (e,) for (m, t, e) in cells if m == method and t == g and e != g]
+            if others:
+                off.append([(e, sign * (b - a), w) for b, a, w, e in others])
+
+        def cells_of(parts):
+            return [(name, 1.0 / len(parts), d, w) for name, d, w in parts]
+
+        # off-target: mean over targeted groups of the mean over the other groups
+        off_cells = [(e, 1.0 / (len(off) * len(block)), d, w) for block in off for e, d, w in block]
+        targeted, t_draws = combined_effect(cells_of(own), boot, seed=seed)
+        off_target, o_draws = combined_effect(off_cells, boot, seed=seed)
+        random_, r_draws = combined_effect(cells_of(rand), boot, seed=seed)
+        minus_random, _ = combined_effect(cells_of(diff), boot, seed=seed)
+        out[measure] = {
+            "targeted": targeted.as_dict(), "off_target": off_target.as_dict(), "random": random_.as_dict(),
+            "targeted_minus_random": minus_random.as_dict(),
+            "selectivity": ratio(t_draws, o_draws, targeted.estimate, off_target.estimate).as_dict(),
+            "vs_random": ratio(t_draws, r_draws, targeted.estimate, random_.estimate).as_dict(),
+        }
+    return out
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The headline table of a ``summarize`` result with intervals, one line per method and measure.
+
+    Each effect prints as ``estimate [95% interval]``; ratios print ``n/a`` when undefined (the
+    denominator's interval contains 0); p-values of the targeted effect and of its difference
+    from the random control close the line.
+    """
+
+    def effect(e: Mapping[str, float] | None, fallback: float) -> str:
+        if e is None:
+            return "n/a" if fallback != fallback else f"{fallback:+.3f}"
+        if e["estimate"] != e["estimate"]:
+            return "n/a"
+        return f"{e['estimate']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]"
+
+    def ratio_text(r: Mapping[str, float] | None, fallback: float) -> str:
+        if r is None:
+            return "n/a" if fallback != fallback else f"{fallback:.2f}"
+        return f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r["defined"] else "n/a (den. ~0)"
+
+    def p(e: Mapping[str, float] | None) -> str:
+        return "n/a" if e is None or e["p_value"] != e["p_value"] else f"{e['p_value']:.3g}"
+
+    header = (f"{'method':<8} {'measure':<14} {'targeted':>26} {'off-target':>26} {'random':>26} "
+              f"{'targeted-random':>26} {'selectivity':>18} {'p':>7} {'p vs rand':>9}")
+    lines = [header]
+    for method, s in summary.items():
+        if not isinstance(s, Mapping) or "targeted_drop" not in s:
+            continue
+        for label, measure, prefix in (("accuracy drop", "drop", ""), ("loss increase", "loss_increase", "loss_")):
+            iv = s.get("intervals", {}).get(measure, {})
+            value = s.get(f"targeted_{measure}")
+            if value is None or (not iv and value != value):
+                continue  # not measured (e.g. no texts: no loss)
+            diff_fallback = s[f"targeted_{measure}"] - s[f"random_{measure}"]
+            lines.append(
+                f"{method:<8} {label:<14} {effect(iv.get('targeted'), s[f'targeted_{measure}']):>26} "
+                f"{effect(iv.get('off_target'), s[f'off_target_{measure}']):>26} "
+                f"{effect(iv.get('random'), s[f'random_{measure}']):>26} "
+                f"{effect(iv.get('targeted_minus_random'), diff_fallback):>26} "
+                f"{ratio_text(iv.get('selectivity'), s[f'{prefix}selectivity']):>18} "
+                f"{p(iv.get('targeted')):>7} {p(iv.get('targeted_minus_random')):>9}")
+    return lines

@@ -85,3 +85,60 @@ def test_summarize_by_hand():
     assert s["random_loss_increase"] == pytest.approx(0.2)
     assert s["loss_selectivity"] == pytest.approx(4.0)
     assert s["loss_vs_random"] == pytest.approx(4.0)
+
+
+def test_every_effect_carries_a_paired_interval_and_p_value(run):
+    """results.csv's new columns equal a paired test recomputed from items.csv by hand."""
+    import json
+
+    import pandas as pd
+    import scipy.stats
+
+    _, _, questions, out, table = run
+    results = pd.read_csv(out / "results.csv")
+    for col in ("n_questions", "drop_ci_low", "drop_ci_high", "drop_p_value"):
+        assert col in results.columns
+    ok = results["drop"].notna()
+    assert (results.loc[ok, "drop_ci_low"] <= results.loc[ok, "drop"] + 1e-12).all()
+    assert (results.loc[ok, "drop"] <= results.loc[ok, "drop_ci_high"] + 1e-12).all()
+    assert results.loc[ok, "drop_p_value"].between(0, 1).all()
+    n_per_group = pd.Series([q["domain"] for q in questions]).value_counts()
+    assert (results["n_questions"] == results["evaluated_group"].map(n_per_group)).all()
+
+    items = pd.read_csv(out / "items.csv")
+    row = results[ok].iloc[0]
+    cell = items[(items["kind"] == "question") & (items["method"] == row["method"])
+                 & (items["targeted_group"] == row["targeted_group"])
+                 & (items["evaluated_group"] == row["evaluated_group"]) & (items["seed"] == row["seed"])]
+    assert len(cell) == row["n_questions"]
+    assert cell["base"].mean() - cell["ablated"].mean() == pytest.approx(row["drop"])
+    gained = int(((cell["base"] == 1) & (cell["ablated"] == 0)).sum())
+    lost = int(((cell["base"] == 0) & (cell["ablated"] == 1)).sum())
+    expected_p = 1.0 if gained + lost == 0 else scipy.stats.binomtest(gained, gained + lost, 0.5).pvalue
+    assert row["drop_p_value"] == pytest.approx(expected_p)
+
+    summary = json.loads((out / "summary.json").read_text())
+    for method in ("experts", "paths"):
+        iv = summary[method]["intervals"]["drop"]
+        assert iv["targeted"]["estimate"] == pytest.approx(summary[method]["targeted_drop"])
+        assert iv["random"]["estimate"] == pytest.approx(summary[method]["random_drop"])
+        for key in ("targeted", "off_target", "random", "targeted_minus_random"):
+            assert {"ci_low", "ci_high", "p_value"} <= set(iv[key])
+        for key in ("selectivity", "vs_random"):
+            value = summary[method][key]
+            assert value is None or not np.isinf(value)  # undefined ratios are NaN, never inf
+            assert iv[key]["defined"] == (value == value)
+
+
+def test_summary_lines_show_intervals_and_never_inf(run):
+    import json
+
+    from engine.experiment import summary_lines
+
+    _, _, _, out, _ = run
+    summary = json.loads((out / "summary.json").read_text())
+    summary.pop("base_accuracy")
+    lines = summary_lines(summary)
+    assert len(lines) == 1 + 2  # header + one accuracy line per method (no texts in this run)
+    assert all("inf" not in line for line in lines)
+    assert all("[" in line for line in lines[1:])  # every effect with its interval

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -31,7 +32,7 @@ def run(args) -> int:
 
     from engine.errors import MoetraceError
     from engine.evaluate import load_questions, load_texts
-    from engine.experiment import run_experiment, summarize
+    from engine.experiment import run_experiment, summary_lines
 
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -40,11 +41,13 @@ def run(args) -> int:
         raise MoetraceError(f"--model {args.model}: cannot load a transformers checkpoint and tokenizer ({exc})") from None
     questions = load_questions(args.data)
     texts = load_texts(args.texts) if args.texts else None
-    table = run_experiment(model, tokenizer, questions, args.out, texts=texts,
+    run_experiment(model, tokenizer, questions, args.out, texts=texts,
                            methods=[m for m in args.methods.split(",") if m],
                            by=[b for b in args.by.split(",") if b], labels=[x for x in args.labels.split(",") if x],
                            n_random=args.random, seed=args.seed, batch_size=args.batch_size,
                            progress=not args.quiet)
-    print(json.dumps(summarize(table), indent=2))
-    print(f"wrote {args.out}/results.csv")
+    summary = json.loads((Path(args.out) / "summary.json").read_text())
+    summary.pop("base_accuracy", None)
+    print("\n".join(summary_lines(summary)))
+    print(f"wrote {args.out}/results.csv, items.csv (per-item outcomes) and summary.json (with 95% intervals)")
     return 0

@@ -31,15 +31,11 @@ from engine.demo.model import QUESTIONS_FILE, TEXTS_FILE, ensure_demo_model, loa
 DEMO_THRESHOLDS = {"paths": 2.0, "experts": 2.0, "pairs": 2.0}
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if x != x else f"{x:+.3f}"
-
-
 def run_demo(out: str | Path = "demo_out", *, n_random: int = 3, progress: bool = True) -> dict:
     """Run the demo into ``out``; returns the experiment summary (also in ``out/summary.json``)."""
     from engine.demo.trace import run_trace_demo
     from engine.evaluate import load_questions, load_texts
-    from engine.experiment import run_experiment, summarize
+    from engine.experiment import run_experiment, summary_lines
     from engine.report import write_report
 
     out = Path(out)
@@ -53,9 +49,9 @@ def run_demo(out: str | Path = "demo_out", *, n_random: int = 3, progress: bool 
 
     questions = load_questions(model_dir / QUESTIONS_FILE)
     texts = load_texts(model_dir / TEXTS_FILE)
-    table = run_experiment(model, tokenizer, questions, out, texts=texts, by=("domain",),
-                           thresholds=DEMO_THRESHOLDS, n_random=n_random, progress=progress)
-    summary = summarize(table)
+    run_experiment(model, tokenizer, questions, out, texts=texts, by=("domain",),
+                   thresholds=DEMO_THRESHOLDS, n_random=n_random, progress=progress)
+    summary = json.loads((out / "summary.json").read_text())
     print(f"[2/4] experiment on {len(questions)} questions and {len(texts)} texts -> {out / 'results.csv'}")
 
     report = write_report(out, out / "report.html", title="moetrace demo")
@@ -63,18 +59,12 @@ def run_demo(out: str | Path = "demo_out", *, n_random: int = 3, progress: bool 
     run_trace_demo(out / "csv_demo", progress=False, verbose=False)
     print(f"[4/4] seed 000 CSV walk-through -> {out / 'csv_demo'}")
 
-    base = json.loads((out / "summary.json").read_text())["base_accuracy"]
+    base = summary.pop("base_accuracy")
     print("\nbase accuracy per domain: " + ", ".join(f"{g} {a:.2f}" for g, a in sorted(base.items())))
-    print("effect of ablating each domain's specialized routes (mean over domains; random = same number "
-          "of random real routes):")
-    print(f"{'method':<8} {'measure':<14} {'targeted':>9} {'off-target':>11} {'random':>9} "
-          f"{'selectivity':>12} {'vs random':>10}")
-    for method, s in summary.items():
-        for label, suffix, prefix in (("accuracy drop", "drop", ""), ("loss increase", "loss_increase", "loss_")):
-            if f"targeted_{suffix}" not in s:
-                continue
-            print(f"{method:<8} {label:<14} {_fmt(s[f'targeted_{suffix}']):>9} {_fmt(s[f'off_target_{suffix}']):>11} "
-                  f"{_fmt(s[f'random_{suffix}']):>9} {s[f'{prefix}selectivity']:>12.2f} {s[f'{prefix}vs_random']:>10.2f}")
+    print("effect of ablating each domain's specialized routes (mean over domains; random = the same number "
+          "of random real routes; [95% paired-bootstrap interval]; p: sign-flip permutation test over items; "
+          "selectivity = targeted / off-target):")
+    print("\n".join(summary_lines(summary)))
     prompts = write_example_prompts(out / "prompts.jsonl", texts)
     print(f"\ndemo checkpoint: {model_dir}\n  an OlmoeForCausalLM with a word-level tokenizer that knows "
           f"{len(tokenizer)} tokens (whole lower-case words, digits 0-18 and a few symbols; anything else is "
