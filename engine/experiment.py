@@ -54,6 +54,11 @@ RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "seed", "n_item
 # the text's mean next-token loss, weight = its scored tokens.
 ITEM_COLUMNS = ("kind", "method", "targeted_group", "seed", "evaluated_group", "item", "base", "ablated", "weight")
 N_BOOT = 2000
+# OUT/dose_response.csv: one row per (method, mode, targeted group, evaluated group, n_ablated,
+# control or not, seed); accuracy/loss under that ablation, with the paired effect's interval.
+DOSE_COLUMNS = ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "is_random", "seed",
+                "accuracy", "drop", "drop_ci_low", "drop_ci_high", "drop_p_value",
+                "loss", "loss_increase", "loss_ci_low", "loss_ci_high", "loss_p_value")
 
 
 def _group_name(values: Sequence[str]) -> str:
@@ -125,6 +130,8 @@ def run_experiment(
     n_random: int = 3,
     seed: int = 0,
     batch_size: int = 32,
+    doses: Sequence[int | str] | None = None,
+    modes: Sequence[str] = ("reroute",),
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Run the ablation experiment (module docstring) and return the results table.
@@ -136,6 +143,10 @@ def run_experiment(
     a threshold times a group's share above 1 selects nothing, e.g. 5 with 4 equal groups).
     mask_mode: "reroute" (a masked route sends the token to its next-best expert) or "zero"
     (the route stays selected with weight 0), for the targets and the random controls alike.
+    doses: when given (e.g. ``[1, 2, 4, 8, "all"]``), also the dose-response experiment
+    (:func:`dose_ladder`): for every targeted group and method, the n most specialized items and
+    n random real routes, for each n and each mask mode in ``modes``, written to
+    ``OUT/dose_response.csv`` (``DOSE_COLUMNS``).
     Returns the table as a dict of equal-length arrays (also written to ``OUT/results.csv``).
     """
     out = Path(out_dir)
@@ -148,6 +159,10 @@ def run_experiment(
         if method not in METHODS:
             raise MoetraceError(f"methods: expected items of {list(METHODS)}, got {method!r}")
     thresholds = dict(thresholds or {})
+    dose_list = parse_doses(doses) if doses is not None else None
+    for mode in modes:
+        if mode not in ("reroute", "zero"):
+            raise MoetraceError(f"modes: expected items of ['reroute', 'zero'], got {mode!r}")
 
     def evaluate(store_path: Path | None = None) -> tuple[dict, dict]:
         """Per group: (question ids, correct bool) and (text ids, per-text loss, scored tokens)."""
@@ -182,9 +197,13 @@ def run_experiment(
     targets_dir = out / "targets"
     targets_dir.mkdir(exist_ok=True)
     jobs = [(method, group) for method in methods for group in groups]
+    doses_rows: list[dict[str, Any]] = []
     for method, group in tqdm(jobs, desc="ablations", disable=not progress, unit="target"):
         targeted = _group_name(group.values())
         selection = metrics.specialized(counts, method, group, threshold=thresholds.get(method))
+        if dose_list is not None:
+            doses_rows += _dose_rows(model, selection, counts, method, targeted, dose_list, modes, n_random, seed,
+                                     evaluate, base_acc, base_loss, boot, text_boot)
         real = Targets.from_specialized(method, selection, mask_mode=mask_mode)
         real.save_bare(targets_dir / f"{targeted.replace('/', '_')}_{method}.json", method)
         variants = [(method, -1, real)]
@@ -217,6 +236,9 @@ def run_experiment(
 
     table = {col: np.asarray([r[col] for r in rows]) for col in RESULT_COLUMNS}
     write_results(table, out / "results.csv")
+    if dose_list is not None:
+        write_results({col: np.asarray([r[col] for r in doses_rows]) for col in DOSE_COLUMNS},
+                      out / "dose_response.csv")
     item_table = {col: np.concatenate([np.asarray(block[col]) for block in items]) for col in ITEM_COLUMNS}
     write_results(item_table, out / "items.csv")
     summary = summarize(table, item_table, seed=seed)
@@ -432,3 +454,77 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
                 f"{ratio_text(iv.get('selectivity'), s[f'{prefix}selectivity']):>18} "
                 f"{p(iv.get('targeted')):>7} {p(iv.get('targeted_minus_random')):>9}")
     return lines
+
+
+def parse_doses(doses: Sequence[int | str] | str) -> list[int | str]:
+    """``"1,2,4,all"`` or ``[1, 2, 4, "all"]`` -> ``[1, 2, 4, "all"]`` (positive ints, at most one "all")."""
+    parts = doses.split(",") if isinstance(doses, str) else list(doses)
+    out: list[int | str] = []
+    for part in parts:
+        text = str(part).strip()
+        if text == "all":
+            out.append("all")
+            continue
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise MoetraceError(f"doses: expected positive integers or 'all', got {part!r}")
+        out.append(n)
+    if not out or len(set(out)) != len(out):
+        raise MoetraceError(f"doses: expected a non-empty list without repeats, got {doses!r}")
+    return out
+
+
+def dose_ladder(selection: metrics.Selection, doses: Sequence[int | str]) -> list[tuple[int, metrics.Selection]]:
+    """The n most specialized items of ``selection`` for each dose n (``"all"``: every item).
+
+    Items are ranked by their specialization score, the share of their samples that come from the
+    group (``prop``, seed 000's criterion), then by their count in the group, then by layer and
+    expert ids (deterministic). Doses above the number of items are dropped (``"all"`` stays), and
+    repeated sizes are kept once. Returns ``[(n, sub-selection)]`` in increasing n.
+    """
+    from dataclasses import replace
+
+    n_items = len(selection)
+    order = np.lexsort((*selection.items.T[::-1], selection.layer, -selection.n_samples, -selection.prop)) \
+        if n_items else np.zeros(0, dtype=np.int64)
+    sizes = sorted({n_items if d == "all" else int(d) for d in doses if d == "all" or int(d) <= n_items})
+    out = []
+    for n in sizes:
+        if n == 0:
+            continue
+        keep = np.sort(order[:n])
+        out.append((n, replace(selection, layer=selection.layer[keep], items=selection.items[keep],
+                               n_samples=selection.n_samples[keep], n_total=selection.n_total[keep],
+                               prop=selection.prop[keep])))
+    return out
+
+
+def _dose_rows(model, selection, counts, method: str, targeted: str, doses, modes, n_random: int, seed: int,
+               evaluate, base_acc: dict, base_loss: dict, boot, text_boot) -> list[dict[str, Any]]:
+    """dose_response.csv rows of one targeted group and method (every dose, mode and control)."""
+    rows = []
+    for n, sub in dose_ladder(selection, doses):
+        for mode in modes:
+            variants = [(False, -1, Targets.from_specialized(method, sub, mask_mode=mode))]
+            variants += [(True, s, random_like(sub, counts, method, seed * 1000 + s, mode)) for s in range(n_random)]
+            for is_random, variant_seed, targets in variants:
+                try:
+                    with intervene(model, targets):
+                        acc, loss = evaluate()
+                except MoetraceError as exc:
+                    warnings.warn(f"dose {n} ({mode}) of {method} targets of {targeted} not evaluated: {exc}",
+                                  stacklevel=2)
+                    acc, loss = {}, {}
+                for evaluated in base_acc:
+                    c = _paired_columns(base_acc, acc, base_loss, loss, evaluated, boot, text_boot, seed)
+                    rows.append({"method": method, "mode": mode, "targeted_group": targeted,
+                                 "evaluated_group": evaluated, "n_ablated": n, "is_random": is_random,
+                                 "seed": variant_seed, "accuracy": c["ablated_accuracy"], "drop": c["drop"],
+                                 "drop_ci_low": c["drop_ci_low"], "drop_ci_high": c["drop_ci_high"],
+                                 "drop_p_value": c["drop_p_value"], "loss": c["ablated_loss"],
+                                 "loss_increase": c["loss_increase"], "loss_ci_low": c["loss_ci_low"],
+                                 "loss_ci_high": c["loss_ci_high"], "loss_p_value": c["loss_p_value"]})
+    return rows

@@ -142,3 +142,50 @@ def test_summary_lines_show_intervals_and_never_inf(run):
     assert len(lines) == 1 + 2  # header + one accuracy line per method (no texts in this run)
     assert all("inf" not in line for line in lines)
     assert all("[" in line for line in lines[1:])  # every effect with its interval
+
+
+def test_dose_ladder_takes_the_most_specialized_items_first():
+    from engine.experiment import dose_ladder, parse_doses
+
+    sel = metrics.Selection(method="experts", group={"domain": "a"}, threshold=1.0, min_layer_index=0,
+                            group_share=0.25, group_samples=10, all_samples=40,
+                            layer=np.array([1, 1, 2, 3]), items=np.array([[4], [2], [7], [0]]),
+                            n_samples=np.array([5, 9, 9, 1]), n_total=np.array([5, 10, 10, 1]),
+                            prop=np.array([1.0, 0.9, 0.9, 1.0]))
+    ladder = dose_ladder(sel, parse_doses("1,2,3,8,all"))
+    assert [n for n, _ in ladder] == [1, 2, 3, 4]  # 8 > 4 items is dropped; "all" = 4
+    # prop 1.0 first (more samples first: (1, 4) has 5, (3, 0) has 1), then prop 0.9 by count, layer
+    firsts = [set(zip(s.layer.tolist(), s.items[:, 0].tolist())) for _, s in ladder]
+    assert firsts[0] == {(1, 4)}
+    assert firsts[1] == {(1, 4), (3, 0)}
+    assert firsts[2] == {(1, 4), (3, 0), (1, 2)}
+    with pytest.raises(Exception):
+        parse_doses("0,1")
+    with pytest.raises(Exception):
+        parse_doses("1,1")
+
+
+def test_dose_response_table(tmp_path):
+    """dose_response.csv: every dose, mode, control, and the largest real dose equals the full
+    ablation of results.csv (the same targets)."""
+    import pandas as pd
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = tiny_model("olmoe", vocab_size=len(tok))
+    questions = make_questions(n_per_group=2, seed=3)
+    run_experiment(model, tok, questions, tmp_path, methods=("experts",), n_random=1,
+                   thresholds={"experts": 1.5}, doses=[1, 2, "all"], modes=("reroute", "zero"), progress=False)
+    dose = pd.read_csv(tmp_path / "dose_response.csv")
+    for col in ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "is_random", "accuracy", "loss"):
+        assert col in dose.columns
+    assert set(dose["mode"]) == {"reroute", "zero"}
+    assert set(dose["is_random"]) == {True, False}
+    results = pd.read_csv(tmp_path / "results.csv")
+    for targeted, rows in dose[(dose["mode"] == "reroute") & ~dose["is_random"]].groupby("targeted_group"):
+        full = rows[rows["n_ablated"] == rows["n_ablated"].max()]
+        ref = results[(results["method"] == "experts") & (results["targeted_group"] == targeted)]
+        merged = full.merge(ref, on="evaluated_group")
+        np.testing.assert_allclose(merged["accuracy"], merged["ablated_accuracy"])
+        n_items = int(ref["n_items"].iloc[0])
+        assert rows["n_ablated"].max() == n_items

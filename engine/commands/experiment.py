@@ -21,6 +21,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--labels", default="domain,lang", help="label columns captured into the trace")
     p.add_argument("--methods", default="paths,experts,pairs")
     p.add_argument("--random", type=int, default=3, help="random-control seeds per target (default 3)")
+    p.add_argument("--doses", default=None,
+                   help="dose-response: ablate the n most specialized items for each n, e.g. 1,2,4,8,all "
+                        "(and n random real routes as control); writes OUT_DIR/dose_response.csv")
+    p.add_argument("--modes", default="reroute",
+                   help="mask modes for the dose-response: reroute, zero or reroute,zero (default reroute)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -45,6 +50,7 @@ def run(args) -> int:
                            methods=[m for m in args.methods.split(",") if m],
                            by=[b for b in args.by.split(",") if b], labels=[x for x in args.labels.split(",") if x],
                            n_random=args.random, seed=args.seed, batch_size=args.batch_size,
+                           doses=args.doses, modes=[m for m in args.modes.split(",") if m],
                            progress=not args.quiet)
     summary = json.loads((Path(args.out) / "summary.json").read_text())
     summary.pop("base_accuracy", None)
