@@ -26,14 +26,17 @@ Memory is bounded by one batch.
 
 Beam search and several returned sequences. Beams are followed through
 ``Cache.reorder_cache(beam_idx)`` (called by generate() and by any hand-written beam
-loop), so a recorded sequence is the history of one final beam: its prompt and the
-generated tokens that led to it, not the rows that happened to sit in its batch slot.
-When a forward has ``k`` times as many rows as ``set_batch`` gave ids (``num_beams=k``,
-or ``num_return_sequences=k``), rows ``b*k .. b*k+k-1`` belong to input ``b`` and only
-row ``b*k`` is recorded under id ``b``: for beam search that is the best running beam at
-the end, which is the sequence generate() returns unless a beam that finished earlier
-(EOS) scores higher. Give ``B*k`` ids (or none: fresh ids) to record every beam as its
-own sequence. The last generated token never goes through the model, so a sequence
+loop), so a recorded sequence is the history of one beam as it stood at the batch's last
+forward: its prompt and the generated tokens that led to it (not the rows that happened
+to sit in its batch slot). generate() returns the best one-token continuations of those
+beams, so each returned sequence that ran to ``max_new_tokens`` is one recorded beam plus
+its final token (a beam that stopped earlier at EOS is not recorded on its own). When a
+forward has ``k`` times as many rows as ``set_batch`` gave ids (``num_beams=k``, or
+``num_return_sequences=k``), rows ``b*k .. b*k+k-1`` belong to input ``b`` and only row
+``b*k`` is recorded under id ``b``: for beam search the beam ranked first after the
+previous step, usually but not always the history of the sequence generate() returns
+(its ``beam_indices`` output says which). Give ``B*k`` ids (or none: fresh ids) to record
+every beam as its own sequence. The last generated token never goes through the model, so a sequence
 has its prompt and all but the last generated token.
 
 The routing comes from ``engine.intervene.observe_routing``, so capture composes with
@@ -124,7 +127,9 @@ class _Batch:
         starts = np.zeros((len(kept), n_forwards), dtype=np.int64)
         lens = np.zeros((len(kept), n_forwards), dtype=np.int64)
         offsets = np.cumsum([0] + [len(o) for o in self.owners])
-        ancestor, reorders = kept.copy(), list(self.reorders)
+        # A reordering after the last forward picks beams for a step that never ran (generate()
+        # reorders after its final step too): the beams are recorded as the last forward saw them.
+        ancestor, reorders = kept.copy(), [r for r in self.reorders if r[0] < n_forwards]
         for f in range(n_forwards - 1, -1, -1):
             while reorders and reorders[-1][0] > f:  # reordered after forward f
                 ancestor = reorders.pop()[1][ancestor]

@@ -182,3 +182,122 @@ def test_probs_setting_must_match_the_store(tmp_path):
     with pytest.raises(MoetraceError, match=r"probs=False but the store has routing/probs"):
         with capture(model, tmp_path / "t.zarr"):
             pass
+
+
+# --------------------------------------------------------------------- every shape of generation
+
+def routing_of_sequence(model, tokens):
+    """{layer_id: int64 [n, K]}: what the model routes for ``tokens`` (one unpadded row, teacher-forced)."""
+    return reference_routing(model, input_ids=torch.tensor([tokens]))
+
+
+def assert_sequence_rows(model, store, rows, seq, tokens, prompt_len):
+    """The store holds ``tokens`` for ``seq`` as contiguous rows in position order, with the
+    routing the model gives that token history and the prompt/generated split at ``prompt_len``."""
+    at = np.flatnonzero(rows["seq"] == seq)
+    assert len(at) == len(tokens), (seq, len(at), len(tokens))
+    assert (np.diff(at) == 1).all(), f"sequence {seq}'s rows are not contiguous"
+    assert rows["pos"][at].tolist() == list(range(len(tokens)))
+    assert rows["token_id"][at].tolist() == list(tokens)
+    assert rows["generated"][at].tolist() == [i >= prompt_len for i in range(len(tokens))]
+    ref = routing_of_sequence(model, list(tokens))
+    for i, layer in enumerate(store.layer_ids):
+        np.testing.assert_array_equal(rows["experts"][at, i, :], ref[int(layer)].numpy())
+
+
+def read_all(path):
+    store = TraceStore.open(path)
+    return store, store.read(["seq", "pos", "token_id", "generated", "experts"])
+
+
+# name -> (batch rows of padded_batch() used, generate() keyword arguments)
+GENERATE_SHAPES = {
+    "greedy_padded": ([0, 1], dict(do_sample=False)),
+    "greedy_batch_of_one": ([1], dict(do_sample=False)),
+    "greedy_all_ones_mask": ([1, 1], dict(do_sample=False)),
+    "sampling_padded": ([0, 1], dict(do_sample=True, top_k=0)),
+    "static_cache_padded": ([0, 1], dict(do_sample=False, cache_implementation="static")),
+    "static_cache_batch_of_one": ([1], dict(do_sample=False, cache_implementation="static")),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(GENERATE_SHAPES))
+def test_generate_records_each_sequence_contiguously_with_its_own_routing(tmp_path, shape):
+    rows_used, extra = GENERATE_SHAPES[shape]
+    model = tiny_model("olmoe")
+    ids, mask = (t[rows_used] for t in padded_batch())
+    new = 4
+    torch.manual_seed(3)
+    with capture(model, tmp_path / "t.zarr") as cap, torch.no_grad():
+        cap.set_batch(seq=[7 + i for i in range(len(rows_used))])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             pad_token_id=0, **extra)
+    store, rows = read_all(tmp_path / "t.zarr")
+    assert len(set(rows["seq"].tolist())) == len(rows_used)
+    for b in range(len(rows_used)):
+        prompt = ids[b][mask[b].bool()].tolist()
+        tokens = prompt + out[b, ids.shape[1]:].tolist()[:-1]  # the last token never goes through the model
+        assert_sequence_rows(model, store, rows, 7 + b, tokens, len(prompt))
+
+
+@pytest.mark.parametrize("cache_keyword", ["past_key_values", "cache"])
+@pytest.mark.parametrize("rows_used", [[1], [0, 1]])
+def test_hand_written_decode_loop_continues_the_batch(tmp_path, cache_keyword, rows_used):
+    model = tiny_model("qwen3_moe")
+    ids, mask = (t[rows_used] for t in padded_batch())
+    steps = 3
+    with capture(model, tmp_path / "t.zarr"), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        fed = []
+        for _ in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            fed.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{cache_keyword: cache})
+    store, rows = read_all(tmp_path / "t.zarr")
+    assert sorted(set(rows["seq"].tolist())) == list(range(len(rows_used)))
+    for b in range(len(rows_used)):
+        prompt = ids[b][padded_batch()[1][rows_used][b].bool()].tolist()
+        assert_sequence_rows(model, store, rows, b, prompt + [int(t[b]) for t in fed], len(prompt))
+
+
+def test_beam_search_with_an_id_per_input_records_one_coherent_beam_each(tmp_path):
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    new, beams = 5, 3
+    with capture(model, tmp_path / "t.zarr", labels=["domain"]) as cap, torch.no_grad():
+        cap.set_batch(seq=[10, 11], labels={"domain": ["math", "code"]})
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                       num_beams=beams, do_sample=False, pad_token_id=0)
+    store, rows = read_all(tmp_path / "t.zarr")
+    assert sorted(set(rows["seq"].tolist())) == [10, 11]
+    domain = store.decode_label("domain", store.read(["domain"])["domain"])
+    for b in range(2):
+        tokens = rows["token_id"][rows["seq"] == 10 + b].tolist()
+        prompt = ids[b][mask[b].bool()].tolist()
+        assert tokens[:len(prompt)] == prompt and len(tokens) == len(prompt) + new - 1
+        assert_sequence_rows(model, store, rows, 10 + b, tokens, len(prompt))
+        assert set(domain[rows["seq"] == 10 + b].tolist()) == {["math", "code"][b]}
+
+
+def test_beam_search_with_an_id_per_beam_records_every_beam(tmp_path):
+    """Each recorded beam is one coherent token history (reordering followed): its rows carry
+    the routing the model gives that history, and every sequence generate() returns is one of them
+    plus its final token."""
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    new, beams = 5, 3
+    with capture(model, tmp_path / "t.zarr") as cap, torch.no_grad():
+        cap.set_batch(seq=list(range(2 * beams)))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             num_beams=beams, num_return_sequences=beams, do_sample=False, pad_token_id=0)
+    store, rows = read_all(tmp_path / "t.zarr")
+    assert sorted(set(rows["seq"].tolist())) == list(range(2 * beams))
+    for b in range(2):
+        prompt = ids[b][mask[b].bool()].tolist()
+        returned = {tuple(prompt + out[r, ids.shape[1]:-1].tolist()) for r in range(b * beams, (b + 1) * beams)}
+        recorded = {tuple(rows["token_id"][rows["seq"] == r].tolist()) for r in range(b * beams, (b + 1) * beams)}
+        assert len(recorded) == beams and returned <= recorded  # returned sequences may share a parent beam
+        for r in range(b * beams, (b + 1) * beams):
+            assert_sequence_rows(model, store, rows, r, rows["token_id"][rows["seq"] == r].tolist(), len(prompt))
