@@ -95,6 +95,12 @@ def _label_error(name: str, rows: int | str) -> MoetraceError:
         f"before this forward, got None values")
 
 
+def next_sequence_id(store: TraceStore) -> int:
+    """One more than the largest sequence id ``store`` holds (0 when empty); reads ``seq`` chunk by chunk."""
+    top = [int(c["seq"].max()) for c in store.iter_chunks(["seq"]) if len(c)]
+    return max(top) + 1 if top else 0
+
+
 class _Batch:
     """One batch as the writer buffers it until the batch ends.
 
@@ -159,8 +165,7 @@ class Capture:
         self._wrapped: list[tuple[weakref.ref, Any]] = []
         # Writer-thread state. Automatic sequence ids continue after every id the (possibly
         # pre-existing) store holds; read once here, before the writer thread touches the store.
-        top = [int(c["seq"].max()) for c in store.iter_chunks(["seq"]) if len(c)]
-        self._next_seq = max(top) + 1 if top else 0
+        self._next_seq = next_sequence_id(store)
         self._batch: _Batch | None = None
         self.rows_captured = 0
         self._writer = threading.Thread(target=self._write_loop, name="moetrace-capture-writer", daemon=True)

@@ -301,3 +301,49 @@ def test_beam_search_with_an_id_per_beam_records_every_beam(tmp_path):
         assert len(recorded) == beams and returned <= recorded  # returned sequences may share a parent beam
         for r in range(b * beams, (b + 1) * beams):
             assert_sequence_rows(model, store, rows, r, rows["token_id"][rows["seq"] == r].tolist(), len(prompt))
+
+
+def test_cli_capture_refuses_an_existing_store_unless_told_to_overwrite_or_append(tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+
+    tiny_model("olmoe").save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"input_ids": x}) for x in ([5, 6, 7], [9, 10])) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"input_ids": [11, 12, 13, 14]}) + "\n")
+    out = tmp_path / "t.zarr"
+    base = ["capture", str(out), "--model", str(tmp_path / "ckpt"), "--quiet", "--data"]
+
+    def stored():
+        rows = TraceStore.open(out).read(["seq", "token_id"])
+        return list(zip(rows["seq"].tolist(), rows["token_id"].tolist()))
+
+    assert main(base + [str(tmp_path / "a.jsonl")]) == 0
+    first = stored()
+    assert first == [(0, 5), (0, 6), (0, 7), (1, 9), (1, 10)]
+    assert main(base + [str(tmp_path / "b.jsonl")]) == 2
+    assert "already exists" in capsys.readouterr().err and stored() == first
+    assert main(base + [str(tmp_path / "b.jsonl"), "--append"]) == 0
+    assert stored() == first + [(2, 11), (2, 12), (2, 13), (2, 14)]
+    assert main(base + [str(tmp_path / "b.jsonl"), "--overwrite"]) == 0
+    assert stored() == [(0, 11), (0, 12), (0, 13), (0, 14)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "ckpt", "t.zarr"]
+    with pytest.raises(SystemExit):
+        main(base + [str(tmp_path / "b.jsonl"), "--overwrite", "--append"])
+
+
+def test_cli_capture_help_says_the_last_generated_token_is_not_recorded(tmp_path, capsys):
+    """--max-new-tokens N records N-1 generated tokens per sequence, as its help says."""
+    import json
+
+    from engine.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["capture", "--help"])
+    assert "first N-1" in " ".join(capsys.readouterr().out.split())
+    tiny_model("olmoe").save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"input_ids": [5, 6, 7]}) + "\n")
+    assert main(["capture", str(tmp_path / "t.zarr"), "--model", str(tmp_path / "ckpt"), "--quiet",
+                 "--data", str(tmp_path / "a.jsonl"), "--max-new-tokens", "4"]) == 0
+    generated = TraceStore.open(tmp_path / "t.zarr").read(["generated"])["generated"]
+    assert len(generated) == 3 + 3 and generated.sum() == 3
