@@ -347,3 +347,37 @@ def test_cli_capture_help_says_the_last_generated_token_is_not_recorded(tmp_path
                  "--data", str(tmp_path / "a.jsonl"), "--max-new-tokens", "4"]) == 0
     generated = TraceStore.open(tmp_path / "t.zarr").read(["generated"])["generated"]
     assert len(generated) == 3 + 3 and generated.sum() == 3
+
+
+def test_batched_generate_gives_temporal_counts_and_stickiness_of_each_sequences_token_order(tmp_path):
+    """A padded batch generated together: every top-1 transition t -> t+1 of each sequence is
+    counted (the interleaved store of before counted 4 of 18), and info sees 2 sequences."""
+    from engine.aggregate import count
+    from engine.metrics import stickiness
+
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    new = 6
+    with capture(model, tmp_path / "t.zarr"), torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                       do_sample=False)
+    store = TraceStore.open(tmp_path / "t.zarr")
+    rows = store.read(["seq", "pos", "experts"])
+    # Slow reference: each sequence's tokens in position order, whatever the row order.
+    tokens: dict[int, dict[int, list[int]]] = {}
+    for seq, pos, experts in zip(rows["seq"].tolist(), rows["pos"].tolist(), rows["experts"][:, :, 0].tolist()):
+        tokens.setdefault(seq, {})[pos] = experts
+    assert len(tokens) == 2 and store.info()["sequences"] == 2
+    E = store.n_experts
+    ref = np.zeros((store.n_layers, E, E), dtype=np.int64)
+    for by_pos in tokens.values():
+        for pos in sorted(by_pos):
+            if pos + 1 in by_pos:
+                for layer in range(store.n_layers):
+                    ref[layer, by_pos[pos][layer], by_pos[pos + 1][layer]] += 1
+    n_tokens = [int(m.sum()) + new - 1 for m in mask]
+    assert int(ref[0].sum()) == sum(n - 1 for n in n_tokens) == 18
+    counts = count(store, stats=["temporal"], progress=False)
+    np.testing.assert_array_equal(counts["temporal"].transpose("layer", "expert", "next_expert").values, ref)
+    same = np.einsum("lii->l", ref)
+    np.testing.assert_allclose(stickiness(counts)["stickiness"].values, same / ref.sum(axis=(1, 2)))
