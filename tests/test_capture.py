@@ -381,3 +381,49 @@ def test_batched_generate_gives_temporal_counts_and_stickiness_of_each_sequences
     np.testing.assert_array_equal(counts["temporal"].transpose("layer", "expert", "next_expert").values, ref)
     same = np.einsum("lii->l", ref)
     np.testing.assert_allclose(stickiness(counts)["stickiness"].values, same / ref.sum(axis=(1, 2)))
+
+
+def prefill_then_decode(model, forward, steps=2):
+    """A padded prefill and ``steps`` greedy decode steps through ``forward`` (the model or its compiled form)."""
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        out = forward(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        for _ in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            out = forward(input_ids=nxt, attention_mask=mask, cache=cache, use_cache=True)
+
+
+def test_capture_adds_one_graph_break_a_forward(tmp_path):
+    """The hand-off to the writer is capture's only graph break, in prefill and in decode steps."""
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        assert torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask).graph_break_count == 0
+        with capture(model, tmp_path / "t.zarr"):
+            prefill = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, use_cache=True)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+            decode = torch._dynamo.explain(model)(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                                                  cache=cache, use_cache=True)
+    assert (prefill.graph_break_count, decode.graph_break_count) == (1, 1)
+    assert all("Capture._hand_off" in str(r.reason) for r in [*prefill.break_reasons, *decode.break_reasons])
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_capture_under_torch_compile_records_what_eager_records(tmp_path, backend):
+    model = tiny_model("olmoe")
+    torch._dynamo.reset()
+    with capture(model, tmp_path / "eager.zarr"):
+        prefill_then_decode(model, model)
+    with capture(model, tmp_path / "compiled.zarr"):
+        prefill_then_decode(model, torch.compile(model, backend=backend))
+    columns = ["seq", "pos", "token_id", "generated", "experts", "weights"]
+    eager = TraceStore.open(tmp_path / "eager.zarr").read(columns)
+    compiled = TraceStore.open(tmp_path / "compiled.zarr").read(columns)
+    assert len(eager["seq"]) == int(padded_batch()[1].sum()) + 2 * 2
+    for name in columns[:-1]:
+        np.testing.assert_array_equal(compiled[name], eager[name], err_msg=name)
+    np.testing.assert_allclose(compiled["weights"], eager["weights"], rtol=1e-3, atol=1e-3)
