@@ -22,7 +22,10 @@ the keys its last query attends to; without a mask every token counts.
 Store order. The writer buffers a batch and writes it when the batch ends (the next new
 batch, or exit): one sequence after the other in batch-row order, each in increasing
 position, so a sequence's rows are contiguous and position-ordered in the store.
-Memory is bounded by one batch.
+Memory is bounded by one batch. A sequence ends before its first generated token that is
+one of ``model.generation_config.eos_token_id`` (read when capture starts): generate()
+feeds padding to a finished row while the rest of its batch goes on, and none of that is
+recorded (as a batch of one stops there).
 
 Beam search and several returned sequences. Beams are followed through
 ``Cache.reorder_cache(beam_idx)`` (called by generate() and by any hand-written beam
@@ -156,6 +159,8 @@ class Capture:
         self.store = store
         self.probs = probs
         self._n_layers = len(router_sites(model))
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self._eos = np.asarray([] if eos is None else eos, dtype=np.int64).reshape(-1)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._events: dict[int, tuple] = {}
@@ -400,6 +405,15 @@ class Capture:
         out["seq"] = np.repeat(batch.ids, per_seq)
         for name in self.store.label_names:
             out[name] = np.repeat(batch.labels[name], per_seq)
+        if len(self._eos):
+            # A row that generated EOS is fed padding while the rest of the batch goes on: keep
+            # each sequence up to (without) its first generated EOS, as generate() stops a batch of one.
+            eos = out["generated"] & np.isin(out["token_id"], self._eos)
+            eos_before = np.concatenate([[0], np.cumsum(eos)])               # EOS rows before row i
+            seq_start = np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+            keep = eos_before[:-1] == eos_before[seq_start]                   # no EOS yet in this sequence
+            keep &= ~eos
+            out = {name: values[keep] for name, values in out.items()}
         if len(out["seq"]):
             self.store.append(out)
             self.rows_captured += len(out["seq"])

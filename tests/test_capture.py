@@ -427,3 +427,24 @@ def test_capture_under_torch_compile_records_what_eager_records(tmp_path, backen
     for name in columns[:-1]:
         np.testing.assert_array_equal(compiled[name], eager[name], err_msg=name)
     np.testing.assert_allclose(compiled["weights"], eager["weights"], rtol=1e-3, atol=1e-3)
+
+
+def test_a_sequence_that_generates_eos_stops_there_while_its_batch_goes_on(tmp_path):
+    """generate() feeds padding to a finished row of a batch: those rows are not recorded."""
+    model = tiny_model("olmoe")
+    ids, mask = padded_batch()
+    new, width = 5, ids.shape[1]
+    with torch.no_grad():
+        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0)
+    eos = int(free[0, width + 1])  # row 0's second generated token becomes its end of sequence
+    assert eos not in free[1, width:].tolist() and eos != int(free[0, width])
+    model.generation_config.eos_token_id = eos
+    with capture(model, tmp_path / "t.zarr") as cap, torch.no_grad():
+        cap.set_batch(seq=[0, 1])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert out[0, width + 1] == eos and (out[0, width + 2:] == 0).all() and out.shape[1] == width + new
+    store, rows = read_all(tmp_path / "t.zarr")
+    prompt = [ids[b][mask[b].bool()].tolist() for b in range(2)]
+    assert_sequence_rows(model, store, rows, 0, prompt[0] + [int(free[0, width])], len(prompt[0]))
+    assert_sequence_rows(model, store, rows, 1, prompt[1] + out[1, width:-1].tolist(), len(prompt[1]))
