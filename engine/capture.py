@@ -276,7 +276,8 @@ class Capture:
         tensors = {"past": past, "mask": mask, "token_id": input_ids, "experts": experts, "weights": weights,
                    "probs": probs}
         for key, value in tensors.items():
-            item[key] = value.detach().to("cpu", non_blocking=on_cuda) if torch.is_tensor(value) else value
+            # copy=True: on CPU too, so a caller reusing its input buffer in place cannot change what is written.
+            item[key] = value.detach().to("cpu", non_blocking=on_cuda, copy=True) if torch.is_tensor(value) else value
         if on_cuda:
             # Non-blocking copies into pinned memory: the writer waits on this event before reading.
             item["copied"] = torch.cuda.Event()
@@ -491,8 +492,10 @@ def capture(
         labels: label names for a new store (values come per batch from ``set_batch``).
         probs: also record the full router distribution ``routing/probs`` [N, L, E].
         queue_size: forwards buffered between the model and the writer thread.
-    Yields a :class:`Capture`. On exit the writer drains, the store is flushed (rows
-    committed), the hooks are removed, and a writer error is raised as MoetraceError.
+    Yields a :class:`Capture`. On exit the writer drains, the last batch is written, the store
+    is flushed (rows committed), the hooks are removed, and a writer error is raised as
+    MoetraceError. How forwards group into batches and sequences (generate(), decode loops,
+    beam search: one coherent beam history per recorded sequence) is in the module docstring.
     """
     opened = _open_store(store, model, labels or [], probs)
     cap = Capture(model, opened, probs, queue_size)
