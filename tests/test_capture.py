@@ -448,3 +448,21 @@ def test_a_sequence_that_generates_eos_stops_there_while_its_batch_goes_on(tmp_p
     prompt = [ids[b][mask[b].bool()].tolist() for b in range(2)]
     assert_sequence_rows(model, store, rows, 0, prompt[0] + [int(free[0, width])], len(prompt[0]))
     assert_sequence_rows(model, store, rows, 1, prompt[1] + out[1, width:-1].tolist(), len(prompt[1]))
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "jamba", "lfm2_moe", "nemotron_h", "granitemoe_swa"])
+def test_generate_with_hybrid_and_sliding_window_caches(tmp_path, family):
+    """Linear-attention, Mamba, convolution and sliding-window cache layers: continuation is still
+    read from the Cache, and each sequence gets the routing of its own token history."""
+    model = tiny_model(family)
+    ids, mask = padded_batch()
+    new = 3
+    with capture(model, tmp_path / "t.zarr"), torch.no_grad():
+        # Token 0 (padding) has a zero embedding: its router logits tie, and the unpatched router's
+        # torch.topk breaks ties differently from moetrace's lowest-index rule. Keep it out.
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0, suppress_tokens=[0])
+    store, rows = read_all(tmp_path / "t.zarr")
+    for b in range(2):
+        prompt = ids[b][mask[b].bool()].tolist()
+        assert_sequence_rows(model, store, rows, b, prompt + out[b, ids.shape[1]:-1].tolist(), len(prompt))
