@@ -37,10 +37,10 @@ its final token (a beam that stopped earlier at EOS is not recorded on its own).
 forward has ``k`` times as many rows as ``set_batch`` gave ids (``num_beams=k``, or
 ``num_return_sequences=k``), rows ``b*k .. b*k+k-1`` belong to input ``b`` and only row
 ``b*k`` is recorded under id ``b``: for beam search the beam ranked first after the
-previous step, usually but not always the history of the sequence generate() returns
-(its ``beam_indices`` output says which). Give ``B*k`` ids (or none: fresh ids) to record
-every beam as its own sequence. The last generated token never goes through the model, so a sequence
-has its prompt and all but the last generated token.
+previous step, usually but not always the history of the sequence generate() returns.
+Give ``B*k`` ids (or none: fresh ids) to record every beam as its own sequence. The last
+generated token never goes through the model, so a sequence has its prompt and all but
+the last generated token.
 
 The routing comes from ``engine.intervene.observe_routing``, so capture composes with
 ``intervene``: capturing while ablating records the routing actually used. The forward
