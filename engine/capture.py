@@ -6,22 +6,56 @@
 
 For every forward pass, every non-padding token becomes one store row: its sequence id,
 position (counted over the non-padding tokens of its row), token id, whether it was
-generated (the forwards after the first one of a batch, i.e. generate's decoding steps),
-the batch row's labels, and for every MoE layer the experts in rank order and their
-weights (optionally the full router distribution).
+generated, the batch row's labels, and for every MoE layer the experts in rank order and
+their weights (optionally the full router distribution).
+
+Batches and continuation. A forward continues the current batch when the
+``transformers.Cache`` it receives (under any argument name) already holds tokens
+(``Cache.get_seq_length() > 0``) and it has the same number of rows; its tokens are then
+marked ``generated``. This covers generate() (greedy, sampling, beam search; dynamic and
+static caches) and hand-written decode loops passing the cache back, whatever the
+transformers release calls the argument. Any other forward, or one after
+:meth:`Capture.set_batch`, starts a new batch. Padding comes from a 2-D attention mask
+[B, past + S] (1 = token); a 4-D mask (generate() with a static cache) is read through
+the keys its last query attends to; without a mask every token counts.
+
+Store order. The writer buffers a batch and writes it when the batch ends (the next new
+batch, or exit): one sequence after the other in batch-row order, each in increasing
+position, so a sequence's rows are contiguous and position-ordered in the store.
+Memory is bounded by one batch. A sequence ends before its first generated token that is
+one of ``model.generation_config.eos_token_id`` (read when capture starts): generate()
+feeds padding to a finished row while the rest of its batch goes on, and none of that is
+recorded (as a batch of one stops there).
+
+Beam search and several returned sequences. Beams are followed through
+``Cache.reorder_cache(beam_idx)`` (called by generate() and by any hand-written beam
+loop), so a recorded sequence is the history of one beam as it stood at the batch's last
+forward: its prompt and the generated tokens that led to it (not the rows that happened
+to sit in its batch slot). generate() returns the best one-token continuations of those
+beams, so each returned sequence that ran to ``max_new_tokens`` is one recorded beam plus
+its final token (a beam that stopped earlier at EOS is not recorded on its own). When a
+forward has ``k`` times as many rows as ``set_batch`` gave ids (``num_beams=k``, or
+``num_return_sequences=k``), rows ``b*k .. b*k+k-1`` belong to input ``b`` and only row
+``b*k`` is recorded under id ``b``: for beam search the beam ranked first after the
+previous step, usually but not always the history of the sequence generate() returns.
+Give ``B*k`` ids (or none: fresh ids) to record every beam as its own sequence. The last
+generated token never goes through the model, so a sequence has its prompt and all but
+the last generated token.
 
 The routing comes from ``engine.intervene.observe_routing``, so capture composes with
 ``intervene``: capturing while ablating records the routing actually used. The forward
-only stacks the per-layer tensors and starts their device-to-host copies; converting them
-and writing Zarr happen in a background writer thread fed by a bounded queue. An error in
-the writer is raised in the caller (at the next forward or on exit), and every row the
-writer had committed stays readable.
+stays free of host syncs: it stacks the per-layer tensors, and one hand-off (the only
+torch.compile graph break capture adds) starts their device-to-host copies and queues
+them; deciding batches, filtering padding and writing Zarr happen in a background writer
+thread fed by a bounded queue. An error in the writer is raised in the caller (at the
+next forward or on exit), and every row the writer had committed stays readable.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -29,12 +63,92 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from transformers import Cache
 
 from engine.errors import MoetraceError
 from engine.intervene import RouteEvent, observe_routing, router_sites
 from engine.store import TraceStore
 
-_STOP = object()
+_STOP = ("stop", None)
+
+
+def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
+    """The ``transformers.Cache`` a forward received, whatever the argument is called."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def _cache_length(cache: Cache | None) -> int | torch.Tensor | None:
+    """Tokens already in ``cache``: an int, a 0-d tensor (static caches count on the device;
+    copied, as the forward advances it in place), or None (no cache, or no attention layer)."""
+    if cache is None:
+        return None
+    try:
+        length = cache.get_seq_length()
+    except ValueError:  # a cache of linear-attention layers only keeps no token count
+        return None
+    return length.detach().clone() if torch.is_tensor(length) else int(length)
+
+
+def _label_error(name: str, rows: int | str) -> MoetraceError:
+    return MoetraceError(
+        f"capture: the store has label {name!r}; expected set_batch(labels={{{name!r}: [{rows} values]}}) "
+        f"before this forward, got None values")
+
+
+def next_sequence_id(store: TraceStore) -> int:
+    """One more than the largest sequence id ``store`` holds (0 when empty); reads ``seq`` chunk by chunk."""
+    top = [int(c["seq"].max()) for c in store.iter_chunks(["seq"]) if len(c)]
+    return max(top) + 1 if top else 0
+
+
+class _Batch:
+    """One batch as the writer buffers it until the batch ends.
+
+    rows: batch rows of its forwards; ids: the sequence id of every ``group``-th row (the
+    rows recorded); labels: label name -> value per id. Per forward: its filtered columns and
+    the batch row (slot) of each of its tokens; ``reorders``: (forwards before it, beam_idx).
+    """
+
+    def __init__(self, rows: int, ids: np.ndarray, labels: Mapping[str, np.ndarray], group: int):
+        self.rows, self.ids, self.labels, self.group = rows, ids, labels, group
+        self.columns: list[dict[str, np.ndarray]] = []
+        self.owners: list[np.ndarray] = []
+        self.reorders: list[tuple[int, np.ndarray]] = []
+
+    def reorder(self, beam_idx: np.ndarray) -> None:
+        if beam_idx.shape != (self.rows,) or ((beam_idx < 0) | (beam_idx >= self.rows)).any():
+            raise MoetraceError(
+                f"capture: Cache.reorder_cache expected {self.rows} beam indices in [0, {self.rows}) for a batch "
+                f"of {self.rows} rows, got shape {beam_idx.shape}")
+        self.reorders.append((len(self.owners), beam_idx.astype(np.int64)))
+
+    def order(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indices into the concatenated forwards' rows, in output order; rows per recorded id).
+
+        Each recorded slot's history is walked back through the reorders: at forward f it
+        owned the rows of the slot it descends from. Loops over forwards, not rows.
+        """
+        kept = np.arange(0, self.rows, self.group)
+        n_forwards = len(self.owners)
+        starts = np.zeros((len(kept), n_forwards), dtype=np.int64)
+        lens = np.zeros((len(kept), n_forwards), dtype=np.int64)
+        offsets = np.cumsum([0] + [len(o) for o in self.owners])
+        # A reordering after the last forward picks beams for a step that never ran (generate()
+        # reorders after its final step too): the beams are recorded as the last forward saw them.
+        ancestor, reorders = kept.copy(), [r for r in self.reorders if r[0] < n_forwards]
+        for f in range(n_forwards - 1, -1, -1):
+            while reorders and reorders[-1][0] > f:  # reordered after forward f
+                ancestor = reorders.pop()[1][ancestor]
+            counts = np.bincount(self.owners[f], minlength=self.rows)
+            first = offsets[f] + np.cumsum(counts) - counts      # owners are sorted by slot
+            starts[:, f], lens[:, f] = first[ancestor], counts[ancestor]
+        flat_lens = lens.reshape(-1)
+        shift = starts.reshape(-1) - (np.cumsum(flat_lens) - flat_lens)
+        order = np.repeat(shift, flat_lens) + np.arange(int(flat_lens.sum()))
+        return order, lens.sum(axis=1)
 
 
 class Capture:
@@ -44,18 +158,20 @@ class Capture:
         self.model = model
         self.store = store
         self.probs = probs
-        sites = router_sites(model)
-        self._positions = {site.position: site.layer_id for site in sites}
+        self._n_layers = len(router_sites(model))
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self._eos = np.asarray([] if eos is None else eos, dtype=np.int64).reshape(-1)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
-        self._events: list[RouteEvent] = []
+        self._events: dict[int, tuple] = {}
+        self._past: int | torch.Tensor | None = None
         self._pending_batch: dict[str, Any] | None = None
-        self._current: dict[str, Any] | None = None
-        # Automatic sequence ids continue after every id the (possibly pre-existing) store holds;
-        # read once here, before the writer thread touches the store.
-        top = [int(c["seq"].max()) for c in store.iter_chunks(["seq"]) if len(c)]
-        self._next_seq = max(top) + 1 if top else 0
-        self._past: int | None = None
+        self._described = False
+        self._wrapped: list[tuple[weakref.ref, Any]] = []
+        # Writer-thread state. Automatic sequence ids continue after every id the (possibly
+        # pre-existing) store holds; read once here, before the writer thread touches the store.
+        self._next_seq = next_sequence_id(store)
+        self._batch: _Batch | None = None
         self.rows_captured = 0
         self._writer = threading.Thread(target=self._write_loop, name="moetrace-capture-writer", daemon=True)
         self._writer.start()
@@ -66,165 +182,255 @@ class Capture:
         seq: Sequence[int] | np.ndarray | None = None,
         labels: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
-        """Describe the rows of the next batch: ``seq`` ids [B] and label values per row [B].
+        """Describe the sequences of the next batch: ``seq`` ids [n] and label values per id [n].
 
         Applies to the next forward and to the decoding steps that continue it (generate).
+        ``n`` is the batch's rows B, or B / k when each input has k rows (beams, returned
+        sequences): then only row b*k is recorded for id b (see the module docstring).
         Without a call, each batch row of a new forward gets a fresh sequence id; a store
         with labels then needs them, so call this whenever the store has labels.
         """
         self.raise_writer_error()
-        self._pending_batch = {
-            "seq": None if seq is None else np.asarray(seq, dtype=np.int64),
-            "labels": {k: np.asarray(v) for k, v in (labels or {}).items()},
-        }
+        ids = None if seq is None else np.asarray(seq, dtype=np.int64).reshape(-1)
+        values = {str(k): np.asarray(v).reshape(-1) for k, v in (labels or {}).items()}
+        n = None if ids is None else len(ids)
+        for name, value in values.items():
+            if name not in self.store.label_names:
+                raise MoetraceError(f"capture.set_batch: label {name!r} is not one of the store's labels "
+                                    f"{self.store.label_names}")
+            n = len(value) if n is None else n
+            if len(value) != n:
+                raise MoetraceError(f"capture.set_batch: expected {n} values of label {name!r} "
+                                    f"(one per sequence), got {len(value)}")
+        for name in self.store.label_names:
+            if name not in values:
+                raise _label_error(name, "one value per sequence" if n is None else n)
+        self._pending_batch = {"seq": ids, "labels": values, "n": n}
+        self._described = True
 
     def raise_writer_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise MoetraceError(f"capture writer failed for {self.store.path}: {error}") from error
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ hooks (forward path)
     def on_route(self, event: RouteEvent) -> None:
-        self._events.append(event)
+        self._events[event.position] = (event.experts, event.weights, event.probs() if self.probs else None)
 
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.raise_writer_error()
-        self._events = []
-        # Tokens already in the KV cache, read before this forward extends it. generate()
-        # drops an all-ones attention mask, so the cache is the reliable source.
-        cache = kwargs.get("past_key_values")
-        self._past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else None
+        self._events = {}
+        self._past = _cache_length(_find_cache(args, kwargs))
 
     def after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        events, self._events = self._events, []
+        events, self._events = self._events, {}
+        past, self._past = self._past, None
         if not events:
             return
-        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        embeds = kwargs.get("inputs_embeds")
-        shape = input_ids.shape if input_ids is not None else embeds.shape[:2]
-        B, S = int(shape[0]), int(shape[1])
+        if len(events) != self._n_layers:
+            raise MoetraceError(f"capture: expected one routing event per MoE layer ({self._n_layers}) in a "
+                                f"forward, got {len(events)}")
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and args and torch.is_tensor(args[0]):
+            input_ids = args[0]
+        shape = input_ids.shape if input_ids is not None else kwargs["inputs_embeds"].shape
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
             mask = args[1]  # model(input_ids, attention_mask) called positionally
-        past = self._past
-        if mask is not None and mask.dim() == 2:
-            past = int(mask.shape[1]) - S if past is None else past
-            full = mask.to(torch.int64)[:, -(past + S):]
-        else:
-            cache_position = kwargs.get("cache_position")
-            if past is None:
-                past = int(cache_position.reshape(-1)[0]) if cache_position is not None and cache_position.numel() else 0
-            full = torch.ones(B, past + S, dtype=torch.int64, device=events[0].experts.device)
-        batch = self._batch_for(B, continuation=past > 0)
-        valid = full[:, -S:].bool()                                  # [B, S]
-        pos = (full.cumsum(dim=1) - 1)[:, -S:]                       # non-padding positions
-        events = sorted(events, key=lambda e: e.position)
-        if [e.position for e in events] != sorted(self._positions):
+        if isinstance(mask, dict):  # per attention type (models mixing sliding and full layers)
+            mask = mask.get("full_attention")
+        keys_first = False
+        if not torch.is_tensor(mask) or mask.dim() not in (2, 4):
+            mask = None
+        elif mask.dim() == 4:
+            # [B, 1, S, keys]: the keys the last query attends are the non-padding tokens so far.
+            mask, keys_first = mask[:, 0, -1, :], True
+            if mask.is_floating_point():
+                mask = mask > torch.finfo(mask.dtype).min / 2
+        positions = sorted(events)
+        experts = torch.stack([events[p][0] for p in positions], dim=1)            # [B*S, L, K]
+        weights = torch.stack([events[p][1] for p in positions], dim=1)
+        probs = torch.stack([events[p][2] for p in positions], dim=1) if self.probs else None
+        self._hand_off(shape[0], shape[1], past, None if mask is None else mask != 0, keys_first,
+                       input_ids, experts, weights, probs, _find_cache(args, kwargs))
+
+    @torch.compiler.disable
+    def _hand_off(self, B: int, S: int, past: Any, mask: torch.Tensor | None, keys_first: bool,
+                  input_ids: torch.Tensor | None, experts: torch.Tensor, weights: torch.Tensor,
+                  probs: torch.Tensor | None, cache: Cache | None) -> None:
+        """Queue one forward for the writer: device-to-host copies started, nothing waited on.
+
+        The one place capture leaves a compiled graph (``torch.compiler.disable``)."""
+        self.raise_writer_error()
+        B, S = int(B), int(S)
+        pending, self._pending_batch = self._pending_batch, None
+        if pending is not None and pending["n"] is not None and (pending["n"] == 0 or B % pending["n"]):
             raise MoetraceError(
-                f"capture: expected one routing event per MoE layer {sorted(self._positions)} in a "
-                f"forward, got positions {[e.position for e in events]}")
-        flat_valid = valid.reshape(-1)
-        item = {
-            "valid": valid,
-            "pos": pos,
-            "token_id": None if input_ids is None else input_ids,
-            "experts": torch.stack([e.experts for e in events], dim=1)[flat_valid],     # [n, L, K]
-            "weights": torch.stack([e.weights for e in events], dim=1)[flat_valid],
-            "probs": (torch.stack([e.probs() for e in events], dim=1)[flat_valid] if self.probs else None),
-            "generated": past > 0,
-            "batch": batch,
-        }
-        on_cuda = item["experts"].is_cuda
-        for key in ("valid", "pos", "token_id", "experts", "weights", "probs"):
-            if item[key] is not None:
-                item[key] = item[key].detach().to("cpu", non_blocking=on_cuda)
+                f"capture.set_batch: expected {B} sequence ids for a batch of {B} rows (or B/k for k rows per "
+                f"input: beams, returned sequences), got {pending['n']}")
+        if pending is None and not self._described and self.store.label_names:
+            raise _label_error(self.store.label_names[0], B)
+        if cache is not None:
+            self._follow_reorders(cache)
+        on_cuda = experts.is_cuda
+        item: dict[str, Any] = {"B": B, "S": S, "keys_first": keys_first, "pending": pending}
+        tensors = {"past": past, "mask": mask, "token_id": input_ids, "experts": experts, "weights": weights,
+                   "probs": probs}
+        for key, value in tensors.items():
+            # copy=True: on CPU too, so a caller reusing its input buffer in place cannot change what is written.
+            item[key] = value.detach().to("cpu", non_blocking=on_cuda, copy=True) if torch.is_tensor(value) else value
         if on_cuda:
             # Non-blocking copies into pinned memory: the writer waits on this event before reading.
             item["copied"] = torch.cuda.Event()
             item["copied"].record()
-        self._put(item)
+        self._put(("forward", item))
 
-    # ------------------------------------------------------------------ internals
-    def _fresh_seq(self, B: int) -> np.ndarray:
-        """B sequence ids never used in the store nor by this capture."""
-        seq = np.arange(self._next_seq, self._next_seq + B, dtype=np.int64)
-        self._next_seq += B
-        return seq
+    def _follow_reorders(self, cache: Cache) -> None:
+        """Wrap ``cache.reorder_cache`` (public Cache API, used by beam search) so the writer
+        sees every reordering of the batch rows; undone on exit."""
+        previous = cache.__dict__.get("reorder_cache")
+        if getattr(previous, "_moetrace_capture", None) is self:
+            return
+        original = cache.reorder_cache
 
-    def _batch_for(self, B: int, continuation: bool) -> dict[str, Any]:
-        if self._pending_batch is not None:
-            batch, self._pending_batch = self._pending_batch, None
-            if batch["seq"] is None:
-                batch["seq"] = self._fresh_seq(B)
-            elif len(batch["seq"]):
-                self._next_seq = max(self._next_seq, int(batch["seq"].max()) + 1)
-            self._current = batch
-        elif not continuation or self._current is None:
-            self._current = {"seq": self._fresh_seq(B), "labels": {}}
-        batch = self._current
-        if len(batch["seq"]) != B:
-            raise MoetraceError(f"capture.set_batch: expected {B} sequence ids for a batch of {B} rows, "
-                                f"got {len(batch['seq'])}")
-        for name in self.store.label_names:
-            values = batch["labels"].get(name)
-            if values is None or len(values) != B:
-                raise MoetraceError(
-                    f"capture: the store has label {name!r}; expected set_batch(labels={{{name!r}: [{B} values]}}) "
-                    f"before this forward, got {None if values is None else len(values)} values")
-        return batch
+        def reorder_cache(beam_idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self._on_reorder(beam_idx)
+            return original(beam_idx, *args, **kwargs)
 
-    def _put(self, item: dict[str, Any]) -> None:
+        reorder_cache._moetrace_capture = self  # type: ignore[attr-defined]
+        cache.reorder_cache = reorder_cache
+        self._wrapped.append((weakref.ref(cache), previous))
+
+    def _on_reorder(self, beam_idx: torch.Tensor) -> None:
+        item: dict[str, Any] = {"beam_idx": beam_idx.detach().to("cpu", non_blocking=beam_idx.is_cuda)}
+        if beam_idx.is_cuda:
+            item["copied"] = torch.cuda.Event()
+            item["copied"].record()
+        self._put(("reorder", item))
+
+    def _put(self, message: tuple[str, Any]) -> None:
         while True:
             self.raise_writer_error()
             try:
-                self._queue.put(item, timeout=0.5)
+                self._queue.put(message, timeout=0.5)
                 return
             except queue.Full:
                 if not self._writer.is_alive():
                     self.raise_writer_error()
                     raise MoetraceError("capture writer thread stopped unexpectedly")
 
+    # ------------------------------------------------------------------ writer thread
     def _write_loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            if self._error is not None:
+            kind, item = self._queue.get()
+            if self._error is not None and kind != "stop":
                 continue  # drain after a failure; the caller is told once
             try:
-                self._write(item)
+                if kind == "stop":
+                    if self._error is None:
+                        self._end_batch()
+                    return
+                if "copied" in item:
+                    item["copied"].synchronize()
+                if kind == "reorder":
+                    if self._batch is not None:
+                        self._batch.reorder(item["beam_idx"].numpy())
+                else:
+                    self._add_forward(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 self._error = exc
+                self._batch = None
+                if kind == "stop":
+                    return
 
-    def _write(self, item: dict[str, Any]) -> None:
-        if "copied" in item:
-            item["copied"].synchronize()
-        valid = item["valid"].numpy()
+    def _fresh_seq(self, n: int) -> np.ndarray:
+        """n sequence ids never used in the store nor by this capture."""
+        seq = np.arange(self._next_seq, self._next_seq + n, dtype=np.int64)
+        self._next_seq += n
+        return seq
+
+    def _new_batch(self, pending: dict[str, Any] | None, B: int) -> _Batch:
+        if pending is None:
+            if self.store.label_names:
+                raise _label_error(self.store.label_names[0], B)
+            return _Batch(B, self._fresh_seq(B), {}, 1)
+        n = B if pending["n"] is None else pending["n"]
+        ids = pending["seq"]
+        if ids is None:
+            ids = self._fresh_seq(n)
+        elif len(ids):
+            self._next_seq = max(self._next_seq, int(ids.max()) + 1)
+        return _Batch(B, ids, pending["labels"], B // n)
+
+    def _add_forward(self, item: dict[str, Any]) -> None:
+        B, S = item["B"], item["S"]
+        mask = None if item["mask"] is None else item["mask"].numpy()
+        past = item["past"]
+        if past is None:
+            past = mask.shape[1] - S if mask is not None and not item["keys_first"] else 0
+        past = max(int(past), 0)
+        width = past + S
+        if mask is None:
+            full = np.ones((B, width), dtype=bool)
+        elif mask.shape[1] >= width:
+            full = mask[:, :width] if item["keys_first"] else mask[:, -width:]
+        else:  # a mask shorter than the tokens so far: the earlier ones are not padding
+            full = np.concatenate([np.ones((B, width - mask.shape[1]), dtype=bool), mask], axis=1)
+        valid = full[:, -S:].reshape(-1)
+        pos = (np.cumsum(full, axis=1) - 1)[:, -S:].reshape(-1)
+        continuation = past > 0
+        if item["pending"] is not None or not continuation or self._batch is None or self._batch.rows != B:
+            self._end_batch()
+            self._batch = self._new_batch(item["pending"], B)
         n = int(valid.sum())
-        if n == 0:
-            return
-        rows_of = np.nonzero(valid)[0]                                  # batch row of each token
-        batch = item["batch"]
-        out = {
-            "seq": batch["seq"][rows_of],
-            "pos": item["pos"].numpy()[valid],
-            "token_id": (np.full(n, -1) if item["token_id"] is None else item["token_id"].numpy()[valid]),
-            "generated": np.full(n, item["generated"], dtype=bool),
-            "experts": item["experts"].numpy(),
+        columns = {
+            "pos": pos[valid],
+            "token_id": (np.full(n, -1, dtype=np.int64) if item["token_id"] is None
+                         else item["token_id"].numpy().reshape(-1)[valid]),
+            "generated": np.full(n, continuation, dtype=bool),
+            "experts": item["experts"].numpy()[valid],
         }
         if self.store.has_weights:
-            out["weights"] = item["weights"].float().numpy()
+            columns["weights"] = item["weights"].float().numpy()[valid]
         if self.store.has_probs:
-            out["probs"] = item["probs"].float().numpy()
+            columns["probs"] = item["probs"].float().numpy()[valid]
+        self._batch.columns.append(columns)
+        self._batch.owners.append(np.repeat(np.arange(B), S)[valid])
+
+    def _end_batch(self) -> None:
+        """Write the buffered batch: sequence after sequence, each in position order."""
+        batch, self._batch = self._batch, None
+        if batch is None or not batch.columns:
+            return
+        order, per_seq = batch.order()
+        out = {name: np.concatenate([c[name] for c in batch.columns])[order] for name in batch.columns[0]}
+        out["seq"] = np.repeat(batch.ids, per_seq)
         for name in self.store.label_names:
-            out[name] = np.asarray(batch["labels"][name])[rows_of]
-        self.store.append(out)
-        self.rows_captured += n
+            out[name] = np.repeat(batch.labels[name], per_seq)
+        if len(self._eos):
+            # A row that generated EOS is fed padding while the rest of the batch goes on: keep
+            # each sequence up to (without) its first generated EOS, as generate() stops a batch of one.
+            eos = out["generated"] & np.isin(out["token_id"], self._eos)
+            eos_before = np.concatenate([[0], np.cumsum(eos)])               # EOS rows before row i
+            seq_start = np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+            keep = eos_before[:-1] == eos_before[seq_start]                   # no EOS yet in this sequence
+            keep &= ~eos
+            out = {name: values[keep] for name, values in out.items()}
+        if len(out["seq"]):
+            self.store.append(out)
+            self.rows_captured += len(out["seq"])
 
     def close(self, raise_errors: bool = True) -> None:
-        """Drain the writer and commit every row it accepted; then raise a writer error."""
+        """Drain the writer, write the last batch and commit every row it accepted; then raise a writer error."""
         self._queue.put(_STOP)
         self._writer.join()
+        for ref, previous in reversed(self._wrapped):
+            cache = ref()
+            if cache is not None:
+                if previous is None:
+                    cache.__dict__.pop("reorder_cache", None)
+                else:
+                    cache.reorder_cache = previous
+        self._wrapped.clear()
         try:
             # append() validates a batch before buffering it, so the buffer holds only good rows.
             self.store.flush()
@@ -286,8 +492,10 @@ def capture(
         labels: label names for a new store (values come per batch from ``set_batch``).
         probs: also record the full router distribution ``routing/probs`` [N, L, E].
         queue_size: forwards buffered between the model and the writer thread.
-    Yields a :class:`Capture`. On exit the writer drains, the store is flushed (rows
-    committed), the hooks are removed, and a writer error is raised as MoetraceError.
+    Yields a :class:`Capture`. On exit the writer drains, the last batch is written, the store
+    is flushed (rows committed), the hooks are removed, and a writer error is raised as
+    MoetraceError. How forwards group into batches and sequences (generate(), decode loops,
+    beam search: one coherent beam history per recorded sequence) is in the module docstring.
     """
     opened = _open_store(store, model, labels or [], probs)
     cap = Capture(model, opened, probs, queue_size)

@@ -77,7 +77,8 @@ TINY: dict[str, tuple[str, str, dict]] = {
     "hy_v3": ("hy_v3", "HYV3Config", {}),
     "laguna": ("laguna", "LagunaConfig", {"moe_router_logit_softcapping": 3.0}),
     "flint": ("flint", "FlintConfig", {"mlp_only_layers": []}),
-    "inkling2": ("inkling2", "Inkling2TextConfig", {}),
+    # unpadded_vocab_size (logits beyond it are masked) defaults to 200058: keep it inside the vocabulary.
+    "inkling2": ("inkling2", "Inkling2TextConfig", {"unpadded_vocab_size": VOCAB}),
 }
 
 _ROUTER_RE = re.compile(r"Top[Kk]Router$")
