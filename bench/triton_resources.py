@@ -8,11 +8,12 @@ No GPU needed: ``kernels.routing_compile`` records the launches the real launche
 bundled ptxas for the target and reads ``cuobjdump --dump-resource-usage``. Occupancy = resident
 warps per SM / 64, from registers (65536 per SM, allocated per warp in units of 256), shared
 memory (static + Triton's dynamic + 1 KiB reserved per block) and the 64-warp / 32-block limits.
+"barriers" counts block-wide barriers (``bar.sync``) in the PTX: reductions across warps.
 Nothing is timed.
 
 Prints a summary per (kernel, arch, E) (the full per-launch table goes to ``--out``), and with
 ``--deepseek-alternatives`` the DeepSeek-V3 forward (sigmoid, bias, E = 256, 8 groups / 4,
-K = 8, renormalized, no intervention) at other BLOCK_T / num_warps.
+K = 8, renormalized, no intervention) at other BLOCK_T / num_warps (``--matrix none``: only that).
 """
 
 from __future__ import annotations
@@ -44,21 +45,20 @@ def _flags(spec: rc.LaunchSpec) -> str:
 def _row(kernel, arch, E, flags, block_t, nw, r: rc.Resources) -> str:
     occ = r.occupancy(arch)
     return (f"| {kernel} | sm_{arch} | {E} | {flags} | {block_t} | {nw} | {r.registers} | "
-            f"{r.static_shared + r.dynamic_shared} | {'yes' if r.spills else 'no'} | "
+            f"{r.static_shared + r.dynamic_shared} | {r.barriers} | {'yes' if r.spills else 'no'} | "
             f"{occ['blocks']} x {nw} = {occ['warps']} | {occ['occupancy']:.1%} ({occ['limit']}) |")
 
 
-HEADER = ("| kernel | arch | E | flags | BLOCK_T | warps | regs/thread | shared B/block | spills | "
-          "blocks x warps per SM | occupancy (limit) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| kernel | arch | E | flags | BLOCK_T | warps | regs/thread | shared B/block | barriers | spills | "
+          "blocks x warps per SM | occupancy (limit) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def deepseek_alternatives(workers: int):
-    """Both DeepSeek-V3 kernels on sm_90 at BLOCK_T in 1..8 x num_warps in 1..8 (BLOCK_T * BLOCK_E <= 2048)."""
+    """The DeepSeek-V3 forward on sm_90 at BLOCK_T in 1..8 x num_warps in 1..8 (BLOCK_T * BLOCK_E <= 2048)."""
     d = rc.DEEPSEEK_V3
     o = rc.Options(scoring="sigmoid", renormalize=True, bias=True, n_group=d["n_group"], topk_group=d["topk_group"])
-    fwd, bwd = rc.launch_specs(o, d["E"], d["K"])
-    cands = [(bt, nw) for bt in (1, 2, 4, 8) for nw in (1, 2, 4, 8)]
-    items = [(90, spec, {"num_warps": nw, "BLOCK_T": bt}) for spec in (fwd, bwd) for bt, nw in cands]
+    fwd, _ = rc.launch_specs(o, d["E"], d["K"])
+    items = [(90, fwd, {"num_warps": nw, "BLOCK_T": bt}) for bt in (1, 2, 4, 8) for nw in (1, 2, 4, 8)]
     res = rc.compile_many(items, workers)
     lines = [HEADER]
     for (arch, spec, kw), r in zip(items, res):
@@ -68,7 +68,7 @@ def deepseek_alternatives(workers: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--matrix", choices=("cover", "full"), default="cover")
+    ap.add_argument("--matrix", choices=("cover", "full", "none"), default="cover")
     ap.add_argument("--arch", type=_ints, default=rc.ARCHS)
     ap.add_argument("--E", type=_ints, default=rc.EXPERTS)
     ap.add_argument("--workers", type=int, default=None)
@@ -76,6 +76,20 @@ def main(argv=None) -> int:
     ap.add_argument("--deepseek-alternatives", action="store_true")
     a = ap.parse_args(argv)
 
+    bad = 0
+    if a.matrix != "none":
+        bad = matrix_report(a)
+    if a.deepseek_alternatives:
+        t3 = time.perf_counter()
+        print("\nDeepSeek-V3 forward (sigmoid, bias, E=256, 8 groups / 4, K=8, renorm, no intervention) "
+              "at other BLOCK_T / num_warps:\n")
+        print(deepseek_alternatives(a.workers or rc.os.cpu_count() or 1))
+        print(f"\n({time.perf_counter() - t3:.0f} s)")
+    return 1 if bad else 0
+
+
+def matrix_report(a) -> int:
+    """Compile the matrix, print the per-(kernel, arch, E) summary; the number of launches with local memory."""
     t0 = time.perf_counter()
     items = rc.matrix(a.arch, a.E, a.matrix)
     t1 = time.perf_counter()
@@ -94,25 +108,19 @@ def main(argv=None) -> int:
         a.out.write_text("\n".join(rows) + "\n")
 
     print("| kernel | arch | E | BLOCK_T | warps | launches | regs/thread min-max | shared B/block max | "
-          "spills | occupancy min-max | heaviest flags |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "barriers max | spills | occupancy min-max | heaviest flags |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (kernel, arch, E, bt, nw), rs in groups.items():
         regs = [r.registers for r, _ in rs]
         occ = [r.occupancy(arch)["occupancy"] for r, _ in rs]
         heavy = max(rs, key=lambda x: x[0].registers)[1]
         spills = sum(r.spills for r, _ in rs)
-        print(f"| {kernel} | sm_{arch} | {E} | {bt} | {nw} | {len(rs)} | {min(regs)}-{max(regs)} | "
-              f"{max(r.static_shared + r.dynamic_shared for r, _ in rs)} | {spills} | "
+        shared = max(r.static_shared + r.dynamic_shared for r, _ in rs)
+        print(f"| {kernel} | sm_{arch} | {E} | {bt} | {nw} | {len(rs)} | {min(regs)}-{max(regs)} | {shared} | "
+              f"{max(r.barriers for r, _ in rs)} | {spills} | "
               f"{min(occ):.1%}-{max(occ):.1%} | {heavy} |")
     bad = sum(r.spills for r in res)
     print(f"\nlaunches with local memory (spills or stack): {bad} of {len(res)}")
-
-    if a.deepseek_alternatives:
-        t3 = time.perf_counter()
-        print("\nDeepSeek-V3 (sigmoid, bias, E=256, 8 groups / 4, K=8, renorm, no intervention) "
-              "at other BLOCK_T / num_warps:\n")
-        print(deepseek_alternatives(a.workers or rc.os.cpu_count() or 1))
-        print(f"\n({time.perf_counter() - t3:.0f} s)")
-    return 1 if bad else 0
+    return bad
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -221,6 +222,7 @@ class Resources:
     static_shared: int  # bytes per block, from the cubin
     dynamic_shared: int  # bytes per block, Triton's launch-time shared memory
     num_warps: int
+    barriers: int  # block-wide barriers in the PTX (cross-warp reductions and layout changes)
 
     @property
     def spills(self) -> bool:
@@ -270,7 +272,8 @@ def compile_spec(spec: LaunchSpec, arch: int, num_warps: int | None = None, opti
     nw = num_warps or spec.num_warps
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={**(options or {}), "num_warps": nw})
     usage = read_resource_usage(ck.asm["cubin"])
-    return Resources(usage["REG"], usage["STACK"], usage["LOCAL"], usage["SHARED"], ck.metadata.shared, nw)
+    barriers = len(re.findall(r"\b(?:bar|barrier)\.sync\b", ck.asm["ptx"]))
+    return Resources(usage["REG"], usage["STACK"], usage["LOCAL"], usage["SHARED"], ck.metadata.shared, nw, barriers)
 
 
 def read_resource_usage(cubin: bytes) -> dict:
