@@ -8,11 +8,12 @@ their resources: each must compile, fit on an SM and use no local memory (no reg
 no stack).
 
 Fast suite: a representative subset (the DeepSeek-V3 router on sm_80 and sm_90, the widest
-softmax router with every intervention, the smallest with zero-mode masks), about a minute on
-a cold Triton cache. ``-m slow``: every combination of options at every E in
-``routing_compile.EXPERTS`` for both architectures; "cover" (each structural choice with no
-or every optional input, 480 launches) and "full" (every combination, 896 launches per E and
-architecture); see bench/RESULTS.md for how long each takes.
+softmax router with every intervention, the smallest with zero-mode masks; 8 launches and a
+control that must spill), 125 s on a cold Triton cache and 63 s warm on the shared 2-core
+machine under heavy load. ``-m slow``: every E in ``routing_compile.EXPERTS`` on both
+architectures, "cover" (each structural choice with no or every optional input, 480 launches
+in all, 40 min there) and "full" (every combination, 896 launches per E and architecture,
+about 14 h there: not run); see bench/RESULTS.md.
 """
 
 import functools
