@@ -682,6 +682,18 @@ def _interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def _launch_config(T: int, E: int, K: int) -> dict:
+    """Block sizes and warps for ``T`` rows of ``E`` logits, top ``K``: the launch keywords of both kernels.
+
+    A program holds BLOCK_T whole rows (BLOCK_E >= E columns) in registers, at most 2048 elements
+    and 128 rows; tests/test_triton_compile.py compiles every configuration this returns.
+    """
+    block_e = triton.next_power_of_2(E)
+    block_t = max(1, min(triton.next_power_of_2(T), 2048 // block_e, 128))
+    return dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(K),
+                num_warps=4 if block_t * block_e <= 1024 else 8)
+
+
 def _launch(logits: torch.Tensor, o: RouteOptions, out=None):
     T, E = logits.shape
     K = o.top_k
@@ -715,10 +727,9 @@ def _launch(logits: torch.Tensor, o: RouteOptions, out=None):
         logits = logits.contiguous()
     dummy = weights  # never read: its flag is off
     mask = o.expert_mask
-    block_e = triton.next_power_of_2(E)
-    block_t = max(1, min(triton.next_power_of_2(T), 2048 // block_e, 128))
+    cfg = _launch_config(T, E, K)
     n_group = o.n_group or 0
-    grid = (triton.cdiv(T, block_t),)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]),)
     kernel[grid](
         logits, logits.stride(0),
         o.bias if o.bias is not None else dummy,
@@ -732,14 +743,13 @@ def _launch(logits: torch.Tensor, o: RouteOptions, out=None):
         weights, experts, top1,
         dropped if dropped is not None else dummy,
         T, o.routed_scaling,
-        E=E, K=K, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(K),
+        E=E, K=K, **cfg,
         SIGMOID=o.scoring == "sigmoid", RENORM=o.renormalize,
         HAS_BIAS=o.bias is not None, HAS_BOOST=o.logit_boost is not None, HAS_SCALE=o.weight_scale is not None,
         HAS_MASK=mask is not None, HAS_PATH=o.path_table is not None,
         HAS_PAIR=dropped is not None, ZERO_MODE=o.mask_mode == "zero",
         N_GROUP=n_group, TOPK_GROUP=o.topk_group or 0, GROUP_SIZE=E // n_group if n_group else 1,
         BLOCK_G=triton.next_power_of_2(n_group) if n_group else 1,
-        num_warps=4 if block_t * block_e <= 1024 else 8,
     )
     if o.n_group is not None and o.mask_mode == "reroute" and (mask is not None or o.path_table is not None
                                                                 or dropped is not None):
@@ -811,9 +821,8 @@ def _launch_backward(grad_weights, logits, experts, dropped, o: RouteOptions, ou
     experts = experts.contiguous()
     mask = o.expert_mask
     dummy = grad
-    block_e = triton.next_power_of_2(E)
-    block_t = max(1, min(triton.next_power_of_2(T), 2048 // block_e, 128))
-    kernel[(triton.cdiv(T, block_t),)](
+    cfg = _launch_config(T, E, K)
+    kernel[(triton.cdiv(T, cfg["BLOCK_T"]),)](
         grad_weights, logits, logits.stride(0), experts,
         o.logit_boost if o.logit_boost is not None else dummy,
         o.weight_scale if o.weight_scale is not None else dummy,
@@ -823,12 +832,11 @@ def _launch_backward(grad_weights, logits, experts, dropped, o: RouteOptions, ou
         o.prev_top1 if o.prev_top1 is not None else dummy,
         dropped if dropped is not None else dummy,
         grad, T, o.routed_scaling,
-        E=E, K=K, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(K),
+        E=E, K=K, **cfg,
         SIGMOID=o.scoring == "sigmoid", RENORM=o.renormalize,
         HAS_BOOST=o.logit_boost is not None, HAS_SCALE=o.weight_scale is not None,
         HAS_MASK=mask is not None, HAS_PATH=o.path_table is not None, HAS_DROP=dropped is not None,
         ZERO_MODE=o.mask_mode == "zero",
-        num_warps=4 if block_t * block_e <= 1024 else 8,
     )
     return grad
 
