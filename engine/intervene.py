@@ -19,8 +19,11 @@ per-token ``[T, E]`` mask (they then follow ``mask_mode`` like expert masks do).
 
 Patches nest: ``with intervene(model, t): with observe_routing(model, fn): ...`` records the
 routing used under ``t``. The innermost context that gives targets decides the interventions
-(and the backend); every observer of every open context is called. Leaving the outermost
-context (normally or by an exception) restores the original forwards.
+(and the backend); every observer of every open context is called. Leaving a context removes
+exactly that context (the next enclosing targets apply again); leaving the outermost one (normally
+or by an exception) restores the original forwards. There is one patch per router module, so
+contexts opened on different roots that reach the same routers (``capture(model)`` and
+``intervene(model.model, ...)``) share it and compose the same way.
 """
 
 from __future__ import annotations
@@ -135,9 +138,13 @@ def _layer_rules(targets: Targets, sites: Sequence[RouterSite]) -> list[_LayerRu
     return out
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
-    """One open ``patch_routers`` context: its rules (None = no targets given) and observer."""
+    """One open ``patch_routers`` context: its rules (None = no targets given) and observer.
+
+    Compared by identity (``eq=False``): leaving a context removes exactly its own entry, even
+    when a nested context on the same routers holds equal-looking rules (dicts of tensors).
+    """
 
     rules: list[_LayerRules | None] | None
     mask_mode: str
@@ -146,9 +153,12 @@ class _Entry:
 
 
 class RoutingPatch:
-    """The live patch of one model's routers, shared by every open context on that model.
+    """The live patch of a set of router modules, shared by every open context that reaches them.
 
-    ``sites``: the model's routers in layer order; ``adapter``: its family adapter.
+    ``sites``: the routers in layer order; ``adapter``: their family adapter. There is at most
+    one patch per router module (``_PATCHES`` is keyed on the router modules), so contexts opened
+    on ``model`` and on ``model.model`` share it: every observer sees every layer and the
+    innermost targets apply, whichever root each context was given.
     """
 
     def __init__(self, adapter: RouterAdapter, sites: list[RouterSite]):
@@ -166,6 +176,7 @@ class RoutingPatch:
             module = site.module
             self._saved.append((module, module.__dict__.get("forward")))
             module.forward = self._patched_forward(site)
+            _PATCHES[module] = self
 
     def restore(self) -> None:
         """Put every router's original ``forward`` back."""
@@ -174,6 +185,8 @@ class RoutingPatch:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
+            if _PATCHES.get(module) is self:
+                del _PATCHES[module]
         self._saved.clear()
 
     def _patched_forward(self, site: RouterSite) -> Callable[..., tuple]:
@@ -262,7 +275,31 @@ class RoutingPatch:
         return extra
 
 
+# router module -> the live patch that owns it (one patch per router, whatever root reached it)
 _PATCHES: weakref.WeakKeyDictionary[nn.Module, RoutingPatch] = weakref.WeakKeyDictionary()
+
+
+def _shared_patch(model: nn.Module) -> RoutingPatch:
+    """The live patch of ``model``'s routers, or a new (not yet installed) one.
+
+    Raises MoetraceError when some of the routers are already patched together with a
+    different set of routers (a context opened on another root that reaches other routers).
+    """
+    adapter = adapter_for(model)
+    sites = adapter.find_routers(model)
+    live = {id(p): p for p in (_PATCHES.get(site.module) for site in sites) if p is not None}
+    if not live:
+        return RoutingPatch(adapter, sites)
+    patch = next(iter(live.values()))
+    same = len(live) == 1 and [s.module for s in patch.sites] == [s.module for s in sites] \
+        and [s.layer_id for s in patch.sites] == [s.layer_id for s in sites]
+    if not same:
+        raise MoetraceError(
+            f"model {type(model).__name__}: expected its routers {[s.name for s in sites]} to be patched "
+            f"together or not at all, got some already patched with the routers "
+            f"{[s.name for s in patch.sites]} of another context; open every context on the same model"
+        )
+    return patch
 
 
 @contextmanager
@@ -285,10 +322,7 @@ def patch_routers(
     """
     if backend not in ("auto", "torch", "triton"):
         raise MoetraceError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
-    patch = _PATCHES.get(model)
-    if patch is None:
-        adapter = adapter_for(model)
-        patch = RoutingPatch(adapter, adapter.find_routers(model))
+    patch = _shared_patch(model)
     rules = None
     mask_mode = "reroute"
     if targets is not None:
@@ -299,15 +333,13 @@ def patch_routers(
     entry = _Entry(rules=rules, mask_mode=mask_mode, observer=observer, backend=backend)
     if not patch.entries:
         patch.install()
-        _PATCHES[model] = patch
     patch.entries.append(entry)
     try:
         yield patch
     finally:
-        patch.entries.remove(entry)
+        patch.entries[:] = [e for e in patch.entries if e is not entry]
         if not patch.entries:
             patch.restore()
-            _PATCHES.pop(model, None)
 
 
 def intervene(model: nn.Module, targets: Targets, *, backend: str = "auto"):
