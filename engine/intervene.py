@@ -106,11 +106,56 @@ class _LayerRules:
         return self._on_device[device]
 
 
+def _check_selectable(targets: Targets, sites: Sequence[RouterSite]) -> None:
+    """Reroute mode: raise MoetraceError unless every token keeps enough selectable experts at
+    every layer, whatever its previous top-1 experts (checked once, when a context is entered).
+
+    A layer needs K experts (K + 1 with pair rules) outside the union of its expert mask and the
+    path rules that can fire together. The rules that fire for a token are those whose prefix is a
+    suffix of its history, so every such set is the set of a longest firing prefix P: the rules
+    whose prefix is a suffix of P. With group-limited selection the worst case is the
+    ``topk_group`` groups with the fewest free experts, which must hold the K (K + 1).
+    """
+    if targets.mask_mode != "reroute":
+        return
+    for site in sites:
+        layer, spec = site.layer_id, site.spec
+        E, K = spec.n_experts, spec.top_k
+        need = K + (1 if targets.pairs.get(layer) and K >= 2 else 0)
+        base = set(targets.experts.get(layer, []))
+        by_prefix: dict[tuple[int, ...], set[int]] = {}
+        for prefix, target in targets.paths.get(layer, []):
+            by_prefix.setdefault(tuple(prefix), set()).add(target)
+        cases: list[tuple[set[int], tuple[int, ...] | None]] = [(base, None)]
+        for prefix in by_prefix:
+            fired = set().union(*(by_prefix.get(prefix[i:], set()) for i in range(len(prefix))))
+            cases.append((base | fired, prefix))
+        for masked, prefix in cases:
+            free = E - len(masked)
+            if spec.n_group is not None:
+                size = E // spec.n_group
+                per_group = sorted(size - sum(1 for e in masked if e // size == g) for g in range(spec.n_group))
+                free = min(free, sum(per_group[: spec.topk_group]))
+            if free < need:
+                rule = "its expert mask" if prefix is None else \
+                    f"its expert mask and the path rules that fire after the top-1 experts {list(prefix)}"
+                where = f" in its {spec.topk_group} worst kept groups" if spec.n_group is not None else ""
+                raise MoetraceError(
+                    f"targets: layer {layer}: {rule} leave {free} selectable experts{where}, "
+                    f"top_k = {K} needs {need}{' (pair rules may drop one more)' if need > K else ''} "
+                    f"(masked: {sorted(masked)})"
+                )
+
+
 def _layer_rules(targets: Targets, sites: Sequence[RouterSite]) -> list[_LayerRules | None]:
-    """Per MoE layer position, the dense intervention tables of ``targets`` (None: no rule)."""
+    """Per MoE layer position, the dense intervention tables of ``targets`` (None: no rule).
+
+    Raises MoetraceError for targets outside the model or leaving too few selectable experts.
+    """
     layer_ids = [site.layer_id for site in sites]
     n_experts = sites[0].spec.n_experts
     targets.validate(layer_ids, n_experts)
+    _check_selectable(targets, sites)
     short = Targets(paths={layer: [r for r in rules if len(r[0]) == 1] for layer, rules in targets.paths.items()})
     experts = torch.from_numpy(targets.expert_table(layer_ids, n_experts))
     paths = torch.from_numpy(short.path_table(layer_ids, n_experts))
@@ -229,6 +274,7 @@ class RoutingPatch:
                 topk_group=spec.topk_group,
                 routed_scaling=spec.routed_scaling,
                 backend=backend,
+                validate=False,  # checked when the context was entered: no host sync per forward
                 **extra,
             )
         except ValueError as err:
