@@ -39,7 +39,7 @@ CASES = {
         experts={0: [1, 2]}, paths={1: [((3,), 4)], 2: [((0, 5), 6)]}, pairs={2: [(1, 2)]},
         boosts={1: {3: {"logit": 1.5, "scale": 0.5}}}), backend=b),
 }
-FAST = {"torch": ("empty", "everything", "zero"), "triton": ("everything",)}
+FAST = {"torch": ("everything", "zero"), "triton": ("everything",)}  # the rest: slow suite
 
 
 @pytest.fixture(scope="module")

@@ -548,3 +548,38 @@ def test_contexts_on_model_and_inner_model_share_one_patch(observer_on_full_mode
         assert all(e.experts.shape[0] == ids.numel() for e in events)
         assert not any(torch.isin(e.experts, torch.tensor([1, 2], dtype=torch.int32)).any() for e in events)
         assert no_patch_left(model)
+
+
+def test_targets_leaving_too_few_experts_are_refused_on_entry():
+    """Reroute targets are checked once, statically, when the context is entered: for every layer the
+    expert mask plus any set of path rules that can fire together must leave K (K + 1 with pair rules,
+    and K in the worst kept groups) experts; the error names the layer and the rules."""
+    model = cached_model("olmoe")  # E = 8, K = 2, MoE layers 0, 1, 2
+    ids = token_ids()
+    refused = [
+        (Targets(experts={1: [6]}, paths={1: [((3,), e) for e in range(6)]}),
+         r"layer 1: its expert mask and the path rules that fire after the top-1 experts \[3\] leave 1 selectable"),
+        # a two-layer prefix fires together with the one-layer rule on its last expert
+        (Targets(paths={2: [((1, 3), e) for e in range(3)] + [((3,), e) for e in range(3, 7)] + [((4,), 7)]}),
+         r"layer 2: .*\[1, 3\] leave 1 selectable.*masked: \[0, 1, 2, 3, 4, 5, 6\]"),
+        (Targets(experts={0: [0, 1, 2, 3, 4, 5]}, pairs={0: [(6, 7)]}), r"layer 0: its expert mask leave 2 .*needs 3"),
+    ]
+    for targets, match in refused:
+        with pytest.raises(MoetraceError, match=match):
+            with intervene(model, targets, backend=BACKEND):
+                pass
+        assert no_patch_left(model)
+    accepted = [
+        Targets(paths={2: [((1, 3), e) for e in range(3)] + [((2, 3), e) for e in range(3, 6)]}),  # never together
+        Targets(experts={0: [0, 1, 2, 3, 4, 5]}),  # exactly K left
+        Targets(experts={0: list(range(8))}, mask_mode="zero"),  # zero mode never reroutes
+    ]
+    for targets in accepted:
+        with torch.no_grad(), intervene(model, targets, backend=BACKEND):
+            model(input_ids=ids)
+
+    grouped = cached_model("deepseek_v3")  # 2 groups of 4, topk_group 1, K = 2
+    with pytest.raises(MoetraceError, match=r"layer 0: its expert mask leave 1 selectable experts in its 1 worst kept"):
+        with intervene(grouped, Targets(experts={0: [0, 1, 2]}), backend=BACKEND):
+            pass
+    assert no_patch_left(grouped)
