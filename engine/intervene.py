@@ -12,6 +12,12 @@ module (instance attribute, so only this model is touched) with one that:
 4. returns ``(router_logits, weights, indices)`` with the shapes and dtypes the original
    returns (indices int64, weights in the family's dtype).
 
+Targets are checked once, when a context is entered (layers and experts exist; in reroute mode
+every layer keeps K selectable experts, K + 1 with pair rules, whatever rules fire together), so
+the patched forward calls ``fused_route(..., validate=False)``: no host sync and no data-dependent
+Python per forward, and ``torch.compile`` captures the model under any intervention without a
+graph break (the Triton kernel is the custom op ``moetrace::route``).
+
 Layers run in order within one forward, so the per-forward state is the list of top-1
 tensors per MoE layer position, reset when the first MoE layer runs. Path rules whose prefix is
 longer than one layer are matched in torch against that history and passed to the kernel as a
@@ -363,8 +369,9 @@ def patch_routers(
         targets: interventions (None: route as the model does; an empty ``Targets()`` too).
         observer: called as ``observer(RouteEvent)`` after every MoE layer of every forward.
         backend: ``fused_route`` backend: "auto" (Triton on CUDA, torch otherwise), "torch", "triton".
-    Yields the model's ``RoutingPatch``. Raises MoetraceError for an unsupported model or targets
-    naming layers/experts the model does not have (before anything is patched).
+    Yields the model's ``RoutingPatch``. Raises MoetraceError for an unsupported model, targets
+    naming layers/experts the model does not have, or reroute targets that can leave a token fewer
+    than K selectable experts at some layer (K + 1 with pair rules), before anything is patched.
     """
     if backend not in ("auto", "torch", "triton"):
         raise MoetraceError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")

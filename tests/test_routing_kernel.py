@@ -402,6 +402,13 @@ def test_nonfinite_scores_both_backends_agree_with_the_loop(data):
     want = _route_backward_torch(g, logits, e, state, o)
     assert not torch.isnan(got).any()
     assert_verbose_allclose(got, want, 1e-6, 1e-5, "grad")
+    if not torch.isnan(logits).any():  # the closed form equals autograd through the reference (fp64)
+        x = logits.double().requires_grad_()
+        (ref,) = torch.autograd.grad((route_reference(x, K, validate=False, **kw)[0] * g.double()).sum(), x)
+        o64 = route_options(x.detach(), K, validate=False, **kw)
+        _, e64, _, state64 = route_forward(x.detach(), o64, backend="torch", validate=False)
+        assert_verbose_allclose(_route_backward_torch(g.double(), x.detach(), e64, state64, o64), ref, 1e-10, 1e-8,
+                                "grad")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
