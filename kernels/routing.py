@@ -627,7 +627,7 @@ def _selection_scores(x: torch.Tensor, o: RouteOptions) -> tuple[torch.Tensor, t
         c = s if o.bias is None else s + o.bias.to(x.dtype)
         if o.logit_boost is not None:
             c = c + o.logit_boost.to(x.dtype)
-    return c.masked_fill(torch.isnan(c), float("-inf")), s
+    return torch.nan_to_num(c, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")), s
 
 
 def _route_torch(logits: torch.Tensor, o: RouteOptions):
