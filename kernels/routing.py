@@ -1007,13 +1007,16 @@ def _route_op(
     prev_top1: torch.Tensor | None, pair_table: torch.Tensor | None, top_k: int, renormalize: bool,
     sigmoid: bool, n_group: int, topk_group: int, routed_scaling: float, zero_mode: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weights [T, K] fp32, experts [T, K] int32, top1 [T] int32, dropped [T] int32 (-1: none), live [T] int32)."""
+    """(weights [T, K] fp32, experts [T, K] int32, top1 [T] int32, dropped, live [T] int32).
+
+    ``dropped``: int32 [T] (-1: none) with a pair table and K >= 2, else an empty [0] tensor.
+    """
     o = _op_options((bias, logit_boost, weight_scale, expert_mask, path_table, prev_top1, pair_table),
                     top_k, renormalize, sigmoid, n_group, topk_group, routed_scaling, zero_mode)
     weights, experts, top1, state = _launch(logits, o)
     dropped = state.dropped
     if dropped is None:
-        dropped = torch.full((logits.shape[0],), -1, dtype=torch.int32, device=logits.device)
+        dropped = torch.empty(0, dtype=torch.int32, device=logits.device)
     return weights, experts, top1, dropped, state.live
 
 
@@ -1022,8 +1025,9 @@ def _route_op_fake(logits, bias, logit_boost, weight_scale, expert_mask, path_ta
                    top_k, renormalize, sigmoid, n_group, topk_group, routed_scaling, zero_mode):
     T = logits.shape[0]
     ints = dict(dtype=torch.int32, device=logits.device)
+    n_dropped = T if pair_table is not None and top_k >= 2 else 0
     return (logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, **ints),
-            logits.new_empty(T, **ints), logits.new_empty(T, **ints), logits.new_empty(T, **ints))
+            logits.new_empty(T, **ints), logits.new_empty(n_dropped, **ints), logits.new_empty(T, **ints))
 
 
 @torch.library.custom_op("moetrace::route_backward", mutates_args=())
