@@ -12,6 +12,12 @@ module (instance attribute, so only this model is touched) with one that:
 4. returns ``(router_logits, weights, indices)`` with the shapes and dtypes the original
    returns (indices int64, weights in the family's dtype).
 
+Targets are checked once, when a context is entered (layers and experts exist; in reroute mode
+every layer keeps K selectable experts, K + 1 with pair rules, whatever rules fire together), so
+the patched forward calls ``fused_route(..., validate=False)``: no host sync and no data-dependent
+Python per forward, and ``torch.compile`` captures the model under any intervention without a
+graph break (the Triton kernel is the custom op ``moetrace::route``).
+
 Layers run in order within one forward, so the per-forward state is the list of top-1
 tensors per MoE layer position, reset when the first MoE layer runs. Path rules whose prefix is
 longer than one layer are matched in torch against that history and passed to the kernel as a
@@ -19,8 +25,11 @@ per-token ``[T, E]`` mask (they then follow ``mask_mode`` like expert masks do).
 
 Patches nest: ``with intervene(model, t): with observe_routing(model, fn): ...`` records the
 routing used under ``t``. The innermost context that gives targets decides the interventions
-(and the backend); every observer of every open context is called. Leaving the outermost
-context (normally or by an exception) restores the original forwards.
+(and the backend); every observer of every open context is called. Leaving a context removes
+exactly that context (the next enclosing targets apply again); leaving the outermost one (normally
+or by an exception) restores the original forwards. There is one patch per router module, so
+contexts opened on different roots that reach the same routers (``capture(model)`` and
+``intervene(model.model, ...)``) share it and compose the same way.
 """
 
 from __future__ import annotations
@@ -103,11 +112,56 @@ class _LayerRules:
         return self._on_device[device]
 
 
+def _check_selectable(targets: Targets, sites: Sequence[RouterSite]) -> None:
+    """Reroute mode: raise MoetraceError unless every token keeps enough selectable experts at
+    every layer, whatever its previous top-1 experts (checked once, when a context is entered).
+
+    A layer needs K experts (K + 1 with pair rules) outside the union of its expert mask and the
+    path rules that can fire together. The rules that fire for a token are those whose prefix is a
+    suffix of its history, so every such set is the set of a longest firing prefix P: the rules
+    whose prefix is a suffix of P. With group-limited selection the worst case is the
+    ``topk_group`` groups with the fewest free experts, which must hold the K (K + 1).
+    """
+    if targets.mask_mode != "reroute":
+        return
+    for site in sites:
+        layer, spec = site.layer_id, site.spec
+        E, K = spec.n_experts, spec.top_k
+        need = K + (1 if targets.pairs.get(layer) and K >= 2 else 0)
+        base = set(targets.experts.get(layer, []))
+        by_prefix: dict[tuple[int, ...], set[int]] = {}
+        for prefix, target in targets.paths.get(layer, []):
+            by_prefix.setdefault(tuple(prefix), set()).add(target)
+        cases: list[tuple[set[int], tuple[int, ...] | None]] = [(base, None)]
+        for prefix in by_prefix:
+            fired = set().union(*(by_prefix.get(prefix[i:], set()) for i in range(len(prefix))))
+            cases.append((base | fired, prefix))
+        for masked, prefix in cases:
+            free = E - len(masked)
+            if spec.n_group is not None:
+                size = E // spec.n_group
+                per_group = sorted(size - sum(1 for e in masked if e // size == g) for g in range(spec.n_group))
+                free = min(free, sum(per_group[: spec.topk_group]))
+            if free < need:
+                rule = "its expert mask" if prefix is None else \
+                    f"its expert mask and the path rules that fire after the top-1 experts {list(prefix)}"
+                where = f" in its {spec.topk_group} worst kept groups" if spec.n_group is not None else ""
+                raise MoetraceError(
+                    f"targets: layer {layer}: {rule} leave {free} selectable experts{where}, "
+                    f"top_k = {K} needs {need}{' (pair rules may drop one more)' if need > K else ''} "
+                    f"(masked: {sorted(masked)})"
+                )
+
+
 def _layer_rules(targets: Targets, sites: Sequence[RouterSite]) -> list[_LayerRules | None]:
-    """Per MoE layer position, the dense intervention tables of ``targets`` (None: no rule)."""
+    """Per MoE layer position, the dense intervention tables of ``targets`` (None: no rule).
+
+    Raises MoetraceError for targets outside the model or leaving too few selectable experts.
+    """
     layer_ids = [site.layer_id for site in sites]
     n_experts = sites[0].spec.n_experts
     targets.validate(layer_ids, n_experts)
+    _check_selectable(targets, sites)
     short = Targets(paths={layer: [r for r in rules if len(r[0]) == 1] for layer, rules in targets.paths.items()})
     experts = torch.from_numpy(targets.expert_table(layer_ids, n_experts))
     paths = torch.from_numpy(short.path_table(layer_ids, n_experts))
@@ -135,9 +189,13 @@ def _layer_rules(targets: Targets, sites: Sequence[RouterSite]) -> list[_LayerRu
     return out
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
-    """One open ``patch_routers`` context: its rules (None = no targets given) and observer."""
+    """One open ``patch_routers`` context: its rules (None = no targets given) and observer.
+
+    Compared by identity (``eq=False``): leaving a context removes exactly its own entry, even
+    when a nested context on the same routers holds equal-looking rules (dicts of tensors).
+    """
 
     rules: list[_LayerRules | None] | None
     mask_mode: str
@@ -146,9 +204,12 @@ class _Entry:
 
 
 class RoutingPatch:
-    """The live patch of one model's routers, shared by every open context on that model.
+    """The live patch of a set of router modules, shared by every open context that reaches them.
 
-    ``sites``: the model's routers in layer order; ``adapter``: its family adapter.
+    ``sites``: the routers in layer order; ``adapter``: their family adapter. There is at most
+    one patch per router module (``_PATCHES`` is keyed on the router modules), so contexts opened
+    on ``model`` and on ``model.model`` share it: every observer sees every layer and the
+    innermost targets apply, whichever root each context was given.
     """
 
     def __init__(self, adapter: RouterAdapter, sites: list[RouterSite]):
@@ -166,6 +227,7 @@ class RoutingPatch:
             module = site.module
             self._saved.append((module, module.__dict__.get("forward")))
             module.forward = self._patched_forward(site)
+            _PATCHES[module] = self
 
     def restore(self) -> None:
         """Put every router's original ``forward`` back."""
@@ -174,6 +236,8 @@ class RoutingPatch:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
+            if _PATCHES.get(module) is self:
+                del _PATCHES[module]
         self._saved.clear()
 
     def _patched_forward(self, site: RouterSite) -> Callable[..., tuple]:
@@ -216,6 +280,7 @@ class RoutingPatch:
                 topk_group=spec.topk_group,
                 routed_scaling=spec.routed_scaling,
                 backend=backend,
+                validate=False,  # checked when the context was entered: no host sync per forward
                 **extra,
             )
         except ValueError as err:
@@ -262,7 +327,31 @@ class RoutingPatch:
         return extra
 
 
+# router module -> the live patch that owns it (one patch per router, whatever root reached it)
 _PATCHES: weakref.WeakKeyDictionary[nn.Module, RoutingPatch] = weakref.WeakKeyDictionary()
+
+
+def _shared_patch(model: nn.Module) -> RoutingPatch:
+    """The live patch of ``model``'s routers, or a new (not yet installed) one.
+
+    Raises MoetraceError when some of the routers are already patched together with a
+    different set of routers (a context opened on another root that reaches other routers).
+    """
+    adapter = adapter_for(model)
+    sites = adapter.find_routers(model)
+    live = {id(p): p for p in (_PATCHES.get(site.module) for site in sites) if p is not None}
+    if not live:
+        return RoutingPatch(adapter, sites)
+    patch = next(iter(live.values()))
+    same = len(live) == 1 and [s.module for s in patch.sites] == [s.module for s in sites] \
+        and [s.layer_id for s in patch.sites] == [s.layer_id for s in sites]
+    if not same:
+        raise MoetraceError(
+            f"model {type(model).__name__}: expected its routers {[s.name for s in sites]} to be patched "
+            f"together or not at all, got some already patched with the routers "
+            f"{[s.name for s in patch.sites]} of another context; open every context on the same model"
+        )
+    return patch
 
 
 @contextmanager
@@ -280,15 +369,13 @@ def patch_routers(
         targets: interventions (None: route as the model does; an empty ``Targets()`` too).
         observer: called as ``observer(RouteEvent)`` after every MoE layer of every forward.
         backend: ``fused_route`` backend: "auto" (Triton on CUDA, torch otherwise), "torch", "triton".
-    Yields the model's ``RoutingPatch``. Raises MoetraceError for an unsupported model or targets
-    naming layers/experts the model does not have (before anything is patched).
+    Yields the model's ``RoutingPatch``. Raises MoetraceError for an unsupported model, targets
+    naming layers/experts the model does not have, or reroute targets that can leave a token fewer
+    than K selectable experts at some layer (K + 1 with pair rules), before anything is patched.
     """
     if backend not in ("auto", "torch", "triton"):
         raise MoetraceError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
-    patch = _PATCHES.get(model)
-    if patch is None:
-        adapter = adapter_for(model)
-        patch = RoutingPatch(adapter, adapter.find_routers(model))
+    patch = _shared_patch(model)
     rules = None
     mask_mode = "reroute"
     if targets is not None:
@@ -299,15 +386,13 @@ def patch_routers(
     entry = _Entry(rules=rules, mask_mode=mask_mode, observer=observer, backend=backend)
     if not patch.entries:
         patch.install()
-        _PATCHES[model] = patch
     patch.entries.append(entry)
     try:
         yield patch
     finally:
-        patch.entries.remove(entry)
+        patch.entries[:] = [e for e in patch.entries if e is not entry]
         if not patch.entries:
             patch.restore()
-            _PATCHES.pop(model, None)
 
 
 def intervene(model: nn.Module, targets: Targets, *, backend: str = "auto"):

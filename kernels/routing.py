@@ -6,6 +6,8 @@ Layout (as in Liger-Kernel's ops files):
 - ``_route_backward_kernel``: the gradient of the weights w.r.t. the logits (same grid);
 - ``route_forward`` / ``route_backward``: launchers (validate, allocate, pick the grid, launch);
 - ``RouteFunction``: the ``torch.autograd.Function`` that only manages ``ctx``;
+- ``moetrace::route`` / ``moetrace::route_backward``: the same launch registered as torch custom
+  ops (fake implementations + autograd formula), so torch.compile sees one op per router call;
 - ``route_reference``: the plain-torch reference with exactly the same semantics
   (differentiable through ordinary autograd);
 - ``fused_route``: the public entry point that picks a backend.
@@ -17,12 +19,16 @@ Semantics (``logits`` ``[T, E]``, ``top_k = K``; all arithmetic in fp32, fp64 fo
 2. Selection score ``c``:
    softmax: ``c = z = logits + logit_boost``;
    sigmoid: ``s = sigmoid(logits)``, ``c = (s + bias) + logit_boost``.
+   A NaN ``c`` (NaN logit, bias or boost) counts as ``-inf``.
 3. ``mask_mode="reroute"``: ``c[M] = -inf`` (the token goes to its next-best expert; for
    softmax the masked expert also leaves the distribution). ``"zero"``: ``c`` unchanged.
 4. Group-limited selection (sigmoid only, ``n_group`` given): the ``E`` experts form
    ``n_group`` contiguous groups; group score = sum of the two largest ``c`` in the group;
    the ``topk_group`` best groups are kept (ties: lower group index), ``c = -inf`` elsewhere.
-5. Order the experts by ``c`` descending, ties toward the lower expert index.
+5. Order the experts by ``c`` descending, ties toward the lower expert index (so experts whose
+   ``c`` is -inf come last, in index order: when fewer than K experts have a finite ``c``, the
+   remaining ranks are filled by the lowest-index experts not yet selected; expert ids are
+   always in ``[0, E)``).
 6. Pair rule (only when ``K >= 2``): with ``first, second`` the two best experts, if
    ``pair_table[first, second]`` then ``second`` is dropped: in reroute mode ``c[second] = -inf``
    (and, for softmax, it leaves the distribution) and the ordering is redone; in zero mode its
@@ -31,14 +37,18 @@ Semantics (``logits`` ``[T, E]``, ``top_k = K``; all arithmetic in fp32, fp64 fo
 8. Weights: softmax: ``p = softmax(c)`` over the row (with the reroute masks as ``-inf``),
    ``w = p[experts]``, if ``renormalize``: ``w /= sum(w)``;
    sigmoid: ``w = s[experts]`` (not ``c``), if ``renormalize``: ``w /= (sum(w) + 1e-20)``.
-   Then ``w *= routed_scaling``.
+   A rank whose ``c`` is -inf (a filled rank, step 5) has ``w = 0`` before renormalizing; a
+   row with no finite ``c`` has all weights 0 (never NaN). Then ``w *= routed_scaling``.
 9. Zero mode: ``w[k] = 0`` where ``M[t, experts[t, k]]`` or (``k == 1`` and the pair rule fired);
    the other weights keep the value they would have had (denominators as if unmasked).
 10. ``w *= weight_scale[experts]``.
 
 In reroute mode a row needs ``K`` selectable experts (``K + 1`` with pair rules, and ``K`` in its
-kept groups); otherwise a ValueError is raised (before launch where the masks alone decide it),
-never NaN weights. For sigmoid scoring with a bias, rank 0 is the best selection score ``c``,
+kept groups); with ``validate`` (the default) a row that the masks leave short raises ValueError
+(before launch where the masks alone decide it). Without ``validate`` (or when non-finite
+scores, not masks, leave fewer than K) step 5's filling applies: weight 0, never NaN, never an
+id outside ``[0, E)``; the gradient of a filled rank's weight is 0. A ``+inf`` score is not
+defined (ids stay in ``[0, E)``, weights may be NaN). For sigmoid scoring with a bias, rank 0 is the best selection score ``c``,
 which need not carry the largest weight ``s``.
 
 Differences from the libraries this reproduces:
@@ -57,6 +67,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -69,6 +80,7 @@ __all__ = [
     "route_backward",
     "RouteFunction",
     "RouteOptions",
+    "RouteState",
     "route_options",
     "MAX_EXPERTS",
     "MAX_TOP_K",
@@ -96,6 +108,7 @@ def _route_kernel(
     e_ptr,
     top1_ptr,
     drop_ptr,
+    live_ptr,
     T,
     routed_scaling,
     E: tl.constexpr,
@@ -119,10 +132,10 @@ def _route_kernel(
 ):
     """Route BLOCK_T rows: logits [T, E] -> weights [T, K] fp32, experts [T, K] int32, top1 [T].
 
-    The whole row (BLOCK_E >= E columns) sits in registers; top-k is K unrolled argmax rounds,
-    each taking the lowest column index among the maxima. See the module docstring for the
-    formulas. An expert whose selection score is -inf when picked is written as -1 (the
-    launcher turns that into an error).
+    The whole row (BLOCK_E >= E columns) sits in registers; top-k is K unrolled argmax rounds
+    over the columns not yet taken, each taking the lowest column index among the maxima (so a
+    round whose best score is -inf takes the lowest-index free expert: never an id outside
+    [0, E)). See the module docstring for the formulas. ``live`` [T] = ranks with a finite score.
     """
     NEG = _NEG_INF
     pid = tl.program_id(0)
@@ -159,6 +172,7 @@ def _route_kernel(
         c = x
     if HAS_BOOST:
         c = c + tl.load(boost_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    c = tl.where(c != c, NEG, c)  # NaN scores count as -inf
     # 3. reroute masks; padding columns never win
     if not ZERO_MODE:
         c = tl.where(masked, NEG, c)
@@ -184,8 +198,9 @@ def _route_kernel(
             allowed = allowed | ((grp == g)[None, :] & kept[:, None])
         c = tl.where(allowed, c, NEG)
 
-    # 5-7. K argmax rounds (lowest index among equal maxima), pair rule at rank 1
+    # 5-7. K argmax rounds over the free columns (lowest index among equal maxima), pair rule at rank 1
     work = c
+    free = (rows[:, None] >= 0) & col_ok[None, :]
     sel_idx = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     sel_val = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     sel_s = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -194,8 +209,8 @@ def _route_kernel(
     top1 = tl.zeros((BLOCK_T,), dtype=tl.int32)
     dropped = tl.full((BLOCK_T,), -1, tl.int32)
     for r in tl.static_range(K):
-        m = tl.max(work, axis=1)
-        idx = tl.min(tl.where(work == m[:, None], cols[None, :], BLOCK_E), axis=1)
+        m = tl.max(tl.where(free, work, NEG), axis=1)
+        idx = tl.min(tl.where(free & (work == m[:, None]), cols[None, :], BLOCK_E), axis=1)
         if HAS_PAIR:
             if r == 1:
                 pv = tl.load(pair_ptr + first.to(tl.int64) * E + idx, mask=row_ok & (idx < E), other=0)
@@ -207,8 +222,8 @@ def _route_kernel(
                     gone = (cols[None, :] == idx[:, None]) & fire[:, None]
                     work = tl.where(gone, NEG, work)
                     c = tl.where(gone, NEG, c)
-                    m = tl.max(work, axis=1)
-                    idx = tl.min(tl.where(work == m[:, None], cols[None, :], BLOCK_E), axis=1)
+                    m = tl.max(tl.where(free, work, NEG), axis=1)
+                    idx = tl.min(tl.where(free & (work == m[:, None]), cols[None, :], BLOCK_E), axis=1)
         if r == 0:
             first = idx
         hit = cols[None, :] == idx[:, None]
@@ -218,36 +233,39 @@ def _route_kernel(
         if SIGMOID:
             s_r = tl.sum(tl.where(hit, s, 0.0), axis=1)
             sel_s = tl.where(kcols[None, :] == r, s_r[:, None], sel_s)
-        out_idx = tl.where(m == NEG, -1, idx)
         if r == 0:
-            top1 = out_idx
-        sel_idx = tl.where(kcols[None, :] == r, out_idx[:, None], sel_idx)
+            top1 = idx
+        sel_idx = tl.where(kcols[None, :] == r, idx[:, None], sel_idx)
         sel_val = tl.where(kcols[None, :] == r, m[:, None], sel_val)
-        work = tl.where(hit, NEG, work)
+        free = free & ~hit
 
-    # 8-10. weights
+    # 8-10. weights (ranks whose score is -inf: weight 0)
     k_ok = (kcols < K)[None, :]
+    live = k_ok & (sel_val != NEG)
     if SIGMOID:
-        w = tl.where(k_ok, sel_s, 0.0)
+        w = tl.where(live, sel_s, 0.0)
         if RENORM:
             w = w / (tl.sum(w, axis=1)[:, None] + 1e-20)
     else:
         m0 = tl.max(c, axis=1)
+        m0 = tl.where(m0 == NEG, 0.0, m0)  # a row without a finite score: every weight is 0
         denom = tl.sum(tl.exp(c - m0[:, None]), axis=1)
-        w = tl.where(k_ok, tl.exp(sel_val - m0[:, None]) / denom[:, None], 0.0)
+        w = tl.where(live, tl.exp(sel_val - m0[:, None]) / tl.where(denom == 0.0, 1.0, denom)[:, None], 0.0)
         if RENORM:
-            w = w / tl.sum(w, axis=1)[:, None]
+            tot = tl.sum(w, axis=1)
+            w = w / tl.where(tot == 0.0, 1.0, tot)[:, None]
     w = w * routed_scaling
     if ZERO_MODE:
         w = tl.where(zeroed != 0, 0.0, w)
     out_ok = row_ok[:, None] & k_ok
     if HAS_SCALE:
-        sc = tl.load(scale_ptr + sel_idx, mask=out_ok & (sel_idx >= 0), other=1.0)
+        sc = tl.load(scale_ptr + sel_idx, mask=out_ok, other=1.0)
         w = w * sc
     out_off = rows64[:, None] * K + kcols[None, :]
     tl.store(w_ptr + out_off, w, mask=out_ok)
     tl.store(e_ptr + out_off, sel_idx, mask=out_ok)
     tl.store(top1_ptr + rows, top1, mask=row_ok)
+    tl.store(live_ptr + rows, tl.sum(live.to(tl.int32), axis=1), mask=row_ok)
     if HAS_PAIR:
         tl.store(drop_ptr + rows, dropped, mask=row_ok)
 
@@ -265,6 +283,7 @@ def _route_backward_kernel(
     path_ptr,
     prev_ptr,
     drop_ptr,
+    live_ptr,
     gx_ptr,
     T,
     routed_scaling,
@@ -285,7 +304,8 @@ def _route_backward_kernel(
     """d logits [T, E] from d weights [T, K], the selection experts [T, K] held fixed.
 
     Formulas: ``route_backward``. Every element of the BLOCK_T rows of ``gx`` is written
-    (zeros where the gradient is zero).
+    (zeros where the gradient is zero). Ranks ``k >= live[t]`` (selected with a -inf score,
+    weight 0 whatever the logits) get no gradient and leave the renormalization sums.
     """
     NEG = _NEG_INF
     pid = tl.program_id(0)
@@ -300,6 +320,8 @@ def _route_backward_kernel(
     k_off = rows64[:, None] * K + kcols[None, :]
 
     e = tl.load(e_ptr + k_off, mask=k_ok, other=0)
+    n_live = tl.load(live_ptr + rows, mask=row_ok, other=0)
+    k_ok = k_ok & (kcols[None, :] < n_live[:, None])
     a = tl.load(gw_ptr + k_off, mask=k_ok, other=0.0).to(tl.float32) * routed_scaling
     if HAS_SCALE:
         a = a * tl.load(scale_ptr + e, mask=k_ok, other=1.0)
@@ -325,7 +347,7 @@ def _route_backward_kernel(
         # the gradient lives on the K selected columns: compute it there, then scatter
         x_sel = tl.load(logits_ptr + rows64[:, None] * stride_lt + e, mask=k_ok, other=0.0).to(tl.float32)
         if SIGMOID:
-            s = 1.0 / (1.0 + tl.exp(-x_sel))
+            s = tl.where(k_ok, 1.0 / (1.0 + tl.exp(-x_sel)), 0.0)
             if RENORM:
                 d = tl.sum(tl.where(k_ok, s, 0.0), axis=1)[:, None] + 1e-20
                 gs = a / d - tl.sum(a * s, axis=1)[:, None] / (d * d)
@@ -352,6 +374,7 @@ def _route_backward_kernel(
         z = tl.load(logits_ptr + rows64[:, None] * stride_lt + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_BOOST:
             z = z + tl.load(boost_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        z = tl.where(z != z, NEG, z)
         if not ZERO_MODE:
             if HAS_MASK:
                 mk = tl.load(mask_ptr + rows64[:, None] * stride_mt + cols[None, :], mask=ok, other=0)
@@ -405,6 +428,18 @@ class RouteOptions:
     weight_scale: torch.Tensor | None
 
 
+class RouteState(NamedTuple):
+    """What the backward needs from a forward besides the experts.
+
+    ``dropped``: int32 [T], the expert a pair rule dropped (reroute) or zeroed (zero mode), -1 for
+    none; None when no pair rule applies. ``live``: int32 [T], the number of leading ranks whose
+    selection score is finite (ranks ``k >= live`` were filled with weight 0, see the semantics).
+    """
+
+    dropped: torch.Tensor | None
+    live: torch.Tensor
+
+
 def _vector(name: str, v, E: int, device) -> torch.Tensor | None:
     if v is None:
         return None
@@ -425,10 +460,11 @@ def _table(name: str, v, E: int, device) -> torch.Tensor | None:
 
 def route_options(logits, top_k, *, renormalize=False, scoring="softmax", bias=None, n_group=None, topk_group=None,
                   routed_scaling=1.0, expert_mask=None, mask_mode="reroute", path_table=None, prev_top1=None,
-                  pair_table=None, logit_boost=None, weight_scale=None) -> RouteOptions:
+                  pair_table=None, logit_boost=None, weight_scale=None, validate=True) -> RouteOptions:
     """Check every argument of ``fused_route`` against ``logits [T, E]`` and return a ``RouteOptions``.
 
-    Raises ValueError naming the argument, what was expected and what was got.
+    Raises ValueError naming the argument, what was expected and what was got. Shapes, dtypes and
+    kinds are static checks; ``validate`` adds the one data-dependent check here (``prev_top1 < E``).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -473,7 +509,7 @@ def route_options(logits, top_k, *, renormalize=False, scoring="softmax", bias=N
             raise ValueError(f"prev_top1: expected an int tensor of shape ({T},), "
                              f"got {prev_top1.dtype} {tuple(prev_top1.shape)}")
         prev_top1 = prev_top1.to(device=dev, dtype=torch.int32).contiguous()
-        if T and int(prev_top1.max()) >= E:
+        if validate and T and int(prev_top1.max()) >= E:
             raise ValueError(f"prev_top1: expected values < E = {E} (negative = no previous layer), "
                              f"got {int(prev_top1.max())}")
     return RouteOptions(
@@ -555,9 +591,16 @@ def _check_selectable(o: RouteOptions, T: int, E: int) -> None:
                          f"{need}{' (pair rules may drop one more)' if need > o.top_k else ''}")
 
 
-def _check_result(experts: torch.Tensor) -> None:
-    if experts.numel() and bool((experts < 0).any()):
-        row = int(torch.nonzero((experts < 0).any(dim=1))[0, 0])
+def _check_kept_groups(logits: torch.Tensor, o: RouteOptions, live: torch.Tensor) -> None:
+    """Group-limited reroute with masks or pair rules: raise when the masks (not non-finite scores)
+    left a row fewer than K experts with a finite score in its kept groups (one host sync)."""
+    if o.n_group is None or o.mask_mode != "reroute" or logits.shape[0] == 0 or (
+            o.expert_mask is None and o.path_table is None and o.pair_table is None):
+        return
+    c, _ = _selection_scores(logits.detach().to(_compute_dtype(logits)), o)
+    short = (live < o.top_k) & ((~torch.isneginf(c)).sum(dim=1) >= o.top_k)
+    if bool(short.any()):
+        row = int(torch.nonzero(short)[0, 0])
         raise ValueError(f"expert_mask/path_table: row {row} has fewer than top_k selectable experts "
                          "in its kept groups (n_group/topk_group)")
 
@@ -574,13 +617,9 @@ def _stable_order(c: torch.Tensor) -> torch.Tensor:
     return torch.sort(c.detach(), dim=1, descending=True, stable=True).indices
 
 
-def _route_torch(logits: torch.Tensor, o: RouteOptions):
-    """Reference forward: (weights [T, K], experts [T, K] int32, top1 [T] int32, dropped [T] int32 or None)."""
-    T, E = logits.shape
-    K = o.top_k
-    x = logits.to(_compute_dtype(logits))
-    M = _row_mask(o, T, E)
-    reroute = o.mask_mode == "reroute"
+def _selection_scores(x: torch.Tensor, o: RouteOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(selection score c [T, E] with NaN as -inf, before masks and groups; sigmoid s or None)."""
+    s = None
     if o.scoring == "softmax":
         c = x if o.logit_boost is None else x + o.logit_boost.to(x.dtype)
     else:
@@ -588,6 +627,17 @@ def _route_torch(logits: torch.Tensor, o: RouteOptions):
         c = s if o.bias is None else s + o.bias.to(x.dtype)
         if o.logit_boost is not None:
             c = c + o.logit_boost.to(x.dtype)
+    return torch.nan_to_num(c, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")), s
+
+
+def _route_torch(logits: torch.Tensor, o: RouteOptions):
+    """Reference forward: (weights [T, K], experts [T, K] int32, top1 [T] int32, ``RouteState``)."""
+    T, E = logits.shape
+    K = o.top_k
+    x = logits.to(_compute_dtype(logits))
+    M = _row_mask(o, T, E)
+    reroute = o.mask_mode == "reroute"
+    c, s = _selection_scores(x, o)
     if M is not None and reroute:
         c = c.masked_fill(M, float("-inf"))
     if o.n_group is not None:
@@ -607,12 +657,18 @@ def _route_torch(logits: torch.Tensor, o: RouteOptions):
             c = c.masked_fill(gone, float("-inf"))
             order = _stable_order(c)
     experts = order[:, :K]
+    live = ~torch.isneginf(c.detach().gather(1, experts))  # [T, K]; False: filled rank, weight 0
     if o.scoring == "softmax":
-        w = torch.softmax(c, dim=-1).gather(1, experts)
+        # a row without a finite score: softmax over zeros, then every weight is zeroed (no NaN)
+        c_safe = torch.where(live[:, :1], c, torch.zeros_like(c))
+        w = torch.softmax(c_safe, dim=-1).gather(1, experts)
+        w = torch.where(live, w, torch.zeros_like(w))
         if o.renormalize:
-            w = w / w.sum(dim=-1, keepdim=True)
+            tot = w.sum(dim=-1, keepdim=True)
+            w = w / torch.where(tot == 0, torch.ones_like(tot), tot)
     else:
         w = s.gather(1, experts)
+        w = torch.where(live, w, torch.zeros_like(w))
         if o.renormalize:
             w = w / (w.sum(dim=-1, keepdim=True) + _SIGMOID_RENORM_EPS)
     w = w * o.routed_scaling
@@ -625,22 +681,19 @@ def _route_torch(logits: torch.Tensor, o: RouteOptions):
         w = torch.where(zero, torch.zeros_like(w), w)
     if o.weight_scale is not None:
         w = w * o.weight_scale.to(w.dtype)[experts]
-    if T and (reroute and (M is not None or dropped is not None) or o.n_group is not None):
-        bad = torch.isneginf(c.detach().gather(1, experts))
-        _check_result(torch.where(bad, -1, experts))
     experts = experts.to(torch.int32)
-    return w, experts, experts[:, 0].contiguous(), dropped
+    return w, experts, experts[:, 0].contiguous(), RouteState(dropped, live.sum(dim=1, dtype=torch.int32))
 
 
 def route_reference(logits, top_k, *, renormalize=False, scoring="softmax", bias=None, n_group=None,
                     topk_group=None, routed_scaling=1.0, expert_mask=None, mask_mode="reroute", path_table=None,
-                    prev_top1=None, pair_table=None, logit_boost=None, weight_scale=None):
+                    prev_top1=None, pair_table=None, logit_boost=None, weight_scale=None, validate=True):
     """Plain-torch routing with exactly the kernel's semantics (see the module docstring).
 
     Args:
         logits: [T, E] float (fp32/bf16/fp16 up-cast to fp32; fp64 stays fp64), any device.
         top_k: K, 1 <= K <= E.
-        (the rest as in ``fused_route``)
+        (the rest, ``validate`` included, as in ``fused_route``)
     Returns:
         weights [T, K] fp32 (fp64 for fp64 logits), differentiable w.r.t. ``logits`` by autograd;
         experts [T, K] int32 in rank order (selection uses a stable descending sort, so ties
@@ -651,9 +704,12 @@ def route_reference(logits, top_k, *, renormalize=False, scoring="softmax", bias
     o = route_options(logits, top_k, renormalize=renormalize, scoring=scoring, bias=bias, n_group=n_group,
                       topk_group=topk_group, routed_scaling=routed_scaling, expert_mask=expert_mask,
                       mask_mode=mask_mode, path_table=path_table, prev_top1=prev_top1, pair_table=pair_table,
-                      logit_boost=logit_boost, weight_scale=weight_scale)
-    _check_selectable(o, *logits.shape)
-    w, experts, top1, _ = _route_torch(logits, o)
+                      logit_boost=logit_boost, weight_scale=weight_scale, validate=validate)
+    if validate:
+        _check_selectable(o, *logits.shape)
+    w, experts, top1, state = _route_torch(logits, o)
+    if validate:
+        _check_kept_groups(logits, o, state.live)
     return w, experts, top1
 
 
@@ -694,19 +750,25 @@ def _launch_config(T: int, E: int, K: int) -> dict:
                 num_warps=4 if block_t * block_e <= 1024 else 8)
 
 
+def _check_triton(logits: torch.Tensor, top_k: int) -> None:
+    """Raise ValueError when the Triton kernel cannot take these logits (shape, dtype, device); static."""
+    E = logits.shape[1]
+    if E > MAX_EXPERTS or top_k > MAX_TOP_K:
+        raise ValueError(f"logits/top_k: the Triton kernel supports E <= {MAX_EXPERTS} and top_k <= {MAX_TOP_K}, "
+                         f"got E = {E}, top_k = {top_k} (use backend='torch')")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"logits: the Triton kernel takes fp32/fp16/bf16, got {logits.dtype} (use backend='torch')")
+    if logits.device.type == "cpu" and not _interpret_enabled():
+        raise ValueError("backend='triton': logits are on the CPU; Triton needs a GPU tensor, "
+                         "or TRITON_INTERPRET=1 to run the interpreter on the CPU")
+
+
 def _launch(logits: torch.Tensor, o: RouteOptions, out=None):
     T, E = logits.shape
     K = o.top_k
     dev = logits.device
-    if E > MAX_EXPERTS or K > MAX_TOP_K:
-        raise ValueError(f"logits/top_k: the Triton kernel supports E <= {MAX_EXPERTS} and top_k <= {MAX_TOP_K}, "
-                         f"got E = {E}, top_k = {K} (use backend='torch')")
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"logits: the Triton kernel takes fp32/fp16/bf16, got {logits.dtype} (use backend='torch')")
+    _check_triton(logits, K)
     if dev.type == "cpu":
-        if not _interpret_enabled():
-            raise ValueError("backend='triton': logits are on the CPU; Triton needs a GPU tensor, "
-                             "or TRITON_INTERPRET=1 to run the interpreter on the CPU")
         kernel = _interpreted(_route_kernel)
     else:
         kernel = _route_kernel
@@ -720,8 +782,9 @@ def _launch(logits: torch.Tensor, o: RouteOptions, out=None):
                 or experts.dtype != torch.int32 or top1.shape != (T,) or top1.dtype != torch.int32:
             raise ValueError("out: expected (float32 [T, K], int32 [T, K], int32 [T]) contiguous buffers")
     dropped = torch.full((T,), -1, dtype=torch.int32, device=dev) if o.pair_table is not None and K >= 2 else None
+    live = torch.empty(T, dtype=torch.int32, device=dev)
     if T == 0:
-        return weights, experts, top1, dropped
+        return weights, experts, top1, RouteState(dropped, live)
     logits = logits.detach()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -742,6 +805,7 @@ def _launch(logits: torch.Tensor, o: RouteOptions, out=None):
         o.pair_table.view(torch.uint8) if o.pair_table is not None else dummy,
         weights, experts, top1,
         dropped if dropped is not None else dummy,
+        live,
         T, o.routed_scaling,
         E=E, K=K, **cfg,
         SIGMOID=o.scoring == "sigmoid", RENORM=o.renormalize,
@@ -751,14 +815,11 @@ def _launch(logits: torch.Tensor, o: RouteOptions, out=None):
         N_GROUP=n_group, TOPK_GROUP=o.topk_group or 0, GROUP_SIZE=E // n_group if n_group else 1,
         BLOCK_G=triton.next_power_of_2(n_group) if n_group else 1,
     )
-    if o.n_group is not None and o.mask_mode == "reroute" and (mask is not None or o.path_table is not None
-                                                                or dropped is not None):
-        _check_result(experts)
-    return weights, experts, top1, dropped
+    return weights, experts, top1, RouteState(dropped, live)
 
 
-def route_forward(logits, o: RouteOptions, *, backend="triton", out=None):
-    """Launcher: validated options -> (weights [T, K] fp32, experts [T, K] int32, top1 [T] int32, dropped).
+def route_forward(logits, o: RouteOptions, *, backend="triton", out=None, validate=True):
+    """Launcher: validated options -> (weights [T, K] fp32, experts [T, K] int32, top1 [T] int32, state).
 
     Args:
         logits: [T, E] fp32/bf16/fp16 (fp64 with backend='torch').
@@ -766,19 +827,24 @@ def route_forward(logits, o: RouteOptions, *, backend="triton", out=None):
         backend: 'triton' launches ``_route_kernel`` (grid = ceil(T / BLOCK_T), BLOCK_E =
             next_power_of_2(E)); 'torch' runs the reference forward without building a graph.
         out: optional preallocated (weights, experts, top1) buffers (triton only; tests poison them).
+        validate: run the data-dependent selectability checks (host syncs; see ``fused_route``).
     Returns:
-        weights, experts, top1 and ``dropped`` [T] int32 (the expert the pair rule dropped or
-        zeroed, -1 for none; None when no pair rule applies), which ``route_backward`` needs.
+        weights, experts, top1 and the ``RouteState`` that ``route_backward`` needs.
     """
     T, E = logits.shape
-    _check_selectable(o, T, E)
+    if validate:
+        _check_selectable(o, T, E)
     if backend == "torch":
         with torch.no_grad():
-            return _route_torch(logits, o)
-    return _launch(logits, o, out)
+            out4 = _route_torch(logits, o)
+    else:
+        out4 = _launch(logits, o, out)
+    if validate:
+        _check_kept_groups(logits, o, out4[3].live)
+    return out4
 
 
-def route_backward(grad_weights, logits, experts, dropped, o: RouteOptions):
+def route_backward(grad_weights, logits, experts, state, o: RouteOptions):
     """Gradient of the weights w.r.t. the logits, with the selection held fixed.
 
     With ``a_k = grad_k * routed_scaling * weight_scale[e_k] * keep_k`` (keep_k = 0 for weights
@@ -790,21 +856,24 @@ def route_backward(grad_weights, logits, experts, dropped, o: RouteOptions):
     - sigmoid (``w_k = s_{e_k}`` or ``s_{e_k} / D``, ``D = sum_m s_{e_m} + 1e-20``):
       ``dL/ds_k = a_k`` or ``a_k / D - sum_m a_m s_{e_m} / D^2``, ``dx_{e_k} = dL/ds_k * s_k (1 - s_k)``.
 
+    Ranks ``k >= state.live[t]`` (filled with a -inf score, weight 0) take no part: ``a_k = 0``
+    and ``s_{e_k}`` / ``z_{e_k}`` leave the sums; NaN logits count as -inf.
+
     Runs ``_route_backward_kernel`` (one program per BLOCK_T rows, fp32) for fp32/bf16/fp16 logits on
     CUDA (or on the CPU under TRITON_INTERPRET=1), and the same formulas in plain torch otherwise.
 
     Args:
         grad_weights: [T, K]; logits: [T, E] (the forward input); experts: [T, K] int32;
-        dropped: [T] int32 or None (from ``route_forward``); o: the forward options.
+        state: the ``RouteState`` from ``route_forward``; o: the forward options.
     Returns:
         grad_logits [T, E] in the logits' dtype (computed in fp32, fp64 for fp64 logits).
     """
     if logits.dtype in (torch.float32, torch.float16, torch.bfloat16) and (logits.is_cuda or _interpret_enabled()):
-        return _launch_backward(grad_weights, logits, experts, dropped, o)
-    return _route_backward_torch(grad_weights, logits, experts, dropped, o)
+        return _launch_backward(grad_weights, logits, experts, state, o)
+    return _route_backward_torch(grad_weights, logits, experts, state, o)
 
 
-def _launch_backward(grad_weights, logits, experts, dropped, o: RouteOptions, out=None) -> torch.Tensor:
+def _launch_backward(grad_weights, logits, experts, state, o: RouteOptions, out=None) -> torch.Tensor:
     """Launch ``_route_backward_kernel``: grad_logits [T, E] in the logits' dtype (into ``out`` if given)."""
     T, E = logits.shape
     K = o.top_k
@@ -819,6 +888,7 @@ def _launch_backward(grad_weights, logits, experts, dropped, o: RouteOptions, ou
         logits = logits.contiguous()
     grad_weights = grad_weights.contiguous()
     experts = experts.contiguous()
+    dropped = state.dropped
     mask = o.expert_mask
     dummy = grad
     cfg = _launch_config(T, E, K)
@@ -831,7 +901,7 @@ def _launch_backward(grad_weights, logits, experts, dropped, o: RouteOptions, ou
         o.path_table.view(torch.uint8) if o.path_table is not None else dummy,
         o.prev_top1 if o.prev_top1 is not None else dummy,
         dropped if dropped is not None else dummy,
-        grad, T, o.routed_scaling,
+        state.live, grad, T, o.routed_scaling,
         E=E, K=K, **cfg,
         SIGMOID=o.scoring == "sigmoid", RENORM=o.renormalize,
         HAS_BOOST=o.logit_boost is not None, HAS_SCALE=o.weight_scale is not None,
@@ -841,13 +911,16 @@ def _launch_backward(grad_weights, logits, experts, dropped, o: RouteOptions, ou
     return grad
 
 
-def _route_backward_torch(grad_weights, logits, experts, dropped, o: RouteOptions) -> torch.Tensor:
+def _route_backward_torch(grad_weights, logits, experts, state, o: RouteOptions) -> torch.Tensor:
     """``route_backward`` in plain torch (any dtype, fp64 included; used for gradcheck)."""
     T, E = logits.shape
+    dropped = state.dropped
     x = logits.detach().to(_compute_dtype(logits))
+    x = x.masked_fill(torch.isnan(x), float("-inf"))
     g = grad_weights.to(x.dtype)
     idx = experts.long()
-    a = g * o.routed_scaling
+    live = torch.arange(o.top_k, device=x.device)[None, :] < state.live[:, None]  # [T, K]
+    a = torch.where(live, g, torch.zeros_like(g)) * o.routed_scaling
     if o.weight_scale is not None:
         a = a * o.weight_scale.to(x.dtype)[idx]
     M = _row_mask(o, T, E)
@@ -863,7 +936,10 @@ def _route_backward_torch(grad_weights, logits, experts, dropped, o: RouteOption
     if o.scoring == "softmax":
         z = x if o.logit_boost is None else x + o.logit_boost.to(x.dtype)
         if o.renormalize:
-            q = torch.softmax(z.gather(1, idx), dim=-1)
+            z_sel = z.gather(1, idx).masked_fill(~live, float("-inf"))
+            top = z_sel.amax(dim=-1, keepdim=True)
+            q = torch.exp(z_sel - top.masked_fill(torch.isneginf(top), 0.0))
+            q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             grad.scatter_(1, idx, q * (a - (a * q).sum(dim=-1, keepdim=True)))
         else:
             if reroute:
@@ -873,11 +949,13 @@ def _route_backward_torch(grad_weights, logits, experts, dropped, o: RouteOption
                     gone = torch.zeros(T, E, dtype=torch.bool, device=x.device)
                     gone.scatter_(1, dropped.clamp(min=0).long()[:, None], (dropped >= 0)[:, None])
                     z = z.masked_fill(gone, float("-inf"))
-            p = torch.softmax(z, dim=-1)
+            top = z.amax(dim=-1, keepdim=True)
+            p = torch.exp(z - top.masked_fill(torch.isneginf(top), 0.0))
+            p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             grad = -p * (a * p.gather(1, idx)).sum(dim=-1, keepdim=True)
             grad.scatter_add_(1, idx, p.gather(1, idx) * a)
     else:
-        s = torch.sigmoid(x.gather(1, idx))
+        s = torch.sigmoid(x.gather(1, idx)).masked_fill(~live, 0.0)
         if o.renormalize:
             D = s.sum(dim=-1, keepdim=True) + _SIGMOID_RENORM_EPS
             gs = a / D - (a * s).sum(dim=-1, keepdim=True) / D**2
@@ -897,21 +975,111 @@ class RouteFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, opts, backend):
-        weights, experts, top1, dropped = route_forward(logits, opts, backend=backend)
-        ctx.save_for_backward(logits, experts, dropped)
+        weights, experts, top1, state = route_forward(logits, opts, backend=backend)
+        ctx.save_for_backward(logits, experts, state.dropped, state.live)
         ctx.opts = opts
         ctx.mark_non_differentiable(experts, top1)
         return weights, experts, top1
 
     @staticmethod
     def backward(ctx, grad_weights, grad_experts, grad_top1):
-        logits, experts, dropped = ctx.saved_tensors
-        return route_backward(grad_weights, logits, experts, dropped, ctx.opts), None, None
+        logits, experts, dropped, live = ctx.saved_tensors
+        return route_backward(grad_weights, logits, experts, RouteState(dropped, live), ctx.opts), None, None
+
+
+# ----------------------------------------------------------------------------- custom op (torch.compile)
+#
+# ``moetrace::route`` wraps the Triton launch so torch.compile / CUDA graphs see one opaque op
+# (with a fake implementation for shapes, and the closed-form backward as its autograd formula)
+# instead of tracing into the launcher. Arguments: the logits, the optional tensors of a
+# ``RouteOptions`` in ``_OP_TENSORS`` order, then its scalars. No validation happens inside.
+
+_OP_TENSORS = ("bias", "logit_boost", "weight_scale", "expert_mask", "path_table", "prev_top1", "pair_table")
+
+
+def _op_args(o: RouteOptions) -> tuple:
+    return (*(getattr(o, name) for name in _OP_TENSORS), o.top_k, o.renormalize, o.scoring == "sigmoid",
+            o.n_group or 0, o.topk_group or 0, o.routed_scaling, o.mask_mode == "zero")
+
+
+def _op_options(tensors, top_k, renormalize, sigmoid, n_group, topk_group, routed_scaling, zero_mode) -> RouteOptions:
+    return RouteOptions(top_k=top_k, renormalize=renormalize, scoring="sigmoid" if sigmoid else "softmax",
+                        n_group=n_group or None, topk_group=topk_group or None, routed_scaling=routed_scaling,
+                        mask_mode="zero" if zero_mode else "reroute", **dict(zip(_OP_TENSORS, tensors)))
+
+
+@torch.library.custom_op("moetrace::route", mutates_args=())
+def _route_op(
+    logits: torch.Tensor, bias: torch.Tensor | None, logit_boost: torch.Tensor | None,
+    weight_scale: torch.Tensor | None, expert_mask: torch.Tensor | None, path_table: torch.Tensor | None,
+    prev_top1: torch.Tensor | None, pair_table: torch.Tensor | None, top_k: int, renormalize: bool,
+    sigmoid: bool, n_group: int, topk_group: int, routed_scaling: float, zero_mode: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights [T, K] fp32, experts [T, K] int32, top1 [T] int32, dropped, live [T] int32).
+
+    ``dropped``: int32 [T] (-1: none) with a pair table and K >= 2, else an empty [0] tensor.
+    """
+    o = _op_options((bias, logit_boost, weight_scale, expert_mask, path_table, prev_top1, pair_table),
+                    top_k, renormalize, sigmoid, n_group, topk_group, routed_scaling, zero_mode)
+    weights, experts, top1, state = _launch(logits, o)
+    dropped = state.dropped
+    if dropped is None:
+        dropped = torch.empty(0, dtype=torch.int32, device=logits.device)
+    return weights, experts, top1, dropped, state.live
+
+
+@_route_op.register_fake
+def _route_op_fake(logits, bias, logit_boost, weight_scale, expert_mask, path_table, prev_top1, pair_table,
+                   top_k, renormalize, sigmoid, n_group, topk_group, routed_scaling, zero_mode):
+    T = logits.shape[0]
+    ints = dict(dtype=torch.int32, device=logits.device)
+    n_dropped = T if pair_table is not None and top_k >= 2 else 0
+    return (logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, **ints),
+            logits.new_empty(T, **ints), logits.new_empty(n_dropped, **ints), logits.new_empty(T, **ints))
+
+
+@torch.library.custom_op("moetrace::route_backward", mutates_args=())
+def _route_backward_op(
+    grad_weights: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor, dropped: torch.Tensor,
+    live: torch.Tensor, bias: torch.Tensor | None, logit_boost: torch.Tensor | None,
+    weight_scale: torch.Tensor | None, expert_mask: torch.Tensor | None, path_table: torch.Tensor | None,
+    prev_top1: torch.Tensor | None, pair_table: torch.Tensor | None, top_k: int, renormalize: bool,
+    sigmoid: bool, n_group: int, topk_group: int, routed_scaling: float, zero_mode: bool,
+) -> torch.Tensor:
+    """grad_logits [T, E] in the logits' dtype (``route_backward``)."""
+    o = _op_options((bias, logit_boost, weight_scale, expert_mask, path_table, prev_top1, pair_table),
+                    top_k, renormalize, sigmoid, n_group, topk_group, routed_scaling, zero_mode)
+    state = RouteState(dropped if pair_table is not None and top_k >= 2 else None, live)
+    return route_backward(grad_weights, logits, experts, state, o)
+
+
+@_route_backward_op.register_fake
+def _route_backward_op_fake(grad_weights, logits, *rest):
+    return torch.empty_like(logits)
+
+
+def _route_op_setup_context(ctx, inputs, output):
+    logits, *tensors = inputs[:8]
+    _, experts, _, dropped, live = output
+    ctx.save_for_backward(logits, experts, dropped, live, *tensors)
+    ctx.scalars = inputs[8:]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _route_op_backward(ctx, grad_weights, *_):
+    logits, experts, dropped, live, *tensors = ctx.saved_tensors
+    if grad_weights is None:
+        grad_weights = torch.zeros(experts.shape, dtype=torch.float32, device=logits.device)
+    grad = _route_backward_op(grad_weights, logits, experts, dropped, live, *tensors, *ctx.scalars)
+    return (grad,) + (None,) * 14
+
+
+_route_op.register_autograd(_route_op_backward, setup_context=_route_op_setup_context)
 
 
 def fused_route(logits, top_k, *, renormalize=False, scoring="softmax", bias=None, n_group=None, topk_group=None,
                 routed_scaling=1.0, expert_mask=None, mask_mode="reroute", path_table=None, prev_top1=None,
-                pair_table=None, logit_boost=None, weight_scale=None, backend="auto"):
+                pair_table=None, logit_boost=None, weight_scale=None, backend="auto", validate=True):
     """Score, intervene and select top-k in one pass (formulas: module docstring).
 
     Args:
@@ -932,17 +1100,23 @@ def fused_route(logits, top_k, *, renormalize=False, scoring="softmax", bias=Non
         pair_table: bool [E, E]: if (first, second) of a token is a listed pair, second is masked.
         logit_boost: float [E] added to the logit (softmax) or selection score (sigmoid).
         weight_scale: float [E] multiplies each selected expert's final weight.
-        backend: 'triton' (CUDA, or CPU under TRITON_INTERPRET=1), 'torch' (``route_reference``),
-            'auto' (triton on CUDA tensors, torch otherwise).
+        backend: 'triton' (CUDA, or CPU under TRITON_INTERPRET=1; the custom op ``moetrace::route``),
+            'torch' (``route_reference``), 'auto' (triton on CUDA tensors, torch otherwise).
+        validate: run the data-dependent checks below (default). False skips them: no host sync and
+            nothing data-dependent in Python, so the call compiles without graph breaks; for callers
+            that checked their masks beforehand (``engine.intervene`` does, when a context is entered).
+            Argument shapes, dtypes and kinds are checked either way.
     Returns:
         weights [T, K] fp32 (differentiable w.r.t. logits), experts [T, K] int32 in rank order,
-        top1 [T] int32 = experts[:, 0].
+        top1 [T] int32 = experts[:, 0]. Expert ids are always in [0, E); non-finite scores follow
+        the module docstring (a NaN score is -inf; ranks without a finite score get weight 0).
     Raises:
-        ValueError: bad argument, or a row with fewer than K selectable experts (reroute mode).
+        ValueError: bad argument; with ``validate``, a ``prev_top1`` >= E, or (reroute mode) masks
+        that leave a row fewer than K selectable experts (K + 1 with pair rules; K in its kept groups).
 
-    Host syncs: none without interventions. An ``[E]`` expert mask / path table is checked once
-    per tensor version (cached); ``prev_top1`` (range), ``[T, E]`` expert masks and group-limited
-    reroute with masks or pair rules are checked on every call (one device-to-host sync each).
+    Host syncs (``validate=True``): none without interventions. An ``[E]`` expert mask / path table
+    is checked once per tensor version (cached); ``prev_top1`` (range), ``[T, E]`` expert masks and
+    group-limited reroute with masks or pair rules are checked on every call (one sync each).
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
@@ -952,5 +1126,12 @@ def fused_route(logits, top_k, *, renormalize=False, scoring="softmax", bias=Non
                   routed_scaling=routed_scaling, expert_mask=expert_mask, mask_mode=mask_mode, path_table=path_table,
                   prev_top1=prev_top1, pair_table=pair_table, logit_boost=logit_boost, weight_scale=weight_scale)
     if backend == "torch":
-        return route_reference(logits, top_k, **kwargs)
-    return RouteFunction.apply(logits, route_options(logits, top_k, **kwargs), "triton")
+        return route_reference(logits, top_k, validate=validate, **kwargs)
+    o = route_options(logits, top_k, validate=validate, **kwargs)
+    _check_triton(logits, top_k)
+    if validate:
+        _check_selectable(o, *logits.shape)
+    weights, experts, top1, _, live = _route_op(logits, *_op_args(o))
+    if validate:
+        _check_kept_groups(logits, o, live)
+    return weights, experts, top1

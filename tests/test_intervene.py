@@ -456,3 +456,130 @@ def test_triton_backend_routes_like_torch(name):
     for a, b in zip(et, ek):
         assert torch.equal(a.experts, b.experts)
         torch.testing.assert_close(a.weights, b.weights, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- nesting and shared patches
+
+
+NEST_KINDS = ("intervene", "ablate", "steer", "observe")
+
+
+def nest_context(kind: str, root, layer: int, sink: list):
+    """(context manager on ``root``, the Targets it applies or None) for one nesting kind."""
+    if kind == "intervene":
+        targets = Targets(experts={layer: [0, 1]})
+        return intervene(root, targets, backend=BACKEND), targets
+    if kind == "ablate":
+        return ablate(root, experts={layer: [1]}, backend=BACKEND), Targets(experts={layer: [1]})
+    if kind == "steer":
+        return steer(root, layer, 5, logit=3.0, scale=0.5, backend=BACKEND), \
+            Targets(boosts={layer: {5: {"logit": 3.0, "scale": 0.5}}})
+    return observe_routing(root, sink.append, backend=BACKEND), None
+
+
+@pytest.mark.parametrize("outer", NEST_KINDS)
+@pytest.mark.parametrize("inner", NEST_KINDS)
+def test_nested_contexts_every_combination(outer, inner):
+    """Two nested contexts (same or different layer, same or different root, with or without an
+    exception inside): inside, the innermost targets apply and every observer sees every layer;
+    after the inner exit the outer context alone applies; at the end the model is unpatched."""
+    model = cached_model("olmoe")
+    ids = token_ids(seed=9)
+    sites = router_sites(model)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+
+    def expected(targets):
+        if targets is None:
+            return plain
+        with torch.no_grad(), patch_routers(model, targets, backend=BACKEND):
+            return model(input_ids=ids).logits
+
+    for inner_layer in (sites[0].layer_id, sites[1].layer_id):
+        for inner_root in (model, model.model):
+            for fail in (False, True):
+                seen_outer: list[RouteEvent] = []
+                seen_inner: list[RouteEvent] = []
+                outer_ctx, outer_targets = nest_context(outer, model, sites[0].layer_id, seen_outer)
+                inner_ctx, inner_targets = nest_context(inner, inner_root, inner_layer, seen_inner)
+                want_inner = expected(inner_targets if inner_targets is not None else outer_targets)
+                want_outer = expected(outer_targets)
+                with torch.no_grad(), outer_ctx:
+                    try:
+                        with inner_ctx:
+                            torch.testing.assert_close(model(input_ids=ids).logits, want_inner, rtol=0, atol=0)
+                            for seen, kind in ((seen_outer, outer), (seen_inner, inner)):
+                                if kind == "observe":
+                                    assert [e.layer_id for e in seen] == [s.layer_id for s in sites]
+                            if fail:
+                                raise RuntimeError("inner boom")
+                    except RuntimeError as err:
+                        assert fail and str(err) == "inner boom"
+                    assert not no_patch_left(model)
+                    seen_outer.clear()
+                    torch.testing.assert_close(model(input_ids=ids).logits, want_outer, rtol=0, atol=0)
+                    if outer == "observe":
+                        assert [e.layer_id for e in seen_outer] == [s.layer_id for s in sites]
+                assert no_patch_left(model)
+                with torch.no_grad():
+                    torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("observer_on_full_model", [True, False])
+def test_contexts_on_model_and_inner_model_share_one_patch(observer_on_full_model):
+    """observe_routing on the causal LM + ablate on its ``.model`` (and the reverse roots), in both
+    nesting orders: every observer sees every layer and the ablation applies."""
+    model = cached_model("olmoe")
+    ids = token_ids(seed=10)
+    sites = router_sites(model)
+    masked = {site.layer_id: [1, 2] for site in sites}
+    with torch.no_grad(), ablate(model, experts=masked, backend=BACKEND):
+        want = model(input_ids=ids).logits
+    obs_root, abl_root = (model, model.model) if observer_on_full_model else (model.model, model)
+    for observer_first in (True, False):
+        events: list[RouteEvent] = []
+        observe = observe_routing(obs_root, events.append, backend=BACKEND)
+        mask = ablate(abl_root, experts=masked, backend=BACKEND)
+        first, second = (observe, mask) if observer_first else (mask, observe)
+        with torch.no_grad(), first, second:
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert [e.layer_id for e in events] == [s.layer_id for s in sites]
+        assert all(e.experts.shape[0] == ids.numel() for e in events)
+        assert not any(torch.isin(e.experts, torch.tensor([1, 2], dtype=torch.int32)).any() for e in events)
+        assert no_patch_left(model)
+
+
+def test_targets_leaving_too_few_experts_are_refused_on_entry():
+    """Reroute targets are checked once, statically, when the context is entered: for every layer the
+    expert mask plus any set of path rules that can fire together must leave K (K + 1 with pair rules,
+    and K in the worst kept groups) experts; the error names the layer and the rules."""
+    model = cached_model("olmoe")  # E = 8, K = 2, MoE layers 0, 1, 2
+    ids = token_ids()
+    refused = [
+        (Targets(experts={1: [6]}, paths={1: [((3,), e) for e in range(6)]}),
+         r"layer 1: its expert mask and the path rules that fire after the top-1 experts \[3\] leave 1 selectable"),
+        # a two-layer prefix fires together with the one-layer rule on its last expert
+        (Targets(paths={2: [((1, 3), e) for e in range(3)] + [((3,), e) for e in range(3, 7)] + [((4,), 7)]}),
+         r"layer 2: .*\[1, 3\] leave 1 selectable.*masked: \[0, 1, 2, 3, 4, 5, 6\]"),
+        (Targets(experts={0: [0, 1, 2, 3, 4, 5]}, pairs={0: [(6, 7)]}), r"layer 0: its expert mask leave 2 .*needs 3"),
+    ]
+    for targets, match in refused:
+        with pytest.raises(MoetraceError, match=match):
+            with intervene(model, targets, backend=BACKEND):
+                pass
+        assert no_patch_left(model)
+    accepted = [
+        Targets(paths={2: [((1, 3), e) for e in range(3)] + [((2, 3), e) for e in range(3, 6)]}),  # never together
+        Targets(experts={0: [0, 1, 2, 3, 4, 5]}),  # exactly K left
+        Targets(experts={0: list(range(8))}, mask_mode="zero"),  # zero mode never reroutes
+    ]
+    for targets in accepted:
+        with torch.no_grad(), intervene(model, targets, backend=BACKEND):
+            model(input_ids=ids)
+
+    grouped = cached_model("deepseek_v3")  # 2 groups of 4, topk_group 1, K = 2
+    with pytest.raises(MoetraceError, match=r"layer 0: its expert mask leave 1 selectable experts in its 1 worst kept"):
+        with intervene(grouped, Targets(experts={0: [0, 1, 2]}), backend=BACKEND):
+            pass
+    assert no_patch_left(grouped)

@@ -86,7 +86,11 @@ def check_same(logits, top_k, **kw):
 def slow_route(logits, K, *, renormalize=False, scoring="softmax", bias=None, n_group=None, topk_group=None,
                routed_scaling=1.0, expert_mask=None, mask_mode="reroute", path_table=None, prev_top1=None,
                pair_table=None, logit_boost=None, weight_scale=None):
-    """The specification as a per-row Python loop (Python floats, sorted() with (-score, index) keys)."""
+    """The specification as a per-row Python loop (Python floats, sorted() with (-score, index) keys).
+
+    Non-finite scores: a NaN score is -inf; ranks whose score is -inf (fewer than K finite) get
+    weight 0, and a row without a finite score has all weights 0.
+    """
     X = logits.double().tolist()
     T, E = logits.shape
     zeros = [0.0] * E
@@ -106,8 +110,9 @@ def slow_route(logits, K, *, renormalize=False, scoring="softmax", bias=None, n_
         if scoring == "softmax":
             c = [x[j] + boost[j] for j in range(E)]
         else:
-            s = [1.0 / (1.0 + math.exp(-v)) for v in x]
+            s = [0.0 if v < -700 else 1.0 / (1.0 + math.exp(-v)) for v in x]  # NaN stays NaN
             c = [s[j] + bias[j] + boost[j] for j in range(E)]
+        c = [NEG if math.isnan(v) else v for v in c]
         if reroute:
             c = [NEG if masked[j] else c[j] for j in range(E)]
         if n_group is not None:
@@ -123,16 +128,15 @@ def slow_route(logits, K, *, renormalize=False, scoring="softmax", bias=None, n_
                 c[order[1]] = NEG
                 order = sorted(range(E), key=lambda j: (-c[j], j))
         sel = order[:K]
-        assert all(c[j] != NEG for j in sel), "slow_route: too few selectable experts"
         if scoring == "softmax":
             m = max(c)
             den = sum(math.exp(v - m) for v in c if v != NEG)
-            w = [math.exp(c[j] - m) / den for j in sel]
+            w = [math.exp(c[j] - m) / den if c[j] != NEG else 0.0 for j in sel]
             if renormalize:
                 tot = sum(w)
-                w = [v / tot for v in w]
+                w = [v / tot if tot else 0.0 for v in w]
         else:
-            w = [s[j] for j in sel]
+            w = [s[j] if c[j] != NEG else 0.0 for j in sel]
             if renormalize:
                 tot = sum(w) + 1e-20
                 w = [v / tot for v in w]
@@ -322,6 +326,113 @@ def test_triton_matches_reference_property(data):
     assert_experts_equal(e, ref[1])
     assert torch.equal(t1, ref[2])
     assert_verbose_allclose(w, ref[0], *TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- non-finite scores
+
+
+def nonfinite_case(data):
+    """Logits with -inf / NaN entries (whole rows too), maybe -inf boosts, and interventions that
+    may leave rows short (run with validate=False, as engine.intervene does)."""
+    E = data.draw(st.sampled_from([2, 3, 6, 8, 13, 42]), label="E")
+    K = data.draw(st.sampled_from([k for k in (1, 2, 3, 4, 8) if k <= E]), label="K")
+    T = data.draw(st.integers(1, 9), label="T")
+    scoring = data.draw(st.sampled_from(["softmax", "sigmoid"]), label="scoring")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    logits = torch.randn(T, E, generator=g)
+    p_neg, p_nan = data.draw(st.sampled_from([(0.0, 0.0), (0.3, 0.0), (0.0, 0.3), (0.4, 0.3), (0.8, 0.1),
+                                              (1.0, 0.0), (0.0, 1.0)]), label="p_neg,p_nan")
+    u = torch.rand(T, E, generator=g)
+    logits = logits.masked_fill(u < p_neg, NEG).masked_fill((u >= p_neg) & (u < p_neg + p_nan), float("nan"))
+    if data.draw(st.booleans(), label="all_neg_row"):
+        logits[0] = NEG
+    kw = dict(scoring=scoring, renormalize=data.draw(st.booleans(), label="renorm"),
+              mask_mode=data.draw(st.sampled_from(["reroute", "zero"]), label="mode"))
+    if data.draw(st.booleans(), label="neg_boost"):
+        boost = torch.zeros(E)
+        boost[torch.rand(E, generator=g) < 0.5] = NEG
+        kw["logit_boost"] = boost
+    if data.draw(st.booleans(), label="mask"):
+        kw["expert_mask"] = torch.rand(E, generator=g) < 0.4
+    if data.draw(st.booleans(), label="pair"):
+        kw["pair_table"] = torch.rand(E, E, generator=g) < 0.5
+    if data.draw(st.booleans(), label="scale"):
+        kw["weight_scale"] = torch.rand(E, generator=g)
+    if scoring == "sigmoid":
+        kw["bias"] = torch.randint(-2, 3, (E,), generator=g).float() / 4
+        groups = [d for d in range(2, E + 1) if E % d == 0 and E // d >= 2 and d * (E // d) >= K]
+        if groups and data.draw(st.booleans(), label="groups"):
+            kw["n_group"] = data.draw(st.sampled_from(groups), label="n_group")
+            kw["topk_group"] = data.draw(st.integers(-(-K // (E // kw["n_group"])), kw["n_group"]), label="topk_group")
+    return logits, K, kw
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_nonfinite_scores_both_backends_agree_with_the_loop(data):
+    """-inf logits, -inf boosts, NaN logits, all -inf rows: both backends pick the same experts, all
+    in [0, E) and distinct per row, with the loop's weights (0 for filled ranks, never NaN)."""
+    logits, K, kw = nonfinite_case(data)
+    T, E = logits.shape
+    o = route_options(logits, K, validate=False, **kw)
+    poisoned = (torch.full((T, K), float("nan")), torch.full((T, K), -7, dtype=torch.int32),
+                torch.full((T,), -7, dtype=torch.int32))
+    w, e, t1, state = route_forward(logits, o, backend="triton", out=poisoned, validate=False)
+    rw, re, rt1 = route_reference(logits, K, validate=False, **kw)
+    sw, se = slow_route(logits, K, **kw)
+    assert ((e >= 0) & (e < E)).all() and (e.sort(dim=1).values.diff(dim=1) != 0).all()
+    assert_experts_equal(e, se)
+    assert_experts_equal(re, se)
+    assert torch.equal(t1, rt1)
+    assert not torch.isnan(w).any() and not torch.isnan(rw).any()
+    assert_verbose_allclose(w, sw, 1e-6, 1e-5)
+    assert_verbose_allclose(rw, sw, 1e-6, 1e-5)
+    # the public entry point (validate=True, both backends) agrees whenever it accepts the input
+    for backend in ("torch", "triton"):
+        try:
+            pw, pe, _ = fused_route(logits, K, backend=backend, **kw)
+        except ValueError as err:
+            assert "selectable" in str(err) or "pair rule" in str(err)
+            continue
+        assert torch.equal(pe, e)
+        assert_verbose_allclose(pw, sw, 1e-6, 1e-5)
+    # backward: the kernel equals the closed form; filled ranks get no gradient, nothing is NaN
+    g = torch.randn(T, K, generator=torch.Generator().manual_seed(T * E + K))
+    got = _launch_backward(g, logits, e, state, o)
+    want = _route_backward_torch(g, logits, e, state, o)
+    assert not torch.isnan(got).any()
+    assert_verbose_allclose(got, want, 1e-6, 1e-5, "grad")
+    if not torch.isnan(logits).any():  # the closed form equals autograd through the reference (fp64)
+        x = logits.double().requires_grad_()
+        (ref,) = torch.autograd.grad((route_reference(x, K, validate=False, **kw)[0] * g.double()).sum(), x)
+        o64 = route_options(x.detach(), K, validate=False, **kw)
+        _, e64, _, state64 = route_forward(x.detach(), o64, backend="torch", validate=False)
+        assert_verbose_allclose(_route_backward_torch(g.double(), x.detach(), e64, state64, o64), ref, 1e-10, 1e-8,
+                                "grad")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_nonfinite_worked_examples(backend, scoring):
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0],
+                      [NEG, NEG, NEG, NEG],
+                      [float("nan")] * 4,
+                      [NEG, 5.0, NEG, float("nan")],
+                      [float("nan"), 1.0, 0.0, 2.0]])
+    w, e, t1 = fused_route(x, 2, scoring=scoring, renormalize=True, backend=backend)
+    assert e.tolist() == [[3, 2], [0, 1], [0, 1], [1, 0], [3, 1]]
+    assert t1.tolist() == [3, 0, 0, 1, 3]
+    assert w[1:3].eq(0).all() and w[3].tolist() == [1.0, 0.0]
+    # a -inf boost is never chosen while finite scores remain, and fills a rank with weight 0 otherwise
+    boost = torch.tensor([NEG, 0.0, NEG, NEG])
+    w, e, _ = fused_route(x[:1], 2, scoring=scoring, logit_boost=boost, backend=backend)
+    assert e.tolist() == [[1, 0]] and w[0, 1] == 0 and w[0, 0] > 0
+    # without validation, a mask that leaves too few experts fills with the lowest free expert
+    mask = torch.tensor([False, True, True, True])
+    w, e, _ = fused_route(x[:1], 2, scoring=scoring, expert_mask=mask, backend=backend, validate=False)
+    assert e.tolist() == [[0, 1]] and w[0, 1] == 0
+    with pytest.raises(ValueError, match="keeps 1 selectable"):
+        fused_route(x[:1], 2, scoring=scoring, expert_mask=mask, backend=backend)
 
 
 @pytest.mark.slow
