@@ -199,10 +199,11 @@ def launch_specs(o: Options, E: int, K: int, T: int = 4096, dtype: torch.dtype =
     cfg = routing._launch_config(T, E, K)
     fwd = _record("forward", routing._route_kernel, lambda: routing.route_forward(logits, opts), cfg)
     dropped = torch.full((T,), -1, dtype=torch.int32) if fwd.const["HAS_PAIR"] else None
+    state = routing.RouteState(dropped, torch.full((T,), K, dtype=torch.int32))
     experts = torch.arange(K, dtype=torch.int32).repeat(T, 1)
     grad_w = torch.ones(T, K)
     bwd = _record("backward", routing._route_backward_kernel,
-                  lambda: routing.route_backward(grad_w, logits, experts, dropped, opts), cfg)
+                  lambda: routing.route_backward(grad_w, logits, experts, state, opts), cfg)
     return fwd, bwd
 
 
