@@ -234,20 +234,37 @@ def test_temporal_across_chunk_boundaries(tmp_path):
     np.testing.assert_array_equal(ds["temporal"].values, want)
 
 
-def test_shared_prefix_matches_r_transcription_on_shuffled_rows(tmp_path):
+def test_shared_prefix_matches_r_transcription(tmp_path):
+    """Sequences in any id order (each one's rows contiguous, in pos order: the store invariant)."""
     rng = np.random.default_rng(7)
     for trial in range(5):
         trace = make_trace(rng, 5, 1, 1, 2, shared=int(rng.integers(0, 3)))
         if trial == 4:
             trace["token_id"][:] = rng.integers(0, 3, len(trace["seq"]))  # (almost surely) nothing shared
-        order = rng.permutation(len(trace["seq"]))  # store rows need not be sorted
-        shuffled = {k: v[order] for k, v in trace.items()}
-        path = write_store(tmp_path / f"p{trial}.zarr", shuffled, 1, 1, 2, chunk_rows=4, weights=False)
+        path = write_store(tmp_path / f"p{trial}.zarr", trace, 1, 1, 2, chunk_rows=4, weights=False)
         last, seq_ids, cutoff = A.shared_prefix(path)
-        want_last, want_keep = r_last_shared_tok(shuffled["seq"], shuffled["pos"], shuffled["token_id"])
+        want_last, want_keep = r_last_shared_tok(trace["seq"], trace["pos"], trace["token_id"])
         assert last == want_last
-        idx = np.searchsorted(seq_ids, shuffled["seq"])
-        np.testing.assert_array_equal(shuffled["pos"] > cutoff[idx], want_keep)
+        idx = np.searchsorted(seq_ids, trace["seq"])
+        np.testing.assert_array_equal(trace["pos"] > cutoff[idx], want_keep)
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 64])
+def test_shared_prefix_refuses_rows_out_of_sequence_order(tmp_path, chunk_rows):
+    """A store breaking the invariant gets a one-line error, not a wrong prefix."""
+    rng = np.random.default_rng(17)
+    trace = make_trace(rng, 4, 1, 1, 2)
+    n = len(trace["seq"])
+    swapped = np.arange(n)
+    swapped[[1, 2]] = swapped[[2, 1]]  # two rows of the first sequence out of pos order
+    interleaved = np.r_[np.arange(1, n), 0]  # the first sequence's first row moved to the end
+    for name, order in (("swapped", swapped), ("interleaved", interleaved)):
+        rows = {k: v[order] for k, v in trace.items()}
+        with pytest.raises(MoetraceError, match="contiguous|increasing pos|order"):
+            # the store itself may refuse such rows; if it takes them, shared_prefix refuses
+            path = write_store(tmp_path / f"{name}{chunk_rows}.zarr", rows, 1, 1, 2, chunk_rows=chunk_rows,
+                               weights=False)
+            A.shared_prefix(path)
 
 
 def test_shared_prefix_by_token_text(tmp_path):
