@@ -428,3 +428,123 @@ def test_vocab_counts(tmp_path):
                     want[trace["token_id"][r], l, e] += 1
     np.testing.assert_array_equal(ds["vocab"].values, want)
     assert ds["vocab"].dims == ("token_id", "layer", "expert")
+
+
+@pytest.mark.parametrize("call", [
+    dict(where={"domain": 5}),
+    dict(where={"domain": None}),
+    dict(where={"domain": []}),
+    dict(where={"pos": "3"}),
+    dict(where={"pos": 1.5}),
+    dict(where={"generated": 1}),
+    dict(where={"nope": [1]}),
+    dict(where={5: [1]}),
+    dict(where=["domain"]),
+    dict(where="domain"),
+    dict(by=5),
+    dict(by=["domain", 5]),
+    dict(by=["domain", "domain"]),
+    dict(by=["topic"]),
+    dict(stats=5),
+    dict(stats=["experts", 3]),
+    dict(stats=[["experts"]]),
+    dict(stats="experts,nope"),
+    dict(groups={"domain": 5}),
+    dict(groups=["domain"]),
+    dict(groups={"topic": ["a"]}),
+    dict(positions=(1,)),
+    dict(positions="1:5"),
+    dict(positions=(1.5, 3)),
+    dict(positions=(5, 1)),
+    dict(skip_shared_prefix="yes"),
+    dict(generated_only=1),
+    dict(stats=["vocab"], vocab_size="10"),
+    dict(stats=["vocab"], vocab_size=0),
+    dict(stats=["pairs"]),  # the store below has top_k=1
+    dict(stats=["weight_sum"]),  # ... and no routing/weights
+    dict(skip_shared_prefx=True),  # a typo
+])
+def test_every_bad_argument_is_a_one_line_error(tmp_path_factory, call):
+    """issue 9: no TypeError/KeyError traceback from count's arguments, a one-line MoetraceError."""
+    path = tmp_path_factory.getbasetemp() / "bad_args.zarr"
+    if not path.exists():
+        rng = np.random.default_rng(5)
+        write_store(path, make_trace(rng, 3, 2, 1, 4), 2, 1, 4, chunk_rows=8, weights=False)
+    for fn in (A.count, lambda p, **kw: A.count_range(p, 0, 5, **kw)):
+        with pytest.raises(MoetraceError) as info:
+            fn(path, progress=False, **call)
+        assert "\n" not in str(info.value)
+    if set(call) <= {"where", "by", "groups", "positions", "skip_shared_prefix", "generated_only"}:
+        with pytest.raises(MoetraceError):
+            A.coverage(path, TableTargets(None, np.zeros((2, 4, 4), bool), None), progress=False, **call)
+
+
+def test_filters_object_equals_keywords(tmp_path):
+    rng = np.random.default_rng(21)
+    trace = make_trace(rng, 5, 2, 2, 4)
+    path = write_store(tmp_path / "f.zarr", trace, 2, 2, 4, chunk_rows=8)
+    filters = A.Filters(by=("domain",), skip_shared_prefix=True, positions=(1, 50), where={"lang": "en"})
+    a = A.count(path, stats=["experts", "temporal"], filters=filters, progress=False)
+    b = A.count(path, stats=["experts", "temporal"], by=["domain"], skip_shared_prefix=True, positions=(1, 50),
+                where={"lang": "en"}, progress=False)
+    xr.testing.assert_identical(a, b)
+
+
+_SAVE_SCRIPT = """
+import sys, numpy as np, xarray as xr
+from engine.counting import save_counts
+n = int(sys.argv[2])
+ds = xr.Dataset({f"v{i}": (("layer", "expert"), np.full((4, 8), i, np.int64)) for i in range(n)},
+                attrs={"moetrace_counts_version": 1})
+print("start", flush=True)
+save_counts(ds, sys.argv[1], overwrite=True)
+print("done", flush=True)
+"""
+
+
+def test_save_counts_killed_mid_write_keeps_the_old_file(tmp_path):
+    """SIGKILL while save_counts writes: OUT still loads as the old file; the partial one is refused."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "counts.zarr"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(out), "2"], check=True, env=env)
+    old = A.load_counts(out)
+    assert sorted(old.data_vars) == ["v0", "v1"]
+    proc = subprocess.Popen([sys.executable, "-c", _SAVE_SCRIPT, str(out), "400"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "start"
+        deadline = time.monotonic() + 120
+        partial = []
+        while not partial and time.monotonic() < deadline:
+            partial = [p for p in tmp_path.glob("counts.zarr.partial-*") if any(p.glob("v*"))]
+            time.sleep(0.005)
+        assert partial, "the writer never started its staging file"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    xr.testing.assert_identical(A.load_counts(out), old)
+    with pytest.raises(MoetraceError, match="incomplete counts file"):
+        A.load_counts(partial[0])
+
+
+def test_load_counts_refuses_a_file_without_the_completion_mark(tmp_path):
+    rng = np.random.default_rng(22)
+    path = write_store(tmp_path / "s.zarr", make_trace(rng, 3, 2, 2, 4), 2, 2, 4, chunk_rows=8)
+    ds = A.count(path, progress=False)
+    ds.to_zarr(tmp_path / "raw.zarr", mode="w", consolidated=True)  # written without save_counts
+    with pytest.raises(MoetraceError, match="incomplete counts file"):
+        A.load_counts(tmp_path / "raw.zarr")
+    A.save_counts(ds, tmp_path / "ok.zarr")
+    xr.testing.assert_identical(A.load_counts(tmp_path / "ok.zarr"), ds)
+    assert not list(tmp_path.glob("ok.zarr.*"))  # nothing left beside it
+    A.save_counts(ds.isel(layer=[0]), tmp_path / "ok.zarr", overwrite=True)
+    assert A.load_counts(tmp_path / "ok.zarr").sizes["layer"] == 1
+    assert not list(tmp_path.glob("ok.zarr.*"))
