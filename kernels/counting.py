@@ -70,11 +70,18 @@ Expert ids ``>= E`` are never written: the kernels count them and ``update`` rai
 
 from __future__ import annotations
 
+import os
 import types
 
-import numba
-import numpy as np
-from numba import prange
+# Numba's OpenMP threads otherwise spin after each parallel region, taking the CPU the
+# chunk readers need to decompress the next chunk (measured: 1.7x more rows per CPU
+# second end to end with passive waiting; bench/RESULTS.md). Read once, when libgomp
+# starts; a value set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import prange  # noqa: E402
 
 __all__ = [
     "ngjit",

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
+from engine.counting.chunks import iter_count_chunks
 from engine.counting.files import COUNTS_VERSION
 from engine.counting.filters import Filters, Selection
 from engine.errors import MoetraceError
@@ -48,7 +49,7 @@ def drive(st: TraceStore, sel: Selection, stats: list, start: int, stop: int, pr
             s.prime(state, before)
     step = st.chunk_rows
     n_chunks = max(0, (stop - 1) // step - start // step + 1) if stop > start else 0
-    chunks = st.iter_chunks(columns, rows=(start, stop), prefetch=True)
+    chunks = iter_count_chunks(st, columns, (start, stop))
     for chunk in tqdm(chunks, total=n_chunks, disable=not progress, unit="chunk", desc="count"):
         arrays = arrays_of(chunk.columns)
         for s, state in zip(stats, states):
