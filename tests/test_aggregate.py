@@ -548,3 +548,34 @@ def test_load_counts_refuses_a_file_without_the_completion_mark(tmp_path):
     A.save_counts(ds.isel(layer=[0]), tmp_path / "ok.zarr", overwrite=True)
     assert A.load_counts(tmp_path / "ok.zarr").sizes["layer"] == 1
     assert not list(tmp_path.glob("ok.zarr.*"))
+
+
+@pytest.mark.parametrize("layout", [{}, {"shard_chunks": 2}, {"codec": {"cname": "zstd", "clevel": 1,
+                                                                        "shuffle": "noshuffle"}}])
+def test_count_chunk_reader_equals_zarr(tmp_path, layout):
+    """The raw chunk reader (plain layout) and its zarr fallback (shards) give zarr's own arrays,
+    including chunks zarr never wrote because they are all fill value."""
+    from engine.counting.chunks import iter_count_chunks
+
+    rng = np.random.default_rng(23)
+    trace = make_trace(rng, 6, 2, 2, 4)
+    trace["generated"][:10] = False  # chunks 0-1 of `generated` are all fill value: no chunk file
+    n = len(trace["seq"])
+    with TraceStore.create(tmp_path / "r.zarr", n_layers=2, n_experts=4, top_k=2, chunk_rows=5, weights=True,
+                           labels={"domain": DOMAINS, "lang": LANGS}, **layout) as st:
+        st.append(trace)
+    st = TraceStore.open(tmp_path / "r.zarr")
+    cols = ["experts", "weights", "seq", "pos", "generated", "domain", "token_id"]
+    for a, b in [(0, n), (3, n - 2), (7, 8)]:
+        want = list(st.iter_chunks(cols, rows=(a, b), prefetch=False))
+        seen = 0
+        for g, w in zip(iter_count_chunks(st, cols, (a, b)), want):  # buffers are reused: compare as we go
+            seen += 1
+            assert (g.start, g.stop) == (w.start, w.stop)
+            for col in cols:
+                np.testing.assert_array_equal(g[col], w[col], err_msg=col)
+        assert seen == len(want)
+    ds = A.count(st, stats=["experts", "temporal", "weight_sum"], by=["domain"], generated_only=True,
+                 progress=False)
+    keep = trace["generated"]
+    assert int(ds["tokens"].sum()) == keep.sum()
