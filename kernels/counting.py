@@ -232,12 +232,13 @@ def _experts_body(h, experts, group, aux, a, b, g, E):
     """h[((g * L + l) * K + k) * E + experts[r, l, k]] += 1."""
     n, n_layers, top_k = experts.shape
     lk = n_layers * top_k
-    rows = experts.reshape(n, lk)  # a view: one flat (layer, rank) index per id
+    flat = experts.reshape(n * lk)  # a view: one flat (row, layer, rank) index per id
     base = g * lk * E
     nbad = 0
-    for r in range(a, b):
+    for i in range(a * lk, b * lk, lk):
+        row = flat[i: i + lk]
         for j in range(lk):
-            e = np.int64(rows[r, j])
+            e = np.int64(row[j])
             if e < E:
                 h[base + j * E + e] += 1
             else:
