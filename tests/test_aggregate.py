@@ -579,3 +579,25 @@ def test_count_chunk_reader_equals_zarr(tmp_path, layout):
                  progress=False)
     keep = trace["generated"]
     assert int(ds["tokens"].sum()) == keep.sum()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), chunk_rows=st.sampled_from([3, 7, 16, 1000]), n_cuts=st.integers(1, 5))
+def test_any_split_into_count_ranges_adds_up(seed, chunk_rows, n_cuts):
+    """Every registered statistic: counts of any split into count_ranges sum to count, whatever the chunking."""
+    rng = np.random.default_rng(seed)
+    L, K, E = 3, 2, 5
+    trace = make_trace(rng, 5, L, K, E)
+    n = len(trace["seq"])
+    stats = [s for s in A.STATS if s != "tokens"]
+    args = dict(stats=stats, by=["lang", "domain"], skip_shared_prefix=True, vocab_size=100, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_store(Path(tmp) / "s.zarr", trace, L, K, E, chunk_rows=chunk_rows)
+        whole = A.count(path, **args)
+        cuts = sorted({0, n, *rng.integers(0, n + 1, n_cuts).tolist()})
+        total = None
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            piece = A.count_range(path, a, b, **args)
+            total = piece if total is None else total + piece
+    for name in whole.data_vars:
+        np.testing.assert_allclose(total[name].values, whole[name].values, rtol=1e-12, err_msg=name)
