@@ -860,7 +860,7 @@ def stats_help() -> str:
     for name, cls in STATS.items():
         dims = ", ".join((["group..."] if cls.grouped else []) + list(cls.dims))
         needs = [f"top_k >= {cls.min_top_k}"] * (cls.min_top_k > 1) + [f"--{a.replace('_', '-')}" for a in cls.args]
-        needs += [f"tokens/{i}" if i != "weights" else "routing/weights" for i in cls.inputs if i in ("weights",)]
+        needs += ["routing/weights" for column in cls.inputs if column == "weights"]  # the optional input
         doc = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
         extra = f" [needs {', '.join(needs)}]" if needs else ""
         lines.append(f"{name} ({dims}): {doc}{extra}")
