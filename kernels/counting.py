@@ -73,15 +73,9 @@ from __future__ import annotations
 import os
 import types
 
-# Numba's OpenMP threads otherwise spin after each parallel region, taking the CPU the
-# chunk readers need to decompress the next chunk (measured: 1.7x more rows per CPU
-# second end to end with passive waiting; bench/RESULTS.md). Read once, when libgomp
-# starts; a value set by the user wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-from numba import prange  # noqa: E402
+import numba
+import numpy as np
+from numba import prange
 
 __all__ = [
     "ngjit",
@@ -160,7 +154,26 @@ class _Kernel:
         self.serial = ngjit_serial(_renamed(fn, name + "_serial", glob))
 
     def __call__(self, work: int, *args):
-        return (self.parallel if work >= PARALLEL_MIN_WORK else self.serial)(*args)
+        if work >= PARALLEL_MIN_WORK:
+            _passive_openmp()
+            return self.parallel(*args)
+        return self.serial(*args)
+
+
+_OPENMP_SET = []
+
+
+def _passive_openmp() -> None:
+    """Before Numba's OpenMP pool starts (first statistic or parallel kernel): let its threads wait passively.
+
+    Spinning workers take the CPU the chunk readers need to decompress the next chunk
+    (measured: about 1.7x more rows per CPU second end to end; bench/RESULTS.md). libgomp
+    reads the variable once, when it starts; a value set by the user wins. Set here rather
+    than at import so that merely importing this module changes nothing.
+    """
+    if not _OPENMP_SET:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _OPENMP_SET.append(True)
 
 
 def kernel(fn) -> _Kernel:
@@ -482,6 +495,7 @@ class CountStat:
         self.n_layers = int(n_layers)
         self.top_k = int(top_k)
         self.n_experts = int(n_experts)
+        _passive_openmp()  # before get_num_threads, which starts the thread pool
         self.n_blocks = int(n_blocks or numba.get_num_threads())
         unknown = set(kwargs) - set(self.args)
         if unknown:
