@@ -18,7 +18,11 @@ with a warm page cache; peak RSS = the child's ``VmHWM``):
 - ``polars``: ``scan_parquet(...).group_by(domain, lang, layer, expert).len()``;
 - ``pandas``: ``groupby([domain, lang, layer, expert]).size()`` on an in-memory
   1e7-row slice (the seeds' approach), extrapolated per row;
-- moetrace ``paths`` and ``temporal`` throughput;
+- moetrace ``paths``, ``pairs``, ``temporal`` throughput, and the four in one call;
+- a roofline table: one core's decode rate of the store's codec (numcodecs alone, and
+  of other Blosc settings on the same chunks), one core's counting rate per statistic
+  on in-memory chunks (and of an older commit's kernels with ``--old-commit``), the
+  end-to-end rate and its share of the best 2-core decode + count pipeline;
 - time growth at 1e7, 1e8, 1e9 routing rows (moetrace and DuckDB).
 
 Every provider also returns a fingerprint (sum and sum of squares of its
@@ -104,17 +108,110 @@ def fingerprint(counts: np.ndarray) -> list[int]:
 
 
 def provider_moetrace(data: Path, tokens: int, stat: str, repeats: int) -> tuple[float, list[int]]:
+    """``stat``: one statistic or several joined by ``+`` (counted in one call)."""
     from engine.aggregate import count_range
     from engine.store import TraceStore
 
     st = TraceStore.open(data / "trace.zarr")
+    stats = stat.split("+")
+    count_range(st, 0, min(tokens, st.chunk_rows), stats=stats, by=["domain", "lang"], progress=False)  # compile
     best, ds = float("inf"), None
     for _ in range(repeats):
-        t = time.perf_counter()
-        ds = count_range(st, 0, tokens, stats=[stat], by=["domain", "lang"], progress=False)
-        best = min(best, time.perf_counter() - t)
-    fp = fingerprint(ds["experts"].sum("rank").values) if stat == "experts" else [int(ds[stat].sum()), 0]
+        t, c = time.perf_counter(), time.process_time()
+        ds = count_range(st, 0, tokens, stats=stats, by=["domain", "lang"], progress=False)
+        if time.perf_counter() - t < best:
+            best, CPU_SECONDS[0] = time.perf_counter() - t, time.process_time() - c
+    fp = fingerprint(ds["experts"].sum("rank").values) if stat == "experts" else [int(ds[stats[0]].sum()), 0]
     return best, fp
+
+
+CPU_SECONDS = [0.0]  # CPU seconds (all threads) of the best moetrace run
+
+
+def provider_roofline(data: Path, repeats: int, old_kernels: str | None) -> dict:
+    """One core's stage rates on real chunks: decode (numcodecs alone) and count (in memory).
+
+    Decode: every ``routing/experts`` chunk file of the first ``n`` chunks decompressed by
+    ``numcodecs.blosc`` into one buffer, Blosc on one thread; the same decoded chunks
+    re-encoded with other Blosc settings give their decode rate and size. Count: each
+    registered statistic over the decoded chunks (groups by domain, lang as ``count``
+    makes them), Numba on one thread. ``old_kernels``: a kernels/counting.py of an older
+    commit, timed on the same chunks side by side.
+    """
+    import numba
+    import numcodecs
+    from numcodecs import blosc
+
+    from engine.counting.chunks import _RawColumn
+    from engine.counting.filters import Filters
+    from engine.store import TraceStore
+    from kernels import counting
+
+    numba.set_num_threads(1)
+    blosc.set_nthreads(1)
+    st = TraceStore.open(data / "trace.zarr")
+    raw = _RawColumn(st, "experts")
+    n = min(8, -(-len(st) // st.chunk_rows) - 1) or 1
+    files = [(raw.dir / raw.meta.encode_chunk_key((i, 0, 0))).read_bytes() for i in range(n)]
+    buf = np.empty((st.chunk_rows, *raw.inner), dtype=raw.dtype)
+    rows = n * st.chunk_rows * int(np.prod(raw.inner))
+
+    def best_of(fn) -> float:
+        """Best CPU seconds of ``fn`` (one thread works: CPU time is robust to a shared machine)."""
+        fn()
+        out = float("inf")
+        for _ in range(repeats):
+            t = time.process_time()
+            fn()
+            out = min(out, time.process_time() - t)
+        return out
+
+    res = {"rows": rows, "decode": {}, "count": {}, "old_count": {}}
+    decoded = []
+    for f in files:
+        blosc.decompress(f, buf)
+        decoded.append(buf.copy())
+    sec = best_of(lambda: [blosc.decompress(f, buf) for f in files])
+    res["decode"]["default (lz4, bitshuffle)"] = {"rows_s": rows / sec, "gb_s": buf.nbytes * n / sec / 1e9,
+                                                  "ratio": buf.nbytes * n / sum(map(len, files))}
+    for name, cname, clevel, shuffle in [("lz4, no shuffle", "lz4", 5, blosc.NOSHUFFLE),
+                                         ("lz4, byte shuffle", "lz4", 5, blosc.SHUFFLE),
+                                         ("zstd 1, bitshuffle", "zstd", 1, blosc.BITSHUFFLE)]:
+        codec = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=shuffle)
+        enc = [codec.encode(d) for d in decoded]
+        sec = best_of(lambda: [blosc.decompress(e, buf) for e in enc])
+        res["decode"][name] = {"rows_s": rows / sec, "gb_s": buf.nbytes * n / sec / 1e9,
+                               "ratio": buf.nbytes * n / sum(map(len, enc))}
+    sel = Filters(by=("domain", "lang")).compile(st)
+    cols = st.read(["domain", "lang", "seq", "pos", "token_id"], 0, n * st.chunk_rows)
+    chunks = []
+    for i, d in enumerate(decoded):
+        a, b = i * st.chunk_rows, (i + 1) * st.chunk_rows
+        part = {k: v[a:b] for k, v in cols.items()}
+        chunks.append({"experts": d, "group": sel.group_codes(part, b - a), **part})
+    modules = {"count": counting}
+    if old_kernels:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("old_counting", old_kernels)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        modules["old_count"] = old
+    L, K, E = st.n_layers, st.top_k, st.n_experts
+    for name in counting.STATS:
+        if name in ("vocab", "weight_sum"):
+            continue  # vocab needs a vocabulary, weight_sum weights: neither is in this trace
+        for key, mod in modules.items():
+            if name not in mod.STATS:
+                continue
+            stat = mod.make_stat(name, sel.n_groups, L, K, E, n_blocks=1)
+
+            def run():
+                state = stat.create()
+                for c in chunks:
+                    stat.update(state, c)
+                return stat.finalize(state)
+            res[key][name] = rows / best_of(run)
+    return res
 
 
 def provider_duckdb(data: Path, tokens: int, meta: dict, threads: int, repeats: int) -> tuple[float, list[int]]:
@@ -171,6 +268,9 @@ def child(args) -> None:
     meta = json.loads((data / "meta.json").read_text())
     lk = meta["layers"] * meta["top_k"]
     tokens = min(meta["tokens"], max(meta["seq_len"], args.rows // lk // meta["seq_len"] * meta["seq_len"]))
+    if args.child == "roofline":
+        print(json.dumps(provider_roofline(data, args.repeats, args.old_kernels)))
+        return
     if args.child == "moetrace":
         seconds, fp = provider_moetrace(data, tokens, args.stat, args.repeats)
     elif args.child == "duckdb":
@@ -182,7 +282,8 @@ def child(args) -> None:
         tokens = args.rows / lk
     else:
         raise SystemExit(f"unknown provider {args.child!r}")
-    print(json.dumps({"seconds": seconds, "rows": int(tokens * lk), "rss": peak_rss(), "fingerprint": fp}))
+    print(json.dumps({"seconds": seconds, "rows": int(tokens * lk), "rss": peak_rss(), "fingerprint": fp,
+                      "cpu_seconds": CPU_SECONDS[0]}))
 
 
 def peak_rss() -> int:
@@ -208,6 +309,8 @@ def run_child(args, provider: str, rows: int, stat: str = "experts") -> dict:
                OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, __file__, "--child", provider, "--data", args.data, "--rows", str(rows),
            "--stat", stat, "--threads", str(args.threads), "--repeats", str(args.repeats)]
+    if args.old_kernels:
+        cmd += ["--old-kernels", args.old_kernels]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{provider} failed:\n{out.stderr}")
@@ -221,7 +324,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per provider (best is reported)")
     parser.add_argument("--pandas-rows", type=int, default=10_000_000, help="rows of the pandas slice")
     parser.add_argument("--data", default=str(HERE / "data" / "counting"), help="where the trace is generated")
+    parser.add_argument("--old-commit", help="also time kernels/counting.py of this git commit (roofline table)")
+    parser.add_argument("--skip-growth", action="store_true", help="no growth table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--old-kernels", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stat", default="experts", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -229,10 +335,19 @@ def main() -> None:
         child(args)
         return
 
+    if args.old_commit:
+        import tempfile
+
+        text = subprocess.run(["git", "show", f"{args.old_commit}:kernels/counting.py"], cwd=HERE.parent,
+                              capture_output=True, text=True, check=True).stdout
+        old_file = Path(tempfile.mkdtemp(prefix="moetrace-old-kernels-")) / "old_counting.py"
+        old_file.write_text(text)
+        args.old_kernels = str(old_file)
     meta = generate(Path(args.data), args.tokens)
     total = meta["tokens"] * meta["layers"] * meta["top_k"]
     print(f"Command: `.venv/bin/python bench/bench_counting.py --tokens {args.tokens} --threads {args.threads} "
-          f"--repeats {args.repeats}`")
+          f"--repeats {args.repeats}" + (f" --old-commit {args.old_commit}" if args.old_commit else "")
+          + (" --skip-growth" if args.skip_growth else "") + "`")
     print(f"\nTrace: {meta['tokens']:,} tokens x {meta['layers']} layers x top-{meta['top_k']} of "
           f"{meta['experts']} experts = {total:,} routing rows; {args.threads} threads per engine; "
           f"best of {args.repeats}; warm page cache.\n")
@@ -243,7 +358,9 @@ def main() -> None:
         ("pandas", "experts", f"groupby on an in-memory {min(args.pandas_rows, total):,}-row slice",
          min(args.pandas_rows, total)),
         ("moetrace", "paths", "count(paths, by=domain,lang) from the store", total),
+        ("moetrace", "pairs", "count(pairs, by=domain,lang) from the store", total),
         ("moetrace", "temporal", "count(temporal, by=domain,lang) from the store", total),
+        ("moetrace", "experts+paths+pairs+temporal", "the four in one count call", total),
     ]
     results = []
     for provider, stat, what, rows in runs:
@@ -261,6 +378,16 @@ def main() -> None:
             ok = "-"
         print(f"| {provider} | {stat} | {what} | {res['rows']:,} | {res['seconds']:.3f} | {rate:.3g} | "
               f"{rate / duck_rate:.2f}x | {res['rss'] / 2**20:.0f} | {ok} |")
+    separate = sum(res["seconds"] for provider, stat, _, res in results
+                   if provider == "moetrace" and stat in ("experts", "paths", "pairs", "temporal"))
+    together = [res for provider, stat, _, res in results if "+" in stat][0]["seconds"]
+    print(f"\nFour statistics in one call: {together:.3f} s; four separate calls: {separate:.3f} s "
+          f"({separate / together:.2f}x).")
+    e2e = {stat: (res["rows"] / res["seconds"], res["rows"] / res["cpu_seconds"])
+           for provider, stat, _, res in results if provider == "moetrace"}
+    roofline(args, e2e)
+    if args.skip_growth:
+        return
     print("\nGrowth (experts, by domain,lang):\n")
     print("| routing rows | moetrace s | moetrace rows/s | moetrace RSS MiB "
           "| DuckDB s | DuckDB rows/s | DuckDB RSS MiB |")
@@ -271,6 +398,39 @@ def main() -> None:
         m, d = run_child(args, "moetrace", rows), run_child(args, "duckdb", rows)
         print(f"| {m['rows']:,} | {m['seconds']:.3f} | {m['rows'] / m['seconds']:.3g} | {m['rss'] / 2**20:.0f} | "
               f"{d['seconds']:.3f} | {d['rows'] / d['seconds']:.3g} | {d['rss'] / 2**20:.0f} |")
+
+
+def roofline(args, e2e: dict) -> None:
+    """Print the roofline table: one core's decode and count rates, end to end, and its share."""
+    print("running roofline ...", file=sys.stderr)
+    res = run_child(args, "roofline", 0)
+    dec = res["decode"]
+    print("\nRoofline (one core each stage, CPU time, real chunks of this trace; rows = routing rows):\n")
+    print("| codec of routing/experts | decode GB/s (1 core, numcodecs) | decode rows/s | size ratio |")
+    print("|---|---|---|---|")
+    for name, d in dec.items():
+        print(f"| {name} | {d['gb_s']:.2f} | {d['rows_s']:.3g} | {d['ratio']:.2f} |")
+    decode = dec["default (lz4, bitshuffle)"]["rows_s"]
+    old = res.get("old_count") or {}
+    print(f"\n| statistic | count rows/s (1 core, in memory) | {'old kernel rows/s | new/old | ' if old else ''}"
+          f"end to end rows/s ({args.threads} threads, wall) | end to end rows per CPU-second | best "
+          f"{args.threads}-core pipeline rows/s | share (wall) | share (CPU) | slower stage |")
+    print("|---|---|" + ("---|---|" if old else "") + "---|---|---|---|---|---|")
+    for name, rate in res["count"].items():
+        # 2 cores running decode and count side by side, perfectly balanced: each row costs
+        # 1/decode + 1/count core-seconds.
+        best = args.threads / (1 / decode + 1 / rate)
+        got = e2e.get(name)
+        old_cols = f"{old[name]:.3g} | {rate / old[name]:.2f} | " if name in old else ("- | - | " if old else "")
+        stage = "decode" if decode < rate else "count"
+        if got:
+            wall, per_cpu = got
+            # per CPU-second x cores: the rate with dedicated cores and no stalls
+            tail = (f"{wall:.3g} | {per_cpu:.3g} | {best:.3g} | {wall / best:.0%} | "
+                    f"{per_cpu * args.threads / best:.0%} | {stage}")
+        else:
+            tail = f"- | - | {best:.3g} | - | - | {stage}"
+        print(f"| {name} | {rate:.3g} | {old_cols}{tail} |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 
 from engine.aggregate import count
 from engine.store import TraceStore
+from kernels.counting import STATS
 from engine.synthetic import TraceSpec, write_store
 from kernels.routing import route_reference
 
@@ -37,10 +38,15 @@ def test_read_experts(benchmark, store):
 
 
 @pytest.mark.benchmark(group="count")
-@pytest.mark.parametrize("stat", ["experts", "paths", "temporal"])
+@pytest.mark.parametrize("stat", [*STATS, "experts,paths,pairs,temporal"])
 def test_count(benchmark, store, stat):
-    count(store, stats=[stat], by=["domain", "lang"], progress=False)  # compile / warm the cache
-    benchmark(lambda: count(store, stats=[stat], by=["domain", "lang"], progress=False))
+    """Every registered statistic (kernels/counting.py), and four in one call."""
+    stats = stat.split(",")
+    kwargs = {"vocab_size": int(store.read(["token_id"])["token_id"].max()) + 1} if "vocab" in stats else {}
+    if "weight_sum" in stats and not store.has_weights:
+        pytest.skip("the benchmark store has no routing/weights")
+    count(store, stats=stats, by=["domain", "lang"], progress=False, **kwargs)  # compile / warm the cache
+    benchmark(lambda: count(store, stats=stats, by=["domain", "lang"], progress=False, **kwargs))
     benchmark.extra_info["routing_rows"] = len(store) * SPEC.n_layers * SPEC.top_k
 
 

@@ -31,13 +31,13 @@ import scipy.stats
 import xarray as xr
 
 from engine.errors import MoetraceError
+from kernels import counting as _counting
 
 COUNTS_VERSION = 1
 
-# Dimensions of a Counts dataset that are not group (``by`` label) dimensions.
-NON_GROUP_DIMS = frozenset(
-    {"layer", "rank", "expert", "prev_expert", "first", "second", "next_expert", "other_expert", "token_id", "token"}
-)
+# Dimensions of a Counts dataset that are not group (``by`` label) dimensions: every
+# statistic's own dims, from the registry in kernels/counting.py.
+NON_GROUP_DIMS = frozenset({d for cls in _counting.STATS.values() for d in cls.dims} | {"token"})
 
 # method -> (variable, item dims, default min_layer_index, default threshold); seed 000's rules.
 SPECIALIZATION_METHODS = {
@@ -83,7 +83,7 @@ def group_dims(counts: xr.Dataset) -> list[str]:
     """
     if "tokens" in counts.data_vars:
         return list(counts["tokens"].dims)
-    for name in ("experts", "paths", "pairs", "temporal", "weight_sum"):
+    for name in _counting.grouped_stats():
         if name in counts.data_vars:
             return [d for d in counts[name].dims if d not in NON_GROUP_DIMS]
     return []

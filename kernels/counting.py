@@ -1,23 +1,55 @@
 """Numba counting kernels for routing traces: arrays in, count tensors out.
 
-Every statistic is one small object in the datashader style
-(``datashader/reductions.py``): it states its output ``shape`` and ``dtype``, the
-``inputs`` it reads besides ``experts`` and ``group``, and four functions:
+One registry, one row loop
+--------------------------
+Every statistic is one class registered with :func:`register` (:data:`STATS`, name ->
+class). The class is the only place a statistic is described; the count driver, the
+xarray dims, ``moetrace count --stats`` help, the group dims of ``engine.metrics``
+and the test parametrisations are derived from it:
 
-``create() -> state``
-    a fresh accumulator (opaque to the driver);
-``update(state, arrays) -> None``
-    count one chunk of rows into ``state`` in place;
-``combine(a, b) -> state``
-    the state of two disjoint row ranges counted separately;
-``finalize(state) -> ndarray``
-    the count tensor, of ``shape`` and ``dtype``.
+``name``
+    the count variable's name;
+``dims``
+    names of its output dims after the group dims (sizes from :data:`DIM_SIZES`:
+    ``layer`` = L, ``rank`` = K, expert dims = E, ``token_id`` = ``vocab_size``);
+``grouped``
+    whether the tensor has the group dims in front (one per ``by`` label);
+``dtype``
+    int64 counts or float64 sums;
+``inputs``
+    chunk arrays it reads besides ``experts`` and ``group`` (the driver refuses a
+    store that lacks one, e.g. ``routing/weights``);
+``min_top_k``
+    the smallest K it can count (``pairs``: 2);
+``args``
+    extra keyword arguments of the constructor (``vocab``: ``vocab_size``), each a
+    positive integer;
+``body``
+    the per-row body (below), or ``None`` for a statistic with its own ``update``.
 
-A driver creates one state per statistic, calls ``update`` per chunk and
-``finalize`` at the end, and never knows which statistic it runs; a distributed
-driver uses ``update`` as its chunk function and ``combine`` as its tree reduction.
-``prime(state, arrays)`` hands over the row just before a range (only ``temporal``
-uses it, so that transitions into the first row of a range are counted).
+The row-block loop is written once (:func:`_row_loop`, datashader's way of compiling
+its reductions): it splits a chunk into ``n_blocks`` contiguous row blocks run under
+``prange``, finds runs of rows with one group code (a sequence's tokens share their
+labels, so runs are long), skips filtered rows (group ``-1``) and sums the bad-id
+counts. A statistic supplies only its ``body``::
+
+    body(h, experts, group, aux, a, b, g, E) -> int   # expert ids >= E skipped
+
+which adds rows ``[a, b)`` (all of group ``g >= 0``) into its private histogram
+``h``, an int32 (float64 for sums) row of a ``[n_blocks, P]`` buffer whose rows are
+padded to whole cache lines, so no two blocks share a line: no races, no atomics, no
+per-chunk allocation. ``aux`` is the tuple of extra arrays returned by the class's
+``_aux(arrays)``. :func:`register` compiles the template once per statistic with that
+body inlined, both ``parallel`` and serial (:class:`_Kernel`); the small int32
+histograms (half the cache footprint of int64) are flushed into int64 totals before
+any cell could overflow. The only statistic with its own loop is ``vocab`` (its
+``[V, L, E]`` output is too large to copy per thread): it is parallel over layers,
+each thread owning the disjoint slice ``out[:, l, :]``.
+
+State protocol (what a driver sees, datashader style): ``create() -> state``,
+``update(state, arrays)`` (count one chunk in place), ``combine(a, b) -> state`` (two
+disjoint row ranges), ``finalize(state) -> ndarray`` of ``shape`` and ``dtype``, and
+``prime(state, arrays)`` (the row just before a range; only ``temporal`` uses it).
 
 Chunk arrays (``arrays`` dict), ``n`` rows (tokens):
 
@@ -25,21 +57,11 @@ Chunk arrays (``arrays`` dict), ``n`` rows (tokens):
 - ``group``: int64 ``[n]``, group code in ``[0, G)``, ``-1`` = row filtered out;
 - ``weights``: float16 / float32 ``[n, L, K]`` routing weights (``weight_sum``);
 - ``seq``: int64 ``[n]`` and ``pos``: int32 / int64 ``[n]`` (``temporal``);
-- ``token_id``: int32 / int64 ``[n]`` (``vocab``);
+- ``token_id``: int32 / int64 ``[n]`` (``vocab``).
 
-Design: every kernel body is written once and compiled twice (:func:`kernel`):
-with ``parallel=True`` for chunks of at least ``PARALLEL_MIN_WORK`` routing rows,
-and serially for smaller ones (waking the thread pool would cost more than the
-work). The row-parallel kernels split the chunk into ``n_blocks`` contiguous row
-blocks (``n_blocks`` = Numba's thread count when the state is created) and run
-them under ``prange``. Block ``b`` writes only into its own private histogram
-``buf[b]`` (a C-contiguous ``[n_blocks, P]`` buffer whose rows are padded to whole
-cache lines, so no two blocks share a line): no races, no atomics, no per-chunk
-allocation. The private histograms live for the whole stream and are summed once,
-in ``finalize``. Ids are cast to int64 before any index arithmetic. The only kernel
-that is not row-parallel is ``vocab`` (its ``[V, L, E]`` output is too large to copy
-per thread): it is parallel over layers, each thread owning the disjoint slice
-``out[:, l, :]``.
+Adding a statistic: write its body and a subclass of :class:`CountStat` with
+``@register`` in this file, and its slow reference in ``tests/test_counting.py``
+(``REFERENCES``); a test fails while the reference is missing.
 
 Expert ids ``>= E`` are never written: the kernels count them and ``update`` raises
 ``ValueError``. Set ``NUMBA_DISABLE_JIT=1`` to run every kernel as plain Python
@@ -48,6 +70,7 @@ Expert ids ``>= E`` are never written: the kernels count them and ``update`` rai
 
 from __future__ import annotations
 
+import os
 import types
 
 import numba
@@ -57,8 +80,10 @@ from numba import prange
 __all__ = [
     "ngjit",
     "ngjit_serial",
+    "body",
     "kernel",
     "PARALLEL_MIN_WORK",
+    "DIM_SIZES",
     "CountStat",
     "ExpertsStat",
     "PathsStat",
@@ -71,7 +96,12 @@ __all__ = [
     "CoverageStat",
     "DistinctSeqStat",
     "STATS",
+    "register",
     "make_stat",
+    "stat_dims",
+    "expert_dims",
+    "grouped_stats",
+    "stats_help",
 ]
 
 #: The compilation alias for every counting kernel: no GIL (the driver reads the
@@ -80,26 +110,70 @@ ngjit = numba.njit(nogil=True, parallel=True, cache=True)
 #: The same body compiled without ``parallel`` (``prange`` runs as ``range``): used for
 #: small chunks, where waking the thread pool costs more than the counting.
 ngjit_serial = numba.njit(nogil=True, cache=True)
+#: Per-row bodies: inlined into the row loop that calls them.
+body = numba.njit(nogil=True, cache=True, inline="always")
 
-#: Chunks with fewer routing rows (n x L x K) than this run the serial build.
+#: Chunks with less work (about n x L x K routing rows) than this run the serial build.
 PARALLEL_MIN_WORK = 1 << 16
+
+#: Output dim name -> the constructor argument giving its size.
+DIM_SIZES = {
+    "layer": "n_layers",
+    "rank": "top_k",
+    "expert": "n_experts",
+    "prev_expert": "n_experts",
+    "next_expert": "n_experts",
+    "first": "n_experts",
+    "second": "n_experts",
+    "other_expert": "n_experts",
+    "token_id": "vocab_size",
+    "column": "n_columns",
+}
+
+_INT32_LIMIT = int(np.iinfo(np.int32).max)
+
+
+def _renamed(fn, name: str, glob: dict | None = None):
+    """A copy of ``fn`` named ``name`` (Numba's on-disk cache is keyed by qualified name
+    and bytecode, so two builds of one body must not share a name), with ``glob`` as
+    extra globals (how the row loop template gets its body)."""
+    g = fn.__globals__ if glob is None else {**fn.__globals__, **glob}
+    out = types.FunctionType(fn.__code__, g, name, fn.__defaults__)
+    out.__qualname__ = name
+    out.__doc__ = fn.__doc__
+    return out
 
 
 class _Kernel:
-    """One per-row kernel body, compiled as ``parallel`` and ``serial``; called with its work size first."""
+    """One kernel, compiled as ``parallel`` and ``serial``; called with its work size first."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, name: str | None = None, glob: dict | None = None):
+        name = name or fn.__qualname__
         self.__doc__ = fn.__doc__
-        self.parallel = ngjit(fn)
-        # A renamed copy: Numba's on-disk cache is keyed by qualified name and bytecode,
-        # not by compile flags, so the two builds must not share a name.
-        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
-        serial.__qualname__ = fn.__qualname__ + "_serial"
-        serial.__doc__ = fn.__doc__
-        self.serial = ngjit_serial(serial)
+        self.parallel = ngjit(_renamed(fn, name, glob) if (glob or name != fn.__qualname__) else fn)
+        self.serial = ngjit_serial(_renamed(fn, name + "_serial", glob))
 
     def __call__(self, work: int, *args):
-        return (self.parallel if work >= PARALLEL_MIN_WORK else self.serial)(*args)
+        if work >= PARALLEL_MIN_WORK:
+            _passive_openmp()
+            return self.parallel(*args)
+        return self.serial(*args)
+
+
+_OPENMP_SET = []
+
+
+def _passive_openmp() -> None:
+    """Before Numba's OpenMP pool starts (first statistic or parallel kernel): let its threads wait passively.
+
+    Spinning workers take the CPU the chunk readers need to decompress the next chunk
+    (measured: about 1.7x more rows per CPU second end to end; bench/RESULTS.md). libgomp
+    reads the variable once, when it starts; a value set by the user wins. Set here rather
+    than at import so that merely importing this module changes nothing.
+    """
+    if not _OPENMP_SET:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _OPENMP_SET.append(True)
 
 
 def kernel(fn) -> _Kernel:
@@ -107,221 +181,236 @@ def kernel(fn) -> _Kernel:
     return _Kernel(fn)
 
 
-_LINE = 8  # int64 / float64 values per 64-byte cache line
+_LINE_BYTES = 64
 
 
-def _padded(size: int) -> int:
+def _padded(size: int, itemsize: int) -> int:
     """Row length of a private histogram: ``size`` rounded up to whole cache lines, plus one."""
-    return (size + _LINE - 1) // _LINE * _LINE + _LINE
+    line = _LINE_BYTES // itemsize
+    return (size + line - 1) // line * line + line
 
 
-# --------------------------------------------------------------------------- kernels
-# Each takes ``buf`` (int64/float64 [n_blocks, P]) and adds into row ``buf[b]``;
-# each returns the number of expert ids >= E it skipped.
+# --------------------------------------------------------------------------- the row loop
 
 
-@kernel
-def _experts_kernel(buf, experts, group, n_experts):
-    """buf[b, ((g * L + l) * K + k) * E + experts[r, l, k]] += 1 for kept rows r."""
+def _row_loop(buf, experts, group, aux, n_experts):
+    """Template: rows of a chunk in ``n_blocks`` blocks, runs of one group, ``_body`` per run.
+
+    ``buf`` [n_blocks, P] private histograms (block b writes only ``buf[b]``); returns
+    the number of expert ids >= E the bodies skipped. ``_body`` is a global that
+    :func:`_row_kernel` binds per statistic.
+    """
+    n = group.shape[0]
+    E = np.int64(n_experts)
+    n_blocks = buf.shape[0]
+    bad = np.zeros(n_blocks, np.int64)
+    for blk in prange(n_blocks):
+        h = buf[blk]
+        lo = blk * n // n_blocks  # block blk: rows [lo, hi)
+        hi = (blk + 1) * n // n_blocks
+        nbad = 0
+        r = lo
+        while r < hi:
+            g = group[r]
+            end = r + 1
+            while end < hi and group[end] == g:
+                end += 1
+            if g >= 0:
+                nbad += _body(h, experts, group, aux, r, end, g, E)  # noqa: F821 (bound per statistic)
+            r = end
+        bad[blk] = nbad
+    return bad.sum()
+
+
+def _row_kernel(row_body, name: str) -> _Kernel:
+    """The row loop with ``row_body`` inlined, compiled both ways under the name ``name``."""
+    return _Kernel(_row_loop, "_row_loop_" + name, {"_body": row_body})
+
+
+# --------------------------------------------------------------------------- per-row bodies
+# body(h, experts, group, aux, a, b, g, E): rows [a, b) of group g into h; returns bad ids.
+
+
+@body
+def _bump_pair(h, base, l, x, y, E):
+    """h[base + (l * E + x) * E + y] += 1 when both ids are below E; returns 1 (a bad id) otherwise."""
+    if x < E and y < E:
+        h[base + (l * E + x) * E + y] += 1
+        return 0
+    return 1
+
+
+@body
+def _experts_body(h, experts, group, aux, a, b, g, E):
+    """h[((g * L + l) * K + k) * E + experts[r, l, k]] += 1."""
     n, n_layers, top_k = experts.shape
     lk = n_layers * top_k
-    E = np.int64(n_experts)
-    n_blocks = buf.shape[0]
-    bad = np.zeros(n_blocks, np.int64)
-    for b in prange(n_blocks):
-        h = buf[b]
-        lo = b * n // n_blocks  # block b: rows [lo, hi)
-        hi = (b + 1) * n // n_blocks
-        nbad = 0
-        for r in range(lo, hi):
-            g = np.int64(group[r])
-            if g < 0:
-                continue
-            row = experts[r].reshape(lk)
-            base = g * lk * E
-            for j in range(lk):
-                e = np.int64(row[j])
-                if e < E:
-                    h[base + j * E + e] += 1
-                else:
-                    nbad += 1
-        bad[b] = nbad
-    return bad.sum()
-
-
-@kernel
-def _paths_kernel(buf, experts, group, n_experts):
-    """buf[b, ((g * L + l) * E + top1[l-1]) * E + top1[l]] += 1 for l in 1..L-1."""
-    n, n_layers, top_k = experts.shape
-    E = np.int64(n_experts)
-    n_blocks = buf.shape[0]
-    bad = np.zeros(n_blocks, np.int64)
-    for b in prange(n_blocks):
-        h = buf[b]
-        lo = b * n // n_blocks  # block b: rows [lo, hi)
-        hi = (b + 1) * n // n_blocks
-        nbad = 0
-        for r in range(lo, hi):
-            g = np.int64(group[r])
-            if g < 0:
-                continue
-            base = g * n_layers * E * E
-            prev = np.int64(experts[r, 0, 0])
-            for l in range(1, n_layers):
-                cur = np.int64(experts[r, l, 0])
-                if prev < E and cur < E:
-                    h[base + (l * E + prev) * E + cur] += 1
-                else:
-                    nbad += 1
-                prev = cur
-        bad[b] = nbad
-    return bad.sum()
-
-
-@kernel
-def _pairs_kernel(buf, experts, group, n_experts):
-    """buf[b, ((g * L + l) * E + experts[r, l, 0]) * E + experts[r, l, 1]] += 1."""
-    n, n_layers, top_k = experts.shape
-    E = np.int64(n_experts)
-    n_blocks = buf.shape[0]
-    bad = np.zeros(n_blocks, np.int64)
-    for b in prange(n_blocks):
-        h = buf[b]
-        lo = b * n // n_blocks  # block b: rows [lo, hi)
-        hi = (b + 1) * n // n_blocks
-        nbad = 0
-        for r in range(lo, hi):
-            g = np.int64(group[r])
-            if g < 0:
-                continue
-            base = g * n_layers * E * E
-            for l in range(n_layers):
-                first = np.int64(experts[r, l, 0])
-                second = np.int64(experts[r, l, 1])
-                if first < E and second < E:
-                    h[base + (l * E + first) * E + second] += 1
-                else:
-                    nbad += 1
-        bad[b] = nbad
-    return bad.sum()
-
-
-@kernel
-def _coact_kernel(buf, experts, group, n_experts):
-    """Symmetric co-selection counts per layer; diagonal = selection count of the expert."""
-    n, n_layers, top_k = experts.shape
-    E = np.int64(n_experts)
-    n_blocks = buf.shape[0]
-    bad = np.zeros(n_blocks, np.int64)
-    for b in prange(n_blocks):
-        h = buf[b]
-        lo = b * n // n_blocks  # block b: rows [lo, hi)
-        hi = (b + 1) * n // n_blocks
-        nbad = 0
-        for r in range(lo, hi):
-            if group[r] < 0:
-                continue
-            for l in range(n_layers):
-                base = l * E * E
-                for i in range(top_k):
-                    a = np.int64(experts[r, l, i])
-                    if a < E:
-                        h[base + a * E + a] += 1
-                        for j in range(i + 1, top_k):
-                            c = np.int64(experts[r, l, j])
-                            if c < E:
-                                h[base + a * E + c] += 1
-                                h[base + c * E + a] += 1
-                    else:
-                        nbad += 1
-        bad[b] = nbad
-    return bad.sum()
-
-
-@kernel
-def _temporal_kernel(buf, experts, group, seq, pos, carry, n_experts):
-    """Top-1 transitions token t -> t+1 (same seq, pos + 1, both rows kept), grouped by row t.
-
-    ``carry`` (int64 [3 + L]) is the row just before the chunk: group (-1 = none),
-    seq, pos, then its top-1 expert per layer.
-    """
-    n, n_layers, top_k = experts.shape
-    E = np.int64(n_experts)
-    n_blocks = buf.shape[0]
-    bad = np.zeros(n_blocks, np.int64)
-    for b in prange(n_blocks):
-        h = buf[b]
-        lo = b * n // n_blocks  # block b: rows [lo, hi)
-        hi = (b + 1) * n // n_blocks
-        nbad = 0
-        for r in range(lo, hi):
-            if group[r] < 0:
-                continue
-            if r == 0:
-                g = carry[0]
-                if g < 0 or carry[1] != seq[0] or carry[2] + 1 != np.int64(pos[0]):
-                    continue
+    flat = experts.reshape(n * lk)  # a view: one flat (row, layer, rank) index per id
+    base = g * lk * E
+    nbad = 0
+    for i in range(a * lk, b * lk, lk):
+        row = flat[i: i + lk]
+        for j in range(lk):
+            e = np.int64(row[j])
+            if e < E:
+                h[base + j * E + e] += 1
             else:
-                g = np.int64(group[r - 1])
-                if g < 0 or seq[r - 1] != seq[r] or np.int64(pos[r - 1]) + 1 != np.int64(pos[r]):
-                    continue
-            base = g * n_layers * E * E
-            for l in range(n_layers):
-                if r == 0:
-                    src = carry[3 + l]
-                else:
-                    src = np.int64(experts[r - 1, l, 0])
-                dst = np.int64(experts[r, l, 0])
-                if src < E and dst < E:
-                    h[base + (l * E + src) * E + dst] += 1
+                nbad += 1
+    return nbad
+
+
+@body
+def _paths_body(h, experts, group, aux, a, b, g, E):
+    """h[((g * L + l) * E + top1[l-1]) * E + top1[l]] += 1 for l in 1..L-1."""
+    n_layers = experts.shape[1]
+    base = g * n_layers * E * E
+    nbad = 0
+    for r in range(a, b):
+        prev = np.int64(experts[r, 0, 0])
+        for l in range(1, n_layers):
+            cur = np.int64(experts[r, l, 0])
+            nbad += _bump_pair(h, base, l, prev, cur, E)
+            prev = cur
+    return nbad
+
+
+@body
+def _pairs_body(h, experts, group, aux, a, b, g, E):
+    """h[((g * L + l) * E + experts[r, l, 0]) * E + experts[r, l, 1]] += 1."""
+    n_layers = experts.shape[1]
+    base = g * n_layers * E * E
+    nbad = 0
+    for r in range(a, b):
+        for l in range(n_layers):
+            nbad += _bump_pair(h, base, l, np.int64(experts[r, l, 0]), np.int64(experts[r, l, 1]), E)
+    return nbad
+
+
+@body
+def _coact_body(h, experts, group, aux, a, b, g, E):
+    """Symmetric co-selection per layer (not grouped); diagonal = selections of the expert."""
+    _, n_layers, top_k = experts.shape
+    nbad = 0
+    for r in range(a, b):
+        for l in range(n_layers):
+            base = l * E * E
+            for i in range(top_k):
+                x = np.int64(experts[r, l, i])
+                if x < E:
+                    h[base + x * E + x] += 1
+                    for j in range(i + 1, top_k):
+                        c = np.int64(experts[r, l, j])
+                        if c < E:
+                            h[base + x * E + c] += 1
+                            h[base + c * E + x] += 1
                 else:
                     nbad += 1
-        bad[b] = nbad
-    return bad.sum()
+    return nbad
 
 
-@kernel
-def _weight_sum_kernel(buf, experts, group, weights, n_experts):
-    """buf[b, (g * L + l) * E + experts[r, l, k]] += float64(weights[r, l, k])."""
-    n, n_layers, top_k = experts.shape
-    E = np.int64(n_experts)
-    n_blocks = buf.shape[0]
-    bad = np.zeros(n_blocks, np.int64)
-    for b in prange(n_blocks):
-        h = buf[b]
-        lo = b * n // n_blocks  # block b: rows [lo, hi)
-        hi = (b + 1) * n // n_blocks
-        nbad = 0
-        for r in range(lo, hi):
-            g = np.int64(group[r])
-            if g < 0:
+@body
+def _temporal_body(h, experts, group, aux, a, b, g, E):
+    """Top-1 transitions row r-1 -> r (same seq, pos + 1, both kept), grouped by row r-1.
+
+    ``aux = (seq int64 [n], pos int64 [n], carry int64 [3 + L])``; ``carry`` is the row
+    just before the chunk: group (-1 = none), seq, pos, its top-1 expert per layer.
+    """
+    seq, pos, carry = aux
+    n_layers = experts.shape[1]
+    nbad = 0
+    for r in range(a, b):
+        if r == 0:  # the transition into the chunk's first row comes from the carried row
+            pg = carry[0]
+            if pg < 0 or carry[1] != seq[0] or carry[2] + 1 != pos[0]:
                 continue
-            base = g * n_layers * E
+            base = pg * n_layers * E * E
             for l in range(n_layers):
-                for k in range(top_k):
-                    e = np.int64(experts[r, l, k])
-                    if e < E:
-                        h[base + l * E + e] += np.float64(weights[r, l, k])
-                    else:
-                        nbad += 1
-        bad[b] = nbad
-    return bad.sum()
+                nbad += _bump_pair(h, base, l, carry[3 + l], np.int64(experts[0, l, 0]), E)
+            continue
+        pg = g if r > a else group[r - 1]  # inside a run the previous row has group g
+        if pg < 0 or seq[r - 1] != seq[r] or pos[r - 1] + 1 != pos[r]:
+            continue
+        base = pg * n_layers * E * E
+        for l in range(n_layers):
+            nbad += _bump_pair(h, base, l, np.int64(experts[r - 1, l, 0]), np.int64(experts[r, l, 0]), E)
+    return nbad
 
 
-@kernel
-def _tokens_kernel(buf, group):
-    """buf[b, g] += 1 for every kept row."""
-    n = group.shape[0]
-    n_blocks = buf.shape[0]
-    for b in prange(n_blocks):
-        h = buf[b]
-        lo = b * n // n_blocks  # block b: rows [lo, hi)
-        hi = (b + 1) * n // n_blocks
-        for r in range(lo, hi):
-            g = np.int64(group[r])
-            if g >= 0:
-                h[g] += 1
+@body
+def _weight_sum_body(h, experts, group, aux, a, b, g, E):
+    """h[(g * L + l) * E + experts[r, l, k]] += float64(weights[r, l, k]); ``aux = (weights,)``."""
+    n, n_layers, top_k = experts.shape
+    rows = experts.reshape(n, n_layers * top_k)
+    weights = aux[0].reshape(n, n_layers * top_k)
+    base = g * n_layers * E
+    nbad = 0
+    for r in range(a, b):
+        for l in range(n_layers):
+            for j in range(l * top_k, (l + 1) * top_k):
+                e = np.int64(rows[r, j])
+                if e < E:
+                    h[base + l * E + e] += np.float64(weights[r, j])
+                else:
+                    nbad += 1
+    return nbad
+
+
+@body
+def _tokens_body(h, experts, group, aux, a, b, g, E):
+    """h[g] += rows in the run."""
+    h[g] += b - a
     return 0
+
+
+@body
+def _coverage_body(h, experts, group, aux, a, b, g, E):
+    """Per-token coverage of a target table, tallied per group as 5 counters at h[5 g + i].
+
+    ``aux = (table uint8 flat, kind int64 [1])``: kind 0 = paths (table [L, E, E],
+    layers 1..L-1, (top1[l-1], top1[l])), 1 = experts (table [L, E], every layer,
+    top1[l]), 2 = pairs (table [L, E, E], every layer, (rank0, rank1)). Counters: 0
+    tokens (with >= 1 possible item), 1 tokens with any targeted item, 2 tokens with
+    targeted >= possible / 2, 3 targeted items, 4 possible items.
+    """
+    flat, kinds = aux
+    kind = kinds[0]
+    n_layers = experts.shape[1]
+    nbad = 0
+    for r in range(a, b):
+        hit = 0
+        possible = 0
+        if kind == 1:
+            for l in range(n_layers):
+                e = np.int64(experts[r, l, 0])
+                if e >= E:
+                    nbad += 1
+                    continue
+                possible += 1
+                hit += flat[l * E + e]
+        else:
+            first_layer = 1 if kind == 0 else 0
+            for l in range(first_layer, n_layers):
+                if kind == 0:
+                    x = np.int64(experts[r, l - 1, 0])
+                    c = np.int64(experts[r, l, 0])
+                else:
+                    x = np.int64(experts[r, l, 0])
+                    c = np.int64(experts[r, l, 1])
+                if x >= E or c >= E:
+                    nbad += 1
+                    continue
+                possible += 1
+                hit += flat[(l * E + x) * E + c]
+        if possible == 0:
+            continue
+        h[5 * g] += 1
+        if hit > 0:
+            h[5 * g + 1] += 1
+        if 2 * hit >= possible:
+            h[5 * g + 2] += 1
+        h[5 * g + 3] += hit
+        h[5 * g + 4] += possible
+    return nbad
 
 
 @kernel
@@ -356,68 +445,6 @@ def _vocab_kernel(out, experts, group, token_id, n_experts):
     return bad.sum()
 
 
-@kernel
-def _coverage_kernel(buf, experts, group, table, kind, n_experts):
-    """Per-token coverage of a target table, tallied per group as 5 int64 counters.
-
-    kind 0 = paths (table uint8 [L, E, E], layers 1..L-1, (top1[l-1], top1[l])),
-    kind 1 = experts (table uint8 [L, E], every layer, top1[l]),
-    kind 2 = pairs (table uint8 [L, E, E], every layer, (rank0, rank1)).
-    Counters per group g at ``buf[b, 5 * g + i]``: 0 tokens (with >= 1 possible item),
-    1 tokens with any targeted item, 2 tokens with targeted >= possible / 2,
-    3 targeted items, 4 possible items.
-    """
-    n, n_layers, top_k = experts.shape
-    E = np.int64(n_experts)
-    n_blocks = buf.shape[0]
-    flat = table.reshape(table.size)
-    bad = np.zeros(n_blocks, np.int64)
-    for b in prange(n_blocks):
-        h = buf[b]
-        lo = b * n // n_blocks  # block b: rows [lo, hi)
-        hi = (b + 1) * n // n_blocks
-        nbad = 0
-        for r in range(lo, hi):
-            g = np.int64(group[r])
-            if g < 0:
-                continue
-            hit = 0
-            possible = 0
-            if kind == 1:
-                for l in range(n_layers):
-                    e = np.int64(experts[r, l, 0])
-                    if e >= E:
-                        nbad += 1
-                        continue
-                    possible += 1
-                    hit += flat[l * E + e]
-            else:
-                first_layer = 1 if kind == 0 else 0
-                for l in range(first_layer, n_layers):
-                    if kind == 0:
-                        a = np.int64(experts[r, l - 1, 0])
-                        c = np.int64(experts[r, l, 0])
-                    else:
-                        a = np.int64(experts[r, l, 0])
-                        c = np.int64(experts[r, l, 1])
-                    if a >= E or c >= E:
-                        nbad += 1
-                        continue
-                    possible += 1
-                    hit += flat[(l * E + a) * E + c]
-            if possible == 0:
-                continue
-            h[5 * g] += 1
-            if hit > 0:
-                h[5 * g + 1] += 1
-            if 2 * hit >= possible:
-                h[5 * g + 2] += 1
-            h[5 * g + 3] += hit
-            h[5 * g + 4] += possible
-        bad[b] = nbad
-    return bad.sum()
-
-
 # --------------------------------------------------------------------------- statistics
 
 
@@ -428,36 +455,100 @@ def _check_bad(name: str, nbad: int, n_experts: int) -> None:
         )
 
 
+class _State:
+    """A row-loop statistic's state: private histograms, int64 totals, rows since the last flush."""
+
+    __slots__ = ("buf", "acc", "since", "carry")
+
+    def __init__(self, buf, acc, carry=None):
+        self.buf, self.acc, self.since, self.carry = buf, acc, 0, carry
+
+
+_NO_AUX = (np.zeros(1, dtype=np.int64),)
+
+
 class CountStat:
-    """Base of the row-parallel statistics (per-block private histograms).
+    """Base of the statistics (see the module docstring for the class attributes).
 
     Parameters: ``n_groups`` G, ``n_layers`` L, ``top_k`` K, ``n_experts`` E,
-    ``n_blocks`` (private histograms; default: Numba's current thread count).
-    Subclasses set ``name``, ``dtype``, ``inputs``, ``shape`` and ``_run(buf, arrays)``.
+    ``n_blocks`` (private histograms; default: Numba's current thread count), and the
+    keyword arguments named in ``args``.
     """
 
     name = ""
+    dims: tuple[str, ...] = ()
+    grouped = True
     dtype = np.dtype(np.int64)
     inputs: tuple[str, ...] = ()
+    min_top_k = 1
+    args: tuple[str, ...] = ()
+    body = None
 
-    def __init__(self, n_groups: int, n_layers: int, top_k: int, n_experts: int, n_blocks: int | None = None):
-        self.n_groups = int(n_groups)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("body") is not None:
+            cls._loop = _row_kernel(cls.__dict__["body"], cls.__name__)
+
+    def __init__(self, n_groups: int, n_layers: int, top_k: int, n_experts: int, n_blocks: int | None = None,
+                 **kwargs):
+        self.n_groups = int(n_groups) if self.grouped else 1
         self.n_layers = int(n_layers)
         self.top_k = int(top_k)
         self.n_experts = int(n_experts)
+        _passive_openmp()  # before get_num_threads, which starts the thread pool
         self.n_blocks = int(n_blocks or numba.get_num_threads())
+        unknown = set(kwargs) - set(self.args)
+        if unknown:
+            raise ValueError(f"{self.name}: unexpected argument {sorted(unknown)[0]!r}; expected {list(self.args)}")
+        for arg in self.args:
+            value = kwargs.get(arg)
+            if value is None or int(value) < 1:
+                raise ValueError(f"{self.name}: needs a positive {arg}, got {value!r}")
+            setattr(self, arg, int(value))
+        if self.top_k < self.min_top_k:
+            raise ValueError(f"{self.name}: needs top_k >= {self.min_top_k}, got top_k={self.top_k}")
 
     @property
     def shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        inner = tuple(getattr(self, DIM_SIZES[d]) for d in self.dims)
+        return ((self.n_groups,) if self.grouped else ()) + inner
 
     @property
     def size(self) -> int:
         return int(np.prod(self.shape))
 
+    # ---- what a statistic with a body may override
+    def _aux(self, state, arrays: dict, experts) -> tuple:
+        """The extra arrays its body reads (``aux``)."""
+        return _NO_AUX
+
+    def _after(self, state, arrays: dict, experts, group) -> None:
+        """Called after each chunk (``temporal`` carries its last row)."""
+
+    def _work(self, experts) -> int:
+        return experts.size
+
+    def _per_row(self) -> int:
+        """Most increments one row can add to one cell (bounds the int32 flush interval)."""
+        return 1
+
+    # ---- state protocol
+    @property
+    def _scratch_dtype(self):
+        return np.dtype(np.float64) if self.dtype.kind == "f" else np.dtype(np.int32)
+
     def create(self):
         """A zeroed ``[n_blocks, P]`` buffer of private histograms (P = size padded to cache lines)."""
-        return np.zeros((self.n_blocks, _padded(self.size)), dtype=self.dtype)
+        dt = self._scratch_dtype
+        buf = np.zeros((self.n_blocks, _padded(self.size, dt.itemsize)), dtype=dt)
+        acc = np.zeros(self.size, dtype=self.dtype) if dt != self.dtype else None
+        return _State(buf, acc)
+
+    def _flush(self, state) -> None:
+        if state.acc is not None and state.since:
+            state.acc += state.buf[:, : self.size].sum(axis=0, dtype=self.dtype)
+            state.buf[:] = 0
+            state.since = 0
 
     def update(self, state, arrays: dict) -> None:
         """Count one chunk (see the module docstring for ``arrays``) into ``state`` in place."""
@@ -467,68 +558,128 @@ class CountStat:
             raise ValueError(
                 f"{self.name}: expected experts [n, L, K] and group [n], got {experts.shape} and {group.shape}"
             )
-        if experts.shape[0] == 0:
+        n = experts.shape[0]
+        if n == 0:
             return
-        _check_bad(self.name, self._run(state, experts, group, arrays), self.n_experts)
+        step = max(1, _INT32_LIMIT // self._per_row())
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            part = arrays if (a, b) == (0, n) else {k: v[a:b] for k, v in arrays.items()}
+            self._update(state, part, experts[a:b], group[a:b])
+
+    def _update(self, state, arrays, experts, group) -> None:
+        n = experts.shape[0]
+        if state.acc is not None and (state.since + n) * self._per_row() > _INT32_LIMIT:
+            self._flush(state)
+        aux = self._aux(state, arrays, experts)
+        nbad = self._loop(self._work(experts), state.buf, experts, group, aux, self.n_experts)
+        state.since += n
+        self._after(state, arrays, experts, group)
+        _check_bad(self.name, nbad, self.n_experts)
 
     def prime(self, state, arrays: dict) -> None:
         """Hand over the row just before the counted range (no-op unless a statistic looks back)."""
 
     def combine(self, a, b):
-        """State of two disjoint row ranges: private histograms add."""
-        return a + b
+        """State of two disjoint row ranges: totals add (``b``'s carry is kept)."""
+        self._flush(a)
+        self._flush(b)
+        out = _State(a.buf + b.buf, None if a.acc is None else a.acc + b.acc,
+                     None if b.carry is None else b.carry.copy())
+        return out
 
     def finalize(self, state) -> np.ndarray:
-        """Sum the private histograms into the count tensor of ``shape``."""
-        return state[:, : self.size].sum(axis=0).reshape(self.shape)
+        """Sum the private histograms (and the flushed totals) into the count tensor of ``shape``."""
+        total = state.buf[:, : self.size].sum(axis=0, dtype=self.dtype)
+        if state.acc is not None:
+            total += state.acc
+        return total.reshape(self.shape)
 
 
+#: The registered statistics, name -> class (in registration order).
+STATS: dict[str, type[CountStat]] = {}
+
+
+def register(cls: type[CountStat]) -> type[CountStat]:
+    """Class decorator: add a statistic to :data:`STATS` after checking its description."""
+    unknown = [d for d in cls.dims if d not in DIM_SIZES]
+    if not cls.name or unknown:
+        raise TypeError(f"{cls.__name__}: needs a name and dims from {sorted(DIM_SIZES)}, got {cls.dims}")
+    if cls.body is None and cls.update is CountStat.update:
+        raise TypeError(f"{cls.__name__}: needs a body or its own update")
+    STATS[cls.name] = cls
+    return cls
+
+
+@register
 class ExpertsStat(CountStat):
-    """``experts`` int64 [G, L, K, E]: how often expert e is chosen at rank k of layer l."""
+    """How often expert e is chosen at rank k of layer l."""
 
     name = "experts"
-
-    @property
-    def shape(self):
-        return (self.n_groups, self.n_layers, self.top_k, self.n_experts)
-
-    def _run(self, buf, experts, group, arrays):
-        return _experts_kernel(experts.size, buf, experts, group, self.n_experts)
+    dims = ("layer", "rank", "expert")
+    body = _experts_body
 
 
+@register
 class PathsStat(CountStat):
-    """``paths`` int64 [G, L, E, E]: top-1 at layer l-1 (prev) -> top-1 at layer l; [:, 0] is zero."""
+    """Top-1 at layer l-1 (prev) -> top-1 at layer l; layer index 0 is all zeros."""
 
     name = "paths"
-
-    @property
-    def shape(self):
-        return (self.n_groups, self.n_layers, self.n_experts, self.n_experts)
-
-    def _run(self, buf, experts, group, arrays):
-        return _paths_kernel(experts.size, buf, experts, group, self.n_experts)
+    dims = ("layer", "prev_expert", "expert")
+    body = _paths_body
 
 
+@register
 class PairsStat(CountStat):
-    """``pairs`` int64 [G, L, E, E]: ordered (rank-0 expert, rank-1 expert) per layer; needs K >= 2."""
+    """Ordered (rank-0 expert, rank-1 expert) per layer."""
 
     name = "pairs"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.top_k < 2:
-            raise ValueError(f"pairs: needs top_k >= 2, got top_k={self.top_k}")
-
-    @property
-    def shape(self):
-        return (self.n_groups, self.n_layers, self.n_experts, self.n_experts)
-
-    def _run(self, buf, experts, group, arrays):
-        return _pairs_kernel(experts.size, buf, experts, group, self.n_experts)
+    dims = ("layer", "first", "second")
+    min_top_k = 2
+    body = _pairs_body
 
 
+@register
+class TemporalStat(CountStat):
+    """Top-1 of token t -> top-1 of token t+1 of the same sequence at each layer.
+
+    A transition is counted when rows r-1 and r (in store order) have the same
+    ``seq``, ``pos[r] == pos[r-1] + 1`` and both rows are kept (group >= 0); it is
+    grouped by row r-1 and belongs to the range holding row r. The last row of each
+    chunk is carried into the next, and ``prime`` gives the row before a range, so
+    disjoint ranges add up exactly.
+    """
+
+    name = "temporal"
+    dims = ("layer", "expert", "next_expert")
+    inputs = ("seq", "pos")
+    body = _temporal_body
+
+    def create(self):
+        state = super().create()
+        state.carry = np.full(3 + self.n_layers, -1, dtype=np.int64)
+        return state
+
+    def _aux(self, state, arrays, experts):
+        return (np.ascontiguousarray(arrays["seq"], dtype=np.int64),
+                np.ascontiguousarray(arrays["pos"], dtype=np.int64), state.carry)
+
+    def _after(self, state, arrays, experts, group):
+        carry = state.carry
+        carry[0] = group[-1]
+        carry[1] = arrays["seq"][-1]
+        carry[2] = arrays["pos"][-1]
+        carry[3:] = experts[-1, :, 0]
+
+    def prime(self, state, arrays):
+        """Carry the row just before the range (1-row arrays: experts, group, seq, pos)."""
+        if len(arrays["group"]):
+            self._after(state, arrays, np.asarray(arrays["experts"]), np.asarray(arrays["group"]))
+
+
+@register
 class CoactStat(CountStat):
-    """``coact`` int64 [L, E, E], not grouped (filtered rows are still dropped).
+    """Experts chosen together in one token's top-k, per layer, not grouped (filtered rows still dropped).
 
     Off-diagonal [l, i, j] = tokens whose top-k at layer l holds both i and j
     (symmetric); diagonal [l, i, i] = tokens whose top-k holds i, so the OLMoE ratio
@@ -537,101 +688,58 @@ class CoactStat(CountStat):
     """
 
     name = "coact"
+    dims = ("layer", "expert", "other_expert")
+    grouped = False
+    body = _coact_body
 
-    @property
-    def shape(self):
-        return (self.n_layers, self.n_experts, self.n_experts)
+    def _work(self, experts):
+        return experts.size * self.top_k
 
-    def _run(self, buf, experts, group, arrays):
-        return _coact_kernel(experts.size * self.top_k, buf, experts, group, self.n_experts)
-
-
-class TemporalStat(CountStat):
-    """``temporal`` int64 [G, L, E, E]: top-1 of token t -> top-1 of token t+1 at each layer.
-
-    A transition is counted when rows r-1 and r (in store order) have the same
-    ``seq``, ``pos[r] == pos[r-1] + 1`` and both rows are kept (group >= 0); it is
-    grouped by row r-1 and belongs to the range holding row r. The last row of each
-    chunk is carried into the next, and ``prime`` gives the row before a range, so
-    disjoint ranges add up exactly. State: ``(buf, carry)``.
-    """
-
-    name = "temporal"
-    inputs = ("seq", "pos")
-
-    @property
-    def shape(self):
-        return (self.n_groups, self.n_layers, self.n_experts, self.n_experts)
-
-    def create(self):
-        carry = np.full(3 + self.n_layers, -1, dtype=np.int64)
-        return (super().create(), carry)
-
-    def _set_carry(self, carry, experts, group, seq, pos) -> None:
-        carry[0] = group[-1]
-        carry[1] = seq[-1]
-        carry[2] = pos[-1]
-        carry[3:] = experts[-1, :, 0]
-
-    def _run(self, state, experts, group, arrays):
-        buf, carry = state
-        seq = np.ascontiguousarray(arrays["seq"], dtype=np.int64)
-        pos = np.ascontiguousarray(arrays["pos"])
-        nbad = _temporal_kernel(experts.size, buf, experts, group, seq, pos, carry, self.n_experts)
-        self._set_carry(carry, experts, group, seq, pos)
-        return nbad
-
-    def prime(self, state, arrays):
-        """Carry the row just before the range (1-row arrays: experts, group, seq, pos)."""
-        if len(arrays["group"]):
-            self._set_carry(state[1], arrays["experts"], arrays["group"], arrays["seq"], arrays["pos"])
-
-    def combine(self, a, b):
-        return (a[0] + b[0], b[1].copy())
-
-    def finalize(self, state):
-        return super().finalize(state[0])
+    def _per_row(self):
+        return self.top_k * self.top_k
 
 
+@register
 class WeightSumStat(CountStat):
-    """``weight_sum`` float64 [G, L, E]: summed routing weight of expert e at layer l.
+    """Summed routing weight of expert e at layer l (router-weighted frequency), float64.
 
     Stored weights are float16, i.e. multiples of 2**-24, so their float64 sums are
     exact (below 2**29 per cell) and chunking does not change them either.
     """
 
     name = "weight_sum"
+    dims = ("layer", "expert")
     dtype = np.dtype(np.float64)
     inputs = ("weights",)
+    body = _weight_sum_body
 
-    @property
-    def shape(self):
-        return (self.n_groups, self.n_layers, self.n_experts)
-
-    def _run(self, buf, experts, group, arrays):
+    def _aux(self, state, arrays, experts):
         weights = np.ascontiguousarray(arrays["weights"])
         if weights.shape != experts.shape:
             raise ValueError(f"weight_sum: expected weights of shape {experts.shape}, got {weights.shape}")
-        if weights.dtype == np.float16:  # Numba has no float16 arithmetic
+        if weights.dtype != np.float32:  # Numba has no float16 arithmetic
             weights = weights.astype(np.float32)
-        return _weight_sum_kernel(experts.size, buf, experts, group, weights, self.n_experts)
+        return (weights,)
 
 
+@register
 class TokensStat(CountStat):
-    """``tokens`` int64 [G]: rows counted per group."""
+    """Rows counted per group (always included)."""
 
     name = "tokens"
+    dims = ()
+    body = _tokens_body
 
-    @property
-    def shape(self):
-        return (self.n_groups,)
+    def _work(self, experts):
+        return experts.shape[0] * 8
 
-    def _run(self, buf, experts, group, arrays):
-        return _tokens_kernel(group.size * 8, buf, group)
+    def _per_row(self):
+        return 1
 
 
+@register
 class VocabStat(CountStat):
-    """``vocab`` int64 [V, L, E]: token id x layer x expert, all ranks, not grouped.
+    """Token id x layer x expert over all ranks, not grouped; rows with an unknown token id skipped.
 
     Parallel over layers into one shared tensor (each thread owns ``[:, l, :]``), as
     a per-thread copy of a vocabulary-sized tensor would not fit. Rows with
@@ -639,29 +747,32 @@ class VocabStat(CountStat):
     """
 
     name = "vocab"
+    dims = ("token_id", "layer", "expert")
+    grouped = False
     inputs = ("token_id",)
-
-    def __init__(self, n_groups, n_layers, top_k, n_experts, n_blocks=None, *, vocab_size: int):
-        super().__init__(n_groups, n_layers, top_k, n_experts, n_blocks)
-        self.vocab_size = int(vocab_size)
-
-    @property
-    def shape(self):
-        return (self.vocab_size, self.n_layers, self.n_experts)
+    args = ("vocab_size",)
 
     def create(self):
         return np.zeros(self.shape, dtype=self.dtype)
 
-    def _run(self, out, experts, group, arrays):
+    def update(self, state, arrays):
+        experts = np.ascontiguousarray(arrays["experts"])
+        group = np.ascontiguousarray(arrays["group"], dtype=np.int64)
+        if experts.shape[0] == 0:
+            return
         token_id = np.ascontiguousarray(arrays["token_id"])
-        return _vocab_kernel(experts.size, out, experts, group, token_id, self.n_experts)
+        _check_bad(self.name, _vocab_kernel(experts.size, state, experts, group, token_id, self.n_experts),
+                   self.n_experts)
+
+    def combine(self, a, b):
+        return a + b
 
     def finalize(self, state):
         return state.copy()
 
 
 class CoverageStat(CountStat):
-    """Seed 000's "proportions to be ablated" counters, int64 [G, 5].
+    """Seed 000's "proportions to be ablated" counters, int64 [G, 5] (driven by ``engine`` coverage).
 
     ``kind`` is ``"paths"``, ``"experts"`` or ``"pairs"``; ``table`` is bool
     [L, E, E] ([l, prev, target] for paths, [l, first, second] for pairs) or [L, E]
@@ -672,8 +783,11 @@ class CoverageStat(CountStat):
     """
 
     name = "coverage"
+    dims = ("column",)
     KINDS = {"paths": 0, "experts": 1, "pairs": 2}
     COLUMNS = ("n_toks", "n_toks_with_any", "n_toks_with_half", "n_targeted", "n_possible")
+    n_columns = len(COLUMNS)
+    body = _coverage_body
 
     def __init__(self, n_groups, n_layers, top_k, n_experts, n_blocks=None, *, kind: str, table):
         super().__init__(n_groups, n_layers, top_k, n_experts, n_blocks)
@@ -686,14 +800,14 @@ class CoverageStat(CountStat):
         if kind == "pairs" and self.top_k < 2:
             raise ValueError(f"coverage: pairs need top_k >= 2, got top_k={self.top_k}")
         self.kind = kind
-        self.table = np.ascontiguousarray(table.astype(np.uint8))
+        self.table = np.ascontiguousarray(table.astype(np.uint8)).reshape(-1)
+        self._kind = np.array([self.KINDS[kind]], dtype=np.int64)
 
-    @property
-    def shape(self):
-        return (self.n_groups, 5)
+    def _aux(self, state, arrays, experts):
+        return (self.table, self._kind)
 
-    def _run(self, buf, experts, group, arrays):
-        return _coverage_kernel(experts.size, buf, experts, group, self.table, self.KINDS[self.kind], self.n_experts)
+    def _per_row(self):
+        return max(1, self.n_layers)
 
 
 class DistinctSeqStat(CountStat):
@@ -706,10 +820,6 @@ class DistinctSeqStat(CountStat):
 
     name = "n_questions"
     inputs = ("seq",)
-
-    @property
-    def shape(self):
-        return (self.n_groups,)
 
     def create(self):
         return [np.empty((0, 2), dtype=np.int64)]
@@ -731,12 +841,7 @@ class DistinctSeqStat(CountStat):
         return np.bincount(state[0][:, 0], minlength=self.n_groups).astype(np.int64)
 
 
-#: Statistics by name (``vocab`` needs ``vocab_size=``; coverage and n_questions are
-#: driven by ``engine.aggregate.coverage``).
-STATS = {
-    cls.name: cls
-    for cls in (ExpertsStat, PathsStat, PairsStat, CoactStat, TemporalStat, WeightSumStat, TokensStat, VocabStat)
-}
+# --------------------------------------------------------------------------- derived views
 
 
 def make_stat(name: str, n_groups: int, n_layers: int, top_k: int, n_experts: int, **kwargs) -> CountStat:
@@ -744,3 +849,33 @@ def make_stat(name: str, n_groups: int, n_layers: int, top_k: int, n_experts: in
     if name not in STATS:
         raise ValueError(f"unknown statistic {name!r}; expected one of {sorted(STATS)}")
     return STATS[name](n_groups, n_layers, top_k, n_experts, **kwargs)
+
+
+def stat_dims(name: str) -> tuple[bool, tuple[str, ...]]:
+    """``(grouped, dims after the group dims)`` of a registered statistic."""
+    cls = STATS[name]
+    return cls.grouped, cls.dims
+
+
+def expert_dims() -> tuple[str, ...]:
+    """Every output dim of a registered statistic whose coordinates are expert ids."""
+    dims = (d for cls in STATS.values() for d in cls.dims if DIM_SIZES[d] == "n_experts")
+    return tuple(dict.fromkeys(dims))
+
+
+def grouped_stats() -> tuple[str, ...]:
+    """Names of the registered statistics that have the group dims."""
+    return tuple(name for name, cls in STATS.items() if cls.grouped)
+
+
+def stats_help() -> str:
+    """One line per registered statistic: name, dims, requirements, first docstring line."""
+    lines = []
+    for name, cls in STATS.items():
+        dims = ", ".join((["group..."] if cls.grouped else []) + list(cls.dims))
+        needs = [f"top_k >= {cls.min_top_k}"] * (cls.min_top_k > 1) + [f"--{a.replace('_', '-')}" for a in cls.args]
+        needs += ["routing/weights" for column in cls.inputs if column == "weights"]  # the optional input
+        doc = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
+        extra = f" [needs {', '.join(needs)}]" if needs else ""
+        lines.append(f"{name} ({dims}): {doc}{extra}")
+    return "\n".join(lines)

@@ -234,20 +234,37 @@ def test_temporal_across_chunk_boundaries(tmp_path):
     np.testing.assert_array_equal(ds["temporal"].values, want)
 
 
-def test_shared_prefix_matches_r_transcription_on_shuffled_rows(tmp_path):
+def test_shared_prefix_matches_r_transcription(tmp_path):
+    """Sequences in any id order (each one's rows contiguous, in pos order: the store invariant)."""
     rng = np.random.default_rng(7)
     for trial in range(5):
         trace = make_trace(rng, 5, 1, 1, 2, shared=int(rng.integers(0, 3)))
         if trial == 4:
             trace["token_id"][:] = rng.integers(0, 3, len(trace["seq"]))  # (almost surely) nothing shared
-        order = rng.permutation(len(trace["seq"]))  # store rows need not be sorted
-        shuffled = {k: v[order] for k, v in trace.items()}
-        path = write_store(tmp_path / f"p{trial}.zarr", shuffled, 1, 1, 2, chunk_rows=4, weights=False)
+        path = write_store(tmp_path / f"p{trial}.zarr", trace, 1, 1, 2, chunk_rows=4, weights=False)
         last, seq_ids, cutoff = A.shared_prefix(path)
-        want_last, want_keep = r_last_shared_tok(shuffled["seq"], shuffled["pos"], shuffled["token_id"])
+        want_last, want_keep = r_last_shared_tok(trace["seq"], trace["pos"], trace["token_id"])
         assert last == want_last
-        idx = np.searchsorted(seq_ids, shuffled["seq"])
-        np.testing.assert_array_equal(shuffled["pos"] > cutoff[idx], want_keep)
+        idx = np.searchsorted(seq_ids, trace["seq"])
+        np.testing.assert_array_equal(trace["pos"] > cutoff[idx], want_keep)
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 64])
+def test_shared_prefix_refuses_rows_out_of_sequence_order(tmp_path, chunk_rows):
+    """A store breaking the invariant gets a one-line error, not a wrong prefix."""
+    rng = np.random.default_rng(17)
+    trace = make_trace(rng, 4, 1, 1, 2)
+    n = len(trace["seq"])
+    swapped = np.arange(n)
+    swapped[[1, 2]] = swapped[[2, 1]]  # two rows of the first sequence out of pos order
+    interleaved = np.r_[np.arange(1, n), 0]  # the first sequence's first row moved to the end
+    for name, order in (("swapped", swapped), ("interleaved", interleaved)):
+        rows = {k: v[order] for k, v in trace.items()}
+        with pytest.raises(MoetraceError, match="contiguous|increasing pos|order"):
+            # the store itself may refuse such rows; if it takes them, shared_prefix refuses
+            path = write_store(tmp_path / f"{name}{chunk_rows}.zarr", rows, 1, 1, 2, chunk_rows=chunk_rows,
+                               weights=False)
+            A.shared_prefix(path)
 
 
 def test_shared_prefix_by_token_text(tmp_path):
@@ -411,3 +428,198 @@ def test_vocab_counts(tmp_path):
                     want[trace["token_id"][r], l, e] += 1
     np.testing.assert_array_equal(ds["vocab"].values, want)
     assert ds["vocab"].dims == ("token_id", "layer", "expert")
+
+
+@pytest.mark.parametrize("call", [
+    dict(where={"domain": 5}),
+    dict(where={"domain": None}),
+    dict(where={"domain": []}),
+    dict(where={"pos": "3"}),
+    dict(where={"pos": 1.5}),
+    dict(where={"generated": 1}),
+    dict(where={"nope": [1]}),
+    dict(where={5: [1]}),
+    dict(where=["domain"]),
+    dict(where="domain"),
+    dict(by=5),
+    dict(by=["domain", 5]),
+    dict(by=["domain", "domain"]),
+    dict(by=["topic"]),
+    dict(stats=5),
+    dict(stats=["experts", 3]),
+    dict(stats=[["experts"]]),
+    dict(stats="experts,nope"),
+    dict(groups={"domain": 5}),
+    dict(groups=["domain"]),
+    dict(groups={"topic": ["a"]}),
+    dict(positions=(1,)),
+    dict(positions="1:5"),
+    dict(positions=(1.5, 3)),
+    dict(positions=(5, 1)),
+    dict(skip_shared_prefix="yes"),
+    dict(generated_only=1),
+    dict(stats=["vocab"], vocab_size="10"),
+    dict(stats=["vocab"], vocab_size=0),
+    dict(stats=["pairs"]),  # the store below has top_k=1
+    dict(stats=["weight_sum"]),  # ... and no routing/weights
+    dict(skip_shared_prefx=True),  # a typo
+])
+def test_every_bad_argument_is_a_one_line_error(tmp_path_factory, call):
+    """issue 9: no TypeError/KeyError traceback from count's arguments, a one-line MoetraceError."""
+    path = tmp_path_factory.getbasetemp() / "bad_args.zarr"
+    if not path.exists():
+        rng = np.random.default_rng(5)
+        write_store(path, make_trace(rng, 3, 2, 1, 4), 2, 1, 4, chunk_rows=8, weights=False)
+    for fn in (A.count, lambda p, **kw: A.count_range(p, 0, 5, **kw)):
+        with pytest.raises(MoetraceError) as info:
+            fn(path, progress=False, **call)
+        assert "\n" not in str(info.value)
+    if set(call) <= {"where", "by", "groups", "positions", "skip_shared_prefix", "generated_only"}:
+        with pytest.raises(MoetraceError):
+            A.coverage(path, TableTargets(None, np.zeros((2, 4, 4), bool), None), progress=False, **call)
+
+
+def test_filters_object_equals_keywords(tmp_path):
+    rng = np.random.default_rng(21)
+    trace = make_trace(rng, 5, 2, 2, 4)
+    path = write_store(tmp_path / "f.zarr", trace, 2, 2, 4, chunk_rows=8)
+    filters = A.Filters(by=("domain",), skip_shared_prefix=True, positions=(1, 50), where={"lang": "en"})
+    a = A.count(path, stats=["experts", "temporal"], filters=filters, progress=False)
+    b = A.count(path, stats=["experts", "temporal"], by=["domain"], skip_shared_prefix=True, positions=(1, 50),
+                where={"lang": "en"}, progress=False)
+    xr.testing.assert_identical(a, b)
+
+
+_SAVE_SCRIPT = """
+import sys, numpy as np, xarray as xr
+from engine.counting import save_counts
+n = int(sys.argv[2])
+ds = xr.Dataset({f"v{i}": (("layer", "expert"), np.full((4, 8), i, np.int64)) for i in range(n)},
+                attrs={"moetrace_counts_version": 1})
+print("start", flush=True)
+save_counts(ds, sys.argv[1], overwrite=True)
+print("done", flush=True)
+"""
+
+
+def test_save_counts_killed_mid_write_keeps_the_old_file(tmp_path):
+    """SIGKILL while save_counts writes: OUT still loads as the old file; the partial one is refused."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "counts.zarr"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(out), "2"], check=True, env=env)
+    old = A.load_counts(out)
+    assert sorted(old.data_vars) == ["v0", "v1"]
+    proc = subprocess.Popen([sys.executable, "-c", _SAVE_SCRIPT, str(out), "400"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "start"
+        deadline = time.monotonic() + 120
+        partial = []
+        while not partial and time.monotonic() < deadline:
+            partial = [p for p in tmp_path.glob("counts.zarr.partial-*") if any(p.glob("v*"))]
+            time.sleep(0.005)
+        assert partial, "the writer never started its staging file"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    xr.testing.assert_identical(A.load_counts(out), old)
+    with pytest.raises(MoetraceError, match="incomplete counts file"):
+        A.load_counts(partial[0])
+
+
+def test_load_counts_refuses_a_file_without_the_completion_mark(tmp_path):
+    rng = np.random.default_rng(22)
+    path = write_store(tmp_path / "s.zarr", make_trace(rng, 3, 2, 2, 4), 2, 2, 4, chunk_rows=8)
+    ds = A.count(path, progress=False)
+    ds.to_zarr(tmp_path / "raw.zarr", mode="w", consolidated=True)  # written without save_counts
+    with pytest.raises(MoetraceError, match="incomplete counts file"):
+        A.load_counts(tmp_path / "raw.zarr")
+    A.save_counts(ds, tmp_path / "ok.zarr")
+    xr.testing.assert_identical(A.load_counts(tmp_path / "ok.zarr"), ds)
+    assert not list(tmp_path.glob("ok.zarr.*"))  # nothing left beside it
+    A.save_counts(ds.isel(layer=[0]), tmp_path / "ok.zarr", overwrite=True)
+    assert A.load_counts(tmp_path / "ok.zarr").sizes["layer"] == 1
+    assert not list(tmp_path.glob("ok.zarr.*"))
+
+
+@pytest.mark.parametrize("layout", [{}, {"shard_chunks": 2}, {"codec": {"cname": "zstd", "clevel": 1,
+                                                                        "shuffle": "noshuffle"}}])
+def test_count_chunk_reader_equals_zarr(tmp_path, layout):
+    """The raw chunk reader (plain layout) and its zarr fallback (shards) give zarr's own arrays,
+    including chunks zarr never wrote because they are all fill value."""
+    from engine.counting.chunks import iter_count_chunks
+
+    rng = np.random.default_rng(23)
+    trace = make_trace(rng, 6, 2, 2, 4)
+    trace["generated"][:10] = False  # chunks 0-1 of `generated` are all fill value: no chunk file
+    n = len(trace["seq"])
+    with TraceStore.create(tmp_path / "r.zarr", n_layers=2, n_experts=4, top_k=2, chunk_rows=5, weights=True,
+                           labels={"domain": DOMAINS, "lang": LANGS}, **layout) as st:
+        st.append(trace)
+    st = TraceStore.open(tmp_path / "r.zarr")
+    cols = ["experts", "weights", "seq", "pos", "generated", "domain", "token_id"]
+    for a, b in [(0, n), (3, n - 2), (7, 8)]:
+        want = list(st.iter_chunks(cols, rows=(a, b), prefetch=False))
+        seen = 0
+        for g, w in zip(iter_count_chunks(st, cols, (a, b)), want):  # buffers are reused: compare as we go
+            seen += 1
+            assert (g.start, g.stop) == (w.start, w.stop)
+            for col in cols:
+                np.testing.assert_array_equal(g[col], w[col], err_msg=col)
+        assert seen == len(want)
+    ds = A.count(st, stats=["experts", "temporal", "weight_sum"], by=["domain"], generated_only=True,
+                 progress=False)
+    keep = trace["generated"]
+    assert int(ds["tokens"].sum()) == keep.sum()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), chunk_rows=st.sampled_from([3, 7, 16, 1000]), n_cuts=st.integers(1, 5))
+def test_any_split_into_count_ranges_adds_up(seed, chunk_rows, n_cuts):
+    """Every registered statistic: counts of any split into count_ranges sum to count, whatever the chunking."""
+    rng = np.random.default_rng(seed)
+    L, K, E = 3, 2, 5
+    trace = make_trace(rng, 5, L, K, E)
+    n = len(trace["seq"])
+    stats = [s for s in A.STATS if s != "tokens"]
+    args = dict(stats=stats, by=["lang", "domain"], skip_shared_prefix=True, vocab_size=100, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_store(Path(tmp) / "s.zarr", trace, L, K, E, chunk_rows=chunk_rows)
+        whole = A.count(path, **args)
+        cuts = sorted({0, n, *rng.integers(0, n + 1, n_cuts).tolist()})
+        total = None
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            piece = A.count_range(path, a, b, **args)
+            total = piece if total is None else total + piece
+    for name in whole.data_vars:
+        np.testing.assert_allclose(total[name].values, whole[name].values, rtol=1e-12, err_msg=name)
+
+
+def test_shared_prefix_memory_is_bounded_by_chunks_not_tokens(tmp_path):
+    """issue 9: the prefix passes stream chunks; peak memory stays far below one int64 per token."""
+    import tracemalloc
+
+    n_seq, seq_len, chunk_rows = 1500, 200, 4096
+    n = n_seq * seq_len
+    seq = np.repeat(np.arange(n_seq, dtype=np.int64), seq_len)
+    pos = np.tile(np.arange(seq_len, dtype=np.int32), n_seq)
+    token_id = np.tile(np.arange(seq_len, dtype=np.int32) % 50, n_seq)
+    token_id[pos >= 7] = (np.arange(n)[pos >= 7] % 13).astype(np.int32)  # shared: the first 7 tokens
+    with TraceStore.create(tmp_path / "m.zarr", n_layers=1, n_experts=2, top_k=1, chunk_rows=chunk_rows) as st:
+        st.append({"seq": seq, "pos": pos, "token_id": token_id, "experts": np.zeros((n, 1, 1), np.uint8)})
+    tracemalloc.start()
+    last, seq_ids, cutoff = A.shared_prefix(tmp_path / "m.zarr")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert last == 7 and len(seq_ids) == n_seq and (cutoff == 6).all()
+    # measured: 2.3 bytes/token here (chunk buffers + 16 bytes per sequence); the old in-memory
+    # pass peaked at 90 bytes/token on this store
+    assert peak < 8 * n, f"peak {peak} bytes for {n} tokens"

@@ -16,54 +16,90 @@ def random_routing(rng, n, L, K, E, dtype=np.uint8):
     return experts.astype(dtype)
 
 
-def reference(name, experts, group, G, E, seq=None, pos=None, weights=None, token_id=None, V=None, carry=None):
-    """Slow loop over rows; ``carry`` = (group, seq, pos, top1[L]) of the row before row 0."""
+# One slow pure-Python reference per registered statistic: ``ref(out, r, ex, g, arrays)`` adds
+# row r (``ex[l][k]`` its expert ids, ``g`` its group >= 0) into ``out``. A statistic
+# registered in kernels/counting.py without an entry here fails test_every_stat_has_a_reference.
+
+
+def _ref_experts(out, r, ex, g, arrays):
+    for l, row in enumerate(ex):
+        for k, e in enumerate(row):
+            out[g, l, k, e] += 1
+
+
+def _ref_paths(out, r, ex, g, arrays):
+    for l in range(1, len(ex)):
+        out[g, l, ex[l - 1][0], ex[l][0]] += 1
+
+
+def _ref_pairs(out, r, ex, g, arrays):
+    for l, row in enumerate(ex):
+        out[g, l, row[0], row[1]] += 1
+
+
+def _ref_coact(out, r, ex, g, arrays):
+    for l, row in enumerate(ex):
+        for a in row:
+            for b in row:
+                out[l, a, b] += 1
+
+
+def _ref_weight_sum(out, r, ex, g, arrays):
+    for l, row in enumerate(ex):
+        for k, e in enumerate(row):
+            out[g, l, e] += float(arrays["weights"][r, l, k])
+
+
+def _ref_tokens(out, r, ex, g, arrays):
+    out[g] += 1
+
+
+def _ref_vocab(out, r, ex, g, arrays):
+    t = arrays["token_id"][r]
+    if t >= 0:
+        for l, row in enumerate(ex):
+            for e in row:
+                out[t, l, e] += 1
+
+
+def _ref_temporal(out, r, ex, g, arrays):
+    if r == 0:
+        return  # no carried row in these tests (see test_temporal_carry_and_prime_across_ranges)
+    group, seq, pos = arrays["group"], arrays["seq"], arrays["pos"]
+    if group[r - 1] >= 0 and seq[r - 1] == seq[r] and pos[r - 1] + 1 == pos[r]:
+        for l in range(len(ex)):
+            out[group[r - 1], l, int(arrays["experts"][r - 1, l, 0]), ex[l][0]] += 1
+
+
+REFERENCES = {
+    "experts": _ref_experts, "paths": _ref_paths, "pairs": _ref_pairs, "coact": _ref_coact,
+    "temporal": _ref_temporal, "weight_sum": _ref_weight_sum, "tokens": _ref_tokens, "vocab": _ref_vocab,
+}
+V = 9  # vocab_size of the test arrays (token ids in [-1, 9))
+EXTRA_ARGS = {"vocab_size": V}
+
+
+def stat_args(name):
+    """Keyword arguments a registered statistic declares (``args``), with test values."""
+    return {arg: EXTRA_ARGS[arg] for arg in C.STATS[name].args}
+
+
+def reference(name, arrays, G, E):
+    """Slow loop over rows with the statistic's reference body."""
+    experts, group = arrays["experts"], arrays["group"]
     n, L, K = experts.shape
-    shapes = {"experts": (G, L, K, E), "paths": (G, L, E, E), "pairs": (G, L, E, E), "temporal": (G, L, E, E),
-              "coact": (L, E, E), "weight_sum": (G, L, E), "tokens": (G,), "vocab": (V, L, E)}
-    out = np.zeros(shapes[name], dtype=np.float64 if name == "weight_sum" else np.int64)
+    stat = C.make_stat(name, G, L, K, E, **stat_args(name))
+    out = np.zeros(stat.shape, dtype=stat.dtype)
     for r in range(n):
         g = int(group[r])
-        if g < 0:
-            continue
-        ex = [[int(x) for x in experts[r, l]] for l in range(L)]
-        if name == "experts":
-            for l in range(L):
-                for k in range(K):
-                    out[g, l, k, ex[l][k]] += 1
-        elif name == "paths":
-            for l in range(1, L):
-                out[g, l, ex[l - 1][0], ex[l][0]] += 1
-        elif name == "pairs":
-            for l in range(L):
-                out[g, l, ex[l][0], ex[l][1]] += 1
-        elif name == "coact":
-            for l in range(L):
-                for a in ex[l]:
-                    for b in ex[l]:
-                        out[l, a, b] += 1
-        elif name == "weight_sum":
-            for l in range(L):
-                for k in range(K):
-                    out[g, l, ex[l][k]] += float(weights[r, l, k])
-        elif name == "tokens":
-            out[g] += 1
-        elif name == "vocab":
-            if token_id[r] >= 0:
-                for l in range(L):
-                    for k in range(K):
-                        out[token_id[r], l, ex[l][k]] += 1
-        elif name == "temporal":
-            if r == 0:
-                if carry is None:
-                    continue
-                pg, ps, pp, ptop = carry
-            else:
-                pg, ps, pp, ptop = group[r - 1], seq[r - 1], pos[r - 1], experts[r - 1, :, 0]
-            if pg >= 0 and ps == seq[r] and pp + 1 == pos[r]:
-                for l in range(L):
-                    out[pg, l, int(ptop[l]), ex[l][0]] += 1
+        if g >= 0:
+            REFERENCES[name](out, r, [[int(x) for x in experts[r, l]] for l in range(L)], g, arrays)
     return out
+
+
+def test_every_stat_has_a_reference():
+    assert set(REFERENCES) == set(C.STATS), "register a reference in REFERENCES for every statistic"
+    assert set(EXTRA_ARGS) >= {a for cls in C.STATS.values() for a in cls.args}
 
 
 def make_arrays(rng, n, L, K, E, G, dtype=np.uint8, filtered=0.2):
@@ -92,7 +128,7 @@ def run_stat(name, arrays, G, L, K, E, pieces=(), n_blocks=None, **kw):
     return stat.finalize(state)
 
 
-ALL = ["experts", "paths", "pairs", "coact", "temporal", "weight_sum", "tokens", "vocab"]
+ALL = list(C.STATS)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -113,12 +149,10 @@ def test_every_stat_matches_loop_reference(seed, n, L, K, extra_e, G, n_blocks, 
     arrays = make_arrays(rng, n, L, K, E, G, np.uint16 if wide else np.uint8)
     pieces = rng.integers(0, n + 1, n_pieces).tolist() if n else []
     for name in ALL:
-        kw = {"vocab_size": 9} if name == "vocab" else {}
-        got = run_stat(name, arrays, G, L, K, E, pieces=pieces, n_blocks=n_blocks, **kw)
-        want = reference(name, arrays["experts"], arrays["group"], G, E, arrays["seq"], arrays["pos"],
-                         arrays["weights"], arrays["token_id"], V=9)
-        assert got.dtype == (np.float64 if name == "weight_sum" else np.int64), name
-        if name == "weight_sum":
+        got = run_stat(name, arrays, G, L, K, E, pieces=pieces, n_blocks=n_blocks, **stat_args(name))
+        want = reference(name, arrays, G, E)
+        assert got.dtype == C.STATS[name].dtype, name
+        if got.dtype.kind == "f":
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
         else:
             np.testing.assert_array_equal(got, want, err_msg=name)
@@ -167,7 +201,7 @@ def test_combine_adds_disjoint_ranges():
 
 def test_private_histograms_do_not_share_cache_lines():
     stat = C.ExpertsStat(3, 2, 2, 5, n_blocks=4)
-    buf = stat.create()
+    buf = stat.create().buf
     assert buf.shape[0] == 4 and buf.flags.c_contiguous
     assert (buf.shape[1] * buf.itemsize) % 64 == 0 and buf.shape[1] >= stat.size
 
@@ -234,3 +268,28 @@ def test_unknown_stat_and_bad_pairs():
         C.PairsStat(1, 2, 1, 4)
     with pytest.raises(ValueError, match="table of shape"):
         C.CoverageStat(1, 2, 2, 4, kind="paths", table=np.zeros((2, 4), bool))
+
+
+def test_int32_histograms_flush_before_overflow(monkeypatch):
+    """With a tiny int32 limit every chunk forces flushes (and splits); counts stay exact."""
+    rng = np.random.default_rng(12)
+    G, L, K, E = 3, 3, 3, 5
+    arrays = make_arrays(rng, 120, L, K, E, G)
+    want = {name: run_stat(name, arrays, G, L, K, E, pieces=[40, 80], **stat_args(name)) for name in ALL}
+    monkeypatch.setattr(C, "_INT32_LIMIT", 20)
+    for name in ALL:
+        got = run_stat(name, arrays, G, L, K, E, pieces=[40, 80], **stat_args(name))
+        np.testing.assert_allclose(got, want[name], err_msg=name)
+
+
+def test_registry_describes_every_statistic():
+    """Dims, help and requirements come from the registry."""
+    help_text = C.stats_help()
+    for name, cls in C.STATS.items():
+        assert name in help_text
+        stat = C.make_stat(name, 2, 3, max(2, cls.min_top_k), 4, **stat_args(name))
+        assert len(stat.shape) == len(cls.dims) + cls.grouped
+    assert set(C.expert_dims()) >= {"expert", "prev_expert", "next_expert", "first", "second", "other_expert"}
+    assert "coact" not in C.grouped_stats() and "experts" in C.grouped_stats()
+    with pytest.raises(ValueError, match="vocab_size"):
+        C.make_stat("vocab", 1, 1, 1, 2)

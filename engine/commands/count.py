@@ -1,13 +1,13 @@
 """``moetrace count``: stream a trace store into count tensors saved as Zarr.
 
-    moetrace count STORE OUT.zarr --stats experts,paths,pairs,temporal,coact
+    moetrace count STORE OUT.zarr --stats experts,paths,pairs,temporal,coact (see --help for all)
                    [--by domain,lang] [--skip-shared-prefix] [--generated-only]
                    [--positions A:B] [--group label=v1,v2]... [--vocab-size V]
                    [--overwrite] [--quiet]
 
 The output is the Dataset of :func:`engine.aggregate.count`, written with
-``xarray.Dataset.to_zarr`` (read it with ``xarray.open_zarr`` or
-``engine.aggregate.load_counts``).
+``engine.counting.save_counts`` (crash-safe: written beside OUT, renamed when complete;
+read it with ``xarray.open_zarr`` or ``engine.counting.load_counts``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,29 @@ def _groups(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
+class _StatsArgument(argparse.Action):
+    """``--stats``: its help lists the statistics registered in kernels/counting.py.
+
+    Built only when help is printed, so the CLI does not import Numba to start.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+    @property
+    def help(self) -> str:
+        from kernels.counting import stats_help
+
+        return "comma-separated statistics (default: experts; tokens is always counted): " + "; ".join(
+            stats_help().splitlines())
+
+    @help.setter
+    def help(self, value) -> None:  # argparse assigns the (absent) help; the property is the help
+        pass
+
+
 def run_count(args: argparse.Namespace) -> int:
-    from engine.aggregate import count, save_counts
+    from engine.counting import count, save_counts
 
     ds = count(
         args.store,
@@ -69,8 +90,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("store", help="trace store (Zarr directory)")
     p.add_argument("out", help="output counts file (Zarr directory, e.g. counts.zarr)")
-    p.add_argument("--stats", default="experts",
-                   help="comma-separated: experts,paths,pairs,temporal,coact,weight_sum,vocab (default: experts)")
+    p.add_argument("--stats", default="experts", action=_StatsArgument, metavar="NAME[,NAME...]")
     p.add_argument("--by", default="", help="comma-separated label names to group by, e.g. domain,lang")
     p.add_argument("--skip-shared-prefix", action="store_true",
                    help="drop the token prefix shared by every sequence (seed 000's last_shared_tok)")

@@ -1,0 +1,227 @@
+"""The count driver: stream a store's chunks through the registered statistics into xarray.
+
+Each statistic of ``kernels.counting.STATS`` describes itself (dims, grouped,
+inputs, min_top_k, extra args); this module derives from that registry the checks
+on a store, the chunk columns to read, the dims and coordinates of the Dataset. It
+turns the :class:`~engine.counting.filters.Filters` into one int64 group code per
+row and feeds every statistic the same decoded chunk, so several statistics in one
+call read and decode each chunk once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+
+from engine.counting.chunks import iter_count_chunks
+from engine.counting.files import COUNTS_VERSION
+from engine.counting.filters import Filters, Selection
+from engine.errors import MoetraceError
+from engine.progress import tqdm
+from engine.store import TraceStore
+from kernels import counting
+
+__all__ = ["count", "count_range", "drive", "open_store", "parse_stats", "strings"]
+
+
+def open_store(store: str | Path | TraceStore) -> TraceStore:
+    return store if isinstance(store, TraceStore) else TraceStore.open(store)
+
+
+def drive(st: TraceStore, sel: Selection, stats: list, start: int, stop: int, progress: bool) -> list:
+    """Create -> update per chunk -> finalize each statistic over rows [start, stop)."""
+    inputs = sorted({name for s in stats for name in s.inputs})
+    columns = list(dict.fromkeys(["experts", *sel.columns, *inputs]))
+    states = [s.create() for s in stats]
+
+    def arrays_of(cols: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = {name: cols[name] for name in ["experts", *inputs]}
+        arrays["group"] = sel.group_codes(cols, len(cols["experts"]))
+        return arrays
+
+    if 0 < start < stop:
+        before = arrays_of(st.read(columns, start - 1, start))
+        for s, state in zip(stats, states):
+            s.prime(state, before)
+    step = st.chunk_rows
+    n_chunks = max(0, (stop - 1) // step - start // step + 1) if stop > start else 0
+    chunks = iter_count_chunks(st, columns, (start, stop))
+    for chunk in tqdm(chunks, total=n_chunks, disable=not progress, unit="chunk", desc="count"):
+        arrays = arrays_of(chunk.columns)
+        for s, state in zip(stats, states):
+            try:
+                s.update(state, arrays)
+            except ValueError as exc:  # ids out of range: a corrupt store
+                raise MoetraceError(f"{st.path} rows [{chunk.start}, {chunk.stop}): {exc}") from None
+    return [s.finalize(state) for s, state in zip(stats, states)]
+
+
+def parse_stats(stats: Any, st: TraceStore, extra: Mapping[str, Any]) -> list[str]:
+    """Statistic names (list or comma-separated string) checked against the registry and the store."""
+    if isinstance(stats, str):
+        names = [x.strip() for x in stats.split(",") if x.strip()]
+    else:
+        try:
+            names = list(stats)
+        except TypeError:
+            raise MoetraceError(f"stats: expected statistic names, got {stats!r}") from None
+    registry = counting.STATS
+    for name in names:
+        if not isinstance(name, str) or name not in registry:
+            raise MoetraceError(f"stats: unknown statistic {name!r}; expected some of {list(registry)}")
+        cls = registry[name]
+        for column in cls.inputs:
+            if column not in st.columns:
+                where = "routing/" if column == "weights" else "tokens/"
+                raise MoetraceError(f"stats: {name} needs {where}{column}, which {st.path} does not have")
+        if st.top_k < cls.min_top_k:
+            raise MoetraceError(f"stats: {name} needs top_k >= {cls.min_top_k}, got top_k={st.top_k} in {st.path}")
+        for arg in cls.args:
+            value = extra.get(arg)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise MoetraceError(f"{arg}: the {name} statistic needs a positive {arg}, got {value!r}")
+    return list(dict.fromkeys([*names, "tokens"]))
+
+
+def strings(values: Sequence[str]) -> np.ndarray:
+    """Label strings as an object array (stored by Zarr v3 as variable-length UTF-8)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = [str(v) for v in values]
+    return out
+
+
+def _coords(st: TraceStore, sel: Selection, stat: counting.CountStat) -> dict[str, np.ndarray]:
+    coords: dict[str, Any] = {label: strings(sel.coords[label]) for label in sel.by if stat.grouped}
+    inner = stat.shape[1:] if stat.grouped else stat.shape
+    for dim, size in zip(stat.dims, inner):
+        coords[dim] = st.layer_ids if dim == "layer" else np.arange(size, dtype=np.int64)
+    return coords
+
+
+def _count(st: TraceStore, start: int, stop: int, stats, filters: Filters, vocab_size, progress: bool,
+           allow_empty: bool) -> xr.Dataset:
+    start, stop = int(start), int(stop)
+    if not 0 <= start <= stop <= len(st):
+        raise MoetraceError(f"rows: expected 0 <= start <= stop <= {len(st)} (committed rows), got [{start}, {stop})")
+    extra = {"vocab_size": vocab_size}
+    names = parse_stats(stats, st, extra)
+    sel = filters.compile(st, progress=progress)
+    L, K, E = st.n_layers, st.top_k, st.n_experts
+    objs = [counting.make_stat(name, sel.n_groups, L, K, E, **{a: int(extra[a]) for a in counting.STATS[name].args})
+            for name in names]
+    tensors = drive(st, sel, objs, start, stop, progress)
+    tokens = tensors[names.index("tokens")]
+    if not allow_empty and tokens.sum() == 0:
+        raise MoetraceError(
+            f"{st.path}: empty selection, no row left after the filters {json.dumps(sel.attrs)} "
+            f"(of {stop - start} rows)")
+    data, coords = {}, {}
+    for name, stat, tensor in zip(names, objs, tensors):
+        dims = stat.dims
+        if stat.grouped:
+            tensor = tensor.reshape(sel.shape + tensor.shape[1:])
+            dims = (*sel.by, *dims)
+        data[name] = (dims, tensor)
+        coords.update(_coords(st, sel, stat))
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update(_attrs(st, sel, names, start, stop))
+    return ds
+
+
+def _attrs(st: TraceStore, sel: Selection, names: list[str], start: int, stop: int) -> dict[str, Any]:
+    attrs = {
+        "moetrace_counts_version": COUNTS_VERSION,
+        "n_experts": st.n_experts,
+        "top_k": st.top_k,
+        "n_layers": st.n_layers,
+        "store": str(st.path),
+        "model": st.model or "",
+        "stats": names,
+        "rows": [start, stop],
+        "filters": json.dumps(sel.attrs),
+        "by": sel.attrs["by"],
+        "skip_shared_prefix": int(sel.attrs["skip_shared_prefix"]),
+        "generated_only": int(sel.attrs["generated_only"]),
+    }
+    if sel.positions is not None:
+        attrs["positions"] = list(sel.positions)
+    if sel.last_shared is not None:
+        attrs["last_shared_pos"] = int(sel.last_shared)
+    return attrs
+
+
+def count_range(
+    store: str | Path | TraceStore,
+    start: int,
+    stop: int,
+    stats: Sequence[str] | str = ("experts",),
+    by: Sequence[str] | str = (),
+    where: Mapping[str, Any] | None = None,
+    *,
+    filters: Filters | None = None,
+    vocab_size: int | None = None,
+    progress: bool = True,
+    **filter_args: Any,
+) -> xr.Dataset:
+    """Counts of committed rows ``[start, stop)``; same arguments and result as :func:`count`.
+
+    Disjoint ranges add up exactly: ``count_range(s, 0, m) + count_range(s, m, n)``
+    equals ``count(s)`` for every variable (a ``temporal`` transition t -> t+1 belongs
+    to the range holding row t+1; the row before ``start`` is read for it).
+    ``skip_shared_prefix`` is always computed over the whole store. A range with no
+    row left after the filters gives zero counts (``count`` raises instead).
+    """
+    filters = Filters.of(filters, by=by or None, where=where, **filter_args)
+    return _count(open_store(store), start, stop, stats, filters, vocab_size, progress, allow_empty=True)
+
+
+def count(
+    store: str | Path | TraceStore,
+    stats: Sequence[str] | str = ("experts",),
+    by: Sequence[str] | str = (),
+    where: Mapping[str, Any] | None = None,
+    *,
+    filters: Filters | None = None,
+    vocab_size: int | None = None,
+    progress: bool = True,
+    **filter_args: Any,
+) -> xr.Dataset:
+    """Count routing statistics over a whole trace store into an ``xarray.Dataset``.
+
+    ``store``: a path or an open :class:`~engine.store.TraceStore`.
+    ``stats``: names from ``kernels.counting.STATS`` (list or comma-separated string);
+    ``tokens`` is always added. ``by``: label names; groups are their cross product (one
+    dim per label, label strings as coordinates). Filters (a row is counted when it
+    passes all of them), given as a :class:`~engine.counting.filters.Filters` or as its
+    fields by keyword:
+
+    - ``where``: ``{column: value or [values]}`` keeps rows whose ``column`` (a label,
+      by its strings; or ``seq``, ``pos``, ``token_id``, ``generated``) is among the
+      values; label coordinates stay complete.
+    - ``skip_shared_prefix``: drop seed 000's prefix shared by every sequence (see
+      :func:`engine.counting.prefix.shared_prefix`); the dataset gets attribute
+      ``last_shared_pos`` (the number of leading tokens dropped from each sequence,
+      R's ``last_shared_tok``).
+    - ``generated_only``: keep rows with ``generated`` True.
+    - ``positions``: ``(start, stop)``, keep ``start <= pos < stop``.
+    - ``groups``: ``{label: [values]}`` keeps rows with those label values; for a
+      ``by`` label the coordinates become exactly these values, in this order.
+
+    ``vocab_size``: V, needed by the ``vocab`` statistic ([V, L, E] counts of token id
+    x layer x expert over all ranks; rows with token_id -1 are skipped).
+    ``temporal`` counts top-1 transitions between consecutive store rows of the same
+    ``seq`` with ``pos`` + 1 when both rows pass the filters, grouped by the first row.
+    Returns int64 counts (``weight_sum`` float64), dims: the ``by`` labels first for a
+    grouped statistic, then the statistic's own ``dims`` (``layer`` coordinates are the
+    store's ``layer_ids``, others 0..size-1), and attributes ``moetrace_counts_version``,
+    ``n_experts``, ``top_k``, ``store``, ``model``, ``rows`` ([start, stop)), ``filters``
+    (JSON) and one attribute per filter. Raises MoetraceError on an unknown label /
+    statistic / group value, a bad argument, or when no row is left after the filters.
+    """
+    st = open_store(store)
+    filters = Filters.of(filters, by=by or None, where=where, **filter_args)
+    return _count(st, 0, len(st), stats, filters, vocab_size, progress, allow_empty=False)
