@@ -238,18 +238,29 @@ class TraceStore:
                 root = json.load(fh)
         except (OSError, ValueError) as exc:
             raise MoetraceError(f"{path}/zarr.json: unreadable Zarr metadata ({exc})") from None
-        if root.get("node_type") != "group":
-            raise MoetraceError(f"{path}: not a moetrace store (a Zarr array, not a group)")
-        meta = root.get("attributes", {}).get(ATTR_KEY)
+        if not isinstance(root, dict) or root.get("node_type") != "group":
+            what = "a Zarr array" if isinstance(root, dict) and root.get("node_type") == "array" else (
+                f"a JSON {type(root).__name__}" if not isinstance(root, dict) else "no node_type 'group'")
+            raise MoetraceError(f"{path}/zarr.json: not a moetrace store (expected a Zarr v3 group, got {what})")
+        attributes = root.get("attributes", {})
+        meta = attributes.get(ATTR_KEY) if isinstance(attributes, dict) else None
         if not isinstance(meta, dict) or "format_version" not in meta:
             raise MoetraceError(f"{path}: not a moetrace store (no '{ATTR_KEY}' group attribute)")
         version = meta["format_version"]
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not _is_int(version) or version < 1:
+            raise MoetraceError(
+                f"{path}/zarr.json: attribute {ATTR_KEY}.format_version: expected a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise MoetraceError(
                 f"{path}: store format_version {version} is newer than this moetrace reads "
                 f"(up to {FORMAT_VERSION}); upgrade moetrace")
-        group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+", zarr_format=3)
+        _check_meta(path, meta)
+        try:
+            group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+", zarr_format=3)
+        except Exception as exc:  # zarr's parser raises many types on malformed metadata
+            raise MoetraceError(f"{path}: unreadable Zarr group ({_one_line(exc)})") from None
         store = cls(group, path, mode)
+        store._check_arrays()
         if mode == "a":
             store._recover()
         return store
@@ -409,7 +420,7 @@ class TraceStore:
         out = {}
         for col in self._check_columns(columns):
             arr = self._array(col)
-            out[col] = _host(arr[start:stop]) if stop > start else np.zeros(
+            out[col] = self._read_rows(col, start, stop) if stop > start else np.zeros(
                 (0, *arr.shape[1:]), dtype=_numpy_dtype(arr))
         return out
 
@@ -444,7 +455,7 @@ class TraceStore:
 
         def load(span: tuple[int, int]) -> Chunk:
             a, b = span
-            return Chunk(a, b, {col: _host(self._array(col)[a:b]) for col in columns})
+            return Chunk(a, b, {col: self._read_rows(col, a, b) for col in columns})
 
         if not prefetch or len(spans) == 1:
             for span in spans:
@@ -531,6 +542,64 @@ class TraceStore:
         }
 
     # ------------------------------------------------------------------ internals
+    def _expected_arrays(self) -> dict[str, tuple[tuple[np.dtype, ...], tuple[int, ...]]]:
+        """Array name -> (accepted dtypes, shape after N) for every per-token array this store may have."""
+        L, K, E = self.n_layers, self.top_k, self.n_experts
+        spec = {f"tokens/{col}": ((np.dtype(TOKEN_DTYPES[col]),), ()) for col in TOKEN_COLUMNS}
+        spec.update({f"tokens/{label}": ((np.dtype(LABEL_DTYPE),), ()) for label in self._meta["labels"]})
+        spec["tokens/text"] = ((), ())  # a string array: checked by kind
+        spec["routing/experts"] = ((expert_dtype(E),), (L, K))
+        spec["routing/weights"] = ((np.dtype(np.float16),), (L, K))
+        spec["routing/probs"] = ((np.dtype(np.float16),), (L, E))
+        return spec
+
+    def _check_arrays(self) -> None:
+        """Refuse missing arrays, arrays of the wrong dtype or shape, and unknown per-token arrays."""
+        spec = self._expected_arrays()
+        n, n_seq, rows = len(self), self.n_sequences_committed, self.chunk_rows
+        optional = {"tokens/text", "routing/weights", "routing/probs"}
+        names = set()
+        for grp in ("tokens", "routing", "sequences"):
+            # List children on disk: zarr's group listing parses every child and would
+            # report a broken array as a broken group.
+            folder = self.path / grp
+            if folder.is_dir():
+                names.update(f"{grp}/{p.name}" for p in folder.iterdir() if (p / "zarr.json").is_file())
+        for name in sorted(names | (set(spec) - optional)):
+            where = f"{self.path}/{name}"
+            if name not in names:
+                raise MoetraceError(f"{where}: missing array (every moetrace store has it)")
+            if not name.startswith("sequences/") and name not in spec:
+                raise MoetraceError(f"{where}: unexpected array (not a column or label of this store)")
+            try:
+                arr = self._group[name]
+                shape, chunks, dtype = tuple(arr.shape), tuple(arr.chunks), arr.dtype
+            except Exception as exc:
+                raise MoetraceError(f"{where}: unreadable Zarr array ({_one_line(exc)})") from None
+            if not isinstance(arr, zarr.Array):
+                raise MoetraceError(f"{where}: expected a Zarr array, got a group")
+            if name.startswith("sequences/"):
+                if len(shape) != 1 or shape[0] < n_seq:
+                    raise MoetraceError(
+                        f"{where}: expected shape ({n_seq} or more,) (sequences_committed), got {shape}")
+                continue
+            dtypes, inner = spec[name]
+            if name == "tokens/text":
+                ok = not isinstance(dtype, np.dtype) or dtype.kind in "TUO"
+                expected = "a string dtype"
+            else:
+                ok = isinstance(dtype, np.dtype) and dtype in dtypes
+                expected = " or ".join(str(d) for d in dtypes)
+            if not ok:
+                raise MoetraceError(f"{where}: expected dtype {expected}, got {dtype}")
+            if len(shape) != 1 + len(inner) or shape[1:] != inner or shape[0] < n:
+                dims = "".join(f", {d}" for d in inner)
+                raise MoetraceError(f"{where}: expected shape (N{dims}) with N >= committed={n}, got {shape}")
+            step = chunks[0] if chunks else 0
+            if chunks[1:] != inner or step < 1 or (rows % step if name == "routing/probs" else step != rows):
+                raise MoetraceError(
+                    f"{where}: expected chunks of {rows} rows (chunk_rows) along N only, got chunks {chunks}")
+
     def _array_names(self) -> list[str]:
         names = []
         for grp in ("tokens", "routing", "sequences"):
@@ -544,6 +613,14 @@ class TraceStore:
             name = f"routing/{column}" if column in ROUTING_COLUMNS else f"tokens/{column}"
             arr = self._arrays[column] = self._group[name]
         return arr
+
+    def _read_rows(self, column: str, start: int, stop: int) -> np.ndarray:
+        arr = self._array(column)
+        try:
+            return _host(arr[start:stop])
+        except Exception as exc:  # a damaged chunk file: codec, size or decode errors
+            raise MoetraceError(
+                f"{self.path}/{arr.path}: rows [{start}, {stop}) unreadable ({_one_line(exc)})") from None
 
     def _check_columns(self, columns: Sequence[str]) -> list[str]:
         have = self.columns
@@ -690,6 +767,61 @@ class TraceStore:
                 arr.resize((rows, *arr.shape[1:]))
         for leftover in self.path.rglob("*.partial"):
             leftover.unlink(missing_ok=True)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    """Refuse a ``moetrace`` attribute whose facts are missing or of the wrong type."""
+
+    def bad(key: str, expected: str) -> MoetraceError:
+        got = repr(meta[key]) if key in meta else "nothing"
+        got = got if len(got) <= 80 else got[:77] + "..."
+        return MoetraceError(f"{path}/zarr.json: attribute {ATTR_KEY}.{key}: expected {expected}, got {got}")
+
+    for key in ("n_layers", "n_experts", "top_k", "chunk_rows"):
+        if not _is_int(meta.get(key)) or meta[key] < 1:
+            raise bad(key, "a positive integer")
+    if meta["n_experts"] > 65536:
+        raise bad("n_experts", "at most 65536")
+    if meta["top_k"] > meta["n_experts"]:
+        raise bad("top_k", f"at most n_experts={meta['n_experts']}")
+    for key in ("committed", "sequences_committed"):
+        if key == "committed" or key in meta:
+            if not _is_int(meta.get(key)) or meta[key] < 0:
+                raise bad(key, "a non-negative integer")
+    ids = meta.get("layer_ids")
+    if (not isinstance(ids, list) or len(ids) != meta["n_layers"] or not all(_is_int(x) for x in ids)
+            or any(b <= a for a, b in zip(ids, ids[1:]))):
+        raise bad("layer_ids", f"a list of {meta['n_layers']} increasing integers")
+    labels = meta.get("labels")
+    reserved = set(TOKEN_COLUMNS) | {"text"} | set(ROUTING_COLUMNS)
+    if not isinstance(labels, dict) or not all(
+            isinstance(name, str) and name.isidentifier() and name not in reserved
+            and isinstance(values, list) and len(values) <= MAX_LABEL_VALUES
+            and all(isinstance(v, str) for v in values) and len(set(values)) == len(values)
+            for name, values in labels.items()):
+        raise bad("labels", "a dict of label name -> list of distinct strings")
+    fixed = meta.get("labels_fixed", {})
+    if not isinstance(fixed, dict) or not all(isinstance(v, bool) for v in fixed.values()):
+        raise bad("labels_fixed", "a dict of label name -> bool")
+    for key in ("model", "scoring"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(key, "a string or null")
+    shard = meta.get("shard_chunks")
+    if shard is not None and (not _is_int(shard) or shard < 1):
+        raise bad("shard_chunks", "a positive integer or null")
+    codec = meta.get("codec", DEFAULT_CODEC)
+    if (not isinstance(codec, dict) or not isinstance(codec.get("cname"), str)
+            or not _is_int(codec.get("clevel")) or not isinstance(codec.get("shuffle"), str)):
+        raise bad("codec", "a dict with cname (str), clevel (int) and shuffle (str)")
 
 
 def _positive_int(value: Any, name: str) -> int:

@@ -281,3 +281,98 @@ def test_cli_info(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a moetrace store" in err[0]
+
+
+# ---------------------------------------------------------------------------- malformed stores
+def _good_store(path: Path) -> Path:
+    with TraceStore.create(path, n_layers=2, n_experts=5, top_k=2, labels=["domain"], weights=True,
+                           chunk_rows=8) as st_:
+        st_.append(make_rows(0, 20, 2, 2, 5))
+    return path
+
+
+def _edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    doc = edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _set_attr(key, value):
+    def edit(doc):
+        if value is _DELETE:
+            del doc["attributes"]["moetrace"][key]
+        else:
+            doc["attributes"]["moetrace"][key] = value
+        return doc
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda doc: [doc], r"zarr.json: not a moetrace store \(expected a Zarr v3 group, got a JSON list\)"),
+    (lambda doc: {**doc, "attributes": [1]}, r"no 'moetrace' group attribute"),
+    (_set_attr("committed", _DELETE), r"moetrace.committed: expected a non-negative integer, got nothing"),
+    (_set_attr("committed", -1), r"moetrace.committed: expected a non-negative integer, got -1"),
+    (_set_attr("committed", "20"), r"moetrace.committed: expected a non-negative integer, got '20'"),
+    (_set_attr("committed", 21), r"routing/experts: expected shape \(N, 2, 2\) with N >= committed=21"),
+    (_set_attr("committed", True), r"moetrace.committed: expected a non-negative integer, got True"),
+    (_set_attr("n_experts", "5"), r"moetrace.n_experts: expected a positive integer, got '5'"),
+    (_set_attr("n_experts", 300), r"routing/experts: expected dtype uint16, got uint8"),
+    (_set_attr("top_k", 3), r"routing/experts: expected shape \(N, 2, 3\)"),
+    (_set_attr("top_k", 9), r"moetrace.top_k: expected at most n_experts=5"),
+    (_set_attr("layer_ids", [0]), r"moetrace.layer_ids: expected a list of 2 increasing integers, got \[0\]"),
+    (_set_attr("layer_ids", [3, 1]), r"moetrace.layer_ids: expected a list of 2 increasing integers"),
+    (_set_attr("labels", ["domain"]), r"moetrace.labels: expected a dict of label name -> list of distinct strings"),
+    (_set_attr("labels", {"domain": "math"}), r"moetrace.labels: expected a dict"),
+    (_set_attr("labels", {"domain": [1, 2]}), r"moetrace.labels: expected a dict"),
+    (_set_attr("labels", {"domain": [], "lang": []}), r"tokens/lang: missing array"),
+    (_set_attr("labels", {}), r"tokens/domain: unexpected array"),
+    (_set_attr("chunk_rows", 16), r"routing/experts: expected chunks of 16 rows"),
+    (_set_attr("chunk_rows", 0), r"moetrace.chunk_rows: expected a positive integer, got 0"),
+    (_set_attr("format_version", "1"), r"moetrace.format_version: expected a positive integer, got '1'"),
+    (_set_attr("model", 3), r"moetrace.model: expected a string or null, got 3"),
+    (_set_attr("codec", None), r"moetrace.codec: expected a dict"),
+    (_set_attr("shard_chunks", 0), r"moetrace.shard_chunks: expected a positive integer or null"),
+])
+def test_open_refuses_malformed_attributes_in_one_line(tmp_path, edit, message):
+    path = _good_store(tmp_path / "t.zarr")
+    _edit_json(path / "zarr.json", edit)
+    for mode in ("r", "a"):
+        with pytest.raises(MoetraceError, match=message) as info:
+            TraceStore.open(path, mode=mode)
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: __import__("shutil").rmtree(p / "tokens" / "pos"), r"tokens/pos: missing array"),
+    (lambda p: __import__("shutil").rmtree(p / "routing"), r"routing/experts: missing array"),
+    (lambda p: (p / "tokens" / "seq" / "zarr.json").write_text("{"), r"tokens/seq: unreadable Zarr array"),
+    (lambda p: (p / "tokens" / "seq" / "zarr.json").write_text("[]"), r"tokens/seq: unreadable Zarr array"),
+    (lambda p: _edit_json(p / "tokens" / "pos" / "zarr.json", lambda d: {**d, "data_type": "int64"}),
+     r"tokens/pos: expected dtype int32, got int64"),
+    (lambda p: _edit_json(p / "routing" / "weights" / "zarr.json", lambda d: {**d, "shape": [20, 2]}),
+     r"routing/weights: (expected shape \(N, 2, 2\)|unreadable Zarr array)"),
+    (lambda p: _edit_json(p / "tokens" / "generated" / "zarr.json", lambda d: {**d, "shape": [3]}),
+     r"tokens/generated: expected shape \(N\) with N >= committed=20, got \(3,\)"),
+    (lambda p: _edit_json(p / "tokens" / "seq" / "zarr.json", lambda d: {**d, "node_type": "group"}),
+     r"tokens/seq: unexpected array|tokens/seq: (missing|unreadable)"),
+])
+def test_open_refuses_missing_or_malformed_arrays(tmp_path, damage, message):
+    path = _good_store(tmp_path / "t.zarr")
+    damage(path)
+    with pytest.raises(MoetraceError, match=message) as info:
+        TraceStore.open(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_cli_info_on_a_malformed_store_is_one_line_exit_2(tmp_path):
+    path = _good_store(tmp_path / "t.zarr")
+    _edit_json(path / "zarr.json", _set_attr("committed", _DELETE))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "info", str(path)], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "committed" in lines[0] and str(path) in lines[0]
