@@ -41,7 +41,10 @@ from zarr.codecs import BloscCodec
 
 from engine.errors import MoetraceError
 
-FORMAT_VERSION = 1
+# 2: rows obey the order invariant (module docstring), enforced by append. Version 1 stores
+# (written before) open read-only as before; opening one to append checks the invariant
+# over all its rows and upgrades it.
+FORMAT_VERSION = 2
 ATTR_KEY = "moetrace"
 
 TOKEN_COLUMNS = ("seq", "pos", "token_id", "generated")
@@ -97,6 +100,46 @@ class Chunk:
         return self.stop - self.start
 
 
+class _EndedIds:
+    """The ids of sequences that already ended in a store being written, as one sorted
+    int64 array: 8 bytes per sequence (up to 16 with the growth slack of appends), so
+    80-160 MB for 1e7 sequences. Lookups are a binary search (``O(b log S)`` for a batch
+    of ``b`` new ids); adding ids larger than every stored one (capture and the importers
+    number sequences in increasing order) is an amortized ``O(b)`` append, any other
+    batch one ``O(S)`` merge.
+    """
+
+    def __init__(self) -> None:
+        self._ids = np.empty(0, dtype=np.int64)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        have = self._ids[:self._n]
+        if not self._n:
+            return np.zeros(len(ids), dtype=bool)
+        at = np.minimum(np.searchsorted(have, ids), self._n - 1)
+        return have[at] == ids
+
+    def add(self, ids: np.ndarray) -> None:
+        """Add distinct ids that are not in the set yet."""
+        if not len(ids):
+            return
+        ids = np.sort(np.asarray(ids, dtype=np.int64))
+        n, m = self._n, len(ids)
+        if n and ids[0] < self._ids[n - 1]:
+            self._ids = np.insert(self._ids[:n], np.searchsorted(self._ids[:n], ids), ids)
+        else:
+            if n + m > len(self._ids):
+                grown = np.empty(max(2 * len(self._ids), n + m, 1024), dtype=np.int64)
+                grown[:n] = self._ids[:n]
+                self._ids = grown
+            self._ids[n:n + m] = ids
+        self._n = n + m
+
+
 class TraceStore:
     """A moetrace routing trace on disk. Create with :meth:`create`, open with :meth:`open`.
 
@@ -112,6 +155,9 @@ class TraceStore:
         self._buffer: list[dict[str, np.ndarray]] = []
         self._buffered_rows = 0
         self._arrays: dict[str, zarr.Array] = {}
+        # Writer's view of the row order (committed + buffered rows): see _check_order.
+        self._ended = _EndedIds()
+        self._last: tuple[int, int] | None = None  # (seq, pos) of the last row
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -347,9 +393,12 @@ class TraceStore:
         Rows become visible to readers after the next :meth:`flush`.
         """
         self._require_writable()
-        rows = self._validate(batch)
-        if rows is None:
+        validated = self._validate(batch)
+        if validated is None:
             return
+        rows, ended, last = validated
+        self._ended.add(ended)
+        self._last = last
         self._buffer.append(rows)
         self._buffered_rows += len(rows["seq"])
         unit = self._write_unit()
@@ -397,7 +446,7 @@ class TraceStore:
                 f"sequences: expected columns {sorted(existing)}, got {sorted(data)}")
         for name, values in data.items():
             if name == "seq":
-                values = _as_int(values, "sequences/seq").astype(np.int64)
+                values = _as_int(values, "sequences/seq")
             if values.dtype.kind in "OUT":
                 values = values.astype(str)
             if name not in existing:
@@ -493,22 +542,29 @@ class TraceStore:
     def info(self) -> dict[str, Any]:
         """Summary: rows, sequences, model facts, label value counts, array sizes.
 
-        Streams the token columns once to count sequences (runs of equal ``seq``) and
-        label values; arrays report raw (uncompressed) and stored (compressed) bytes.
+        Streams the token columns once to count sequences (distinct ``seq`` ids) and label
+        values; arrays report raw (uncompressed) and stored (compressed) bytes.
+        ``sequence_runs`` counts runs of equal ``seq``: equal to ``sequences`` when the rows
+        obey the store's order invariant (format_version 2 enforces it). Memory: one chunk
+        plus 8 bytes per run (the run ids; sorted at the end unless they always increase).
         """
         n = len(self)
         label_counts = {label: np.zeros(max(1, len(v)), dtype=np.int64) for label, v in self.labels.items()}
-        n_seq, last_seq = 0, None
+        n_runs, last_seq, increasing, run_ids = 0, None, True, []
         for chunk in self.iter_chunks(["seq", *self.label_names]):
             seq = chunk["seq"]
             if len(seq):
-                boundaries = int(np.count_nonzero(seq[1:] != seq[:-1])) + 1
-                if last_seq is not None and seq[0] == last_seq:
-                    boundaries -= 1
-                n_seq += boundaries
+                first = np.concatenate(([last_seq is None or seq[0] != last_seq], seq[1:] != seq[:-1]))
+                ids = seq[first]
+                n_runs += len(ids)
+                run_ids.append(ids)
+                if increasing and len(ids):
+                    increasing = bool((last_seq is None or ids[0] > last_seq) and np.all(ids[1:] > ids[:-1]))
                 last_seq = seq[-1]
             for label, counts in label_counts.items():
                 counts += np.bincount(chunk[label], minlength=len(counts))[:len(counts)]
+        # Strictly increasing run ids are distinct: then counting runs is enough.
+        n_seq = n_runs if increasing else len(np.unique(np.concatenate(run_ids)))
         arrays = {}
         for name in self._array_names():
             arr = self._group[name]
@@ -530,6 +586,7 @@ class TraceStore:
             "rows": n,
             "routing_rows": n * self.n_layers * self.top_k,
             "sequences": n_seq,
+            "sequence_runs": n_runs,
             "sequence_metadata_rows": self.n_sequences_committed,
             "n_layers": self.n_layers,
             "layer_ids": self.layer_ids.tolist(),
@@ -672,9 +729,9 @@ class TraceStore:
                 raise MoetraceError(f"tokens/{name}: expected shape ({n},) to match routing/experts, got {values.shape}")
             return values
 
-        out["seq"] = _as_int(column("seq"), "tokens/seq").astype(np.int64, copy=False)
-        out["pos"] = _as_int(column("pos"), "tokens/pos").astype(np.int32, copy=False)
-        out["token_id"] = _as_int(column("token_id", -1), "tokens/token_id").astype(np.int32, copy=False)
+        out["seq"] = _as_int(column("seq"), "tokens/seq", np.int64)
+        out["pos"] = _as_int(column("pos"), "tokens/pos", np.int32)
+        out["token_id"] = _as_int(column("token_id", -1), "tokens/token_id", np.int32)
         gen = column("generated", False)
         if gen.dtype != np.bool_:
             raise MoetraceError(f"tokens/generated: expected bool values, got dtype {gen.dtype}")
@@ -695,35 +752,86 @@ class TraceStore:
                 bad = int(np.argmax(~np.isfinite(values)).item() // int(np.prod(inner)))
                 raise MoetraceError(f"routing/{name}: expected finite values, got NaN/inf (batch row {bad})")
             out[name] = values.astype(np.float16)
+            if not np.isfinite(out[name]).all():
+                bad = int(np.argmax(~np.isfinite(out[name])).item() // int(np.prod(inner)))
+                raise MoetraceError(
+                    f"routing/{name}: expected values within float16's range (|x| <= 65504), got "
+                    f"{values.reshape(n, -1)[bad][~np.isfinite(out[name].reshape(n, -1)[bad])][0]} (batch row {bad})")
+        ended, last = self._check_order(out["seq"], out["pos"])
         # Labels last: an unseen value extends an open vocabulary, so only accept it
         # once everything else in the batch is known to be valid.
+        vocabularies = {}
         for label in self.label_names:
-            out[label] = self._encode_label(label, column(label))
-        return out
+            out[label], vocabularies[label] = self._encode_label(label, column(label))
+        self._meta["labels"] = vocabularies  # becomes visible with the next commit
+        return out, ended, last
 
-    def _encode_label(self, label: str, values: np.ndarray) -> np.ndarray:
+    def _check_order(self, seq: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """Enforce the store invariant on a batch (vectorized): a sequence's rows are
+        contiguous and in strictly increasing ``pos`` order. Within the batch each id forms
+        one run with increasing ``pos``; the first run continues the previous last row's
+        sequence (with a larger ``pos``) or starts an id that never appeared before.
+        Returns the ids that end with this batch and the new last ``(seq, pos)``; the
+        caller records them only once the whole batch is accepted."""
+        base = len(self) + self._buffered_rows
+
+        def refuse(i: int, expected: str) -> MoetraceError:
+            return MoetraceError(f"{self.path}: row {base + i} (seq {int(seq[i])}, pos {int(pos[i])}): "
+                                 f"expected {expected} (a sequence's rows are contiguous, in increasing pos)")
+
+        faults: list[tuple[int, str]] = []  # (batch row, what was expected): the first one is reported
+        change = seq[1:] != seq[:-1]
+        backwards = ~change & (pos[1:] <= pos[:-1])
+        if backwards.any():
+            i = int(np.argmax(backwards)) + 1
+            faults.append((i, f"pos > {int(pos[i - 1])}, the previous row's pos in this sequence"))
+        starts = np.flatnonzero(np.concatenate(([True], change)))
+        ids = seq[starts]
+        order = np.argsort(ids, kind="stable")
+        repeated = ids[order[1:]] == ids[order[:-1]]
+        if repeated.any():
+            i = int(starts[order[1:][repeated]].min())
+            faults.append((i, f"a new sequence id; sequence {int(seq[i])} already ended at an earlier row"))
+        continues = self._last is not None and int(ids[0]) == self._last[0]
+        if continues and int(pos[0]) <= self._last[1]:
+            faults.append((0, f"pos > {self._last[1]}, the previous row's pos in this sequence"))
+        new_ids, new_starts = (ids[1:], starts[1:]) if continues else (ids, starts)
+        seen = self._ended.contains(new_ids)
+        if self._last is not None:
+            seen |= new_ids == self._last[0]
+        if seen.any():
+            i = int(new_starts[np.argmax(seen)])
+            faults.append((i, f"a new sequence id; sequence {int(seq[i])} already ended at an earlier row"))
+        if faults:
+            raise refuse(*min(faults))
+        ended = ids[:-1]
+        if self._last is not None and not continues:
+            ended = np.concatenate(([self._last[0]], ended))
+        return ended, (int(seq[-1]), int(pos[-1]))
+
+    def _encode_label(self, label: str, values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Codes of ``values`` and the label's vocabulary after them (grown when open)."""
         vocab = self._meta["labels"][label]
         if values.dtype.kind in "iu":
             if len(values) and (values.min() < 0 or values.max() >= len(vocab)):
                 raise MoetraceError(
                     f"tokens/{label}: expected codes in [0, {len(vocab)}) (vocabulary {vocab}), "
                     f"got {int(values.max()) if values.max() >= len(vocab) else int(values.min())}")
-            return values.astype(LABEL_DTYPE)
+            return values.astype(LABEL_DTYPE), vocab
         strings = values.astype(str)
         uniq, inverse = np.unique(strings, return_inverse=True)
         index = {v: i for i, v in enumerate(vocab)}
         missing = [u for u in uniq.tolist() if u not in index]
         if missing:
-            if self._meta["labels_fixed"].get(label, False):
+            if self._meta.get("labels_fixed", {}).get(label, False):
                 raise MoetraceError(
                     f"tokens/{label}: value {missing[0]!r} is not in the label vocabulary {vocab}")
             if len(vocab) + len(missing) > MAX_LABEL_VALUES:
                 raise MoetraceError(f"tokens/{label}: expected at most {MAX_LABEL_VALUES} distinct values")
-            vocab = vocab + missing  # becomes visible with the next commit
-            self._meta["labels"] = {**self._meta["labels"], label: vocab}
+            vocab = vocab + missing
             index = {v: i for i, v in enumerate(vocab)}
         lookup = np.array([index[u] for u in uniq.tolist()], dtype=LABEL_DTYPE)
-        return lookup[inverse.reshape(-1)]
+        return lookup[inverse.reshape(-1)], vocab
 
     def _write_buffer(self, whole_units_only: bool) -> None:
         if not self._buffer:
@@ -767,6 +875,52 @@ class TraceStore:
                 arr.resize((rows, *arr.shape[1:]))
         for leftover in self.path.rglob("*.partial"):
             leftover.unlink(missing_ok=True)
+        self._rebuild_order()
+
+    def _rebuild_order(self) -> None:
+        """Rebuild the writer's order state (ended sequence ids, last row) from the committed
+        rows: one chunked scan of ``tokens/seq`` (and of ``tokens/pos`` for a version 1
+        store, whose order was never checked: it is verified here, then upgraded). Memory:
+        the ended ids (8 bytes per sequence) plus, while scanning, each sequence's first row
+        (8 bytes per sequence) and one chunk."""
+        n = len(self)
+        if not n:
+            return
+        check_pos = int(self._meta["format_version"]) < 2
+        ids_parts, rows_parts = [], []
+        prev: tuple[int, int] | None = None
+
+        def refuse(row: int, s: int, expected: str) -> MoetraceError:
+            return MoetraceError(
+                f"{self.path}: row {row} (seq {s}): expected {expected}; this store (format_version "
+                f"{self._meta['format_version']}) breaks the row order that appending needs (a sequence's rows "
+                f"contiguous, in increasing pos): open it read-only, or re-import it")
+
+        for chunk in self.iter_chunks(["seq", "pos"] if check_pos else ["seq"]):
+            seq = chunk["seq"]
+            change = np.concatenate(([prev is None or int(seq[0]) != prev[0]], seq[1:] != seq[:-1]))
+            if check_pos:
+                pos = chunk["pos"]
+                prev_pos = np.concatenate(([np.iinfo(np.int64).min if prev is None else prev[1]], pos[:-1]))
+                backwards = ~change & (pos <= prev_pos)
+                if backwards.any():
+                    i = int(np.argmax(backwards))
+                    raise refuse(chunk.start + i, int(seq[i]), f"pos > {int(prev_pos[i])} (got {int(pos[i])})")
+            starts = np.flatnonzero(change)
+            ids_parts.append(seq[starts])
+            rows_parts.append(starts + chunk.start)
+            prev = (int(seq[-1]), int(chunk["pos"][-1]) if check_pos else 0)
+        ids, rows = np.concatenate(ids_parts), np.concatenate(rows_parts)
+        order = np.argsort(ids, kind="stable")
+        repeated = ids[order[1:]] == ids[order[:-1]]
+        if repeated.any():
+            at = int(np.argmin(np.where(repeated, rows[order[1:]], np.iinfo(np.int64).max)))
+            row = int(rows[order[1:]][at])
+            raise refuse(row, int(ids[order[1:]][at]), "a new sequence id (this one already ended at an earlier row)")
+        del order, rows
+        self._ended.add(ids[:-1])
+        self._last = (int(ids[-1]), int(self.read(["pos"], n - 1, n)["pos"][0]))
+        self._meta["format_version"] = FORMAT_VERSION  # written with the next commit
 
 
 def _is_int(value: Any) -> bool:
@@ -851,14 +1005,31 @@ def _parse_labels(labels: Any) -> tuple[dict[str, list[str]], dict[str, bool]]:
     return vocab, fixed
 
 
-def _as_int(values: np.ndarray, name: str) -> np.ndarray:
-    if values.dtype.kind in "iu":
-        return values
+def _as_int(values: np.ndarray, name: str, dtype: Any = np.int64) -> np.ndarray:
+    """``values`` as integers of ``dtype``; refuses non-integers and values that do not fit
+    (a cast would wrap them silently), naming the first bad batch row."""
+    dtype = np.dtype(dtype)
     if values.dtype.kind == "b":
         raise MoetraceError(f"{name}: expected integers, got bool values")
-    if values.dtype.kind == "f" and values.size and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
-        return values.astype(np.int64)
-    raise MoetraceError(f"{name}: expected integers, got dtype {values.dtype}")
+    if values.dtype.kind not in "iuf" or (values.dtype.kind == "f" and values.size and not (
+            np.all(np.isfinite(values)) and np.all(values == np.round(values)))):
+        raise MoetraceError(f"{name}: expected integers, got dtype {values.dtype}")
+    if not values.size:
+        return values.astype(dtype)
+    info = np.iinfo(dtype)
+    if values.dtype.kind == "f":
+        # float bounds: 2**63 is exactly representable, int64's max is not
+        too_big = (values < float(info.min)) | (values >= float(info.max) + 1)
+    elif int(values.min()) < info.min or int(values.max()) > info.max:
+        too_big = (values < info.min) | (values > info.max)  # NumPy 2 compares with any Python int
+    else:
+        too_big = None
+    if too_big is not None and too_big.any():
+        row = int(np.argmax(too_big.reshape(len(values), -1).any(axis=1)))
+        bad = values.reshape(len(values), -1)[row][too_big.reshape(len(values), -1)[row]][0]
+        raise MoetraceError(
+            f"{name}: expected values in [{info.min}, {info.max}] ({dtype}), got {bad.item()} (batch row {row})")
+    return values.astype(dtype, copy=False)
 
 
 def _host(values: Any) -> np.ndarray:

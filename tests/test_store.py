@@ -376,3 +376,151 @@ def test_cli_info_on_a_malformed_store_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "committed" in lines[0] and str(path) in lines[0]
+
+
+# ---------------------------------------------------------------------------- row order invariant
+def _reference_first_violation(seq: list[int], pos: list[int]) -> int | None:
+    """Row-by-row check of the invariant, in plain Python: a sequence's rows are contiguous and
+    in strictly increasing pos. Returns the first violating row or None."""
+    ended, current = set(), None
+    for row, (s, p) in enumerate(zip(seq, pos)):
+        if current is not None and s == current[0]:
+            if p <= current[1]:
+                return row
+        else:
+            if s in ended:
+                return row
+            if current is not None:
+                ended.add(current[0])
+        current = (s, p)
+    return None
+
+
+def _order_rows(seq, pos) -> dict:
+    n = len(seq)
+    return {"seq": np.asarray(seq, dtype=np.int64), "pos": np.asarray(pos, dtype=np.int64),
+            "experts": np.zeros((n, 1, 1), dtype=np.int64)}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=40),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+    reopen_at=st.integers(0, 6),
+)
+def test_append_enforces_the_row_order_like_a_row_by_row_reference(tmp_path_factory, rows, cuts, reopen_at):
+    """Random (seq, pos) streams in random batches, with a reopen in between: append accepts exactly
+    the batches before the first violating row, and names that row."""
+    path = tmp_path_factory.mktemp("order") / "t.zarr"
+    seq, pos = [r[0] for r in rows], [r[1] for r in rows]
+    first_bad = _reference_first_violation(seq, pos)
+    edges = sorted({0, len(rows), *[c for c in cuts if c < len(rows)]})
+    st_ = TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, chunk_rows=4)
+    accepted = 0
+    for b, (a, z) in enumerate(zip(edges[:-1], edges[1:])):
+        if b == reopen_at:
+            st_.close()
+            st_ = TraceStore.open(path, mode="a")
+        if first_bad is not None and a <= first_bad < z:
+            with pytest.raises(MoetraceError) as info:
+                st_.append(_order_rows(seq[a:z], pos[a:z]))
+            message = str(info.value)
+            assert message.startswith(f"{path}: row {first_bad} (seq {seq[first_bad]}, pos {pos[first_bad]}): expected ")
+            assert "\n" not in message
+            break
+        st_.append(_order_rows(seq[a:z], pos[a:z]))
+        accepted = z
+    st_.close()
+    reader = TraceStore.open(path)
+    assert len(reader) == accepted
+    got = reader.read(["seq", "pos"])
+    assert got["seq"].tolist() == seq[:accepted] and got["pos"].tolist() == pos[:accepted]
+    assert reader.info()["sequences"] == len(set(seq[:accepted]))
+
+
+def test_rejected_batch_leaves_the_writer_unchanged(tmp_path):
+    path = tmp_path / "t.zarr"
+    st_ = TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, labels=["domain"], chunk_rows=4)
+    st_.append({**_order_rows([0, 0, 1], [0, 1, 0]), "domain": ["a", "a", "b"]})
+    # Sequence 0 ended at row 2; a new label value in the refused batch must not enter the vocabulary.
+    with pytest.raises(MoetraceError, match=r"row 4 \(seq 0, pos 5\): expected a new sequence id; sequence 0 "
+                                            r"already ended at an earlier row"):
+        st_.append({**_order_rows([1, 0], [1, 5]), "domain": ["b", "new"]})
+    with pytest.raises(MoetraceError, match=r"row 3 \(seq 1, pos 0\): expected pos > 0, the previous row's pos"):
+        st_.append({**_order_rows([1], [0]), "domain": ["b"]})
+    st_.append({**_order_rows([1, 2, 2], [1, 0, 3]), "domain": ["b", "c", "c"]})
+    st_.close()
+    reader = TraceStore.open(path)
+    assert reader.read(["seq"])["seq"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert reader.labels == {"domain": ["a", "b", "c"]}
+    assert reader.info()["sequences"] == reader.info()["sequence_runs"] == 3
+
+
+def test_reopened_writer_remembers_every_ended_sequence(tmp_path):
+    path = tmp_path / "t.zarr"
+    with TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, chunk_rows=3) as st_:
+        st_.append(_order_rows([5, 5, 9, 2, 2, 2, 7], [0, 1, 0, 0, 1, 2, 4]))
+    st_ = TraceStore.open(path, mode="a")
+    for s in (5, 9, 2):
+        with pytest.raises(MoetraceError, match=rf"row 7 \(seq {s}, pos 9\): expected a new sequence id"):
+            st_.append(_order_rows([s], [9]))
+    with pytest.raises(MoetraceError, match=r"row 7 \(seq 7, pos 4\): expected pos > 4"):
+        st_.append(_order_rows([7], [4]))
+    st_.append(_order_rows([7, 3, 100], [5, 0, 0]))
+    st_.close()
+    assert TraceStore.open(path).read(["seq"])["seq"].tolist() == [5, 5, 9, 2, 2, 2, 7, 7, 3, 100]
+
+
+def test_out_of_range_integers_are_refused_not_wrapped(tmp_path):
+    st_ = TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1)
+    big_seq = np.array([0, 2**63 + 5], dtype=np.uint64)
+    with pytest.raises(MoetraceError, match=r"tokens/seq: expected values in \[-9223372036854775808, "
+                                            r"9223372036854775807\] \(int64\), got 9223372036854775813 \(batch row 1\)"):
+        st_.append({"seq": big_seq, "pos": [0, 0], "experts": np.zeros((2, 1, 1), int)})
+    with pytest.raises(MoetraceError, match=r"tokens/token_id: expected values in .* \(int32\), got 3000000000"):
+        st_.append({**_order_rows([0], [0]), "token_id": [3_000_000_000]})
+    with pytest.raises(MoetraceError, match=r"tokens/pos: expected values in .* \(int32\), got 1e\+20"):
+        st_.append({"seq": [0], "pos": [1e20], "experts": np.zeros((1, 1, 1), int)})
+    st_.close()
+    assert len(TraceStore.open(tmp_path / "t.zarr")) == 0
+
+
+def _as_version_1(path: Path, seq: list[int] | None = None) -> None:
+    """Make a store look like one written before the order invariant (format_version 1), with
+    ``seq`` written straight through zarr (which the append check would refuse)."""
+    if seq is not None:
+        zarr.open_array(str(path / "tokens" / "seq"), mode="r+")[: len(seq)] = np.asarray(seq)
+    _edit_json(path / "zarr.json", _set_attr("format_version", 1))
+
+
+def test_version_1_stores_open_read_only_and_are_checked_before_appending(tmp_path):
+    ok, bad = tmp_path / "ok.zarr", tmp_path / "bad.zarr"
+    for path in (ok, bad):
+        with TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, chunk_rows=2) as st_:
+            st_.append(_order_rows([0, 0, 1, 1, 2], [0, 1, 0, 1, 0]))
+    _as_version_1(ok)
+    _as_version_1(bad, [0, 1, 0, 1, 2])  # batched generate() as written before: interleaved sequences
+    for path, runs in ((ok, 3), (bad, 5)):
+        info = TraceStore.open(path).info()
+        assert info["format_version"] == 1 and info["sequences"] == 3 and info["sequence_runs"] == runs
+    with pytest.raises(MoetraceError, match=r"bad.zarr: row 2 \(seq 0\): expected a new sequence id .*"
+                                            r"format_version 1.* open it read-only, or re-import it"):
+        TraceStore.open(bad, mode="a")
+    with TraceStore.open(ok, mode="a") as st_:
+        with pytest.raises(MoetraceError, match=r"row 5 \(seq 1, pos 7\): expected a new sequence id"):
+            st_.append(_order_rows([1], [7]))
+        st_.append(_order_rows([2, 3], [1, 0]))
+    reader = TraceStore.open(ok)
+    assert reader.info()["format_version"] == FORMAT_VERSION and len(reader) == 7
+
+
+def test_cli_info_reports_distinct_sequences_and_warns_about_interleaved_rows(tmp_path, capsys):
+    from engine.cli import main
+
+    path = tmp_path / "t.zarr"
+    with TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, chunk_rows=2) as st_:
+        st_.append(_order_rows([0, 0, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1]))
+    _as_version_1(path, [0, 1, 2, 0, 1, 2])
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sequences   3 " in out and "not contiguous (6 runs of equal seq)" in out
