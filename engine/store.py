@@ -15,8 +15,31 @@ Layout (see ARCHITECTURE.md; other Zarr readers can read it directly)::
     routing/probs     [N, L, E]  float16  full router distribution (optional)
     sequences/<col>   [S]        any      per-sequence metadata, ``sequences/seq`` the id
 
-Every array is chunked along N only, so the whole L x K block of a token stays
-contiguous. Crash safety: appended rows are buffered and written as whole chunks
+Row order (the store's invariant, format_version 2): **a sequence's rows are contiguous
+and in strictly increasing** ``pos`` **order**. Statistics that pair adjacent rows
+(``temporal``, stickiness) are correct only under it. :meth:`TraceStore.append` enforces
+it, vectorized: within a batch each ``seq`` id forms one run with increasing ``pos``;
+the batch's first run continues the sequence of the store's last row (with a larger
+``pos``) or starts an id never seen in this store. The ids of ended sequences are kept
+in one sorted int64 array (8 bytes per sequence, 16 at most with growth slack: 80-160 MB
+for 1e7 sequences), rebuilt by one chunked scan of ``tokens/seq`` when a store is
+reopened to append. Stores written before (format_version 1, order never checked) open
+read-only as before; reopening one to append verifies the order over all its rows first.
+
+Chunks run along N only, so the whole L x K block of a token stays contiguous. The token
+columns and ``routing/experts`` share one row grid of ``chunk_rows`` rows: the largest
+power of 2 keeping the widest of them (``routing/experts``, or ``tokens/seq`` when
+L x K < 8) within 8 MiB, the size bench/bench_store.py found fastest to scan (4 MiB
+chunks scan about 1.5-2x slower). The narrower token columns get proportionally smaller
+chunks. Wider arrays (``routing/weights``, ``routing/probs``) take ``chunk_rows / 2**j``
+rows, the largest fraction within 8 MiB, so their chunk boundaries are grid boundaries
+too and a block of rows read by :meth:`TraceStore.iter_chunks` is whole chunks of every
+array. No chunk exceeds 8 MiB uncompressed. Every array is compressed with the store's
+Blosc codec (default lz4 + bitshuffle) except ``tokens/text`` (variable-length UTF-8):
+Blosc zstd without shuffle compresses token text 5.6x better than lz4 + bitshuffle at the
+same read speed (bench/RESULTS.md).
+
+Crash safety: appended rows are buffered and written as whole chunks
 (``flush`` also writes the tail); after *every* array of a batch is written, the
 ``committed`` row count in the group attributes is raised in one atomic file write
 (zarr's LocalStore writes each key to a temporary file and renames it). Readers only
@@ -57,7 +80,12 @@ MAX_LABEL_VALUES = int(np.iinfo(LABEL_DTYPE).max) + 1
 # zstd's compression ratio on routing ids at twice its decompression speed; 8 MiB chunks
 # halve the per-chunk overhead of 4 MiB ones when scanning.
 DEFAULT_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
-# Target uncompressed size of one routing/experts chunk.
+# tokens/text: shuffles regroup fixed-width numbers, not text; on token text Blosc zstd
+# compresses 6.8x vs 1.2x for lz4 + bitshuffle, at the same read speed (string decoding
+# dominates); bench/bench_store.py --text, numbers in bench/RESULTS.md.
+TEXT_CODEC = {"cname": "zstd", "clevel": 5, "shuffle": "noshuffle"}
+# Uncompressed size of a routing/experts chunk (the grid's widest array), and the most
+# any chunk may hold.
 TARGET_CHUNK_BYTES = 8 << 20
 MAX_CHUNK_BYTES = 8 << 20
 
@@ -71,11 +99,29 @@ def expert_dtype(n_experts: int) -> np.dtype:
     return np.dtype(np.uint8 if n_experts <= 256 else np.uint16)
 
 
+def grid_row_bytes(n_layers: int, top_k: int, n_experts: int) -> dict[str, int]:
+    """Uncompressed bytes per row of the arrays whose chunks are ``chunk_rows`` rows."""
+    widths = {f"tokens/{col}": np.dtype(dtype).itemsize for col, dtype in TOKEN_DTYPES.items()}
+    widths["routing/experts"] = n_layers * top_k * expert_dtype(n_experts).itemsize
+    return widths
+
+
 def auto_chunk_rows(n_layers: int, top_k: int, n_experts: int) -> int:
-    """Rows per chunk so that one ``routing/experts`` chunk is about 8 MiB (a power of 2)."""
-    row_bytes = n_layers * top_k * expert_dtype(n_experts).itemsize
-    rows = max(1024, TARGET_CHUNK_BYTES // max(1, row_bytes))
+    """Rows per chunk: the largest power of 2 that keeps the widest array on the row grid
+    (``routing/experts``, or ``tokens/seq`` when L x K < 8) within TARGET_CHUNK_BYTES."""
+    widest = max(grid_row_bytes(n_layers, top_k, n_experts).values())
+    rows = max(1, TARGET_CHUNK_BYTES // widest)
     return 1 << int(math.floor(math.log2(rows)))
+
+
+def fraction_rows(chunk_rows: int, row_bytes: int) -> int:
+    """Rows per chunk of an array wider than the grid (weights, probs): ``chunk_rows / 2**j``,
+    the largest that keeps its chunks within MAX_CHUNK_BYTES, so each of its chunk
+    boundaries is a grid boundary too (at least 1 row)."""
+    rows = chunk_rows
+    while rows > 1 and rows % 2 == 0 and rows * row_bytes > MAX_CHUNK_BYTES:
+        rows //= 2
+    return rows
 
 
 @dataclass
@@ -208,6 +254,11 @@ class TraceStore:
         chunk_rows = int(chunk_rows) if chunk_rows else auto_chunk_rows(n_layers, top_k, n_experts)
         if chunk_rows < 1:
             raise MoetraceError(f"chunk_rows: expected a positive integer, got {chunk_rows}")
+        widest, width = max(grid_row_bytes(n_layers, top_k, n_experts).items(), key=lambda kv: kv[1])
+        if chunk_rows > 1 and chunk_rows * width > MAX_CHUNK_BYTES:
+            raise MoetraceError(
+                f"chunk_rows: expected at most {max(1, MAX_CHUNK_BYTES // width)} (chunks of {widest} within "
+                f"{MAX_CHUNK_BYTES >> 20} MiB), got {chunk_rows}")
         if shard_chunks is not None and int(shard_chunks) < 1:
             raise MoetraceError(f"shard_chunks: expected a positive integer, got {shard_chunks}")
         codec = dict(DEFAULT_CODEC if codec is None else codec)
@@ -250,18 +301,18 @@ class TraceStore:
         for label in label_vocab:
             make(f"tokens/{label}", (), LABEL_DTYPE)
         if token_text:
-            group.create_array("tokens/text", shape=(0,), chunks=(chunk_rows,), dtype=str)
+            # Variable-length UTF-8 (4-byte length + bytes per token), then TEXT_CODEC.
+            shards = None if shard_chunks is None else (chunk_rows * int(shard_chunks),)
+            group.create_array("tokens/text", shape=(0,), chunks=(chunk_rows,), shards=shards, dtype=str,
+                               compressors=_codec(TEXT_CODEC), fill_value="")
         make("routing/experts", (n_layers, top_k), expert_dtype(n_experts))
+        # Arrays wider than the grid take a power-of-2 fraction of chunk_rows (see fraction_rows).
         if weights:
-            make("routing/weights", (n_layers, top_k), np.float16)
+            make("routing/weights", (n_layers, top_k), np.float16,
+                 rows=fraction_rows(chunk_rows, n_layers * top_k * 2))
         if probs:
-            # Keep probs chunks under MAX_CHUNK_BYTES with a power-of-2 divisor of chunk_rows,
-            # so a probs chunk boundary is always a token-chunk boundary too.
-            per_row = n_layers * n_experts * 2
-            div = 1
-            while chunk_rows // div > 1 and (chunk_rows // div) * per_row > MAX_CHUNK_BYTES:
-                div *= 2
-            make("routing/probs", (n_layers, n_experts), np.float16, rows=max(1, chunk_rows // div))
+            make("routing/probs", (n_layers, n_experts), np.float16,
+                 rows=fraction_rows(chunk_rows, n_layers * n_experts * 2))
         group.require_group("sequences")
         group.attrs[ATTR_KEY] = meta
         return cls(group, path, "a")
@@ -653,9 +704,11 @@ class TraceStore:
                 dims = "".join(f", {d}" for d in inner)
                 raise MoetraceError(f"{where}: expected shape (N{dims}) with N >= committed={n}, got {shape}")
             step = chunks[0] if chunks else 0
-            if chunks[1:] != inner or step < 1 or (rows % step if name == "routing/probs" else step != rows):
+            fraction = name in ("routing/weights", "routing/probs")
+            if chunks[1:] != inner or step < 1 or (rows % step if fraction else step != rows):
                 raise MoetraceError(
-                    f"{where}: expected chunks of {rows} rows (chunk_rows) along N only, got chunks {chunks}")
+                    f"{where}: expected chunks of {rows} rows (chunk_rows{', or a power-of-2 fraction' if fraction else ''})"
+                    f" along N only, got chunks {chunks}")
 
     def _array_names(self) -> list[str]:
         names = []

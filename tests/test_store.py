@@ -524,3 +524,69 @@ def test_cli_info_reports_distinct_sequences_and_warns_about_interleaved_rows(tm
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "sequences   3 " in out and "not contiguous (6 runs of equal seq)" in out
+
+
+# ---------------------------------------------------------------------------- chunk layout
+@pytest.mark.parametrize("L, K, E, extra", [
+    (1, 1, 2, {}),                                   # was 64 MiB chunks of tokens/seq
+    (1, 1, 300, {"weights": True}),
+    (16, 8, 64, {"weights": True, "token_text": True}),
+    (58, 8, 256, {"weights": True, "probs": True}),  # DeepSeek-V3 shape
+    (4, 2, 4096, {"probs": True}),
+    (48, 8, 512, {"shard_chunks": 4}),
+])
+def test_every_chunk_is_at_most_8_MiB_and_aligned_to_one_row_grid(tmp_path, L, K, E, extra):
+    TraceStore.create(tmp_path / "t.zarr", n_layers=L, n_experts=E, top_k=K, labels=["domain"], **extra).close()
+    st_ = TraceStore.open(tmp_path / "t.zarr")
+    rows = st_.chunk_rows
+    assert rows & (rows - 1) == 0
+    widest = 0
+    for name, a in st_.info()["arrays"].items():
+        if name.startswith("sequences/"):
+            continue
+        chunks = a["chunks"]
+        assert chunks[1:] == a["shape"][1:], name  # along N only
+        item = 4 + 4 if name == "tokens/text" else np.dtype(a["dtype"]).itemsize  # text: length + ~4 B
+        nbytes = chunks[0] * int(np.prod(chunks[1:])) * item
+        assert nbytes <= 8 << 20, (name, nbytes)
+        if name in ("routing/weights", "routing/probs"):  # wider than the grid: a fraction of it
+            assert rows % chunks[0] == 0
+            assert chunks[0] == rows or chunks[0] == 1 or nbytes > 4 << 20  # the largest that fits
+        else:
+            assert chunks[0] == rows, name
+            widest = max(widest, nbytes)
+    assert widest > 4 << 20  # the grid's widest array has the largest power-of-2 chunk within 8 MiB
+    if extra.get("weights") and E <= 256:  # float16 weights are twice as wide as uint8 experts
+        assert st_.info()["arrays"]["routing/weights"]["chunks"][0] == rows // 2
+    codecs = zarr.open_array(str(tmp_path / "t.zarr" / "routing" / "experts"), mode="r").metadata.codecs
+    assert "bitshuffle" in str(codecs) and "lz4" in str(codecs)
+
+
+def test_explicit_chunk_rows_over_8_MiB_are_refused(tmp_path):
+    with pytest.raises(MoetraceError, match=r"chunk_rows: expected at most 65536 \(chunks of routing/experts "
+                                            r"within 8 MiB\), got 131072"):
+        TraceStore.create(tmp_path / "t.zarr", n_layers=16, n_experts=64, top_k=8, weights=True, chunk_rows=131072)
+    with pytest.raises(MoetraceError, match=r"chunk_rows: expected at most 1048576 \(chunks of tokens/seq"):
+        TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1, chunk_rows=1 << 21)
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_probs_chunks_finer_than_the_row_grid_read_aligned(tmp_path):
+    """routing/probs has chunks of chunk_rows / 2 here (routing/weights takes fractions the same way):
+    blocks of iter_chunks still hold the same rows of every array."""
+    L, K, E, n = 2, 2, 8192, 700
+    rng = np.random.default_rng(3)
+    probs = rng.random((n, L, E)).astype(np.float16)
+    rows = {**_order_rows(np.arange(n) // 7, np.arange(n) % 7), "experts": rng.integers(0, E, (n, L, K)),
+            "probs": probs}
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=L, n_experts=E, top_k=K, probs=True,
+                           chunk_rows=512) as st_:
+        st_.append(rows)
+    st_ = TraceStore.open(tmp_path / "t.zarr")
+    assert st_.info()["arrays"]["routing/probs"]["chunks"][0] == 256
+    blocks = list(st_.iter_chunks(["seq", "experts", "probs"], rows=(100, 700)))
+    assert [(b.start, b.stop) for b in blocks] == [(100, 512), (512, 700)]
+    for b in blocks:
+        np.testing.assert_array_equal(b["probs"], probs[b.start:b.stop])
+        np.testing.assert_array_equal(b["experts"], rows["experts"][b.start:b.stop])
+        np.testing.assert_array_equal(b["seq"], rows["seq"][b.start:b.stop])
