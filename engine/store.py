@@ -75,6 +75,8 @@ TOKEN_DTYPES = {"seq": np.int64, "pos": np.int32, "token_id": np.int32, "generat
 ROUTING_COLUMNS = ("experts", "weights", "probs")
 LABEL_DTYPE = np.uint16
 MAX_LABEL_VALUES = int(np.iinfo(LABEL_DTYPE).max) + 1
+# A model's layer index; exports write layers as int16 (engine/io/parquet.py).
+MAX_LAYER_ID = int(np.iinfo(np.int16).max)
 
 # Chosen by bench/bench_store.py (numbers in bench/RESULTS.md): lz4 + bitshuffle keeps
 # zstd's compression ratio on routing ids at twice its decompression speed; 8 MiB chunks
@@ -246,10 +248,14 @@ class TraceStore:
             raise MoetraceError(f"top_k: expected at most n_experts={n_experts}, got {top_k}")
         if layer_ids is None:
             layer_ids = list(range(n_layers))
-        layer_ids = [int(x) for x in layer_ids]
-        if len(layer_ids) != n_layers or len(set(layer_ids)) != n_layers or sorted(layer_ids) != layer_ids:
+        layer_ids = list(layer_ids)
+        if (len(layer_ids) != n_layers or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+                                                  and 0 <= x <= MAX_LAYER_ID for x in layer_ids)
+                or any(b <= a for a, b in zip(layer_ids, layer_ids[1:]))):
             raise MoetraceError(
-                f"layer_ids: expected {n_layers} distinct increasing layer indices, got {layer_ids}")
+                f"layer_ids: expected {n_layers} distinct increasing layer indices in [0, {MAX_LAYER_ID}], "
+                f"got {layer_ids}")
+        layer_ids = [int(x) for x in layer_ids]
         label_vocab, fixed = _parse_labels(labels)
         chunk_rows = int(chunk_rows) if chunk_rows else auto_chunk_rows(n_layers, top_k, n_experts)
         if chunk_rows < 1:
@@ -582,7 +588,10 @@ class TraceStore:
             if name not in seq_group:
                 raise MoetraceError(
                     f"sequences/{name}: no such column in {self.path} (have {sorted(seq_group.array_keys())})")
-            out[name] = _host(seq_group[name][:n])
+            try:
+                out[name] = _host(seq_group[name][:n])
+            except Exception as exc:  # a damaged chunk file
+                raise MoetraceError(f"{self.path}/sequences/{name}: unreadable ({_one_line(exc)})") from None
         return out
 
     def decode_label(self, label: str, codes: np.ndarray) -> np.ndarray:
@@ -673,6 +682,15 @@ class TraceStore:
             folder = self.path / grp
             if folder.is_dir():
                 names.update(f"{grp}/{p.name}" for p in folder.iterdir() if (p / "zarr.json").is_file())
+        for grp in ("tokens", "routing", "sequences"):
+            if not (self.path / grp / "zarr.json").is_file():
+                raise MoetraceError(f"{self.path}/{grp}: missing group (every moetrace store has it)")
+            try:
+                node = self._group[grp]
+            except Exception as exc:
+                raise MoetraceError(f"{self.path}/{grp}: unreadable Zarr group ({_one_line(exc)})") from None
+            if not isinstance(node, zarr.Group):
+                raise MoetraceError(f"{self.path}/{grp}: expected a Zarr group, got an array")
         for name in sorted(names | (set(spec) - optional)):
             where = f"{self.path}/{name}"
             if name not in names:
@@ -1005,9 +1023,10 @@ def _check_meta(path: Path, meta: dict) -> None:
             if not _is_int(meta.get(key)) or meta[key] < 0:
                 raise bad(key, "a non-negative integer")
     ids = meta.get("layer_ids")
-    if (not isinstance(ids, list) or len(ids) != meta["n_layers"] or not all(_is_int(x) for x in ids)
+    if (not isinstance(ids, list) or len(ids) != meta["n_layers"]
+            or not all(_is_int(x) and 0 <= x <= MAX_LAYER_ID for x in ids)
             or any(b <= a for a, b in zip(ids, ids[1:]))):
-        raise bad("layer_ids", f"a list of {meta['n_layers']} increasing integers")
+        raise bad("layer_ids", f"a list of {meta['n_layers']} increasing integers in [0, {MAX_LAYER_ID}]")
     labels = meta.get("labels")
     reserved = set(TOKEN_COLUMNS) | {"text"} | set(ROUTING_COLUMNS)
     if not isinstance(labels, dict) or not all(
