@@ -1,6 +1,7 @@
 """Store write/read throughput and compression for candidate codecs and chunk sizes.
 
-    .venv/bin/python bench/bench_store.py [--tokens 1000000] [--out bench/results_store.md]
+    .venv/bin/python bench/bench_store.py [--tokens 1000000] [--no-weights] [--candidates a,b]
+    .venv/bin/python bench/bench_store.py --text [--tokens 1000000]   # codecs for tokens/text
 
 Every candidate gets the same pre-generated synthetic trace (engine/synthetic.py: 16 layers,
 64 experts, top-8, with weights) in one run, side by side. Measured:
@@ -10,6 +11,11 @@ Every candidate gets the same pre-generated synthetic trace (engine/synthetic.py
   thread), GB/s of decompressed data, warm page cache (best of 3 passes);
 - scan: iter_chunks(["experts", "domain", "lang"]) with prefetch, as the counters read it;
 - ratio: raw / stored bytes of routing/experts and of the whole store.
+
+A candidate's chunk size is that of routing/experts (routing/weights, twice as wide, gets
+chunks of half as many rows: no chunk may exceed 8 MiB, engine/store.py).
+``--text`` instead compares codecs for the variable-length ``tokens/text`` array on a
+Zipf-distributed stream of word tokens (written and read through zarr, as the store does).
 """
 
 from __future__ import annotations
@@ -54,7 +60,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--workdir", default=None, help="where to write the stores (default: a temp dir)")
+    parser.add_argument("--no-weights", action="store_true", help="stores without routing/weights")
+    parser.add_argument("--text", action="store_true", help="compare codecs for tokens/text instead")
     args = parser.parse_args()
+    if args.text:
+        return bench_text(args.tokens)
 
     spec = TraceSpec(n_tokens=args.tokens)
     L, K = spec.n_layers, spec.top_k
@@ -65,6 +75,8 @@ def main() -> None:
         b = generate_chunk(spec, a, min(spec.n_tokens, a + batch_rows), prefs)
         b["experts"] = b["experts"].astype(np.uint8)
         b["weights"] = b["weights"].astype(np.float16)
+        if args.no_weights:
+            del b["weights"]
         batches.append(b)
     raw_routing = spec.n_tokens * L * K * 3  # experts (1 B) + weights (2 B)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moetrace-bench-store-"))
@@ -78,7 +90,7 @@ def main() -> None:
         t0 = time.perf_counter()
         store = TraceStore.create(path, n_layers=L, n_experts=spec.n_experts, top_k=K,
                                   labels={"domain": ["math", "code", "prose", "dates"], "lang": ["en", "de"]},
-                                  weights=True, chunk_rows=chunk_rows, codec=cand["codec"],
+                                  weights=not args.no_weights, chunk_rows=chunk_rows, codec=cand["codec"],
                                   shard_chunks=cand.get("shard_chunks"), overwrite=True)
         with store:
             for b in batches:
@@ -117,13 +129,50 @@ def main() -> None:
         shutil.rmtree(path)
 
     print(f"Synthetic trace: {spec.n_tokens:,} tokens x {L} layers x top-{K} of {spec.n_experts} experts "
-          f"({spec.n_tokens * L * K:,} routing rows), with float16 weights.\n")
+          f"({spec.n_tokens * L * K:,} routing rows), {'without' if args.no_weights else 'with float16'} weights.\n")
     print("| candidate | chunk rows | write tok/s | write MB/s | read experts GB/s (1 thread) "
           "| scan experts+labels GB/s | ratio experts | ratio store |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['candidate']} | {r['chunk_rows']:,} | {r['write_tok_s']:,.0f} | {r['write_MB_s']:.0f} "
               f"| {r['read_GB_s']:.2f} | {r['scan_GB_s']:.2f} | {r['ratio_experts']:.2f} | {r['ratio_total']:.2f} |")
+
+
+def bench_text(n_tokens: int) -> None:
+    import zarr
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    rng = np.random.default_rng(0)
+    words = np.array(Path(__file__).parents[1].joinpath("README.md").read_text().split())
+    vocab = np.unique(words)
+    ranks = np.minimum(rng.zipf(1.2, n_tokens), len(vocab)) - 1
+    text = np.char.add(np.where(rng.random(n_tokens) < 0.7, " ", ""), vocab[ranks])
+    raw = sum(len(t.encode()) for t in text.tolist()) + 4 * n_tokens
+    candidates = {
+        "zarr default (zstd level 0)": ZstdCodec(level=0),
+        "blosc lz4 + bitshuffle (numeric default)": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+        "blosc lz4, no shuffle": BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),
+        "blosc zstd 5, no shuffle (tokens/text)": BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle"),
+    }
+    numcodecs.blosc.set_nthreads(1)
+    work = Path(tempfile.mkdtemp(prefix="moetrace-bench-text-"))
+    print(f"{n_tokens:,} tokens of text ({len(vocab):,} distinct words of README.md, Zipf 1.2), "
+          f"{raw / 2**20:.1f} MiB raw (4-byte length + UTF-8)\n")
+    print("| codec | ratio | write s | read s (best of 3) |")
+    print("|---|---|---|---|")
+    for name, codec in candidates.items():
+        arr = zarr.open_group(str(work / "t.zarr"), mode="w").create_array(
+            "text", shape=(n_tokens,), chunks=(1 << 20,), dtype=str, compressors=codec)
+        t0 = time.perf_counter()
+        arr[:] = text
+        write_s = time.perf_counter() - t0
+        reads = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            arr[:]
+            reads.append(time.perf_counter() - t0)
+        print(f"| {name} | {raw / arr.nbytes_stored():.2f} | {write_s:.2f} | {min(reads):.2f} |")
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

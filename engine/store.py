@@ -15,8 +15,31 @@ Layout (see ARCHITECTURE.md; other Zarr readers can read it directly)::
     routing/probs     [N, L, E]  float16  full router distribution (optional)
     sequences/<col>   [S]        any      per-sequence metadata, ``sequences/seq`` the id
 
-Every array is chunked along N only, so the whole L x K block of a token stays
-contiguous. Crash safety: appended rows are buffered and written as whole chunks
+Row order (the store's invariant, format_version 2): **a sequence's rows are contiguous
+and in strictly increasing** ``pos`` **order**. Statistics that pair adjacent rows
+(``temporal``, stickiness) are correct only under it. :meth:`TraceStore.append` enforces
+it, vectorized: within a batch each ``seq`` id forms one run with increasing ``pos``;
+the batch's first run continues the sequence of the store's last row (with a larger
+``pos``) or starts an id never seen in this store. The ids of ended sequences are kept
+in one sorted int64 array (8 bytes per sequence, 16 at most with growth slack: 80-160 MB
+for 1e7 sequences), rebuilt by one chunked scan of ``tokens/seq`` when a store is
+reopened to append. Stores written before (format_version 1, order never checked) open
+read-only as before; reopening one to append verifies the order over all its rows first.
+
+Chunks run along N only, so the whole L x K block of a token stays contiguous. The token
+columns and ``routing/experts`` share one row grid of ``chunk_rows`` rows: the largest
+power of 2 keeping the widest of them (``routing/experts``, or ``tokens/seq`` when
+L x K < 8) within 8 MiB, the size bench/bench_store.py found fastest to scan (4 MiB
+chunks scan about 1.5-2x slower). The narrower token columns get proportionally smaller
+chunks. Wider arrays (``routing/weights``, ``routing/probs``) take ``chunk_rows / 2**j``
+rows, the largest fraction within 8 MiB, so their chunk boundaries are grid boundaries
+too and a block of rows read by :meth:`TraceStore.iter_chunks` is whole chunks of every
+array. No chunk exceeds 8 MiB uncompressed. Every array is compressed with the store's
+Blosc codec (default lz4 + bitshuffle) except ``tokens/text`` (variable-length UTF-8):
+Blosc zstd without shuffle compresses token text 5.6x better than lz4 + bitshuffle at the
+same read speed (bench/RESULTS.md).
+
+Crash safety: appended rows are buffered and written as whole chunks
 (``flush`` also writes the tail); after *every* array of a batch is written, the
 ``committed`` row count in the group attributes is raised in one atomic file write
 (zarr's LocalStore writes each key to a temporary file and renames it). Readers only
@@ -41,7 +64,10 @@ from zarr.codecs import BloscCodec
 
 from engine.errors import MoetraceError
 
-FORMAT_VERSION = 1
+# 2: rows obey the order invariant (module docstring), enforced by append. Version 1 stores
+# (written before) open read-only as before; opening one to append checks the invariant
+# over all its rows and upgrades it.
+FORMAT_VERSION = 2
 ATTR_KEY = "moetrace"
 
 TOKEN_COLUMNS = ("seq", "pos", "token_id", "generated")
@@ -49,12 +75,19 @@ TOKEN_DTYPES = {"seq": np.int64, "pos": np.int32, "token_id": np.int32, "generat
 ROUTING_COLUMNS = ("experts", "weights", "probs")
 LABEL_DTYPE = np.uint16
 MAX_LABEL_VALUES = int(np.iinfo(LABEL_DTYPE).max) + 1
+# A model's layer index; exports write layers as int16 (engine/io/parquet.py).
+MAX_LAYER_ID = int(np.iinfo(np.int16).max)
 
 # Chosen by bench/bench_store.py (numbers in bench/RESULTS.md): lz4 + bitshuffle keeps
 # zstd's compression ratio on routing ids at twice its decompression speed; 8 MiB chunks
 # halve the per-chunk overhead of 4 MiB ones when scanning.
 DEFAULT_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
-# Target uncompressed size of one routing/experts chunk.
+# tokens/text: shuffles regroup fixed-width numbers, not text; on token text Blosc zstd
+# compresses 6.8x vs 1.2x for lz4 + bitshuffle, at the same read speed (string decoding
+# dominates); bench/bench_store.py --text, numbers in bench/RESULTS.md.
+TEXT_CODEC = {"cname": "zstd", "clevel": 5, "shuffle": "noshuffle"}
+# Uncompressed size of a routing/experts chunk (the grid's widest array), and the most
+# any chunk may hold.
 TARGET_CHUNK_BYTES = 8 << 20
 MAX_CHUNK_BYTES = 8 << 20
 
@@ -68,11 +101,29 @@ def expert_dtype(n_experts: int) -> np.dtype:
     return np.dtype(np.uint8 if n_experts <= 256 else np.uint16)
 
 
+def grid_row_bytes(n_layers: int, top_k: int, n_experts: int) -> dict[str, int]:
+    """Uncompressed bytes per row of the arrays whose chunks are ``chunk_rows`` rows."""
+    widths = {f"tokens/{col}": np.dtype(dtype).itemsize for col, dtype in TOKEN_DTYPES.items()}
+    widths["routing/experts"] = n_layers * top_k * expert_dtype(n_experts).itemsize
+    return widths
+
+
 def auto_chunk_rows(n_layers: int, top_k: int, n_experts: int) -> int:
-    """Rows per chunk so that one ``routing/experts`` chunk is about 8 MiB (a power of 2)."""
-    row_bytes = n_layers * top_k * expert_dtype(n_experts).itemsize
-    rows = max(1024, TARGET_CHUNK_BYTES // max(1, row_bytes))
+    """Rows per chunk: the largest power of 2 that keeps the widest array on the row grid
+    (``routing/experts``, or ``tokens/seq`` when L x K < 8) within TARGET_CHUNK_BYTES."""
+    widest = max(grid_row_bytes(n_layers, top_k, n_experts).values())
+    rows = max(1, TARGET_CHUNK_BYTES // widest)
     return 1 << int(math.floor(math.log2(rows)))
+
+
+def fraction_rows(chunk_rows: int, row_bytes: int) -> int:
+    """Rows per chunk of an array wider than the grid (weights, probs): ``chunk_rows / 2**j``,
+    the largest that keeps its chunks within MAX_CHUNK_BYTES, so each of its chunk
+    boundaries is a grid boundary too (at least 1 row)."""
+    rows = chunk_rows
+    while rows > 1 and rows % 2 == 0 and rows * row_bytes > MAX_CHUNK_BYTES:
+        rows //= 2
+    return rows
 
 
 @dataclass
@@ -97,6 +148,46 @@ class Chunk:
         return self.stop - self.start
 
 
+class _EndedIds:
+    """The ids of sequences that already ended in a store being written, as one sorted
+    int64 array: 8 bytes per sequence (up to 16 with the growth slack of appends), so
+    80-160 MB for 1e7 sequences. Lookups are a binary search (``O(b log S)`` for a batch
+    of ``b`` new ids); adding ids larger than every stored one (capture and the importers
+    number sequences in increasing order) is an amortized ``O(b)`` append, any other
+    batch one ``O(S)`` merge.
+    """
+
+    def __init__(self) -> None:
+        self._ids = np.empty(0, dtype=np.int64)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        have = self._ids[:self._n]
+        if not self._n:
+            return np.zeros(len(ids), dtype=bool)
+        at = np.minimum(np.searchsorted(have, ids), self._n - 1)
+        return have[at] == ids
+
+    def add(self, ids: np.ndarray) -> None:
+        """Add distinct ids that are not in the set yet."""
+        if not len(ids):
+            return
+        ids = np.sort(np.asarray(ids, dtype=np.int64))
+        n, m = self._n, len(ids)
+        if n and ids[0] < self._ids[n - 1]:
+            self._ids = np.insert(self._ids[:n], np.searchsorted(self._ids[:n], ids), ids)
+        else:
+            if n + m > len(self._ids):
+                grown = np.empty(max(2 * len(self._ids), n + m, 1024), dtype=np.int64)
+                grown[:n] = self._ids[:n]
+                self._ids = grown
+            self._ids[n:n + m] = ids
+        self._n = n + m
+
+
 class TraceStore:
     """A moetrace routing trace on disk. Create with :meth:`create`, open with :meth:`open`.
 
@@ -112,6 +203,9 @@ class TraceStore:
         self._buffer: list[dict[str, np.ndarray]] = []
         self._buffered_rows = 0
         self._arrays: dict[str, zarr.Array] = {}
+        # Writer's view of the row order (committed + buffered rows): see _check_order.
+        self._ended = _EndedIds()
+        self._last: tuple[int, int] | None = None  # (seq, pos) of the last row
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -154,14 +248,23 @@ class TraceStore:
             raise MoetraceError(f"top_k: expected at most n_experts={n_experts}, got {top_k}")
         if layer_ids is None:
             layer_ids = list(range(n_layers))
-        layer_ids = [int(x) for x in layer_ids]
-        if len(layer_ids) != n_layers or len(set(layer_ids)) != n_layers or sorted(layer_ids) != layer_ids:
+        layer_ids = list(layer_ids)
+        if (len(layer_ids) != n_layers or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+                                                  and 0 <= x <= MAX_LAYER_ID for x in layer_ids)
+                or any(b <= a for a, b in zip(layer_ids, layer_ids[1:]))):
             raise MoetraceError(
-                f"layer_ids: expected {n_layers} distinct increasing layer indices, got {layer_ids}")
+                f"layer_ids: expected {n_layers} distinct increasing layer indices in [0, {MAX_LAYER_ID}], "
+                f"got {layer_ids}")
+        layer_ids = [int(x) for x in layer_ids]
         label_vocab, fixed = _parse_labels(labels)
         chunk_rows = int(chunk_rows) if chunk_rows else auto_chunk_rows(n_layers, top_k, n_experts)
         if chunk_rows < 1:
             raise MoetraceError(f"chunk_rows: expected a positive integer, got {chunk_rows}")
+        widest, width = max(grid_row_bytes(n_layers, top_k, n_experts).items(), key=lambda kv: kv[1])
+        if chunk_rows > 1 and chunk_rows * width > MAX_CHUNK_BYTES:
+            raise MoetraceError(
+                f"chunk_rows: expected at most {max(1, MAX_CHUNK_BYTES // width)} (chunks of {widest} within "
+                f"{MAX_CHUNK_BYTES >> 20} MiB), got {chunk_rows}")
         if shard_chunks is not None and int(shard_chunks) < 1:
             raise MoetraceError(f"shard_chunks: expected a positive integer, got {shard_chunks}")
         codec = dict(DEFAULT_CODEC if codec is None else codec)
@@ -204,18 +307,18 @@ class TraceStore:
         for label in label_vocab:
             make(f"tokens/{label}", (), LABEL_DTYPE)
         if token_text:
-            group.create_array("tokens/text", shape=(0,), chunks=(chunk_rows,), dtype=str)
+            # Variable-length UTF-8 (4-byte length + bytes per token), then TEXT_CODEC.
+            shards = None if shard_chunks is None else (chunk_rows * int(shard_chunks),)
+            group.create_array("tokens/text", shape=(0,), chunks=(chunk_rows,), shards=shards, dtype=str,
+                               compressors=_codec(TEXT_CODEC), fill_value="")
         make("routing/experts", (n_layers, top_k), expert_dtype(n_experts))
+        # Arrays wider than the grid take a power-of-2 fraction of chunk_rows (see fraction_rows).
         if weights:
-            make("routing/weights", (n_layers, top_k), np.float16)
+            make("routing/weights", (n_layers, top_k), np.float16,
+                 rows=fraction_rows(chunk_rows, n_layers * top_k * 2))
         if probs:
-            # Keep probs chunks under MAX_CHUNK_BYTES with a power-of-2 divisor of chunk_rows,
-            # so a probs chunk boundary is always a token-chunk boundary too.
-            per_row = n_layers * n_experts * 2
-            div = 1
-            while chunk_rows // div > 1 and (chunk_rows // div) * per_row > MAX_CHUNK_BYTES:
-                div *= 2
-            make("routing/probs", (n_layers, n_experts), np.float16, rows=max(1, chunk_rows // div))
+            make("routing/probs", (n_layers, n_experts), np.float16,
+                 rows=fraction_rows(chunk_rows, n_layers * n_experts * 2))
         group.require_group("sequences")
         group.attrs[ATTR_KEY] = meta
         return cls(group, path, "a")
@@ -238,18 +341,29 @@ class TraceStore:
                 root = json.load(fh)
         except (OSError, ValueError) as exc:
             raise MoetraceError(f"{path}/zarr.json: unreadable Zarr metadata ({exc})") from None
-        if root.get("node_type") != "group":
-            raise MoetraceError(f"{path}: not a moetrace store (a Zarr array, not a group)")
-        meta = root.get("attributes", {}).get(ATTR_KEY)
+        if not isinstance(root, dict) or root.get("node_type") != "group":
+            what = "a Zarr array" if isinstance(root, dict) and root.get("node_type") == "array" else (
+                f"a JSON {type(root).__name__}" if not isinstance(root, dict) else "no node_type 'group'")
+            raise MoetraceError(f"{path}/zarr.json: not a moetrace store (expected a Zarr v3 group, got {what})")
+        attributes = root.get("attributes", {})
+        meta = attributes.get(ATTR_KEY) if isinstance(attributes, dict) else None
         if not isinstance(meta, dict) or "format_version" not in meta:
             raise MoetraceError(f"{path}: not a moetrace store (no '{ATTR_KEY}' group attribute)")
         version = meta["format_version"]
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not _is_int(version) or version < 1:
+            raise MoetraceError(
+                f"{path}/zarr.json: attribute {ATTR_KEY}.format_version: expected a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise MoetraceError(
                 f"{path}: store format_version {version} is newer than this moetrace reads "
                 f"(up to {FORMAT_VERSION}); upgrade moetrace")
-        group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+", zarr_format=3)
+        _check_meta(path, meta)
+        try:
+            group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+", zarr_format=3)
+        except Exception as exc:  # zarr's parser raises many types on malformed metadata
+            raise MoetraceError(f"{path}: unreadable Zarr group ({_one_line(exc)})") from None
         store = cls(group, path, mode)
+        store._check_arrays()
         if mode == "a":
             store._recover()
         return store
@@ -336,9 +450,12 @@ class TraceStore:
         Rows become visible to readers after the next :meth:`flush`.
         """
         self._require_writable()
-        rows = self._validate(batch)
-        if rows is None:
+        validated = self._validate(batch)
+        if validated is None:
             return
+        rows, ended, last = validated
+        self._ended.add(ended)
+        self._last = last
         self._buffer.append(rows)
         self._buffered_rows += len(rows["seq"])
         unit = self._write_unit()
@@ -386,7 +503,7 @@ class TraceStore:
                 f"sequences: expected columns {sorted(existing)}, got {sorted(data)}")
         for name, values in data.items():
             if name == "seq":
-                values = _as_int(values, "sequences/seq").astype(np.int64)
+                values = _as_int(values, "sequences/seq")
             if values.dtype.kind in "OUT":
                 values = values.astype(str)
             if name not in existing:
@@ -409,7 +526,7 @@ class TraceStore:
         out = {}
         for col in self._check_columns(columns):
             arr = self._array(col)
-            out[col] = _host(arr[start:stop]) if stop > start else np.zeros(
+            out[col] = self._read_rows(col, start, stop) if stop > start else np.zeros(
                 (0, *arr.shape[1:]), dtype=_numpy_dtype(arr))
         return out
 
@@ -444,7 +561,7 @@ class TraceStore:
 
         def load(span: tuple[int, int]) -> Chunk:
             a, b = span
-            return Chunk(a, b, {col: _host(self._array(col)[a:b]) for col in columns})
+            return Chunk(a, b, {col: self._read_rows(col, a, b) for col in columns})
 
         if not prefetch or len(spans) == 1:
             for span in spans:
@@ -471,7 +588,10 @@ class TraceStore:
             if name not in seq_group:
                 raise MoetraceError(
                     f"sequences/{name}: no such column in {self.path} (have {sorted(seq_group.array_keys())})")
-            out[name] = _host(seq_group[name][:n])
+            try:
+                out[name] = _host(seq_group[name][:n])
+            except Exception as exc:  # a damaged chunk file
+                raise MoetraceError(f"{self.path}/sequences/{name}: unreadable ({_one_line(exc)})") from None
         return out
 
     def decode_label(self, label: str, codes: np.ndarray) -> np.ndarray:
@@ -482,22 +602,29 @@ class TraceStore:
     def info(self) -> dict[str, Any]:
         """Summary: rows, sequences, model facts, label value counts, array sizes.
 
-        Streams the token columns once to count sequences (runs of equal ``seq``) and
-        label values; arrays report raw (uncompressed) and stored (compressed) bytes.
+        Streams the token columns once to count sequences (distinct ``seq`` ids) and label
+        values; arrays report raw (uncompressed) and stored (compressed) bytes.
+        ``sequence_runs`` counts runs of equal ``seq``: equal to ``sequences`` when the rows
+        obey the store's order invariant (format_version 2 enforces it). Memory: one chunk
+        plus 8 bytes per run (the run ids; sorted at the end unless they always increase).
         """
         n = len(self)
         label_counts = {label: np.zeros(max(1, len(v)), dtype=np.int64) for label, v in self.labels.items()}
-        n_seq, last_seq = 0, None
+        n_runs, last_seq, increasing, run_ids = 0, None, True, []
         for chunk in self.iter_chunks(["seq", *self.label_names]):
             seq = chunk["seq"]
             if len(seq):
-                boundaries = int(np.count_nonzero(seq[1:] != seq[:-1])) + 1
-                if last_seq is not None and seq[0] == last_seq:
-                    boundaries -= 1
-                n_seq += boundaries
+                first = np.concatenate(([last_seq is None or seq[0] != last_seq], seq[1:] != seq[:-1]))
+                ids = seq[first]
+                n_runs += len(ids)
+                run_ids.append(ids)
+                if increasing and len(ids):
+                    increasing = bool((last_seq is None or ids[0] > last_seq) and np.all(ids[1:] > ids[:-1]))
                 last_seq = seq[-1]
             for label, counts in label_counts.items():
                 counts += np.bincount(chunk[label], minlength=len(counts))[:len(counts)]
+        # Strictly increasing run ids are distinct: then counting runs is enough.
+        n_seq = n_runs if increasing else len(np.unique(np.concatenate(run_ids)))
         arrays = {}
         for name in self._array_names():
             arr = self._group[name]
@@ -519,6 +646,7 @@ class TraceStore:
             "rows": n,
             "routing_rows": n * self.n_layers * self.top_k,
             "sequences": n_seq,
+            "sequence_runs": n_runs,
             "sequence_metadata_rows": self.n_sequences_committed,
             "n_layers": self.n_layers,
             "layer_ids": self.layer_ids.tolist(),
@@ -531,6 +659,75 @@ class TraceStore:
         }
 
     # ------------------------------------------------------------------ internals
+    def _expected_arrays(self) -> dict[str, tuple[tuple[np.dtype, ...], tuple[int, ...]]]:
+        """Array name -> (accepted dtypes, shape after N) for every per-token array this store may have."""
+        L, K, E = self.n_layers, self.top_k, self.n_experts
+        spec = {f"tokens/{col}": ((np.dtype(TOKEN_DTYPES[col]),), ()) for col in TOKEN_COLUMNS}
+        spec.update({f"tokens/{label}": ((np.dtype(LABEL_DTYPE),), ()) for label in self._meta["labels"]})
+        spec["tokens/text"] = ((), ())  # a string array: checked by kind
+        spec["routing/experts"] = ((expert_dtype(E),), (L, K))
+        spec["routing/weights"] = ((np.dtype(np.float16),), (L, K))
+        spec["routing/probs"] = ((np.dtype(np.float16),), (L, E))
+        return spec
+
+    def _check_arrays(self) -> None:
+        """Refuse missing arrays, arrays of the wrong dtype or shape, and unknown per-token arrays."""
+        spec = self._expected_arrays()
+        n, n_seq, rows = len(self), self.n_sequences_committed, self.chunk_rows
+        optional = {"tokens/text", "routing/weights", "routing/probs"}
+        names = set()
+        for grp in ("tokens", "routing", "sequences"):
+            # List children on disk: zarr's group listing parses every child and would
+            # report a broken array as a broken group.
+            folder = self.path / grp
+            if folder.is_dir():
+                names.update(f"{grp}/{p.name}" for p in folder.iterdir() if (p / "zarr.json").is_file())
+        for grp in ("tokens", "routing", "sequences"):
+            if not (self.path / grp / "zarr.json").is_file():
+                raise MoetraceError(f"{self.path}/{grp}: missing group (every moetrace store has it)")
+            try:
+                node = self._group[grp]
+            except Exception as exc:
+                raise MoetraceError(f"{self.path}/{grp}: unreadable Zarr group ({_one_line(exc)})") from None
+            if not isinstance(node, zarr.Group):
+                raise MoetraceError(f"{self.path}/{grp}: expected a Zarr group, got an array")
+        for name in sorted(names | (set(spec) - optional)):
+            where = f"{self.path}/{name}"
+            if name not in names:
+                raise MoetraceError(f"{where}: missing array (every moetrace store has it)")
+            if not name.startswith("sequences/") and name not in spec:
+                raise MoetraceError(f"{where}: unexpected array (not a column or label of this store)")
+            try:
+                arr = self._group[name]
+                shape, chunks, dtype = tuple(arr.shape), tuple(arr.chunks), arr.dtype
+            except Exception as exc:
+                raise MoetraceError(f"{where}: unreadable Zarr array ({_one_line(exc)})") from None
+            if not isinstance(arr, zarr.Array):
+                raise MoetraceError(f"{where}: expected a Zarr array, got a group")
+            if name.startswith("sequences/"):
+                if len(shape) != 1 or shape[0] < n_seq:
+                    raise MoetraceError(
+                        f"{where}: expected shape ({n_seq} or more,) (sequences_committed), got {shape}")
+                continue
+            dtypes, inner = spec[name]
+            if name == "tokens/text":
+                ok = not isinstance(dtype, np.dtype) or dtype.kind in "TUO"
+                expected = "a string dtype"
+            else:
+                ok = isinstance(dtype, np.dtype) and dtype in dtypes
+                expected = " or ".join(str(d) for d in dtypes)
+            if not ok:
+                raise MoetraceError(f"{where}: expected dtype {expected}, got {dtype}")
+            if len(shape) != 1 + len(inner) or shape[1:] != inner or shape[0] < n:
+                dims = "".join(f", {d}" for d in inner)
+                raise MoetraceError(f"{where}: expected shape (N{dims}) with N >= committed={n}, got {shape}")
+            step = chunks[0] if chunks else 0
+            fraction = name in ("routing/weights", "routing/probs")
+            if chunks[1:] != inner or step < 1 or (rows % step if fraction else step != rows):
+                raise MoetraceError(
+                    f"{where}: expected chunks of {rows} rows (chunk_rows{', or a power-of-2 fraction' if fraction else ''})"
+                    f" along N only, got chunks {chunks}")
+
     def _array_names(self) -> list[str]:
         names = []
         for grp in ("tokens", "routing", "sequences"):
@@ -544,6 +741,14 @@ class TraceStore:
             name = f"routing/{column}" if column in ROUTING_COLUMNS else f"tokens/{column}"
             arr = self._arrays[column] = self._group[name]
         return arr
+
+    def _read_rows(self, column: str, start: int, stop: int) -> np.ndarray:
+        arr = self._array(column)
+        try:
+            return _host(arr[start:stop])
+        except Exception as exc:  # a damaged chunk file: codec, size or decode errors
+            raise MoetraceError(
+                f"{self.path}/{arr.path}: rows [{start}, {stop}) unreadable ({_one_line(exc)})") from None
 
     def _check_columns(self, columns: Sequence[str]) -> list[str]:
         have = self.columns
@@ -595,9 +800,9 @@ class TraceStore:
                 raise MoetraceError(f"tokens/{name}: expected shape ({n},) to match routing/experts, got {values.shape}")
             return values
 
-        out["seq"] = _as_int(column("seq"), "tokens/seq").astype(np.int64, copy=False)
-        out["pos"] = _as_int(column("pos"), "tokens/pos").astype(np.int32, copy=False)
-        out["token_id"] = _as_int(column("token_id", -1), "tokens/token_id").astype(np.int32, copy=False)
+        out["seq"] = _as_int(column("seq"), "tokens/seq", np.int64)
+        out["pos"] = _as_int(column("pos"), "tokens/pos", np.int32)
+        out["token_id"] = _as_int(column("token_id", -1), "tokens/token_id", np.int32)
         gen = column("generated", False)
         if gen.dtype != np.bool_:
             raise MoetraceError(f"tokens/generated: expected bool values, got dtype {gen.dtype}")
@@ -617,36 +822,88 @@ class TraceStore:
             if not np.isfinite(values).all():
                 bad = int(np.argmax(~np.isfinite(values)).item() // int(np.prod(inner)))
                 raise MoetraceError(f"routing/{name}: expected finite values, got NaN/inf (batch row {bad})")
-            out[name] = values.astype(np.float16)
+            with np.errstate(over="ignore"):  # overflow is refused just below
+                out[name] = values.astype(np.float16)
+            if not np.isfinite(out[name]).all():
+                bad = int(np.argmax(~np.isfinite(out[name])).item() // int(np.prod(inner)))
+                raise MoetraceError(
+                    f"routing/{name}: expected values within float16's range (|x| <= 65504), got "
+                    f"{values.reshape(n, -1)[bad][~np.isfinite(out[name].reshape(n, -1)[bad])][0]} (batch row {bad})")
+        ended, last = self._check_order(out["seq"], out["pos"])
         # Labels last: an unseen value extends an open vocabulary, so only accept it
         # once everything else in the batch is known to be valid.
+        vocabularies = {}
         for label in self.label_names:
-            out[label] = self._encode_label(label, column(label))
-        return out
+            out[label], vocabularies[label] = self._encode_label(label, column(label))
+        self._meta["labels"] = vocabularies  # becomes visible with the next commit
+        return out, ended, last
 
-    def _encode_label(self, label: str, values: np.ndarray) -> np.ndarray:
+    def _check_order(self, seq: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """Enforce the store invariant on a batch (vectorized): a sequence's rows are
+        contiguous and in strictly increasing ``pos`` order. Within the batch each id forms
+        one run with increasing ``pos``; the first run continues the previous last row's
+        sequence (with a larger ``pos``) or starts an id that never appeared before.
+        Returns the ids that end with this batch and the new last ``(seq, pos)``; the
+        caller records them only once the whole batch is accepted."""
+        base = len(self) + self._buffered_rows
+
+        def refuse(i: int, expected: str) -> MoetraceError:
+            return MoetraceError(f"{self.path}: row {base + i} (seq {int(seq[i])}, pos {int(pos[i])}): "
+                                 f"expected {expected} (a sequence's rows are contiguous, in increasing pos)")
+
+        faults: list[tuple[int, str]] = []  # (batch row, what was expected): the first one is reported
+        change = seq[1:] != seq[:-1]
+        backwards = ~change & (pos[1:] <= pos[:-1])
+        if backwards.any():
+            i = int(np.argmax(backwards)) + 1
+            faults.append((i, f"pos > {int(pos[i - 1])}, the previous row's pos in this sequence"))
+        starts = np.flatnonzero(np.concatenate(([True], change)))
+        ids = seq[starts]
+        order = np.argsort(ids, kind="stable")
+        repeated = ids[order[1:]] == ids[order[:-1]]
+        if repeated.any():
+            i = int(starts[order[1:][repeated]].min())
+            faults.append((i, f"a new sequence id; sequence {int(seq[i])} already ended at an earlier row"))
+        continues = self._last is not None and int(ids[0]) == self._last[0]
+        if continues and int(pos[0]) <= self._last[1]:
+            faults.append((0, f"pos > {self._last[1]}, the previous row's pos in this sequence"))
+        new_ids, new_starts = (ids[1:], starts[1:]) if continues else (ids, starts)
+        seen = self._ended.contains(new_ids)
+        if self._last is not None:
+            seen |= new_ids == self._last[0]
+        if seen.any():
+            i = int(new_starts[np.argmax(seen)])
+            faults.append((i, f"a new sequence id; sequence {int(seq[i])} already ended at an earlier row"))
+        if faults:
+            raise refuse(*min(faults))
+        ended = ids[:-1]
+        if self._last is not None and not continues:
+            ended = np.concatenate(([self._last[0]], ended))
+        return ended, (int(seq[-1]), int(pos[-1]))
+
+    def _encode_label(self, label: str, values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Codes of ``values`` and the label's vocabulary after them (grown when open)."""
         vocab = self._meta["labels"][label]
         if values.dtype.kind in "iu":
             if len(values) and (values.min() < 0 or values.max() >= len(vocab)):
                 raise MoetraceError(
                     f"tokens/{label}: expected codes in [0, {len(vocab)}) (vocabulary {vocab}), "
                     f"got {int(values.max()) if values.max() >= len(vocab) else int(values.min())}")
-            return values.astype(LABEL_DTYPE)
+            return values.astype(LABEL_DTYPE), vocab
         strings = values.astype(str)
         uniq, inverse = np.unique(strings, return_inverse=True)
         index = {v: i for i, v in enumerate(vocab)}
         missing = [u for u in uniq.tolist() if u not in index]
         if missing:
-            if self._meta["labels_fixed"].get(label, False):
+            if self._meta.get("labels_fixed", {}).get(label, False):
                 raise MoetraceError(
                     f"tokens/{label}: value {missing[0]!r} is not in the label vocabulary {vocab}")
             if len(vocab) + len(missing) > MAX_LABEL_VALUES:
                 raise MoetraceError(f"tokens/{label}: expected at most {MAX_LABEL_VALUES} distinct values")
-            vocab = vocab + missing  # becomes visible with the next commit
-            self._meta["labels"] = {**self._meta["labels"], label: vocab}
+            vocab = vocab + missing
             index = {v: i for i, v in enumerate(vocab)}
         lookup = np.array([index[u] for u in uniq.tolist()], dtype=LABEL_DTYPE)
-        return lookup[inverse.reshape(-1)]
+        return lookup[inverse.reshape(-1)], vocab
 
     def _write_buffer(self, whole_units_only: bool) -> None:
         if not self._buffer:
@@ -690,6 +947,108 @@ class TraceStore:
                 arr.resize((rows, *arr.shape[1:]))
         for leftover in self.path.rglob("*.partial"):
             leftover.unlink(missing_ok=True)
+        self._rebuild_order()
+
+    def _rebuild_order(self) -> None:
+        """Rebuild the writer's order state (ended sequence ids, last row) from the committed
+        rows: one chunked scan of ``tokens/seq`` (and of ``tokens/pos`` for a version 1
+        store, whose order was never checked: it is verified here, then upgraded). Memory:
+        the ended ids (8 bytes per sequence) plus, while scanning, each sequence's first row
+        (8 bytes per sequence) and one chunk."""
+        n = len(self)
+        if not n:
+            return
+        check_pos = int(self._meta["format_version"]) < 2
+        ids_parts, rows_parts = [], []
+        prev: tuple[int, int] | None = None
+
+        def refuse(row: int, s: int, expected: str) -> MoetraceError:
+            return MoetraceError(
+                f"{self.path}: row {row} (seq {s}): expected {expected}; this store (format_version "
+                f"{self._meta['format_version']}) breaks the row order that appending needs (a sequence's rows "
+                f"contiguous, in increasing pos): open it read-only, or re-import it")
+
+        for chunk in self.iter_chunks(["seq", "pos"] if check_pos else ["seq"]):
+            seq = chunk["seq"]
+            change = np.concatenate(([prev is None or int(seq[0]) != prev[0]], seq[1:] != seq[:-1]))
+            if check_pos:
+                pos = chunk["pos"]
+                prev_pos = np.concatenate(([np.iinfo(np.int64).min if prev is None else prev[1]], pos[:-1]))
+                backwards = ~change & (pos <= prev_pos)
+                if backwards.any():
+                    i = int(np.argmax(backwards))
+                    raise refuse(chunk.start + i, int(seq[i]), f"pos > {int(prev_pos[i])} (got {int(pos[i])})")
+            starts = np.flatnonzero(change)
+            ids_parts.append(seq[starts])
+            rows_parts.append(starts + chunk.start)
+            prev = (int(seq[-1]), int(chunk["pos"][-1]) if check_pos else 0)
+        ids, rows = np.concatenate(ids_parts), np.concatenate(rows_parts)
+        order = np.argsort(ids, kind="stable")
+        repeated = ids[order[1:]] == ids[order[:-1]]
+        if repeated.any():
+            at = int(np.argmin(np.where(repeated, rows[order[1:]], np.iinfo(np.int64).max)))
+            row = int(rows[order[1:]][at])
+            raise refuse(row, int(ids[order[1:]][at]), "a new sequence id (this one already ended at an earlier row)")
+        del order, rows
+        self._ended.add(ids[:-1])
+        self._last = (int(ids[-1]), int(self.read(["pos"], n - 1, n)["pos"][0]))
+        self._meta["format_version"] = FORMAT_VERSION  # written with the next commit
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    """Refuse a ``moetrace`` attribute whose facts are missing or of the wrong type."""
+
+    def bad(key: str, expected: str) -> MoetraceError:
+        got = repr(meta[key]) if key in meta else "nothing"
+        got = got if len(got) <= 80 else got[:77] + "..."
+        return MoetraceError(f"{path}/zarr.json: attribute {ATTR_KEY}.{key}: expected {expected}, got {got}")
+
+    for key in ("n_layers", "n_experts", "top_k", "chunk_rows"):
+        if not _is_int(meta.get(key)) or meta[key] < 1:
+            raise bad(key, "a positive integer")
+    if meta["n_experts"] > 65536:
+        raise bad("n_experts", "at most 65536")
+    if meta["top_k"] > meta["n_experts"]:
+        raise bad("top_k", f"at most n_experts={meta['n_experts']}")
+    for key in ("committed", "sequences_committed"):
+        if key == "committed" or key in meta:
+            if not _is_int(meta.get(key)) or meta[key] < 0:
+                raise bad(key, "a non-negative integer")
+    ids = meta.get("layer_ids")
+    if (not isinstance(ids, list) or len(ids) != meta["n_layers"]
+            or not all(_is_int(x) and 0 <= x <= MAX_LAYER_ID for x in ids)
+            or any(b <= a for a, b in zip(ids, ids[1:]))):
+        raise bad("layer_ids", f"a list of {meta['n_layers']} increasing integers in [0, {MAX_LAYER_ID}]")
+    labels = meta.get("labels")
+    reserved = set(TOKEN_COLUMNS) | {"text"} | set(ROUTING_COLUMNS)
+    if not isinstance(labels, dict) or not all(
+            isinstance(name, str) and name.isidentifier() and name not in reserved
+            and isinstance(values, list) and len(values) <= MAX_LABEL_VALUES
+            and all(isinstance(v, str) for v in values) and len(set(values)) == len(values)
+            for name, values in labels.items()):
+        raise bad("labels", "a dict of label name -> list of distinct strings")
+    fixed = meta.get("labels_fixed", {})
+    if not isinstance(fixed, dict) or not all(isinstance(v, bool) for v in fixed.values()):
+        raise bad("labels_fixed", "a dict of label name -> bool")
+    for key in ("model", "scoring"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(key, "a string or null")
+    shard = meta.get("shard_chunks")
+    if shard is not None and (not _is_int(shard) or shard < 1):
+        raise bad("shard_chunks", "a positive integer or null")
+    codec = meta.get("codec", DEFAULT_CODEC)
+    if (not isinstance(codec, dict) or not isinstance(codec.get("cname"), str)
+            or not _is_int(codec.get("clevel")) or not isinstance(codec.get("shuffle"), str)):
+        raise bad("codec", "a dict with cname (str), clevel (int) and shuffle (str)")
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -719,14 +1078,31 @@ def _parse_labels(labels: Any) -> tuple[dict[str, list[str]], dict[str, bool]]:
     return vocab, fixed
 
 
-def _as_int(values: np.ndarray, name: str) -> np.ndarray:
-    if values.dtype.kind in "iu":
-        return values
+def _as_int(values: np.ndarray, name: str, dtype: Any = np.int64) -> np.ndarray:
+    """``values`` as integers of ``dtype``; refuses non-integers and values that do not fit
+    (a cast would wrap them silently), naming the first bad batch row."""
+    dtype = np.dtype(dtype)
     if values.dtype.kind == "b":
         raise MoetraceError(f"{name}: expected integers, got bool values")
-    if values.dtype.kind == "f" and values.size and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
-        return values.astype(np.int64)
-    raise MoetraceError(f"{name}: expected integers, got dtype {values.dtype}")
+    if values.dtype.kind not in "iuf" or (values.dtype.kind == "f" and values.size and not (
+            np.all(np.isfinite(values)) and np.all(values == np.round(values)))):
+        raise MoetraceError(f"{name}: expected integers, got dtype {values.dtype}")
+    if not values.size:
+        return values.astype(dtype)
+    info = np.iinfo(dtype)
+    if values.dtype.kind == "f":
+        # float bounds: 2**63 is exactly representable, int64's max is not
+        too_big = (values < float(info.min)) | (values >= float(info.max) + 1)
+    elif int(values.min()) < info.min or int(values.max()) > info.max:
+        too_big = (values < info.min) | (values > info.max)  # NumPy 2 compares with any Python int
+    else:
+        too_big = None
+    if too_big is not None and too_big.any():
+        row = int(np.argmax(too_big.reshape(len(values), -1).any(axis=1)))
+        bad = values.reshape(len(values), -1)[row][too_big.reshape(len(values), -1)[row]][0]
+        raise MoetraceError(
+            f"{name}: expected values in [{info.min}, {info.max}] ({dtype}), got {bad.item()} (batch row {row})")
+    return values.astype(dtype, copy=False)
 
 
 def _host(values: Any) -> np.ndarray:

@@ -281,3 +281,320 @@ def test_cli_info(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a moetrace store" in err[0]
+
+
+# ---------------------------------------------------------------------------- malformed stores
+def _good_store(path: Path) -> Path:
+    with TraceStore.create(path, n_layers=2, n_experts=5, top_k=2, labels=["domain"], weights=True,
+                           chunk_rows=8) as st_:
+        st_.append(make_rows(0, 20, 2, 2, 5))
+    return path
+
+
+def _edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    doc = edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _set_attr(key, value):
+    def edit(doc):
+        if value is _DELETE:
+            del doc["attributes"]["moetrace"][key]
+        else:
+            doc["attributes"]["moetrace"][key] = value
+        return doc
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda doc: [doc], r"zarr.json: not a moetrace store \(expected a Zarr v3 group, got a JSON list\)"),
+    (lambda doc: {**doc, "attributes": [1]}, r"no 'moetrace' group attribute"),
+    (_set_attr("committed", _DELETE), r"moetrace.committed: expected a non-negative integer, got nothing"),
+    (_set_attr("committed", -1), r"moetrace.committed: expected a non-negative integer, got -1"),
+    (_set_attr("committed", "20"), r"moetrace.committed: expected a non-negative integer, got '20'"),
+    (_set_attr("committed", 21), r"routing/experts: expected shape \(N, 2, 2\) with N >= committed=21"),
+    (_set_attr("committed", True), r"moetrace.committed: expected a non-negative integer, got True"),
+    (_set_attr("n_experts", "5"), r"moetrace.n_experts: expected a positive integer, got '5'"),
+    (_set_attr("n_experts", 300), r"routing/experts: expected dtype uint16, got uint8"),
+    (_set_attr("top_k", 3), r"routing/experts: expected shape \(N, 2, 3\)"),
+    (_set_attr("top_k", 9), r"moetrace.top_k: expected at most n_experts=5"),
+    (_set_attr("layer_ids", [0]), r"moetrace.layer_ids: expected a list of 2 increasing integers in \[0, 32767\], got \[0\]"),
+    (_set_attr("layer_ids", [3, 1]), r"moetrace.layer_ids: expected a list of 2 increasing integers"),
+    (_set_attr("labels", ["domain"]), r"moetrace.labels: expected a dict of label name -> list of distinct strings"),
+    (_set_attr("labels", {"domain": "math"}), r"moetrace.labels: expected a dict"),
+    (_set_attr("labels", {"domain": [1, 2]}), r"moetrace.labels: expected a dict"),
+    (_set_attr("labels", {"domain": [], "lang": []}), r"tokens/lang: missing array"),
+    (_set_attr("labels", {}), r"tokens/domain: unexpected array"),
+    (_set_attr("chunk_rows", 16), r"routing/experts: expected chunks of 16 rows"),
+    (_set_attr("chunk_rows", 0), r"moetrace.chunk_rows: expected a positive integer, got 0"),
+    (_set_attr("format_version", "1"), r"moetrace.format_version: expected a positive integer, got '1'"),
+    (_set_attr("model", 3), r"moetrace.model: expected a string or null, got 3"),
+    (_set_attr("codec", None), r"moetrace.codec: expected a dict"),
+    (_set_attr("shard_chunks", 0), r"moetrace.shard_chunks: expected a positive integer or null"),
+])
+def test_open_refuses_malformed_attributes_in_one_line(tmp_path, edit, message):
+    path = _good_store(tmp_path / "t.zarr")
+    _edit_json(path / "zarr.json", edit)
+    for mode in ("r", "a"):
+        with pytest.raises(MoetraceError, match=message) as info:
+            TraceStore.open(path, mode=mode)
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: __import__("shutil").rmtree(p / "tokens" / "pos"), r"tokens/pos: missing array"),
+    (lambda p: __import__("shutil").rmtree(p / "routing"), r"routing: missing group"),
+    (lambda p: (p / "tokens" / "seq" / "zarr.json").write_text("{"), r"tokens/seq: unreadable Zarr array"),
+    (lambda p: (p / "tokens" / "seq" / "zarr.json").write_text("[]"), r"tokens/seq: unreadable Zarr array"),
+    (lambda p: _edit_json(p / "tokens" / "pos" / "zarr.json", lambda d: {**d, "data_type": "int64"}),
+     r"tokens/pos: expected dtype int32, got int64"),
+    (lambda p: _edit_json(p / "routing" / "weights" / "zarr.json", lambda d: {**d, "shape": [20, 2]}),
+     r"routing/weights: (expected shape \(N, 2, 2\)|unreadable Zarr array)"),
+    (lambda p: _edit_json(p / "tokens" / "generated" / "zarr.json", lambda d: {**d, "shape": [3]}),
+     r"tokens/generated: expected shape \(N\) with N >= committed=20, got \(3,\)"),
+    (lambda p: _edit_json(p / "tokens" / "seq" / "zarr.json", lambda d: {**d, "node_type": "group"}),
+     r"tokens/seq: unexpected array|tokens/seq: (missing|unreadable)"),
+])
+def test_open_refuses_missing_or_malformed_arrays(tmp_path, damage, message):
+    path = _good_store(tmp_path / "t.zarr")
+    damage(path)
+    with pytest.raises(MoetraceError, match=message) as info:
+        TraceStore.open(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_cli_info_on_a_malformed_store_is_one_line_exit_2(tmp_path):
+    path = _good_store(tmp_path / "t.zarr")
+    _edit_json(path / "zarr.json", _set_attr("committed", _DELETE))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "info", str(path)], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "committed" in lines[0] and str(path) in lines[0]
+
+
+# ---------------------------------------------------------------------------- row order invariant
+def _reference_first_violation(seq: list[int], pos: list[int]) -> int | None:
+    """Row-by-row check of the invariant, in plain Python: a sequence's rows are contiguous and
+    in strictly increasing pos. Returns the first violating row or None."""
+    ended, current = set(), None
+    for row, (s, p) in enumerate(zip(seq, pos)):
+        if current is not None and s == current[0]:
+            if p <= current[1]:
+                return row
+        else:
+            if s in ended:
+                return row
+            if current is not None:
+                ended.add(current[0])
+        current = (s, p)
+    return None
+
+
+def _order_rows(seq, pos) -> dict:
+    n = len(seq)
+    return {"seq": np.asarray(seq, dtype=np.int64), "pos": np.asarray(pos, dtype=np.int64),
+            "experts": np.zeros((n, 1, 1), dtype=np.int64)}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=40),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+    reopen_at=st.integers(0, 6),
+)
+def test_append_enforces_the_row_order_like_a_row_by_row_reference(tmp_path_factory, rows, cuts, reopen_at):
+    """Random (seq, pos) streams in random batches, with a reopen in between: append accepts exactly
+    the batches before the first violating row, and names that row."""
+    path = tmp_path_factory.mktemp("order") / "t.zarr"
+    seq, pos = [r[0] for r in rows], [r[1] for r in rows]
+    first_bad = _reference_first_violation(seq, pos)
+    edges = sorted({0, len(rows), *[c for c in cuts if c < len(rows)]})
+    st_ = TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, chunk_rows=4)
+    accepted = 0
+    for b, (a, z) in enumerate(zip(edges[:-1], edges[1:])):
+        if b == reopen_at:
+            st_.close()
+            st_ = TraceStore.open(path, mode="a")
+        if first_bad is not None and a <= first_bad < z:
+            with pytest.raises(MoetraceError) as info:
+                st_.append(_order_rows(seq[a:z], pos[a:z]))
+            message = str(info.value)
+            assert message.startswith(f"{path}: row {first_bad} (seq {seq[first_bad]}, pos {pos[first_bad]}): expected ")
+            assert "\n" not in message
+            break
+        st_.append(_order_rows(seq[a:z], pos[a:z]))
+        accepted = z
+    st_.close()
+    reader = TraceStore.open(path)
+    assert len(reader) == accepted
+    got = reader.read(["seq", "pos"])
+    assert got["seq"].tolist() == seq[:accepted] and got["pos"].tolist() == pos[:accepted]
+    assert reader.info()["sequences"] == len(set(seq[:accepted]))
+
+
+def test_rejected_batch_leaves_the_writer_unchanged(tmp_path):
+    path = tmp_path / "t.zarr"
+    st_ = TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, labels=["domain"], chunk_rows=4)
+    st_.append({**_order_rows([0, 0, 1], [0, 1, 0]), "domain": ["a", "a", "b"]})
+    # Sequence 0 ended at row 2; a new label value in the refused batch must not enter the vocabulary.
+    with pytest.raises(MoetraceError, match=r"row 4 \(seq 0, pos 5\): expected a new sequence id; sequence 0 "
+                                            r"already ended at an earlier row"):
+        st_.append({**_order_rows([1, 0], [1, 5]), "domain": ["b", "new"]})
+    with pytest.raises(MoetraceError, match=r"row 3 \(seq 1, pos 0\): expected pos > 0, the previous row's pos"):
+        st_.append({**_order_rows([1], [0]), "domain": ["b"]})
+    st_.append({**_order_rows([1, 2, 2], [1, 0, 3]), "domain": ["b", "c", "c"]})
+    st_.close()
+    reader = TraceStore.open(path)
+    assert reader.read(["seq"])["seq"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert reader.labels == {"domain": ["a", "b", "c"]}
+    assert reader.info()["sequences"] == reader.info()["sequence_runs"] == 3
+
+
+def test_reopened_writer_remembers_every_ended_sequence(tmp_path):
+    path = tmp_path / "t.zarr"
+    with TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, chunk_rows=3) as st_:
+        st_.append(_order_rows([5, 5, 9, 2, 2, 2, 7], [0, 1, 0, 0, 1, 2, 4]))
+    st_ = TraceStore.open(path, mode="a")
+    for s in (5, 9, 2):
+        with pytest.raises(MoetraceError, match=rf"row 7 \(seq {s}, pos 9\): expected a new sequence id"):
+            st_.append(_order_rows([s], [9]))
+    with pytest.raises(MoetraceError, match=r"row 7 \(seq 7, pos 4\): expected pos > 4"):
+        st_.append(_order_rows([7], [4]))
+    st_.append(_order_rows([7, 3, 100], [5, 0, 0]))
+    st_.close()
+    assert TraceStore.open(path).read(["seq"])["seq"].tolist() == [5, 5, 9, 2, 2, 2, 7, 7, 3, 100]
+
+
+def test_out_of_range_integers_are_refused_not_wrapped(tmp_path):
+    st_ = TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1)
+    big_seq = np.array([0, 2**63 + 5], dtype=np.uint64)
+    with pytest.raises(MoetraceError, match=r"tokens/seq: expected values in \[-9223372036854775808, "
+                                            r"9223372036854775807\] \(int64\), got 9223372036854775813 \(batch row 1\)"):
+        st_.append({"seq": big_seq, "pos": [0, 0], "experts": np.zeros((2, 1, 1), int)})
+    with pytest.raises(MoetraceError, match=r"tokens/token_id: expected values in .* \(int32\), got 3000000000"):
+        st_.append({**_order_rows([0], [0]), "token_id": [3_000_000_000]})
+    with pytest.raises(MoetraceError, match=r"tokens/pos: expected values in .* \(int32\), got 1e\+20"):
+        st_.append({"seq": [0], "pos": [1e20], "experts": np.zeros((1, 1, 1), int)})
+    st_.close()
+    assert len(TraceStore.open(tmp_path / "t.zarr")) == 0
+
+
+def _as_version_1(path: Path, seq: list[int] | None = None) -> None:
+    """Make a store look like one written before the order invariant (format_version 1), with
+    ``seq`` written straight through zarr (which the append check would refuse)."""
+    if seq is not None:
+        zarr.open_array(str(path / "tokens" / "seq"), mode="r+")[: len(seq)] = np.asarray(seq)
+    _edit_json(path / "zarr.json", _set_attr("format_version", 1))
+
+
+def test_version_1_stores_open_read_only_and_are_checked_before_appending(tmp_path):
+    ok, bad = tmp_path / "ok.zarr", tmp_path / "bad.zarr"
+    for path in (ok, bad):
+        with TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, chunk_rows=2) as st_:
+            st_.append(_order_rows([0, 0, 1, 1, 2], [0, 1, 0, 1, 0]))
+    _as_version_1(ok)
+    _as_version_1(bad, [0, 1, 0, 1, 2])  # batched generate() as written before: interleaved sequences
+    for path, runs in ((ok, 3), (bad, 5)):
+        info = TraceStore.open(path).info()
+        assert info["format_version"] == 1 and info["sequences"] == 3 and info["sequence_runs"] == runs
+    with pytest.raises(MoetraceError, match=r"bad.zarr: row 2 \(seq 0\): expected a new sequence id .*"
+                                            r"format_version 1.* open it read-only, or re-import it"):
+        TraceStore.open(bad, mode="a")
+    with TraceStore.open(ok, mode="a") as st_:
+        with pytest.raises(MoetraceError, match=r"row 5 \(seq 1, pos 7\): expected a new sequence id"):
+            st_.append(_order_rows([1], [7]))
+        st_.append(_order_rows([2, 3], [1, 0]))
+    reader = TraceStore.open(ok)
+    assert reader.info()["format_version"] == FORMAT_VERSION and len(reader) == 7
+
+
+def test_cli_info_reports_distinct_sequences_and_warns_about_interleaved_rows(tmp_path, capsys):
+    from engine.cli import main
+
+    path = tmp_path / "t.zarr"
+    with TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, chunk_rows=2) as st_:
+        st_.append(_order_rows([0, 0, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1]))
+    _as_version_1(path, [0, 1, 2, 0, 1, 2])
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sequences   3 " in out and "not contiguous (6 runs of equal seq)" in out
+
+
+# ---------------------------------------------------------------------------- chunk layout
+@pytest.mark.parametrize("L, K, E, extra", [
+    (1, 1, 2, {}),                                   # was 64 MiB chunks of tokens/seq
+    (1, 1, 300, {"weights": True}),
+    (16, 8, 64, {"weights": True, "token_text": True}),
+    (58, 8, 256, {"weights": True, "probs": True}),  # DeepSeek-V3 shape
+    (4, 2, 4096, {"probs": True}),
+    (48, 8, 512, {"shard_chunks": 4}),
+])
+def test_every_chunk_is_at_most_8_MiB_and_aligned_to_one_row_grid(tmp_path, L, K, E, extra):
+    TraceStore.create(tmp_path / "t.zarr", n_layers=L, n_experts=E, top_k=K, labels=["domain"], **extra).close()
+    st_ = TraceStore.open(tmp_path / "t.zarr")
+    rows = st_.chunk_rows
+    assert rows & (rows - 1) == 0
+    widest = 0
+    for name, a in st_.info()["arrays"].items():
+        if name.startswith("sequences/"):
+            continue
+        chunks = a["chunks"]
+        assert chunks[1:] == a["shape"][1:], name  # along N only
+        item = 4 + 4 if name == "tokens/text" else np.dtype(a["dtype"]).itemsize  # text: length + ~4 B
+        nbytes = chunks[0] * int(np.prod(chunks[1:])) * item
+        assert nbytes <= 8 << 20, (name, nbytes)
+        if name in ("routing/weights", "routing/probs"):  # wider than the grid: a fraction of it
+            assert rows % chunks[0] == 0
+            assert chunks[0] == rows or chunks[0] == 1 or nbytes > 4 << 20  # the largest that fits
+        else:
+            assert chunks[0] == rows, name
+            widest = max(widest, nbytes)
+    assert widest > 4 << 20  # the grid's widest array has the largest power-of-2 chunk within 8 MiB
+    if extra.get("weights") and E <= 256:  # float16 weights are twice as wide as uint8 experts
+        assert st_.info()["arrays"]["routing/weights"]["chunks"][0] == rows // 2
+    codecs = zarr.open_array(str(tmp_path / "t.zarr" / "routing" / "experts"), mode="r").metadata.codecs
+    assert "bitshuffle" in str(codecs) and "lz4" in str(codecs)
+
+
+def test_explicit_chunk_rows_over_8_MiB_are_refused(tmp_path):
+    with pytest.raises(MoetraceError, match=r"chunk_rows: expected at most 65536 \(chunks of routing/experts "
+                                            r"within 8 MiB\), got 131072"):
+        TraceStore.create(tmp_path / "t.zarr", n_layers=16, n_experts=64, top_k=8, weights=True, chunk_rows=131072)
+    with pytest.raises(MoetraceError, match=r"chunk_rows: expected at most 1048576 \(chunks of tokens/seq"):
+        TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1, chunk_rows=1 << 21)
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_probs_chunks_finer_than_the_row_grid_read_aligned(tmp_path):
+    """routing/probs has chunks of chunk_rows / 2 here (routing/weights takes fractions the same way):
+    blocks of iter_chunks still hold the same rows of every array."""
+    L, K, E, n = 2, 2, 8192, 700
+    rng = np.random.default_rng(3)
+    probs = rng.random((n, L, E)).astype(np.float16)
+    rows = {**_order_rows(np.arange(n) // 7, np.arange(n) % 7), "experts": rng.integers(0, E, (n, L, K)),
+            "probs": probs}
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=L, n_experts=E, top_k=K, probs=True,
+                           chunk_rows=512) as st_:
+        st_.append(rows)
+    st_ = TraceStore.open(tmp_path / "t.zarr")
+    assert st_.info()["arrays"]["routing/probs"]["chunks"][0] == 256
+    blocks = list(st_.iter_chunks(["seq", "experts", "probs"], rows=(100, 700)))
+    assert [(b.start, b.stop) for b in blocks] == [(100, 512), (512, 700)]
+    for b in blocks:
+        np.testing.assert_array_equal(b["probs"], probs[b.start:b.stop])
+        np.testing.assert_array_equal(b["experts"], rows["experts"][b.start:b.stop])
+        np.testing.assert_array_equal(b["seq"], rows["seq"][b.start:b.stop])
+
+
+def test_layer_ids_beyond_int16_are_refused(tmp_path):
+    """export-parquet writes layers as int16: a layer id that would wrap is refused at creation."""
+    for ids in ([40000], [-1], [2**70]):
+        with pytest.raises(MoetraceError, match=r"layer_ids: expected 1 distinct increasing layer indices in \[0, 32767\]"):
+            TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1, layer_ids=ids)
+        assert not (tmp_path / "t.zarr").exists()

@@ -33,6 +33,9 @@ def run(args) -> int:
     print(f"model       {info['model'] or '-'} (scoring: {info['scoring'] or '-'})")
     print(f"rows        {info['rows']:,} tokens, {info['routing_rows']:,} routing rows")
     print(f"sequences   {info['sequences']:,} (metadata rows: {info['sequence_metadata_rows']:,})")
+    if info["sequence_runs"] != info["sequences"]:
+        print(f"warning     the rows of a sequence are not contiguous ({info['sequence_runs']:,} runs of equal seq): "
+              "statistics that pair adjacent rows (temporal, stickiness) are wrong on this store; re-import it")
     print(f"layers      {info['n_layers']} {info['layer_ids']}")
     print(f"experts     {info['n_experts']}, top-{info['top_k']}")
     for label, counts in info["labels"].items():
