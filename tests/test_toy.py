@@ -173,7 +173,7 @@ def test_forward_matches_a_loop_over_inputs(renormalize, lb):
     else:
         assert lb_loss is None
     # loss: importance-weighted, mean over the batch, SUMMED over features
-    want = sum(0.8 ** f * sum((x[n, f] - out[n, f]) ** 2 for n in range(17)) / 17 for f in range(6))
+    want = sum(0.8 ** f * sum((x[n, f] - out.detach()[n, f]) ** 2 for n in range(17)) / 17 for f in range(6))
     assert float(model.reconstruction_loss(x, out).detach()) == pytest.approx(float(want), rel=1e-12)
 
 

@@ -20,7 +20,7 @@ def render_features(W: torch.Tensor, path: str | Path, n_hidden_line: int | None
     Left: bar per feature of ``||W_i^(e)||``, coloured by polysemanticity (viridis, 0..1, as the
     seed's ``cmin=0, cmax=1``), a vertical line after feature ``n_hidden_line - 1`` (default H).
     Right: the ``W_e W_e^T`` heatmap (coolwarm, -1..1, the seed's ``(1 + WW^T) / 2`` scaling).
-    Sized so that 10 experts x 100 features stay readable (about 1500 x 270 px per expert).
+    Sized so that 10 experts x 100 features stay readable (1600 px wide, 300 px per expert).
     """
     W = W.detach().to("cpu", torch.float64)
     n_exp, n_feat, n_hid = W.shape
@@ -28,8 +28,8 @@ def render_features(W: torch.Tensor, path: str | Path, n_hidden_line: int | None
     norms = torch.linalg.vector_norm(W, dim=-1).numpy()
     wwt = torch.einsum("efh,egh->efg", W, W).numpy()
     line = n_hid if n_hidden_line is None else n_hidden_line
-    fig, axes = plt.subplots(n_exp, 2, figsize=(15, 2.7 * n_exp + 0.6), squeeze=False,
-                             gridspec_kw=dict(width_ratios=[3.2, 1]), dpi=100)
+    fig, axes = plt.subplots(n_exp, 2, figsize=(16, 3.0 * n_exp + 0.8), squeeze=False, layout="constrained",
+                             gridspec_kw=dict(width_ratios=[2.6, 1]), dpi=100)
     cmap = plt.get_cmap("viridis")
     x = np.arange(n_feat)
     ymax = max(float(norms.max()) * 1.1, 1e-6)
@@ -49,9 +49,9 @@ def render_features(W: torch.Tensor, path: str | Path, n_hidden_line: int | None
         axes[e, 1].set_xticks([])
         axes[e, 1].set_yticks([])
     axes[-1, 0].set_xlabel("feature")
-    fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=cmap), ax=axes[:, 0], fraction=0.015,
-                 pad=0.01, label="polysemanticity")
-    fig.colorbar(im, ax=axes[:, 1], fraction=0.05, pad=0.02, label="W W^T")
+    fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=cmap), ax=axes[:, 0], shrink=0.3,
+                 aspect=30, label="polysemanticity (clipped at 1)")
+    fig.colorbar(im, ax=axes[:, 1], shrink=0.3, aspect=30, label="W W^T")
     if title:
         fig.suptitle(title)
     path = Path(path)
