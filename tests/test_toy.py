@@ -311,3 +311,22 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert cli_main(["toy", "train", "--experts", "2", "--active", "3", "--out", str(tmp_path)]) == 2
     assert "n_active_experts" in capsys.readouterr().err
     assert cli_main(["toy", "sweep", "--experts", "1,x", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_the_same_data_and_trains_like_the_cpu():
+    p = torch.tensor([[0.3] * 9, [0.05] * 9])
+    seeds = torch.tensor([5, 6])
+    assert torch.equal(feature_batch(seeds, 3, 64, p).cuda(), feature_batch(seeds, 3, 64, p.cuda()))
+    cfg = Config(9, 3, 4, 2, True)
+    gpu = MoEModel(cfg, torch.tensor(0.2), device=None, seed=2)  # None: the GPU
+    assert gpu.W_experts.is_cuda
+    cpu = MoEModel(cfg, torch.tensor(0.2), device="cpu", seed=2)
+    assert torch.equal(gpu.W_experts.detach().cpu(), cpu.W_experts.detach())
+    h_gpu = optimize(gpu, n_batch=64, steps=20, print_freq=100)
+    h_cpu = optimize(cpu, n_batch=64, steps=20, print_freq=100)
+    np.testing.assert_allclose(h_gpu["reconstruction_loss"], h_cpu["reconstruction_loss"], rtol=1e-4)
+    batched = BatchedMoE([cfg, Config(9, 3, 2, 1, False)], [0.2, 0.1], seeds=[2, 9], device=None)
+    h = train_batched(batched, n_batch=64, steps=20, print_freq=100)
+    np.testing.assert_allclose(h["reconstruction_loss"][:, 0], h_gpu["reconstruction_loss"], rtol=1e-4)

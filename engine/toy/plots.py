@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import matplotlib
@@ -60,7 +61,8 @@ def render_features(W: torch.Tensor, path: str | Path, n_hidden_line: int | None
     return path
 
 
-PHASE_METRICS = (("n_represented", "features represented"), ("mean_global_dim", "mean dimensionality (usage-weighted)"),
+PHASE_METRICS = (("n_represented", "features represented"),
+                 ("mean_expert_dim", "mean dimensionality of the features experts hold"),
                  ("monosemantic_fraction", "monosemantic fraction of experts' features"))
 
 
@@ -72,7 +74,9 @@ def phase_diagrams(table, path: str | Path) -> Path:
     point per model, coloured by feature sparsity. Medians over seeds.
     """
     t = table.copy()
-    fig, axes = plt.subplots(2, len(PHASE_METRICS), figsize=(6 * len(PHASE_METRICS), 10), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(2, len(PHASE_METRICS), figsize=(6 * len(PHASE_METRICS), 10), dpi=100, squeeze=False,
+                             layout="constrained")
+    ratios = sorted(t["network_sparsity"].unique())
     net_norm = matplotlib.colors.LogNorm(vmin=max(t["network_sparsity"].min(), 1e-3), vmax=1.0)
     one_minus = 1 - t["feature_probability"]
     fs_norm = matplotlib.colors.Normalize(vmin=float(one_minus.min()), vmax=float(one_minus.max()))
@@ -97,12 +101,14 @@ def phase_diagrams(table, path: str | Path) -> Path:
         med = t.groupby("network_sparsity")[metric].median()
         ax.plot(med.index, med.values, color="k", lw=1, label="median")
         ax.set_xscale("log")
+        ax.set_xticks(ratios, [str(Fraction(r).limit_denominator(64)) for r in ratios])
+        ax.minorticks_off()
         ax.set_xlabel("network sparsity k / E")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.colorbar(sc, ax=axes[1, :], fraction=0.02, pad=0.01, label="feature sparsity 1 - p")
-    fig.colorbar(plt.cm.ScalarMappable(norm=net_norm, cmap="plasma"), ax=axes[0, :], fraction=0.02, pad=0.01,
+    fig.colorbar(sc, ax=axes[1, :], fraction=0.02, label="feature sparsity 1 - p")
+    fig.colorbar(plt.cm.ScalarMappable(norm=net_norm, cmap="plasma"), ax=axes[0, :], fraction=0.02,
                  label="network sparsity k / E")
     path = Path(path)
     fig.savefig(path)
