@@ -330,3 +330,18 @@ def test_cuda_draws_the_same_data_and_trains_like_the_cpu():
     batched = BatchedMoE([cfg, Config(9, 3, 2, 1, False)], [0.2, 0.1], seeds=[2, 9], device=None)
     h = train_batched(batched, n_batch=64, steps=20, print_freq=100)
     np.testing.assert_allclose(h["reconstruction_loss"][:, 0], h_gpu["reconstruction_loss"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_one_expert_reaches_the_antipodal_plateau():
+    """Dense toy model (E = k = 1), F=20, H=5, uniform importance, p = 0.3: the represented features
+    pair up antipodally, each at dimensionality 1/2 (bench/RESULTS.md, the plateau table)."""
+    from engine.toy.sweep import grid, run_sweep
+
+    table, models = run_sweep(grid(20, 5, [1], [1], [0.3], seeds=[0, 1]), steps=3000, n_batch=256, lr=3e-3,
+                              schedule="cosine", print_freq=10**9, device="cpu")
+    W = models[0].W_experts.detach()[:, 0]
+    D = feature_dimensionality(W)
+    held = torch.linalg.vector_norm(W, dim=-1) > 0.5
+    assert held.sum(-1).tolist() == [10, 10]
+    assert torch.allclose(D[held], torch.full_like(D[held], 0.5), atol=0.03)
