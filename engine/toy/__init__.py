@@ -1,0 +1,21 @@
+"""Seed 001's toy model of superposition in a Mixture of Experts (see README, "Toy model of superposition").
+
+- :mod:`engine.toy.model`: ``Config``, ``MoEModel``, ``optimize`` (one model, the seed's names);
+- :mod:`engine.toy.batched`: ``BatchedMoE`` / ``train_batched`` (many models, instance axis ``I``);
+- :mod:`engine.toy.metrics`: dimensionality, specialization, usage, polysemanticity;
+- :mod:`engine.toy.sweep`: grids of models -> one tidy table;
+- :mod:`engine.toy.plots`: the per-expert figure and the phase diagrams (PNG).
+"""
+
+from engine.toy.batched import BatchedMoE, train_batched
+from engine.toy.metrics import (expert_feat_dimensionality, feature_specialization, global_feature_dimensionality,
+                                most_monosemantic, n_features_represented, polysemanticity, weighted_global_dim)
+from engine.toy.model import (SCHEDULES, Config, MoEModel, constant_lr, cosine_decay_lr, default_device,
+                              feature_batch, linear_lr, optimize)
+
+__all__ = [
+    "BatchedMoE", "Config", "MoEModel", "SCHEDULES", "constant_lr", "cosine_decay_lr", "default_device",
+    "expert_feat_dimensionality", "feature_batch", "feature_specialization", "global_feature_dimensionality",
+    "linear_lr", "most_monosemantic", "n_features_represented", "optimize", "polysemanticity", "train_batched",
+    "weighted_global_dim",
+]
