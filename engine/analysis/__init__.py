@@ -14,7 +14,14 @@ never prints; figures are in :mod:`engine.figures`, commands in ``engine/command
 """
 
 from engine.analysis.decisiveness import decisiveness, router_entropy
+from engine.analysis.dim_reduc import pca_2d, reduce_2d, umap_available
+from engine.analysis.lang_domain import jensen_shannon
+from engine.analysis.profiles import expert_profile
+from engine.analysis.router_metrics import router_metrics, token_overlap
+from engine.analysis.router_stats import router_stats
 from engine.analysis.similarity import cluster_order, expert_similarity, linear_cka, weight_similarity
+from engine.analysis.steering import steer_prompt
 
-__all__ = ["cluster_order", "decisiveness", "expert_similarity", "linear_cka", "router_entropy",
-           "weight_similarity"]
+__all__ = ["cluster_order", "decisiveness", "expert_profile", "expert_similarity", "jensen_shannon", "linear_cka",
+           "pca_2d", "reduce_2d", "router_entropy", "router_metrics", "router_stats", "steer_prompt",
+           "token_overlap", "umap_available", "weight_similarity"]
