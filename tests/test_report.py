@@ -28,12 +28,16 @@ from engine import synthetic
 from engine.aggregate import count, save_counts
 from engine.cli import main as cli_main
 from engine.errors import MoetraceError
-from engine.report import _fmt, _table, write_report
+from engine.report import REPORT_STATS, _fmt, _table, write_report
+from engine.report import SECTIONS as REPORT_SECTIONS
 from engine.store import TraceStore
 
 SPEC = synthetic.TraceSpec(n_tokens=2048, n_layers=4, n_experts=16, top_k=2, seq_len=32)
 GROUPS = [f"{d}/{lang}" for d in synthetic.DOMAINS for lang in synthetic.LANGS]
-SECTIONS = ("experiment", "separation", "usage", "specialists", "paths", "stickiness", "store")
+# The sections a run directory with results.csv and counts of every REPORT_STATS grouped by labels
+# gets: derived from the report's own list (no routing/probs, no analysis/ files, no coverage column).
+AVAILABLE = {"results", "tokens", "groups", *REPORT_STATS}
+SECTIONS = tuple(s.id for s in REPORT_SECTIONS if s.always or set(s.needs) <= AVAILABLE)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -149,8 +153,11 @@ def test_self_contained(run_report):
 
 def test_every_image_is_a_valid_png(run_report):
     pngs = images(run_report)
-    # experiments (one method beside its control), separation, usage, specialists, stickiness
-    assert len(pngs) == 5
+    # experiments (one method beside its control), separation, usage, specialists, paths, pairs,
+    # co-activation, stickiness, router metrics, languages vs domains
+    assert SECTIONS == ("experiment", "separation", "usage", "specialists", "paths", "pairs", "coactivation",
+                        "stickiness", "router-metrics", "lang-domain", "store")
+    assert len(pngs) == 10
     for data in pngs:
         width, height = png_size(data)
         assert 50 < width < 5000 and 50 < height < 5000
@@ -287,7 +294,8 @@ def test_store_without_labels(tmp_path):
     assert "groups: all" in text
     assert "needs at least two groups" in section(text, "specialists")
     assert ["all", "300"] in table_rows(section(text, "store"))
-    assert len(images(text)) == 3  # separation, usage, stickiness
+    assert 'id="lang-domain"' not in text  # needs groups
+    assert len(images(text)) == 7  # separation, usage, paths, pairs, co-activation, stickiness, router metrics
 
 
 def test_errors(tmp_path, run_dir):
