@@ -561,7 +561,9 @@ def _render_lang_domain(ctx: Context) -> str:
 
 
 def _open_dataset(path: Path) -> xr.Dataset:
-    return xr.open_zarr(path).load()
+    from engine.analysis import load_result
+
+    return load_result(path)
 
 
 def _render_similarity(ctx: Context) -> str:

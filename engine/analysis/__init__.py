@@ -13,6 +13,7 @@ never prints; figures are in :mod:`engine.figures`, commands in ``engine/command
 - :mod:`.lang_domain`: per-layer divergence of groups' expert distributions, split by language and domain.
 """
 
+from engine.analysis._common import load_result, save_result, token_batches
 from engine.analysis.decisiveness import decisiveness, router_entropy
 from engine.analysis.dim_reduc import pca_2d, reduce_2d, umap_available
 from engine.analysis.lang_domain import jensen_shannon
@@ -23,5 +24,5 @@ from engine.analysis.similarity import cluster_order, expert_similarity, linear_
 from engine.analysis.steering import steer_prompt
 
 __all__ = ["cluster_order", "decisiveness", "expert_profile", "expert_similarity", "jensen_shannon", "linear_cka",
-           "pca_2d", "reduce_2d", "router_entropy", "router_metrics", "router_stats", "steer_prompt",
-           "token_overlap", "umap_available", "weight_similarity"]
+           "load_result", "pca_2d", "reduce_2d", "router_entropy", "router_metrics", "router_stats", "save_result",
+           "steer_prompt", "token_batches", "token_overlap", "umap_available", "weight_similarity"]

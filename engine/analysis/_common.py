@@ -159,3 +159,24 @@ class LayerInputs:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def save_result(ds, path) -> None:
+    """Write an analysis Dataset to a Zarr store (read back with :func:`load_result`)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # consolidated metadata and fixed-width string coordinates are not yet in the Zarr v3 spec
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
+        ds.to_zarr(str(path), mode="w", consolidated=True)
+
+
+def load_result(path):
+    """An analysis Dataset written by :func:`save_result`, loaded into memory."""
+    import xarray as xr
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise MoetraceError(f"{path}: no such analysis result")
+    return xr.open_zarr(str(path), consolidated=True).load()
