@@ -256,6 +256,8 @@ class Context:
             return self.results is not None and "coverage" in self.results.columns
         if need == "probs":
             return self.store.has_probs
+        if need == "decisiveness":  # routing/probs in the store, or what `moetrace decisiveness` wrote
+            return self.store.has_probs or self.has(f"{ANALYSIS_DIR}/decisiveness.zarr")
         if need == "groups":
             return bool(metrics.group_dims(self.counts))
         if need.startswith(f"{ANALYSIS_DIR}/"):  # a path or glob pattern under the run directory
@@ -281,7 +283,7 @@ class Section:
     id: the HTML id and anchor; title: its heading; nav: its table-of-contents label;
     needs: the data it reads — count statistics (names of :data:`engine.aggregate.STATS`),
     ``results`` (an experiment table), ``coverage`` (its coverage column), ``probs``
-    (``routing/probs`` in the store), ``groups`` (counts grouped by a label), or
+    (``routing/probs`` in the store), ``decisiveness`` (probs, or ``analysis/decisiveness.zarr``), ``groups`` (counts grouped by a label), or
     ``analysis/<file or glob>`` (what an analysis command wrote into the run directory's ``analysis/``);
     render: Context -> HTML body. ``always``: shown with a note naming the missing count
     statistics when some are absent (else the section is left out when its data is missing).
@@ -512,7 +514,10 @@ def _render_targets(ctx: Context) -> str:
 def _render_decisiveness(ctx: Context) -> str:
     from engine.analysis import decisiveness
 
-    ds = decisiveness(ctx.store, by=ctx.store.label_names)
+    if ctx.has(f"{ANALYSIS_DIR}/decisiveness.zarr"):
+        ds = _open_dataset(ctx.analysis_dir / "decisiveness.zarr")
+    else:
+        ds = decisiveness(ctx.store, by=ctx.store.label_names)
     rows = [[int(layer), *ds["entropy_quantile"].sel(layer=layer).values.tolist(),
              float(ds["mean_mass"].sel(layer=layer).mean())] for layer in ds["layer"].values]
     return (_note(f"Entropy of the router's full distribution over the {ds.attrs['n_experts']} experts divided by "
@@ -680,7 +685,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("router-metrics", "Router metrics", "Router metrics", ("experts", "tokens", "coact"),
             _render_router_metrics),
     Section("lang-domain", "Languages vs domains", "Languages vs domains", ("experts", "groups"), _render_lang_domain),
-    Section("decisiveness", "Router decisiveness", "Decisiveness", ("probs",), _render_decisiveness),
+    Section("decisiveness", "Router decisiveness", "Decisiveness", ("decisiveness",), _render_decisiveness),
     Section("router-stats", "Router statistics", "Router statistics", (f"{ANALYSIS_DIR}/router_stats.zarr",),
             _render_router_stats),
     Section("similarity", "Expert similarity", "Similarity", (f"{ANALYSIS_DIR}/similarity.zarr",),

@@ -93,3 +93,20 @@ def test_model_commands_and_report(setup, capsys):
     for sec in ("decisiveness", "router-metrics", "lang-domain", "router-stats", "similarity", "embedding",
                 "profiles", "steering", "pairs", "coactivation"):
         assert f'<section id="{sec}">' in text and f'href="#{sec}"' in text
+
+
+def test_run_suite_writes_every_model_analysis(setup, tmp_path):
+    from engine.analysis.suite import run_suite
+    from engine.store import TraceStore
+
+    root, run, model, rows = setup
+    out = tmp_path / "analysis"
+    run_suite(model, [r["input_ids"] for r in rows], [r["domain"] for r in rows], out, num_tokens=60,
+              batch_size=5)
+    st = TraceStore.open(out / "probs.zarr")
+    assert len(st) == 60 and st.has_probs and set(st.labels["group"]) == {"bio", "code", "math"}
+    for name in ("decisiveness", "router_stats", "similarity_layer0", "dim_reduc_layer0"):
+        files(out, name)
+    assert load_result(out / "decisiveness.zarr")["tokens"].sum() == 60
+    assert len(list(out.glob("profile_layer0_expert*.json"))) == 1
+    assert len(list(out.glob("steer_layers0_expert*.json"))) == 1

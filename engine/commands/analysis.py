@@ -17,7 +17,6 @@ From a model (``--model demo`` = the cached demo model and, without ``--data``, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -109,23 +108,10 @@ def _out(args) -> Path:
 
 
 def _save(out: Path, name: str, fig=None, table=None, dataset=None, data: Any = None) -> None:
-    written = []
-    if table is not None:
-        table.to_csv(out / f"{name}.csv", index=False)
-        written.append(f"{name}.csv")
-    if dataset is not None:
-        from engine.analysis import save_result
+    from engine.analysis.suite import write_outputs
 
-        save_result(dataset, out / f"{name}.zarr")
-        written.append(f"{name}.zarr")
-    if data is not None:
-        (out / f"{name}.json").write_text(json.dumps(data, indent=2))
-        written.append(f"{name}.json")
-    if fig is not None:
-        for ext in ("png", "pdf"):
-            fig.savefig(out / f"{name}.{ext}", dpi=120, bbox_inches="tight")
-            written.append(f"{name}.{ext}")
-    print(f"wrote {', '.join(str(out / w) for w in written)}")
+    written = write_outputs(out, name, fig, table, dataset, data)
+    print(f"wrote {', '.join(str(w) for w in written)}")
 
 
 def _labels(arg: str | None, store) -> list[str]:
