@@ -57,6 +57,25 @@ def test_router_stats_other_scorings(family):
     assert ds.attrs["scoring"] == ("sigmoid" if family == "deepseek_v3" else "softmax")
     assert (ds["weight_hist"].sum("bin") == 30 * 2).all()
     assert (ds["prob_hist"].sum("bin") == 30 * 8).all()
+    assert ("selection_mean" in ds) == (family == "deepseek_v3")
+
+
+def test_router_stats_bias_corrected_selection_scores():
+    model = tiny_model("deepseek_v3")
+    seqs = sequences()
+    ds = router_stats(model, token_batches(seqs, num_tokens=30), layers=[0])
+    gate = model.model.layers[0].mlp.gate
+    inputs = []
+    hook = gate.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for b in token_batches(seqs, num_tokens=30):
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            inputs[-1] = inputs[-1][torch.as_tensor(b["real"])]
+    hook.remove()
+    h = torch.cat(inputs).double()
+    scores = torch.sigmoid(h @ gate.weight.detach().double().T) + gate.e_score_correction_bias.double()
+    want = torch.sort(scores, dim=-1, descending=True).values.mean(0).numpy()
+    np.testing.assert_allclose(ds["selection_mean"].sel(layer=0), want, rtol=1e-4, atol=1e-6)
 
 
 def test_pca_matches_eigenvectors():

@@ -7,7 +7,10 @@ Collected with :func:`engine.intervene.observe_routing` while the model runs ove
 weights, the router's top-k order). Streaming: per (layer, rank) running count, sum, sum of squares,
 min, max, and fixed-bin histograms per layer (probabilities and weights on [0, 1] — weights of
 families with a routed scaling factor s > 1 on [0, s] —, logits on [-LOGIT_RANGE, LOGIT_RANGE];
-values outside land in the end bins, ``clipped`` counts them).
+values outside land in the end bins, ``clipped`` counts them). Sigmoid-scored families with a
+selection bias (DeepSeek-V3's ``e_score_correction_bias`` and the like, read per forward through the
+family adapter's ``selection_bias``) also get ``selection``: the bias-corrected scores
+sigmoid(logit) + bias that choose the experts, sorted per token (histogram on [-1, 2]).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from engine.analysis._common import layer_positions
 from engine.errors import MoetraceError
 
 LOGIT_RANGE = 20.0
-QUANTITIES = ("logit", "prob", "weight")
+QUANTITIES = ("logit", "prob", "weight", "selection")
 
 
 def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], layers: Sequence[int] | None = None,
@@ -32,7 +35,7 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
     """Distributions of router logits, probabilities and top-k weights per layer and rank.
 
     batches: dicts with ``input_ids``, ``attention_mask``, ``real`` (see ``token_batches``).
-    Returns a Dataset: for q in logit/prob/weight, ``{q}_mean``, ``{q}_std``, ``{q}_min``, ``{q}_max``
+    Returns a Dataset: for q in logit/prob/weight (and selection, see the module docstring), ``{q}_mean``, ``{q}_std``, ``{q}_min``, ``{q}_max``
     (layer, rank; rank over E for logit/prob, over K for weight, NaN beyond K), ``{q}_hist`` int64
     (layer, bin) with ``{q}_lo``/``{q}_hi`` bin edges, ``clipped`` (layer, quantity); attrs scoring, tokens.
     """
@@ -43,15 +46,27 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
     ids = [sites[p].layer_id for p in pos]
     E, K = sites[0].spec.n_experts, sites[0].spec.top_k
     scale = max(1.0, max(float(s.spec.routed_scaling) for s in sites))
-    ranges = {"logit": (-LOGIT_RANGE, LOGIT_RANGE), "prob": (0.0, 1.0), "weight": (0.0, scale)}
+    ranges = {"logit": (-LOGIT_RANGE, LOGIT_RANGE), "prob": (0.0, 1.0), "weight": (0.0, scale),
+              "selection": (-1.0, 2.0)}
     L = len(ids)
-    width = {"logit": E, "prob": E, "weight": K}
+    width = {"logit": E, "prob": E, "weight": K, "selection": E}
     acc = {q: {"n": np.zeros((L, width[q])), "s": np.zeros((L, width[q])), "ss": np.zeros((L, width[q])),
                "min": np.full((L, width[q]), np.inf), "max": np.full((L, width[q]), -np.inf),
                "hist": np.zeros((L, bins), dtype=np.int64), "clip": np.zeros(L, dtype=np.int64)} for q in QUANTITIES}
     index = {layer: i for i, layer in enumerate(ids)}
     scoring = {"value": None}
     real_rows: dict[str, torch.Tensor] = {}
+    from engine.models import adapter_for
+
+    adapter = adapter_for(model)
+    biases: dict[int, torch.Tensor] = {}
+    hooks = []
+    for p in pos:
+        def keep_bias(module, args, kwargs, layer=sites[p].layer_id):
+            bias = adapter.selection_bias(module, args, kwargs)
+            if bias is not None:
+                biases[layer] = bias.detach().float()
+        hooks.append(sites[p].module.register_forward_pre_hook(keep_bias, with_kwargs=True))
 
     def observe(event) -> None:
         i = index.get(event.layer_id)
@@ -63,6 +78,9 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
         values = {"logit": torch.sort(logits, dim=-1, descending=True).values,
                   "prob": torch.sort(event.probs()[real], dim=-1, descending=True).values,
                   "weight": event.weights.float()[real]}
+        if event.scoring == "sigmoid" and event.layer_id in biases:
+            scores = event.probs()[real] + biases[event.layer_id].to(logits.device)
+            values["selection"] = torch.sort(scores, dim=-1, descending=True).values
         for q, v in values.items():
             v = v.double().cpu().numpy()
             a = acc[q]
@@ -78,16 +96,21 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
             a["hist"][i] += np.bincount(np.clip(b, 0, bins - 1), minlength=bins)
 
     n = 0
-    with torch.no_grad(), observe_routing(model, observe):
-        for batch in batches:
-            real_rows["mask"] = torch.as_tensor(np.asarray(batch["real"], dtype=bool))
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            n += int(np.asarray(batch["real"]).sum())
+    try:
+        with torch.no_grad(), observe_routing(model, observe):
+            for batch in batches:
+                real_rows["mask"] = torch.as_tensor(np.asarray(batch["real"], dtype=bool))
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                n += int(np.asarray(batch["real"]).sum())
+    finally:
+        for h in hooks:
+            h.remove()
     if n == 0:
         raise MoetraceError("router_stats: no tokens in the batches")
     data: dict[str, Any] = {}
     coords: dict[str, Any] = {"layer": ids, "rank": np.arange(E), "bin": np.arange(bins), "quantity": list(QUANTITIES)}
-    for q in QUANTITIES:
+    present = [q for q in QUANTITIES if q != "selection" or acc[q]["n"].sum() > 0]
+    for q in present:
         a = acc[q]
         pad = E - width[q]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -99,7 +122,8 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
         edges = np.linspace(*ranges[q], bins + 1)
         coords[f"{q}_lo"] = ("bin", edges[:-1])
         coords[f"{q}_hi"] = ("bin", edges[1:])
-    data["clipped"] = (("layer", "quantity"), np.stack([acc[q]["clip"] for q in QUANTITIES], axis=1))
+    coords["quantity"] = present
+    data["clipped"] = (("layer", "quantity"), np.stack([acc[q]["clip"] for q in present], axis=1))
     return xr.Dataset(data, coords=coords, attrs={"scoring": scoring["value"] or "", "tokens": n, "top_k": K,
                                                   "n_experts": E, "analysis": "router_stats"})
 
@@ -107,7 +131,7 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
 def table(ds: xr.Dataset) -> pd.DataFrame:
     """Tidy rows (layer, rank, quantity, mean, std, min, max); weight rows only for rank < K."""
     frames = []
-    for q in QUANTITIES:
+    for q in [q for q in QUANTITIES if f"{q}_mean" in ds]:
         df = ds[[f"{q}_{s}" for s in ("mean", "std", "min", "max")]].to_dataframe().reset_index()
         df.columns = ["layer", "rank", "mean", "std", "min", "max"]
         df.insert(2, "quantity", q)
