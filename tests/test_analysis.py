@@ -15,7 +15,7 @@ from engine.analysis import decisiveness, expert_similarity, linear_cka, router_
 from engine.analysis._common import LayerInputs, expert_outputs, experts_modules, token_batches
 from engine.errors import MoetraceError
 from engine.store import TraceStore
-from tiny_models import VOCAB, tiny_model
+from tiny_models import TINY, VOCAB, tiny_model
 
 FAMILIES = ["olmoe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "lfm2_moe", "jamba"]
 
@@ -134,7 +134,8 @@ def test_expert_outputs_match_plain_torch_olmoe():
         torch.testing.assert_close(out[e], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
+                                               for f in TINY if f not in FAMILIES])
 def test_expert_outputs_combine_to_the_routed_output(family):
     """On real routed inputs, the routed output of the experts module is the weighted sum of the
     per-expert outputs: the all-experts computation is the family's own expert function."""

@@ -72,6 +72,11 @@ def test_model_commands_and_report(setup, capsys):
     out = run / "analysis"
     common = ["--model", str(root / "ckpt"), "--data", str(root / "data.jsonl"), "--labels", "domain,lang",
               "--num-tokens", "80", "--out", str(out)]
+    other = root / "from_model"
+    assert cli_main(["decisiveness", "--model", str(root / "ckpt"), "--data", str(root / "data.jsonl"),
+                     "--labels", "domain", "--num-tokens", "40", "--batch-size", "3", "--out", str(other)]) == 0
+    direct = load_result(other / "decisiveness.zarr")
+    assert direct["tokens"].sum() == 40 and set(direct["group"].values) == {"bio", "code", "math"}
     assert cli_main(["router-stats", *common, "--layers", "1"]) == 0
     files(out, "router_stats")
     assert cli_main(["similarity", *common, "--layers", "0", "--experts", "0", "1", "2", "5"]) == 0
@@ -89,6 +94,7 @@ def test_model_commands_and_report(setup, capsys):
                      "--max-new-tokens", "3", "--out", str(out)]) == 0
     assert "before:" in capsys.readouterr().out
     files(out, "steer_layers1_expert2")
+    assert cli_main(["profile", str(run / "trace.zarr"), "--layers", "0", "--expert", "1", "--out", str(out)]) == 0
     text = write_report(run, root / "report.html").read_text()
     for sec in ("decisiveness", "router-metrics", "lang-domain", "router-stats", "similarity", "embedding",
                 "profiles", "steering", "pairs", "coactivation"):

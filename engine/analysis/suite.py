@@ -37,6 +37,29 @@ def write_outputs(out: Path, name: str, fig=None, table=None, dataset=None, data
     return written
 
 
+def capture_probs(model, batches, path: str | Path) -> Path:
+    """Capture the routing with full router distributions (``probs=True``) of ``batches``
+    (:func:`engine.analysis.token_batches`) into a new store at ``path``, one label ``group``."""
+    import shutil
+
+    import torch
+
+    from engine.capture import capture
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    seq = 0
+    with capture(model, path, labels=["group"], probs=True) as cap, torch.no_grad():
+        for b in batches:
+            lengths = b["attention_mask"].sum(1).tolist()
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
+            cap.set_batch(seq=list(range(seq, seq + len(lengths))), labels={"group": [b["groups"][i] for i in starts]})
+            seq += len(lengths)
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    return path
+
+
 def run_suite(model, input_ids: Sequence[Sequence[int]], groups: Sequence[str], out: str | Path, *,
               num_tokens: int = 2000, layers: Sequence[int] | None = None, batch_size: int = 16, pad_id: int = 0,
               decode: Callable[[Sequence[int]], str] | None = None, store=None) -> list[Path]:
@@ -46,17 +69,12 @@ def run_suite(model, input_ids: Sequence[Sequence[int]], groups: Sequence[str], 
     Decisiveness comes from ``store``'s routing/probs when it has them, else from a short capture
     (``num_tokens`` tokens) with ``probs=True`` into ``out/probs.zarr``.
     """
-    import shutil
-
-    import torch
-
     from engine import figures
     from engine.analysis import (decisiveness, expert_profile, expert_similarity, reduce_2d, router_stats,
                                  steer_prompt, weight_similarity)
     from engine.analysis.decisiveness import table as decisiveness_table
     from engine.analysis.router_stats import table as router_stats_table
     from engine.analysis._common import experts_modules, token_batches
-    from engine.capture import capture
     from engine.store import TraceStore
 
     out = Path(out)
@@ -68,19 +86,7 @@ def run_suite(model, input_ids: Sequence[Sequence[int]], groups: Sequence[str], 
     layer_ids = sorted(experts_modules(model, layers))
     written: list[Path] = []
     if store is None or not TraceStore.open(store).has_probs:
-        store = out / "probs.zarr"
-        if store.exists():
-            shutil.rmtree(store)
-        with capture(model, store, labels=["group"], probs=True) as cap, torch.no_grad():
-            for i, b in enumerate(batches()):
-                n_rows = b["input_ids"].shape[0]
-                per_row = b["attention_mask"].sum(1).tolist()
-                row_groups, k = [], 0
-                for n in per_row:
-                    row_groups.append(b["groups"][k])
-                    k += int(n)
-                cap.set_batch(seq=[i * batch_size + j for j in range(n_rows)], labels={"group": row_groups})
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        store = capture_probs(model, batches(), out / "probs.zarr")
     st = TraceStore.open(store)
     ds = decisiveness(st, layers=layer_ids, by=st.label_names)
     written += write_outputs(out, "decisiveness", figures.decisiveness(ds), decisiveness_table(ds), dataset=ds)

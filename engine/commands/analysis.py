@@ -25,11 +25,14 @@ from engine.errors import MoetraceError
 MODEL_HELP = "local transformers checkpoint directory, or 'demo' for the cached demo model"
 
 
-def _common(p, store: bool = True, layers_help: str = "layer ids (default: all MoE layers)") -> None:
+def _common(p, store: bool = True, layers_help: str = "layer ids (default: all MoE layers)",
+            model: bool = False) -> None:
     if store:
-        p.add_argument("store", help="trace store (.zarr)")
-    else:
-        p.add_argument("--model", required=True, help=MODEL_HELP)
+        p.add_argument("store", nargs="?" if model else None,
+                       help="trace store (.zarr)" + (" with routing/probs, or give --model" if model else ""))
+    if model or not store:
+        p.add_argument("--model", required=not store,
+                       help=MODEL_HELP + (" (captured with probs into OUT/probs.zarr)" if store else ""))
         p.add_argument("--data", default=None, help="JSONL, one sequence per line ({\"text\"} or {\"input_ids\"}); "
                                                     "default with --model demo: the demo corpus")
         p.add_argument("--labels", default=None,
@@ -42,7 +45,7 @@ def _common(p, store: bool = True, layers_help: str = "layer ids (default: all M
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("decisiveness", help="router entropy / log E and top-k mass per layer (routing/probs)")
-    _common(p)
+    _common(p, model=True)
     p.add_argument("--by", default=None, help="comma-separated labels for groups (default: all labels)")
     p.add_argument("--bins", type=int, default=200)
     p.set_defaults(func=run_decisiveness)
@@ -211,7 +214,16 @@ def run_decisiveness(args) -> int:
     from engine.analysis import decisiveness
     from engine.analysis.decisiveness import table
 
-    st = _store(args)
+    if (args.store is None) == (args.model is None):
+        raise MoetraceError("decisiveness: give either a trace store or --model (with --data)")
+    if args.model is not None:
+        from engine.analysis.suite import capture_probs
+        from engine.store import TraceStore
+
+        model, tokenizer = load_model(args.model)
+        st = TraceStore.open(capture_probs(model, _batches(args, model, tokenizer)(), _out(args) / "probs.zarr"))
+    else:
+        st = _store(args)
     ds = decisiveness(st, layers=args.layers, num_tokens=args.num_tokens, by=_labels(args.by, st), bins=args.bins)
     _save(_out(args), "decisiveness", figures.decisiveness(ds), table(ds), dataset=ds)
     return 0
