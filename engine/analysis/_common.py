@@ -91,7 +91,7 @@ def _pad(batch: list[tuple[list[int], str]], pad_id: int) -> dict[str, Any]:
     ids = torch.tensor([[pad_id] * (width - len(x)) + x for x, _ in batch], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x, _ in batch], dtype=torch.long)
     real = mask.reshape(-1).bool().numpy()
-    groups = [g for x, g in batch for _ in x]
+    groups = np.repeat(np.asarray([g for _, g in batch], dtype=object), [len(x) for x, _ in batch]).tolist()
     return {"input_ids": ids, "attention_mask": mask, "real": real, "groups": groups,
             "token_ids": ids.reshape(-1).numpy()[real].astype(np.int64)}
 
