@@ -33,13 +33,30 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--work", default="/tmp/moetrace_analysis_bench")
     ap.add_argument("--only", nargs="*", default=None, help="run only these commands")
+    ap.add_argument("--random-demo", action="store_true",
+                    help="use the demo model's architecture and tokenizer with random weights instead of the "
+                         "trained demo model (cost does not depend on the weights; no 2.5 min build)")
     args = ap.parse_args()
     from engine.demo.data import make_training_documents
     from engine.demo.model import ensure_demo_model
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model = str(ensure_demo_model(progress=False))
+    if args.random_demo:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from engine.demo.data import build_tokenizer
+        from engine.demo.model import DemoConfig, _model_config
+
+        model = str(work / "random_demo_model")
+        if not Path(model, "config.json").exists():
+            tok = build_tokenizer()
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(_model_config(DemoConfig(), tok)).save_pretrained(model)
+            tok.save_pretrained(model)
+    else:
+        model = str(ensure_demo_model(progress=False))
     n_max = max(args.tokens)
     data = work / "docs.jsonl"
     store = work / "trace.zarr"
