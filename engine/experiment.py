@@ -184,8 +184,11 @@ def run_experiment(
     store = TraceStore.open(trace)
 
     # 2. counts by group
-    counts = count(store, stats=["experts", "paths", "pairs", "temporal"], by=by, skip_shared_prefix=True,
-                   progress=False)
+    # what the targets need, plus every statistic the report has a section for
+    from engine.report import REPORT_STATS
+
+    stats = list(dict.fromkeys(["experts", "paths", "pairs", "temporal", *REPORT_STATS]))
+    counts = count(store, stats=stats, by=by, skip_shared_prefix=True, progress=False)
     save_counts(counts, out / "counts.zarr")
     groups = [dict(zip(by, values)) for values in metrics.group_names(counts)]
 

@@ -8,22 +8,21 @@ The file needs nothing but itself: plots are PNGs (matplotlib, Agg) inlined as b
 ``<meta>`` forbids every load other than ``data:`` images, so a browser fetches nothing.
 Every text put into the page goes through :func:`html.escape`.
 
-Sections (each present when its inputs are):
+Sections are the objects of :data:`SECTIONS` (id, title, the data each needs, a render
+function), in page order; the table of contents, :data:`REPORT_STATS` (the count statistics a
+run directory's ``counts.zarr`` should hold) and the tests derive from that list. Sections whose
+needs are count statistics are always shown (with a note when a statistic was not counted); the
+others appear when their data is there:
 
-- *Ablation experiment* (``results.csv``): per method, the targeted x evaluated group matrix
-  of the accuracy drop (mean over seeds) beside its ``random:<method>`` control, the headline
-  numbers per method (targeted drop, off-target drop, random drop, their ratios) and the table.
-- *Domain separation by layer*: seed 002's chi-square test and mean variance of the normalized
-  usage per layer (:func:`engine.metrics.layer_ranking`), and the Shannon entropy of each
-  group's expert usage against log2(E) (:func:`engine.metrics.entropy`).
-- *Expert usage*: per layer, a group x expert heatmap of the percent of the group's routing
-  (all top-k ranks) that goes to each expert.
-- *Specialist and generalist experts* at the layer with the largest chi-square
-  (:func:`engine.metrics.expert_variation`).
-- *Top paths per group*: the most frequent (layer, previous top-1 -> top-1) paths of each group.
-- *Stickiness*: lag-1 top-1 stickiness per group and layer against 1/E
-  (:func:`engine.metrics.stickiness`), when ``temporal`` was counted.
-- *Trace store*: :meth:`engine.store.TraceStore.info` and what the counts cover.
+- *Ablation experiment* (``results.csv``) and *Chosen targets and their coverage* (its
+  ``coverage`` column and ``targets/``); *Domain separation*, *Expert usage*, *Specialists*,
+  *Top paths*, *Pairs*, *Co-activation*, *Stickiness* (counts); *Router metrics* and
+  *Languages vs domains* (:mod:`engine.analysis` on the counts); *Router decisiveness*
+  (``routing/probs`` in the store); *Router statistics*, *Expert similarity*, *2-D map*,
+  *Expert profiles*, *Steering* (files the analysis commands wrote into ``RUN/analysis/``);
+  *Trace store* (:meth:`engine.store.TraceStore.info` and what the counts cover).
+
+Every figure comes from a public function of :mod:`engine.figures`.
 
 A store without labels is one group, ``all``. Group names are the label values joined by
 ``/`` (``math/en``), as in the experiment's ``results.csv``.
@@ -36,7 +35,8 @@ import html
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,9 @@ import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
 
-from engine import metrics
-from engine.aggregate import count, load_counts
+from engine import figures, metrics
+from engine.aggregate import STATS, count, load_counts
+from engine.figures import LAYERS_PER_FIGURE, MEASURES
 from engine.errors import MoetraceError
 from engine.store import TraceStore
 
@@ -56,9 +57,8 @@ RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "base_accuracy"
 NUMERIC_RESULT_COLUMNS = ("base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss",
                           "loss_increase", "coverage", "n_items", "seed")
 #: Statistics counted when a run directory has no ``counts.zarr`` or the source is a bare store.
-REPORT_STATS = ("experts", "paths", "temporal")
-#: Layers per usage-heatmap figure (more layers make several figures).
-LAYERS_PER_FIGURE = 16
+#: Where a run directory keeps what the analysis commands wrote (``--out RUN/analysis``).
+ANALYSIS_DIR = "analysis"
 #: Paths listed per group.
 TOP_PATHS = 10
 
@@ -225,282 +225,226 @@ def _group_matrix(da: xr.DataArray, counts: xr.Dataset) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections
+# Sections: one object each; write_report, the table of contents, the statistics a run
+# directory must contain (REPORT_STATS) and the report test's section list derive from SECTIONS.
 # ---------------------------------------------------------------------------------------------
 
 
-def _separation_section(counts: xr.Dataset, groups: list[str]) -> tuple[str, int | None]:
-    """Chi-square / mean variance / entropy by layer; returns (html, layer id with the largest chi2)."""
-    if "experts" not in counts.data_vars:
-        return _section("separation", "Domain separation by layer", _note("experts were not counted.")), None
+@dataclass
+class Context:
+    """What a section's render function can read."""
+
+    store: TraceStore
+    counts: xr.Dataset
+    origin: str
+    groups: list[str]
+    results: pd.DataFrame | None = None
+    run_dir: Path | None = None
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def analysis_dir(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / ANALYSIS_DIR
+
+    def has(self, need: str) -> bool:
+        """Whether the data named by ``need`` is present (see :class:`Section`)."""
+        if need in STATS:
+            return need in self.counts.data_vars
+        if need == "results":
+            return self.results is not None
+        if need == "coverage":
+            return self.results is not None and "coverage" in self.results.columns
+        if need == "probs":
+            return self.store.has_probs
+        if need == "decisiveness":  # routing/probs in the store, or what `moetrace decisiveness` wrote
+            return self.store.has_probs or self.has(f"{ANALYSIS_DIR}/decisiveness.zarr")
+        if need == "groups":
+            return bool(metrics.group_dims(self.counts))
+        if need.startswith(f"{ANALYSIS_DIR}/"):  # a path or glob pattern under the run directory
+            return self.run_dir is not None and any(self.run_dir.glob(need))
+        raise MoetraceError(f"unknown report need {need!r}")
+
+    def best_layer(self) -> int | None:
+        """Layer id with the largest chi-square (None without experts counts or when all are NaN)."""
+        if "best" not in self.cache:
+            best = None
+            if "experts" in self.counts.data_vars:
+                chi2 = metrics.layer_ranking(self.counts)["chi2"].values
+                if not np.all(np.isnan(chi2)):
+                    best = int(self.counts["layer"].values[int(np.nanargmax(chi2))])
+            self.cache["best"] = best
+        return self.cache["best"]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One report section.
+
+    id: the HTML id and anchor; title: its heading; nav: its table-of-contents label;
+    needs: the data it reads — count statistics (names of :data:`engine.aggregate.STATS`),
+    ``results`` (an experiment table), ``coverage`` (its coverage column), ``probs``
+    (``routing/probs`` in the store), ``decisiveness`` (probs, or ``analysis/decisiveness.zarr``), ``groups`` (counts grouped by a label), or
+    ``analysis/<file or glob>`` (what an analysis command wrote into the run directory's ``analysis/``);
+    render: Context -> HTML body. ``always``: shown with a note naming the missing count
+    statistics when some are absent (else the section is left out when its data is missing).
+    """
+
+    id: str
+    title: str
+    nav: str
+    needs: tuple[str, ...]
+    render: Callable[[Context], str]
+    always: bool = False
+
+
+def _not_counted(stats: Sequence[str]) -> str:
+    return " ".join(f"{s} {'were' if s.endswith('s') else 'was'} not counted (count with --stats {s})."
+                    for s in stats)
+
+
+def _render_separation(ctx: Context) -> str:
+    counts = ctx.counts
     ranking = metrics.layer_ranking(counts)
     ent = metrics.entropy(counts)
-    layers = counts["layer"].values.tolist()
-    chi2 = ranking["chi2"].values
-    best = None if np.all(np.isnan(chi2)) else int(layers[int(np.nanargmax(chi2))])
     h = _group_matrix(ent["entropy"].transpose(..., "layer"), counts)  # [G, L]
-    max_bits = float(ent["max_entropy"])
-
-    fig = Figure(figsize=(11, 3.4))
-    ax1, ax2, ax3 = fig.subplots(1, 3)
-    x = np.arange(len(layers))
-    colors = ["#c0392b" if s else "#95a5a6" for s in ranking["significant"].values]
-    ax1.bar(x, np.nan_to_num(chi2), color=colors)
-    ax1.set_title(f"chi-square (red: p < {ranking.attrs['alpha']:g})", fontsize=9)
-    ax2.plot(x, ranking["avg_variance"].values, marker="o", color="#2c3e50")
-    ax2.set_title("mean variance of normalized usage", fontsize=9)
-    for g, name in enumerate(groups):
-        ax3.plot(x, h[g], marker=".", label=name)
-    ax3.axhline(max_bits, ls="--", color="k", lw=1, label=f"log2(E) = {max_bits:.2f}")
-    ax3.set_title("entropy of expert usage (bits)", fontsize=9)
-    ax3.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    for ax in (ax1, ax2, ax3):
-        ax.set_xticks(x, [str(v) for v in layers], fontsize=7)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-
+    layers = counts["layer"].values.tolist()
     rows = [[layer, ranking["chi2"].values[i], ranking["dof"].values[i], ranking["p_value"].values[i],
              ranking["avg_variance"].values[i], bool(ranking["significant"].values[i]), float(np.nanmean(h[:, i]))
              if np.any(~np.isnan(h[:, i])) else float("nan")]
             for i, layer in enumerate(layers)]
     body = (_note("Seed 002's test of independence of group and expert on each layer's group x expert count "
                   "matrix (all top-k ranks), and the Shannon entropy of each group's expert usage.")
-            + _img(fig, "chi-square, mean variance and entropy by layer")
+            + _img(figures.separation(counts), "chi-square, mean variance and entropy by layer")
             + _table(["layer", "chi2", "dof", "p value", "mean variance", "significant", "mean entropy (bits)"], rows))
-    if best is not None:
-        body += _note(f"Most domain-separating layer (largest chi-square): {best}.")
-    return _section("separation", "Domain separation by layer", body), best
+    if ctx.best_layer() is not None:
+        body += _note(f"Most domain-separating layer (largest chi-square): {ctx.best_layer()}.")
+    return body
 
 
-def _usage_section(counts: xr.Dataset, groups: list[str]) -> str:
-    """Small multiples: one group x expert heatmap per layer, percent of the group's routing."""
-    if "experts" not in counts.data_vars:
-        return _section("usage", "Expert usage per layer", _note("experts were not counted."))
-    usage = _group_matrix(counts["experts"].sum("rank").transpose(..., "layer", "expert"), counts)  # [G, L, E]
-    total = usage.sum(axis=2, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pct = np.where(total > 0, usage / np.where(total > 0, total, 1) * 100.0, np.nan)
-    layers = counts["layer"].values.tolist()
-    experts = counts["expert"].values.tolist()
-    n_groups, n_experts = pct.shape[0], pct.shape[2]
-    vmax = float(np.nanmax(pct)) if np.any(~np.isnan(pct)) else 1.0
-    imgs = []
-    for first in range(0, len(layers), LAYERS_PER_FIGURE):
-        block = list(range(first, min(first + LAYERS_PER_FIGURE, len(layers))))
-        ncols = min(4, len(block))
-        nrows = math.ceil(len(block) / ncols)
-        panel_w = min(6.0, max(2.6, 0.09 * n_experts + 1.0))
-        panel_h = min(6.0, max(1.4, 0.22 * n_groups + 0.8))
-        fig = Figure(figsize=(panel_w * ncols + 1.0, panel_h * nrows + 0.4))
-        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
-        image = None
-        for ax, i in zip(axes, block):
-            image = ax.imshow(pct[:, i, :], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
-                              interpolation="nearest")
-            ax.set_title(f"layer {layers[i]}", fontsize=8)
-            step = max(1, math.ceil(n_experts / 16))
-            ax.set_xticks(np.arange(0, n_experts, step), [str(experts[j]) for j in range(0, n_experts, step)],
-                          fontsize=6)
-            if ax is axes[(block.index(i) // ncols) * ncols]:
-                gstep = max(1, math.ceil(n_groups / 24))
-                ax.set_yticks(np.arange(0, n_groups, gstep), groups[::gstep], fontsize=6)
-            else:
-                ax.set_yticks([])
-        for ax in axes[len(block):]:
-            ax.set_axis_off()
-        fig.colorbar(image, ax=list(axes), shrink=0.8, label="% of the group's routing")
-        imgs.append(_img(fig, f"expert usage heatmaps, layers {layers[block[0]]} to {layers[block[-1]]}"))
-    body = (_note("Percent of each group's expert selections (all top-k ranks) that go to each expert; "
-                  f"rows: groups, columns: experts (uniform: {100.0 / n_experts:.3g}%).") + "".join(imgs))
-    return _section("usage", "Expert usage per layer", body)
+def _render_usage(ctx: Context) -> str:
+    layers = ctx.counts["layer"].values.tolist()
+    imgs = [_img(figures.usage_heatmaps(ctx.counts, layers[i:i + LAYERS_PER_FIGURE]),
+                 f"expert usage heatmaps, layers {layers[i]} to {layers[min(i + LAYERS_PER_FIGURE, len(layers)) - 1]}")
+            for i in range(0, len(layers), LAYERS_PER_FIGURE)]
+    return (_note("Percent of each group's expert selections (all top-k ranks) that go to each expert; rows: "
+                  f"groups, columns: experts (uniform: {100.0 / ctx.counts.sizes['expert']:.3g}%).") + "".join(imgs))
 
 
-def _specialist_section(counts: xr.Dataset, layer: int | None) -> str:
-    heading = "Specialist and generalist experts"
+def _render_specialists(ctx: Context) -> str:
+    layer = ctx.best_layer()
     if layer is None:
-        return _section("specialists", heading, _note("No layer has expert counts."))
+        return _note("No layer has expert counts.")
+    counts = ctx.counts
     var = metrics.expert_variation(counts, layer)
-    gdims = metrics.group_dims(counts)
     cv = var["cv"].values
     if np.all(np.isnan(cv)):
-        return _section("specialists", heading,
-                        _note(f"Layer {layer}: the coefficient of variation needs at least two groups."))
+        return _note(f"Layer {layer}: the coefficient of variation needs at least two groups.")
+    gdims = metrics.group_dims(counts)
     experts = var["expert"].values
     preferred = ["/".join(str(var[f"preferred_{label}"].values[i]) for label in gdims) or "all"
                  for i in range(experts.size)]
-    fig = Figure(figsize=(9, 2.6))
-    ax = fig.subplots()
-    colors = np.where(var["specialist"].values, "#c0392b", np.where(var["generalist"].values, "#2980b9", "#95a5a6"))
-    ax.bar(np.arange(experts.size), np.nan_to_num(cv), color=colors)
-    ax.axhline(var.attrs["q75"], ls="--", color="#c0392b", lw=1, label="75th percentile")
-    ax.axhline(var.attrs["q25"], ls="--", color="#2980b9", lw=1, label="25th percentile")
-    step = max(1, math.ceil(experts.size / 32))
-    ax.set_xticks(np.arange(0, experts.size, step), [str(v) for v in experts[::step]], fontsize=6)
-    ax.set_xlabel("expert", fontsize=8)
-    ax.set_ylabel("coefficient of variation", fontsize=8)
-    ax.set_title(f"layer {layer}: red specialists, blue generalists", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
     rows = []
     for role, mask in (("specialist", var["specialist"].values), ("generalist", var["generalist"].values)):
         idx = np.flatnonzero(mask)
         idx = idx[np.argsort(-cv[idx], kind="stable")]
         rows += [[role, int(experts[i]), cv[i], preferred[i], var["usage_pct"].values[i]] for i in idx]
-    body = (_note(f"Layer {layer} (largest chi-square). Coefficient of variation of each expert's counts across "
+    return (_note(f"Layer {layer} (largest chi-square). Coefficient of variation of each expert's counts across "
                   f"groups; specialists above the 75th percentile ({var.attrs['q75']:.3g}), generalists below the "
                   f"25th ({var.attrs['q25']:.3g}). Usage: percent of the preferred group's routing at this layer "
                   "that goes to the expert.")
-            + _img(fig, f"coefficient of variation per expert at layer {layer}")
+            + _img(figures.specialists(counts, layer), f"coefficient of variation per expert at layer {layer}")
             + _table(["role", "expert", "cv", "preferred group", "usage % of the group"], rows, text_cols=1))
-    return _section("specialists", heading, body)
 
 
-def _paths_section(counts: xr.Dataset, groups: list[str], top: int) -> str:
-    heading = "Top paths per group"
-    if "paths" not in counts.data_vars:
-        return _section("paths", heading, _note("paths were not counted (count with --stats paths)."))
-    paths = _group_matrix(counts["paths"].transpose(..., "layer", "prev_expert", "expert"), counts)  # [G, L, E, E]
-    shape = paths.shape[1:]
-    flat = paths.reshape(paths.shape[0], -1)
+def _top_items(ctx: Context, var: str, dims: tuple[str, str], fmt: str) -> list[list]:
+    """Rows (group, layer, item, count, share %, in group %) of each group's TOP_PATHS most frequent items."""
+    counts = ctx.counts
+    arr = _group_matrix(counts[var].transpose(..., "layer", *dims), counts)  # [G, L, E, E]
+    shape = arr.shape[1:]
+    flat = arr.reshape(arr.shape[0], -1)
     overall = flat.sum(axis=0)
     layers = counts["layer"].values
-    prev_ids, ids = counts["prev_expert"].values, counts["expert"].values
+    a_ids, b_ids = counts[dims[0]].values, counts[dims[1]].values
     rows = []
-    for g, name in enumerate(groups):
+    for g, name in enumerate(ctx.groups):
         total = flat[g].sum()
         if total == 0:
             continue
-        order = np.argsort(-flat[g], kind="stable")[:top]
+        order = np.argsort(-flat[g], kind="stable")[:TOP_PATHS]
         order = order[flat[g][order] > 0]
-        li, pi, ei = np.unravel_index(order, shape)
+        li, ai, bi = np.unravel_index(order, shape)
         for j, item in enumerate(order):
-            rows.append([name, int(layers[li[j]]), f"{prev_ids[pi[j]]} -> {ids[ei[j]]}", int(flat[g][item]),
+            rows.append([name, int(layers[li[j]]), fmt.format(a_ids[ai[j]], b_ids[bi[j]]), int(flat[g][item]),
                          100.0 * flat[g][item] / total, 100.0 * flat[g][item] / overall[item]])
+    return rows
+
+
+def _render_paths(ctx: Context) -> str:
+    rows = _top_items(ctx, "paths", ("prev_expert", "expert"), "{} -> {}")
     if not rows:
-        return _section("paths", heading, _note("No paths were counted (a single recorded layer?)."))
-    body = (_note(f"The {top} most frequent paths of each group: top-1 expert at the previous recorded layer -> "
-                  "top-1 expert at this layer. Share: of the group's paths over all layers; in group: the "
-                  "fraction of all groups' uses of the path that come from this group.")
-            + _table(["group", "layer", "path", "count", "share %", "in group %"], rows, text_cols=3))
-    return _section("paths", heading, body)
+        return _note("No paths were counted (a single recorded layer?).")
+    body = _note(f"The {TOP_PATHS} most frequent paths of each group: top-1 expert at the previous recorded layer "
+                 "-> top-1 expert at this layer. Share: of the group's paths over all layers; in group: the "
+                 "fraction of all groups' uses of the path that come from this group.")
+    if ctx.counts.sizes["layer"] > 1:
+        body += _img(figures.paths(ctx.counts), "top-1 transition matrices between consecutive layers")
+    return body + _table(["group", "layer", "path", "count", "share %", "in group %"], rows, text_cols=3)
 
 
-def _stickiness_section(counts: xr.Dataset, groups: list[str]) -> str:
-    heading = "Stickiness"
-    if "temporal" not in counts.data_vars:
-        return _section("stickiness", heading, _note("temporal was not counted (count with --stats temporal)."))
-    ds = metrics.stickiness(counts)
-    s = _group_matrix(ds["stickiness"].transpose(..., "layer"), counts)  # [G, L]
-    baseline = float(ds["baseline"])
-    layers = counts["layer"].values.tolist()
-    fig = Figure(figsize=(7, 3))
-    ax = fig.subplots()
-    x = np.arange(len(layers))
-    for g, name in enumerate(groups):
-        ax.plot(x, s[g], marker=".", label=name)
-    ax.axhline(baseline, ls="--", color="k", lw=1, label=f"1/E = {baseline:.3g}")
-    ax.set_xticks(x, [str(v) for v in layers], fontsize=7)
-    ax.set_xlabel("layer", fontsize=8)
-    ax.set_ylabel("P(same top-1 at t+1)", fontsize=8)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
+def _render_pairs(ctx: Context) -> str:
+    rows = _top_items(ctx, "pairs", ("first", "second"), "({}, {})")
+    if not rows:
+        return _note("No pairs were counted.")
+    return (_note(f"Ordered (rank-0, rank-1) expert pairs, seed 000's third target method: the {TOP_PATHS} most "
+                  "frequent pairs of each group (share: of the group's pairs over all layers; in group: the "
+                  "fraction of all groups' uses of the pair that come from this group), and per layer the pair "
+                  "matrix over all groups.")
+            + _img(figures.pairs(ctx.counts), "rank-0 x rank-1 pair matrices")
+            + _table(["group", "layer", "pair", "count", "share %", "in group %"], rows, text_cols=3))
+
+
+def _render_coactivation(ctx: Context) -> str:
+    co = metrics.coactivation(ctx.counts)
+    values = co.values.copy()
+    rows = []
+    for li, layer in enumerate(ctx.counts["layer"].values.tolist()):
+        m = values[li].copy()
+        np.fill_diagonal(m, np.nan)
+        if np.all(np.isnan(m)):
+            continue
+        i, j = np.unravel_index(np.nanargmax(m), m.shape)
+        rows.append([layer, f"{i} -> {j}", m[i, j], float(np.nanmean(m))])
+    return (_note("OLMoE's co-activation N(Ei, Ej) / N(Ei): of the tokens selecting expert i (row), the fraction "
+                  "that also select expert j, over all groups. Table: the strongest pair per layer and the mean.")
+            + _img(figures.coactivation(ctx.counts), "co-activation matrices by layer")
+            + _table(["layer", "strongest i -> j", "N(Ei,Ej)/N(Ei)", "mean"], rows, text_cols=2))
+
+
+def _render_stickiness(ctx: Context) -> str:
+    ds = metrics.stickiness(ctx.counts)
+    s = _group_matrix(ds["stickiness"].transpose(..., "layer"), ctx.counts)
     mean = float(np.nanmean(s)) if np.any(~np.isnan(s)) else float("nan")
-    body = (_note("Probability that the next token of the same sequence keeps the top-1 expert, per group and "
-                  f"layer; mean {_fmt(mean)} against the random baseline 1/E = {baseline:.3g}.")
-            + _img(fig, "stickiness by layer"))
-    return _section("stickiness", heading, body)
+    return (_note("Probability that the next token of the same sequence keeps the top-1 expert, per group and "
+                  f"layer; mean {_fmt(mean)} against the random baseline 1/E = {float(ds['baseline']):.3g}.")
+            + _img(figures.stickiness(ctx.counts), "stickiness by layer"))
 
 
-def _store_section(info: dict, counts: xr.Dataset, origin: str, groups: list[str]) -> str:
-    facts = [
-        ["path", info["path"]], ["model", info["model"] or "-"], ["scoring", info["scoring"] or "-"],
-        ["tokens (rows)", info["rows"]], ["routing rows", info["routing_rows"]], ["sequences", info["sequences"]],
-        ["sequence metadata rows", info["sequence_metadata_rows"]],
-        ["layers", f"{info['n_layers']} {info['layer_ids']}"], ["experts", info["n_experts"]],
-        ["top-k", info["top_k"]], ["chunk rows", info["chunk_rows"]], ["format version", info["format_version"]],
-    ]
-    for label, values in info["labels"].items():
-        facts.append([f"label {label}", ", ".join(f"{k}={v:,}" for k, v in values.items())])
-    arrays = []
-    for name, a in info["arrays"].items():
-        raw, stored = a["raw_bytes"], a["stored_bytes"]
-        arrays.append([name, str(tuple(a["shape"])), a["dtype"], _size(raw), _size(stored),
-                       raw / stored if raw and stored else float("nan")])
-    tokens = _group_matrix(counts["tokens"], counts).reshape(-1) if "tokens" in counts.data_vars else None
-    filters = counts.attrs.get("filters", "{}")
-    counts_facts = [["counts", origin], ["statistics", ", ".join(sorted(counts.data_vars))],
-                    ["grouped by", ", ".join(metrics.group_dims(counts)) or "nothing (one group: all)"],
-                    ["filters", filters if isinstance(filters, str) else json.dumps(filters)]]
-    body = (_table(["fact", "value"], facts, text_cols=2)
-            + "<h3>Arrays</h3>"
-            + _table(["array", "shape", "dtype", "raw", "stored", "ratio"], arrays, text_cols=3)
-            + "<h3>Counts</h3>" + _table(["fact", "value"], counts_facts, text_cols=2))
-    if tokens is not None:
-        body += _table(["group", "tokens counted"], [[g, int(t)] for g, t in zip(groups, tokens)])
-    return _section("store", "Trace store", body)
-
-
-# Effects an experiment table can hold: column -> colour-bar label.
-MEASURES = {"drop": "accuracy drop (base - ablated)", "loss_increase": "loss increase (ablated - base, nats)"}
-
-
-def _pivot(df: pd.DataFrame, method: str, index: list[str], columns: list[str], value: str = "drop") -> pd.DataFrame:
-    sub = df[df["method"] == method]
-    return sub.pivot_table(index="targeted_group", columns="evaluated_group", values=value,
-                           aggfunc="mean").reindex(index=index, columns=columns)
-
-
-def _matrix_ax(ax, matrix: pd.DataFrame, title: str, limit: float, ylabel: bool):
-    values = matrix.to_numpy(dtype=np.float64)
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
-                      interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks(np.arange(values.shape[1]), matrix.columns, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(np.arange(values.shape[0]), matrix.index, fontsize=7)
-    ax.set_xlabel("evaluated group", fontsize=8)
-    if ylabel:
-        ax.set_ylabel("targeted group", fontsize=8)
-    if values.size <= 144:
-        for (r, c), v in np.ndenumerate(values):
-            if not np.isnan(v):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(v) > 0.6 * limit else "black")
-    return image
-
-
-def _ordered(names: set[str], groups: list[str]) -> list[str]:
-    """``names`` in the counts' group order, names the counts do not have after them, sorted."""
-    return [g for g in groups if g in names] + sorted(names - set(groups))
-
-
-def _experiment_section(df: pd.DataFrame, groups: list[str]) -> str:
+def _render_experiment(ctx: Context) -> str:
+    df = ctx.results
+    groups = ctx.groups
     methods = sorted({m for m in df["method"] if not m.startswith("random")})
     randoms = sorted({m for m in df["method"] if m.startswith("random")})
     # each real method with its control ("random:m"); controls of no listed method stand alone
     panels = [(m, f"random:{m}" if f"random:{m}" in randoms else None) for m in methods]
     panels += [(r, None) for r in randoms if r not in {c for _, c in panels}]
-    index = _ordered(set(df["targeted_group"]), groups)
-    columns = _ordered(set(df["evaluated_group"]), groups)
     if "loss_increase" not in df.columns and {"base_loss", "ablated_loss"} <= set(df.columns):
         df = df.assign(loss_increase=df["ablated_loss"] - df["base_loss"])
     measures = [m for m in MEASURES if m in df.columns and np.any(~np.isnan(df[m].to_numpy(dtype=np.float64)))]
-    side = min(7.0, max(3.0, 0.45 * max(len(index), len(columns)) + 1.5))
     figs = []
     for measure in measures:
-        values = df[measure].to_numpy(dtype=np.float64)
-        limit = float(np.nanmax(np.abs(values))) if np.nanmax(np.abs(values)) > 0 else 1.0
         figs.append(f"<h3>{_e(MEASURES[measure])}</h3>")
         for method, control in panels:
-            names = [method] + ([control] if control else [])
-            fig = Figure(figsize=(side * len(names) + 1.0, side))
-            axes = np.atleast_1d(fig.subplots(1, len(names)))
-            image = None
-            for ax, name in zip(axes, names):
-                label = f"{name} (control)" if name == control else name
-                image = _matrix_ax(ax, _pivot(df, name, index, columns, measure), label, limit,
-                                   ylabel=ax is axes[0])
-            fig.colorbar(image, ax=list(axes), shrink=0.8, label=MEASURES[measure])
+            fig = figures.ablation_matrix(df, method, measure, control, groups)
             figs.append(f"<h4>{_e(method)}</h4>" + _img(fig, f"{measure} matrix of {method}"
                                                           + (f" beside {control}" if control else "")))
 
@@ -524,7 +468,7 @@ def _experiment_section(df: pd.DataFrame, groups: list[str]) -> str:
         agg["seeds"] = ("seed", "nunique")
     table = (df.groupby(["method", "targeted_group", "evaluated_group"], sort=True)
              .agg(**agg).reset_index())
-    body = (_note("Accuracy drop (base - ablated) and, when texts were scored, loss increase (ablated - base) "
+    return (_note("Accuracy drop (base - ablated) and, when texts were scored, loss increase (ablated - base) "
                   "of every evaluated group when the routes specialized in the targeted group are ablated, mean "
                   "over seeds, with the same number of random routes ablated as the control. One color scale "
                   "per measure.")
@@ -537,7 +481,238 @@ def _experiment_section(df: pd.DataFrame, groups: list[str]) -> str:
             + "<h3>Results</h3>"
             + _table(["method", "targeted group", "evaluated group", *[c.replace("_", " ") for c in agg]],
                      table.itertuples(index=False), text_cols=3))
-    return _section("experiment", "Ablation experiment", body)
+
+
+def _render_targets(ctx: Context) -> str:
+    df = ctx.results
+    real = df[~df["method"].str.startswith("random")]
+    cov = (real.groupby(["method", "targeted_group", "evaluated_group"], sort=True)["coverage"].mean()
+           .reset_index())
+    rows = []
+    tdir = ctx.run_dir / "targets" if ctx.run_dir is not None else None
+    for method, target in sorted(set(zip(real["method"], real["targeted_group"]))):
+        own = cov[(cov["method"] == method) & (cov["targeted_group"] == target)]
+        on = own[own["evaluated_group"] == target]["coverage"]
+        off = own[own["evaluated_group"] != target]["coverage"]
+        n_rules = "-"
+        if tdir is not None:
+            path = tdir / f"{target.replace('/', '_')}_{method}.json"
+            if path.is_file():
+                from engine.targets import Targets
+
+                n_rules = sum(Targets.load(path, kind=method).n_rules().values())
+        rows.append([method, target, n_rules, float(on.mean()) * 100 if len(on) else float("nan"),
+                     float(off.mean()) * 100 if len(off) else float("nan")])
+    return (_note("The routes chosen for each targeted group (seed 000's rule: a route's share of the group's "
+                  "samples >= the group's share x threshold) and how much of each group's routing they cover: "
+                  "own = the targeted group's items that are targeted, others = mean over the other groups.")
+            + _img(figures.coverage(df), "coverage of each group's routes by its targets")
+            + _table(["method", "targeted group", "rules", "own coverage %", "others' coverage %"], rows,
+                     text_cols=2))
+
+
+def _render_decisiveness(ctx: Context) -> str:
+    from engine.analysis import decisiveness
+
+    if ctx.has(f"{ANALYSIS_DIR}/decisiveness.zarr"):
+        ds = _open_dataset(ctx.analysis_dir / "decisiveness.zarr")
+    else:
+        ds = decisiveness(ctx.store, by=ctx.store.label_names)
+    rows = [[int(layer), *ds["entropy_quantile"].sel(layer=layer).values.tolist(),
+             float(ds["mean_mass"].sel(layer=layer).mean())] for layer in ds["layer"].values]
+    return (_note(f"Entropy of the router's full distribution over the {ds.attrs['n_experts']} experts divided by "
+                  f"log E (0: one expert takes everything, 1: uniform), per token, from routing/probs; and the "
+                  f"probability mass the top-{ds.attrs['top_k']} keep. Quantiles from {ds.sizes['bin']}-bin "
+                  "histograms.")
+            + _img(figures.decisiveness(ds), "router entropy and top-k mass by layer")
+            + _table(["layer", *[f"entropy q{q:g}" for q in ds["quantile"].values], "mean top-k mass"], rows))
+
+
+def _render_router_metrics(ctx: Context) -> str:
+    from engine.analysis import router_metrics
+
+    ds = router_metrics(ctx.counts)
+    layer = ctx.best_layer() if ctx.best_layer() is not None else int(ds["layer"].values[0])
+    rows = []
+    for l in ds["layer"].values.tolist():
+        spec = ds["specialization"].sel(layer=l).values
+        ov = ds["overlap"].sel(layer=l).values.copy() if "overlap" in ds else None
+        if ov is not None:
+            np.fill_diagonal(ov, np.nan)
+        rows.append([l, float(np.nanmax(spec)) if np.any(~np.isnan(spec)) else float("nan"),
+                     float(np.nanmean(ov)) if ov is not None and np.any(~np.isnan(ov)) else float("nan")])
+    return (_note("Expert selection frequency (fraction of a group's tokens with the expert in their top-k; "
+                  f"uniform {ds.attrs['frequency_baseline']:.3g}), domain specialization (share of the expert's "
+                  f"selections from the group; uniform {ds.attrs['specialization_baseline']:.3g}) and token overlap "
+                  f"(Jaccard of two experts' token sets). Figure: layer {layer}.")
+            + _img(figures.router_metrics(ds, layer), f"router metrics at layer {layer}")
+            + _table(["layer", "max specialization", "mean overlap"], rows))
+
+
+def _render_lang_domain(ctx: Context) -> str:
+    from engine.analysis import jensen_shannon
+
+    ds = jensen_shannon(ctx.counts)
+    cols = [c for c in ("jsd", "by_domain", "by_lang", "domain_given_lang", "lang_given_domain") if c in ds]
+    rows = [[int(l), *[float(ds[c].sel(layer=l)) for c in cols]] for l in ds["layer"].values]
+    split = "by_lang" in ds
+    return (_note("Weighted Jensen-Shannon divergence between the groups' expert distributions per layer, which "
+                  "equals the mutual information I(expert; group) in bits"
+                  + ("; split exactly into the part explained by language I(E; lang) and by domain I(E; domain), "
+                     "with what each leaves given the other." if split else
+                     " (the language / domain split needs counts grouped by both domain and lang)."))
+            + _img(figures.lang_domain(ds), "divergence between groups by layer")
+            + _table(["layer", *cols], rows))
+
+
+def _open_dataset(path: Path) -> xr.Dataset:
+    from engine.analysis import load_result
+
+    return load_result(path)
+
+
+def _render_similarity(ctx: Context) -> str:
+    ds = _open_dataset(ctx.analysis_dir / "similarity.zarr")
+    imgs = "".join(_img(figures.similarity(ds, int(l)), f"expert similarity at layer {l}") for l in ds["layer"].values)
+    rows = []
+    for l in ds["layer"].values.tolist():
+        row = [l]
+        for v in ("cosine", "cka", "weight_cosine"):
+            if v in ds:
+                m = ds[v].sel(layer=l).values.copy()
+                np.fill_diagonal(m, np.nan)
+                row.append(float(np.nanmean(m)))
+            else:
+                row.append(float("nan"))
+        rows.append(row)
+    return (_note(f"Every expert applied to the same {ds.attrs.get('tokens', '?')} tokens' layer inputs: mean "
+                  "cosine similarity of their outputs, linear CKA, and cosine similarity of their weights; experts "
+                  "ordered by average-linkage clustering (moetrace similarity).")
+            + imgs + _table(["layer", "mean cosine", "mean CKA", "mean weight cosine"], rows))
+
+
+def _render_router_stats(ctx: Context) -> str:
+    ds = _open_dataset(ctx.analysis_dir / "router_stats.zarr")
+    rows = [[int(l), float(ds["logit_mean"].sel(layer=l, rank=0)), float(ds["prob_mean"].sel(layer=l, rank=0)),
+             float(ds["weight_mean"].sel(layer=l, rank=0))] for l in ds["layer"].values]
+    return (_note(f"Router logits, probabilities ({ds.attrs.get('scoring', '')}) and top-k weights sorted per token, "
+                  f"mean +- std by rank over {ds.attrs.get('tokens', '?')} tokens (moetrace router-stats).")
+            + _img(figures.router_stats(ds), "router statistics by rank")
+            + _table(["layer", "top logit", "top probability", "top-1 weight"], rows))
+
+
+def _render_embedding(ctx: Context) -> str:
+    files = sorted(ctx.analysis_dir.glob("dim_reduc_layer*.csv"))
+    body = _note("2-D map of the routed experts' outputs (moetrace dim-reduc), coloured by expert and by group.")
+    for path in files:
+        points = pd.read_csv(path, keep_default_na=False)
+        meta = path.with_suffix(".json")
+        if meta.is_file():
+            points.attrs.update(json.loads(meta.read_text()))
+        body += f"<h3>{_e(path.stem)}</h3>" + _img(figures.embedding(points), path.stem)
+    return body
+
+
+def _render_profiles(ctx: Context) -> str:
+    body = _note("One (layer, expert) per profile (moetrace profile): its selection frequency, mean routing "
+                 "weight, most frequent tokens and the experts it co-activates with.")
+    for path in sorted(ctx.analysis_dir.glob("profile_layer*_expert*.json")):
+        p = json.loads(path.read_text())
+        body += (f"<h3>{_e(path.stem)}</h3>"
+                 + _table(["fact", "value"], [
+                     ["selected", p["selected"]], ["selection frequency", p["selection_frequency"]],
+                     ["mean weight", p["mean_weight"]],
+                     ["top tokens", ", ".join(f"{t['text']} ({t['count']})" for t in p["top_tokens"][:10])],
+                     ["co-activates with", ", ".join(f"{c['expert']} ({c['share']:.2f})"
+                                                     for c in p["coactivation"][:5])]], text_cols=2))
+    return body
+
+
+def _render_steering(ctx: Context) -> str:
+    body = _note("Boosting or ablating one expert's routing for a prompt (moetrace steer): greedy continuations "
+                 "and the next-token distribution at the chosen position, before and after.")
+    for path in sorted(ctx.analysis_dir.glob("steer*.json")):
+        r = json.loads(path.read_text())
+        body += (f"<h3>{_e(path.stem)}</h3>" + _img(figures.steering(r), path.stem)
+                 + _table(["", "text"], [["prompt", r["prompt"]], ["before", r["before"]["generated"]],
+                                         ["after", r["after"]["generated"]]], text_cols=2))
+    return body
+
+
+def _render_store(ctx: Context) -> str:
+    info, counts = ctx.store.info(), ctx.counts
+    facts = [
+        ["path", info["path"]], ["model", info["model"] or "-"], ["scoring", info["scoring"] or "-"],
+        ["tokens (rows)", info["rows"]], ["routing rows", info["routing_rows"]], ["sequences", info["sequences"]],
+        ["sequence metadata rows", info["sequence_metadata_rows"]],
+        ["layers", f"{info['n_layers']} {info['layer_ids']}"], ["experts", info["n_experts"]],
+        ["top-k", info["top_k"]], ["chunk rows", info["chunk_rows"]], ["format version", info["format_version"]],
+    ]
+    for label, values in info["labels"].items():
+        facts.append([f"label {label}", ", ".join(f"{k}={v:,}" for k, v in values.items())])
+    arrays = []
+    for name, a in info["arrays"].items():
+        raw, stored = a["raw_bytes"], a["stored_bytes"]
+        arrays.append([name, str(tuple(a["shape"])), a["dtype"], _size(raw), _size(stored),
+                       raw / stored if raw and stored else float("nan")])
+    tokens = _group_matrix(counts["tokens"], counts).reshape(-1) if "tokens" in counts.data_vars else None
+    filters = counts.attrs.get("filters", "{}")
+    counts_facts = [["counts", ctx.origin], ["statistics", ", ".join(sorted(counts.data_vars))],
+                    ["grouped by", ", ".join(metrics.group_dims(counts)) or "nothing (one group: all)"],
+                    ["filters", filters if isinstance(filters, str) else json.dumps(filters)]]
+    body = (_table(["fact", "value"], facts, text_cols=2)
+            + "<h3>Arrays</h3>"
+            + _table(["array", "shape", "dtype", "raw", "stored", "ratio"], arrays, text_cols=3)
+            + "<h3>Counts</h3>" + _table(["fact", "value"], counts_facts, text_cols=2))
+    if tokens is not None:
+        body += _table(["group", "tokens counted"], [[g, int(t)] for g, t in zip(ctx.groups, tokens)])
+    return body
+
+
+#: The report's sections, in page order. Adding an analysis to the report is one more entry.
+SECTIONS: tuple[Section, ...] = (
+    Section("experiment", "Ablation experiment", "Ablation experiment", ("results",), _render_experiment),
+    Section("targets", "Chosen targets and their coverage", "Targets", ("coverage",), _render_targets),
+    Section("separation", "Domain separation by layer", "Domain separation", ("experts",), _render_separation,
+            always=True),
+    Section("usage", "Expert usage per layer", "Expert usage", ("experts",), _render_usage, always=True),
+    Section("specialists", "Specialist and generalist experts", "Specialists", ("experts",), _render_specialists,
+            always=True),
+    Section("paths", "Top paths per group", "Top paths", ("paths",), _render_paths, always=True),
+    Section("pairs", "Top expert pairs per group", "Pairs", ("pairs",), _render_pairs, always=True),
+    Section("coactivation", "Expert co-activation", "Co-activation", ("coact",), _render_coactivation, always=True),
+    Section("stickiness", "Stickiness", "Stickiness", ("temporal",), _render_stickiness, always=True),
+    Section("router-metrics", "Router metrics", "Router metrics", ("experts", "tokens", "coact"),
+            _render_router_metrics),
+    Section("lang-domain", "Languages vs domains", "Languages vs domains", ("experts", "groups"), _render_lang_domain),
+    Section("decisiveness", "Router decisiveness", "Decisiveness", ("decisiveness",), _render_decisiveness),
+    Section("router-stats", "Router statistics", "Router statistics", (f"{ANALYSIS_DIR}/router_stats.zarr",),
+            _render_router_stats),
+    Section("similarity", "Expert similarity", "Similarity", (f"{ANALYSIS_DIR}/similarity.zarr",),
+            _render_similarity),
+    Section("embedding", "Expert outputs in 2-D", "2-D map", (f"{ANALYSIS_DIR}/dim_reduc_layer*.csv",),
+            _render_embedding),
+    Section("profiles", "Expert profiles", "Profiles", (f"{ANALYSIS_DIR}/profile_layer*_expert*.json",),
+            _render_profiles),
+    Section("steering", "Steering", "Steering", (f"{ANALYSIS_DIR}/steer*.json",), _render_steering),
+    Section("store", "Trace store", "Trace store", (), _render_store, always=True),
+)
+
+#: Count statistics the report reads: counted when a run directory has no ``counts.zarr`` or the
+#: source is a bare store, and what a run directory's ``counts.zarr`` should hold.
+REPORT_STATS: tuple[str, ...] = tuple(dict.fromkeys(n for s in SECTIONS for n in s.needs if n in STATS
+                                                   and n != "tokens"))
+
+
+def planned_sections(ctx: Context) -> list[Section]:
+    """The sections a page shows for this data, in order."""
+    return [s for s in SECTIONS if s.always or all(ctx.has(n) for n in s.needs)]
+
+
+def _render(section: Section, ctx: Context) -> str:
+    missing = [n for n in section.needs if n in STATS and not ctx.has(n)]
+    body = _note(_not_counted(missing)) if missing else section.render(ctx)
+    return _section(section.id, section.title, body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,12 +726,14 @@ def write_report(source: str | Path, out_html: str | Path, *, results: str | Pat
 
     source: a trace store (``TraceStore.open`` opens it), or a run directory holding
         ``trace.zarr``, optionally ``counts.zarr`` (:func:`engine.aggregate.save_counts`; else the
-        store is counted for ``experts, paths, temporal`` by all its labels) and ``results.csv``.
+        store is counted for :data:`REPORT_STATS` by all its labels), ``results.csv``, ``targets/``
+        and ``analysis/`` (what the analysis commands wrote with ``--out RUN/analysis``).
     results: an experiment's results table (CSV path or DataFrame, see :func:`load_results`);
         overrides the run directory's ``results.csv``.
     title: the page title (default: "moetrace report: <source name>").
-    Parent directories of ``out_html`` are created. Raises MoetraceError on a source that is
-    neither a store nor a run directory, or on a malformed results table.
+    The page has the sections of :data:`SECTIONS` whose data is present. Parent directories of
+    ``out_html`` are created. Raises MoetraceError on a source that is neither a store nor a run
+    directory, or on a malformed results table.
     """
     source = Path(source)
     out_html = Path(out_html)
@@ -567,20 +744,10 @@ def write_report(source: str | Path, out_html: str | Path, *, results: str | Pat
     info = store.info()
     groups = [_group_label(g) for g in metrics.group_names(counts)]
     title = title if title is not None else f"moetrace report: {source.resolve().name}"
-
-    sections = []
-    if table is not None:
-        sections.append(("experiment", "Ablation experiment", _experiment_section(table, groups)))
-    separation, best = _separation_section(counts, groups)
-    sections += [
-        ("separation", "Domain separation", separation),
-        ("usage", "Expert usage", _usage_section(counts, groups)),
-        ("specialists", "Specialists", _specialist_section(counts, best)),
-        ("paths", "Top paths", _paths_section(counts, groups, TOP_PATHS)),
-        ("stickiness", "Stickiness", _stickiness_section(counts, groups)),
-        ("store", "Trace store", _store_section(info, counts, origin, groups)),
-    ]
-    nav = "".join(f'<a href="#{_e(sid)}">{_e(name)}</a>' for sid, name, _ in sections)
+    run_dir = source if (source / "trace.zarr").is_dir() else None
+    ctx = Context(store=store, counts=counts, origin=origin, groups=groups, results=table, run_dir=run_dir)
+    sections = planned_sections(ctx)
+    nav = "".join(f'<a href="#{_e(s.id)}">{_e(s.nav)}</a>' for s in sections)
     summary = (f"{info['rows']:,} tokens, {info['sequences']:,} sequences, {info['n_layers']} layers, "
                f"top-{info['top_k']} of {info['n_experts']} experts, groups: {', '.join(groups)}")
     page = (
@@ -588,7 +755,7 @@ def write_report(source: str | Path, out_html: str | Path, *, results: str | Pat
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
         f"<title>{_e(title)}</title>\n<style>{_STYLE}</style></head>\n<body>\n"
         f"<h1>{_e(title)}</h1>\n<p>{_e(summary)}</p>\n<nav>{nav}</nav>\n"
-        + "\n".join(body for _, _, body in sections)
+        + "\n".join(_render(s, ctx) for s in sections)
         + "\n</body></html>\n"
     )
     out_html.parent.mkdir(parents=True, exist_ok=True)

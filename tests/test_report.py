@@ -28,12 +28,16 @@ from engine import synthetic
 from engine.aggregate import count, save_counts
 from engine.cli import main as cli_main
 from engine.errors import MoetraceError
-from engine.report import _fmt, _table, write_report
+from engine.report import REPORT_STATS, _fmt, _table, write_report
+from engine.report import SECTIONS as REPORT_SECTIONS
 from engine.store import TraceStore
 
 SPEC = synthetic.TraceSpec(n_tokens=2048, n_layers=4, n_experts=16, top_k=2, seq_len=32)
 GROUPS = [f"{d}/{lang}" for d in synthetic.DOMAINS for lang in synthetic.LANGS]
-SECTIONS = ("experiment", "separation", "usage", "specialists", "paths", "stickiness", "store")
+# The sections a run directory with results.csv and counts of every REPORT_STATS grouped by labels
+# gets: derived from the report's own list (no routing/probs, no analysis/ files, no coverage column).
+AVAILABLE = {"results", "tokens", "groups", *REPORT_STATS}
+SECTIONS = tuple(s.id for s in REPORT_SECTIONS if s.always or set(s.needs) <= AVAILABLE)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -149,8 +153,11 @@ def test_self_contained(run_report):
 
 def test_every_image_is_a_valid_png(run_report):
     pngs = images(run_report)
-    # experiments (one method beside its control), separation, usage, specialists, stickiness
-    assert len(pngs) == 5
+    # experiments (one method beside its control), separation, usage, specialists, paths, pairs,
+    # co-activation, stickiness, router metrics, languages vs domains
+    assert SECTIONS == ("experiment", "separation", "usage", "specialists", "paths", "pairs", "coactivation",
+                        "stickiness", "router-metrics", "lang-domain", "store")
+    assert len(pngs) == 10
     for data in pngs:
         width, height = png_size(data)
         assert 50 < width < 5000 and 50 < height < 5000
@@ -287,7 +294,8 @@ def test_store_without_labels(tmp_path):
     assert "groups: all" in text
     assert "needs at least two groups" in section(text, "specialists")
     assert ["all", "300"] in table_rows(section(text, "store"))
-    assert len(images(text)) == 3  # separation, usage, stickiness
+    assert 'id="lang-domain"' not in text  # needs groups
+    assert len(images(text)) == 7  # separation, usage, paths, pairs, co-activation, stickiness, router metrics
 
 
 def test_errors(tmp_path, run_dir):
@@ -393,3 +401,48 @@ def test_chromium_renders_every_image(run_report, tmp_path):
         # the same page with the network allowed loads the served image: the CSP is what blocked it
         open_page = page.replace(CSP, CSP.replace("img-src data:", f"img-src data: {base}"), 1)
         assert render(browser, open_page, tmp_path)[1] == ["corrupt"]
+
+
+def test_pairs_and_coactivation_match_raw_routing(run_dir, run_report):
+    """Each group's first listed pair is its most frequent ordered (rank 0, rank 1) pair; the
+    co-activation table's strongest pair per layer is the largest N(Ei, Ej) / N(Ei) of the raw rows."""
+    st = TraceStore.open(run_dir / "trace.zarr")
+    data = st.read(["experts", "domain", "lang"])
+    ex = data["experts"].astype(np.int64)
+    domains, langs = st.decode_label("domain", data["domain"]), st.decode_label("lang", data["lang"])
+    rows = table_rows(section(run_report, "pairs"))
+    for name in GROUPS:
+        d, lang = name.split("/")
+        mine = ex[(domains == d) & (langs == lang)]
+        freq: dict[tuple[int, int, int], int] = {}
+        for token in mine.tolist():
+            for layer in range(SPEC.n_layers):
+                key = (layer, token[layer][0], token[layer][1])
+                freq[key] = freq.get(key, 0) + 1
+        listed = [r for r in rows if r[0] == name]
+        assert [int(r[3].replace(",", "")) for r in listed] == sorted(freq.values(), reverse=True)[:10]
+        layer, pair = int(listed[0][1]), listed[0][2]
+        first, second = (int(x) for x in pair.strip("()").split(", "))
+        assert freq[(layer, first, second)] == max(freq.values())
+    co_rows = {r[0]: r for r in table_rows(section(run_report, "coactivation"))}
+    for layer in range(SPEC.n_layers):
+        sel = np.zeros((len(ex), SPEC.n_experts), dtype=bool)
+        sel[np.arange(len(ex))[:, None], ex[:, layer, :]] = True
+        both = sel.T.astype(np.int64) @ sel.astype(np.int64)
+        ratio = both / np.maximum(np.diag(both)[:, None], 1)
+        np.fill_diagonal(ratio, -1)
+        assert co_rows[str(layer)][2] == _fmt(ratio.max())
+
+
+def test_targets_section_from_results_coverage(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "trace.zarr", run / "trace.zarr")
+    table = results_table()
+    table["coverage"] = np.where(table["targeted_group"] == table["evaluated_group"], 0.4, 0.1)
+    table.to_csv(run / "results.csv", index=False)
+    text = write_report(run, tmp_path / "r.html").read_text()
+    rows = table_rows(section(text, "targets"))
+    assert ["experts", "math/en", "-", "40", "10"] in rows  # no targets/ directory: rules unknown
+    assert len(rows) == len(GROUPS)
+    ids = [a["id"] for t, a in Page(text).tags if t == "section"]
+    assert ids.index("targets") == ids.index("experiment") + 1

@@ -8,7 +8,9 @@
    specialized paths / experts / pairs, every domain evaluated under each ablation, and random
    controls; writes ``results.csv``, ``summary.json``, ``trace.zarr``, ``counts.zarr``,
    ``targets/``;
-3. write ``report.html`` (``engine.report.write_report``);
+3. run the seed-003 analyses on the demo model (``engine.analysis.suite.run_suite``: router
+   decisiveness, router statistics, expert similarity, a 2-D map, a profile and a steering
+   example) into ``analysis/``, then write ``report.html`` (``engine.report.write_report``);
 4. run the trace walk-through of seed 000's CSV workflow into ``csv_demo/``
    (``engine.demo.trace.run_trace_demo``: import, count, targets, coverage, Parquet);
 5. print the summary table, where the report and the demo checkpoint are, and write
@@ -54,6 +56,12 @@ def run_demo(out: str | Path = "demo_out", *, n_random: int = 3, progress: bool 
     summary = json.loads((out / "summary.json").read_text())
     print(f"[2/4] experiment on {len(questions)} questions and {len(texts)} texts -> {out / 'results.csv'}")
 
+    from engine.analysis.suite import run_suite
+    from engine.demo.data import make_training_documents
+
+    docs = make_training_documents(200, seed=1)
+    run_suite(model, [tokenizer(d["text"])["input_ids"] for d in docs], [f"{d['domain']}/{d['lang']}" for d in docs],
+              out / "analysis", num_tokens=2000, pad_id=tokenizer.pad_token_id or 0, decode=tokenizer.decode)
     report = write_report(out, out / "report.html", title="moetrace demo")
     print(f"[3/4] report -> {report}")
     run_trace_demo(out / "csv_demo", progress=False, verbose=False)

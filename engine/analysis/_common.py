@@ -1,0 +1,182 @@
+"""Shared plumbing of the analyses: layer selection, group codes, model inputs, expert modules."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.errors import MoetraceError
+from engine.store import TraceStore
+
+
+def layer_positions(layer_ids: Sequence[int], layers: Sequence[int] | None, where: str = "--layers") -> list[int]:
+    """Indices into ``layer_ids`` of the requested layer ids (all when ``layers`` is None)."""
+    ids = [int(x) for x in layer_ids]
+    if layers is None:
+        return list(range(len(ids)))
+    out = []
+    for layer in layers:
+        if int(layer) not in ids:
+            raise MoetraceError(f"{where}: layer {layer} is not a recorded MoE layer (have {ids})")
+        out.append(ids.index(int(layer)))
+    return out
+
+
+def row_range(store: TraceStore, num_tokens: int | None) -> tuple[int, int]:
+    """Rows [0, min(num_tokens, N)) of the store."""
+    n = len(store)
+    if num_tokens is not None and num_tokens < 1:
+        raise MoetraceError(f"--num-tokens: expected a positive integer, got {num_tokens}")
+    return 0, n if num_tokens is None else min(n, int(num_tokens))
+
+
+def group_codes(store: TraceStore, by: Sequence[str]) -> tuple[list[str], Any]:
+    """(group names, f(chunk) -> int64 group code per row) for the cross product of labels ``by``.
+
+    Group names join the label values with ``/`` (``math/en``); no labels: one group ``all``.
+    """
+    by = list(by)
+    for label in by:
+        if label not in store.labels:
+            raise MoetraceError(f"--by: no label {label!r} in {store.path} (have {store.label_names})")
+    vocabs = [store.labels[label] or [""] for label in by]
+    sizes = [len(v) for v in vocabs]
+    names = ["/".join(parts) for parts in itertools.product(*vocabs)] if by else ["all"]
+
+    def codes(chunk) -> np.ndarray:
+        n = len(chunk)
+        out = np.zeros(n, dtype=np.int64)
+        for label, size in zip(by, sizes):
+            out = out * size + chunk[label].astype(np.int64)
+        return out
+
+    return names, codes
+
+
+def token_batches(input_ids: Sequence[Sequence[int]], batch_size: int = 8, num_tokens: int | None = None,
+                  pad_id: int = 0, groups: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Left-padded batches of sequences until ``num_tokens`` real tokens are reached.
+
+    Yields {"input_ids": LongTensor [B, S], "attention_mask": [B, S], "real": bool [B*S] (row-major,
+    the real tokens), "groups": list of the group of each real token, "token_ids": int64 [n_real]}.
+    The last sequence is cut so exactly ``num_tokens`` tokens are real (when there are enough).
+    """
+    if batch_size < 1:
+        raise MoetraceError(f"--batch-size: expected a positive integer, got {batch_size}")
+    left = None if num_tokens is None else int(num_tokens)
+    batch: list[tuple[list[int], str]] = []
+    for i, ids in enumerate(input_ids):
+        if left is not None and left <= 0:
+            break
+        ids = [int(x) for x in ids]
+        if left is not None:
+            ids = ids[:left]
+            left -= len(ids)
+        if ids:
+            batch.append((ids, groups[i] if groups is not None else "all"))
+        if len(batch) == batch_size:
+            yield _pad(batch, pad_id)
+            batch = []
+    if batch:
+        yield _pad(batch, pad_id)
+
+
+def _pad(batch: list[tuple[list[int], str]], pad_id: int) -> dict[str, Any]:
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([[pad_id] * (width - len(x)) + x for x, _ in batch], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x, _ in batch], dtype=torch.long)
+    real = mask.reshape(-1).bool().numpy()
+    groups = np.repeat(np.asarray([g for _, g in batch], dtype=object), [len(x) for x, _ in batch]).tolist()
+    return {"input_ids": ids, "attention_mask": mask, "real": real, "groups": groups,
+            "token_ids": ids.reshape(-1).numpy()[real].astype(np.int64)}
+
+
+def experts_modules(model: nn.Module, layers: Sequence[int] | None = None) -> dict[int, tuple[nn.Module, int, int]]:
+    """{layer id: (experts module, n_experts, top_k)} of the model's MoE layers (all or ``layers``).
+
+    The experts module is the sibling ``experts`` of each router (transformers 5.x MoE blocks:
+    ``forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K])`` over fused 3-D
+    expert parameters).
+    """
+    from engine.intervene import router_sites
+
+    sites = router_sites(model)
+    modules = dict(model.named_modules())
+    ids = [s.layer_id for s in sites]
+    out = {}
+    for pos in layer_positions(ids, layers):
+        site = sites[pos]
+        parent = site.name.rsplit(".", 1)[0]
+        experts = modules.get(f"{parent}.experts")
+        if experts is None:
+            raise MoetraceError(f"{parent}: MoE block of layer {site.layer_id} has no 'experts' module "
+                                f"(children: {[n for n, _ in modules[parent].named_children()]})")
+        out[site.layer_id] = (experts, site.spec.n_experts, site.spec.top_k)
+    return out
+
+
+def expert_outputs(experts: nn.Module, hidden: torch.Tensor, n_experts: int,
+                   which: Sequence[int] | None = None) -> torch.Tensor:
+    """Output of every expert (or those in ``which``) for every row of ``hidden`` [T, H]: [E', T, H].
+
+    Calls the fused experts module with every token routed to expert e with weight 1, so the
+    family's own expert code computes it (gated MLPs, biases, clamps included).
+    """
+    T = hidden.shape[0]
+    weights = torch.ones((T, 1), dtype=hidden.dtype, device=hidden.device)
+    outs = []
+    for e in (range(n_experts) if which is None else which):
+        index = torch.full((T, 1), int(e), dtype=torch.long, device=hidden.device)
+        outs.append(experts(hidden, index, weights))
+    return torch.stack(outs)
+
+
+class LayerInputs:
+    """Context manager recording the input rows and routed experts of the experts modules per forward.
+
+    ``inputs[layer] = (hidden [T, H], top_k_index [T, K])`` of the last forward (detached).
+    """
+
+    def __init__(self, modules: Mapping[int, tuple[nn.Module, int, int]]):
+        self.modules = modules
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks: list = []
+
+    def __enter__(self) -> "LayerInputs":
+        for layer, (module, _, _) in self.modules.items():
+            def hook(mod, args, kwargs, layer=layer):
+                values = list(args) + list(kwargs.values())
+                self.inputs[layer] = (values[0].detach(), values[1].detach())
+            self._hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def save_result(ds, path) -> None:
+    """Write an analysis Dataset to a Zarr store (read back with :func:`load_result`)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # consolidated metadata and fixed-width string coordinates are not yet in the Zarr v3 spec
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
+        ds.to_zarr(str(path), mode="w", consolidated=True)
+
+
+def load_result(path):
+    """An analysis Dataset written by :func:`save_result`, loaded into memory."""
+    import xarray as xr
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise MoetraceError(f"{path}: no such analysis result")
+    return xr.open_zarr(str(path), consolidated=True).load()

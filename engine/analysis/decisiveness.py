@@ -1,0 +1,116 @@
+"""Router decisiveness (seed 003's ``router_decisive.py``): how sure the router is of its choice.
+
+Per token and layer, the entropy of the router's full distribution over the E experts divided by
+log(E) (0: all mass on one expert, 1: uniform), and the probability mass the top-k experts keep.
+Read chunk by chunk from ``routing/probs`` of a store (``capture --probs``): memory is one chunk
+plus fixed-size histograms, whatever the number of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+from engine.analysis._common import group_codes, layer_positions, row_range
+from engine.errors import MoetraceError
+from engine.store import TraceStore
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def router_entropy(probs) -> np.ndarray:
+    """Entropy of each row of a [T, E] probability array (or tensor) divided by log(E): float64 [T].
+
+    Rows are normalized to sum to 1 first (as ``scipy.stats.entropy`` does); 0 log 0 = 0. Works on
+    any leading shape [..., E] (returns [...]). E = 1 gives 0.
+    """
+    if hasattr(probs, "detach"):
+        probs = probs.detach().float().cpu().numpy()
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim < 1 or p.shape[-1] < 1:
+        raise MoetraceError(f"probs: expected an array [..., E] with E >= 1, got shape {p.shape}")
+    n_experts = p.shape[-1]
+    total = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = p / np.where(total > 0, total, 1.0)
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    h = -plogp.sum(axis=-1)
+    return h / np.log(n_experts) if n_experts > 1 else np.zeros_like(h)
+
+
+def _hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """Quantiles [rows, Q] of histograms [rows, B] by linear interpolation inside the bin."""
+    out = np.full((hist.shape[0], len(qs)), np.nan)
+    for r in range(hist.shape[0]):  # layers, not tokens
+        cdf = np.cumsum(hist[r])
+        if cdf[-1] == 0:
+            continue
+        cdf = np.concatenate([[0], cdf / cdf[-1]])
+        out[r] = np.interp(qs, cdf, edges)
+    return out
+
+
+def decisiveness(store: str | TraceStore, layers: Sequence[int] | None = None, num_tokens: int | None = None,
+                 by: Sequence[str] = (), bins: int = 200) -> xr.Dataset:
+    """Normalized router entropy and top-k mass per layer (and group) from ``routing/probs``.
+
+    store: a path or TraceStore with ``routing/probs``; layers: layer ids (default all);
+    num_tokens: the first N rows (default all); by: label names, groups are their cross product.
+    Returns a Dataset with dims layer, group, bin, quantile:
+      ``entropy_hist`` int64 (layer, bin) counts of the normalized entropy over ``bins`` equal bins
+      of [0, 1] (``bin_lo``/``bin_hi`` coords); ``mass_hist`` the same for the top-k mass;
+      ``entropy_quantile`` / ``mass_quantile`` (layer, quantile) from the histograms (bin width
+      1/bins resolution); ``mean_entropy`` / ``mean_mass`` float64 (group, layer) (NaN for an
+      empty group); ``tokens`` int64 (group). Attrs: n_experts, top_k, rows.
+    """
+    st = store if isinstance(store, TraceStore) else TraceStore.open(store)
+    if not st.has_probs:
+        raise MoetraceError(f"{st.path}: no routing/probs array (capture with --probs)")
+    pos = layer_positions(st.layer_ids, layers)
+    names, codes_of = group_codes(st, by)
+    G, L, E, K = len(names), len(pos), st.n_experts, st.top_k
+    h_hist = np.zeros((L, bins), dtype=np.int64)
+    m_hist = np.zeros((L, bins), dtype=np.int64)
+    h_sum = np.zeros((G, L))
+    m_sum = np.zeros((G, L))
+    tokens = np.zeros(G, dtype=np.int64)
+    rows = row_range(st, num_tokens)
+    offsets = np.arange(L) * bins
+    for chunk in st.iter_chunks(["probs", *by], rows=rows):
+        p = chunk["probs"][:, pos, :].astype(np.float32)  # [n, L, E]
+        h = router_entropy(p)  # [n, L]
+        total = p.sum(-1)
+        mass = np.partition(p, E - K, axis=-1)[..., E - K:].sum(-1) / np.where(total > 0, total, 1.0)
+        for values, hist in ((h, h_hist), (mass, m_hist)):
+            b = np.clip((values * bins).astype(np.int64), 0, bins - 1) + offsets
+            hist += np.bincount(b.ravel(), minlength=L * bins).reshape(L, bins)
+        g = codes_of(chunk)
+        tokens += np.bincount(g, minlength=G)
+        gl = (g[:, None] * L + np.arange(L)).ravel()
+        h_sum += np.bincount(gl, weights=h.ravel(), minlength=G * L).reshape(G, L)
+        m_sum += np.bincount(gl, weights=mass.ravel(), minlength=G * L).reshape(G, L)
+    if tokens.sum() == 0:
+        raise MoetraceError(f"{st.path}: no rows to analyse")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    denom = np.where(tokens > 0, tokens, np.nan)[:, None]
+    layer_ids = np.asarray(st.layer_ids)[pos]
+    return xr.Dataset(
+        {"entropy_hist": (("layer", "bin"), h_hist), "mass_hist": (("layer", "bin"), m_hist),
+         "entropy_quantile": (("layer", "quantile"), _hist_quantiles(h_hist, edges, QUANTILES)),
+         "mass_quantile": (("layer", "quantile"), _hist_quantiles(m_hist, edges, QUANTILES)),
+         "mean_entropy": (("group", "layer"), h_sum / denom), "mean_mass": (("group", "layer"), m_sum / denom),
+         "tokens": (("group",), tokens)},
+        coords={"layer": layer_ids, "group": names, "quantile": list(QUANTILES),
+                "bin_lo": ("bin", edges[:-1]), "bin_hi": ("bin", edges[1:])},
+        attrs={"n_experts": E, "top_k": K, "rows": list(rows), "analysis": "decisiveness"})
+
+
+def table(ds: xr.Dataset) -> "pd.DataFrame":  # noqa: F821
+    """Tidy per (group, layer) table: mean entropy, mean top-k mass, tokens, and the layer quantiles."""
+    df = ds[["mean_entropy", "mean_mass"]].to_dataframe().reset_index()
+    df["tokens"] = ds["tokens"].sel(group=df["group"].to_numpy()).to_numpy()
+    q = ds["entropy_quantile"].to_pandas()
+    q.columns = [f"entropy_q{c:g}" for c in q.columns]
+    return df.merge(q.reset_index(), on="layer")

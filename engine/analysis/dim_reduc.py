@@ -1,0 +1,84 @@
+"""Dimensionality reduction (seed 003's ``dim_reduc.py``): a 2-D map of expert outputs.
+
+For each real token of the sample and each of its top-k experts at a layer, the expert's output
+(unweighted, from the family's experts module); the points are embedded in 2-D by UMAP
+(``pip install moetrace[umap]``) or, when umap-learn is absent or ``method="pca"``, by PCA
+(numpy SVD of the centered outputs). Memory: tokens x K x H floats for the sample (this is the
+one analysis that keeps its points: the embedding needs them all at once).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from engine.analysis._common import LayerInputs, expert_outputs, experts_modules
+from engine.errors import MoetraceError
+
+
+def umap_available() -> bool:
+    return importlib.util.find_spec("umap") is not None
+
+
+def pca_2d(X: np.ndarray) -> np.ndarray:
+    """First two principal-component scores of the rows of X (centered; SVD)."""
+    X = np.asarray(X, dtype=np.float64)
+    Xc = X - X.mean(axis=0)
+    U, S, _ = np.linalg.svd(Xc, full_matrices=False)
+    out = U[:, :2] * S[:2]
+    return np.pad(out, ((0, 0), (0, 2 - out.shape[1]))) if out.shape[1] < 2 else out
+
+
+def expert_points(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], layer: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """(outputs [P, H] float32, table of the P points: token_row, rank, expert, group, token_id)."""
+    mods = experts_modules(model, [layer])
+    module, E, _ = mods[layer]
+    outs, frames = [], []
+    offset = 0
+    with torch.no_grad(), LayerInputs(mods) as rec:
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hidden, index = rec.inputs[layer]
+            real = torch.as_tensor(np.asarray(batch["real"], dtype=bool))
+            hidden = hidden.reshape(-1, hidden.shape[-1])[real.to(hidden.device)]
+            index = index.reshape(-1, index.shape[-1])[real.to(index.device)]  # same rows as hidden
+            all_out = expert_outputs(module, hidden, E)  # [E, T, H]
+            T, K = index.shape
+            rows = torch.arange(T).repeat_interleave(K)
+            experts = index.reshape(-1).long().cpu()
+            outs.append(all_out[experts, rows].float().cpu().numpy())
+            frames.append(pd.DataFrame({"token_row": rows.numpy() + offset, "rank": np.tile(np.arange(K), T),
+                                        "expert": experts.numpy(), "group": np.repeat(batch["groups"], K),
+                                        "token_id": np.repeat(batch["token_ids"], K)}))
+            offset += T
+    if not outs:
+        raise MoetraceError("dim_reduc: no tokens in the batches")
+    return np.concatenate(outs), pd.concat(frames, ignore_index=True)
+
+
+def reduce_2d(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], layer: int, method: str = "auto",
+              seed: int = 0) -> pd.DataFrame:
+    """2-D embedding of the routed experts' outputs at ``layer``: the table of :func:`expert_points`
+    plus columns x, y; ``attrs["method"]`` is "umap" or "pca". method: "auto" (UMAP when installed),
+    "umap" or "pca"."""
+    if method not in ("auto", "umap", "pca"):
+        raise MoetraceError(f"--method: expected auto, umap or pca, got {method!r}")
+    if method == "umap" and not umap_available():
+        raise MoetraceError("--method umap: umap-learn is not installed (pip install moetrace[umap])")
+    X, points = expert_points(model, batches, layer)
+    use = "umap" if method == "umap" or (method == "auto" and umap_available()) else "pca"
+    if use == "umap":
+        import umap
+
+        xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(X)
+    else:
+        xy = pca_2d(X)
+    points["x"], points["y"] = xy[:, 0], xy[:, 1]
+    points.attrs["method"] = use
+    points.attrs["layer"] = int(layer)
+    return points

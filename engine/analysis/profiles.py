@@ -1,0 +1,133 @@
+"""Expert profiles (seed 003's ``profiles.py``): everything about one (layer, expert) as a JSON dict.
+
+One streaming pass over the store: the rows that select the expert among their top-k at the layer
+give its selection frequency, each group's share, its top tokens with counts, its mean routing
+weight, the experts it co-activates with, and its vocabulary specialization (the share of a token's
+occurrences routed to it); the ``contexts`` strongest rows (largest routing weight, or router
+probability without weights, else rank 0 first) are kept in a fixed-size buffer and their token
+windows read afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from engine.analysis._common import group_codes, layer_positions, row_range
+from engine.errors import MoetraceError
+from engine.store import TraceStore
+
+
+def expert_profile(store: str | TraceStore, layer: int, expert: int, *, by: Sequence[str] | None = None,
+                   num_tokens: int | None = None, top_tokens: int = 20, contexts: int = 5, window: int = 8,
+                   decode: Callable[[Sequence[int]], str] | None = None) -> dict[str, Any]:
+    """A JSON-ready profile of expert ``expert`` at layer id ``layer``.
+
+    by: labels for the group shares (default all labels of the store). decode: token ids -> text
+    (e.g. ``tokenizer.decode``) for the top tokens and contexts; else the store's token text, else ids.
+    Keys: layer, expert, tokens (rows read), selected (rows with the expert in their top-k),
+    selection_frequency (selected / tokens), baseline (k/E), by_rank (selections per rank),
+    groups ({group: {selected, tokens, share_of_expert, frequency_in_group}}), mean_weight (of the
+    selected rows; routing weight or router probability, ``weight_source`` says which),
+    coactivation ([{expert, count, share}] of the other experts in the same top-k, descending),
+    top_tokens ([{token_id, text, count, share_of_token}], share_of_token = the vocabulary
+    specialization: count / the token's occurrences), contexts ([{row, seq, pos, weight, text,
+    tokens}] strongest first).
+    """
+    st = store if isinstance(store, TraceStore) else TraceStore.open(store)
+    (li,) = layer_positions(st.layer_ids, [layer], "--layer")
+    E, K = st.n_experts, st.top_k
+    if not 0 <= int(expert) < E:
+        raise MoetraceError(f"--expert: expected an expert id in [0, {E}), got {expert}")
+    by = list(st.label_names if by is None else by)
+    names, codes_of = group_codes(st, by)
+    source = "weights" if st.has_weights else "probs" if st.has_probs else None
+    cols = ["experts", "token_id", *by] + ([source] if source else [])
+    rows = row_range(st, num_tokens)
+    G = len(names)
+    sel_g = np.zeros(G, dtype=np.int64)
+    tok_g = np.zeros(G, dtype=np.int64)
+    by_rank = np.zeros(K, dtype=np.int64)
+    coact = np.zeros(E, dtype=np.int64)
+    token_sel = np.zeros(0, dtype=np.int64)
+    token_all = np.zeros(0, dtype=np.int64)
+    weight_sum = 0.0
+    best_rows = np.zeros(0, dtype=np.int64)
+    best_w = np.zeros(0)
+
+    def grow(a: np.ndarray, n: int) -> np.ndarray:
+        return a if a.size >= n else np.concatenate([a, np.zeros(n - a.size, dtype=a.dtype)])
+
+    for chunk in st.iter_chunks(cols, rows=rows):
+        ex = chunk["experts"][:, li, :].astype(np.int64)  # [n, K]
+        hit = ex == expert
+        mask = hit.any(axis=1)
+        g = codes_of(chunk)
+        tok_g += np.bincount(g, minlength=G)
+        sel_g += np.bincount(g[mask], minlength=G)
+        by_rank += hit.sum(axis=0)
+        coact += np.bincount(ex[mask].ravel(), minlength=E)
+        tid = chunk["token_id"].astype(np.int64)
+        known = tid >= 0
+        if known.any():
+            size = int(tid[known].max()) + 1
+            token_all = grow(token_all, size)
+            token_sel = grow(token_sel, size)
+            token_all[:size] += np.bincount(tid[known], minlength=size)
+            token_sel[:size] += np.bincount(tid[known & mask], minlength=size)
+        if source == "weights":
+            w = np.where(hit, chunk["weights"][:, li, :].astype(np.float64), 0.0).sum(axis=1)
+        elif source == "probs":
+            w = chunk["probs"][:, li, expert].astype(np.float64)
+        else:
+            w = np.where(hit, K - np.arange(K), 0).sum(axis=1).astype(np.float64)
+        weight_sum += float(w[mask].sum())
+        cand_rows = np.concatenate([best_rows, chunk.start + np.flatnonzero(mask)])
+        cand_w = np.concatenate([best_w, w[mask]])
+        keep = np.lexsort((cand_rows, -cand_w))[:contexts]
+        best_rows, best_w = cand_rows[keep], cand_w[keep]
+    n_tokens = int(tok_g.sum())
+    if n_tokens == 0:
+        raise MoetraceError(f"{st.path}: no rows to profile")
+    selected = int(sel_g.sum())
+    coact[expert] = 0
+
+    def text_of(ids: Sequence[int], texts: Sequence[str] | None = None) -> str:
+        if decode is not None:
+            return decode([int(i) for i in ids])
+        if texts is not None:
+            return "".join(texts)
+        return " ".join(str(int(i)) for i in ids)
+
+    order = np.argsort(-token_sel, kind="stable")[:top_tokens]
+    order = order[token_sel[order] > 0]
+    top = [{"token_id": int(t), "text": text_of([t]), "count": int(token_sel[t]),
+            "share_of_token": float(token_sel[t] / token_all[t])} for t in order]
+    co_order = np.argsort(-coact, kind="stable")
+    co = [{"expert": int(e), "count": int(coact[e]), "share": float(coact[e] / selected)}
+          for e in co_order if coact[e] > 0]
+    ctx = []
+    text_cols = ["seq", "pos", "token_id"] + (["text"] if st.has_token_text and decode is None else [])
+    for row, w in zip(best_rows.tolist(), best_w.tolist()):
+        lo, hi = max(rows[0], row - window), min(len(st), row + window + 1)
+        win = st.read(text_cols, lo, hi)
+        same = win["seq"] == win["seq"][row - lo]
+        ids = win["token_id"][same].tolist()
+        texts = win["text"][same].tolist() if "text" in win else None
+        ctx.append({"row": row, "seq": int(win["seq"][row - lo]), "pos": int(win["pos"][row - lo]),
+                    "weight": w, "token": text_of([win["token_id"][row - lo]],
+                                                  [win["text"][row - lo]] if texts is not None else None),
+                    "text": text_of(ids, texts), "tokens": [int(i) for i in ids]})
+    return {
+        "layer": int(layer), "expert": int(expert), "tokens": n_tokens, "selected": selected,
+        "selection_frequency": selected / n_tokens, "baseline": K / E, "by_rank": by_rank.tolist(),
+        "groups": {name: {"selected": int(sel_g[i]), "tokens": int(tok_g[i]),
+                          "share_of_expert": float(sel_g[i] / selected) if selected else float("nan"),
+                          "frequency_in_group": float(sel_g[i] / tok_g[i]) if tok_g[i] else float("nan")}
+                   for i, name in enumerate(names)},
+        "mean_weight": weight_sum / selected if selected else float("nan"),
+        "weight_source": source or "rank (K - rank; no weights or probs recorded)",
+        "coactivation": co, "top_tokens": top, "contexts": ctx,
+    }

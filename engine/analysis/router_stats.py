@@ -1,0 +1,139 @@
+"""Router statistics (seed 003's ``router_stats.py``): distributions per layer and rank of the raw
+router logits, the router probabilities (softmax; sigmoid families: the sigmoid scores) and the
+top-k weights the experts are actually weighted with (renormalized / scaled as the family does).
+
+Collected with :func:`engine.intervene.observe_routing` while the model runs over token batches.
+"Rank" sorts each token's values descending (rank 0 = the largest logit / probability; for the
+weights, the router's top-k order). Streaming: per (layer, rank) running count, sum, sum of squares,
+min, max, and fixed-bin histograms per layer (probabilities and weights on [0, 1] — weights of
+families with a routed scaling factor s > 1 on [0, s] —, logits on [-LOGIT_RANGE, LOGIT_RANGE];
+values outside land in the end bins, ``clipped`` counts them). Sigmoid-scored families with a
+selection bias (DeepSeek-V3's ``e_score_correction_bias`` and the like, read per forward through the
+family adapter's ``selection_bias``) also get ``selection``: the bias-corrected scores
+sigmoid(logit) + bias that choose the experts, sorted per token (histogram on [-1, 2]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from engine.analysis._common import layer_positions
+from engine.errors import MoetraceError
+
+LOGIT_RANGE = 20.0
+QUANTITIES = ("logit", "prob", "weight", "selection")
+
+
+def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], layers: Sequence[int] | None = None,
+                 bins: int = 100) -> xr.Dataset:
+    """Distributions of router logits, probabilities and top-k weights per layer and rank.
+
+    batches: dicts with ``input_ids``, ``attention_mask``, ``real`` (see ``token_batches``).
+    Returns a Dataset: for q in logit/prob/weight (and selection, see the module docstring), ``{q}_mean``, ``{q}_std``, ``{q}_min``, ``{q}_max``
+    (layer, rank; rank over E for logit/prob, over K for weight, NaN beyond K), ``{q}_hist`` int64
+    (layer, bin) with ``{q}_lo``/``{q}_hi`` bin edges, ``clipped`` (layer, quantity); attrs scoring, tokens.
+    """
+    from engine.intervene import observe_routing, router_sites
+
+    sites = router_sites(model)
+    pos = layer_positions([s.layer_id for s in sites], layers)
+    ids = [sites[p].layer_id for p in pos]
+    E, K = sites[0].spec.n_experts, sites[0].spec.top_k
+    scale = max(1.0, max(float(s.spec.routed_scaling) for s in sites))
+    ranges = {"logit": (-LOGIT_RANGE, LOGIT_RANGE), "prob": (0.0, 1.0), "weight": (0.0, scale),
+              "selection": (-1.0, 2.0)}
+    L = len(ids)
+    width = {"logit": E, "prob": E, "weight": K, "selection": E}
+    acc = {q: {"n": np.zeros((L, width[q])), "s": np.zeros((L, width[q])), "ss": np.zeros((L, width[q])),
+               "min": np.full((L, width[q]), np.inf), "max": np.full((L, width[q]), -np.inf),
+               "hist": np.zeros((L, bins), dtype=np.int64), "clip": np.zeros(L, dtype=np.int64)} for q in QUANTITIES}
+    index = {layer: i for i, layer in enumerate(ids)}
+    scoring = {"value": None}
+    real_rows: dict[str, torch.Tensor] = {}
+    from engine.models import adapter_for
+
+    adapter = adapter_for(model)
+    biases: dict[int, torch.Tensor] = {}
+    hooks = []
+    for p in pos:
+        def keep_bias(module, args, kwargs, layer=sites[p].layer_id):
+            bias = adapter.selection_bias(module, args, kwargs)
+            if bias is not None:
+                biases[layer] = bias.detach().float()
+        hooks.append(sites[p].module.register_forward_pre_hook(keep_bias, with_kwargs=True))
+
+    def observe(event) -> None:
+        i = index.get(event.layer_id)
+        if i is None:
+            return
+        scoring["value"] = event.scoring
+        real = real_rows["mask"].to(event.logits.device)
+        logits = event.logits.float()[real]
+        values = {"logit": torch.sort(logits, dim=-1, descending=True).values,
+                  "prob": torch.sort(event.probs()[real], dim=-1, descending=True).values,
+                  "weight": event.weights.float()[real]}
+        if event.scoring == "sigmoid" and event.layer_id in biases:
+            scores = event.probs()[real] + biases[event.layer_id].to(logits.device)
+            values["selection"] = torch.sort(scores, dim=-1, descending=True).values
+        for q, v in values.items():
+            v = v.double().cpu().numpy()
+            a = acc[q]
+            a["n"][i] += v.shape[0]
+            a["s"][i] += v.sum(0)
+            a["ss"][i] += (v * v).sum(0)
+            if v.shape[0]:
+                a["min"][i] = np.minimum(a["min"][i], v.min(0))
+                a["max"][i] = np.maximum(a["max"][i], v.max(0))
+            lo, hi = ranges[q]
+            b = np.floor((v.ravel() - lo) / (hi - lo) * bins).astype(np.int64)
+            a["clip"][i] += int(((b < 0) | (b >= bins)).sum())
+            a["hist"][i] += np.bincount(np.clip(b, 0, bins - 1), minlength=bins)
+
+    n = 0
+    try:
+        with torch.no_grad(), observe_routing(model, observe):
+            for batch in batches:
+                real_rows["mask"] = torch.as_tensor(np.asarray(batch["real"], dtype=bool))
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                n += int(np.asarray(batch["real"]).sum())
+    finally:
+        for h in hooks:
+            h.remove()
+    if n == 0:
+        raise MoetraceError("router_stats: no tokens in the batches")
+    data: dict[str, Any] = {}
+    coords: dict[str, Any] = {"layer": ids, "rank": np.arange(E), "bin": np.arange(bins), "quantity": list(QUANTITIES)}
+    present = [q for q in QUANTITIES if q != "selection" or acc[q]["n"].sum() > 0]
+    for q in present:
+        a = acc[q]
+        pad = E - width[q]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = a["s"] / a["n"]
+            std = np.sqrt(np.maximum(a["ss"] / a["n"] - mean ** 2, 0.0))
+        for name, v in (("mean", mean), ("std", std), ("min", a["min"]), ("max", a["max"])):
+            data[f"{q}_{name}"] = (("layer", "rank"), np.pad(v, ((0, 0), (0, pad)), constant_values=np.nan))
+        data[f"{q}_hist"] = (("layer", "bin"), a["hist"])
+        edges = np.linspace(*ranges[q], bins + 1)
+        coords[f"{q}_lo"] = ("bin", edges[:-1])
+        coords[f"{q}_hi"] = ("bin", edges[1:])
+    coords["quantity"] = present
+    data["clipped"] = (("layer", "quantity"), np.stack([acc[q]["clip"] for q in present], axis=1))
+    return xr.Dataset(data, coords=coords, attrs={"scoring": scoring["value"] or "", "tokens": n, "top_k": K,
+                                                  "n_experts": E, "analysis": "router_stats"})
+
+
+def table(ds: xr.Dataset) -> pd.DataFrame:
+    """Tidy rows (layer, rank, quantity, mean, std, min, max); weight rows only for rank < K."""
+    frames = []
+    for q in [q for q in QUANTITIES if f"{q}_mean" in ds]:
+        df = ds[[f"{q}_{s}" for s in ("mean", "std", "min", "max")]].to_dataframe().reset_index()
+        df.columns = ["layer", "rank", "mean", "std", "min", "max"]
+        df.insert(2, "quantity", q)
+        frames.append(df.dropna(subset=["mean"]))
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,141 @@
+"""Expert similarity (seed 003's ``sim.py``): cosine and linear CKA of expert outputs, and of weights.
+
+For a sample of tokens, every expert of a layer (all E, not only the routed ones) is applied to the
+layer's captured input rows through the model's own fused experts module
+(:func:`engine.analysis._common.expert_outputs`). Streaming, per layer:
+
+- mean cosine: sum over tokens of cos(out_i(t), out_j(t)), an [E, E] accumulator;
+- linear CKA (Kornblith et al. 2019) in its feature form
+  ``||Xc_i^T Xc_j||_F^2 / (||Xc_i^T Xc_i||_F ||Xc_j^T Xc_j||_F)`` from the running sums
+  ``S = sum_t z_t z_t^T`` (z = the E outputs concatenated, length E*H) and ``sum_t z_t``:
+  memory (E*H)^2 float64, constant in the number of tokens (limit it with ``experts=``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from engine.analysis._common import LayerInputs, expert_outputs, experts_modules
+from engine.errors import MoetraceError
+
+#: Largest CKA accumulator (bytes) expert_similarity builds; beyond it pass fewer ``experts``.
+MAX_CKA_BYTES = 4 << 30
+
+
+def _as_array(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise MoetraceError(f"{name}: expected a 2-D array [n_samples, n_features], got shape {a.shape}")
+    return a
+
+
+def linear_cka(X, Y) -> float:
+    """Linear CKA of two representations of the same samples: [n, p] and [n, q] (p may differ from q).
+
+    Columns are centered inside; computed in float64 in the feature form
+    ``||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``. NaN when either is constant.
+    """
+    x, y = _as_array(X, "X"), _as_array(Y, "Y")
+    if x.shape[0] != y.shape[0]:
+        raise MoetraceError(f"linear_cka: X and Y must have the same samples, got {x.shape[0]} and {y.shape[0]} rows")
+    x = x - x.mean(axis=0)
+    y = y - y.mean(axis=0)
+    num = np.linalg.norm(x.T @ y) ** 2
+    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(num / den) if den > 0 else float("nan")
+
+
+def _cka_from_moments(S: np.ndarray, mu_sum: np.ndarray, n: int, E: int, H: int) -> np.ndarray:
+    """[E, E] linear CKA from S = sum z z^T [(E*H)^2] and sum z [E*H] over n samples."""
+    C = S - np.outer(mu_sum, mu_sum) / n  # centered cross-products
+    C = C.reshape(E, H, E, H)
+    cross = np.einsum("iajb,iajb->ij", C, C)  # ||Ci_j||_F^2
+    self_norm = np.sqrt(np.diag(cross))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cross / np.outer(self_norm, self_norm)
+
+
+def expert_similarity(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], layers: Sequence[int] | None = None,
+                      experts: Sequence[int] | None = None) -> xr.Dataset:
+    """Mean cosine similarity and linear CKA between the outputs of experts on the same tokens.
+
+    batches: dicts with ``input_ids``, ``attention_mask`` and ``real`` (bool [B*S], the real token
+    rows; see :func:`engine.analysis._common.token_batches`). layers: layer ids (default all MoE
+    layers); experts: expert ids to compare (default all).
+    Returns a Dataset (layer, expert, other_expert): ``cosine`` and ``cka`` float64, attr ``tokens``.
+    """
+    mods = experts_modules(model, layers)
+    E_all = next(iter(mods.values()))[1]
+    which = list(range(E_all)) if experts is None else [int(e) for e in experts]
+    E = len(which)
+    acc: dict[int, dict[str, Any]] = {layer: {} for layer in mods}
+    n = 0
+    with torch.no_grad(), LayerInputs(mods) as rec:
+        for batch in batches:
+            rec.inputs.clear()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            real = torch.as_tensor(batch["real"])
+            for layer, (module, n_experts, _) in mods.items():
+                hidden = rec.inputs[layer][0]
+                hidden = hidden.reshape(-1, hidden.shape[-1])[real.to(hidden.device)]
+                out = expert_outputs(module, hidden, n_experts, which).double()  # [E, T, H]
+                H = out.shape[-1]
+                a = acc[layer]
+                if not a:
+                    if (E * H) ** 2 * 8 > MAX_CKA_BYTES:
+                        raise MoetraceError(f"experts: {E} experts x {H} features need a {(E * H) ** 2 * 8 >> 20} "
+                                            f"MiB CKA accumulator (limit {MAX_CKA_BYTES >> 20} MiB); pass fewer experts")
+                    a.update(cos=np.zeros((E, E)), S=np.zeros((E * H, E * H)), mu=np.zeros(E * H), H=H)
+                unit = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+                a["cos"] += torch.einsum("ith,jth->ij", unit, unit).cpu().numpy()
+                z = out.permute(1, 0, 2).reshape(out.shape[1], E * H)  # [T, E*H]
+                a["S"] += (z.T @ z).cpu().numpy()
+                a["mu"] += z.sum(0).cpu().numpy()
+            n += int(np.asarray(batch["real"]).sum())
+    if n == 0:
+        raise MoetraceError("expert_similarity: no tokens in the batches")
+    layer_ids = sorted(mods)
+    cos = np.stack([acc[l]["cos"] / n for l in layer_ids])
+    cka = np.stack([_cka_from_moments(acc[l]["S"], acc[l]["mu"], n, E, acc[l]["H"]) for l in layer_ids])
+    return xr.Dataset({"cosine": (("layer", "expert", "other_expert"), cos),
+                       "cka": (("layer", "expert", "other_expert"), cka)},
+                      coords={"layer": layer_ids, "expert": which, "other_expert": which},
+                      attrs={"tokens": n, "analysis": "similarity"})
+
+
+def weight_similarity(model: torch.nn.Module, layers: Sequence[int] | None = None) -> xr.Dataset:
+    """Cosine similarity of the experts' flattened weights (every fused 3-D parameter [E, ...] of the
+    experts module, concatenated per expert): Dataset (layer, expert, other_expert) ``weight_cosine``."""
+    mods = experts_modules(model, layers)
+    out = []
+    for layer, (module, E, _) in sorted(mods.items()):
+        flat = [p.detach().double().reshape(E, -1) for _, p in module.named_parameters() if p.shape[0] == E]
+        if not flat:
+            raise MoetraceError(f"layer {layer}: experts module {type(module).__name__} has no [E, ...] parameters")
+        w = torch.cat(flat, dim=1)
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        out.append((w @ w.T).numpy())
+    ids = sorted(mods)
+    E = out[0].shape[0]
+    return xr.Dataset({"weight_cosine": (("layer", "expert", "other_expert"), np.stack(out))},
+                      coords={"layer": ids, "expert": np.arange(E), "other_expert": np.arange(E)})
+
+
+def cluster_order(sim: np.ndarray) -> np.ndarray:
+    """Expert order by average-linkage hierarchical clustering on the distance 1 - similarity."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    sim = np.nan_to_num(np.asarray(sim, dtype=np.float64))
+    if sim.shape[0] < 3:
+        return np.arange(sim.shape[0])
+    dist = np.clip(1.0 - (sim + sim.T) / 2, 0.0, None)
+    np.fill_diagonal(dist, 0.0)
+    return leaves_list(linkage(squareform(dist, checks=False), method="average"))

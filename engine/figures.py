@@ -1,0 +1,410 @@
+"""Every figure of the report as a public function: data in, ``matplotlib.figure.Figure`` out.
+
+For notebooks (``fig`` displays inline in Jupyter) and for :mod:`engine.report`, which calls the
+same functions. No pyplot state: figures are plain ``Figure`` objects (Agg-safe, thread-safe).
+
+    from engine.aggregate import count
+    from engine import figures
+    counts = count("trace.zarr", stats=["experts", "temporal"], by=["domain"])
+    figures.usage_heatmaps(counts)            # group x expert heatmap per layer
+    figures.separation(counts)                # chi-square, mean variance, entropy by layer
+    figures.decisiveness(engine.analysis.decisiveness("trace.zarr"))
+
+Inputs: ``counts`` is an :func:`engine.aggregate.count` Dataset; analysis results are the
+Datasets / tables of :mod:`engine.analysis`; ``results`` is an experiment's results table
+(:func:`engine.report.load_results`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib.figure import Figure
+
+from engine import metrics
+
+#: Layers per usage-heatmap figure when a caller splits many layers (the report does).
+LAYERS_PER_FIGURE = 16
+
+
+def group_labels(counts: xr.Dataset) -> list[str]:
+    """Group names of counts: label values joined by ``/`` (``all`` without labels)."""
+    return ["/".join(str(v) for v in g) if g else "all" for g in metrics.group_names(counts)]
+
+
+def _groups(da: xr.DataArray, counts: xr.Dataset) -> np.ndarray:
+    return metrics.flatten_groups(da, metrics.group_dims(counts))
+
+
+def _layer_axis(ax, layers: Sequence) -> None:
+    ax.set_xticks(np.arange(len(layers)), [str(v) for v in layers], fontsize=7)
+    ax.set_xlabel("layer", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def _legend_right(ax) -> None:
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
+# ------------------------------------------------------------------------------------ counts
+
+
+def separation(counts: xr.Dataset) -> Figure:
+    """Chi-square (red: significant), mean variance of normalized usage, and each group's entropy by layer."""
+    ranking = metrics.layer_ranking(counts)
+    ent = metrics.entropy(counts)
+    layers = counts["layer"].values.tolist()
+    h = _groups(ent["entropy"].transpose(..., "layer"), counts)
+    fig = Figure(figsize=(11, 3.4))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    x = np.arange(len(layers))
+    colors = ["#c0392b" if s else "#95a5a6" for s in ranking["significant"].values]
+    ax1.bar(x, np.nan_to_num(ranking["chi2"].values), color=colors)
+    ax1.set_title(f"chi-square (red: p < {ranking.attrs['alpha']:g})", fontsize=9)
+    ax2.plot(x, ranking["avg_variance"].values, marker="o", color="#2c3e50")
+    ax2.set_title("mean variance of normalized usage", fontsize=9)
+    for g, name in enumerate(group_labels(counts)):
+        ax3.plot(x, h[g], marker=".", label=name)
+    max_bits = float(ent["max_entropy"])
+    ax3.axhline(max_bits, ls="--", color="k", lw=1, label=f"log2(E) = {max_bits:.2f}")
+    ax3.set_title("entropy of expert usage (bits)", fontsize=9)
+    _legend_right(ax3)
+    for ax in (ax1, ax2, ax3):
+        _layer_axis(ax, layers)
+    fig.tight_layout()
+    return fig
+
+
+def usage_heatmaps(counts: xr.Dataset, layers: Sequence[int] | None = None) -> Figure:
+    """Small multiples: per layer (all, or the layer ids given), a group x expert heatmap of the
+    percent of each group's routing (all top-k ranks) that goes to each expert; one colour scale."""
+    usage = _groups(counts["experts"].sum("rank").transpose(..., "layer", "expert"), counts)  # [G, L, E]
+    total = usage.sum(axis=2, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = np.where(total > 0, usage / np.where(total > 0, total, 1) * 100.0, np.nan)
+    all_layers = counts["layer"].values.tolist()
+    block = list(range(len(all_layers))) if layers is None else [all_layers.index(int(x)) for x in layers]
+    experts = counts["expert"].values.tolist()
+    groups = group_labels(counts)
+    n_groups, n_experts = pct.shape[0], pct.shape[2]
+    vmax = float(np.nanmax(pct)) if np.any(~np.isnan(pct)) else 1.0
+    ncols = min(4, len(block))
+    nrows = math.ceil(len(block) / ncols)
+    panel_w = min(6.0, max(2.6, 0.09 * n_experts + 1.0))
+    panel_h = min(6.0, max(1.4, 0.22 * n_groups + 0.8))
+    fig = Figure(figsize=(panel_w * ncols + 1.0, panel_h * nrows + 0.4))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
+    image = None
+    for n, (ax, i) in enumerate(zip(axes, block)):
+        image = ax.imshow(pct[:, i, :], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_title(f"layer {all_layers[i]}", fontsize=8)
+        step = max(1, math.ceil(n_experts / 16))
+        ax.set_xticks(np.arange(0, n_experts, step), [str(experts[j]) for j in range(0, n_experts, step)], fontsize=6)
+        if n % ncols == 0:
+            gstep = max(1, math.ceil(n_groups / 24))
+            ax.set_yticks(np.arange(0, n_groups, gstep), groups[::gstep], fontsize=6)
+        else:
+            ax.set_yticks([])
+    for ax in axes[len(block):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="% of the group's routing")
+    return fig
+
+
+def specialists(counts: xr.Dataset, layer: int) -> Figure:
+    """Coefficient of variation of each expert's counts across groups at ``layer``: red specialists
+    (above the 75th percentile), blue generalists (below the 25th)."""
+    var = metrics.expert_variation(counts, layer)
+    cv = var["cv"].values
+    experts = var["expert"].values
+    fig = Figure(figsize=(9, 2.6))
+    ax = fig.subplots()
+    colors = np.where(var["specialist"].values, "#c0392b", np.where(var["generalist"].values, "#2980b9", "#95a5a6"))
+    ax.bar(np.arange(experts.size), np.nan_to_num(cv), color=colors)
+    ax.axhline(var.attrs["q75"], ls="--", color="#c0392b", lw=1, label="75th percentile")
+    ax.axhline(var.attrs["q25"], ls="--", color="#2980b9", lw=1, label="25th percentile")
+    step = max(1, math.ceil(experts.size / 32))
+    ax.set_xticks(np.arange(0, experts.size, step), [str(v) for v in experts[::step]], fontsize=6)
+    ax.set_xlabel("expert", fontsize=8)
+    ax.set_ylabel("coefficient of variation", fontsize=8)
+    ax.set_title(f"layer {layer}: red specialists, blue generalists", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def stickiness(counts: xr.Dataset) -> Figure:
+    """Lag-1 top-1 stickiness per group and layer against the 1/E baseline (needs ``temporal``)."""
+    ds = metrics.stickiness(counts)
+    s = _groups(ds["stickiness"].transpose(..., "layer"), counts)
+    baseline = float(ds["baseline"])
+    layers = counts["layer"].values.tolist()
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
+    for g, name in enumerate(group_labels(counts)):
+        ax.plot(np.arange(len(layers)), s[g], marker=".", label=name)
+    ax.axhline(baseline, ls="--", color="k", lw=1, label=f"1/E = {baseline:.3g}")
+    _layer_axis(ax, layers)
+    ax.set_ylabel("P(same top-1 at t+1)", fontsize=8)
+    _legend_right(ax)
+    fig.tight_layout()
+    return fig
+
+
+def _transition_heatmaps(mats: np.ndarray, layers: Sequence, title: str, xlabel: str, ylabel: str) -> Figure:
+    ncols = min(4, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    fig = Figure(figsize=(3.0 * ncols + 1.0, 2.8 * nrows))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
+    image = None
+    vmax = float(np.nanmax(mats)) if mats.size and np.any(np.isfinite(mats)) else 1.0
+    for ax, i in zip(axes, range(len(layers))):
+        image = ax.imshow(mats[i], cmap="magma", vmin=0.0, vmax=vmax or 1.0, interpolation="nearest")
+        ax.set_title(f"layer {layers[i]}", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in axes[len(layers):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label=title)
+    return fig
+
+
+def paths(counts: xr.Dataset) -> Figure:
+    """Per layer, the previous-layer top-1 x this-layer top-1 transition matrix, percent of all groups'
+    paths into the layer (layer index 0 has no incoming paths and is left out)."""
+    p = counts["paths"].transpose(..., "layer", "prev_expert", "expert")
+    gdims = metrics.group_dims(counts)
+    total = (p.sum(gdims) if gdims else p).values.astype(np.float64)[1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = total / total.sum(axis=(1, 2), keepdims=True) * 100.0
+    return _transition_heatmaps(pct, counts["layer"].values.tolist()[1:], "% of the layer's paths",
+                                "top-1 at this layer", "top-1 at previous layer")
+
+
+def pairs(counts: xr.Dataset) -> Figure:
+    """Per layer, the ordered (rank-0, rank-1) expert pair matrix, percent of the layer's tokens."""
+    p = counts["pairs"].transpose(..., "layer", "first", "second")
+    gdims = metrics.group_dims(counts)
+    total = (p.sum(gdims) if gdims else p).values.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = total / total.sum(axis=(1, 2), keepdims=True) * 100.0
+    return _transition_heatmaps(pct, counts["layer"].values.tolist(), "% of the layer's tokens",
+                                "rank-1 expert", "rank-0 expert")
+
+
+def coactivation(counts: xr.Dataset) -> Figure:
+    """Per layer, OLMoE's co-activation N(E_i, E_j) / N(E_i) (row i), diagonal masked."""
+    c = metrics.coactivation(counts).values.copy()
+    for m in c:
+        np.fill_diagonal(m, np.nan)
+    return _transition_heatmaps(c, counts["layer"].values.tolist(), "N(Ei, Ej) / N(Ei)", "expert j", "expert i")
+
+
+# ------------------------------------------------------------------------------------ experiment
+
+#: Effects an experiment table can hold: column -> colour-bar label.
+MEASURES = {"drop": "accuracy drop (base - ablated)", "loss_increase": "loss increase (ablated - base, nats)"}
+
+
+def _ordered(names: set[str], groups: Sequence[str]) -> list[str]:
+    return [g for g in groups if g in names] + sorted(names - set(groups))
+
+
+def _matrix_ax(ax, matrix: pd.DataFrame, title: str, limit: float, ylabel: bool):
+    values = matrix.to_numpy(dtype=np.float64)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
+                      interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(np.arange(values.shape[1]), matrix.columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(np.arange(values.shape[0]), matrix.index, fontsize=7)
+    ax.set_xlabel("evaluated group", fontsize=8)
+    if ylabel:
+        ax.set_ylabel("targeted group", fontsize=8)
+    if values.size <= 144:
+        for (r, c), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(v) > 0.6 * limit else "black")
+    return image
+
+
+def ablation_matrix(results: pd.DataFrame, method: str, measure: str = "drop", control: str | None = None,
+                    groups: Sequence[str] = ()) -> Figure:
+    """Targeted x evaluated group matrix of ``measure`` (mean over seeds) for ``method``, beside its
+    ``control`` method when given; one symmetric colour scale over the whole table."""
+    index = _ordered(set(results["targeted_group"]), groups)
+    columns = _ordered(set(results["evaluated_group"]), groups)
+    values = results[measure].to_numpy(dtype=np.float64)
+    peak = np.nanmax(np.abs(values)) if np.any(~np.isnan(values)) else 0.0
+    limit = float(peak) if peak > 0 else 1.0
+    names = [method] + ([control] if control else [])
+    side = min(7.0, max(3.0, 0.45 * max(len(index), len(columns)) + 1.5))
+    fig = Figure(figsize=(side * len(names) + 1.0, side))
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    image = None
+    for ax, name in zip(axes, names):
+        sub = results[results["method"] == name]
+        matrix = sub.pivot_table(index="targeted_group", columns="evaluated_group", values=measure,
+                                 aggfunc="mean").reindex(index=index, columns=columns)
+        image = _matrix_ax(ax, matrix, f"{name} (control)" if name == control else name, limit, ax is axes[0])
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label=MEASURES.get(measure, measure))
+    return fig
+
+
+def coverage(results: pd.DataFrame) -> Figure:
+    """Coverage of each targeted group's own routes by its chosen targets, per method (bars)."""
+    own = results[(results["targeted_group"] == results["evaluated_group"])
+                  & ~results["method"].str.startswith("random")]
+    table = own.pivot_table(index="targeted_group", columns="method", values="coverage", aggfunc="mean")
+    fig = Figure(figsize=(max(4.0, 0.6 * len(table) * max(1, table.shape[1]) + 2), 3))
+    ax = fig.subplots()
+    width = 0.8 / max(1, table.shape[1])
+    for j, method in enumerate(table.columns):
+        ax.bar(np.arange(len(table)) + j * width, table[method].to_numpy() * 100.0, width, label=method)
+    ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, table.index, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("% of the group's routes targeted", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------ analyses
+
+
+def decisiveness(ds: xr.Dataset) -> Figure:
+    """Histogram of the normalized router entropy per layer, and each group's mean entropy and top-k mass."""
+    fig = Figure(figsize=(11, 3.4))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    centers = (ds["bin_lo"].values + ds["bin_hi"].values) / 2
+    for layer in ds["layer"].values:
+        hist = ds["entropy_hist"].sel(layer=layer).values.astype(np.float64)
+        ax1.plot(centers, hist / max(1.0, hist.sum()), label=f"layer {layer}", lw=1)
+    ax1.set_xlabel("router entropy / log E", fontsize=8)
+    ax1.set_ylabel("share of tokens", fontsize=8)
+    ax1.legend(fontsize=6)
+    layers = ds["layer"].values.tolist()
+    for name, ax, title in (("mean_entropy", ax2, "mean entropy / log E"),
+                            ("mean_mass", ax3, f"mean top-{ds.attrs.get('top_k', 'k')} probability mass")):
+        for group in ds["group"].values:
+            ax.plot(np.arange(len(layers)), ds[name].sel(group=group).values, marker=".", label=str(group))
+        ax.set_title(title, fontsize=9)
+        _layer_axis(ax, layers)
+    _legend_right(ax3)
+    fig.tight_layout()
+    return fig
+
+
+def router_stats(ds: xr.Dataset, max_ranks: int = 16) -> Figure:
+    """Per layer, mean +- std of the sorted logits and probabilities by rank, and the top-k weights."""
+    fig = Figure(figsize=(11, 3.4))
+    axes = fig.subplots(1, 3)
+    E = ds.sizes["rank"]
+    for ax, q, title in zip(axes, ("logit", "prob", "weight"), ("router logit", "router probability", "top-k weight")):
+        for layer in ds["layer"].values:
+            mean = ds[f"{q}_mean"].sel(layer=layer).values[:max_ranks]
+            std = ds[f"{q}_std"].sel(layer=layer).values[:max_ranks]
+            keep = ~np.isnan(mean)
+            ranks = np.arange(min(E, max_ranks))[keep]
+            ax.errorbar(ranks, mean[keep], yerr=std[keep], marker=".", capsize=2, lw=1, label=f"layer {layer}")
+        ax.set_title(f"{title} by rank", fontsize=9)
+        ax.set_xlabel("rank (0 = largest)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[2].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def similarity(ds: xr.Dataset, layer: int, variables: Sequence[str] = ("cosine", "cka", "weight_cosine")) -> Figure:
+    """Expert x expert similarity heatmaps at ``layer`` (those of ``variables`` present in ``ds``), experts
+    ordered by average-linkage clustering of the first one."""
+    from engine.analysis.similarity import cluster_order
+
+    names = [v for v in variables if v in ds.data_vars]
+    mats = [ds[v].sel(layer=layer).values for v in names]
+    order = cluster_order(mats[0])
+    experts = ds["expert"].values[order]
+    fig = Figure(figsize=(4.2 * len(names) + 0.8, 4.0))
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    for ax, name, m in zip(axes, names, mats):
+        image = ax.imshow(m[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
+        ax.set_title(f"layer {layer}: {name}", fontsize=9)
+        step = max(1, math.ceil(len(experts) / 16))
+        ticks = np.arange(0, len(experts), step)
+        ax.set_xticks(ticks, [str(e) for e in experts[::step]], fontsize=6)
+        ax.set_yticks(ticks, [str(e) for e in experts[::step]], fontsize=6)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def embedding(points: pd.DataFrame, color_by: Sequence[str] = ("expert", "group")) -> Figure:
+    """2-D map of expert outputs (:func:`engine.analysis.reduce_2d`), one panel per colouring."""
+    fig = Figure(figsize=(5.0 * len(color_by), 4.4))
+    axes = np.atleast_1d(fig.subplots(1, len(color_by)))
+    method = points.attrs.get("method", "")
+    for ax, col in zip(axes, color_by):
+        values = points[col].astype(str)
+        for name in sorted(set(values), key=lambda v: (len(v), v))[:40]:
+            sel = (values == name).to_numpy()
+            ax.scatter(points["x"].to_numpy()[sel], points["y"].to_numpy()[sel], s=3, alpha=0.6, label=name)
+        ax.set_title(f"{method.upper()} of expert outputs, coloured by {col}", fontsize=9)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5, markerscale=3, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def router_metrics(ds: xr.Dataset, layer: int) -> Figure:
+    """At ``layer``: selection frequency (group x expert), domain specialization, and token overlap."""
+    names = ["frequency", "specialization"] + (["overlap"] if "overlap" in ds.data_vars else [])
+    fig = Figure(figsize=(4.6 * len(names) + 0.6, 3.6))
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    for ax, name in zip(axes, names):
+        m = ds[name].sel(layer=layer)
+        image = ax.imshow(m.values, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(f"layer {layer}: {name}", fontsize=9)
+        ax.set_xlabel("expert", fontsize=7)
+        if name != "overlap":
+            ax.set_yticks(np.arange(ds.sizes["group"]), ds["group"].values, fontsize=6)
+        ax.tick_params(labelsize=6)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def lang_domain(ds: xr.Dataset) -> Figure:
+    """By layer: the divergence between groups (I(E; G), bits) and its language / domain split."""
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    layers = ds["layer"].values.tolist()
+    for name in ("jsd", "by_domain", "by_lang", "domain_given_lang", "lang_given_domain"):
+        if name in ds.data_vars:
+            ax.plot(np.arange(len(layers)), ds[name].values, marker=".", label=name,
+                    ls="--" if "given" in name else "-")
+    _layer_axis(ax, layers)
+    ax.set_ylabel("bits", fontsize=8)
+    _legend_right(ax)
+    fig.tight_layout()
+    return fig
+
+
+def steering(result: dict, top: int = 10) -> Figure:
+    """Next-token probability before and after steering (:func:`engine.analysis.steer_prompt`)."""
+    tokens = result["next_token"]["tokens"][:top]
+    fig = Figure(figsize=(max(5.0, 0.6 * len(tokens) + 2), 3.2))
+    ax = fig.subplots()
+    x = np.arange(len(tokens))
+    ax.bar(x - 0.2, [t["p_before"] for t in tokens], 0.4, label="before")
+    ax.bar(x + 0.2, [t["p_after"] for t in tokens], 0.4, label="after")
+    ax.set_xticks(x, [t["text"] for t in tokens], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("next-token probability", fontsize=8)
+    ax.set_title(f"expert {result['expert']} at layers {result['layers']}: scale {result['scale']:g}, "
+                 f"logit {result['logit']:+g} (KL {result['next_token']['kl']:.3g})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

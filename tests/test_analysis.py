@@ -1,0 +1,196 @@
+"""engine.analysis: decisiveness and similarity against independent references (SciPy's entropy,
+CKA by the HSIC formula with explicit centering matrices, plain torch expert MLPs, a slow loop)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from engine.analysis import decisiveness, expert_similarity, linear_cka, router_entropy, weight_similarity
+from engine.analysis._common import LayerInputs, expert_outputs, experts_modules, token_batches
+from engine.errors import MoetraceError
+from engine.store import TraceStore
+from tiny_models import TINY, VOCAB, tiny_model
+
+FAMILIES = ["olmoe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "lfm2_moe", "jamba"]
+
+
+# ------------------------------------------------------------------------------- references
+
+
+def hsic_cka(X: np.ndarray, Y: np.ndarray) -> float:
+    """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with linear kernels and the centering matrix H."""
+    n = X.shape[0]
+    H = np.eye(n) - np.ones((n, n)) / n
+    K, L = X @ X.T, Y @ Y.T
+    hsic = lambda A, B: np.trace(A @ H @ B @ H) / (n - 1) ** 2  # noqa: E731
+    return hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
+
+
+def test_router_entropy_matches_scipy():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(16, 0.3), size=200)
+    p[0] = 0.0
+    p[0, 3] = 1.0  # one-hot: entropy 0
+    p[1] = 1.0 / 16  # uniform: entropy 1
+    got = router_entropy(p)
+    want = scipy.stats.entropy(p, axis=1) / np.log(16)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert got[0] == 0.0 and got[1] == pytest.approx(1.0)
+    np.testing.assert_allclose(router_entropy(torch.tensor(p, dtype=torch.float32)), want, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(2, 9)), elements=st.floats(0, 1)))
+def test_router_entropy_property(p):
+    p = p + 1e-9  # scipy needs positive row sums
+    np.testing.assert_allclose(router_entropy(p), scipy.stats.entropy(p, axis=1) / np.log(p.shape[1]),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_linear_cka_matches_hsic_reference():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(40, 7))
+    Y = X @ rng.normal(size=(7, 3)) + 0.5 * rng.normal(size=(40, 3))  # other width
+    assert linear_cka(X, Y) == pytest.approx(hsic_cka(X, Y), rel=1e-10)
+    assert linear_cka(torch.tensor(X), torch.tensor(Y)) == pytest.approx(hsic_cka(X, Y), rel=1e-10)
+    # invariances: isotropic scaling, orthogonal transform, translation; CKA(X, X) = 1
+    Q, _ = np.linalg.qr(rng.normal(size=(7, 7)))
+    assert linear_cka(3.0 * X @ Q + 5.0, X) == pytest.approx(1.0)
+    assert 0.0 <= linear_cka(X, rng.normal(size=(40, 5))) < 0.6
+    with pytest.raises(MoetraceError, match="same samples"):
+        linear_cka(X, Y[:10])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(3, 30), st.integers(1, 6), st.integers(1, 6), st.integers(0, 10_000))
+def test_linear_cka_property(n, p, q, seed):
+    rng = np.random.default_rng(seed)
+    X, Y = rng.normal(size=(n, p)), rng.normal(size=(n, q))
+    assert linear_cka(X, Y) == pytest.approx(hsic_cka(X, Y), rel=1e-8, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------- decisiveness
+
+
+def probs_store(path, n=700, L=3, E=8, K=2, seed=0):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.full(E, 0.4), size=(n, L)).astype(np.float16)
+    experts = np.argsort(-probs.astype(np.float32), axis=-1)[..., :K]
+    domain = np.where(rng.random(n) < 0.3, "code", "math")
+    with TraceStore.create(path, n_layers=L, n_experts=E, top_k=K, probs=True, labels={"domain": ["code", "math"]},
+                           layer_ids=[1, 3, 5], chunk_rows=128) as st:
+        st.append({"seq": np.arange(n) // 50, "pos": np.arange(n) % 50, "token_id": rng.integers(0, 30, n),
+                   "domain": domain, "experts": experts, "probs": probs})
+    return probs.astype(np.float64), domain
+
+
+def test_decisiveness_matches_direct_computation(tmp_path):
+    probs, domain = probs_store(tmp_path / "t.zarr")
+    ds = decisiveness(tmp_path / "t.zarr", layers=[3, 5], num_tokens=600, by=["domain"], bins=50)
+    p = probs[:600, 1:]
+    h = scipy.stats.entropy(p, axis=-1) / np.log(8)  # [600, 2]
+    mass = np.sort(p, axis=-1)[..., -2:].sum(-1) / p.sum(-1)
+    for gi, g in enumerate(["code", "math"]):
+        sel = domain[:600] == g
+        np.testing.assert_allclose(ds["mean_entropy"].values[gi], h[sel].mean(0), rtol=1e-5)
+        np.testing.assert_allclose(ds["mean_mass"].values[gi], mass[sel].mean(0), rtol=1e-5)
+        assert ds["tokens"].values[gi] == sel.sum()
+    for li in range(2):
+        want, _ = np.histogram(h[:, li], bins=50, range=(0, 1))
+        np.testing.assert_array_equal(ds["entropy_hist"].values[li], want)
+        # histogram quantiles are within one bin of the exact ones
+        np.testing.assert_allclose(ds["entropy_quantile"].values[li], np.quantile(h[:, li], ds["quantile"].values),
+                                   atol=1 / 50)
+    assert ds["layer"].values.tolist() == [3, 5]
+    with pytest.raises(MoetraceError, match="layer 2 is not a recorded"):
+        decisiveness(tmp_path / "t.zarr", layers=[2])
+
+
+def test_decisiveness_needs_probs(tmp_path):
+    with TraceStore.create(tmp_path / "p.zarr", n_layers=1, n_experts=4, top_k=1) as st:
+        st.append({"seq": np.zeros(3), "pos": np.arange(3), "experts": np.zeros((3, 1, 1))})
+    with pytest.raises(MoetraceError, match="capture with --probs"):
+        decisiveness(tmp_path / "p.zarr")
+
+
+# ------------------------------------------------------------------------------- expert outputs
+
+
+def test_expert_outputs_match_plain_torch_olmoe():
+    model = tiny_model("olmoe")
+    mods = experts_modules(model, [1])
+    module, E, _ = mods[1]
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    out = expert_outputs(module, x, E)
+    for e in range(E):
+        gate, up = (x @ module.gate_up_proj[e].T).chunk(2, dim=-1)
+        want = (torch.nn.functional.silu(gate) * up) @ module.down_proj[e].T
+        torch.testing.assert_close(out[e], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
+                                               for f in TINY if f not in FAMILIES])
+def test_expert_outputs_combine_to_the_routed_output(family):
+    """On real routed inputs, the routed output of the experts module is the weighted sum of the
+    per-expert outputs: the all-experts computation is the family's own expert function."""
+    model = tiny_model(family)
+    mods = experts_modules(model)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    captured = {}
+
+    def keep(layer):
+        def hook(mod, args, kwargs, out):
+            captured.setdefault(layer, (args, kwargs, out))
+        return hook
+
+    hooks = [m.register_forward_hook(keep(layer), with_kwargs=True) for layer, (m, _, _) in mods.items()]
+    with torch.no_grad():
+        model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        for layer, (module, E, K) in mods.items():
+            args, kwargs, routed = captured[layer]
+            values = list(args) + list(kwargs.values())
+            hidden, index, weights = values[0], values[1], values[2]
+            all_out = expert_outputs(module, hidden, E)  # [E, T, H]
+            want = torch.zeros_like(routed)
+            for k in range(index.shape[1]):
+                want += all_out[index[:, k], torch.arange(hidden.shape[0])] * weights[:, k, None]
+            torch.testing.assert_close(routed, want, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_similarity_matches_materialized_outputs():
+    model = tiny_model("qwen3_moe")
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(3, VOCAB, size=int(n)).tolist() for n in rng.integers(4, 12, size=9)]
+    ds = expert_similarity(model, token_batches(seqs, batch_size=4, num_tokens=60), layers=[0, 2])
+    assert ds.attrs["tokens"] == 60
+    # reference: every real token's layer input, then all experts' outputs at once, then loops
+    mods = experts_modules(model, [0, 2])
+    with torch.no_grad():
+        for layer in (0, 2):
+            hidden = []
+            for batch in token_batches(seqs, batch_size=4, num_tokens=60):
+                with LayerInputs(mods) as rec:
+                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                h = rec.inputs[layer][0]
+                hidden.append(h.reshape(-1, h.shape[-1])[torch.as_tensor(batch["real"])])
+            module, E, _ = mods[layer]
+            out = expert_outputs(module, torch.cat(hidden), E).double().numpy()
+            for i in range(E):
+                for j in range(E):
+                    cos = np.mean(np.sum(out[i] * out[j], 1) / np.linalg.norm(out[i], axis=1)
+                                  / np.linalg.norm(out[j], axis=1))
+                    assert ds["cosine"].sel(layer=layer).values[i, j] == pytest.approx(cos, rel=1e-5, abs=1e-6)
+                    assert ds["cka"].sel(layer=layer).values[i, j] == pytest.approx(hsic_cka(out[i], out[j]), rel=1e-5, abs=1e-6)
+    w = weight_similarity(model, [0])["weight_cosine"].values[0]
+    module = mods[0][0]
+    flat = torch.cat([module.gate_up_proj.reshape(8, -1), module.down_proj.reshape(8, -1)], 1).double()
+    assert w[1, 4] == pytest.approx(float(torch.nn.functional.cosine_similarity(flat[1], flat[4], dim=0)))
+    np.testing.assert_allclose(np.diag(w), 1.0)
