@@ -257,7 +257,7 @@ def test_row_numbers_in_errors_are_line_numbers(tmp_path, capsys):
     assert "row 3, column expert: empty value" in capsys.readouterr().err
     topks.write_text("q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,3\n0,1,0,0,2\n")
     assert main(args) == 2
-    assert "row 3, column topk_ix: expected a value in [1," in capsys.readouterr().err
+    assert "row 3, column topk_ix: expected a 1-based rank in [1," in capsys.readouterr().err
     assert not (tmp_path / "o.zarr").exists()
 
 

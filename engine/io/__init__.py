@@ -19,9 +19,25 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import numpy as np
 
 from engine.errors import MoetraceError
+
+#: Largest model layer index an importer accepts (the long format's ``layer`` column is int16,
+#: or int32 when a layer id exceeds 32767).
+MAX_LAYER_ID = int(np.iinfo(np.int32).max)
+#: ``routing/experts`` is uint16 at most.
+MAX_EXPERTS = 65536
+#: ``tokens/token_id`` is int32; -1 means unknown.
+TOKEN_ID_RANGE = (-1, int(np.iinfo(np.int32).max))
+#: ``tokens/pos`` is int32.
+POS_RANGE = (int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max))
+#: ``tokens/seq`` is int64.
+SEQ_RANGE = (int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max))
+#: ``routing/weights`` is float16: larger magnitudes would become infinite.
+MAX_WEIGHT = float(np.finfo(np.float16).max)
 
 
 def check_output_path(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -60,8 +76,45 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def check_range(path: Any, column: str, values: np.ndarray, lo: int, hi: int, rows: int | np.ndarray,
+                what: str = "an integer", hint: str = "") -> None:
+    """Raise MoetraceError naming the first value of ``values`` outside ``[lo, hi]``.
+
+    ``values``: integer array [n] in its source dtype (compared before any cast, so
+    nothing wraps); ``rows``: row number of ``values[0]`` (rows are consecutive) or an
+    int array [n] of row numbers. The message is ``<path>: row <r>, column <column>:
+    expected <what> in [lo, hi]<hint>, got <value>``. Vectorized: no Python row loop.
+    """
+    values = np.asarray(values)
+    if values.size == 0:
+        return
+    bad = (values < lo) | (values > hi)
+    if bad.any():
+        i = int(np.argmax(bad))
+        row = rows + i if np.isscalar(rows) else np.asarray(rows)[i]
+        raise MoetraceError(
+            f"{path}: row {int(row)}, column {column}: expected {what} in [{lo}, {hi}]{hint}, got {values[i].item()}")
+
+
+def check_weights(path: Any, column: str, values: np.ndarray, rows: int | np.ndarray) -> None:
+    """Raise MoetraceError naming the first weight that is not finite or overflows float16.
+
+    ``values``: float array [n] (any float dtype); ``rows`` as in :func:`check_range`.
+    """
+    values = np.asarray(values)
+    bad = ~np.isfinite(values) | (np.abs(values) > MAX_WEIGHT)
+    if values.size and bad.any():
+        i = int(np.argmax(bad))
+        row = rows + i if np.isscalar(rows) else np.asarray(rows)[i]
+        raise MoetraceError(f"{path}: row {int(row)}, column {column}: expected a finite number within "
+                            f"+-{MAX_WEIGHT:g} (routing/weights is float16), got {values[i].item()}")
+
+
 def resolve_n_experts(max_expert: int, n_experts: int | None, source: str) -> int:
     """Number of experts: ``n_experts`` when given (checked against the data), else max id + 1."""
+    if max_expert >= MAX_EXPERTS:
+        raise MoetraceError(f"{source}: expert id {int(max_expert)} is out of range "
+                            f"(a store holds at most {MAX_EXPERTS} experts, ids 0..{MAX_EXPERTS - 1})")
     if n_experts is None:
         return int(max_expert) + 1
     if n_experts < 1:
