@@ -119,12 +119,13 @@ def _lines(path: Path) -> list[str]:
 class TestCsvImporter(ImporterContract):
     command = "import-csv"
     broken_shape = {"n_q": 3, "L": 2, "K": 2, "weights": False}
+    shuffle_shape = {"n_q": 4, "L": 2, "K": 2}
 
     def make_trace(self, rng, **shape):
         return make_csv_trace(rng, **shape)
 
-    def write_source(self, trace, directory, rng):
-        return write_csv_trace(trace, directory, rng)
+    def write_source(self, trace, directory, rng, shuffle=True):
+        return write_csv_trace(trace, directory, rng, shuffle=shuffle)
 
     def run_import(self, source, out, **kwargs):
         return import_csv(source["samples"], source["topks"], out, **kwargs)

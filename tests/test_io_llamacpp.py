@@ -62,15 +62,18 @@ def _entry(layer, component, ids, K, n_tokens, k_field, extra=None):
     return entry
 
 
-def write_llamacpp_trace(trace, directory: Path, rng, k_field="sources", split_calls=True) -> dict:
+def write_llamacpp_trace(trace, directory: Path, rng, k_field="sources", split_calls=True, shuffle=False) -> dict:
     """Write ``DIR/<domain>/traces/token-NNNNN.json`` (NNNNN = first token's position).
 
     Each file: some unrelated entries, a MUL_MAT_ID entry with empty expert_ids, and per
     call (a file's tokens may be split into two micro-batch calls) and layer the gate, up
-    and down entries repeating the same ids.
+    and down entries repeating the same ids. ``shuffle``: entries of a file in random
+    order, except that the calls of one layer and component keep their order (the order
+    that says which tokens come first); files written in random order.
     """
     N, L, K = trace.experts.shape
     row = 0
+    files = []
     for s, name in enumerate(sorted(set(trace.labels["domain"].tolist()))):
         traces = directory / name / "traces"
         traces.mkdir(parents=True)
@@ -91,22 +94,39 @@ def write_llamacpp_trace(trace, directory: Path, rng, k_field="sources", split_c
                         entries.append(_entry(layer, component, ids, K, b - a, k_field))
                         entries.append({"entry_id": 9, "operation_type": "ADD", "layer_id": layer,
                                         "dst_name": f"ffn_out-{layer}"})
+            if shuffle:
+                entries = _interleave(entries, rng)
             payload = {"token_index": pos, "n_tokens": size, "entries": entries}
-            (traces / f"token-{pos:05d}.json").write_text(json.dumps(payload))
+            files.append((traces / f"token-{pos:05d}.json", json.dumps(payload)))
             pos += size
             row += size
+    for i in rng.permutation(len(files)) if shuffle else range(len(files)):
+        files[i][0].write_text(files[i][1])
     return {"dir": directory, "extra": []}
+
+
+def _interleave(entries: list[dict], rng) -> list[dict]:
+    """Entries in random order; those of one (layer, dst_name) stream keep their relative order."""
+    def stream(e):
+        return (e.get("layer_id"), e.get("dst_name"), e.get("operation_type"))
+
+    shuffled = [entries[i] for i in rng.permutation(len(entries))]
+    queues = {}
+    for e in entries:
+        queues.setdefault(stream(e), []).append(e)
+    return [queues[stream(e)].pop(0) for e in shuffled]
 
 
 class TestLlamacppImporter(ImporterContract):
     command = "import-llamacpp"
     broken_shape = {"n_domains": 2, "L": 2, "K": 2}
+    shuffle_shape = {"n_domains": 3, "L": 3, "K": 2}
 
     def make_trace(self, rng, **shape):
         return make_llamacpp_trace(rng, **shape)
 
-    def write_source(self, trace, directory, rng):
-        return write_llamacpp_trace(trace, directory, rng)
+    def write_source(self, trace, directory, rng, shuffle=True):
+        return write_llamacpp_trace(trace, directory, rng, shuffle=shuffle)
 
     def run_import(self, source, out, **kwargs):
         return import_llamacpp(source["dir"], out, **kwargs)

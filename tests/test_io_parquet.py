@@ -19,7 +19,7 @@ from engine.store import TraceStore
 
 
 def make_long_trace(rng, n_tokens=None, L=None, K=None, weights=None, n_labels=None, text=None) -> RefTrace:
-    """Random trace in file order (tokens need not be sorted by seq/pos)."""
+    """Random trace in store order: tokens sorted by (seq, pos), each (seq, pos) once."""
     N = int(rng.integers(1, 30)) if n_tokens is None else n_tokens
     L = int(rng.integers(1, 4)) if L is None else L
     K = int(rng.integers(1, 4)) if K is None else K
@@ -27,8 +27,9 @@ def make_long_trace(rng, n_tokens=None, L=None, K=None, weights=None, n_labels=N
     n_labels = int(rng.integers(0, 3)) if n_labels is None else n_labels
     text = bool(rng.random() < 0.5) if text is None else text
     E = int(rng.integers(K, K + 10))
-    seq = rng.integers(-5, 5, N).astype(np.int64)
-    pos = rng.permutation(N).astype(np.int32)  # distinct: no two adjacent tokens are equal
+    key = np.sort(rng.choice(10 * 4 * N, N, replace=False))  # distinct (seq, pos), sorted
+    seq = (key // (4 * N) - 5).astype(np.int64)
+    pos = (key % (4 * N) - N).astype(np.int32)
     experts = np.stack([rng.permutation(E)[:K] for _ in range(N * L)]).reshape(N, L, K).astype(np.int64)
     labels = {name: np.array([f"{name}-{v}" for v in range(4)] + [" x "])[rng.integers(0, 5, N)]
               for name in ("domain", "lang")[:n_labels]}
@@ -58,8 +59,11 @@ def long_table(trace: RefTrace) -> pa.Table:
     return pa.table(cols)
 
 
-def write_long(trace: RefTrace, path: Path, rng, row_group_size=None) -> Path:
+def write_long(trace: RefTrace, path: Path, rng, row_group_size=None, shuffle=False) -> Path:
+    """``trace`` as a long-format file, in store order (or rows shuffled when ``shuffle``)."""
     table = long_table(trace)
+    if shuffle:
+        table = table.take(pa.array(rng.permutation(table.num_rows)))
     if table.num_columns > 6 and "domain" in table.column_names and rng.random() < 0.5:
         i = table.column_names.index("domain")  # polars-style dictionary-encoded strings
         table = table.set_column(i, "domain", table.column("domain").dictionary_encode())
@@ -72,12 +76,14 @@ def write_long(trace: RefTrace, path: Path, rng, row_group_size=None) -> Path:
 class TestParquetImporter(ImporterContract):
     command = "import-parquet"
     broken_shape = {"n_tokens": 6, "L": 2, "K": 2, "weights": True, "n_labels": 1, "text": False}
+    shuffle_shape = {"n_tokens": 8, "L": 2, "K": 2}
+    shuffled_error = ["in.parquet", "ORDER BY seq, pos, layer, rank"]
 
     def make_trace(self, rng, **shape):
         return make_long_trace(rng, **shape)
 
-    def write_source(self, trace, directory, rng):
-        return {"path": write_long(trace, directory / "in.parquet", rng), "extra": []}
+    def write_source(self, trace, directory, rng, shuffle=True):
+        return {"path": write_long(trace, directory / "in.parquet", rng, shuffle=shuffle), "extra": []}
 
     def run_import(self, source, out, **kwargs):
         return import_parquet(source["path"], out, **kwargs)

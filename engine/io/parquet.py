@@ -6,8 +6,9 @@ Columns, in this order (an interface other tools rely on: keep it exact):
 ``seq``        int64      sequence id (``tokens/seq``)
 ``pos``        int32      position in the sequence (``tokens/pos``)
 ``token_id``   int32      vocabulary id, -1 if unknown
-``layer``      int16      the model's layer index (``layer_ids[l]``, not ``l``)
-``rank``       int16      0 = top choice
+``layer``      int16      the model's layer index (``layer_ids[l]``, not ``l``; int32 only
+                         when a layer id exceeds 32767)
+``rank``       int16      0 = top choice (int32 only when top_k > 32768)
 ``expert``     int16      expert id (int32 only when n_experts > 32768)
 ``weight``     float32    routing weight; only when the store has weights
 ``<label>``    string     one column per label (``domain``, ``lang``, ...), the value
@@ -43,7 +44,8 @@ import pyarrow.parquet as pq
 from engine.progress import tqdm
 
 from engine.errors import MoetraceError
-from engine.io import resolve_n_experts, staged_store
+from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, check_range,
+                       check_weights, resolve_n_experts, staged_store)
 from engine.store import TraceStore
 
 META_KEY = b"moetrace"
@@ -52,14 +54,31 @@ META_VERSION = 1
 REQUIRED = ("seq", "pos", "layer", "rank", "expert")
 DEFAULT_ROW_GROUP_ROWS = 1 << 20
 READ_BATCH_ROWS = 1 << 18
+SORT_HINT = ("sort the file first, e.g. in DuckDB: COPY (SELECT * FROM 'in.parquet' ORDER BY seq, pos, layer, rank) "
+             "TO 'sorted.parquet'")
+
+
+def _small_int(largest: int, what: str) -> pa.DataType:
+    """int16 when ``largest`` fits, else int32; MoetraceError beyond int32."""
+    if largest <= np.iinfo(np.int16).max:
+        return pa.int16()
+    if largest <= np.iinfo(np.int32).max:
+        return pa.int32()
+    raise MoetraceError(f"{what}: {largest} does not fit the long format's int32 column")
 
 
 def long_schema(store: TraceStore, generated: bool = False, metadata: dict | None = None) -> pa.Schema:
-    """The Arrow schema :func:`export_parquet` writes for ``store``."""
+    """The Arrow schema :func:`export_parquet` writes for ``store``.
+
+    ``layer``, ``rank`` and ``expert`` are int16 unless the store's largest layer id,
+    rank (``top_k - 1``) or expert id (``n_experts - 1``) needs int32.
+    """
+    layer_ids = store.layer_ids
     fields = [
         pa.field("seq", pa.int64()), pa.field("pos", pa.int32()), pa.field("token_id", pa.int32()),
-        pa.field("layer", pa.int16()), pa.field("rank", pa.int16()),
-        pa.field("expert", pa.int16() if store.n_experts <= 32768 else pa.int32()),
+        pa.field("layer", _small_int(int(layer_ids.max()) if len(layer_ids) else 0, f"{store.path}: layer id")),
+        pa.field("rank", _small_int(store.top_k - 1, f"{store.path}: rank")),
+        pa.field("expert", _small_int(store.n_experts - 1, f"{store.path}: expert id")),
     ]
     if store.has_weights:
         fields.append(pa.field("weight", pa.float32()))
@@ -96,8 +115,8 @@ def export_parquet(
     L, K = store.n_layers, store.top_k
     generated = any(bool(c["generated"].any()) for c in store.iter_chunks(["generated"]))
     schema = long_schema(store, generated, _metadata(store))
-    layer = np.repeat(store.layer_ids.astype(np.int16), K)
-    rank = np.tile(np.arange(K, dtype=np.int16), L)
+    layer = np.repeat(store.layer_ids.astype(schema.field("layer").type.to_pandas_dtype()), K)
+    rank = np.tile(np.arange(K, dtype=schema.field("rank").type.to_pandas_dtype()), L)
     vocab = {label: pa.array(values or [""], pa.string()) for label, values in store.labels.items()}
     columns = ["seq", "pos", "token_id", "experts", *store.label_names]
     columns += ["weights"] * store.has_weights + ["generated"] * generated + ["text"] * store.has_token_text
@@ -202,8 +221,9 @@ def import_parquet(
         layer_ids = np.asarray(meta["layer_ids"], dtype=np.int64)
         top_k = int(meta["top_k"])
         max_expert = int(meta["n_experts"]) - 1
-        vocab: Any = {label: meta["labels"].get(label, []) for label in labels}
-        if any(label not in meta["labels"] for label in labels):
+        meta_labels = meta.get("labels", {})
+        vocab: Any = {label: meta_labels.get(label, []) for label in labels}
+        if any(label not in meta_labels for label in labels):
             vocab = labels
     else:
         layer_ids, top_k, max_expert = _scan_shape(path, pf, batch_rows)
@@ -272,12 +292,65 @@ def _read_metadata(path: Path, schema: pa.Schema) -> dict | None:
         meta = json.loads(raw)
     except ValueError:
         raise MoetraceError(f"{path}: metadata 'moetrace': expected JSON, got unreadable bytes") from None
+    except RecursionError:
+        raise MoetraceError(f"{path}: metadata 'moetrace': JSON nested too deeply") from None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise MoetraceError(f"{path}: metadata 'moetrace': expected format {META_FORMAT!r}")
-    if int(meta.get("version", 0)) > META_VERSION:
-        raise MoetraceError(f"{path}: metadata 'moetrace': version {meta.get('version')} is newer than "
-                            f"this moetrace reads (up to {META_VERSION})")
+    version = meta.get("version", 0)
+    if not _is_int(version) or version > META_VERSION:
+        raise MoetraceError(f"{path}: metadata 'moetrace': version {_short(version)} is not one this moetrace "
+                            f"reads (up to {META_VERSION})")
+    _check_metadata(path, meta)
     return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+SEQUENCE_DTYPES = ("str", "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                   "float16", "float32", "float64")
+
+
+def _check_metadata(path: Path, meta: dict) -> None:
+    """MoetraceError naming the first field of the 'moetrace' metadata that is malformed."""
+    def bad(field: str, expected: str, got: Any) -> MoetraceError:
+        return MoetraceError(f"{path}: metadata 'moetrace': {field}: expected {expected}, got {_short(got)}")
+
+    for field in ("n_experts", "top_k"):
+        value = meta.get(field)
+        if not _is_int(value) or not 1 <= value <= MAX_EXPERTS:
+            raise bad(field, f"an integer in [1, {MAX_EXPERTS}]", value)
+    ids = meta.get("layer_ids")
+    if (not isinstance(ids, list) or not ids or not all(_is_int(x) and 0 <= x <= MAX_LAYER_ID for x in ids)
+            or any(b <= a for a, b in zip(ids, ids[1:]))):
+        raise bad("layer_ids", f"a non-empty increasing list of layer indices in [0, {MAX_LAYER_ID}]", ids)
+    for field in ("model", "scoring"):
+        if meta.get(field) is not None and not isinstance(meta[field], str):
+            raise bad(field, "a string or null", meta[field])
+    labels = meta.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) and len(set(v)) == len(v)
+            for v in labels.values()):
+        raise bad("labels", "an object of label name -> list of distinct strings", labels)
+    sequences = meta.get("sequences") or {}
+    if not isinstance(sequences, dict):
+        raise bad("sequences", "an object of column name -> {dtype, values}", sequences)
+    for name, column in sequences.items():
+        if (not isinstance(column, dict) or column.get("dtype", "str") not in SEQUENCE_DTYPES
+                or not isinstance(column.get("values"), list)):
+            raise bad(f"sequences.{name}", f"{{\"dtype\": one of {list(SEQUENCE_DTYPES)}, \"values\": [...]}}",
+                      column)
+        try:
+            _sequence_values(column)
+        except (TypeError, ValueError, OverflowError):
+            raise bad(f"sequences.{name}.values", f"a flat list of {column.get('dtype', 'str')} values",
+                      column["values"]) from None
 
 
 def _scan_shape(path: Path, pf: pq.ParquetFile, batch_rows: int) -> tuple[np.ndarray, int, int]:
@@ -286,16 +359,13 @@ def _scan_shape(path: Path, pf: pq.ParquetFile, batch_rows: int) -> tuple[np.nda
     max_rank, max_expert, offset = -1, -1, 0
     for batch in pf.iter_batches(batch_size=batch_rows, columns=["layer", "rank", "expert"], use_threads=False):
         cols = {}
-        for name in ("layer", "rank", "expert"):
+        for name, hi, what in (("layer", MAX_LAYER_ID, "a layer index"), ("rank", MAX_EXPERTS - 1, "a rank"),
+                               ("expert", MAX_EXPERTS - 1, "an expert id")):
             col = batch.column(name)
             _no_nulls(path, name, col, offset)
-            cols[name] = col.to_numpy().astype(np.int64)
-        for name, lo in (("layer", 0), ("rank", 0), ("expert", 0)):
-            bad = cols[name] < lo
-            if bad.any():
-                i = int(np.argmax(bad))
-                raise MoetraceError(f"{path}: row {offset + i}, column {name}: expected a value >= {lo}, "
-                                    f"got {int(cols[name][i])}")
+            values = col.to_numpy()
+            check_range(path, name, values, 0, hi, offset, what=what)  # before the cast: nothing wraps
+            cols[name] = values.astype(np.int64)
         layers = np.union1d(layers, np.unique(cols["layer"]))
         max_rank = max(max_rank, int(cols["rank"].max()))
         max_expert = max(max_expert, int(cols["expert"].max()))
@@ -316,37 +386,39 @@ def _append_blocks(path: Path, store: TraceStore, table: pa.Table, offset: int, 
     per = L * K
     m = table.num_rows // per
 
-    def numeric(name: str) -> np.ndarray:
+    def numeric(name: str, lo: int | None = None, hi: int | None = None, what: str = "an integer") -> np.ndarray:
+        """Column ``name`` as NumPy; integers range-checked in their file dtype, then int64."""
         col = table.column(name).combine_chunks()
         _no_nulls(path, name, col, offset)
-        return col.to_numpy(zero_copy_only=False)
+        values = col.to_numpy(zero_copy_only=False)
+        if lo is None:
+            return values
+        check_range(path, name, values, lo, hi, offset, what=what)
+        return values.astype(np.int64)
 
     def fail(name: str, flat: int, expected: Any, got: Any) -> None:
         raise MoetraceError(
             f"{path}: row {offset + flat}, column {name}: expected {expected}, got {got} (the {per} rows "
-            f"of a token, {L} layers x {K} ranks, must be contiguous and ordered by layer then rank)")
+            f"of a token, {L} layers x {K} ranks, must be contiguous and ordered by layer then rank; {SORT_HINT})")
 
-    layer = numeric("layer").astype(np.int64).reshape(m, L, K)
+    layer = numeric("layer", 0, MAX_LAYER_ID, "a layer index").reshape(m, L, K)
     want = np.broadcast_to(layer_ids[None, :, None], layer.shape)
     if (layer != want).any():
         flat = int(np.argmax((layer != want).reshape(-1)))
         fail("layer", flat, int(want.reshape(-1)[flat]), int(layer.reshape(-1)[flat]))
-    rank = numeric("rank").astype(np.int64).reshape(m, L, K)
+    rank = numeric("rank", 0, K - 1, "a rank").reshape(m, L, K)
     want = np.broadcast_to(np.arange(K)[None, None, :], rank.shape)
     if (rank != want).any():
         flat = int(np.argmax((rank != want).reshape(-1)))
         fail("rank", flat, int(want.reshape(-1)[flat]), int(rank.reshape(-1)[flat]))
-    expert = numeric("expert").astype(np.int64)
-    bad = (expert < 0) | (expert >= n_experts)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise MoetraceError(f"{path}: row {offset + i}, column expert: expected a value in [0, {n_experts}), "
-                            f"got {int(expert[i])}")
+    expert = numeric("expert", 0, n_experts - 1, "an expert id")
     first = np.arange(m) * per
     batch: dict[str, Any] = {"experts": expert.reshape(m, L, K)}
+    ranges = {"seq": (*SEQ_RANGE, "an int64 sequence id"), "pos": (*POS_RANGE, "an int32 position"),
+              "token_id": (*TOKEN_ID_RANGE, "an int32 vocabulary id (-1 = unknown)"), "generated": (None, None)}
     per_token = ["seq", "pos"] + [c for c in ("token_id", "generated") if c in table.column_names]
     for name in per_token:
-        values = numeric(name).reshape(m, per)
+        values = numeric(name, *ranges[name]).reshape(m, per)
         diff = values != values[:, :1]
         if diff.any():
             flat = int(np.argmax(diff.reshape(-1)))
@@ -365,28 +437,59 @@ def _append_blocks(path: Path, store: TraceStore, table: pa.Table, offset: int, 
         values = np.asarray(col.take(pa.array(first)).to_numpy(zero_copy_only=False), dtype=str)
         batch["text" if name == "token" else name] = values
     if "weight" in table.column_names:
-        weight = numeric("weight").astype(np.float32)
-        if not np.isfinite(weight).all():
-            i = int(np.argmin(np.isfinite(weight)))
-            raise MoetraceError(f"{path}: row {offset + i}, column weight: expected a finite number, got {weight[i]}")
-        batch["weights"] = weight.reshape(m, L, K)
-    seq, pos = batch["seq"], batch["pos"]
-    same = np.r_[False, (seq[1:] == seq[:-1]) & (pos[1:] == pos[:-1])]
-    if last_token is not None:
-        same[0] = (int(seq[0]), int(pos[0])) == last_token
-    if same.any():
-        i = int(np.argmax(same))
-        raise MoetraceError(f"{path}: row {offset + i * per}: duplicate token seq={int(seq[i])}, pos={int(pos[i])} "
-                            f"(its {per} rows appear twice in a row)")
-    if pos.min() < np.iinfo(np.int32).min or pos.max() > np.iinfo(np.int32).max:
-        i = int(np.argmax((pos < np.iinfo(np.int32).min) | (pos > np.iinfo(np.int32).max)))
-        raise MoetraceError(f"{path}: row {offset + i * per}, column pos: expected an int32 value, got {int(pos[i])}")
+        weight = numeric("weight")
+        check_weights(path, "weight", weight, offset)
+        batch["weights"] = weight.astype(np.float32).reshape(m, L, K)
+    _check_token_order(path, batch["seq"], batch["pos"], offset, per, last_token)
     store.append(batch)
-    return int(seq[-1]), int(pos[-1])
+    return int(batch["seq"][-1]), int(batch["pos"][-1])
+
+
+def _check_token_order(path: Path, seq: np.ndarray, pos: np.ndarray, offset: int, per: int,
+                       last_token: tuple[int, int] | None) -> None:
+    """MoetraceError unless tokens come in strictly increasing ``(seq, pos)`` order.
+
+    ``seq``, ``pos``: int64 [m], the tokens of file rows ``offset ..``, ``per`` rows each;
+    ``last_token``: the previous batch's last ``(seq, pos)``. The store keeps a
+    sequence's rows contiguous and in increasing position order, so the file must too.
+    """
+    prev_seq = np.r_[seq[:1] if last_token is None else [last_token[0]], seq[:-1]]
+    prev_pos = np.r_[pos[:1] if last_token is None else [last_token[1]], pos[:-1]]
+    same = (seq == prev_seq) & (pos == prev_pos)
+    before = (seq < prev_seq) | ((seq == prev_seq) & (pos < prev_pos))
+    if last_token is None:
+        same[0] = before[0] = False
+    if not (same | before).any():
+        return
+    i = int(np.argmax(same | before))
+    fix = SORT_HINT
+    if same[i]:
+        raise MoetraceError(f"{path}: row {offset + i * per}: duplicate token seq={int(seq[i])}, pos={int(pos[i])} "
+                            f"(expected each token's {per} rows once; drop the duplicates, then {fix})")
+    raise MoetraceError(
+        f"{path}: row {offset + i * per}: token seq={int(seq[i])}, pos={int(pos[i])} comes after seq={int(prev_seq[i])}, "
+        f"pos={int(prev_pos[i])} (expected rows sorted by seq, pos, layer, rank, as export-parquet writes them; {fix})")
 
 
 def _sequence_values(column: dict) -> np.ndarray:
+    """A ``sequences`` metadata column -> array [S]; raises TypeError/ValueError/OverflowError when the
+    values do not fit ``dtype`` exactly (checked by :func:`_check_metadata` before any store exists)."""
     dtype = column.get("dtype", "str")
+    values = column["values"]
     if dtype == "str":
-        return np.asarray(column["values"], dtype=str)
-    return np.asarray(column["values"], dtype=np.dtype(dtype))
+        if not all(isinstance(v, str) for v in values):
+            raise TypeError("expected strings")
+        return np.asarray(values, dtype=str).reshape(len(values))
+    if dtype == "bool":
+        if not all(isinstance(v, bool) for v in values):
+            raise TypeError("expected true/false")
+        return np.asarray(values, dtype=bool).reshape(len(values))
+    if dtype.startswith(("int", "uint")):
+        if not all(_is_int(v) for v in values):
+            raise TypeError("expected integers")
+        info = np.iinfo(np.dtype(dtype))
+        if any(not info.min <= v <= info.max for v in values):
+            raise OverflowError(f"expected values that fit {dtype}")
+    elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise TypeError("expected numbers")
+    return np.asarray(values, dtype=np.dtype(dtype)).reshape(len(values))
