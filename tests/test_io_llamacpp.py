@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_contract import CHUNK, ImporterContract, RefTrace, assert_store_equals_trace
 
+from engine.cli import main
 from engine.errors import MoetraceError
 from engine.io import import_llamacpp
 
@@ -261,3 +262,34 @@ def test_top_k_flag_must_agree_with_the_entries(tmp_path):
     with pytest.raises(MoetraceError, match="disagrees with top-k 3"):
         import_llamacpp(source["dir"], tmp_path / "o.zarr", top_k=3, progress=False)
     assert not (tmp_path / "o.zarr").exists()
+
+
+# ---------------------------------------------------------------------- values that do not fit, deep JSON
+def _one_file(tmp_path, text: str) -> Path:
+    traces = tmp_path / "d" / "bio" / "traces"
+    traces.mkdir(parents=True)
+    (traces / "token-00000.json").write_text(text)
+    return tmp_path / "d"
+
+
+@pytest.mark.parametrize("text, fragments", [
+    (json.dumps({"entries": [_entry(10**20, "gate", [1], 1, 1, "n_expert_used")]}), ["layer_id", str(10**20)]),
+    (json.dumps({"entries": [_entry(2**31, "gate", [1], 1, 1, "n_expert_used")]}), ["layer_id", str(2**31)]),
+    (json.dumps({"entries": [_entry(0, "gate", [2**64 - 1], 1, 1, "n_expert_used")]}),
+     ["expert_ids[0]", str(2**64 - 1)]),
+    (json.dumps({"entries": [_entry(0, "gate", [70000], 1, 1, "n_expert_used")]}), ["expert_ids[0]", "70000"]),
+    (json.dumps({"entries": [_entry(0, "gate", [1], 1, 1, None, {"sources": 5})]}), ["--top-k"]),
+    ("[" * 100000 + "]" * 100000, ["nested too deeply"]),
+    ('{"entries": ' + "[" * 5000 + "]" * 5000 + "}", ["nested too deeply"]),
+])
+def test_values_that_do_not_fit_and_deep_json_are_one_line_errors(tmp_path, capsys, text, fragments):
+    directory = _one_file(tmp_path, text)
+    out = tmp_path / "o.zarr"
+    code = main(["import-llamacpp", str(directory), str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moetrace import-llamacpp: error: ") and "token-00000.json" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not list(tmp_path.glob("o.zarr*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_contract import CHUNK, WEIRD_TOKENS, ImporterContract, RefTrace, assert_store_equals_trace, assert_stores_equal
@@ -212,3 +214,72 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
     else:
         raise AssertionError("export did not fail")
     assert not out.exists() and not list(tmp_path.glob("out.parquet*"))
+
+
+# ---------------------------------------------------------------------- values that do not fit
+def _one_token(**override) -> pa.Table:
+    cols = {"seq": pa.array([0], pa.int64()), "pos": pa.array([0], pa.int32()),
+            "token_id": pa.array([5], pa.int32()), "layer": pa.array([0], pa.int16()),
+            "rank": pa.array([0], pa.int16()), "expert": pa.array([1], pa.int16())}
+    cols.update(override)
+    return pa.table(cols)
+
+
+def _cli_error(tmp_path, capsys, table: pa.Table, metadata: dict | None = None) -> str:
+    path = tmp_path / "in.parquet"
+    if metadata is not None:
+        table = table.replace_schema_metadata({b"moetrace": json.dumps(metadata).encode()})
+    pq.write_table(table, path)
+    out = tmp_path / "o.zarr"
+    code = main(["import-parquet", str(path), str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moetrace import-parquet: error: "), err
+    assert not list(tmp_path.glob("o.zarr*"))
+    return lines[0]
+
+
+GOOD_META = {"format": "moetrace-long", "version": 1, "n_experts": 4, "top_k": 1, "layer_ids": [0], "labels": {},
+             "model": None, "scoring": None, "sequences": {}}
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ({"seq": pa.array([2**63 + 5], pa.uint64())}, ["row 0, column seq", str(2**63 + 5)]),
+    ({"token_id": pa.array([3_000_000_000], pa.int64())}, ["row 0, column token_id", "3000000000"]),
+    ({"pos": pa.array([2**31], pa.int64())}, ["row 0, column pos", str(2**31)]),
+    ({"layer": pa.array([2**31], pa.int64())}, ["row 0, column layer", str(2**31)]),
+    ({"layer": pa.array([2**64 - 1], pa.uint64())}, ["row 0, column layer", str(2**64 - 1)]),
+    ({"expert": pa.array([2**64 - 1], pa.uint64())}, ["row 0, column expert", str(2**64 - 1)]),
+    ({"weight": pa.array([1e6], pa.float64())}, ["row 0, column weight", "float16"]),
+])
+def test_values_that_do_not_fit_are_one_line_errors(tmp_path, capsys, override, fragments):
+    line = _cli_error(tmp_path, capsys, _one_token(**override))
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"top_k": "2"}, "top_k"), ({"n_experts": 10**30}, "n_experts"), ({"layer_ids": [3, 1]}, "layer_ids"),
+    ({"layer_ids": [10**20]}, "layer_ids"), ({"labels": []}, "labels"), ({"model": 5}, "model"),
+    ({"sequences": {"seq": {"dtype": "int64", "values": [2**70]}}}, "sequences.seq"),
+    ({"sequences": {"x": {"dtype": "object", "values": [1]}}}, "sequences.x"),
+    ({"sequences": {"x": {"dtype": "str", "values": [[1]]}}}, "sequences.x"), ({"version": "1"}, "version"),
+])
+def test_malformed_metadata_is_a_one_line_error(tmp_path, capsys, change, fragment):
+    line = _cli_error(tmp_path, capsys, _one_token(), {**GOOD_META, **change})
+    assert f"metadata 'moetrace': {fragment}" in line, line
+
+
+def test_export_widens_layer_ids_beyond_int16(tmp_path):
+    """Layer 40000 was written as -25536; now the column is int32 and the value exact."""
+    path = tmp_path / "s.zarr"
+    store = TraceStore.create(path, n_layers=2, n_experts=4, top_k=1, layer_ids=[3, 40000], chunk_rows=8)
+    store.append({"seq": np.array([0, 0]), "pos": np.array([0, 1]), "experts": np.array([[[1], [2]], [[3], [0]]])})
+    store.close()
+    out = tmp_path / "o.parquet"
+    assert main(["export-parquet", str(path), str(out), "-q"]) == 0
+    assert pq.read_schema(out).field("layer").type == pa.int32()
+    got = duckdb.sql(f"SELECT layer, expert FROM '{out}' ORDER BY seq, pos, layer").fetchall()
+    assert got == [(3, 1), (40000, 2), (3, 3), (40000, 0)]
+    assert_stores_equal(TraceStore.open(path), import_parquet(out, tmp_path / "b.zarr", progress=False))

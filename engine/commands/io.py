@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
                         "where present); other columns are per-question metadata")
     p.add_argument("--memory-budget", type=_positive, default=512, metavar="MIB",
                    help="working memory to stay under, in MiB (default 512)")
+    p.add_argument("--max-row-mib", type=_positive, default=64, metavar="MIB",
+                   help="longest CSV record accepted, in MiB (default 64; e.g. a long token text); "
+                        "a longer one is an error naming its row")
     p.add_argument("--model", default=None, help="model name recorded in the store")
     _common(p)
     p.set_defaults(func=_run_import_csv)
@@ -80,6 +83,7 @@ def _run_import_csv(args) -> int:
         labels = [name.strip() for name in args.labels.split(",") if name.strip()]
     store = import_csv(args.samples, args.topks, args.out, labels=labels, n_experts=args.n_experts,
                        model=args.model, chunk_rows=args.chunk_rows, memory_budget=args.memory_budget << 20,
+                       max_row_bytes=args.max_row_mib << 20,
                        overwrite=args.overwrite, progress=not args.quiet)
     _report(store, args.out, args.quiet)
     return 0
