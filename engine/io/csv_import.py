@@ -485,7 +485,9 @@ class _KeySpace:
         if n == 0:
             raise MoetraceError(f"{samples}: no data rows (expected one row per token)")
         if (q1 - q0 + 1) * (t1 - t0 + 1) >= 2**62:
-            raise MoetraceError(f"{samples}: q_ix/token_ix ranges too wide ({q0}..{q1} x {t0}..{t1})")
+            raise MoetraceError(
+                f"{samples}: q_ix/token_ix ranges too wide ({q0}..{q1} x {t0}..{t1}; expected (q_ix span) x "
+                f"(token_ix span) < 2^62: renumber q_ix 0..n-1)")
         space = cls(q0, q1, t0, t1, np.zeros(0, np.int64))
         space.sample = np.sort((np.concatenate(qs) - q0) * space.width + (np.concatenate(ts) - t0))
         return space

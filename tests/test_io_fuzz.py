@@ -1,0 +1,278 @@
+"""Fuzzing every importer: random valid files and malformed ones (hypothesis).
+
+The only outcomes allowed: a store equal to an independent reading of the input (a plain
+Python parse for CSV and llama.cpp JSON, DuckDB for Parquet), or a one-line
+MoetraceError with nothing left behind (no ``OUT``, no ``OUT.partial-*`` staging
+directory, no ``.OUT.parts-*`` temporary partitions). A valid input must import; a
+malformed one may also import when the reference reading accepts it, and must then give
+exactly the reference's store.
+
+The fast suite runs a few hundred examples in all; the ``slow`` tests run thousands.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from io_contract import RefTrace, assert_store_equals_trace
+
+from engine.errors import MoetraceError
+from engine.io import import_csv, import_llamacpp, import_parquet
+
+# No shrinking: one import takes ~0.1 s and shrinking a failure took minutes; the failing
+# example is printed as drawn.
+PHASES = [Phase.explicit, Phase.reuse, Phase.generate]
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None, phases=PHASES)
+SLOW = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                phases=PHASES)
+CHUNK = 16
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+class Invalid(Exception):
+    """The reference reading refuses the input."""
+
+
+def check_outcome(run, out: Path, reference) -> None:
+    """``run()`` imports into ``out``; ``reference()`` returns the expected RefTrace or raises Invalid.
+
+    Success must equal the reference; failure must be a one-line MoetraceError leaving nothing.
+    """
+    try:
+        store = run()
+    except MoetraceError as exc:
+        assert "\n" not in str(exc), str(exc)
+        leftovers = [p.name for p in out.parent.iterdir()
+                     if p.name == out.name or p.name.startswith((f"{out.name}.partial-", f".{out.name}.parts-"))]
+        assert not leftovers, (leftovers, str(exc))
+        return
+    try:
+        want = reference()
+    except Invalid as why:
+        raise AssertionError(f"the importer accepted input the reference refuses: {why}") from None
+    assert_store_equals_trace(store, want)
+
+
+def must_import(run, reference) -> None:
+    """A valid input: the import succeeds and equals the reference (which must accept it too)."""
+    assert_store_equals_trace(run(), reference())
+
+
+# Values a mutated field takes: wrapping integers, almost-integers, nulls, text, bad bytes.
+FIELD_VALUES = st.one_of(
+    st.integers(-(2**65), 2**65).map(str),
+    st.integers(-3, 70).map(str),
+    st.sampled_from(["", "NA", "x", " 5", "5 ", "+5", "05", "0x10", "1e3", "5.0", "-1", "-0", "inf", "nan", "1e400",
+                     "65504", "65520", "3000000000", "2147483648", "9223372036854775808", '"', '""', ",", "\n", "\r",
+                     "\xff", "\u00e9", "a\tb"]),
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=5),
+)
+
+
+# ---------------------------------------------------------------------- CSV
+_INT = re.compile(r"[ \t]*(-?(?:0[xX][0-9a-fA-F]+|\d+))[ \t]*")
+_FLOAT = re.compile(r"[ \t]*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)[ \t]*")
+
+
+def ref_int(text: str, lo: int, hi: int, where: str) -> int:
+    m = _INT.fullmatch(text)
+    if not m:
+        raise Invalid(f"{where}: not an integer: {text!r}")
+    s = m.group(1)
+    value = int(s, 16) if "x" in s.lower() else int(s)
+    if not lo <= value <= hi:
+        raise Invalid(f"{where}: {value} outside [{lo}, {hi}]")
+    return value
+
+
+def ref_weight(text: str, where: str) -> float:
+    m = _FLOAT.fullmatch(text)
+    if not m:
+        raise Invalid(f"{where}: not a finite number: {text!r}")
+    value = float(m.group(1))
+    if not np.isfinite(value) or abs(value) > 65504:
+        raise Invalid(f"{where}: {value} overflows float16")
+    return float(np.float16(np.float32(value)))
+
+
+def ref_csv_rows(data: bytes, header: list[str], where: str) -> list[list[str]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Invalid(f"{where}: not UTF-8") from None
+    if "\x00" in text:
+        raise Invalid(f"{where}: NUL")
+    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
+    if not rows or rows[0] != header:
+        raise Invalid(f"{where}: header {rows[:1]}")
+    for r in rows[1:]:
+        if len(r) != len(header):
+            raise Invalid(f"{where}: {len(r)} fields")
+    return rows[1:]
+
+
+def ref_import_csv(samples: bytes, topks: bytes, token_id: bool, weight: bool) -> RefTrace:
+    """Seed 000's rules (csv_import's module docstring) over Python's csv module."""
+    s_header = ["q_ix", "token_ix", "token", "domain"] + ["token_id"] * token_id
+    t_header = ["q_ix", "token_ix", "layer_ix", "topk_ix", "expert"] + ["weight"] * weight
+    tokens = {}
+    for r in ref_csv_rows(samples, s_header, "samples"):
+        key = (ref_int(r[0], *INT64, "q_ix"), ref_int(r[1], *INT32, "token_ix"))
+        if key in tokens:
+            raise Invalid(f"duplicate token {key}")
+        tokens[key] = (r[2], r[3], ref_int(r[4], -1, INT32[1], "token_id") if token_id else -1)
+    if not tokens:
+        raise Invalid("no tokens")
+    cells = {}
+    for r in ref_csv_rows(topks, t_header, "topks"):
+        key = (ref_int(r[0], *INT64, "q_ix"), ref_int(r[1], *INT64, "token_ix"))
+        cell = (ref_int(r[2], 0, INT32[1], "layer_ix"), ref_int(r[3], 1, 65536, "topk_ix"))
+        value = (ref_int(r[4], 0, 65535, "expert"), ref_weight(r[5], "weight") if weight else None)
+        if key not in tokens:
+            raise Invalid(f"orphan {key}")
+        if (key, cell) in cells:
+            raise Invalid(f"duplicate cell {key, cell}")
+        cells[key, cell] = value
+    if not cells:
+        raise Invalid("no routing rows")
+    layers = sorted({c[0] for _, c in cells})
+    K = max(c[1] for _, c in cells)
+    order = sorted(tokens)
+    experts = np.zeros((len(order), len(layers), K), np.int64)
+    weights = np.zeros(experts.shape, np.float32)
+    for n, key in enumerate(order):
+        for li, layer in enumerate(layers):
+            for k in range(K):
+                if (key, (layer, k + 1)) not in cells:
+                    raise Invalid(f"missing cell {key, layer, k}")
+                e, w = cells[key, (layer, k + 1)]
+                experts[n, li, k] = e
+                weights[n, li, k] = w if weight else 0
+    return RefTrace(seq=np.array([q for q, _ in order], np.int64), pos=np.array([t for _, t in order], np.int32),
+                    labels={"domain": np.array([tokens[k][1] for k in order], dtype=object)}, experts=experts,
+                    layer_ids=layers, n_experts=int(experts.max()) + 1,
+                    text=np.array([tokens[k][0] for k in order], dtype=object),
+                    weights=weights if weight else None)
+
+
+TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=4)
+
+
+@st.composite
+def csv_tables(draw, max_tokens=8):
+    """Valid samples / topks rows (as lists of str), in random order."""
+    n = draw(st.integers(1, max_tokens))
+    # (q_ix span) x (token_ix span) < 2^62 (the importer's key space; wider is refused)
+    keys = draw(st.lists(st.tuples(st.integers(-(2**28), 2**28) | st.integers(-3, 3),
+                                   st.integers(*INT32) | st.integers(0, 20)),
+                         min_size=n, max_size=n, unique=True))
+    L, K = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    layers = draw(st.lists(st.integers(0, 2**31 - 1) | st.integers(0, 40), min_size=L, max_size=L, unique=True))
+    token_id, weight = draw(st.booleans()), draw(st.booleans())
+    samples = [[str(q), str(t), draw(TEXT), draw(TEXT)] + [str(draw(st.integers(-1, 2**31 - 1)))] * token_id
+               for q, t in keys]
+    topks = [[str(q), str(t), str(layer), str(k + 1), str(draw(st.integers(0, 300)))]
+             + [repr(draw(st.floats(-65504, 65504, width=32)))] * weight
+             for q, t in keys for layer in layers for k in range(K)]
+    samples = draw(st.permutations(samples))
+    topks = draw(st.permutations(topks))
+    return samples, topks, token_id, weight
+
+
+def csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
+    buf = io.StringIO(newline="")
+    csv.writer(buf, lineterminator="\r\n" if any("\r" in f for r in rows for f in r) else "\n").writerows(
+        [header, *rows])
+    return buf.getvalue().replace("\udcff", "").encode("utf-8").replace(b"\\xff", b"\xff")
+
+
+@st.composite
+def csv_mutation(draw, samples: list, topks: list):
+    """Rows with one edit: a field replaced, a row dropped/duplicated/shortened, or bytes cut."""
+    samples, topks = [list(r) for r in samples], [list(r) for r in topks]
+    target = draw(st.sampled_from(["samples", "topks"]))
+    rows = samples if target == "samples" else topks
+    kind = draw(st.sampled_from(["field", "field", "field", "drop", "duplicate", "short", "truncate", "byte"]))
+    i = draw(st.integers(0, len(rows) - 1))
+    cut = None
+    if kind == "field":
+        value = draw(FIELD_VALUES)
+        rows[i][draw(st.integers(0, len(rows[i]) - 1))] = value.replace("\xff", "\\xff")
+    elif kind == "drop" and len(rows) > 1:
+        del rows[i]
+    elif kind == "duplicate":
+        rows.append(list(rows[i]))
+    elif kind == "short":
+        rows[i] = rows[i][:-1]
+    elif kind in ("truncate", "byte"):
+        cut = (target, kind, draw(st.floats(0.2, 1.0)), draw(st.binary(min_size=1, max_size=2)))
+    return samples, topks, cut
+
+
+def _run_csv(tmp: Path, samples: bytes, topks: bytes, token_id: bool, weight: bool, valid: bool) -> None:
+    (tmp / "samples.csv").write_bytes(samples)
+    (tmp / "topks.csv").write_bytes(topks)
+    out = tmp / "o.zarr"
+
+    def run():
+        return import_csv(tmp / "samples.csv", tmp / "topks.csv", out, progress=False, chunk_rows=CHUNK,
+                          memory_budget=1)  # several partitions
+
+    def reference():
+        return ref_import_csv(samples, topks, token_id, weight)
+
+    if valid:
+        must_import(run, reference)
+    else:
+        check_outcome(run, out, reference)
+
+
+def _csv_case(data, valid: bool) -> None:
+    samples, topks, token_id, weight = data.draw(csv_tables())
+    s_header = ["q_ix", "token_ix", "token", "domain"] + ["token_id"] * token_id
+    t_header = ["q_ix", "token_ix", "layer_ix", "topk_ix", "expert"] + ["weight"] * weight
+    cut = None
+    if not valid:
+        samples, topks, cut = data.draw(csv_mutation(samples, topks))
+    s_bytes, t_bytes = csv_bytes(s_header, samples), csv_bytes(t_header, topks)
+    if cut is not None:
+        target, kind, where, junk = cut
+        raw = s_bytes if target == "samples" else t_bytes
+        start = raw.index(b"\n") + 1  # keep the header: the reference needs the columns
+        at = start + int((len(raw) - start) * where)
+        raw = raw[:at] if kind == "truncate" else raw[:at] + junk.replace(b"\x00", b"\x01") + raw[at + 1:]
+        s_bytes, t_bytes = (raw, t_bytes) if target == "samples" else (s_bytes, raw)
+    with tempfile.TemporaryDirectory() as tmp:
+        _run_csv(Path(tmp), s_bytes, t_bytes, token_id, weight, valid)
+
+
+@FAST
+@given(data=st.data())
+def test_fuzz_csv_valid(data):
+    _csv_case(data, valid=True)
+
+
+@FAST
+@given(data=st.data())
+def test_fuzz_csv_malformed(data):
+    _csv_case(data, valid=False)
+
+
+@pytest.mark.slow
+@SLOW
+@given(data=st.data(), valid=st.booleans())
+def test_fuzz_csv_many(data, valid):
+    _csv_case(data, valid)
