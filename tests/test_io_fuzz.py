@@ -34,7 +34,7 @@ from engine.io import import_csv, import_llamacpp, import_parquet
 # No shrinking: one import takes ~0.1 s and shrinking a failure took minutes; the failing
 # example is printed as drawn.
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate]
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None, phases=PHASES)
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None, phases=PHASES)
 SLOW = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), database=None,
                 phases=PHASES)
 CHUNK = 16
@@ -276,3 +276,187 @@ def test_fuzz_csv_malformed(data):
 @given(data=st.data(), valid=st.booleans())
 def test_fuzz_csv_many(data, valid):
     _csv_case(data, valid)
+
+
+# ---------------------------------------------------------------------- llama.cpp JSON
+_TRACE_FILE = re.compile(r"token-(\d+)\.json")
+_SUFFIX = re.compile(r"(^blk\.\d+\.)|(-\d+$)")
+
+
+def _plain_int(value, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _stated_top_k(entry: dict):
+    """Seed 002's top-k fields, in the documented order of precedence."""
+    def ok(v):
+        return _plain_int(v, 1, 65536)
+
+    if ok(entry.get("n_expert_used")):
+        return entry["n_expert_used"]
+    sources = entry.get("sources")
+    for source in sources if isinstance(sources, list) else []:
+        if isinstance(source, dict) and "ffn_moe_topk" in str(source.get("name", "")):
+            ne = source.get("ne")
+            if isinstance(ne, list) and ne and ok(ne[0]):
+                return ne[0]
+    for name, i in (("ids_ne", 0), ("dst_ne", 1)):
+        ne = entry.get(name)
+        if isinstance(ne, list) and len(ne) > (0 if i == 0 else 2) and ok(ne[i]):
+            return ne[i]
+    return None
+
+
+def ref_import_llamacpp(root: Path, top_k: int | None) -> RefTrace:
+    """The rules of engine/io/llamacpp.py's module docstring, as a slow pure-Python loop."""
+    domains = sorted(p.name for p in root.iterdir() if (p / "traces").is_dir())
+    if not domains:
+        raise Invalid("no domains")
+    layer_ids, K = None, top_k
+    seq, pos, domain, experts = [], [], [], []
+    for s, name in enumerate(domains):
+        files = sorted((int(m.group(1)), p) for p in (root / name / "traces").iterdir()
+                       if (m := _TRACE_FILE.fullmatch(p.name)))
+        if not files:
+            raise Invalid(f"{name}: no files")
+        n = 0
+        for _, path in files:
+            try:
+                data = json.loads(path.read_bytes())
+            except (ValueError, RecursionError) as exc:
+                raise Invalid(f"{path}: {type(exc).__name__}") from None
+            entries = data.get("entries") if isinstance(data, dict) else None
+            if not isinstance(entries, list):
+                raise Invalid(f"{path}: no entries list")
+            calls = {}
+            for e in entries:
+                if not isinstance(e, dict) or e.get("operation_type") != "MUL_MAT_ID" or not e.get("expert_ids"):
+                    continue
+                layer, ids = e.get("layer_id"), e["expert_ids"]
+                if not _plain_int(layer, 0, 2**31 - 1):
+                    raise Invalid(f"layer_id {layer!r}")
+                if not isinstance(ids, list) or not all(_plain_int(v, 0, 65535) for v in ids):
+                    raise Invalid(f"expert_ids {ids!r}")
+                k = _stated_top_k(e)
+                K = k if K is None else K
+                if K is None or (k is not None and k != K) or len(ids) % K:
+                    raise Invalid(f"top-k {k} / {K}, {len(ids)} ids")
+                component = _SUFFIX.sub("", str(e.get("dst_name", "")))
+                calls.setdefault(layer, {}).setdefault(component, []).append(
+                    [ids[i:i + K] for i in range(0, len(ids), K)])
+            if not calls:
+                raise Invalid(f"{path}: no routing")
+            tokens_per_layer = []
+            for layer in sorted(calls):
+                first, *others = [calls[layer][c] for c in sorted(calls[layer])]
+                if any(other != first for other in others):
+                    raise Invalid(f"layer {layer}: components disagree")
+                tokens_per_layer.append([tok for call in first for tok in call])
+            if len({len(t) for t in tokens_per_layer}) != 1:
+                raise Invalid("layers route different numbers of tokens")
+            if layer_ids is None:
+                layer_ids = sorted(calls)
+            elif sorted(calls) != layer_ids:
+                raise Invalid("layers differ between files")
+            for i in range(len(tokens_per_layer[0])):
+                seq.append(s)
+                pos.append(n)
+                domain.append(name)
+                experts.append([t[i] for t in tokens_per_layer])
+                n += 1
+    experts = np.array(experts, dtype=np.int64)
+    if K > int(experts.max()) + 1:
+        raise Invalid("top_k exceeds the number of experts")
+    return RefTrace(seq=np.array(seq, np.int64), pos=np.array(pos, np.int32),
+                    labels={"domain": np.array(domain, dtype=object)}, experts=experts, layer_ids=layer_ids,
+                    n_experts=int(experts.max()) + 1)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.integers(-2, 70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=12)
+ENTRY_KEYS = ["layer_id", "expert_ids", "n_expert_used", "operation_type", "dst_name", "sources", "ids_ne", "dst_ne"]
+
+
+@st.composite
+def json_mutation(draw, data: dict) -> bytes:
+    """One edit of a parsed trace file, returned as the file's new bytes."""
+    entries = data["entries"]
+    kind = draw(st.sampled_from(["key", "key", "id", "drop", "duplicate", "entries", "truncate", "bytes", "deep"]))
+    i = draw(st.integers(0, len(entries) - 1))
+    if kind == "key":
+        entries[i][draw(st.sampled_from(ENTRY_KEYS))] = draw(JSON_VALUES)
+    elif kind == "id":
+        ids = next((e["expert_ids"] for e in entries[i:] + entries if e.get("expert_ids")), None)
+        if ids:
+            ids[draw(st.integers(0, len(ids) - 1))] = draw(
+                st.integers(-(2**65), 2**65) | st.sampled_from([True, 1.0, 1.5, None, "3", [1], 65535, 65536]))
+    elif kind == "drop":
+        del entries[i]
+    elif kind == "duplicate":
+        entries.insert(i, json.loads(json.dumps(entries[i])))
+    elif kind == "entries":
+        data["entries"] = draw(JSON_VALUES)
+    text = json.dumps(data).encode()
+    if kind == "truncate":
+        text = text[:int(len(text) * draw(st.floats(0, 1)))]
+    elif kind == "bytes":
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.binary(min_size=1, max_size=3)) + text[at + 1:]
+    elif kind == "deep":
+        depth = draw(st.sampled_from([10, 900, 5000, 100000]))
+        text = b'{"entries": [' + b"[" * depth + b"]" * depth + b"]}"
+    return text
+
+
+def _llamacpp_case(data, valid: bool) -> None:
+    from test_io_llamacpp import make_llamacpp_trace, write_llamacpp_trace
+
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    k_field = data.draw(st.sampled_from(["n_expert_used", "sources", "ids_ne", "dst_ne", None]))
+    rng = np.random.default_rng(seed)
+    trace = make_llamacpp_trace(rng, L=data.draw(st.integers(1, 3)), K=data.draw(st.integers(1, 3)))
+    top_k = trace.experts.shape[2] if k_field is None else None
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source = write_llamacpp_trace(trace, tmp / "src", rng, k_field=k_field,
+                                      split_calls=data.draw(st.booleans()), shuffle=data.draw(st.booleans()))
+        if not valid:
+            files = sorted(source["dir"].glob("*/traces/token-*.json"))
+            path = data.draw(st.sampled_from(files))
+            path.write_bytes(data.draw(json_mutation(json.loads(path.read_text()))))
+        out = tmp / "o.zarr"
+
+        def run():
+            return import_llamacpp(source["dir"], out, top_k=top_k, progress=False, chunk_rows=CHUNK)
+
+        def reference():
+            return ref_import_llamacpp(source["dir"], top_k)
+
+        if valid:
+            store = run()
+            assert_store_equals_trace(store, trace)
+            assert_store_equals_trace(store, reference())
+        else:
+            check_outcome(run, out, reference)
+
+
+@FAST
+@given(data=st.data())
+def test_fuzz_llamacpp_valid(data):
+    _llamacpp_case(data, valid=True)
+
+
+@FAST
+@given(data=st.data())
+def test_fuzz_llamacpp_malformed(data):
+    _llamacpp_case(data, valid=False)
+
+
+@pytest.mark.slow
+@SLOW
+@given(data=st.data(), valid=st.booleans())
+def test_fuzz_llamacpp_many(data, valid):
+    _llamacpp_case(data, valid)

@@ -278,6 +278,8 @@ def _one_file(tmp_path, text: str) -> Path:
     (json.dumps({"entries": [_entry(0, "gate", [2**64 - 1], 1, 1, "n_expert_used")]}),
      ["expert_ids[0]", str(2**64 - 1)]),
     (json.dumps({"entries": [_entry(0, "gate", [70000], 1, 1, "n_expert_used")]}), ["expert_ids[0]", "70000"]),
+    (json.dumps({"entries": [{**_entry(0, "gate", [1, 1], 1, 2, "n_expert_used"), "expert_ids": [1, True]}]}),
+     ["expert_ids", "True"]),
     (json.dumps({"entries": [_entry(0, "gate", [1], 1, 1, None, {"sources": 5})]}), ["--top-k"]),
     ("[" * 100000 + "]" * 100000, ["nested too deeply"]),
     ('{"entries": ' + "[" * 5000 + "]" * 5000 + "}", ["nested too deeply"]),

@@ -172,8 +172,9 @@ def _parse(path: Path, top_k: int | None) -> tuple[list[int], np.ndarray, int]:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= MAX_LAYER_ID:
             raise MoetraceError(f"{where}: layer_id: expected an integer in [0, {MAX_LAYER_ID}], "
                                 f"got {_short(layer)}")
-        try:
-            ids = np.asarray(entry["expert_ids"])
+        raw = entry["expert_ids"]
+        try:  # true/false would become 1/0: only JSON integers are ids
+            ids = np.asarray(raw) if isinstance(raw, list) and set(map(type, raw)) == {int} else np.asarray([None])
         except ValueError:
             ids = np.asarray([None])
         if ids.ndim != 1 or ids.dtype.kind not in "iu":  # big integers give object or float arrays
