@@ -460,3 +460,205 @@ def test_fuzz_llamacpp_malformed(data):
 @given(data=st.data(), valid=st.booleans())
 def test_fuzz_llamacpp_many(data, valid):
     _llamacpp_case(data, valid)
+
+
+# ---------------------------------------------------------------------- Parquet (long format)
+_DUCK_INTS = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
+
+
+def ref_import_parquet(path: Path) -> RefTrace:
+    """The long format's rules (engine/io/parquet.py's module docstring) over DuckDB's reading, row by row."""
+    con = duckdb.connect()
+    con.execute("SET threads = 1")
+    try:
+        if con.execute(f"SELECT count(*) FROM parquet_kv_metadata('{path}') WHERE decode(key) = 'moetrace'"
+                       ).fetchone()[0]:
+            raise Invalid("has 'moetrace' metadata (not modelled here: only random metadata is generated)")
+        types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM '{path}')").fetchall())
+        rel = con.execute(f"SELECT * FROM read_parquet('{path}')")
+        names = [d[0] for d in rel.description]
+        rows = rel.fetchall()
+    except duckdb.Error as exc:
+        raise Invalid(f"DuckDB cannot read it: {str(exc).splitlines()[0]}") from None
+    required = ["seq", "pos", "layer", "rank", "expert"]
+    if any(c not in types for c in required) or any(
+            types[c] not in _DUCK_INTS for c in [*required, "token_id"] if c in types):
+        raise Invalid(f"columns {types}")
+    if ("weight" in types and types["weight"] not in ("FLOAT", "DOUBLE")) or (
+            "generated" in types and types["generated"] != "BOOLEAN"):
+        raise Invalid(f"types {types}")
+    known = {*required, "token_id", "weight", "generated", "token"}
+    labels = [n for n in names if n not in known]
+    if any(types[n] != "VARCHAR" for n in labels + ["token"] * ("token" in types)):
+        raise Invalid(f"non-string extra column {types}")
+    if not rows:
+        raise Invalid("no rows")
+    col = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+    if any(v is None for values in col.values() for v in values):
+        raise Invalid("null")
+    for name, lo, hi in (("layer", 0, 2**31 - 1), ("rank", 0, 65535), ("expert", 0, 65535)):
+        if not all(lo <= v <= hi for v in col[name]):
+            raise Invalid(f"{name} out of range")
+    layer_ids = sorted(set(col["layer"]))
+    K = max(col["rank"]) + 1
+    E = max(col["expert"]) + 1
+    L, per = len(layer_ids), len(layer_ids) * K
+    if len(rows) % per or K > E:
+        raise Invalid("incomplete blocks or top_k > n_experts")
+    n = len(rows) // per
+    want = {"layer": [lid for lid in layer_ids for _ in range(K)] * n, "rank": list(range(K)) * (L * n)}
+    if col["layer"] != want["layer"] or col["rank"] != want["rank"]:
+        raise Invalid("block order")
+    ranges = {"seq": (-(2**63), 2**63 - 1), "pos": INT32, "token_id": (-1, 2**31 - 1)}
+    per_token = {}
+    for name in [c for c in names if c not in ("layer", "rank", "expert", "weight")]:
+        values = col[name]
+        heads = values[::per]
+        if any(values[i] != heads[i // per] for i in range(len(values))):
+            raise Invalid(f"{name} varies within a token")
+        if name in ranges and not all(ranges[name][0] <= v <= ranges[name][1] for v in heads):
+            raise Invalid(f"{name} out of range")
+        per_token[name] = heads
+    keys = list(zip(per_token["seq"], per_token["pos"]))
+    if any(b <= a for a, b in zip(keys, keys[1:])):
+        raise Invalid("tokens not in strictly increasing (seq, pos) order")
+    weights = None
+    if "weight" in col:
+        if not all(np.isfinite(w) and abs(w) <= 65504 for w in col["weight"]):
+            raise Invalid("weight")
+        weights = np.float16(np.float32(col["weight"])).astype(np.float32).reshape(n, L, K)
+    return RefTrace(seq=np.array(per_token["seq"], np.int64), pos=np.array(per_token["pos"], np.int32),
+                    labels={name: np.array(per_token[name], dtype=object) for name in labels},
+                    experts=np.array(col["expert"], np.int64).reshape(n, L, K), layer_ids=layer_ids, n_experts=E,
+                    text=np.array(per_token["token"], dtype=object) if "token" in per_token else None,
+                    weights=weights)
+
+
+INT_TYPES = {"seq": [pa.int64()], "pos": [pa.int32(), pa.int64()], "token_id": [pa.int32(), pa.int64()],
+             "layer": [pa.int16(), pa.int32(), pa.int64(), pa.uint16()], "rank": [pa.int16(), pa.int8(), pa.uint8()],
+             "expert": [pa.int16(), pa.int32(), pa.uint16(), pa.int64()]}
+
+
+def _fitting_int(values: list) -> pa.DataType:
+    lo, hi = min(values), max(values)
+    return pa.int64() if lo >= -(2**63) and hi < 2**63 else pa.uint64()
+
+
+@st.composite
+def parquet_tables(draw) -> pa.Table:
+    """A valid long-format table (tokens sorted) with random integer column types."""
+    from test_io_parquet import long_table, make_long_trace
+
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    table = long_table(make_long_trace(rng, n_tokens=draw(st.integers(1, 12))))
+    for name, types in INT_TYPES.items():
+        target = draw(st.sampled_from(types))
+        column = table.column(name)
+        if pc_fits(column, target):
+            table = table.set_column(table.column_names.index(name), name, column.cast(target))
+    if "weight" in table.column_names and draw(st.booleans()):
+        i = table.column_names.index("weight")
+        table = table.set_column(i, "weight", table.column("weight").cast(pa.float64()))
+    return table
+
+
+def pc_fits(column, target: pa.DataType) -> bool:
+    try:
+        column.cast(target)
+        return True
+    except (pa.ArrowInvalid, OverflowError):
+        return False
+
+
+@st.composite
+def parquet_mutation(draw, table: pa.Table):
+    """One edit: a cell changed or nulled, rows dropped/duplicated/swapped/shuffled, a column dropped or added."""
+    kind = draw(st.sampled_from(["cell", "cell", "cell", "null", "drop", "duplicate", "swap", "shuffle", "column",
+                                 "extra", "metadata"]))
+    n = table.num_rows
+    i = draw(st.integers(0, n - 1))
+    names = table.column_names
+    if kind in ("cell", "null"):
+        name = draw(st.sampled_from(names))
+        values = table.column(name).to_pylist()
+        t = table.column(name).type
+        if kind == "null":
+            values[i] = None
+        elif pa.types.is_integer(t):
+            values[i] = draw(st.integers(-(2**63), 2**64 - 1) | st.integers(-2, 70)
+                             | st.sampled_from([2**31, 2**15, 40000, 3_000_000_000, 2**63, 65536]))
+            info = np.iinfo(t.to_pandas_dtype())
+            t = t if info.min <= values[i] <= info.max else _fitting_int(values)
+        elif pa.types.is_floating(t):
+            values[i] = draw(st.floats(allow_nan=True) | st.sampled_from([65504.0, 65520.0, 1e6]))
+        elif pa.types.is_boolean(t):
+            values[i] = not values[i]
+        else:
+            values[i] = draw(TEXT)
+            t = pa.string()
+        table = table.set_column(names.index(name), name, pa.array(values, t))
+    elif kind == "drop":
+        table = table.take(pa.array([j for j in range(n) if j != i]))
+    elif kind == "duplicate":
+        table = table.take(pa.array(list(range(i + 1)) + list(range(i, n))))
+    elif kind == "swap":
+        j = draw(st.integers(0, n - 1))
+        order = list(range(n))
+        order[i], order[j] = order[j], order[i]
+        table = table.take(pa.array(order))
+    elif kind == "shuffle":
+        table = table.take(pa.array(draw(st.permutations(list(range(n))))))
+    elif kind == "column":
+        table = table.drop_columns([draw(st.sampled_from(names))])
+    elif kind == "extra":
+        values = draw(st.sampled_from([pa.array(np.zeros(n)), pa.array(["x"] * n), pa.array(np.arange(n))]))
+        table = table.append_column(draw(st.sampled_from(["score", "lang", "token", "generated", "weight", "seq"])),
+                                    values)  # a name already present gives duplicate columns
+    elif kind == "metadata":
+        table = table.replace_schema_metadata({b"moetrace": json.dumps(draw(JSON_VALUES)).encode()})
+    return table
+
+
+def _parquet_case(data, valid: bool) -> None:
+    table = data.draw(parquet_tables())
+    if not valid:
+        table = data.draw(parquet_mutation(table))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = tmp / "in.parquet"
+        pq.write_table(table, path, row_group_size=data.draw(st.integers(1, 40)))
+        if not valid and data.draw(st.integers(0, 9)) == 0:  # bytes cut or changed
+            raw = path.read_bytes()
+            at = data.draw(st.integers(0, len(raw) - 1))
+            path.write_bytes(raw[:at] if data.draw(st.booleans()) else raw[:at] + bytes([raw[at] ^ 0x55]) + raw[at + 1:])
+        out = tmp / "o.zarr"
+
+        def run():
+            return import_parquet(path, out, progress=False, chunk_rows=CHUNK, batch_rows=data.draw(st.integers(1, 50)))
+
+        def reference():
+            return ref_import_parquet(path)
+
+        if valid:
+            must_import(run, reference)
+        else:
+            check_outcome(run, out, reference)
+
+
+@FAST
+@given(data=st.data())
+def test_fuzz_parquet_valid(data):
+    _parquet_case(data, valid=True)
+
+
+@FAST
+@given(data=st.data())
+def test_fuzz_parquet_malformed(data):
+    _parquet_case(data, valid=False)
+
+
+@pytest.mark.slow
+@SLOW
+@given(data=st.data(), valid=st.booleans())
+def test_fuzz_parquet_many(data, valid):
+    _parquet_case(data, valid)

@@ -127,6 +127,10 @@ class TestParquetImporter(ImporterContract):
         yield "extra column", write("extra", table.append_column("score", pa.array(np.zeros(table.num_rows)))), \
             ["extra.parquet", "score"]
         yield "no rows", write("norows", table.slice(0, 0)), ["norows.parquet", "no rows"]
+        yield "duplicate column", write("dupcol", table.append_column("seq", table.column("seq"))), \
+            ["dupcol.parquet", "duplicate column", "seq"]
+        yield "shuffled tokens", write("order", table.take(pa.array(np.r_[per:2 * per, 0:per, 2 * per:table.num_rows]))), \
+            ["order.parquet", f"row {per}", "comes after", "ORDER BY seq, pos, layer, rank"]
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -195,6 +195,9 @@ def import_parquet(
     pf = _open_parquet(path)
     schema = pf.schema_arrow
     names = schema.names
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise MoetraceError(f"{path}: duplicate column name(s) {dup} (expected each column once)")
     missing = [c for c in REQUIRED if c not in names]
     if missing:
         raise MoetraceError(f"{path}: missing column(s) {missing} (expected {list(REQUIRED)} "
@@ -240,7 +243,7 @@ def import_parquet(
         carry: pa.Table | None = None
         offset = 0  # file row number of carry's first row
         last_token: tuple[int, int] | None = None
-        batches = pf.iter_batches(batch_size=max(int(batch_rows), per), use_threads=False)
+        batches = _iter_batches(path, pf, batch_size=max(int(batch_rows), per))
         for batch in tqdm(batches, desc="import", unit="batch", disable=not progress,
                           total=-(-pf.metadata.num_rows // max(int(batch_rows), per))):
             table = pa.Table.from_batches([batch])
@@ -282,6 +285,23 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     except (pa.ArrowInvalid, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MoetraceError(f"{path}: not a readable Parquet file (truncated or corrupt: {first})") from None
+
+
+def _iter_batches(path: Path, pf: pq.ParquetFile, **kwargs):
+    """``pf.iter_batches(**kwargs)``; a corrupt page or footer is a one-line MoetraceError."""
+    batches = pf.iter_batches(use_threads=False, **kwargs)
+    offset = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MoetraceError(f"{path}: row {offset}: not a readable Parquet file (truncated or corrupt: "
+                                f"{first})") from None
+        offset += batch.num_rows
+        yield batch
 
 
 def _read_metadata(path: Path, schema: pa.Schema) -> dict | None:
@@ -357,7 +377,7 @@ def _scan_shape(path: Path, pf: pq.ParquetFile, batch_rows: int) -> tuple[np.nda
     """One pass over layer/rank/expert: (sorted layer ids, top_k, max expert)."""
     layers = np.zeros(0, dtype=np.int64)
     max_rank, max_expert, offset = -1, -1, 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=["layer", "rank", "expert"], use_threads=False):
+    for batch in _iter_batches(path, pf, batch_size=batch_rows, columns=["layer", "rank", "expert"]):
         cols = {}
         for name, hi, what in (("layer", MAX_LAYER_ID, "a layer index"), ("rank", MAX_EXPERTS - 1, "a rank"),
                                ("expert", MAX_EXPERTS - 1, "an expert id")):
