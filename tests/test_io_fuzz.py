@@ -259,25 +259,6 @@ def _csv_case(data, valid: bool) -> None:
         _run_csv(Path(tmp), s_bytes, t_bytes, token_id, weight, valid)
 
 
-@FAST
-@given(data=st.data())
-def test_fuzz_csv_valid(data):
-    _csv_case(data, valid=True)
-
-
-@FAST
-@given(data=st.data())
-def test_fuzz_csv_malformed(data):
-    _csv_case(data, valid=False)
-
-
-@pytest.mark.slow
-@SLOW
-@given(data=st.data(), valid=st.booleans())
-def test_fuzz_csv_many(data, valid):
-    _csv_case(data, valid)
-
-
 # ---------------------------------------------------------------------- llama.cpp JSON
 _TRACE_FILE = re.compile(r"token-(\d+)\.json")
 _SUFFIX = re.compile(r"(^blk\.\d+\.)|(-\d+$)")
@@ -443,25 +424,6 @@ def _llamacpp_case(data, valid: bool) -> None:
             check_outcome(run, out, reference)
 
 
-@FAST
-@given(data=st.data())
-def test_fuzz_llamacpp_valid(data):
-    _llamacpp_case(data, valid=True)
-
-
-@FAST
-@given(data=st.data())
-def test_fuzz_llamacpp_malformed(data):
-    _llamacpp_case(data, valid=False)
-
-
-@pytest.mark.slow
-@SLOW
-@given(data=st.data(), valid=st.booleans())
-def test_fuzz_llamacpp_many(data, valid):
-    _llamacpp_case(data, valid)
-
-
 # ---------------------------------------------------------------------- Parquet (long format)
 _DUCK_INTS = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
 
@@ -539,9 +501,12 @@ INT_TYPES = {"seq": [pa.int64()], "pos": [pa.int32(), pa.int64()], "token_id": [
              "expert": [pa.int16(), pa.int32(), pa.uint16(), pa.int64()]}
 
 
-def _fitting_int(values: list) -> pa.DataType:
+def _fitting_int(values: list) -> pa.DataType | None:
+    """int64 or uint64 holding ``values``; None when neither does."""
     lo, hi = min(values), max(values)
-    return pa.int64() if lo >= -(2**63) and hi < 2**63 else pa.uint64()
+    if lo >= -(2**63) and hi < 2**63:
+        return pa.int64()
+    return pa.uint64() if lo >= 0 and hi < 2**64 else None
 
 
 @st.composite
@@ -589,6 +554,8 @@ def parquet_mutation(draw, table: pa.Table):
                              | st.sampled_from([2**31, 2**15, 40000, 3_000_000_000, 2**63, 65536]))
             info = np.iinfo(t.to_pandas_dtype())
             t = t if info.min <= values[i] <= info.max else _fitting_int(values)
+            if t is None:  # no Parquet integer type holds the column: leave it as it was
+                return table
         elif pa.types.is_floating(t):
             values[i] = draw(st.floats(allow_nan=True) | st.sampled_from([65504.0, 65520.0, 1e6]))
         elif pa.types.is_boolean(t):
@@ -645,20 +612,21 @@ def _parquet_case(data, valid: bool) -> None:
             check_outcome(run, out, reference)
 
 
-@FAST
-@given(data=st.data())
-def test_fuzz_parquet_valid(data):
-    _parquet_case(data, valid=True)
+# ---------------------------------------------------------------------- the tests
+CASES = {"csv": _csv_case, "llamacpp": _llamacpp_case, "parquet": _parquet_case}
 
 
+@pytest.mark.parametrize("valid", [True, False], ids=["valid", "malformed"])
+@pytest.mark.parametrize("fmt", list(CASES))
 @FAST
 @given(data=st.data())
-def test_fuzz_parquet_malformed(data):
-    _parquet_case(data, valid=False)
+def test_fuzz(fmt, valid, data):
+    CASES[fmt](data, valid)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(CASES))
 @SLOW
 @given(data=st.data(), valid=st.booleans())
-def test_fuzz_parquet_many(data, valid):
-    _parquet_case(data, valid)
+def test_fuzz_many(fmt, data, valid):
+    CASES[fmt](data, valid)
