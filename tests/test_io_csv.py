@@ -485,3 +485,17 @@ def test_progress_counts_the_bytes_read(tmp_path, monkeypatch):
              "topks.csv": source["topks"].stat().st_size}
     got = {desc: (n, total) for desc, n, total in seen if desc in sizes}
     assert got == {desc: (size, size) for desc, size in sizes.items()}
+
+
+def test_output_directories_are_created_and_removed_again_on_failure(tmp_path, capsys):
+    samples, topks = tmp_path / "samples.csv", tmp_path / "topks.csv"
+    samples.write_text("q_ix,token_ix,token\n0,0,a\n")
+    topks.write_text("q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,1\n")
+    args = ["import-csv", "--samples", str(samples), "--topks", str(topks), "-q"]
+    assert main([*args, str(tmp_path / "new" / "dir" / "o.zarr")]) == 0
+    topks.write_text("q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,x\n")
+    assert main([*args, str(tmp_path / "other" / "dir" / "o.zarr")]) == 2
+    assert not (tmp_path / "other").exists()
+    assert main([*args, str(topks), "--overwrite"]) == 2  # would replace an input
+    assert "the output is also an input" in capsys.readouterr().err
+    assert topks.is_file()

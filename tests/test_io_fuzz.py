@@ -597,7 +597,8 @@ def _parquet_case(data, valid: bool) -> None:
         if not valid and data.draw(st.integers(0, 9)) == 0:  # bytes cut or changed
             raw = path.read_bytes()
             at = data.draw(st.integers(0, len(raw) - 1))
-            path.write_bytes(raw[:at] if data.draw(st.booleans()) else raw[:at] + bytes([raw[at] ^ 0x55]) + raw[at + 1:])
+            flipped = raw[:at] + bytes([raw[at] ^ 0x55]) + raw[at + 1:]
+            path.write_bytes(raw[:at] if data.draw(st.booleans()) else flipped)
         out = tmp / "o.zarr"
 
         def run():

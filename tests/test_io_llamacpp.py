@@ -291,7 +291,8 @@ def test_values_that_do_not_fit_and_deep_json_are_one_line_errors(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moetrace import-llamacpp: error: ") and "token-00000.json" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("moetrace import-llamacpp: error: ")
+    assert "token-00000.json" in lines[0]
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert not list(tmp_path.glob("o.zarr*"))

@@ -129,7 +129,8 @@ class TestParquetImporter(ImporterContract):
         yield "no rows", write("norows", table.slice(0, 0)), ["norows.parquet", "no rows"]
         yield "duplicate column", write("dupcol", table.append_column("seq", table.column("seq"))), \
             ["dupcol.parquet", "duplicate column", "seq"]
-        yield "shuffled tokens", write("order", table.take(pa.array(np.r_[per:2 * per, 0:per, 2 * per:table.num_rows]))), \
+        swapped = table.take(pa.array(np.r_[per:2 * per, 0:per, 2 * per:table.num_rows]))  # tokens 1, 0, 2...
+        yield "shuffled tokens", write("order", swapped), \
             ["order.parquet", f"row {per}", "comes after", "ORDER BY seq, pos, layer, rank"]
 
 
@@ -287,3 +288,12 @@ def test_export_widens_layer_ids_beyond_int16(tmp_path):
     got = duckdb.sql(f"SELECT layer, expert FROM '{out}' ORDER BY seq, pos, layer").fetchall()
     assert got == [(3, 1), (40000, 2), (3, 3), (40000, 0)]
     assert_stores_equal(TraceStore.open(path), import_parquet(out, tmp_path / "b.zarr", progress=False))
+
+
+def test_export_into_a_new_directory(tmp_path):
+    rng = np.random.default_rng(1)
+    src = write_long(make_long_trace(rng, n_tokens=5), tmp_path / "in.parquet", rng)
+    import_parquet(src, tmp_path / "s.zarr", progress=False)
+    out = tmp_path / "new" / "dir" / "o.parquet"
+    assert main(["export-parquet", str(tmp_path / "s.zarr"), str(out), "-q"]) == 0
+    assert pq.read_table(out).equals(pq.read_table(src).select(pq.read_schema(out).names))

@@ -40,29 +40,44 @@ SEQ_RANGE = (int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max))
 MAX_WEIGHT = float(np.finfo(np.float16).max)
 
 
-def check_output_path(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Return ``out`` as a Path; raise MoetraceError if it exists and ``overwrite`` is False."""
+def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Return ``out`` as a Path; raise MoetraceError if it exists and ``overwrite`` is False,
+    or if it is one of the ``inputs`` (replacing an input with the output would destroy it)."""
     out = Path(out)
+    if any(out.resolve() == Path(i).resolve() for i in inputs):
+        raise MoetraceError(f"{out}: the output is also an input; choose another output path")
     if out.exists() and not overwrite:
         raise MoetraceError(f"{out}: output already exists (pass overwrite=True / --overwrite to replace it)")
     return out
 
 
 @contextlib.contextmanager
-def staged_store(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_store(out: str | os.PathLike, overwrite: bool = False, inputs: tuple = ()) -> Iterator[Path]:
     """Yield a temporary path ``OUT.partial-<pid>`` to build a store (or file) in; publish it as ``out``.
 
     On normal exit the temporary directory is renamed to ``out`` (replacing an existing
     ``out`` only when ``overwrite``); on any exception it is deleted, so nothing that looks
-    like a finished store is left behind. The caller must close its store before leaving.
+    like a finished store is left behind. Missing parent directories of ``out`` are
+    created (and removed again on failure). ``inputs``: paths ``out`` must not be. The
+    caller must close its store before leaving.
     """
-    out = check_output_path(out, overwrite)
+    out = check_output_path(out, overwrite, inputs)
+    created = out.parent
+    while not created.parent.exists():
+        created = created.parent
+    created = None if created.exists() else created
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoetraceError(f"{out}: cannot create its directory ({exc.strerror})") from None
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     _remove(partial)
     try:
         yield partial
     except BaseException:
         _remove(partial)
+        if created is not None:
+            _remove(created)
         raise
     _remove(out)
     os.replace(partial, out)

@@ -67,8 +67,8 @@ import pyarrow.ipc as ipc
 from engine.progress import tqdm
 
 from engine.errors import MoetraceError
-from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, check_range, check_weights, resolve_n_experts,
-                       staged_store)
+from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, check_output_path, check_range,
+                       check_weights, resolve_n_experts, staged_store)
 from engine.store import TraceStore
 
 SAMPLE_KEYS = ("q_ix", "token_ix", "token")
@@ -117,6 +117,7 @@ def import_csv(
     samples_csv = _CsvFile(Path(samples), True, max_row_bytes)
     topks_csv = _CsvFile(Path(topks), False, max_row_bytes)
     samples, topks = samples_csv.path, topks_csv.path
+    check_output_path(out, overwrite, (samples, topks))  # before the scans, not after
     sample_names = _header(samples_csv)
     topk_names = _header(topks_csv)
     _require_columns(samples, sample_names, SAMPLE_KEYS)
@@ -148,7 +149,7 @@ def import_csv(
     n_parts = len(bounds) + 1
 
     out = Path(out)
-    with staged_store(out, overwrite) as partial, tempfile.TemporaryDirectory(
+    with staged_store(out, overwrite, (samples, topks)) as partial, tempfile.TemporaryDirectory(
             prefix=f".{out.name}.parts-", dir=out.parent if out.parent.exists() else None) as tmp:
         tmp = Path(tmp)
         # Pass 2: route samples rows to partitions.

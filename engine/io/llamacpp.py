@@ -97,7 +97,7 @@ def import_llamacpp(
             max_expert = max(max_expert, int(experts.max()))
     n_experts = resolve_n_experts(max_expert, n_experts, str(directory))
 
-    with staged_store(out, overwrite) as partial:
+    with staged_store(out, overwrite, (directory,)) as partial:
         store = TraceStore.create(partial, n_layers=len(layer_ids), n_experts=n_experts, top_k=K,
                                   layer_ids=layer_ids, labels=["domain"], model=model, chunk_rows=chunk_rows)
         # Pass 2: append file by file.

@@ -120,7 +120,7 @@ def export_parquet(
     vocab = {label: pa.array(values or [""], pa.string()) for label, values in store.labels.items()}
     columns = ["seq", "pos", "token_id", "experts", *store.label_names]
     columns += ["weights"] * store.has_weights + ["generated"] * generated + ["text"] * store.has_token_text
-    with staged_store(out, overwrite) as partial:
+    with staged_store(out, overwrite, (store.path,)) as partial:
         with pq.ParquetWriter(partial, schema, compression=compression) as writer:
             pending: list[pa.Table] = []
             pending_rows = 0
@@ -235,7 +235,7 @@ def import_parquet(
     L, K = len(layer_ids), top_k
     per = L * K
     has_weight = "weight" in names
-    with staged_store(out, overwrite) as partial:
+    with staged_store(out, overwrite, (path,)) as partial:
         store = TraceStore.create(
             partial, n_layers=L, n_experts=n_experts, top_k=K, layer_ids=layer_ids.tolist(), labels=vocab,
             model=None if meta is None else meta.get("model"), scoring=None if meta is None else meta.get("scoring"),
@@ -487,8 +487,8 @@ def _check_token_order(path: Path, seq: np.ndarray, pos: np.ndarray, offset: int
         raise MoetraceError(f"{path}: row {offset + i * per}: duplicate token seq={int(seq[i])}, pos={int(pos[i])} "
                             f"(expected each token's {per} rows once; drop the duplicates, then {fix})")
     raise MoetraceError(
-        f"{path}: row {offset + i * per}: token seq={int(seq[i])}, pos={int(pos[i])} comes after seq={int(prev_seq[i])}, "
-        f"pos={int(prev_pos[i])} (expected rows sorted by seq, pos, layer, rank, as export-parquet writes them; {fix})")
+        f"{path}: row {offset + i * per}: token seq={int(seq[i])}, pos={int(pos[i])} comes after "
+        f"seq={int(prev_seq[i])}, pos={int(prev_pos[i])} (expected rows sorted by seq, pos, layer, rank, as export-parquet writes them; {fix})")
 
 
 def _sequence_values(column: dict) -> np.ndarray:
