@@ -499,3 +499,14 @@ def test_output_directories_are_created_and_removed_again_on_failure(tmp_path, c
     assert main([*args, str(topks), "--overwrite"]) == 2  # would replace an input
     assert "the output is also an input" in capsys.readouterr().err
     assert topks.is_file()
+
+
+@pytest.mark.parametrize("header, row, labels, fragment", [
+    ("q_ix,token_ix,token,domain", "0,0,a,bio", "q_ix", "labels: 'q_ix' is a token column"),
+    ("q_ix,token_ix,token,token_id", "0,0,a,3", "token_id", "labels: 'token_id' is a token column"),
+    ("q_ix,token_ix,token,seq", "0,0,a,x", None, "row 1, column seq: a per-question column named 'seq'"),
+])
+def test_columns_that_cannot_be_labels_or_sequence_columns(tmp_path, capsys, header, row, labels, fragment):
+    line = _cli_error(tmp_path, capsys, f"{header}\n{row}\n".encode(),
+                      b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,1\n", *(["--labels", labels] if labels else []))
+    assert fragment in line, line

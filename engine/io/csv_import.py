@@ -128,8 +128,15 @@ def import_csv(
         labels = list(labels)
         _require_columns(samples, sample_names, labels, what="label column(s)")
     token_extras = [c for c in ("token_id", "generated") if c in sample_names]
+    keyed = [c for c in labels if c in ("q_ix", "token_ix", *token_extras)]
+    if keyed:
+        raise MoetraceError(f"labels: {keyed[0]!r} is a token column of {samples.name} (-> tokens/), not a label; "
+                            f"expected label columns among {[c for c in sample_names if c not in (*SAMPLE_KEYS, *token_extras)]}")
     reserved = set(SAMPLE_KEYS) | set(token_extras) | set(labels)
     seq_columns = [c for c in sample_names if c not in reserved]
+    if "seq" in seq_columns:
+        raise MoetraceError(f"{samples}: row 1, column seq: a per-question column named 'seq' would collide with "
+                            f"sequences/seq (= q_ix); rename it, or pass it in labels / --labels")
     has_weight = "weight" in topk_names
 
     sample_types = {"q_ix": pa.int64(), "token_ix": pa.int64(), "token": pa.string(),
