@@ -429,7 +429,8 @@ _DUCK_INTS = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT
 
 
 def ref_import_parquet(path: Path) -> RefTrace:
-    """The long format's rules (engine/io/parquet.py's module docstring) over DuckDB's reading, row by row."""
+    """The long format's rules (engine/io/parquet.py's module docstring) over DuckDB's reading, row by row:
+    rows in any order, sorted here by (seq, pos, layer, rank)."""
     con = duckdb.connect()
     con.execute("SET threads = 1")
     try:
@@ -461,6 +462,15 @@ def ref_import_parquet(path: Path) -> RefTrace:
     for name, lo, hi in (("layer", 0, 2**31 - 1), ("rank", 0, 65535), ("expert", 0, 65535)):
         if not all(lo <= v <= hi for v in col[name]):
             raise Invalid(f"{name} out of range")
+    for name, lo, hi in (("seq", -(2**63), 2**63 - 1), ("pos", *INT32)):
+        if not all(lo <= v <= hi for v in col[name]):
+            raise Invalid(f"{name} out of range")
+    # rows may come in any order: the store order is (seq, pos, layer, rank); each row once
+    order = sorted(range(len(rows)), key=lambda i: (col["seq"][i], col["pos"][i], col["layer"][i], col["rank"][i]))
+    col = {name: [values[i] for i in order] for name, values in col.items()}
+    keys = list(zip(col["seq"], col["pos"], col["layer"], col["rank"]))
+    if any(a == b for a, b in zip(keys, keys[1:])):
+        raise Invalid("duplicate row")
     layer_ids = sorted(set(col["layer"]))
     K = max(col["rank"]) + 1
     E = max(col["expert"]) + 1
@@ -511,7 +521,7 @@ def _fitting_int(values: list) -> pa.DataType | None:
 
 @st.composite
 def parquet_tables(draw) -> pa.Table:
-    """A valid long-format table (tokens sorted) with random integer column types."""
+    """A valid long-format table (in store order or shuffled) with random integer column types."""
     from test_io_parquet import long_table, make_long_trace
 
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -524,6 +534,8 @@ def parquet_tables(draw) -> pa.Table:
     if "weight" in table.column_names and draw(st.booleans()):
         i = table.column_names.index("weight")
         table = table.set_column(i, "weight", table.column("weight").cast(pa.float64()))
+    if draw(st.booleans()):  # any row order is valid: the importer sorts
+        table = table.take(pa.array(draw(st.permutations(list(range(table.num_rows))))))
     return table
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
 
 from engine.errors import MoetraceError
 
@@ -123,6 +125,47 @@ def check_weights(path: Any, column: str, values: np.ndarray, rows: int | np.nda
         row = rows + i if np.isscalar(rows) else np.asarray(rows)[i]
         raise MoetraceError(f"{path}: row {int(row)}, column {column}: expected a finite number within "
                             f"+-{MAX_WEIGHT:g} (routing/weights is float16), got {values[i].item()}")
+
+
+class PartitionWriter:
+    """Appends Arrow tables to ``<base>-<part>.arrow`` IPC stream files, one per partition.
+
+    The external partitioning of the importers that sort (CSV, out-of-order Parquet): rows
+    are routed to partitions by key range, then each partition is sorted in memory.
+    """
+
+    def __init__(self, base: Path, n_parts: int):
+        self.base, self.n_parts = base, n_parts
+        self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+
+    def __enter__(self) -> "PartitionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def write(self, part: np.ndarray, table: pa.Table) -> None:
+        order = np.argsort(part, kind="stable")
+        sorted_part = part[order]
+        edges = np.searchsorted(sorted_part, np.arange(self.n_parts + 1))
+        for p in np.unique(sorted_part):
+            piece = table.take(pa.array(order[edges[p]:edges[p + 1]]))
+            writer = self.writers.get(int(p))
+            if writer is None:
+                writer = self.writers[int(p)] = ipc.new_stream(f"{self.base}-{int(p)}.arrow", piece.schema)
+            writer.write_table(piece)
+
+
+def read_partition(base: Path, part: int) -> pa.Table | None:
+    """Partition ``part`` written by :class:`PartitionWriter` as one table (None if empty); deletes its file."""
+    path = Path(f"{base}-{part}.arrow")
+    if not path.exists():
+        return None
+    with ipc.open_stream(path) as reader:
+        table = reader.read_all()
+    path.unlink()
+    return table.combine_chunks()
 
 
 def resolve_n_experts(max_expert: int, n_experts: int | None, source: str) -> int:

@@ -63,12 +63,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.ipc as ipc
 from engine.progress import tqdm
 
 from engine.errors import MoetraceError
-from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, check_output_path, check_range,
-                       check_weights, resolve_n_experts, staged_store)
+from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, PartitionWriter, check_output_path,
+                       check_range, check_weights, read_partition, resolve_n_experts, staged_store)
 from engine.store import TraceStore
 
 SAMPLE_KEYS = ("q_ix", "token_ix", "token")
@@ -160,7 +159,7 @@ def import_csv(
             prefix=f".{out.name}.parts-", dir=out.parent if out.parent.exists() else None) as tmp:
         tmp = Path(tmp)
         # Pass 2: route samples rows to partitions.
-        with _PartitionWriter(tmp / "samples", n_parts) as writer:
+        with PartitionWriter(tmp / "samples", n_parts) as writer:
             for row0, batch in _batches(samples_csv, sample_types, progress, "samples.csv"):
                 _no_nulls(samples, batch, ["q_ix", "token_ix", *token_extras], row0)
                 if "token_id" in token_extras:
@@ -185,7 +184,7 @@ def import_csv(
         # Pass 4: assemble partition by partition, in key order.
         seq_tables = []
         for part in tqdm(range(n_parts), desc="assemble", unit="part", disable=not progress):
-            tok = _read_partition(tmp / "samples", part)
+            tok = read_partition(tmp / "samples", part)
             if tok is None:
                 _no_tokens_for(samples, topks, tmp / "topks", part, keys)
                 continue
@@ -229,7 +228,7 @@ def _route_topks(csv: "_CsvFile", topk_types: dict, base: Path, n_parts: int, bo
     topks = csv.path
     layer_set = np.zeros(0, dtype=np.int64)
     max_rank, max_expert = 0, -1
-    with _PartitionWriter(base, n_parts) as writer:
+    with PartitionWriter(base, n_parts) as writer:
         for row0, batch in _batches(csv, topk_types, progress, "topks.csv"):
             _no_nulls(topks, batch, list(topk_types), row0)
             layer = batch.column("layer_ix").to_numpy()
@@ -524,45 +523,9 @@ class _KeySpace:
         return key // self.width + self.q0, key % self.width + self.t0
 
 
-class _PartitionWriter:
-    """Appends Arrow tables to ``<base>-<part>.arrow`` IPC stream files, one per partition."""
-
-    def __init__(self, base: Path, n_parts: int):
-        self.base, self.n_parts = base, n_parts
-        self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
-
-    def __enter__(self) -> "_PartitionWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for writer in self.writers.values():
-            writer.close()
-
-    def write(self, part: np.ndarray, table: pa.Table) -> None:
-        order = np.argsort(part, kind="stable")
-        sorted_part = part[order]
-        edges = np.searchsorted(sorted_part, np.arange(self.n_parts + 1))
-        for p in np.unique(sorted_part):
-            piece = table.take(pa.array(order[edges[p]:edges[p + 1]]))
-            writer = self.writers.get(int(p))
-            if writer is None:
-                writer = self.writers[int(p)] = ipc.new_stream(f"{self.base}-{int(p)}.arrow", piece.schema)
-            writer.write_table(piece)
-
-
-def _read_partition(base: Path, part: int) -> pa.Table | None:
-    path = Path(f"{base}-{part}.arrow")
-    if not path.exists():
-        return None
-    with ipc.open_stream(path) as reader:
-        table = reader.read_all()
-    path.unlink()
-    return table.combine_chunks()
-
-
 def _no_tokens_for(samples: Path, topks: Path, base: Path, part: int, keys: _KeySpace) -> None:
     """A partition without tokens must not hold routing rows either."""
-    table = _read_partition(base, part)
+    table = read_partition(base, part)
     if table is not None and table.num_rows:
         i = int(np.argmin(table.column("row").to_numpy()))
         q, t = keys.decode(int(table.column("key")[i].as_py()))
@@ -575,7 +538,7 @@ def _assemble_routing(samples: Path, topks: Path, base: Path, part: int, key: np
                       layer_ids: np.ndarray, K: int, has_weight: bool, keys: _KeySpace) -> dict:
     """Scatter a partition's topks rows into ``experts`` [n, L, K] (+ ``weights``)."""
     n, L = len(key), len(layer_ids)
-    table = _read_partition(base, part)
+    table = read_partition(base, part)
     if table is None:
         table = pa.table({"key": pa.array([], pa.int64()), "layer": pa.array([], pa.int32()),
                           "rank": pa.array([], pa.int32()), "expert": pa.array([], pa.int32()),

@@ -19,8 +19,10 @@ only when some token is generated) and ``token`` (string, the token text of
 ``tokens/text``). ``import_parquet`` treats every other string column as a label, so a
 file with exactly the columns above (e.g. written by DuckDB) needs no extra flags.
 
-Rows are token-major, then layer, then rank (the ``L x K`` block of a token is
-contiguous). The file's key-value metadata ``moetrace`` holds a JSON object with the
+Rows are token-major (tokens sorted by ``seq``, then ``pos``), then layer, then rank
+(the ``L x K`` block of a token is contiguous). ``import_parquet`` reads rows in any
+order: out-of-order files are sorted on disk with bounded memory. The file's
+key-value metadata ``moetrace`` holds a JSON object with the
 model facts (``n_experts``, ``top_k``, ``layer_ids``, ``model``, ``scoring``), the label
 vocabularies in code order and the ``sequences/*`` columns, so export -> import gives
 back an equal store. Without it the importer infers layers, top-k and ``n_experts``
@@ -33,7 +35,9 @@ materializes the whole trace. Row numbers in error messages are 0-based.
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +48,8 @@ import pyarrow.parquet as pq
 from engine.progress import tqdm
 
 from engine.errors import MoetraceError
-from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, check_range,
-                       check_weights, resolve_n_experts, staged_store)
+from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, PartitionWriter,
+                       check_range, check_weights, read_partition, resolve_n_experts, staged_store)
 from engine.store import TraceStore
 
 META_KEY = b"moetrace"
@@ -54,8 +58,11 @@ META_VERSION = 1
 REQUIRED = ("seq", "pos", "layer", "rank", "expert")
 DEFAULT_ROW_GROUP_ROWS = 1 << 20
 READ_BATCH_ROWS = 1 << 18
-SORT_HINT = ("sort the file first, e.g. in DuckDB: COPY (SELECT * FROM 'in.parquet' ORDER BY seq, pos, layer, rank) "
-             "TO 'sorted.parquet'")
+DEFAULT_MEMORY_BUDGET = 512 << 20
+KEY_SAMPLE_CAP = 1 << 17
+MAX_PARTITIONS = 512
+# Bytes of working memory per uncompressed byte of the file while a partition is sorted.
+MEMORY_PER_BYTE = 4
 
 
 def _small_int(largest: int, what: str) -> pa.DataType:
@@ -180,16 +187,21 @@ def import_parquet(
     n_experts: int | None = None,
     chunk_rows: int | None = None,
     batch_rows: int = READ_BATCH_ROWS,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TraceStore:
     """Import a long-format Parquet file (see the module docstring) into a new store.
 
-    Rows of one token must be contiguous, ordered by layer then rank (as
-    :func:`export_parquet` writes them); a token whose ``L x K`` block is incomplete or
-    out of order is an error naming the row and column. Reads ``batch_rows`` rows at a
-    time. ``n_experts``: default from the file's metadata, else max expert + 1. Returns
-    the store (``N`` = rows / (L * K) tokens) opened read-only.
+    Rows may come in any order. A file in store order (tokens by ``(seq, pos)``, a
+    token's rows by layer then rank, as :func:`export_parquet` writes them) streams
+    straight into the store, ``batch_rows`` rows at a time; any other order is sorted on
+    disk first (temporary partitions next to ``out``, working memory about
+    ``memory_budget`` bytes), so the store keeps each sequence's rows contiguous in
+    increasing ``pos`` order. A duplicate row, or a token without exactly one row per
+    (layer, rank), is an error naming the file row. ``n_experts``: default from the
+    file's metadata, else max expert + 1. Returns the store (``N`` = rows / (L * K)
+    tokens) opened read-only.
     """
     path = Path(path)
     pf = _open_parquet(path)
@@ -233,40 +245,157 @@ def import_parquet(
         vocab = labels
     n_experts = resolve_n_experts(max_expert, n_experts, str(path))
     L, K = len(layer_ids), top_k
-    per = L * K
     has_weight = "weight" in names
     with staged_store(out, overwrite, (path,)) as partial:
-        store = TraceStore.create(
-            partial, n_layers=L, n_experts=n_experts, top_k=K, layer_ids=layer_ids.tolist(), labels=vocab,
+        create = dict(
+            n_layers=L, n_experts=n_experts, top_k=K, layer_ids=layer_ids.tolist(), labels=vocab,
             model=None if meta is None else meta.get("model"), scoring=None if meta is None else meta.get("scoring"),
             weights=has_weight, token_text="token" in names, chunk_rows=chunk_rows)
-        carry: pa.Table | None = None
-        offset = 0  # file row number of carry's first row
-        last_token: tuple[int, int] | None = None
-        batches = _iter_batches(path, pf, batch_size=max(int(batch_rows), per))
-        for batch in tqdm(batches, desc="import", unit="batch", disable=not progress,
-                          total=-(-pf.metadata.num_rows // max(int(batch_rows), per))):
-            table = pa.Table.from_batches([batch])
-            if carry is not None and carry.num_rows:
-                table = pa.concat_tables([carry, table.cast(carry.schema)])
-            table = table.combine_chunks()
-            m = table.num_rows // per
-            if m:
-                block = table.slice(0, m * per)
-                last_token = _append_blocks(path, store, block, offset, layer_ids, K, labels,
-                                            n_experts, last_token)
-            carry = table.slice(m * per)
-            offset += m * per
-        if carry is not None and carry.num_rows:
-            seq, pos = carry.column("seq")[0].as_py(), carry.column("pos")[0].as_py()
-            raise MoetraceError(
-                f"{path}: row {offset}: token seq={seq}, pos={pos} has only {carry.num_rows} of its "
-                f"{per} rows ({L} layers x {K} ranks; incomplete token block at the end of the file)")
+        store = TraceStore.create(partial, **create)
+        try:  # a file in store order streams straight in; any other order is sorted on disk first
+            _import_in_file_order(path, pf, store, batch_rows, layer_ids, K, labels, n_experts, progress)
+        except _OutOfOrder:
+            store = TraceStore.create(partial, overwrite=True, **create)
+            with tempfile.TemporaryDirectory(prefix=f".{partial.name}.parts-", dir=partial.parent) as tmp:
+                _import_sorted(path, pf, store, Path(tmp), batch_rows, memory_budget, layer_ids, K, labels,
+                               n_experts, progress)
         store.flush()
         if meta is not None and meta.get("sequences"):
             store.append_sequences({name: _sequence_values(col) for name, col in meta["sequences"].items()})
         store.close()
     return TraceStore.open(out)
+
+
+class _OutOfOrder(MoetraceError):
+    """Rows not in store order: the in-order import gives up and the sorting one starts."""
+
+
+def _import_in_file_order(path: Path, pf: pq.ParquetFile, store: TraceStore, batch_rows: int,
+                          layer_ids: np.ndarray, K: int, labels: list[str], n_experts: int, progress: bool) -> None:
+    """Append the file's token blocks in file order; raises _OutOfOrder at the first row out of store order."""
+    L = len(layer_ids)
+    per = L * K
+    carry: pa.Table | None = None
+    offset = 0  # file row number of carry's first row
+    last_token: tuple[int, int] | None = None
+    batches = _iter_batches(path, pf, batch_size=max(int(batch_rows), per))
+    for batch in tqdm(batches, desc="import", unit="batch", disable=not progress,
+                      total=-(-pf.metadata.num_rows // max(int(batch_rows), per))):
+        table = pa.Table.from_batches([batch])
+        if carry is not None and carry.num_rows:
+            table = pa.concat_tables([_plain(carry), _plain(table)])
+        table = table.combine_chunks()
+        m = table.num_rows // per
+        if m:
+            last_token = _append_blocks(path, store, table.slice(0, m * per), offset, layer_ids, K, labels,
+                                        n_experts, last_token)
+        carry = table.slice(m * per)
+        offset += m * per
+    if carry is not None and carry.num_rows:
+        seq, pos = carry.column("seq")[0].as_py(), carry.column("pos")[0].as_py()
+        raise MoetraceError(
+            f"{path}: row {offset}: token seq={seq}, pos={pos} has only {carry.num_rows} of its "
+            f"{per} rows ({L} layers x {K} ranks; incomplete token block at the end of the file)")
+
+
+KEY_DTYPE = np.dtype([("seq", np.int64), ("pos", np.int64)])  # sorts and searches lexicographically
+ROW = "__moetrace_row"
+
+
+def _import_sorted(path: Path, pf: pq.ParquetFile, store: TraceStore, tmp: Path, batch_rows: int,
+                   memory_budget: int, layer_ids: np.ndarray, K: int, labels: list[str], n_experts: int,
+                   progress: bool) -> None:
+    """Append the file's rows sorted by ``(seq, pos, layer, rank)``, in memory bounded by ``memory_budget``.
+
+    External partitioning (like the CSV importer's): one pass over ``seq, pos`` keeps a
+    bounded systematic sample of the token keys, whose quantiles split the key space into
+    P ~ MEMORY_PER_BYTE x (uncompressed file bytes) / budget partitions; a second pass
+    writes every row (with its file row number, for error messages) to its partition's
+    Arrow IPC file in ``tmp``; then each partition is sorted in memory and appended.
+    """
+    L = len(layer_ids)
+    per = L * K
+    sample, stride, n = [], 1, 0
+    for batch in _iter_batches(path, pf, batch_size=batch_rows, columns=["seq", "pos"]):
+        key = _token_keys(path, batch, n)
+        sample.append(key[np.arange((-n) % stride, len(key), stride)])  # every stride-th row overall
+        n += len(key)
+        if sum(map(len, sample)) > KEY_SAMPLE_CAP:  # halve the sample, double the stride
+            sample, stride = [np.concatenate(sample)[::2]], stride * 2
+    sample = np.sort(np.concatenate(sample))
+    raw = sum(pf.metadata.row_group(i).total_byte_size for i in range(pf.metadata.num_row_groups))
+    n_parts = int(min(MAX_PARTITIONS, max(1, math.ceil(MEMORY_PER_BYTE * raw / max(1 << 20, int(memory_budget))))))
+    bounds = np.unique(sample[(np.arange(1, n_parts) * len(sample)) // n_parts])
+    n_parts = len(bounds) + 1
+    with PartitionWriter(tmp / "rows", n_parts) as writer:
+        offset = 0
+        for batch in tqdm(_iter_batches(path, pf, batch_size=batch_rows), desc="partition", unit="batch",
+                          disable=not progress):
+            table = _plain(pa.Table.from_batches([batch]))
+            key = _token_keys(path, table, offset)
+            table = table.append_column(ROW, pa.array(np.arange(offset, offset + len(key), dtype=np.int64)))
+            writer.write(np.searchsorted(bounds, key, side="right"), table)
+            offset += len(key)
+    last: tuple[int, int] | None = None
+    for part in tqdm(range(n_parts), desc="sort", unit="part", disable=not progress):
+        table = read_partition(tmp / "rows", part)
+        if table is None:
+            continue
+        rows = table.column(ROW).to_numpy()
+        cols = [_ints(path, table, name, lo, hi, rows, what) for name, lo, hi, what in (
+            ("seq", *SEQ_RANGE, "an int64 sequence id"), ("pos", *POS_RANGE, "an int32 position"),
+            ("layer", 0, MAX_LAYER_ID, "a layer index"), ("rank", 0, K - 1, "a rank"))]
+        order = np.lexsort(cols[::-1])
+        table, rows = table.take(pa.array(order)), rows[order]
+        seq, pos, layer, rank = (c[order] for c in cols)
+        same = (seq[1:] == seq[:-1]) & (pos[1:] == pos[:-1])
+        dup = same & (layer[1:] == layer[:-1]) & (rank[1:] == rank[:-1])
+        if dup.any():
+            i = int(np.argmax(dup))
+            raise MoetraceError(f"{path}: row {rows[i + 1]}: duplicate token seq={seq[i]}, pos={pos[i]} (its row for "
+                                f"layer {layer[i]}, rank {rank[i]} is also row {rows[i]}; expected each row once)")
+        starts = np.flatnonzero(np.r_[True, ~same])
+        counts = np.diff(np.r_[starts, len(seq)])
+        if (counts != per).any():
+            j = starts[int(np.argmax(counts != per))]
+            raise MoetraceError(
+                f"{path}: row {rows[j]}: token seq={seq[j]}, pos={pos[j]} has {counts[np.argmax(counts != per)]} "
+                f"rows, expected {per} ({L} layers x {K} ranks)")
+        last = _append_blocks(path, store, table.drop_columns([ROW]), rows, layer_ids, K, labels, n_experts, last)
+
+
+def _plain(table: pa.Table) -> pa.Table:
+    """Dictionary-encoded columns decoded (batches of one file may carry different dictionaries)."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+    return table
+
+
+def _ints(path: Path, table, name: str, lo: int, hi: int, rows, what: str) -> np.ndarray:
+    """Integer column ``name`` as int64 [n], after null and range checks in its file dtype (nothing wraps).
+
+    ``rows``: file row number of the first row, or of every row."""
+    col = table.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    _no_nulls(path, name, col, rows)
+    values = col.to_numpy(zero_copy_only=False)
+    check_range(path, name, values, lo, hi, rows, what=what)
+    return values.astype(np.int64)
+
+
+def _token_keys(path: Path, table, rows) -> np.ndarray:
+    """``(seq, pos)`` of every row as a KEY_DTYPE array [n] (range-checked)."""
+    key = np.empty(table.num_rows, KEY_DTYPE)
+    key["seq"] = _ints(path, table, "seq", *SEQ_RANGE, rows, "an int64 sequence id")
+    key["pos"] = _ints(path, table, "pos", *POS_RANGE, rows, "an int32 position")
+    return key
+
+
+def _row(rows, k: int) -> int:
+    """File row number of table row ``k``: ``rows`` is the first row's number or every row's."""
+    return int(rows + k) if np.isscalar(rows) else int(rows[k])
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -393,33 +522,35 @@ def _scan_shape(path: Path, pf: pq.ParquetFile, batch_rows: int) -> tuple[np.nda
     return layers, max_rank + 1, max_expert
 
 
-def _no_nulls(path: Path, name: str, col: pa.Array, offset: int) -> None:
+def _no_nulls(path: Path, name: str, col: pa.Array, rows) -> None:
     if col.null_count:
         i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-        raise MoetraceError(f"{path}: row {offset + i}, column {name}: expected a value, got null")
+        raise MoetraceError(f"{path}: row {_row(rows, i)}, column {name}: expected a value, got null")
 
 
-def _append_blocks(path: Path, store: TraceStore, table: pa.Table, offset: int, layer_ids: np.ndarray,
+def _append_blocks(path: Path, store: TraceStore, table: pa.Table, rows, layer_ids: np.ndarray,
                    K: int, labels: list[str], n_experts: int, last_token: tuple[int, int] | None):
-    """Validate ``m`` whole token blocks (``m * L * K`` rows from file row ``offset``) and append."""
+    """Validate ``m`` whole token blocks (``m * L * K`` rows) and append; return the last ``(seq, pos)``.
+
+    ``rows``: file row number of the table's first row (rows in file order), or int64 [m * L * K]
+    of every row's (rows sorted). Raises _OutOfOrder when the rows are not in store order.
+    """
     L = len(layer_ids)
     per = L * K
     m = table.num_rows // per
 
     def numeric(name: str, lo: int | None = None, hi: int | None = None, what: str = "an integer") -> np.ndarray:
         """Column ``name`` as NumPy; integers range-checked in their file dtype, then int64."""
+        if lo is not None:
+            return _ints(path, table, name, lo, hi, rows, what)
         col = table.column(name).combine_chunks()
-        _no_nulls(path, name, col, offset)
-        values = col.to_numpy(zero_copy_only=False)
-        if lo is None:
-            return values
-        check_range(path, name, values, lo, hi, offset, what=what)
-        return values.astype(np.int64)
+        _no_nulls(path, name, col, rows)
+        return col.to_numpy(zero_copy_only=False)
 
     def fail(name: str, flat: int, expected: Any, got: Any) -> None:
-        raise MoetraceError(
-            f"{path}: row {offset + flat}, column {name}: expected {expected}, got {got} (the {per} rows "
-            f"of a token, {L} layers x {K} ranks, must be contiguous and ordered by layer then rank; {SORT_HINT})")
+        raise _OutOfOrder(
+            f"{path}: row {_row(rows, flat)}, column {name}: expected {expected}, got {got} (the {per} rows "
+            f"of a token, {L} layers x {K} ranks, must be contiguous and ordered by layer then rank)")
 
     layer = numeric("layer", 0, MAX_LAYER_ID, "a layer index").reshape(m, L, K)
     want = np.broadcast_to(layer_ids[None, :, None], layer.shape)
@@ -448,7 +579,7 @@ def _append_blocks(path: Path, store: TraceStore, table: pa.Table, offset: int, 
         col = table.column(name).combine_chunks()
         if pa.types.is_dictionary(col.type):
             col = col.cast(col.type.value_type)
-        _no_nulls(path, name, col, offset)
+        _no_nulls(path, name, col, rows)
         heads = col.take(pa.array(np.repeat(first, per)))
         same = pc.equal(col, heads).to_numpy(zero_copy_only=False)
         if not same.all():
@@ -458,37 +589,29 @@ def _append_blocks(path: Path, store: TraceStore, table: pa.Table, offset: int, 
         batch["text" if name == "token" else name] = values
     if "weight" in table.column_names:
         weight = numeric("weight")
-        check_weights(path, "weight", weight, offset)
+        check_weights(path, "weight", weight, rows)
         batch["weights"] = weight.astype(np.float32).reshape(m, L, K)
-    _check_token_order(path, batch["seq"], batch["pos"], offset, per, last_token)
+    _check_token_order(path, batch["seq"], batch["pos"], rows, per, last_token)
     store.append(batch)
     return int(batch["seq"][-1]), int(batch["pos"][-1])
 
 
-def _check_token_order(path: Path, seq: np.ndarray, pos: np.ndarray, offset: int, per: int,
+def _check_token_order(path: Path, seq: np.ndarray, pos: np.ndarray, rows, per: int,
                        last_token: tuple[int, int] | None) -> None:
-    """MoetraceError unless tokens come in strictly increasing ``(seq, pos)`` order.
+    """_OutOfOrder unless tokens come in strictly increasing ``(seq, pos)`` order.
 
-    ``seq``, ``pos``: int64 [m], the tokens of file rows ``offset ..``, ``per`` rows each;
-    ``last_token``: the previous batch's last ``(seq, pos)``. The store keeps a
-    sequence's rows contiguous and in increasing position order, so the file must too.
+    ``seq``, ``pos``: int64 [m], one per token of ``per`` rows; ``rows`` as in
+    :func:`_append_blocks`; ``last_token``: the previous batch's last ``(seq, pos)``.
     """
     prev_seq = np.r_[seq[:1] if last_token is None else [last_token[0]], seq[:-1]]
     prev_pos = np.r_[pos[:1] if last_token is None else [last_token[1]], pos[:-1]]
-    same = (seq == prev_seq) & (pos == prev_pos)
-    before = (seq < prev_seq) | ((seq == prev_seq) & (pos < prev_pos))
+    bad = (seq < prev_seq) | ((seq == prev_seq) & (pos <= prev_pos))
     if last_token is None:
-        same[0] = before[0] = False
-    if not (same | before).any():
-        return
-    i = int(np.argmax(same | before))
-    fix = SORT_HINT
-    if same[i]:
-        raise MoetraceError(f"{path}: row {offset + i * per}: duplicate token seq={int(seq[i])}, pos={int(pos[i])} "
-                            f"(expected each token's {per} rows once; drop the duplicates, then {fix})")
-    raise MoetraceError(
-        f"{path}: row {offset + i * per}: token seq={int(seq[i])}, pos={int(pos[i])} comes after "
-        f"seq={int(prev_seq[i])}, pos={int(prev_pos[i])} (expected rows sorted by seq, pos, layer, rank, as export-parquet writes them; {fix})")
+        bad[0] = False
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise _OutOfOrder(f"{path}: row {_row(rows, i * per)}: token seq={int(seq[i])}, pos={int(pos[i])} comes "
+                          f"after seq={int(prev_seq[i])}, pos={int(prev_pos[i])}")
 
 
 def _sequence_values(column: dict) -> np.ndarray:
