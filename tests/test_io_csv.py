@@ -431,6 +431,9 @@ TOPK1 = b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,1\n0,1,0,1,0\n"
     (b"q_ix,token_ix,tok\xffen\n0,0,a\n", TOPK1, ["samples.csv: row 1", "UTF-8"]),
     (b"q_ix,token_ix,token\n0,0,a\n0,1,caf\xe9\n", TOPK1, ["samples.csv: row 3, column token", "UTF-8"]),
     ("q_ix,token_ix,token\n0,0,a\n".encode("utf-16"), TOPK1, ["samples.csv", "UTF-16", "UTF-8"]),
+    (b"q_ix,token_ix,token\n0,0,a\n0,1,\xe6x,extra\n", TOPK1, ["samples.csv: row 3: expected 3 columns, got 4"]),
+    (b"q_ix,token_ix,token\n0,0,a\n0,1,b\n", b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,0\n0,0,0,2,0\n"
+     b"0,1,0,1,0\n0,1,0,2,0\n", ["topks.csv: top-k 2 exceeds the number of experts 1"]),
 ])
 def test_values_that_do_not_fit_and_bad_bytes_are_one_line_errors(tmp_path, capsys, samples, topks, fragments):
     line = _cli_error(tmp_path, capsys, samples, topks)

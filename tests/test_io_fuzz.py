@@ -184,7 +184,7 @@ def csv_tables(draw, max_tokens=8):
     token_id, weight = draw(st.booleans()), draw(st.booleans())
     samples = [[str(q), str(t), draw(TEXT), draw(TEXT)] + [str(draw(st.integers(-1, 2**31 - 1)))] * token_id
                for q, t in keys]
-    topks = [[str(q), str(t), str(layer), str(k + 1), str(draw(st.integers(0, 300)))]
+    topks = [[str(q), str(t), str(layer), str(k + 1), str(draw(st.integers(0, 300)) + k)]  # max id >= K - 1
              + [repr(draw(st.floats(-65504, 65504, width=32)))] * weight
              for q, t in keys for layer in layers for k in range(K)]
     samples = draw(st.permutations(samples))

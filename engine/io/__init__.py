@@ -168,8 +168,17 @@ def read_partition(base: Path, part: int) -> pa.Table | None:
     return table.combine_chunks()
 
 
-def resolve_n_experts(max_expert: int, n_experts: int | None, source: str) -> int:
-    """Number of experts: ``n_experts`` when given (checked against the data), else max id + 1."""
+def resolve_n_experts(max_expert: int, n_experts: int | None, source: str, top_k: int | None = None) -> int:
+    """Number of experts: ``n_experts`` when given (checked against the data), else max id + 1;
+    MoetraceError naming ``source`` when it is smaller than ``top_k``."""
+    resolved = _resolve_n_experts(max_expert, n_experts, source)
+    if top_k is not None and top_k > resolved:
+        raise MoetraceError(f"{source}: top-k {top_k} exceeds the number of experts {resolved} (largest expert id "
+                            f"{int(max_expert)}; pass n_experts / --n-experts if the model has more experts)")
+    return resolved
+
+
+def _resolve_n_experts(max_expert: int, n_experts: int | None, source: str) -> int:
     if max_expert >= MAX_EXPERTS:
         raise MoetraceError(f"{source}: expert id {int(max_expert)} is out of range "
                             f"(a store holds at most {MAX_EXPERTS} experts, ids 0..{MAX_EXPERTS - 1})")

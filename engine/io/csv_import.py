@@ -175,8 +175,8 @@ def import_csv(
             topks_csv, topk_types, tmp / "topks", n_parts, bounds, keys, samples, n_experts, progress))
         if max_expert < 0:
             raise MoetraceError(f"{topks}: no data rows (expected one row per token x layer x rank)")
-        n_experts = resolve_n_experts(max_expert, n_experts, str(topks))
         L, K = len(layer_set), max_rank
+        n_experts = resolve_n_experts(max_expert, n_experts, str(topks), K)
         store = TraceStore.create(partial, n_layers=L, n_experts=n_experts, top_k=K,
                                   layer_ids=layer_set.tolist(), labels=labels, model=model,
                                   scoring=scoring, weights=has_weight, token_text=True,
@@ -287,14 +287,12 @@ class _CsvFile:
                 self.block_size = min(2 * self.block_size, self.max_row_bytes)
 
     def options(self, column_types: dict, bad_rows: list, include: list[str] | None = None) -> dict:
-        def on_invalid(row):
-            bad_rows.append(row)
-            return "error"
-
+        # No invalid_row_handler: pyarrow decodes the row's text for it and prints an
+        # "Exception ignored" traceback when that text is not UTF-8. Its error message
+        # names the row instead (see _csv_error).
         return dict(
             read_options=pacsv.ReadOptions(block_size=self.block_size, use_threads=False),
-            parse_options=pacsv.ParseOptions(newlines_in_values=self.newlines_in_values,
-                                             invalid_row_handler=on_invalid),
+            parse_options=pacsv.ParseOptions(newlines_in_values=self.newlines_in_values),
             convert_options=pacsv.ConvertOptions(
                 column_types=column_types, include_columns=include or [], strings_can_be_null=False,
                 quoted_strings_can_be_null=False),
@@ -378,14 +376,13 @@ def _csv_error(csv: _CsvFile, exc: Exception, bad: list, column_types: dict, row
     if isinstance(exc, UnicodeDecodeError):  # the header's names are decoded by Python
         return MoetraceError(f"{path}: row 1: expected UTF-8 text, got invalid bytes "
                              f"({exc.reason} at byte {exc.start} of the header); re-save the file as UTF-8")
-    if bad:
-        row = bad[0]
-        text = row.text if len(row.text) <= 60 else row.text[:57] + "..."
-        where = f"row {row.number}" if row.number is not None else "a row"
-        return MoetraceError(
-            f"{path}: {where}: expected {row.expected_columns} columns, got {row.actual_columns} "
-            f"(truncated or malformed line {text!r})")
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    match = re.match(r"CSV parse error: (?:Row #(\d+): )?Expected (\d+) columns, got (\d+): (.*)", str(exc), re.S)
+    if match:
+        text = match.group(4) if len(match.group(4)) <= 60 else match.group(4)[:57] + "..."
+        where = f"row {match.group(1)}" if match.group(1) else "a row"
+        return MoetraceError(f"{path}: {where}: expected {match.group(2)} columns, got {match.group(3)} "
+                             f"(truncated or malformed line {text!r})")
     if "Empty CSV file" in message:
         return MoetraceError(f"{path}: empty file (expected a header row and data rows)")
     if "straddling object" in message:

@@ -95,7 +95,7 @@ def import_llamacpp(
             elif layers != layer_ids:
                 raise MoetraceError(f"{path}: records layers {layers}, expected {layer_ids} like {shape_file}")
             max_expert = max(max_expert, int(experts.max()))
-    n_experts = resolve_n_experts(max_expert, n_experts, str(directory))
+    n_experts = resolve_n_experts(max_expert, n_experts, str(directory), K)
 
     with staged_store(out, overwrite, (directory,)) as partial:
         store = TraceStore.create(partial, n_layers=len(layer_ids), n_experts=n_experts, top_k=K,

@@ -244,7 +244,7 @@ def import_parquet(
     else:
         layer_ids, top_k, max_expert = _scan_shape(path, pf, batch_rows)
         vocab = labels
-    n_experts = resolve_n_experts(max_expert, n_experts, str(path))
+    n_experts = resolve_n_experts(max_expert, n_experts, str(path), top_k)
     L, K = len(layer_ids), top_k
     has_weight = "weight" in names
     with staged_store(out, overwrite, (path,)) as partial:
