@@ -34,6 +34,9 @@ from engine.io import import_csv, import_llamacpp, import_parquet
 # No shrinking: one import takes ~0.1 s and shrinking a failure took minutes; the failing
 # example is printed as drawn.
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate]
+# An "Exception ignored" traceback printed by a callback (e.g. pyarrow's invalid-row handler)
+# breaks the one-line error even when the import then fails cleanly: make it a failure.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None, phases=PHASES)
 SLOW = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), database=None,
                 phases=PHASES)
