@@ -147,15 +147,21 @@ def _parse_boosts(value: Any, where: str) -> dict[int, dict[int, dict]]:
 def _read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MoetraceError(f"{path}: targets file not found") from None
+    except UnicodeDecodeError as exc:
+        raise MoetraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a JSON "
+                            f"targets file") from None
     except OSError as exc:
         raise MoetraceError(f"{path}: cannot read targets file ({exc.strerror})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise MoetraceError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise MoetraceError(f"{path}: JSON nested too deeply to be a targets file (expected "
+                            f"{{\"<layer>\": [...]}} or the combined format)") from None
 
 
 def _unique_sorted(items: Iterable) -> list:

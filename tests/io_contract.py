@@ -5,8 +5,9 @@ A test module subclasses :class:`ImporterContract` (the name does not start with
 
 - ``make_trace(rng, **shape)``: a random :class:`RefTrace`, already in the row order
   the importer must produce, respecting what the format can express;
-- ``write_source(trace, directory, rng)``: write it in the source format (in any row
-  order the format allows) and return the source handle;
+- ``write_source(trace, directory, rng, shuffle=True)``: write it in the source format
+  and return the source handle; with ``shuffle`` in a random row order (any order the
+  format allows: ``shuffled_error`` says whether the importer refuses it), else in store order;
 - ``run_import(source, out, **kwargs)``: call the Python importer;
 - ``cli_args(source, out)``: the ``moetrace`` arguments doing the same import.
 
@@ -15,7 +16,9 @@ reference trace row for row (every token column, decoded label, token text, expe
 weight, sequence column); source -> store -> export-parquet -> import-parquet -> store
 is equal row for row; DuckDB reading the exported Parquet agrees with counts computed
 from the reference with NumPy; the CLI builds the same store; a failed import leaves
-nothing at OUT.
+nothing at OUT; shuffled input gives the same store as sorted input (or, where
+``shuffled_error`` is set, a one-line error saying how to sort it); every store obeys the
+store invariant (a sequence's rows contiguous, ``pos`` strictly increasing).
 """
 
 from __future__ import annotations
@@ -70,8 +73,19 @@ def store_rows(store: TraceStore) -> dict[str, np.ndarray]:
     return data
 
 
+def assert_store_invariant(store: TraceStore) -> None:
+    """The store invariant: a sequence's rows are contiguous and in strictly increasing ``pos`` order."""
+    data = store.read(["seq", "pos"])
+    seq, pos = data["seq"], data["pos"]
+    starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
+    assert len(np.unique(seq[starts])) == len(starts), "a sequence's rows are split in several runs"
+    same = seq[1:] == seq[:-1]
+    assert (pos[1:][same] > pos[:-1][same]).all(), "positions not strictly increasing within a sequence"
+
+
 def assert_store_equals_trace(store: TraceStore, trace: RefTrace) -> None:
-    """Row-for-row equality of ``store`` with the reference ``trace``."""
+    """Row-for-row equality of ``store`` with the reference ``trace`` (which obeys the store invariant)."""
+    assert_store_invariant(store)
     assert len(store) == len(trace)
     assert store.layer_ids.tolist() == list(trace.layer_ids)
     assert store.n_experts == trace.n_experts
@@ -124,11 +138,15 @@ class ImporterContract:
     command: str = ""
     #: shape arguments of ``make_trace`` for the bad-input cases
     broken_shape: dict = {}
+    #: shape arguments of ``make_trace`` for the shuffled-input case (several tokens)
+    shuffle_shape: dict = {}
+    #: None: shuffled input must import like sorted input; else fragments of the one-line error
+    shuffled_error: list[str] | None = None
 
     def make_trace(self, rng: np.random.Generator, **shape) -> RefTrace:
         raise NotImplementedError
 
-    def write_source(self, trace: RefTrace, directory: Path, rng: np.random.Generator):
+    def write_source(self, trace: RefTrace, directory: Path, rng: np.random.Generator, shuffle: bool = True):
         raise NotImplementedError
 
     def run_import(self, source, out: Path, **kwargs) -> TraceStore:
@@ -145,7 +163,7 @@ class ImporterContract:
     def build(self, tmp_path: Path, seed: int = 0, **shape):
         rng = np.random.default_rng(seed)
         trace = self.make_trace(rng, **shape)
-        source = self.write_source(trace, tmp_path / "src", rng)
+        source = self.write_source(trace, tmp_path / "src", rng, shuffle=self.shuffled_error is None)
         return trace, source
 
     # ------------------------------------------------------------------ contract
@@ -214,3 +232,24 @@ class ImporterContract:
             assert not out.exists(), name
             assert not list(tmp_path.glob(f"out{i}.zarr.partial-*")), name
             assert not list(tmp_path.glob(f".out{i}.zarr.parts-*")), name
+
+    def test_shuffled_input_gives_the_same_store_or_a_clear_error(self, tmp_path, capsys):
+        rng = np.random.default_rng(5)
+        trace = self.make_trace(rng, **self.shuffle_shape)
+        ordered = self.write_source(trace, tmp_path / "sorted", rng, shuffle=False)
+        shuffled = self.write_source(trace, tmp_path / "shuffled", rng, shuffle=True)
+        first = self.run_import(ordered, tmp_path / "a.zarr", progress=False, chunk_rows=CHUNK)
+        assert_store_equals_trace(first, trace)
+        out = tmp_path / "b.zarr"
+        code = main([self.command, *self.cli_args(shuffled, out), "-q"])
+        err = capsys.readouterr().err
+        if self.shuffled_error is None:
+            assert code == 0, err
+            assert_stores_equal(first, TraceStore.open(out))
+        else:
+            assert code == 2
+            lines = err.strip().splitlines()
+            assert len(lines) == 1, err
+            for fragment in self.shuffled_error:
+                assert fragment in lines[0], (fragment, lines[0])
+            assert not out.exists() and not list(tmp_path.glob("b.zarr*"))

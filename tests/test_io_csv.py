@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 import subprocess
 import sys
@@ -119,12 +120,13 @@ def _lines(path: Path) -> list[str]:
 class TestCsvImporter(ImporterContract):
     command = "import-csv"
     broken_shape = {"n_q": 3, "L": 2, "K": 2, "weights": False}
+    shuffle_shape = {"n_q": 4, "L": 2, "K": 2}
 
     def make_trace(self, rng, **shape):
         return make_csv_trace(rng, **shape)
 
-    def write_source(self, trace, directory, rng):
-        return write_csv_trace(trace, directory, rng)
+    def write_source(self, trace, directory, rng, shuffle=True):
+        return write_csv_trace(trace, directory, rng, shuffle=shuffle)
 
     def run_import(self, source, out, **kwargs):
         return import_csv(source["samples"], source["topks"], out, **kwargs)
@@ -257,7 +259,7 @@ def test_row_numbers_in_errors_are_line_numbers(tmp_path, capsys):
     assert "row 3, column expert: empty value" in capsys.readouterr().err
     topks.write_text("q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,3\n0,1,0,0,2\n")
     assert main(args) == 2
-    assert "row 3, column topk_ix: expected a value in [1," in capsys.readouterr().err
+    assert "row 3, column topk_ix: expected a 1-based rank in [1," in capsys.readouterr().err
     assert not (tmp_path / "o.zarr").exists()
 
 
@@ -392,3 +394,122 @@ def test_crlf_line_endings(tmp_path):
     store = import_csv(samples, topks, tmp_path / "o.zarr", progress=False, chunk_rows=CHUNK)
     assert store.read(["text"])["text"].tolist() == ["a ", " b", "\r\n"]
     assert store.read(["experts"])["experts"][:, 0, 0].tolist() == [1, 0, 2]
+
+
+# ---------------------------------------------------------------------- values that do not fit, bad bytes
+def _cli_error(tmp_path, capsys, samples: bytes, topks: bytes, *extra) -> str:
+    """Run import-csv on the given bytes; assert exit 2, one line, nothing left; return the line."""
+    (tmp_path / "samples.csv").write_bytes(samples)
+    (tmp_path / "topks.csv").write_bytes(topks)
+    out = tmp_path / "o.zarr"
+    code = main(["import-csv", "--samples", str(tmp_path / "samples.csv"), "--topks", str(tmp_path / "topks.csv"),
+                 str(out), "-q", "--chunk-rows", "64", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moetrace import-csv: error: "), err
+    assert not list(tmp_path.glob("o.zarr*")) and not list(tmp_path.glob(".o.zarr*"))
+    return lines[0]
+
+
+TOPK1 = b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,1\n0,1,0,1,0\n"
+
+
+@pytest.mark.parametrize("samples, topks, fragments", [
+    (b"q_ix,token_ix,token,token_id\n0,0,a,5\n0,1,b,3000000000\n", TOPK1,
+     ["samples.csv: row 3, column token_id", "3000000000"]),
+    (b"q_ix,token_ix,token,token_id\n0,0,a,-2\n0,1,b,1\n", TOPK1, ["row 2, column token_id", "-1 = unknown"]),
+    (b"q_ix,token_ix,token\n9223372036854775808,0,a\n", TOPK1, ["row 2, column q_ix", "9223372036854775808"]),
+    (b"q_ix,token_ix,token\n0,2147483648,a\n", TOPK1, ["row 2, column token_ix", "int32"]),
+    (b"q_ix,token_ix,token\n0,0,a\n0,1,b\n", b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,2147483648,1,1\n",
+     ["topks.csv: row 2, column layer_ix"]),
+    (b"q_ix,token_ix,token\n0,0,a\n0,1,b\n", b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,65536\n",
+     ["topks.csv: row 2, column expert"]),
+    (b"q_ix,token_ix,token\n0,0,a\n0,1,b\n",
+     b"q_ix,token_ix,layer_ix,topk_ix,expert,weight\n0,0,0,1,1,0.5\n0,1,0,1,0,1e6\n",
+     ["topks.csv: row 3, column weight", "float16"]),
+    (b"q_ix,token_ix,tok\xffen\n0,0,a\n", TOPK1, ["samples.csv: row 1", "UTF-8"]),
+    (b"q_ix,token_ix,token\n0,0,a\n0,1,caf\xe9\n", TOPK1, ["samples.csv: row 3, column token", "UTF-8"]),
+    ("q_ix,token_ix,token\n0,0,a\n".encode("utf-16"), TOPK1, ["samples.csv", "UTF-16", "UTF-8"]),
+    (b"q_ix,token_ix,token\n0,0,a\n0,1,\xe6x,extra\n", TOPK1, ["samples.csv: row 3: expected 3 columns, got 4"]),
+    (b"q_ix,token_ix,token\n0,0,a\n0,1,b\n", b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,0\n0,0,0,2,0\n"
+     b"0,1,0,1,0\n0,1,0,2,0\n", ["topks.csv: top-k 2 exceeds the number of experts 1"]),
+])
+def test_values_that_do_not_fit_and_bad_bytes_are_one_line_errors(tmp_path, capsys, samples, topks, fragments):
+    line = _cli_error(tmp_path, capsys, samples, topks)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+
+
+def test_a_field_over_one_mib_imports_and_a_too_long_record_names_its_row(tmp_path, capsys):
+    big = "x" * (5 << 20) + " \n y"
+    samples = f'q_ix,token_ix,token\n0,0,a\n0,1,"{big}"\n0,2,c\n'.encode()
+    topks = b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,1\n0,1,0,1,0\n0,2,0,1,2\n"
+    (tmp_path / "samples.csv").write_bytes(samples)
+    (tmp_path / "topks.csv").write_bytes(topks)
+    store = import_csv(tmp_path / "samples.csv", tmp_path / "topks.csv", tmp_path / "ok.zarr", progress=False)
+    assert store.read(["text"])["text"].tolist() == ["a", big, "c"]
+    line = _cli_error(tmp_path, capsys, samples, topks, "--max-row-mib", "1")
+    assert "samples.csv: row 3: a CSV record longer than 1 MiB" in line and "--max-row-mib" in line, line
+    # an unclosed quote swallows the rest of the file: named, not a traceback
+    line = _cli_error(tmp_path, capsys, b'q_ix,token_ix,token\n0,0,"a\n' + b"0,1,b\n" * 400000, TOPK1,
+                      "--max-row-mib", "1")
+    assert "samples.csv: row 2: a CSV record longer than 1 MiB" in line, line
+
+
+def test_per_question_integers_beyond_int64_stay_exact(tmp_path):
+    samples = tmp_path / "samples.csv"
+    samples.write_text("q_ix,token_ix,token,big,small\n0,0,a,123456789012345678901,1.5\n1,0,b,7,2\n")
+    topks = tmp_path / "topks.csv"
+    topks.write_text("q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,1\n1,0,0,1,0\n")
+    seqs = import_csv(samples, topks, tmp_path / "o.zarr", progress=False).read_sequences()
+    assert seqs["big"].tolist() == ["123456789012345678901", "7"]
+    assert seqs["small"].dtype == np.float64 and seqs["small"].tolist() == [1.5, 2.0]
+
+
+def test_progress_counts_the_bytes_read(tmp_path, monkeypatch):
+    """The scan's bar ends at the file's size (it used to add 1 MiB per block: 1.05 MB of a 5 kB file)."""
+    import engine.io.csv_import as csv_import
+
+    seen = []
+
+    class Recording(csv_import.tqdm("", disable=True).__class__):
+        def close(self):
+            seen.append((self.desc, self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(csv_import, "tqdm", lambda *a, **k: Recording(*a, **{**k, "disable": False},
+                                                                      file=open(os.devnull, "w")))
+    rng = np.random.default_rng(3)
+    trace = make_csv_trace(rng, n_q=4, L=2, K=2)
+    source = write_csv_trace(trace, tmp_path / "src", rng)
+    import_csv(source["samples"], source["topks"], tmp_path / "o.zarr", chunk_rows=CHUNK)
+    sizes = {"scan samples.csv": source["samples"].stat().st_size, "samples.csv": source["samples"].stat().st_size,
+             "topks.csv": source["topks"].stat().st_size}
+    got = {desc: (n, total) for desc, n, total in seen if desc in sizes}
+    assert got == {desc: (size, size) for desc, size in sizes.items()}
+
+
+def test_output_directories_are_created_and_removed_again_on_failure(tmp_path, capsys):
+    samples, topks = tmp_path / "samples.csv", tmp_path / "topks.csv"
+    samples.write_text("q_ix,token_ix,token\n0,0,a\n")
+    topks.write_text("q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,1\n")
+    args = ["import-csv", "--samples", str(samples), "--topks", str(topks), "-q"]
+    assert main([*args, str(tmp_path / "new" / "dir" / "o.zarr")]) == 0
+    topks.write_text("q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,x\n")
+    assert main([*args, str(tmp_path / "other" / "dir" / "o.zarr")]) == 2
+    assert not (tmp_path / "other").exists()
+    assert main([*args, str(topks), "--overwrite"]) == 2  # would replace an input
+    assert "the output is also an input" in capsys.readouterr().err
+    assert topks.is_file()
+
+
+@pytest.mark.parametrize("header, row, labels, fragment", [
+    ("q_ix,token_ix,token,domain", "0,0,a,bio", "q_ix", "labels: 'q_ix' is a token column"),
+    ("q_ix,token_ix,token,token_id", "0,0,a,3", "token_id", "labels: 'token_id' is a token column"),
+    ("q_ix,token_ix,token,seq", "0,0,a,x", None, "row 1, column seq: a per-question column named 'seq'"),
+])
+def test_columns_that_cannot_be_labels_or_sequence_columns(tmp_path, capsys, header, row, labels, fragment):
+    line = _cli_error(tmp_path, capsys, f"{header}\n{row}\n".encode(),
+                      b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,1\n", *(["--labels", labels] if labels else []))
+    assert fragment in line, line

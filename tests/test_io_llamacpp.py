@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_contract import CHUNK, ImporterContract, RefTrace, assert_store_equals_trace
 
+from engine.cli import main
 from engine.errors import MoetraceError
 from engine.io import import_llamacpp
 
@@ -62,15 +63,18 @@ def _entry(layer, component, ids, K, n_tokens, k_field, extra=None):
     return entry
 
 
-def write_llamacpp_trace(trace, directory: Path, rng, k_field="sources", split_calls=True) -> dict:
+def write_llamacpp_trace(trace, directory: Path, rng, k_field="sources", split_calls=True, shuffle=False) -> dict:
     """Write ``DIR/<domain>/traces/token-NNNNN.json`` (NNNNN = first token's position).
 
     Each file: some unrelated entries, a MUL_MAT_ID entry with empty expert_ids, and per
     call (a file's tokens may be split into two micro-batch calls) and layer the gate, up
-    and down entries repeating the same ids.
+    and down entries repeating the same ids. ``shuffle``: entries of a file in random
+    order, except that the calls of one layer and component keep their order (the order
+    that says which tokens come first); files written in random order.
     """
     N, L, K = trace.experts.shape
     row = 0
+    files = []
     for s, name in enumerate(sorted(set(trace.labels["domain"].tolist()))):
         traces = directory / name / "traces"
         traces.mkdir(parents=True)
@@ -91,22 +95,39 @@ def write_llamacpp_trace(trace, directory: Path, rng, k_field="sources", split_c
                         entries.append(_entry(layer, component, ids, K, b - a, k_field))
                         entries.append({"entry_id": 9, "operation_type": "ADD", "layer_id": layer,
                                         "dst_name": f"ffn_out-{layer}"})
+            if shuffle:
+                entries = _interleave(entries, rng)
             payload = {"token_index": pos, "n_tokens": size, "entries": entries}
-            (traces / f"token-{pos:05d}.json").write_text(json.dumps(payload))
+            files.append((traces / f"token-{pos:05d}.json", json.dumps(payload)))
             pos += size
             row += size
+    for i in rng.permutation(len(files)) if shuffle else range(len(files)):
+        files[i][0].write_text(files[i][1])
     return {"dir": directory, "extra": []}
+
+
+def _interleave(entries: list[dict], rng) -> list[dict]:
+    """Entries in random order; those of one (layer, dst_name) stream keep their relative order."""
+    def stream(e):
+        return (e.get("layer_id"), e.get("dst_name"), e.get("operation_type"))
+
+    shuffled = [entries[i] for i in rng.permutation(len(entries))]
+    queues = {}
+    for e in entries:
+        queues.setdefault(stream(e), []).append(e)
+    return [queues[stream(e)].pop(0) for e in shuffled]
 
 
 class TestLlamacppImporter(ImporterContract):
     command = "import-llamacpp"
     broken_shape = {"n_domains": 2, "L": 2, "K": 2}
+    shuffle_shape = {"n_domains": 3, "L": 3, "K": 2}
 
     def make_trace(self, rng, **shape):
         return make_llamacpp_trace(rng, **shape)
 
-    def write_source(self, trace, directory, rng):
-        return write_llamacpp_trace(trace, directory, rng)
+    def write_source(self, trace, directory, rng, shuffle=True):
+        return write_llamacpp_trace(trace, directory, rng, shuffle=shuffle)
 
     def run_import(self, source, out, **kwargs):
         return import_llamacpp(source["dir"], out, **kwargs)
@@ -241,3 +262,37 @@ def test_top_k_flag_must_agree_with_the_entries(tmp_path):
     with pytest.raises(MoetraceError, match="disagrees with top-k 3"):
         import_llamacpp(source["dir"], tmp_path / "o.zarr", top_k=3, progress=False)
     assert not (tmp_path / "o.zarr").exists()
+
+
+# ---------------------------------------------------------------------- values that do not fit, deep JSON
+def _one_file(tmp_path, text: str) -> Path:
+    traces = tmp_path / "d" / "bio" / "traces"
+    traces.mkdir(parents=True)
+    (traces / "token-00000.json").write_text(text)
+    return tmp_path / "d"
+
+
+@pytest.mark.parametrize("text, fragments", [
+    (json.dumps({"entries": [_entry(10**20, "gate", [1], 1, 1, "n_expert_used")]}), ["layer_id", str(10**20)]),
+    (json.dumps({"entries": [_entry(2**31, "gate", [1], 1, 1, "n_expert_used")]}), ["layer_id", str(2**31)]),
+    (json.dumps({"entries": [_entry(0, "gate", [2**64 - 1], 1, 1, "n_expert_used")]}),
+     ["expert_ids[0]", str(2**64 - 1)]),
+    (json.dumps({"entries": [_entry(0, "gate", [70000], 1, 1, "n_expert_used")]}), ["expert_ids[0]", "70000"]),
+    (json.dumps({"entries": [{**_entry(0, "gate", [1, 1], 1, 2, "n_expert_used"), "expert_ids": [1, True]}]}),
+     ["expert_ids", "True"]),
+    (json.dumps({"entries": [_entry(0, "gate", [1], 1, 1, None, {"sources": 5})]}), ["--top-k"]),
+    ("[" * 100000 + "]" * 100000, ["nested too deeply"]),
+    ('{"entries": ' + "[" * 5000 + "]" * 5000 + "}", ["nested too deeply"]),
+])
+def test_values_that_do_not_fit_and_deep_json_are_one_line_errors(tmp_path, capsys, text, fragments):
+    directory = _one_file(tmp_path, text)
+    out = tmp_path / "o.zarr"
+    code = main(["import-llamacpp", str(directory), str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moetrace import-llamacpp: error: ")
+    assert "token-00000.json" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not list(tmp_path.glob("o.zarr*"))

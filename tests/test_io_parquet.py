@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_contract import CHUNK, WEIRD_TOKENS, ImporterContract, RefTrace, assert_store_equals_trace, assert_stores_equal
@@ -19,7 +21,7 @@ from engine.store import TraceStore
 
 
 def make_long_trace(rng, n_tokens=None, L=None, K=None, weights=None, n_labels=None, text=None) -> RefTrace:
-    """Random trace in file order (tokens need not be sorted by seq/pos)."""
+    """Random trace in store order: tokens sorted by (seq, pos), each (seq, pos) once."""
     N = int(rng.integers(1, 30)) if n_tokens is None else n_tokens
     L = int(rng.integers(1, 4)) if L is None else L
     K = int(rng.integers(1, 4)) if K is None else K
@@ -27,8 +29,9 @@ def make_long_trace(rng, n_tokens=None, L=None, K=None, weights=None, n_labels=N
     n_labels = int(rng.integers(0, 3)) if n_labels is None else n_labels
     text = bool(rng.random() < 0.5) if text is None else text
     E = int(rng.integers(K, K + 10))
-    seq = rng.integers(-5, 5, N).astype(np.int64)
-    pos = rng.permutation(N).astype(np.int32)  # distinct: no two adjacent tokens are equal
+    key = np.sort(rng.choice(10 * 4 * N, N, replace=False))  # distinct (seq, pos), sorted
+    seq = (key // (4 * N) - 5).astype(np.int64)
+    pos = (key % (4 * N) - N).astype(np.int32)
     experts = np.stack([rng.permutation(E)[:K] for _ in range(N * L)]).reshape(N, L, K).astype(np.int64)
     labels = {name: np.array([f"{name}-{v}" for v in range(4)] + [" x "])[rng.integers(0, 5, N)]
               for name in ("domain", "lang")[:n_labels]}
@@ -58,8 +61,11 @@ def long_table(trace: RefTrace) -> pa.Table:
     return pa.table(cols)
 
 
-def write_long(trace: RefTrace, path: Path, rng, row_group_size=None) -> Path:
+def write_long(trace: RefTrace, path: Path, rng, row_group_size=None, shuffle=False) -> Path:
+    """``trace`` as a long-format file, in store order (or rows shuffled when ``shuffle``)."""
     table = long_table(trace)
+    if shuffle:
+        table = table.take(pa.array(rng.permutation(table.num_rows)))
     if table.num_columns > 6 and "domain" in table.column_names and rng.random() < 0.5:
         i = table.column_names.index("domain")  # polars-style dictionary-encoded strings
         table = table.set_column(i, "domain", table.column("domain").dictionary_encode())
@@ -72,12 +78,13 @@ def write_long(trace: RefTrace, path: Path, rng, row_group_size=None) -> Path:
 class TestParquetImporter(ImporterContract):
     command = "import-parquet"
     broken_shape = {"n_tokens": 6, "L": 2, "K": 2, "weights": True, "n_labels": 1, "text": False}
+    shuffle_shape = {"n_tokens": 8, "L": 2, "K": 2}
 
     def make_trace(self, rng, **shape):
         return make_long_trace(rng, **shape)
 
-    def write_source(self, trace, directory, rng):
-        return {"path": write_long(trace, directory / "in.parquet", rng), "extra": []}
+    def write_source(self, trace, directory, rng, shuffle=True):
+        return {"path": write_long(trace, directory / "in.parquet", rng, shuffle=shuffle), "extra": []}
 
     def run_import(self, source, out, **kwargs):
         return import_parquet(source["path"], out, **kwargs)
@@ -109,7 +116,7 @@ class TestParquetImporter(ImporterContract):
         yield "float experts", write("float", floaty), ["float.parquet", "column expert", "integer type"]
         drop = per + 1  # second token loses its layer-0 rank-1 row: the block shifts
         yield "incomplete", write("gap", pa.concat_tables([table.slice(0, drop), table.slice(drop + 1)])), \
-            ["gap.parquet", f"row {drop}, column"]
+            ["gap.parquet", f"row {per}: token", f"has {per - 1} rows, expected {per}"]
         yield "truncated rows", write("short", table.slice(0, table.num_rows - 1)), ["short.parquet", "incomplete"]
         yield "duplicate", write("dup", pa.concat_tables([table.slice(0, per), table])), \
             ["dup.parquet", f"row {per}", "duplicate token"]
@@ -119,6 +126,14 @@ class TestParquetImporter(ImporterContract):
         yield "extra column", write("extra", table.append_column("score", pa.array(np.zeros(table.num_rows)))), \
             ["extra.parquet", "score"]
         yield "no rows", write("norows", table.slice(0, 0)), ["norows.parquet", "no rows"]
+        yield "duplicate column", write("dupcol", table.append_column("seq", table.column("seq"))), \
+            ["dupcol.parquet", "duplicate column", "seq"]
+        swapped = table.take(pa.array(np.r_[per:2 * per, 0:per, per + 1:table.num_rows]))  # + a duplicate row
+        yield "shuffled with a duplicate", write("order", swapped), \
+            ["order.parquet", f"row {2 * per}: duplicate token", "also row 1;"]
+        short = table.take(pa.array(np.r_[per:2 * per, 0:per - 1, 2 * per:table.num_rows]))  # token 0 loses a row
+        yield "shuffled, a token short", write("short2", short), \
+            ["short2.parquet", f"row {per}: token", f"has {per - 1} rows, expected {per}"]
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -206,3 +221,95 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
     else:
         raise AssertionError("export did not fail")
     assert not out.exists() and not list(tmp_path.glob("out.parquet*"))
+
+
+# ---------------------------------------------------------------------- values that do not fit
+def _one_token(**override) -> pa.Table:
+    cols = {"seq": pa.array([0], pa.int64()), "pos": pa.array([0], pa.int32()),
+            "token_id": pa.array([5], pa.int32()), "layer": pa.array([0], pa.int16()),
+            "rank": pa.array([0], pa.int16()), "expert": pa.array([1], pa.int16())}
+    cols.update(override)
+    return pa.table(cols)
+
+
+def _cli_error(tmp_path, capsys, table: pa.Table, metadata: dict | None = None) -> str:
+    path = tmp_path / "in.parquet"
+    if metadata is not None:
+        table = table.replace_schema_metadata({b"moetrace": json.dumps(metadata).encode()})
+    pq.write_table(table, path)
+    out = tmp_path / "o.zarr"
+    code = main(["import-parquet", str(path), str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moetrace import-parquet: error: "), err
+    assert not list(tmp_path.glob("o.zarr*"))
+    return lines[0]
+
+
+GOOD_META = {"format": "moetrace-long", "version": 1, "n_experts": 4, "top_k": 1, "layer_ids": [0], "labels": {},
+             "model": None, "scoring": None, "sequences": {}}
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ({"seq": pa.array([2**63 + 5], pa.uint64())}, ["row 0, column seq", str(2**63 + 5)]),
+    ({"token_id": pa.array([3_000_000_000], pa.int64())}, ["row 0, column token_id", "3000000000"]),
+    ({"pos": pa.array([2**31], pa.int64())}, ["row 0, column pos", str(2**31)]),
+    ({"layer": pa.array([2**31], pa.int64())}, ["row 0, column layer", str(2**31)]),
+    ({"layer": pa.array([2**64 - 1], pa.uint64())}, ["row 0, column layer", str(2**64 - 1)]),
+    ({"expert": pa.array([2**64 - 1], pa.uint64())}, ["row 0, column expert", str(2**64 - 1)]),
+    ({"weight": pa.array([1e6], pa.float64())}, ["row 0, column weight", "float16"]),
+])
+def test_values_that_do_not_fit_are_one_line_errors(tmp_path, capsys, override, fragments):
+    line = _cli_error(tmp_path, capsys, _one_token(**override))
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"top_k": "2"}, "top_k"), ({"n_experts": 10**30}, "n_experts"), ({"layer_ids": [3, 1]}, "layer_ids"),
+    ({"layer_ids": [10**20]}, "layer_ids"), ({"labels": []}, "labels"), ({"model": 5}, "model"),
+    ({"sequences": {"seq": {"dtype": "int64", "values": [2**70]}}}, "sequences.seq"),
+    ({"sequences": {"x": {"dtype": "object", "values": [1]}}}, "sequences.x"),
+    ({"sequences": {"x": {"dtype": "str", "values": [[1]]}}}, "sequences.x"), ({"version": "1"}, "version"),
+])
+def test_malformed_metadata_is_a_one_line_error(tmp_path, capsys, change, fragment):
+    line = _cli_error(tmp_path, capsys, _one_token(), {**GOOD_META, **change})
+    assert f"metadata 'moetrace': {fragment}" in line, line
+
+
+def test_export_widens_layer_ids_beyond_int16(tmp_path):
+    """Layer 40000 was written as -25536; now the column is int32 and the value exact."""
+    path = tmp_path / "s.zarr"
+    store = TraceStore.create(path, n_layers=2, n_experts=4, top_k=1, layer_ids=[3, 40000], chunk_rows=8)
+    store.append({"seq": np.array([0, 0]), "pos": np.array([0, 1]), "experts": np.array([[[1], [2]], [[3], [0]]])})
+    store.close()
+    out = tmp_path / "o.parquet"
+    assert main(["export-parquet", str(path), str(out), "-q"]) == 0
+    assert pq.read_schema(out).field("layer").type == pa.int32()
+    got = duckdb.sql(f"SELECT layer, expert FROM '{out}' ORDER BY seq, pos, layer").fetchall()
+    assert got == [(3, 1), (40000, 2), (3, 3), (40000, 0)]
+    assert_stores_equal(TraceStore.open(path), import_parquet(out, tmp_path / "b.zarr", progress=False))
+
+
+def test_export_into_a_new_directory(tmp_path):
+    rng = np.random.default_rng(1)
+    src = write_long(make_long_trace(rng, n_tokens=5), tmp_path / "in.parquet", rng)
+    import_parquet(src, tmp_path / "s.zarr", progress=False)
+    out = tmp_path / "new" / "dir" / "o.parquet"
+    assert main(["export-parquet", str(tmp_path / "s.zarr"), str(out), "-q"]) == 0
+    assert pq.read_table(out).equals(pq.read_table(src).select(pq.read_schema(out).names))
+
+
+def test_shuffled_rows_sort_the_same_in_one_partition_or_many(tmp_path, monkeypatch):
+    """Out-of-order rows go through the on-disk sort; many partitions (tiny budget) give the same store."""
+    rng = np.random.default_rng(8)
+    trace = make_long_trace(rng, n_tokens=300, L=2, K=3, n_labels=1, text=True)
+    path = write_long(trace, tmp_path / "in.parquet", rng, shuffle=True)
+    one = import_parquet(path, tmp_path / "one.zarr", progress=False, chunk_rows=CHUNK, batch_rows=97)
+    monkeypatch.setattr("engine.io.parquet.MEMORY_PER_BYTE", 1 << 20)  # MAX_PARTITIONS partitions
+    many = import_parquet(path, tmp_path / "many.zarr", progress=False, chunk_rows=CHUNK, batch_rows=97,
+                          memory_budget=1)
+    assert_store_equals_trace(one, trace)
+    assert_store_equals_trace(many, trace)
+    assert not list(tmp_path.glob(".*parts-*"))

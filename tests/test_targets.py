@@ -96,6 +96,8 @@ def test_combined_round_trip(tmp_path):
         ('{"format":"moetrace.targets/1","boosts":{"1":{"2":{"gain":1}}}}', None, "logit"),
         ('{"format":"moetrace.targets/1","boosts":{"1":{"2":{"logit":"x"}}}}', None, "expected a number"),
         ('{"format":"moetrace.targets/1","extra":{}}', None, "unknown keys"),
+        ("[" * 100000 + "]" * 100000, "paths", "nested too deeply"),
+        ('{"format":"moetrace.targets/1","paths":' + "[" * 5000 + "]" * 5000 + "}", None, "nested too deeply"),
     ],
 )
 def test_load_errors(tmp_path, text, kind, match):
@@ -103,6 +105,36 @@ def test_load_errors(tmp_path, text, kind, match):
     f.write_text(text)
     with pytest.raises(MoetraceError, match=match):
         Targets.load(f, kind=kind)
+
+
+def test_load_non_utf8_is_a_one_line_error(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_bytes(b'{"1": [[3, 5]], "caf\xe9": 1}')
+    with pytest.raises(MoetraceError, match="not UTF-8 text"):
+        Targets.load(f, kind="paths")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.one_of(JSON_VALUES, st.dictionaries(st.sampled_from(["0", "1", "12", "-1", "x"]), JSON_VALUES,
+                                                    max_size=3)),
+       kind=st.sampled_from([None, "paths", "experts", "pairs"]), combined=st.booleans())
+def test_fuzz_any_json_loads_or_is_a_one_line_error(tmp_path_factory, data, kind, combined):
+    """Random JSON: a Targets object or a one-line MoetraceError, never another exception."""
+    if combined and isinstance(data, dict):
+        data = {"format": "moetrace.targets/1", **{k: v for k, v in data.items() if k in ("paths", "experts")},
+                "paths": data}
+    f = tmp_path_factory.mktemp("t") / "t.json"
+    f.write_text(json.dumps(data))
+    try:
+        Targets.load(f, kind=kind)
+    except MoetraceError as exc:
+        assert "\n" not in str(exc)
 
 
 def test_load_missing_file_and_bad_kind(tmp_path):

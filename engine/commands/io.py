@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
                         "where present); other columns are per-question metadata")
     p.add_argument("--memory-budget", type=_positive, default=512, metavar="MIB",
                    help="working memory to stay under, in MiB (default 512)")
+    p.add_argument("--max-row-mib", type=_positive, default=64, metavar="MIB",
+                   help="longest CSV record accepted, in MiB (default 64; e.g. a long token text); "
+                        "a longer one is an error naming its row")
     p.add_argument("--model", default=None, help="model name recorded in the store")
     _common(p)
     p.set_defaults(func=_run_import_csv)
@@ -55,6 +58,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("import-parquet", help="import a long-format Parquet file into a store")
     p.add_argument("input", metavar="IN.parquet", help="long format: seq, pos, token_id, layer, rank, expert, ...")
     p.add_argument("out", metavar="OUT.zarr", help="store to create")
+    p.add_argument("--memory-budget", type=_positive, default=512, metavar="MIB",
+                   help="working memory to stay under when the rows must be sorted, in MiB (default 512)")
     _common(p)
     p.set_defaults(func=_run_import_parquet)
 
@@ -80,6 +85,7 @@ def _run_import_csv(args) -> int:
         labels = [name.strip() for name in args.labels.split(",") if name.strip()]
     store = import_csv(args.samples, args.topks, args.out, labels=labels, n_experts=args.n_experts,
                        model=args.model, chunk_rows=args.chunk_rows, memory_budget=args.memory_budget << 20,
+                       max_row_bytes=args.max_row_mib << 20,
                        overwrite=args.overwrite, progress=not args.quiet)
     _report(store, args.out, args.quiet)
     return 0
@@ -98,7 +104,7 @@ def _run_import_parquet(args) -> int:
     from engine.io import import_parquet
 
     store = import_parquet(args.input, args.out, n_experts=args.n_experts, chunk_rows=args.chunk_rows,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           memory_budget=args.memory_budget << 20, overwrite=args.overwrite, progress=not args.quiet)
     _report(store, args.out, args.quiet)
     return 0
 

@@ -16,7 +16,8 @@ Input format
   ``answer_char``): it must be constant within a ``q_ix`` and goes to
   ``sequences/<column>`` (one row per ``q_ix``, ``sequences/seq`` = ``q_ix``). Values are
   read as text and stored as int64, float64 or bool when every value of the column
-  parses as such (``TRUE``/``FALSE``/``true``/``false`` for bool), else as strings.
+  parses as such (``TRUE``/``FALSE``/``true``/``false`` for bool), else as strings (a
+  column holding an integer beyond int64 stays strings rather than lose digits).
 
 ``topks.csv``: one row per token x layer x rank: ``q_ix, token_ix, layer_ix, topk_ix,
 expert`` (``topk_ix`` 1-based, ``layer_ix`` the model's 0-based layer index), optional
@@ -62,11 +63,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.ipc as ipc
 from engine.progress import tqdm
 
 from engine.errors import MoetraceError
-from engine.io import resolve_n_experts, staged_store
+from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, PartitionWriter, check_output_path,
+                       check_range, check_weights, read_partition, resolve_n_experts, staged_store)
 from engine.store import TraceStore
 
 SAMPLE_KEYS = ("q_ix", "token_ix", "token")
@@ -74,6 +75,7 @@ TOPK_KEYS = ("q_ix", "token_ix", "layer_ix", "topk_ix", "expert")
 DEFAULT_LABELS = ("domain", "lang", "language", "subject")
 DEFAULT_MEMORY_BUDGET = 512 << 20
 BLOCK_SIZE = 1 << 20
+DEFAULT_MAX_ROW_BYTES = 64 << 20
 KEY_SAMPLE_CAP = 1 << 17
 MAX_PARTITIONS = 512
 # Bytes of working memory per byte of topks.csv while a partition is assembled.
@@ -91,6 +93,7 @@ def import_csv(
     scoring: str | None = None,
     chunk_rows: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TraceStore:
@@ -104,13 +107,18 @@ def import_csv(
 
     ``labels``: label column names (default: those of ``domain, lang, language, subject``
     present). ``n_experts``: default max expert + 1. ``memory_budget``: bytes of working
-    memory to stay under (sets the number of temporary partitions). Returns the store,
+    memory to stay under (sets the number of temporary partitions). ``max_row_bytes``: the
+    longest CSV record accepted (a longer one, e.g. from an unclosed quote, is an error
+    naming its row); memory grows to a few times the longest record. Returns the store,
     opened read-only. Raises MoetraceError naming file, row and column on bad input; no
     store is left at ``out`` then.
     """
-    samples, topks = Path(samples), Path(topks)
-    sample_names = _header(samples, newlines_in_values=True)
-    topk_names = _header(topks, newlines_in_values=False)
+    samples_csv = _CsvFile(Path(samples), True, max_row_bytes)
+    topks_csv = _CsvFile(Path(topks), False, max_row_bytes)
+    samples, topks = samples_csv.path, topks_csv.path
+    check_output_path(out, overwrite, (samples, topks))  # before the scans, not after
+    sample_names = _header(samples_csv)
+    topk_names = _header(topks_csv)
     _require_columns(samples, sample_names, SAMPLE_KEYS)
     _require_columns(topks, topk_names, TOPK_KEYS)
     if labels is None:
@@ -119,8 +127,15 @@ def import_csv(
         labels = list(labels)
         _require_columns(samples, sample_names, labels, what="label column(s)")
     token_extras = [c for c in ("token_id", "generated") if c in sample_names]
+    keyed = [c for c in labels if c in ("q_ix", "token_ix", *token_extras)]
+    if keyed:
+        raise MoetraceError(f"labels: {keyed[0]!r} is a token column of {samples.name} (-> tokens/), not a label; "
+                            f"expected label columns among {[c for c in sample_names if c not in (*SAMPLE_KEYS, *token_extras)]}")
     reserved = set(SAMPLE_KEYS) | set(token_extras) | set(labels)
     seq_columns = [c for c in sample_names if c not in reserved]
+    if "seq" in seq_columns:
+        raise MoetraceError(f"{samples}: row 1, column seq: a per-question column named 'seq' would collide with "
+                            f"sequences/seq (= q_ix); rename it, or pass it in labels / --labels")
     has_weight = "weight" in topk_names
 
     sample_types = {"q_ix": pa.int64(), "token_ix": pa.int64(), "token": pa.string(),
@@ -132,7 +147,7 @@ def import_csv(
         topk_types["weight"] = pa.float64()
 
     # Pass 1: key ranges and a bounded sample of keys -> partition boundaries.
-    keys = _KeySpace.scan(samples, progress)
+    keys = samples_csv.retrying(lambda: _KeySpace.scan(samples_csv, progress))
     budget = max(1 << 20, int(memory_budget))
     est = MEMORY_PER_CSV_BYTE * topks.stat().st_size + 4 * samples.stat().st_size
     n_parts = int(min(MAX_PARTITIONS, max(1, math.ceil(est / budget))))
@@ -140,46 +155,28 @@ def import_csv(
     n_parts = len(bounds) + 1
 
     out = Path(out)
-    with staged_store(out, overwrite) as partial, tempfile.TemporaryDirectory(
+    with staged_store(out, overwrite, (samples, topks)) as partial, tempfile.TemporaryDirectory(
             prefix=f".{out.name}.parts-", dir=out.parent if out.parent.exists() else None) as tmp:
         tmp = Path(tmp)
         # Pass 2: route samples rows to partitions.
-        with _PartitionWriter(tmp / "samples", n_parts) as writer:
-            for row0, batch in _batches(samples, sample_types, True, progress, "samples.csv"):
+        with PartitionWriter(tmp / "samples", n_parts) as writer:
+            for row0, batch in _batches(samples_csv, sample_types, progress, "samples.csv"):
                 _no_nulls(samples, batch, ["q_ix", "token_ix", *token_extras], row0)
+                if "token_id" in token_extras:
+                    check_range(samples, "token_id", batch.column("token_id").to_numpy(), *TOKEN_ID_RANGE, row0,
+                                hint=" (tokens/token_id is int32; -1 = unknown)")
                 key = keys.encode(samples, batch, row0)
                 cols = {"key": key, "row": np.arange(row0, row0 + len(key), dtype=np.int64)}
                 table = pa.table({**cols, **{c: batch.column(c) for c in batch.schema.names
                                              if c not in ("q_ix", "token_ix")}})
                 writer.write(np.searchsorted(bounds, key, side="right"), table)
         # Pass 3: route topks rows to partitions, collecting layers, top_k, max expert.
-        layer_set = np.zeros(0, dtype=np.int64)
-        max_rank, max_expert = 0, -1
-        with _PartitionWriter(tmp / "topks", n_parts) as writer:
-            for row0, batch in _batches(topks, topk_types, False, progress, "topks.csv"):
-                _no_nulls(topks, batch, list(topk_types), row0)
-                layer = batch.column("layer_ix").to_numpy()
-                rank = batch.column("topk_ix").to_numpy()
-                expert = batch.column("expert").to_numpy()
-                _check_range(topks, "layer_ix", layer, 0, np.iinfo(np.int32).max, row0)
-                _check_range(topks, "topk_ix", rank, 1, 65536, row0)
-                _check_range(topks, "expert", expert, 0,
-                             (n_experts - 1) if n_experts is not None else 65535, row0,
-                             hint=f" (n_experts={n_experts})" if n_experts is not None else "")
-                layer_set = np.union1d(layer_set, np.unique(layer))
-                max_rank = max(max_rank, int(rank.max()))
-                max_expert = max(max_expert, int(expert.max()))
-                key = keys.encode(topks, batch, row0, samples_path=samples)
-                cols = {"key": key, "layer": layer.astype(np.int32), "rank": (rank - 1).astype(np.int32),
-                        "expert": expert.astype(np.int32),
-                        "row": np.arange(row0, row0 + len(key), dtype=np.int64)}
-                if has_weight:
-                    cols["weight"] = batch.column("weight").to_numpy().astype(np.float32)
-                writer.write(np.searchsorted(bounds, key, side="right"), pa.table(cols))
+        layer_set, max_rank, max_expert = topks_csv.retrying(lambda: _route_topks(
+            topks_csv, topk_types, tmp / "topks", n_parts, bounds, keys, samples, n_experts, progress))
         if max_expert < 0:
             raise MoetraceError(f"{topks}: no data rows (expected one row per token x layer x rank)")
-        n_experts = resolve_n_experts(max_expert, n_experts, str(topks))
         L, K = len(layer_set), max_rank
+        n_experts = resolve_n_experts(max_expert, n_experts, str(topks), K)
         store = TraceStore.create(partial, n_layers=L, n_experts=n_experts, top_k=K,
                                   layer_ids=layer_set.tolist(), labels=labels, model=model,
                                   scoring=scoring, weights=has_weight, token_text=True,
@@ -187,7 +184,7 @@ def import_csv(
         # Pass 4: assemble partition by partition, in key order.
         seq_tables = []
         for part in tqdm(range(n_parts), desc="assemble", unit="part", disable=not progress):
-            tok = _read_partition(tmp / "samples", part)
+            tok = read_partition(tmp / "samples", part)
             if tok is None:
                 _no_tokens_for(samples, topks, tmp / "topks", part, keys)
                 continue
@@ -202,9 +199,7 @@ def import_csv(
                     f"q_ix={q}, token_ix={t} (expected one row per (q_ix, token_ix))")
             routing = _assemble_routing(samples, topks, tmp / "topks", part, key, layer_set, K,
                                         has_weight, keys)
-            seq, pos = keys.decode(key)
-            if len(pos) and (pos.min() < np.iinfo(np.int32).min or pos.max() > np.iinfo(np.int32).max):
-                raise MoetraceError(f"{samples}: column token_ix: expected values that fit int32")
+            seq, pos = keys.decode(key)  # token_ix fits int32: checked by the scan
             batch = {"seq": seq, "pos": pos.astype(np.int32),
                      "text": np.asarray(tok.column("token").to_numpy(zero_copy_only=False), dtype=str),
                      **routing}
@@ -222,34 +217,122 @@ def import_csv(
     return TraceStore.open(out)
 
 
+def _route_topks(csv: "_CsvFile", topk_types: dict, base: Path, n_parts: int, bounds: np.ndarray,
+                 keys: "_KeySpace", samples: Path, n_experts: int | None, progress: bool):
+    """Pass 3: write topks rows to their partitions; return (layer ids, top_k, max expert).
+
+    Starts over (deleting its partition files) when called again after a too-long record.
+    """
+    for old in base.parent.glob(f"{base.name}-*.arrow"):
+        old.unlink()
+    topks = csv.path
+    layer_set = np.zeros(0, dtype=np.int64)
+    max_rank, max_expert = 0, -1
+    with PartitionWriter(base, n_parts) as writer:
+        for row0, batch in _batches(csv, topk_types, progress, "topks.csv"):
+            _no_nulls(topks, batch, list(topk_types), row0)
+            layer = batch.column("layer_ix").to_numpy()
+            rank = batch.column("topk_ix").to_numpy()
+            expert = batch.column("expert").to_numpy()
+            check_range(topks, "layer_ix", layer, 0, MAX_LAYER_ID, row0, what="a layer index")
+            check_range(topks, "topk_ix", rank, 1, MAX_EXPERTS, row0, what="a 1-based rank")
+            check_range(topks, "expert", expert, 0, (n_experts - 1) if n_experts is not None else MAX_EXPERTS - 1,
+                        row0, what="an expert id",
+                        hint=f" (n_experts={n_experts})" if n_experts is not None else "")
+            layer_set = np.union1d(layer_set, np.unique(layer))
+            max_rank = max(max_rank, int(rank.max()))
+            max_expert = max(max_expert, int(expert.max()))
+            key = keys.encode(topks, batch, row0, samples_path=samples)
+            cols = {"key": key, "layer": layer.astype(np.int32), "rank": (rank - 1).astype(np.int32),
+                    "expert": expert.astype(np.int32),
+                    "row": np.arange(row0, row0 + len(key), dtype=np.int64)}
+            if "weight" in topk_types:
+                weight = batch.column("weight").to_numpy()
+                check_weights(topks, "weight", weight, row0)
+                cols["weight"] = weight.astype(np.float32)
+            writer.write(np.searchsorted(bounds, key, side="right"), pa.table(cols))
+    return layer_set, max_rank, max_expert
+
+
 # ---------------------------------------------------------------------- reading
-def _csv_options(path: Path, column_types: dict, newlines_in_values: bool, bad_rows: list,
-                 include: list[str] | None = None):
-    def on_invalid(row):
-        bad_rows.append(row)
-        return "error"
-
-    return dict(
-        read_options=pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False),
-        parse_options=pacsv.ParseOptions(newlines_in_values=newlines_in_values, invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(
-            column_types=column_types, include_columns=include or [], strings_can_be_null=False,
-            quoted_strings_can_be_null=False),
-    )
+class _RowTooLong(MoetraceError):
+    """A CSV record longer than the current block size (retried with larger blocks up to the limit)."""
 
 
-def _header(path: Path, newlines_in_values: bool) -> list[str]:
+class _CsvFile:
+    """One input CSV file: its parse options and the block size its longest record needs.
+
+    pyarrow parses a file in blocks and a record must fit in one block. Blocks start at
+    ``BLOCK_SIZE`` (bounded memory); :meth:`retrying` doubles them, up to ``max_row_bytes``,
+    when a record does not fit, so a multi-megabyte token is read, not refused.
+    """
+
+    def __init__(self, path: Path, newlines_in_values: bool, max_row_bytes: int):
+        self.path = path
+        self.newlines_in_values = newlines_in_values
+        self.max_row_bytes = max(BLOCK_SIZE, int(max_row_bytes))
+        self.block_size = BLOCK_SIZE
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def retrying(self, fn):
+        """``fn()``, called again with doubled blocks while it raises :class:`_RowTooLong`."""
+        while True:
+            try:
+                return fn()
+            except _RowTooLong:
+                if self.block_size >= self.max_row_bytes:
+                    raise
+                self.block_size = min(2 * self.block_size, self.max_row_bytes)
+
+    def options(self, column_types: dict, bad_rows: list, include: list[str] | None = None) -> dict:
+        # No invalid_row_handler: pyarrow decodes the row's text for it and prints an
+        # "Exception ignored" traceback when that text is not UTF-8. Its error message
+        # names the row instead (see _csv_error).
+        return dict(
+            read_options=pacsv.ReadOptions(block_size=self.block_size, use_threads=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=self.newlines_in_values),
+            convert_options=pacsv.ConvertOptions(
+                column_types=column_types, include_columns=include or [], strings_can_be_null=False,
+                quoted_strings_can_be_null=False),
+        )
+
+    def open(self, column_types: dict, bad_rows: list, include: list[str] | None = None):
+        """``(raw file, CSV reader)``; ``raw.tell()`` is the bytes of the file read so far."""
+        raw = pa.OSFile(str(self.path))
+        stream = raw
+        if self.path.suffix in (".gz", ".bz2", ".lz4", ".zst", ".br"):
+            stream = pa.CompressedInputStream(raw, pa.Codec.detect(str(self.path)).name)
+        return raw, pacsv.open_csv(stream, **self.options(column_types, bad_rows, include))
+
+    def too_long(self, row: int) -> _RowTooLong:
+        limit = f"{self.block_size / (1 << 20):g} MiB"
+        return _RowTooLong(
+            f"{self.path}: row {row}: a CSV record longer than {limit} (an unclosed quote? if records really are "
+            f"that long, raise max_row_bytes / --max-row-mib, now {self.max_row_bytes / (1 << 20):g} MiB)")
+
+
+def _header(csv: _CsvFile) -> list[str]:
     """Column names of a CSV file (MoetraceError when missing, empty or unreadable)."""
+    path = csv.path
     if not path.is_file():
         raise MoetraceError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise MoetraceError(f"{path}: empty file (expected a header row and data rows)")
-    bad: list = []
-    try:
-        reader = pacsv.open_csv(path, **_csv_options(path, {}, newlines_in_values, bad))
-    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-        raise _csv_error(path, exc, bad, {}, newlines_in_values) from None
-    names = reader.schema.names
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise MoetraceError(f"{path}: the file is UTF-16 encoded; expected UTF-8 (re-save it as UTF-8)")
+
+    def read() -> list[str]:
+        bad: list = []
+        try:
+            return csv.open({}, bad)[1].schema.names
+        except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+            raise _csv_error(csv, exc, bad, {}, 2) from None
+
+    names = csv.retrying(read)
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise MoetraceError(f"{path}: row 1: duplicate column name(s) {dup}")
@@ -262,57 +345,85 @@ def _require_columns(path: Path, names: list[str], required, what: str = "column
         raise MoetraceError(f"{path}: row 1: missing {what} {missing} (expected {list(required)}, got {names})")
 
 
-def _batches(path: Path, column_types: dict, newlines_in_values: bool, progress: bool, desc: str,
-             include: list[str] | None = None):
+def _batches(csv: _CsvFile, column_types: dict, progress: bool, desc: str, include: list[str] | None = None):
     """Yield ``(first_row_number, RecordBatch)``; row numbers count the header as row 1."""
     bad: list = []
     include = include or list(column_types)
-    opts = _csv_options(path, column_types, newlines_in_values, bad, include)
     row0 = 2
+    raw = None
     try:
-        reader = pacsv.open_csv(path, **opts)
-        with tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
+        raw, reader = csv.open(column_types, bad, include)
+        size = csv.path.stat().st_size
+        with tqdm(total=size, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
             for batch in reader:
                 if batch.num_rows:
                     yield row0, batch
                 row0 += batch.num_rows
-                bar.update(BLOCK_SIZE)
+                bar.update(min(raw.tell(), size) - bar.n)
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-        raise _csv_error(path, exc, bad, column_types, newlines_in_values) from None
+        raise _csv_error(csv, exc, bad, column_types, row0) from None
+    finally:
+        if raw is not None:
+            raw.close()
 
 
-def _csv_error(path: Path, exc: Exception, bad: list, column_types: dict, newlines_in_values: bool) -> MoetraceError:
-    """Turn a pyarrow CSV error into a one-line MoetraceError naming file, row and column."""
-    if bad:
-        row = bad[0]
-        text = row.text if len(row.text) <= 60 else row.text[:57] + "..."
-        where = f"row {row.number}" if row.number is not None else "a row"
-        return MoetraceError(
-            f"{path}: {where}: expected {row.expected_columns} columns, got {row.actual_columns} "
-            f"(truncated or malformed line {text!r})")
+def _csv_error(csv: _CsvFile, exc: Exception, bad: list, column_types: dict, row0: int) -> MoetraceError:
+    """Turn a pyarrow CSV error into a one-line MoetraceError naming file, row and column.
+
+    ``row0``: row number of the first record of the block being parsed when it failed.
+    """
+    path = csv.path
+    if isinstance(exc, UnicodeDecodeError):  # the header's names are decoded by Python
+        return MoetraceError(f"{path}: row 1: expected UTF-8 text, got invalid bytes "
+                             f"({exc.reason} at byte {exc.start} of the header); re-save the file as UTF-8")
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    match = re.match(r"CSV parse error: (?:Row #(\d+): )?Expected (\d+) columns, got (\d+): (.*)", str(exc), re.S)
+    if match:
+        text = match.group(4) if len(match.group(4)) <= 60 else match.group(4)[:57] + "..."
+        where = f"row {match.group(1)}" if match.group(1) else "a row"
+        return MoetraceError(f"{path}: {where}: expected {match.group(2)} columns, got {match.group(3)} "
+                             f"(truncated or malformed line {text!r})")
     if "Empty CSV file" in message:
         return MoetraceError(f"{path}: empty file (expected a header row and data rows)")
+    if "straddling object" in message:
+        return csv.too_long(row0)
+    match = re.search(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to string: invalid UTF8", message)
+    if match:
+        names = _names_or_none(csv)
+        column = names[int(match.group(1))] if names and int(match.group(1)) < len(names) else f"#{match.group(1)}"
+        return MoetraceError(f"{path}: row {match.group(2)}, column {column}: expected UTF-8 text, got invalid "
+                             f"bytes (re-save the file as UTF-8)")
     match = re.search(r"In CSV column #(\d+)", message)
     if match:
-        located = _locate_bad_value(path, int(match.group(1)), column_types, newlines_in_values)
+        located = _locate_bad_value(csv, int(match.group(1)), column_types)
         if located is not None:
             return located
     return MoetraceError(f"{path}: unreadable CSV: {message}")
 
 
-def _locate_bad_value(path: Path, index: int, column_types: dict, newlines_in_values: bool):
+def _names_or_none(csv: _CsvFile) -> list[str] | None:
+    try:
+        return csv.open({}, [])[1].schema.names
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return None
+
+
+_INTEGER_TEXT = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def _locate_bad_value(csv: _CsvFile, index: int, column_types: dict):
     """Re-read one column as text to find the first value that does not convert."""
     bad: list = []
     try:
-        names = pacsv.open_csv(path, **_csv_options(path, {}, newlines_in_values, bad)).schema.names
+        names = _names_or_none(csv)
+        if names is None or index >= len(names):
+            return None
         name = names[index]
         target = column_types.get(name)
         if target is None:
             return None
         row0 = 2
-        reader = pacsv.open_csv(path, **_csv_options(path, {name: pa.string()}, newlines_in_values, bad, [name]))
-        for batch in reader:
+        for batch in csv.open({name: pa.string()}, bad, [name])[1]:
             col = batch.column(0)
             try:
                 pc.cast(col, target)
@@ -328,8 +439,10 @@ def _locate_bad_value(path: Path, index: int, column_types: dict, newlines_in_va
                 value = col[hi - 1].as_py()
                 kinds = {pa.int64(): "an integer", pa.float64(): "a number", pa.bool_(): "true/false"}
                 kind = kinds.get(target, str(target))
-                return MoetraceError(
-                    f"{path}: row {row0 + hi - 1}, column {name}: expected {kind}, got {value!r}")
+                if target == pa.int64() and _INTEGER_TEXT.fullmatch(value):
+                    kind = f"an integer in [{np.iinfo(np.int64).min}, {np.iinfo(np.int64).max}]"
+                shown = repr(value if len(value) <= 60 else value[:57] + "...")
+                return MoetraceError(f"{csv.path}: row {row0 + hi - 1}, column {name}: expected {kind}, got {shown}")
             row0 += batch.num_rows
     except (pa.ArrowInvalid, UnicodeDecodeError, IndexError):
         return None
@@ -344,14 +457,6 @@ def _no_nulls(path: Path, batch: pa.RecordBatch, columns: list[str], row0: int) 
             raise MoetraceError(f"{path}: row {row0 + i}, column {name}: empty value, expected {col.type}")
 
 
-def _check_range(path: Path, name: str, values: np.ndarray, lo: int, hi: int, row0: int, hint: str = "") -> None:
-    bad = (values < lo) | (values > hi)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise MoetraceError(
-            f"{path}: row {row0 + i}, column {name}: expected a value in [{lo}, {hi}]{hint}, got {int(values[i])}")
-
-
 class _KeySpace:
     """Maps ``(q_ix, token_ix)`` to one sortable int64 key ``(q - q0) * width + (t - t0)``."""
 
@@ -361,15 +466,17 @@ class _KeySpace:
         self.sample = sample
 
     @classmethod
-    def scan(cls, samples: Path, progress: bool) -> "_KeySpace":
+    def scan(cls, csv: "_CsvFile", progress: bool) -> "_KeySpace":
+        samples = csv.path
         types = {"q_ix": pa.int64(), "token_ix": pa.int64()}
         q0 = t0 = np.iinfo(np.int64).max
         q1 = t1 = np.iinfo(np.int64).min
         qs, ts, stride, n = [], [], 1, 0
-        for row0, batch in _batches(samples, types, True, progress, "scan samples.csv"):
+        for row0, batch in _batches(csv, types, progress, "scan samples.csv"):
             _no_nulls(samples, batch, list(types), row0)
             q = batch.column("q_ix").to_numpy()
             t = batch.column("token_ix").to_numpy()
+            check_range(samples, "token_ix", t, *POS_RANGE, row0, hint=" (tokens/pos is int32)")
             q0, q1 = min(q0, int(q.min())), max(q1, int(q.max()))
             t0, t1 = min(t0, int(t.min())), max(t1, int(t.max()))
             take = np.arange((-n) % stride, len(q), stride)  # every stride-th row overall
@@ -382,7 +489,9 @@ class _KeySpace:
         if n == 0:
             raise MoetraceError(f"{samples}: no data rows (expected one row per token)")
         if (q1 - q0 + 1) * (t1 - t0 + 1) >= 2**62:
-            raise MoetraceError(f"{samples}: q_ix/token_ix ranges too wide ({q0}..{q1} x {t0}..{t1})")
+            raise MoetraceError(
+                f"{samples}: q_ix/token_ix ranges too wide ({q0}..{q1} x {t0}..{t1}; expected (q_ix span) x "
+                f"(token_ix span) < 2^62: renumber q_ix 0..n-1)")
         space = cls(q0, q1, t0, t1, np.zeros(0, np.int64))
         space.sample = np.sort((np.concatenate(qs) - q0) * space.width + (np.concatenate(ts) - t0))
         return space
@@ -411,45 +520,9 @@ class _KeySpace:
         return key // self.width + self.q0, key % self.width + self.t0
 
 
-class _PartitionWriter:
-    """Appends Arrow tables to ``<base>-<part>.arrow`` IPC stream files, one per partition."""
-
-    def __init__(self, base: Path, n_parts: int):
-        self.base, self.n_parts = base, n_parts
-        self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
-
-    def __enter__(self) -> "_PartitionWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for writer in self.writers.values():
-            writer.close()
-
-    def write(self, part: np.ndarray, table: pa.Table) -> None:
-        order = np.argsort(part, kind="stable")
-        sorted_part = part[order]
-        edges = np.searchsorted(sorted_part, np.arange(self.n_parts + 1))
-        for p in np.unique(sorted_part):
-            piece = table.take(pa.array(order[edges[p]:edges[p + 1]]))
-            writer = self.writers.get(int(p))
-            if writer is None:
-                writer = self.writers[int(p)] = ipc.new_stream(f"{self.base}-{int(p)}.arrow", piece.schema)
-            writer.write_table(piece)
-
-
-def _read_partition(base: Path, part: int) -> pa.Table | None:
-    path = Path(f"{base}-{part}.arrow")
-    if not path.exists():
-        return None
-    with ipc.open_stream(path) as reader:
-        table = reader.read_all()
-    path.unlink()
-    return table.combine_chunks()
-
-
 def _no_tokens_for(samples: Path, topks: Path, base: Path, part: int, keys: _KeySpace) -> None:
     """A partition without tokens must not hold routing rows either."""
-    table = _read_partition(base, part)
+    table = read_partition(base, part)
     if table is not None and table.num_rows:
         i = int(np.argmin(table.column("row").to_numpy()))
         q, t = keys.decode(int(table.column("key")[i].as_py()))
@@ -462,7 +535,7 @@ def _assemble_routing(samples: Path, topks: Path, base: Path, part: int, key: np
                       layer_ids: np.ndarray, K: int, has_weight: bool, keys: _KeySpace) -> dict:
     """Scatter a partition's topks rows into ``experts`` [n, L, K] (+ ``weights``)."""
     n, L = len(key), len(layer_ids)
-    table = _read_partition(base, part)
+    table = read_partition(base, part)
     if table is None:
         table = pa.table({"key": pa.array([], pa.int64()), "layer": pa.array([], pa.int32()),
                           "rank": pa.array([], pa.int32()), "expert": pa.array([], pa.int32()),
@@ -498,12 +571,7 @@ def _assemble_routing(samples: Path, topks: Path, base: Path, part: int, key: np
     out = {"experts": experts.reshape(n, L, K)}
     if has_weight:
         weights = np.empty(n * L * K, dtype=np.float32)
-        weights[cell] = table.column("weight").to_numpy()
-        bad = ~np.isfinite(weights)
-        if bad.any():
-            i = int(np.flatnonzero(bad[cell])[0])
-            raise MoetraceError(
-                f"{topks}: row {rows[i]}, column weight: expected a finite number, got {weights[cell[i]]}")
+        weights[cell] = table.column("weight").to_numpy()  # checked when read (pass 3)
         out["weights"] = weights.reshape(n, L, K)
     return out
 
@@ -557,15 +625,21 @@ _FALSE = ["FALSE", "false", "False"]
 
 
 def _typed(column: pa.ChunkedArray) -> np.ndarray:
-    """Text column [S] -> int64, float64 or bool array when every value parses so, else str."""
+    """Text column [S] -> int64, float64 or bool array when every value parses so, else str.
+
+    A column of integers that do not all fit int64 stays str (float64 would round them)."""
     text = pa.chunked_array(column).combine_chunks()
     if len(text) == 0:
         return np.asarray(text.to_numpy(zero_copy_only=False), dtype=str)
-    for target in (pa.int64(), pa.float64()):
-        try:
-            return pc.cast(text, target).to_numpy()
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
+    try:
+        return pc.cast(text, pa.int64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    try:  # an integer beyond int64 keeps the column text: float64 would silently round it
+        pc.cast(pc.filter(text, pc.match_substring_regex(text, r"^\s*[+-]?\d+\s*$")), pa.int64())
+        return pc.cast(text, pa.float64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
     is_true = pc.is_in(text, pa.array(_TRUE)).to_numpy(zero_copy_only=False)
     is_false = pc.is_in(text, pa.array(_FALSE)).to_numpy(zero_copy_only=False)
     if (is_true | is_false).all():

@@ -50,7 +50,7 @@ import numpy as np
 from engine.progress import tqdm
 
 from engine.errors import MoetraceError
-from engine.io import resolve_n_experts, staged_store
+from engine.io import MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, resolve_n_experts, staged_store
 from engine.store import TraceStore
 
 TRACE_FILE = re.compile(r"token-(\d+)\.json")
@@ -95,9 +95,9 @@ def import_llamacpp(
             elif layers != layer_ids:
                 raise MoetraceError(f"{path}: records layers {layers}, expected {layer_ids} like {shape_file}")
             max_expert = max(max_expert, int(experts.max()))
-    n_experts = resolve_n_experts(max_expert, n_experts, str(directory))
+    n_experts = resolve_n_experts(max_expert, n_experts, str(directory), K)
 
-    with staged_store(out, overwrite) as partial:
+    with staged_store(out, overwrite, (directory,)) as partial:
         store = TraceStore.create(partial, n_layers=len(layer_ids), n_experts=n_experts, top_k=K,
                                   layer_ids=layer_ids, labels=["domain"], model=model, chunk_rows=chunk_rows)
         # Pass 2: append file by file.
@@ -106,6 +106,9 @@ def import_llamacpp(
             for path in tqdm(paths, desc=domain, unit="file", disable=not progress):
                 _, experts, _ = _parse(path, K)
                 n = len(experts)
+                if pos + n - 1 > POS_RANGE[1]:
+                    raise MoetraceError(f"{path}: token {pos + n - 1} of domain {domain}: expected at most "
+                                        f"{POS_RANGE[1] + 1} tokens per domain (tokens/pos is int32)")
                 store.append({"seq": np.full(n, seq, dtype=np.int64),
                               "pos": np.arange(pos, pos + n, dtype=np.int32),
                               "domain": np.full(n, domain), "experts": experts})
@@ -118,6 +121,12 @@ def _domains(directory: Path) -> list[str]:
     if not directory.is_dir():
         raise MoetraceError(f"{directory}: no such directory (expected DIR/<domain>/traces/token-NNNNN.json)")
     names = sorted(p.name for p in directory.iterdir() if (p / "traces").is_dir())
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MoetraceError(f"{directory / name!r}: the domain directory's name is not UTF-8 "
+                                f"(it becomes the 'domain' label; rename it)") from None
     if not names:
         raise MoetraceError(f"{directory}: no <domain>/traces/ subdirectories "
                             f"(expected DIR/<domain>/traces/token-NNNNN.json)")
@@ -145,6 +154,9 @@ def _parse(path: Path, top_k: int | None) -> tuple[list[int], np.ndarray, int]:
     except json.JSONDecodeError as exc:
         raise MoetraceError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg}; "
                             f"truncated file?)") from None
+    except RecursionError:
+        raise MoetraceError(f"{path}: JSON nested too deeply to be a llama.cpp trace (expected an object "
+                            f"with an 'entries' list of flat entries)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MoetraceError(f"{path}: unreadable ({exc})") from None
     entries = data.get("entries") if isinstance(data, dict) else None
@@ -157,18 +169,23 @@ def _parse(path: Path, top_k: int | None) -> tuple[list[int], np.ndarray, int]:
             continue
         where = f"{path}: entries[{index}]"
         layer = entry.get("layer_id")
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise MoetraceError(f"{where}: layer_id: expected a non-negative integer, got {layer!r}")
-        try:
-            ids = np.asarray(entry["expert_ids"])
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= MAX_LAYER_ID:
+            raise MoetraceError(f"{where}: layer_id: expected an integer in [0, {MAX_LAYER_ID}], "
+                                f"got {_short(layer)}")
+        raw = entry["expert_ids"]
+        try:  # true/false would become 1/0: only JSON integers are ids
+            ids = np.asarray(raw) if isinstance(raw, list) and set(map(type, raw)) == {int} else np.asarray([None])
         except ValueError:
             ids = np.asarray([None])
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise MoetraceError(f"{where} (layer {layer}): expert_ids: expected a flat list of integers, "
-                                f"got {str(entry['expert_ids'])[:60]}")
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":  # big integers give object or float arrays
+            raise MoetraceError(f"{where} (layer {layer}): expert_ids: expected a flat list of integers in "
+                                f"[0, {MAX_EXPERTS - 1}], got {_short(entry['expert_ids'])}")
+        bad = (ids < 0) | (ids >= MAX_EXPERTS)  # compared in the parsed dtype: uint64 does not wrap
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise MoetraceError(f"{where} (layer {layer}): expert_ids[{i}]: expected an expert id in "
+                                f"[0, {MAX_EXPERTS - 1}], got {ids[i].item()}")
         ids = ids.astype(np.int64)
-        if ids.min() < 0:
-            raise MoetraceError(f"{where} (layer {layer}): expert_ids: expected ids >= 0, got {int(ids.min())}")
         k = _entry_top_k(entry)
         if K is None:
             K = k
@@ -206,20 +223,32 @@ def _parse(path: Path, top_k: int | None) -> tuple[list[int], np.ndarray, int]:
     return layers, np.stack(per_layer, axis=1), K
 
 
+def _short(value) -> str:
+    """``repr(value)`` cut to 60 characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _entry_top_k(entry: dict) -> int | None:
     """K stated by an entry, or None when it states none."""
     k = entry.get("n_expert_used")
-    if isinstance(k, int) and not isinstance(k, bool) and k > 0:
+    if _count(k):
         return k
-    for source in entry.get("sources") or []:
+    sources = entry.get("sources")
+    for source in sources if isinstance(sources, list) else []:
         if isinstance(source, dict) and "ffn_moe_topk" in str(source.get("name", "")):
             ne = source.get("ne")
-            if isinstance(ne, list) and ne and isinstance(ne[0], int) and ne[0] > 0:
+            if isinstance(ne, list) and ne and _count(ne[0]):
                 return ne[0]
     ne = entry.get("ids_ne")
-    if isinstance(ne, list) and ne and isinstance(ne[0], int) and ne[0] > 0:
+    if isinstance(ne, list) and ne and _count(ne[0]):
         return ne[0]
     ne = entry.get("dst_ne")  # MUL_MAT_ID's result is [n_out, K, n_tokens, 1]
-    if isinstance(ne, list) and len(ne) >= 3 and isinstance(ne[1], int) and ne[1] > 0:
+    if isinstance(ne, list) and len(ne) >= 3 and _count(ne[1]):
         return ne[1]
     return None
+
+
+def _count(value) -> bool:
+    """True for a positive JSON integer (not a bool) that could be a top-k."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_EXPERTS
