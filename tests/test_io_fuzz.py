@@ -580,7 +580,7 @@ def parquet_mutation(draw, table: pa.Table):
             t = pa.string()
         table = table.set_column(names.index(name), name, pa.array(values, t))
     elif kind == "drop":
-        table = table.take(pa.array([j for j in range(n) if j != i]))
+        table = table.take(pa.array([j for j in range(n) if j != i], pa.int64()))  # may be empty
     elif kind == "duplicate":
         table = table.take(pa.array(list(range(i + 1)) + list(range(i, n))))
     elif kind == "swap":
