@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from engine import metrics
 
@@ -253,6 +254,47 @@ def ablation_matrix(results: pd.DataFrame, method: str, measure: str = "drop", c
                                  aggfunc="mean").reindex(index=index, columns=columns)
         image = _matrix_ax(ax, matrix, f"{name} (control)" if name == control else name, limit, ax is axes[0])
     fig.colorbar(image, ax=list(axes), shrink=0.8, label=MEASURES.get(measure, measure))
+    return fig
+
+
+def dose_response(dose: pd.DataFrame, measure: str = "drop") -> Figure:
+    """Dose-response curves of an experiment's ``dose_response.csv``: one panel per (method, mode),
+    the effect (``measure``: "drop" or "loss_increase") against the number of ablated items n, for
+    the targeted group (mean over targeted groups), the other groups (off-target) and the random
+    control on the targeted group; shaded: the mean of the rows' 95% paired intervals.
+
+    dose: columns ``method, mode, targeted_group, evaluated_group, n_ablated, is_random`` and
+    ``measure`` (with ``<ci>_low/_high`` when present). Returns a matplotlib Figure.
+    """
+    low, high = ("drop_ci_low", "drop_ci_high") if measure == "drop" else ("loss_ci_low", "loss_ci_high")
+    df = dose.copy()
+    df["own"] = df["targeted_group"] == df["evaluated_group"]
+    panels = sorted({(m, mode) for m, mode in zip(df["method"], df["mode"])})
+    fig = Figure(figsize=(3.6 * max(1, len(panels)), 3.2))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)), sharey=True))
+    curves = (("targeted", "#c0392b", lambda d: d[~d["is_random"] & d["own"]]),
+              ("off-target", "#7f8c8d", lambda d: d[~d["is_random"] & ~d["own"]]),
+              ("random control", "#2980b9", lambda d: d[d["is_random"] & d["own"]]))
+    for ax, (method, mode) in zip(axes, panels):
+        sub = df[(df["method"] == method) & (df["mode"] == mode)]
+        for label, color, pick in curves:
+            part = pick(sub)
+            if part.empty:
+                continue
+            # mean over seeds within a targeted group first, then over targeted groups
+            per_group = part.groupby(["targeted_group", "n_ablated"])[[measure, low, high]].mean()
+            line = per_group.groupby("n_ablated").mean()
+            ax.plot(line.index, line[measure], marker="o", color=color, label=label, lw=1.5)
+            if {low, high} <= set(line.columns) and line[low].notna().any():
+                ax.fill_between(line.index, line[low], line[high], color=color, alpha=0.15, lw=0)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_title(f"{method} ({mode})", fontsize=9)
+        ax.set_xlabel("items ablated (n)", fontsize=8)
+    axes[0].set_ylabel(MEASURES.get(measure, measure), fontsize=8)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
     return fig
 
 

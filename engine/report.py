@@ -59,6 +59,8 @@ NUMERIC_RESULT_COLUMNS = ("base_accuracy", "ablated_accuracy", "drop", "base_los
 #: Statistics counted when a run directory has no ``counts.zarr`` or the source is a bare store.
 #: Where a run directory keeps what the analysis commands wrote (``--out RUN/analysis``).
 ANALYSIS_DIR = "analysis"
+#: Files an experiment writes into its run directory that sections read (a section ``need``).
+RUN_FILES = ("items.csv", "dose_response.csv")
 #: Paths listed per group.
 TOP_PATHS = 10
 
@@ -260,6 +262,8 @@ class Context:
             return self.store.has_probs or self.has(f"{ANALYSIS_DIR}/decisiveness.zarr")
         if need == "groups":
             return bool(metrics.group_dims(self.counts))
+        if need in RUN_FILES:  # a file an experiment writes into its run directory
+            return self.run_dir is not None and (self.run_dir / need).is_file()
         if need.startswith(f"{ANALYSIS_DIR}/"):  # a path or glob pattern under the run directory
             return self.run_dir is not None and any(self.run_dir.glob(need))
         raise MoetraceError(f"unknown report need {need!r}")
@@ -284,7 +288,8 @@ class Section:
     needs: the data it reads — count statistics (names of :data:`engine.aggregate.STATS`),
     ``results`` (an experiment table), ``coverage`` (its coverage column), ``probs``
     (``routing/probs`` in the store), ``decisiveness`` (probs, or ``analysis/decisiveness.zarr``), ``groups`` (counts grouped by a label), or
-    ``analysis/<file or glob>`` (what an analysis command wrote into the run directory's ``analysis/``);
+    ``analysis/<file or glob>`` (what an analysis command wrote into the run directory's ``analysis/``),
+    or one of :data:`RUN_FILES` (``dose_response.csv``: what ``run_experiment(doses=...)`` wrote);
     render: Context -> HTML body. ``always``: shown with a note naming the missing count
     statistics when some are absent (else the section is left out when its data is missing).
     """
@@ -448,18 +453,30 @@ def _render_experiment(ctx: Context) -> str:
             figs.append(f"<h4>{_e(method)}</h4>" + _img(fig, f"{measure} matrix of {method}"
                                                           + (f" beside {control}" if control else "")))
 
-    # The same headline numbers the experiment prints (one definition, in engine.experiment).
+    # The same headline numbers the experiment prints (one definition, in engine.experiment), with
+    # their paired intervals when the run directory keeps the per-item outcomes (items.csv).
     from engine.experiment import summarize
 
-    headline = summarize({c: df[c].to_numpy() for c in ("method", "targeted_group", "evaluated_group", *measures)})
+    items = None
+    if ctx.has("items.csv"):
+        items_df = pd.read_csv(ctx.run_dir / "items.csv")
+        items = {c: items_df[c].to_numpy() for c in items_df.columns}
+    headline = summarize({c: df[c].to_numpy() for c in ("method", "targeted_group", "evaluated_group", *measures)},
+                         items)
     summary = []
     for measure in measures:
         suffix, prefix = ("drop", "") if measure == "drop" else ("loss_increase", "loss_")
         for method in methods:
             h = headline[method]
-            summary.append([method, MEASURES[measure].split(" (")[0], h[f"targeted_{suffix}"],
-                            h[f"off_target_{suffix}"], h[f"random_{suffix}"], h[f"{prefix}selectivity"],
-                            h[f"{prefix}vs_random"]])
+            iv = h.get("intervals", {}).get(measure)
+            if iv is None:
+                cells = [h[f"targeted_{suffix}"], h[f"off_target_{suffix}"], h[f"random_{suffix}"], "",
+                         h[f"{prefix}selectivity"], h[f"{prefix}vs_random"], ""]
+            else:
+                cells = [_effect(iv["targeted"]), _effect(iv["off_target"]), _effect(iv["random"]),
+                         _effect(iv["targeted_minus_random"]), _ratio(iv["selectivity"]), _ratio(iv["vs_random"]),
+                         f"{_fmt(iv['targeted']['p_value'], 3)} / {_fmt(iv['targeted_minus_random']['p_value'], 3)}"]
+            summary.append([method, MEASURES[measure].split(" (")[0], *cells])
 
     value_cols = [c for c in ("base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss",
                               "loss_increase", "coverage", "n_items") if c in df.columns]
@@ -475,12 +492,44 @@ def _render_experiment(ctx: Context) -> str:
             + "".join(figs)
             + "<h3>Per method</h3>"
             + _note("targeted: mean over targeted groups of the effect on that group; off-target: of the mean "
-                    "effect on the other groups; random: the control's effect on the targeted group.")
-            + _table(["method", "measure", "targeted", "off-target", "random", "targeted / off-target",
-                      "targeted / random"], summary, text_cols=2)
+                    "effect on the other groups; random: the control's effect on the targeted group. In brackets: "
+                    "95% paired-bootstrap intervals over the evaluated items; p: sign-flip permutation test "
+                    "(targeted effect / its difference from the random control); a ratio whose denominator's "
+                    "interval contains 0 is n/a (engine/significance.py).")
+            + _table(["method", "measure", "targeted", "off-target", "random", "targeted - random",
+                      "targeted / off-target", "targeted / random", "p"], summary, text_cols=2)
             + "<h3>Results</h3>"
             + _table(["method", "targeted group", "evaluated group", *[c.replace("_", " ") for c in agg]],
                      table.itertuples(index=False), text_cols=3))
+
+
+def _effect(e: dict) -> str:
+    if e["estimate"] != e["estimate"]:
+        return "n/a"
+    return f"{e['estimate']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]"
+
+
+def _ratio(r: dict) -> str:
+    return f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r["defined"] else "n/a"
+
+
+def _render_dose_response(ctx: Context) -> str:
+    dose = pd.read_csv(ctx.run_dir / "dose_response.csv")
+    parts = [_note("The effect of ablating the n most specialized items of each targeted group (by their share of "
+                   "samples from the group), against n: on the targeted group, on the other groups, and with n "
+                   "random real routes ablated instead (the control); means over targeted groups, shaded: the "
+                   "mean of the 95% paired intervals.")]
+    for measure in ("drop", "loss_increase"):
+        if measure in dose.columns and dose[measure].notna().any():
+            parts.append(f"<h3>{_e(MEASURES[measure])}</h3>"
+                         + _img(figures.dose_response(dose, measure), f"dose-response of the {measure}"))
+    table = (dose.assign(own=dose["targeted_group"] == dose["evaluated_group"])
+             .groupby(["method", "mode", "is_random", "own", "n_ablated"], sort=True)
+             .agg(drop=("drop", "mean"), loss_increase=("loss_increase", "mean")).reset_index())
+    rows = [[r.method, r.mode, "random" if r.is_random else "targets", "targeted" if r.own else "off-target",
+             int(r.n_ablated), r.drop, r.loss_increase] for r in table.itertuples(index=False)]
+    return "".join(parts) + _table(["method", "mode", "ablated", "evaluated", "n", "accuracy drop", "loss increase"],
+                                   rows, text_cols=4)
 
 
 def _render_targets(ctx: Context) -> str:
@@ -672,6 +721,7 @@ def _render_store(ctx: Context) -> str:
 #: The report's sections, in page order. Adding an analysis to the report is one more entry.
 SECTIONS: tuple[Section, ...] = (
     Section("experiment", "Ablation experiment", "Ablation experiment", ("results",), _render_experiment),
+    Section("dose-response", "Dose-response", "Dose-response", ("dose_response.csv",), _render_dose_response),
     Section("targets", "Chosen targets and their coverage", "Targets", ("coverage",), _render_targets),
     Section("separation", "Domain separation by layer", "Domain separation", ("experts",), _render_separation,
             always=True),

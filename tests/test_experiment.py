@@ -189,3 +189,24 @@ def test_dose_response_table(tmp_path):
         np.testing.assert_allclose(merged["accuracy"], merged["ablated_accuracy"])
         n_items = int(ref["n_items"].iloc[0])
         assert rows["n_ablated"].max() == n_items
+
+
+def test_report_shows_dose_response_and_intervals(tmp_path):
+    """A run directory with dose_response.csv and items.csv: the report has the dose-response section
+    (one curve figure per measure) and the per-method table carries intervals."""
+    import re
+
+    from engine.report import write_report
+
+    torch.manual_seed(1)
+    tok = build_tokenizer()
+    model = tiny_model("olmoe", vocab_size=len(tok))
+    questions = make_questions(n_per_group=2, seed=4)
+    run_experiment(model, tok, questions, tmp_path, methods=("experts",), n_random=1,
+                   thresholds={"experts": 1.5}, doses=[1, "all"], progress=False)
+    html = write_report(tmp_path, tmp_path / "report.html").read_text()
+    assert '<section id="dose-response">' in html
+    dose_section = html.split('<section id="dose-response">', 1)[1].split("</section>", 1)[0]
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', dose_section)) == 1  # accuracy only: no texts
+    experiment = html.split('<section id="experiment">', 1)[1].split("</section>", 1)[0]
+    assert "targeted - random" in experiment and re.search(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", experiment)
