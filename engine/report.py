@@ -470,8 +470,10 @@ def _render_experiment(ctx: Context) -> str:
             h = headline[method]
             iv = h.get("intervals", {}).get(measure)
             if iv is None:
-                cells = [h[f"targeted_{suffix}"], h[f"off_target_{suffix}"], h[f"random_{suffix}"], "",
-                         h[f"{prefix}selectivity"], h[f"{prefix}vs_random"], ""]
+                # no per-item outcomes (a results table alone): point estimates, no intervals
+                cells = [h[f"targeted_{suffix}"], h[f"off_target_{suffix}"], h[f"random_{suffix}"],
+                         h[f"targeted_{suffix}"] - h[f"random_{suffix}"], h[f"{prefix}selectivity"],
+                         h[f"{prefix}vs_random"], float("nan")]
             else:
                 cells = [_effect(iv["targeted"]), _effect(iv["off_target"]), _effect(iv["random"]),
                          _effect(iv["targeted_minus_random"]), _ratio(iv["selectivity"]), _ratio(iv["vs_random"]),

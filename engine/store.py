@@ -75,8 +75,9 @@ TOKEN_DTYPES = {"seq": np.int64, "pos": np.int32, "token_id": np.int32, "generat
 ROUTING_COLUMNS = ("experts", "weights", "probs")
 LABEL_DTYPE = np.uint16
 MAX_LABEL_VALUES = int(np.iinfo(LABEL_DTYPE).max) + 1
-# A model's layer index; exports write layers as int16 (engine/io/parquet.py).
-MAX_LAYER_ID = int(np.iinfo(np.int16).max)
+# A model's layer index; the long Parquet format writes layers as int16, widened to int32 when
+# needed (engine/io/parquet.py), so ids up to int32's maximum round-trip.
+MAX_LAYER_ID = int(np.iinfo(np.int32).max)
 
 # Chosen by bench/bench_store.py (numbers in bench/RESULTS.md): lz4 + bitshuffle keeps
 # zstd's compression ratio on routing ids at twice its decompression speed; 8 MiB chunks

@@ -322,7 +322,7 @@ _DELETE = object()
     (_set_attr("n_experts", 300), r"routing/experts: expected dtype uint16, got uint8"),
     (_set_attr("top_k", 3), r"routing/experts: expected shape \(N, 2, 3\)"),
     (_set_attr("top_k", 9), r"moetrace.top_k: expected at most n_experts=5"),
-    (_set_attr("layer_ids", [0]), r"moetrace.layer_ids: expected a list of 2 increasing integers in \[0, 32767\], got \[0\]"),
+    (_set_attr("layer_ids", [0]), r"moetrace.layer_ids: expected a list of 2 increasing integers in \[0, 2147483647\], got \[0\]"),
     (_set_attr("layer_ids", [3, 1]), r"moetrace.layer_ids: expected a list of 2 increasing integers"),
     (_set_attr("labels", ["domain"]), r"moetrace.labels: expected a dict of label name -> list of distinct strings"),
     (_set_attr("labels", {"domain": "math"}), r"moetrace.labels: expected a dict"),
@@ -594,7 +594,7 @@ def test_probs_chunks_finer_than_the_row_grid_read_aligned(tmp_path):
 
 def test_layer_ids_beyond_int16_are_refused(tmp_path):
     """export-parquet writes layers as int16: a layer id that would wrap is refused at creation."""
-    for ids in ([40000], [-1], [2**70]):
-        with pytest.raises(MoetraceError, match=r"layer_ids: expected 1 distinct increasing layer indices in \[0, 32767\]"):
+    for ids in ([2**31], [-1], [2**70]):
+        with pytest.raises(MoetraceError, match=r"layer_ids: expected 1 distinct increasing layer indices in \[0, 2147483647\]"):
             TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1, layer_ids=ids)
         assert not (tmp_path / "t.zarr").exists()
