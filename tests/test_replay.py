@@ -1,0 +1,200 @@
+"""Routing replay (engine.replay) on tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.capture import capture
+from engine.errors import MoetraceError
+from engine.intervene import router_sites
+from engine.replay import replay
+from engine.store import TraceStore
+from tiny_models import TINY, tiny_model
+
+SEQ = [10, 11]
+
+
+def padded_batch():
+    ids = torch.tensor([[0, 0, 5, 9, 12, 7], [3, 4, 8, 10, 11, 6]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    return ids, mask
+
+
+def record(model, path, probs=False, **inputs):
+    with capture(model, path, probs=probs) as cap:
+        cap.set_batch(seq=SEQ)
+        with torch.no_grad():
+            model(**inputs)
+    return TraceStore.open(path).read(["seq", "pos", "experts", "weights"] + (["probs"] if probs else []))
+
+
+def family_weights(probs: np.ndarray, experts: np.ndarray, spec) -> np.ndarray:
+    """NumPy reference: the family's weights of ``experts`` [N, L, K] from its scores ``probs`` [N, L, E]
+    (softmax distribution or sigmoid scores, as capture records them)."""
+    w = np.take_along_axis(probs.astype(np.float64), experts.astype(np.int64), axis=-1)
+    if spec.renormalize:
+        w = w / (w.sum(axis=-1, keepdims=True) + (1e-20 if spec.scoring == "sigmoid" else 0.0))
+    return w * spec.routed_scaling
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_replay_forces_the_recorded_routes_in_every_family(tmp_path, family):
+    m1, m2 = tiny_model(family, seed=0), tiny_model(family, seed=7)
+    ids, mask = padded_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        plain = m1(**inputs).logits
+    a = record(m1, tmp_path / "a.zarr", **inputs)
+
+    # the model's own trace: the unpatched logits, nothing re-routed
+    with replay(m1, tmp_path / "a.zarr") as rp:
+        rp.set_batch(seq=SEQ)
+        with torch.no_grad():
+            got = m1(**inputs).logits
+        rate = rp.replay_rate()
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], plain[valid], rtol=1e-5, atol=1e-5)
+    assert rate == {s.layer_id: 0.0 for s in router_sites(m1)}
+
+    # another model under replay of A, captured into B: exactly A's experts, weights from M2's scores
+    with replay(m2, tmp_path / "a.zarr") as rp, capture(m2, tmp_path / "b.zarr", probs=True) as cap:
+        rp.set_batch(seq=SEQ)
+        cap.set_batch(seq=SEQ)
+        with torch.no_grad():
+            m2(**inputs)
+        rate = rp.replay_rate()
+    b = TraceStore.open(tmp_path / "b.zarr").read(["seq", "pos", "experts", "weights", "probs"])
+    np.testing.assert_array_equal(b["seq"], a["seq"])
+    np.testing.assert_array_equal(b["pos"], a["pos"])
+    np.testing.assert_array_equal(b["experts"], a["experts"])
+    spec = router_sites(m2)[0].spec
+    np.testing.assert_allclose(b["weights"], family_weights(b["probs"], a["experts"], spec), rtol=1e-5, atol=1e-6)
+
+    # the replay rate: share of tokens whose live top-k set (M2 unpatched) differs from A's
+    live = record(m2, tmp_path / "live.zarr", **inputs)["experts"]
+    differ = (np.sort(live, axis=-1) != np.sort(a["experts"], axis=-1)).any(axis=-1).mean(axis=0)
+    assert rate == pytest.approx({s.layer_id: float(d) for s, d in zip(router_sites(m2), differ)})
+    assert max(rate.values()) > 0
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "deepseek_v3", "cohere2_moe_sigmoid"])
+def test_gradients_reach_the_router_in_a_training_step(tmp_path, family):
+    ids, mask = padded_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    m1 = tiny_model(family, seed=0)
+    record(m1, tmp_path / "a.zarr", **inputs)
+
+    def router_grads(model, path=None):
+        model.train()
+        model.zero_grad()
+        if path is None:
+            loss = model(**inputs, labels=ids).loss
+        else:
+            with replay(model, path) as rp:
+                rp.set_batch(seq=SEQ)
+                loss = model(**inputs, labels=ids).loss
+        loss.backward()
+        return [s.module.weight.grad.clone() for s in router_sites(model)]
+
+    # own trace: the same gradients as the unpatched model (transformers' router code)
+    for got, want in zip(router_grads(m1, tmp_path / "a.zarr"), router_grads(m1)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # another model's trace: the router still gets a gradient
+    m2 = tiny_model(family, seed=7)
+    for grad in router_grads(m2, tmp_path / "a.zarr"):
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def greedy(model, ids, mask, steps=4):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_generate_replays_the_recorded_generated_tokens(tmp_path, family):
+    ids, mask = padded_batch()
+    m1, m2 = tiny_model(family, seed=0), tiny_model(family, seed=7)
+    for m in (m1, m2):
+        m.generation_config.eos_token_id = None
+    with capture(m1, tmp_path / "a.zarr") as cap:
+        cap.set_batch(seq=SEQ)
+        out = greedy(m1, ids, mask)
+    a = TraceStore.open(tmp_path / "a.zarr").read(["seq", "pos", "generated", "experts"])
+    assert a["generated"].sum() == 2 * 3  # every generated token but the last went through the model
+
+    with replay(m1, tmp_path / "a.zarr") as rp:
+        rp.set_batch(seq=SEQ)
+        again = greedy(m1, ids, mask)
+        assert all(v == 0.0 for v in rp.replay_rate().values())
+    assert torch.equal(again, out)
+
+    # M2 decodes other tokens: with the token check off it still routes every step as A recorded
+    with replay(m2, tmp_path / "a.zarr", check_tokens=False) as rp, capture(m2, tmp_path / "b.zarr") as cap:
+        rp.set_batch(seq=SEQ)
+        cap.set_batch(seq=SEQ)
+        greedy(m2, ids, mask)
+    b = TraceStore.open(tmp_path / "b.zarr").read(["seq", "pos", "generated", "experts"])
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name])
+
+
+def test_a_row_that_stopped_at_eos_keeps_live_routing_past_its_recorded_end(tmp_path):
+    ids, mask = padded_batch()
+    model = tiny_model("olmoe", seed=0)
+    model.generation_config.eos_token_id = None
+    free = greedy(model, ids, mask, steps=5)[:, ids.shape[1]:]
+    # an EOS that row 0 generates at its second step and row 1 never does
+    candidates = [int(t) for t in free[0, 1:3] if int(t) not in free[1].tolist()]
+    if not candidates:
+        pytest.skip("no token separates the rows for this seed")
+    model.generation_config.eos_token_id = candidates[0]
+    with capture(model, tmp_path / "a.zarr") as cap:
+        cap.set_batch(seq=SEQ)
+        out = greedy(model, ids, mask, steps=5)
+    seq = TraceStore.open(tmp_path / "a.zarr").read(["seq"])["seq"]
+    assert (seq == 10).sum() < (seq == 11).sum()  # row 0's sequence ends before its EOS
+    with replay(model, tmp_path / "a.zarr") as rp:
+        rp.set_batch(seq=SEQ)
+        again = greedy(model, ids, mask, steps=5)
+        assert all(v == 0.0 for v in rp.replay_rate().values())
+    assert torch.equal(again, out)
+
+
+def test_missing_routes_mismatched_batches_and_bad_ids_are_errors(tmp_path):
+    ids, mask = padded_batch()
+    model = tiny_model("olmoe", seed=0)
+    record(model, tmp_path / "a.zarr", input_ids=ids, attention_mask=mask)
+    with replay(model, tmp_path / "a.zarr") as rp:
+        with pytest.raises(MoetraceError, match="set_batch"):
+            model(input_ids=ids, attention_mask=mask)
+        with pytest.raises(MoetraceError, match="sequence 99 has no rows"):
+            rp.set_batch(seq=[10, 99])
+        rp.set_batch(seq=[10])
+        with pytest.raises(MoetraceError, match="expected 2 sequence ids for a batch of 2 rows"):
+            model(input_ids=ids, attention_mask=mask)
+        rp.set_batch(seq=SEQ)
+        longer = torch.cat([ids, ids[:, :1]], dim=1)
+        with pytest.raises(MoetraceError, match="sequence 10 position 4: no recorded routes"):
+            model(input_ids=longer, attention_mask=torch.cat([mask, mask[:, -1:]], dim=1))
+        other = ids.clone()
+        other[1, 3] = 33
+        with pytest.raises(MoetraceError, match="sequence 11 position 3: expected the recorded token id 10, got 33"):
+            model(input_ids=other, attention_mask=mask)
+        rp.set_batch(seq=SEQ)
+        with pytest.raises(MoetraceError, match="outside a forward of the replayed model"):
+            model.model(input_ids=ids, attention_mask=mask)  # the hook sits on the causal LM
+    with pytest.raises(MoetraceError, match=r"\(layers, experts, top_k, layer_ids\)"):
+        with replay(tiny_model("olmoe", num_experts=4), tmp_path / "a.zarr"):
+            pass
+    # a corrupted store (written past the store's own validation): an expert id >= E
+    store = TraceStore.open(tmp_path / "a.zarr", mode="a")
+    store._array("experts")[4, 1, 0] = 8
+    with replay(model, tmp_path / "a.zarr") as rp:
+        with pytest.raises(MoetraceError, match=r"sequence 11 position 0 layer 1: expected expert ids in \[0, 8\), got 8"):
+            rp.set_batch(seq=SEQ)
+    # leaving the context restores the original routers
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
