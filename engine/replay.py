@@ -283,7 +283,7 @@ def replay(
         check_tokens: require each token id to equal the recorded one where the store has it.
         backend: ``fused_route`` backend of the live routing (for the replay rate).
     Yields a :class:`Replay`; see the module docstring. Composes with ``capture`` (opened inside
-    or outside): capture records exactly the replayed routes.
+    it): capture records exactly the replayed routes.
     """
     opened = store if isinstance(store, TraceStore) else TraceStore.open(store)
     rp = Replay(model, opened, check_tokens)

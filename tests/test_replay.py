@@ -14,6 +14,11 @@ from engine.store import TraceStore
 from tiny_models import TINY, tiny_model
 
 SEQ = [10, 11]
+# one family per kind of router (softmax with/without renormalization, fp32 softmax, top-k-then-softmax,
+# input-dtype weights, leading dims kept, sigmoid with groups and scaling, bias passed by the block,
+# soft-capped logits, hybrid layers); the other families run with `make test-slow`
+DEFAULT_FAMILIES = {"olmoe", "qwen3_moe", "qwen3_next", "jamba", "mixtral", "gpt_oss", "granitemoe",
+                    "cohere2_moe_sigmoid", "deepseek_v2", "deepseek_v3", "lfm2_moe", "minimax_m2", "laguna"}
 
 
 def padded_batch():
@@ -39,7 +44,28 @@ def family_weights(probs: np.ndarray, experts: np.ndarray, spec) -> np.ndarray:
     return w * spec.routed_scaling
 
 
-@pytest.mark.parametrize("family", sorted(TINY))
+class original_choices:
+    """Records, for every router of ``model``, the experts its original (transformers) forward picks
+    from the inputs it gets, whatever patch is installed: {layer_id: int64 [T, K]}."""
+
+    def __init__(self, model):
+        self.found: dict[int, torch.Tensor] = {}
+        self.handles = [site.module.register_forward_pre_hook(self.hook(site.layer_id), with_kwargs=True)
+                        for site in router_sites(model)]
+
+    def hook(self, layer):
+        def pre(module, args, kwargs):
+            indices = type(module).forward(module, *args, **kwargs)[2]
+            self.found[layer] = indices.reshape(-1, indices.shape[-1]).detach().clone()
+        return pre
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", [f if f in DEFAULT_FAMILIES else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(TINY)])
 def test_replay_forces_the_recorded_routes_in_every_family(tmp_path, family):
     m1, m2 = tiny_model(family, seed=0), tiny_model(family, seed=7)
     ids, mask = padded_batch()
@@ -60,22 +86,28 @@ def test_replay_forces_the_recorded_routes_in_every_family(tmp_path, family):
 
     # another model under replay of A, captured into B: exactly A's experts, weights from M2's scores
     with replay(m2, tmp_path / "a.zarr") as rp, capture(m2, tmp_path / "b.zarr", probs=True) as cap:
+        live = original_choices(m2)
         rp.set_batch(seq=SEQ)
         cap.set_batch(seq=SEQ)
         with torch.no_grad():
             m2(**inputs)
         rate = rp.replay_rate()
+        live.remove()
     b = TraceStore.open(tmp_path / "b.zarr").read(["seq", "pos", "experts", "weights", "probs"])
     np.testing.assert_array_equal(b["seq"], a["seq"])
     np.testing.assert_array_equal(b["pos"], a["pos"])
     np.testing.assert_array_equal(b["experts"], a["experts"])
     spec = router_sites(m2)[0].spec
-    np.testing.assert_allclose(b["weights"], family_weights(b["probs"], a["experts"], spec), rtol=1e-5, atol=1e-6)
+    # the store keeps weights and probs in half precision
+    np.testing.assert_allclose(b["weights"], family_weights(b["probs"], a["experts"], spec), rtol=2e-3, atol=1e-3)
 
-    # the replay rate: share of tokens whose live top-k set (M2 unpatched) differs from A's
-    live = record(m2, tmp_path / "live.zarr", **inputs)["experts"]
-    differ = (np.sort(live, axis=-1) != np.sort(a["experts"], axis=-1)).any(axis=-1).mean(axis=0)
-    assert rate == pytest.approx({s.layer_id: float(d) for s, d in zip(router_sites(m2), differ)})
+    # the replay rate: share of the tokens whose top-k set, as transformers' router code picks it from
+    # the states of the replayed forward, differs from A's
+    valid_rows = mask.reshape(-1).bool()
+    for i, site in enumerate(router_sites(m2)):
+        chosen = np.sort(live.found[site.layer_id][valid_rows].numpy(), axis=-1)
+        differ = (chosen != np.sort(a["experts"][:, i], axis=-1)).any(axis=-1).mean()
+        assert rate[site.layer_id] == pytest.approx(float(differ))
     assert max(rate.values()) > 0
 
 
