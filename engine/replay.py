@@ -38,7 +38,8 @@ Cost. The lookup runs on the host in a forward pre-hook on ``model``: it reads t
 mask and input ids (a device-to-host sync per forward) and copies the forced ids ``[L, T, K]`` to
 the device. This is a training/replay path, not an intervention on a compiled serving hot path;
 the router side (gather, normalize, count) is plain torch ops without host syncs or
-data-dependent Python. Memory: the rows of one batch's sequences.
+data-dependent Python. Memory: the host keeps one batch's recorded experts as a dense int16 table
+[rows, positions, L, K]; each forward copies its int16 [L, T, K] slice to the device.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class Replay:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self._eos = np.asarray([] if eos is None else eos, dtype=np.int64).reshape(-1)
         self._batch: dict[str, np.ndarray] | None = None
-        self._forced: torch.Tensor | None = None   # int64 [L, T, K] for the running forward
+        self._ids_dtype = np.int16 if self._E <= np.iinfo(np.int16).max else np.int32
+        self._forced: torch.Tensor | None = None   # int16/int32 [L, T, K] for the running forward (-1: live)
         self._use: torch.Tensor | None = None      # bool [T]: tokens replayed
         self._differ: torch.Tensor | None = None   # per MoE layer position: tokens re-routed
         self._replayed: torch.Tensor | None = None  # tokens replayed (same for every layer)
@@ -172,7 +174,7 @@ class Replay:
         if len(np.unique(flat)) != len(flat):
             raise MoetraceError(f"{self.store.path}: tokens/pos: expected each position once per sequence, "
                                 f"got repeated positions in one of the sequences {ids.tolist()}")
-        table = np.full((len(ids), width, self.store.n_layers, self._K), -1, dtype=np.int64)
+        table = np.full((len(ids), width, self.store.n_layers, self._K), -1, dtype=self._ids_dtype)
         table[row_of, pos] = experts
         tokens = np.full((len(ids), width), -1, dtype=np.int64)
         tokens[row_of, pos] = rows["token_id"]
@@ -219,7 +221,8 @@ class Replay:
         width = batch["table"].shape[1]
         inside = np.minimum(pos, max(width - 1, 0))
         rows = np.arange(B)[:, None]
-        forced = batch["table"][rows, inside] if width else np.full((B, S, len(self.sites), self._K), -1)
+        forced = batch["table"][rows, inside] if width else np.full((B, S, len(self.sites), self._K), -1,
+                                                                     dtype=self._ids_dtype)
         lacking = use & ((pos >= width) | (forced[..., 0, 0] < 0))
         if lacking.any():
             b, s = np.argwhere(lacking)[0]
@@ -249,7 +252,7 @@ class Replay:
         if self._forced is None:
             raise MoetraceError(f"replay: router {site.name!r} ran outside a forward of the replayed model "
                                 f"{type(self.model).__name__}; call the model itself after rp.set_batch(...)")
-        forced = self._forced[site.position]
+        forced = self._forced[site.position].long()
         if forced.shape[0] != logits.shape[0]:
             raise MoetraceError(f"replay: router {site.name!r}: expected {forced.shape[0]} tokens as prepared for "
                                 f"this forward, got {logits.shape[0]}")

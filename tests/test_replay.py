@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -145,7 +147,7 @@ def greedy(model, ids, mask, steps=4):
                               pad_token_id=0)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "qwen3_next"])
 def test_generate_replays_the_recorded_generated_tokens(tmp_path, family):
     ids, mask = padded_batch()
     m1, m2 = tiny_model(family, seed=0), tiny_model(family, seed=7)
@@ -160,7 +162,8 @@ def test_generate_replays_the_recorded_generated_tokens(tmp_path, family):
     with replay(m1, tmp_path / "a.zarr") as rp:
         rp.set_batch(seq=SEQ)
         again = greedy(m1, ids, mask)
-        assert all(v == 0.0 for v in rp.replay_rate().values())
+        assert all(v == 0.0 for v in rp.replay_rate(reset=True).values())
+        assert all(math.isnan(v) for v in rp.replay_rate().values())  # no token since the reset
     assert torch.equal(again, out)
 
     # M2 decodes other tokens: with the token check off it still routes every step as A recorded
