@@ -38,7 +38,9 @@ Cost. The lookup runs on the host in a forward pre-hook on ``model``: it reads t
 mask and input ids (a device-to-host sync per forward) and copies the forced ids ``[L, T, K]`` to
 the device. This is a training/replay path, not an intervention on a compiled serving hot path;
 the router side (gather, normalize, count) is plain torch ops without host syncs or
-data-dependent Python. Memory: the host keeps one batch's recorded experts as a dense int16 table
+data-dependent Python. Under ``torch.compile`` the pre-hook runs outside the graph
+(``torch.compiler.disable``) and the routers compile without a graph break (tested with the
+``aot_eager`` backend). Memory: the host keeps one batch's recorded experts as a dense int16 table
 [rows, positions, L, K]; each forward copies its int16 [L, T, K] slice to the device.
 """
 
@@ -197,8 +199,10 @@ class Replay:
         return out
 
     # ------------------------------------------------------------------ hooks
+    @torch.compiler.disable
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Host-side lookup of this forward's forced experts (forward pre-hook on the model)."""
+        """Host-side lookup of this forward's forced experts (forward pre-hook on the model; the one
+        place replay leaves a compiled graph, ``torch.compiler.disable``)."""
         batch = self._batch
         if batch is None:
             raise MoetraceError("replay: expected rp.set_batch(seq=[...]) before the forward, got none")

@@ -233,3 +233,24 @@ def test_missing_routes_mismatched_batches_and_bad_ids_are_errors(tmp_path):
     # leaving the context restores the original routers
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.slow  # about a minute of Dynamo tracing on a shared CPU
+def test_replay_under_torch_compile_equals_eager(tmp_path):
+    """The host lookup runs outside the graph (torch.compiler.disable); the router side compiles without a break."""
+    torch.set_num_threads(1)
+    ids, mask = padded_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    m1, m2 = tiny_model("olmoe", seed=0), tiny_model("olmoe", seed=7)
+    record(m1, tmp_path / "a.zarr", **inputs)
+    with torch.no_grad(), replay(m2, tmp_path / "a.zarr") as rp:
+        rp.set_batch(seq=SEQ)
+        eager = m2(**inputs).logits
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(m2)(**inputs)
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        torch._dynamo.reset()
+        compiled = torch.compile(m2, backend="aot_eager")(**inputs).logits
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    with torch.no_grad():
+        assert not torch.allclose(m2(**inputs).logits, eager, atol=1e-4)  # replay did change the routing
