@@ -21,7 +21,8 @@ would have chosen, under any enclosing intervention) differs from the replayed s
 logs it: ``rp.replay_rate()`` -> ``{layer_id: float}`` over the forwards since the context was
 entered (or since ``replay_rate(reset=True)``); NaN for a layer with no replayed token yet.
 
-Errors (``MoetraceError``, before the forward runs): a store whose layers, experts or top-k are
+Errors (``MoetraceError``, raised by ``replay``, ``set_batch`` or the pre-hook before the model
+computes anything; the last one by the first router): a store whose layers, experts or top-k are
 not the model's; a ``seq`` id the store lacks; ``set_batch`` ids not one per batch row; a token
 whose position the store does not hold for its sequence; a recorded token id that differs from
 the input's (with ``check_tokens``, the default; where the store knows token ids); a recorded
@@ -41,7 +42,8 @@ the router side (gather, normalize, count) is plain torch ops without host syncs
 data-dependent Python. Under ``torch.compile`` the pre-hook runs outside the graph
 (``torch.compiler.disable``) and the routers compile without a graph break (tested with the
 ``aot_eager`` backend). Memory: the host keeps one batch's recorded experts as a dense int16 table
-[rows, positions, L, K]; each forward copies its int16 [L, T, K] slice to the device.
+[rows, positions, L, K] (int32 beyond 32767 experts); each forward copies its [L, T, K] slice to
+the device.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ class Replay:
         MoetraceError for an id the store lacks, repeated positions or an expert id outside [0, E).
         """
         ids = np.asarray(seq, dtype=np.int64).reshape(-1)
+        if not len(ids):
+            raise MoetraceError("replay.set_batch: expected one sequence id per batch row, got none")
         known, starts, lengths = self._index
         at = np.searchsorted(known, ids)
         at_ok = np.minimum(at, max(len(known) - 1, 0))
@@ -256,11 +260,11 @@ class Replay:
         if self._forced is None:
             raise MoetraceError(f"replay: router {site.name!r} ran outside a forward of the replayed model "
                                 f"{type(self.model).__name__}; call the model itself after rp.set_batch(...)")
-        forced = self._forced[site.position].long()
+        forced = self._forced[site.position].to(logits.device, torch.int64)
         if forced.shape[0] != logits.shape[0]:
             raise MoetraceError(f"replay: router {site.name!r}: expected {forced.shape[0]} tokens as prepared for "
                                 f"this forward, got {logits.shape[0]}")
-        use = self._use
+        use = self._use.to(logits.device)
         live = experts.long()
         ids = torch.where(use[:, None], forced, live)
         w = torch.where(use[:, None], replay_weights(logits, ids, site.spec).to(weights.dtype), weights)
@@ -268,9 +272,9 @@ class Replay:
         if self._differ is None:
             self._differ = torch.zeros(len(self.sites), dtype=torch.int64, device=logits.device)
             self._replayed = torch.zeros((), dtype=torch.int64, device=logits.device)
-        self._differ[site.position] += differ.detach()
+        self._differ[site.position] += differ.detach().to(self._differ.device)
         if site.position == 0:
-            self._replayed += use.sum()
+            self._replayed += use.sum().to(self._replayed.device)
         return w, ids.to(torch.int32)
 
 
