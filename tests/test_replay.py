@@ -254,3 +254,36 @@ def test_replay_under_torch_compile_equals_eager(tmp_path):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     with torch.no_grad():
         assert not torch.allclose(m2(**inputs).logits, eager, atol=1e-4)  # replay did change the routing
+
+
+def test_patch_routers_override_nests_and_observers_see_what_it_returns():
+    """The route override replay builds on (engine.intervene): the innermost one applies, observers and
+    the router's outputs see its experts, leaving it brings the enclosing one back."""
+    from engine.intervene import observe_routing, patch_routers
+
+    model = tiny_model("olmoe", seed=0)
+    ids, _ = padded_batch()
+
+    def forcing(pair):
+        def override(site, logits, weights, experts):
+            forced = torch.tensor(pair, dtype=torch.int32).expand_as(experts)
+            return torch.full_like(weights, 0.5), forced
+        return override
+
+    returned, seen = [], []
+    hooks = [s.module.register_forward_hook(lambda m, a, out: returned.append(out[2])) for s in router_sites(model)]
+    with torch.no_grad(), observe_routing(model, lambda e: seen.append(e.experts)):
+        with patch_routers(model, override=forcing([0, 1])):
+            with patch_routers(model, override=forcing([3, 2])):
+                model(input_ids=ids)
+            inner = (returned[:], seen[:])
+            returned.clear()
+            seen.clear()
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for experts in inner[0] + inner[1]:
+        assert experts.reshape(-1, 2).tolist() == [[3, 2]] * ids.numel()
+    for experts in returned + seen:
+        assert experts.reshape(-1, 2).tolist() == [[0, 1]] * ids.numel()
+    assert len(returned) == len(seen) == len(router_sites(model))
