@@ -228,7 +228,8 @@ def test_missing_routes_mismatched_batches_and_bad_ids_are_errors(tmp_path):
     store = TraceStore.open(tmp_path / "a.zarr", mode="a")
     store._array("experts")[4, 1, 0] = 8
     with replay(model, tmp_path / "a.zarr") as rp:
-        with pytest.raises(MoetraceError, match=r"sequence 11 position 0 layer 1: expected expert ids in \[0, 8\), got 8"):
+        with pytest.raises(MoetraceError,
+                           match=r"sequence 11 position 0 layer 1: expected expert ids in \[0, 8\), got 8"):
             rp.set_batch(seq=SEQ)
     # leaving the context restores the original routers
     with torch.no_grad():
