@@ -30,6 +30,13 @@ exactly that context (the next enclosing targets apply again); leaving the outer
 or by an exception) restores the original forwards. There is one patch per router module, so
 contexts opened on different roots that reach the same routers (``capture(model)`` and
 ``intervene(model.model, ...)``) share it and compose the same way.
+
+Route overrides. A context may also give ``override(site, logits, weights, experts) -> (weights,
+experts)``: called after the live routing of every MoE layer with its router logits ``[T, E]`` (the
+router's dtype) and the live ``weights`` [T, K] / ``experts`` int32 [T, K], it returns the
+routing the layer actually uses (same shapes; experts int32 in [0, E)). The innermost override
+applies; observers, the path-rule history and the router's outputs all see what it returns.
+``engine.replay`` forces recorded routes this way.
 """
 
 from __future__ import annotations
@@ -85,6 +92,8 @@ class RouteEvent:
 
 
 Observer = Callable[[RouteEvent], None]
+# (site, logits [T, E], live weights [T, K], live experts int32 [T, K]) -> (weights, experts) used
+Override = Callable[["RouterSite", torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def router_sites(model: nn.Module) -> list[RouterSite]:
@@ -201,6 +210,7 @@ class _Entry:
     mask_mode: str
     observer: Observer | None
     backend: str
+    override: Override | None = None
 
 
 class RoutingPatch:
@@ -248,10 +258,11 @@ class RoutingPatch:
 
     # ---- the routing step --------------------------------------------------------------
 
-    def _active(self) -> tuple[_Entry | None, list[Observer]]:
+    def _active(self) -> tuple[_Entry | None, list[Observer], Override | None]:
         active = next((e for e in reversed(self.entries) if e.rules is not None), None)
         observers = [e.observer for e in self.entries if e.observer is not None]
-        return active, observers
+        override = next((e.override for e in reversed(self.entries) if e.override is not None), None)
+        return active, observers, override
 
     def route(self, site: RouterSite, args: tuple, kwargs: dict[str, Any]) -> tuple:
         """The patched router forward: ``(router_logits [.., E], weights [.., K], indices [.., K] int64)``."""
@@ -259,7 +270,7 @@ class RoutingPatch:
         hidden = adapter.hidden_states(args, kwargs)
         logits = adapter.logits(router, hidden)
         flat = logits.reshape(-1, spec.n_experts)
-        active, observers = self._active()
+        active, observers, override = self._active()
         pos = site.position
         if pos == 0:
             self._history = [None] * len(self.sites)
@@ -285,6 +296,9 @@ class RoutingPatch:
             )
         except ValueError as err:
             raise MoetraceError(f"router {site.name!r} (layer {site.layer_id}): {err}") from err
+        if override is not None:
+            weights, experts = override(site, flat, weights, experts)
+            top1 = experts[:, 0].contiguous()
         self._history[pos] = top1
         if observers:
             event = RouteEvent(site.layer_id, pos, experts, weights.detach(), flat.detach(), spec.scoring)
@@ -361,6 +375,7 @@ def patch_routers(
     *,
     observer: Observer | None = None,
     backend: str = "auto",
+    override: Override | None = None,
 ) -> Iterator[RoutingPatch]:
     """Patch every router of ``model`` for the duration of the block.
 
@@ -369,6 +384,7 @@ def patch_routers(
         targets: interventions (None: route as the model does; an empty ``Targets()`` too).
         observer: called as ``observer(RouteEvent)`` after every MoE layer of every forward.
         backend: ``fused_route`` backend: "auto" (Triton on CUDA, torch otherwise), "torch", "triton".
+        override: replaces each layer's routing after the live one (module docstring, "Route overrides").
     Yields the model's ``RoutingPatch``. Raises MoetraceError for an unsupported model, targets
     naming layers/experts the model does not have, or reroute targets that can leave a token fewer
     than K selectable experts at some layer (K + 1 with pair rules), before anything is patched.
@@ -383,7 +399,7 @@ def patch_routers(
             raise MoetraceError(f"targets: expected an engine.targets.Targets, got {type(targets).__name__}")
         rules = _layer_rules(targets, patch.sites)
         mask_mode = targets.mask_mode
-    entry = _Entry(rules=rules, mask_mode=mask_mode, observer=observer, backend=backend)
+    entry = _Entry(rules=rules, mask_mode=mask_mode, observer=observer, backend=backend, override=override)
     if not patch.entries:
         patch.install()
     patch.entries.append(entry)
