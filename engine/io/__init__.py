@@ -7,6 +7,13 @@ round-trip contract (``tests/io_contract.py``):
 - :func:`import_llamacpp` (``llamacpp.py``): seed 002's ``DIR/<domain>/traces/token-NNNNN.json``.
 - :func:`import_parquet` / :func:`export_parquet` (``parquet.py``): the long format, one row
   per token x layer x rank, that DuckDB and polars users query directly.
+- :func:`import_routed` (``routed.py`` + one module per format: ``npy.py``, ``vllm.py``,
+  ``sglang.py``, ``megatron.py``): per-request ``[tokens, layers, top_k]`` routing arrays
+  from serving and training engines, prompt and generated tokens marked.
+
+The shared skeleton (staged output, create / append / commit, range checks naming file
+and row) is :mod:`engine.io.base`; a new format is one module here, one command module
+in ``engine/commands`` and its tests (``tests/io_contract.py``).
 
 Every importer streams its input, writes into ``OUT.partial-<pid>`` next to ``OUT`` and
 renames it to ``OUT`` only when the whole import succeeded (see :func:`staged_store`), so a
@@ -21,5 +28,6 @@ from engine.io.base import (MAX_EXPERTS, MAX_LAYER_ID, MAX_WEIGHT, POS_RANGE, SE
 from engine.io.csv_import import import_csv
 from engine.io.llamacpp import import_llamacpp
 from engine.io.parquet import export_parquet, import_parquet
+from engine.io.routed import import_routed
 
-__all__ = ["import_csv", "import_llamacpp", "import_parquet", "export_parquet", "staged_store", "write_store"]
+__all__ = ["import_csv", "import_llamacpp", "import_parquet", "export_parquet", "import_routed", "staged_store", "write_store"]
