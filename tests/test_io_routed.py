@@ -110,7 +110,8 @@ class TestNpyContract(RoutedContract):
         for s in order:
             _, experts, _, _ = items[s]
             np.save(directory / f"req-{s:03d}.npy", experts.astype(dtypes[s % len(dtypes)]))
-        return directory, _write_labels(trace, directory.parent / "labels.csv", [f"req-{s:03d}" for s in range(len(items))])
+        keys = [f"req-{s:03d}" for s in range(len(items))]
+        return directory, _write_labels(trace, directory.parent / "labels.csv", keys)
 
     def expected_generated(self, trace):
         return np.zeros(len(trace), bool)

@@ -30,4 +30,5 @@ from engine.io.llamacpp import import_llamacpp
 from engine.io.parquet import export_parquet, import_parquet
 from engine.io.routed import import_routed
 
-__all__ = ["import_csv", "import_llamacpp", "import_parquet", "export_parquet", "import_routed", "staged_store", "write_store"]
+__all__ = ["import_csv", "import_llamacpp", "import_parquet", "export_parquet", "import_routed", "staged_store",
+           "write_store"]
