@@ -91,7 +91,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("store", help="trace store (Zarr directory)")
     p.add_argument("out", help="output counts file (Zarr directory, e.g. counts.zarr)")
     p.add_argument("--stats", default="experts", action=_StatsArgument, metavar="NAME[,NAME...]")
-    p.add_argument("--by", default="", help="comma-separated label names to group by, e.g. domain,lang")
+    p.add_argument("--by", default="", help="comma-separated label names to group by, e.g. domain,lang; "
+                   "generated splits prompt from generated tokens (values prompt, generated)")
     p.add_argument("--skip-shared-prefix", action="store_true",
                    help="drop the token prefix shared by every sequence (seed 000's last_shared_tok)")
     p.add_argument("--generated-only", action="store_true", help="count only generated tokens")

@@ -18,10 +18,14 @@ import numpy as np
 from engine.errors import MoetraceError
 from engine.store import TraceStore
 
-__all__ = ["Filters", "Selection", "TOKEN_FILTER_COLUMNS"]
+__all__ = ["Filters", "Selection", "TOKEN_FILTER_COLUMNS", "DERIVED_LABELS"]
 
 #: Token columns ``where`` can filter on (besides the labels).
 TOKEN_FILTER_COLUMNS = ("seq", "pos", "token_id", "generated")
+#: Labels every store has, derived from a token column: name -> values by code. ``by`` and
+#: ``groups`` accept them like stored labels (``by=["generated"]`` splits prompt from
+#: generated tokens); the column's values are the codes (False -> "prompt", True -> "generated").
+DERIVED_LABELS = {"generated": ["prompt", "generated"]}
 
 
 def _names(arg: str, value: Any) -> list[str]:
@@ -67,7 +71,8 @@ def _values(value: Any) -> list:
 class Filters:
     """Which rows to count and how to group them (see :func:`engine.counting.count`).
 
-    ``by``: label names (groups are their cross product); ``where``: ``{column: value or
+    ``by``: label names, stored or derived (:data:`DERIVED_LABELS`: ``generated`` has the
+    values "prompt" and "generated"); groups are their cross product; ``where``: ``{column: value or
     [values]}`` on a label (by its strings) or on ``seq``/``pos``/``token_id`` (integers)
     or ``generated`` (True/False); ``skip_shared_prefix``: drop seed 000's prefix shared by
     every sequence; ``generated_only``; ``positions``: ``(start, stop)`` keeps
@@ -151,7 +156,8 @@ class Selection:
 
         self.store = st
         self.filters = filters
-        labels = st.labels
+        labels = {**DERIVED_LABELS, **st.labels}  # for by / groups; where uses the stored labels
+        self.vocab = labels
         for label in filters.by:
             if label not in labels:
                 raise MoetraceError(f"by: unknown label {label!r}; expected one of {sorted(labels)}")
@@ -167,17 +173,18 @@ class Selection:
             if label not in self.luts:
                 self._lut(label, labels[label])
         self.row_filters: dict[str, np.ndarray] = {}
+        stored = st.labels
         for column, values in filters.where.items():
-            if column in labels:
-                keep = _label_values("where", column, values, labels[column])
-                lut = np.isin(np.asarray(labels[column], dtype=object), np.asarray(keep, dtype=object))
-                self.luts.setdefault(column, np.zeros(len(labels[column]), dtype=np.int64))
+            if column in stored:
+                keep = _label_values("where", column, values, stored[column])
+                lut = np.isin(np.asarray(stored[column], dtype=object), np.asarray(keep, dtype=object))
+                self.luts.setdefault(column, np.zeros(len(stored[column]), dtype=np.int64))
                 self.luts[column] = np.where(lut, self.luts[column], -1)
             elif column in TOKEN_FILTER_COLUMNS:
                 self.row_filters[column] = self._token_values(column, values)
             else:
                 raise MoetraceError(
-                    f"where: unknown column {column!r}; expected a label {sorted(labels)} "
+                    f"where: unknown column {column!r}; expected a label {sorted(stored)} "
                     f"or one of {list(TOKEN_FILTER_COLUMNS)}")
         self.positions = filters.positions
         self.last_shared = None
@@ -211,7 +218,7 @@ class Selection:
         return np.asarray(vals, dtype=np.int64)
 
     def _lut(self, label: str, keep: list[str]) -> None:
-        vocab = self.store.labels[label]
+        vocab = self.vocab[label]
         index = {v: i for i, v in enumerate(keep)}
         self.coords[label] = list(keep)
         self.luts[label] = np.array([index.get(v, -1) for v in vocab], dtype=np.int64)
@@ -224,6 +231,8 @@ class Selection:
         index = {}
         for label, lut in self.luts.items():
             codes = cols[label]
+            if codes.dtype == np.bool_:  # a derived label: False / True are codes 0 / 1
+                codes = codes.view(np.uint8)
             if len(codes) and int(codes.max()) >= len(lut):
                 raise MoetraceError(
                     f"tokens/{label}: code {int(codes.max())} beyond the label vocabulary ({len(lut)} values)")

@@ -66,8 +66,8 @@ import pyarrow.csv as pacsv
 from engine.progress import tqdm
 
 from engine.errors import MoetraceError
-from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, PartitionWriter, check_output_path,
-                       check_range, check_weights, read_partition, resolve_n_experts, staged_store)
+from engine.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, PartitionWriter, check_output_path,
+                            check_range, check_weights, read_partition, resolve_n_experts, staged_store)
 from engine.store import TraceStore
 
 SAMPLE_KEYS = ("q_ix", "token_ix", "token")

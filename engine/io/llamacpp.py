@@ -50,7 +50,7 @@ import numpy as np
 from engine.progress import tqdm
 
 from engine.errors import MoetraceError
-from engine.io import MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, resolve_n_experts, staged_store
+from engine.io.base import MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, resolve_n_experts, write_store
 from engine.store import TraceStore
 
 TRACE_FILE = re.compile(r"token-(\d+)\.json")
@@ -97,10 +97,7 @@ def import_llamacpp(
             max_expert = max(max_expert, int(experts.max()))
     n_experts = resolve_n_experts(max_expert, n_experts, str(directory), K)
 
-    with staged_store(out, overwrite, (directory,)) as partial:
-        store = TraceStore.create(partial, n_layers=len(layer_ids), n_experts=n_experts, top_k=K,
-                                  layer_ids=layer_ids, labels=["domain"], model=model, chunk_rows=chunk_rows)
-        # Pass 2: append file by file.
+    def batches():  # pass 2: one file at a time
         for seq, (domain, paths) in enumerate(files):
             pos = 0
             for path in tqdm(paths, desc=domain, unit="file", disable=not progress):
@@ -109,12 +106,13 @@ def import_llamacpp(
                 if pos + n - 1 > POS_RANGE[1]:
                     raise MoetraceError(f"{path}: token {pos + n - 1} of domain {domain}: expected at most "
                                         f"{POS_RANGE[1] + 1} tokens per domain (tokens/pos is int32)")
-                store.append({"seq": np.full(n, seq, dtype=np.int64),
-                              "pos": np.arange(pos, pos + n, dtype=np.int32),
-                              "domain": np.full(n, domain), "experts": experts})
+                yield {"seq": np.full(n, seq, dtype=np.int64), "pos": np.arange(pos, pos + n, dtype=np.int32),
+                       "domain": np.full(n, domain), "experts": experts}
                 pos += n
-        store.close()
-    return TraceStore.open(out)
+
+    return write_store(out, batches(), overwrite=overwrite, inputs=(directory,), n_layers=len(layer_ids),
+                       n_experts=n_experts, top_k=K, layer_ids=layer_ids, labels=["domain"], model=model,
+                       chunk_rows=chunk_rows)
 
 
 def _domains(directory: Path) -> list[str]:

@@ -48,8 +48,8 @@ import pyarrow.parquet as pq
 from engine.progress import tqdm
 
 from engine.errors import MoetraceError
-from engine.io import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, PartitionWriter,
-                       check_range, check_weights, read_partition, resolve_n_experts, staged_store)
+from engine.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, PartitionWriter,
+                            check_range, check_weights, read_partition, resolve_n_experts, staged_store)
 from engine.store import TraceStore
 
 META_KEY = b"moetrace"

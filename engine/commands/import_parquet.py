@@ -1,0 +1,24 @@
+"""``moetrace import-parquet``."""
+
+from __future__ import annotations
+
+from engine.io.cliargs import add_common, positive, report
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("import-parquet", help="import a long-format Parquet file into a store")
+    p.add_argument("input", metavar="IN.parquet", help="long format: seq, pos, token_id, layer, rank, expert, ...")
+    p.add_argument("out", metavar="OUT.zarr", help="store to create")
+    p.add_argument("--memory-budget", type=positive, default=512, metavar="MIB",
+                   help="working memory to stay under when the rows must be sorted, in MiB (default 512)")
+    add_common(p)
+    p.set_defaults(func=_run_import_parquet)
+
+
+def _run_import_parquet(args) -> int:
+    from engine.io import import_parquet
+
+    store = import_parquet(args.input, args.out, n_experts=args.n_experts, chunk_rows=args.chunk_rows,
+                           memory_budget=args.memory_budget << 20, overwrite=args.overwrite, progress=not args.quiet)
+    report(store, args.out, args.quiet)
+    return 0

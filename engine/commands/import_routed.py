@@ -1,0 +1,35 @@
+"""``moetrace import-routed SRC OUT.zarr --format npy|vllm|sglang|megatron``."""
+
+from __future__ import annotations
+
+from engine.io.cliargs import add_common, positive, report
+from engine.io.routed import FORMATS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("import-routed", help="import per-request routing arrays from serving/training engines",
+                              description="Import routed expert ids [tokens, layers, top_k] per request (one "
+                                          "sequence each) from " + ", ".join(FORMATS) + " outputs into a new store.")
+    p.add_argument("src", metavar="SRC", help="source file or directory (see --format)")
+    p.add_argument("out", metavar="OUT.zarr", help="store to create")
+    p.add_argument("--format", required=True, choices=list(FORMATS), help="source format")
+    p.add_argument("--top-k", type=positive, default=None,
+                   help="experts per token (required by sglang, whose arrays are flat)")
+    p.add_argument("--label-fields", default="",
+                   help="comma-separated fields of each record to use as labels")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="CSV or JSONL side file: a request_id column and one column per label")
+    p.add_argument("--model", default=None, help="model name recorded in the store")
+    add_common(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from engine.io.routed import import_routed
+
+    fields = [name.strip() for name in args.label_fields.split(",") if name.strip()]
+    store = import_routed(args.src, args.out, format=args.format, n_experts=args.n_experts, top_k=args.top_k,
+                          label_fields=fields, labels_file=args.labels, model=args.model,
+                          chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=not args.quiet)
+    report(store, args.out, args.quiet)
+    return 0

@@ -1,0 +1,287 @@
+"""Import per-request routing arrays (``[tokens, layers, top_k]`` expert ids) from serving/training engines.
+
+``moetrace import-routed SRC OUT.zarr --format F``: every format is a module in
+``engine/io`` with a ``read(src, top_k=None)`` generator of :class:`Request` (one
+sequence each) and a ``HELP`` line, registered in :data:`FORMATS` (the one place; the
+CLI's ``--format`` choices and the tests derive from it):
+
+- ``npy`` (:mod:`engine.io.npy`): a directory of ``.npy`` files, one sequence each;
+- ``vllm`` (:mod:`engine.io.vllm`): vLLM OpenAI-server responses (``prompt_routed_experts`` /
+  ``choices[i].routed_experts``), one JSON per line;
+- ``sglang`` (:mod:`engine.io.sglang`): SGLang ``/generate`` responses (``meta_info.routed_experts``,
+  base64 of int32), one JSON per line;
+- ``megatron`` (:mod:`engine.io.megatron`): Megatron-LM ``--moe-routing-trace-path`` JSONL files.
+
+The shared part (this module): every request becomes one sequence (``seq`` = 0, 1, ... in
+reading order, ``pos`` = 0, 1, ... within it), prompt and generated tokens are marked in
+``tokens/generated``; expert ids are range-checked in their source dtype (0 <= id <
+``n_experts``; ``n_experts`` = largest id + 1 unless given) and every request must have
+the same layers and top-k; labels come from fields of the record (``label_fields``) and/or
+a side file (``labels_file``: CSV or JSONL with a ``request_id`` column/key and one
+column per label). Errors are one line naming the file (and line / token row).
+
+The source is read twice (pass 1 validates and finds ``n_experts``, pass 2 writes), one
+request at a time: memory is bounded by the largest request (Megatron: by one file).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from engine.errors import MoetraceError
+from engine.io.base import MAX_EXPERTS, TOKEN_ID_RANGE, check_range, resolve_n_experts, write_store
+from engine.progress import tqdm
+
+#: format name -> module implementing ``read(src, top_k=None) -> Iterator[Request]`` and ``HELP``.
+FORMATS = {"npy": "engine.io.npy", "vllm": "engine.io.vllm", "sglang": "engine.io.sglang",
+           "megatron": "engine.io.megatron"}
+#: Rows collected before one ``TraceStore.append``.
+BATCH_ROWS = 1 << 16
+
+
+@dataclasses.dataclass
+class Request:
+    """One request (one sequence) read from a source.
+
+    ``where``: the file (and line) for error messages; ``key``: the request id, looked up
+    in the labels side file; ``experts``: integer array [T, L, K] in its source dtype;
+    ``generated``: bool [T] or None (all prompt); ``token_id``: int [T] or None (unknown:
+    -1); ``fields``: the record's fields usable as labels; ``layer_ids``: the model's
+    index of each of the L layers, when the source states them (else 0..L-1).
+    """
+
+    where: str
+    key: str
+    experts: np.ndarray
+    generated: np.ndarray | None = None
+    token_id: np.ndarray | None = None
+    fields: dict = dataclasses.field(default_factory=dict)
+    layer_ids: list[int] | None = None
+
+
+def format_module(name: str):
+    """The module implementing format ``name``; MoetraceError listing the formats when unknown."""
+    if name not in FORMATS:
+        raise MoetraceError(f"--format: expected one of {', '.join(FORMATS)}, got {name!r}")
+    return importlib.import_module(FORMATS[name])
+
+
+def import_routed(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str,
+    n_experts: int | None = None,
+    top_k: int | None = None,
+    label_fields: list[str] | tuple = (),
+    labels_file: str | os.PathLike | None = None,
+    model: str | None = None,
+    chunk_rows: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> "TraceStore":  # noqa: F821
+    """Import ``src`` in ``format`` (a key of :data:`FORMATS`) into a new store at ``out``.
+
+    Writes one sequence per request: ``tokens/seq`` int64 (request index in reading
+    order), ``tokens/pos`` int32 (0, 1, ... within the request), ``tokens/token_id``
+    (-1 where the source has none), ``tokens/generated``, one label per
+    ``label_fields`` name and per ``labels_file`` column, ``routing/experts`` [N, L, K].
+    ``top_k``: needed by formats whose arrays are flat (SGLang). Returns the store opened
+    read-only; MoetraceError naming the file/line/row on bad input, leaving nothing at ``out``.
+    """
+    module = format_module(format)
+    src = Path(src)
+    if not src.exists():
+        raise MoetraceError(f"{src}: no such file or directory")
+    side = _read_labels_file(Path(labels_file)) if labels_file is not None else None
+    label_names = list(label_fields) + (side[0] if side else [])
+    if len(set(label_names)) != len(label_names):
+        raise MoetraceError(f"labels: a label is named twice ({label_names})")
+
+    shape = None
+    max_expert = -1
+    n_requests = 0
+    for req in tqdm(module.read(src, top_k=top_k), desc="scan", unit="request", disable=not progress):
+        shape = _check(req, shape, n_experts)
+        if req.experts.size:
+            max_expert = max(max_expert, int(req.experts.max()))
+        _labels(req, label_fields, side)
+        n_requests += 1
+    if shape is None:
+        raise MoetraceError(f"{src}: no requests with routing found")
+    L, K = shape[0][1:]
+    n_experts = resolve_n_experts(max_expert, n_experts, str(src), K)
+
+    def batches():
+        pending: list[dict] = []
+        rows = 0
+        for seq, req in enumerate(tqdm(module.read(src, top_k=top_k), desc="import", unit="request",
+                                       disable=not progress, total=n_requests)):
+            T = len(req.experts)
+            batch = {"seq": np.full(T, seq, dtype=np.int64), "pos": np.arange(T, dtype=np.int32),
+                     "experts": req.experts.astype(np.int64),
+                     "generated": np.zeros(T, bool) if req.generated is None else np.asarray(req.generated, bool),
+                     "token_id": (np.full(T, -1, np.int32) if req.token_id is None
+                                  else np.asarray(req.token_id).astype(np.int32))}
+            for name, value in _labels(req, label_fields, side).items():
+                batch[name] = np.full(T, value)
+            pending.append(batch)
+            rows += T
+            if rows >= BATCH_ROWS:
+                yield _concat(pending)
+                pending, rows = [], 0
+        if pending:
+            yield _concat(pending)
+
+    return write_store(out, batches(), overwrite=overwrite, inputs=(src,), n_layers=L, n_experts=n_experts,
+                       top_k=K, layer_ids=shape[2], labels=label_names, model=model, chunk_rows=chunk_rows)
+
+
+def _concat(batches: list[dict]) -> dict:
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+
+def _check(req: Request, shape, n_experts: int | None):
+    """Validate one request against the first one's shape ``((T, L, K), where)``; return the shape."""
+    experts = req.experts
+    if experts.dtype.kind not in "iu":
+        raise MoetraceError(f"{req.where}: expected an integer array of expert ids, got dtype {experts.dtype}")
+    if experts.ndim != 3 or experts.shape[1] < 1 or experts.shape[2] < 1:
+        raise MoetraceError(f"{req.where}: expected an array [tokens, layers, top_k], got shape {experts.shape}")
+    T = len(experts)
+    if shape is not None and (experts.shape[1:] != shape[0][1:] or req.layer_ids != shape[2]):
+        raise MoetraceError(f"{req.where}: [layers, top_k] = {list(experts.shape[1:])} (layer ids "
+                            f"{req.layer_ids}), expected {list(shape[0][1:])} (layer ids {shape[2]}) like {shape[1]}")
+    hi = MAX_EXPERTS - 1 if n_experts is None else n_experts - 1
+    flat = experts.reshape(T, -1)
+    bad = (flat < 0) | (flat > hi)  # compared in the source dtype: nothing wraps
+    if bad.any():
+        t, j = np.unravel_index(int(np.argmax(bad)), bad.shape)
+        layer, rank = divmod(int(j), experts.shape[2])
+        hint = f" (n_experts={n_experts})" if n_experts is not None else " (a store holds at most 65536 experts)"
+        raise MoetraceError(f"{req.where}: row {int(t)} (token {int(t)}), layer {layer}, rank {rank}: expected an "
+                            f"expert id in [0, {hi}]{hint}, got {flat[t, j].item()}")
+    for name, values in (("generated", req.generated), ("token_id", req.token_id)):
+        if values is not None and len(values) != T:
+            raise MoetraceError(f"{req.where}: {name}: expected {T} values (one per token), got {len(values)}")
+    if req.token_id is not None:
+        token_id = np.asarray(req.token_id)
+        if token_id.dtype.kind not in "iu":
+            raise MoetraceError(f"{req.where}: token ids: expected integers, got dtype {token_id.dtype}")
+        check_range(req.where, "token_id", token_id, *TOKEN_ID_RANGE, 0, what="a token id",
+                    hint=" (tokens/token_id is int32; -1 = unknown)")
+    return (experts.shape, req.where, req.layer_ids) if shape is None else shape
+
+
+def _labels(req: Request, label_fields, side) -> dict[str, str]:
+    """Label values of one request: record fields, then side-file columns."""
+    out = {}
+    for name in label_fields:
+        if name not in req.fields or req.fields[name] is None:
+            raise MoetraceError(f"{req.where}: label field {name!r} missing (fields: {sorted(req.fields)})")
+        value = req.fields[name]
+        if isinstance(value, (dict, list)):
+            raise MoetraceError(f"{req.where}: label field {name!r}: expected a string or number, got {_short(value)}")
+        out[name] = str(value)
+    if side is not None:
+        names, table, path = side
+        if req.key not in table:
+            raise MoetraceError(f"{path}: no row with request_id {req.key!r} (needed by {req.where})")
+        out.update(zip(names, table[req.key]))
+    return out
+
+
+def _read_labels_file(path: Path) -> tuple[list[str], dict[str, list[str]], Path]:
+    """``(label names, request_id -> values, path)`` from a CSV (header row) or JSONL labels file."""
+    if not path.is_file():
+        raise MoetraceError(f"{path}: no such labels file")
+    rows: list[dict] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            if path.suffix in (".jsonl", ".json", ".ndjson"):
+                for line_no, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise MoetraceError(f"{path}: line {line_no}: invalid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise MoetraceError(f"{path}: line {line_no}: expected a JSON object, got {_short(row)}")
+                    rows.append(row)
+            else:
+                rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError:
+        raise MoetraceError(f"{path}: not UTF-8 text") from None
+    names: list[str] = []
+    for row in rows:
+        names += [k for k in row if k != "request_id" and k not in names]
+    table: dict[str, list[str]] = {}
+    for i, row in enumerate(rows, 1):
+        if row.get("request_id") in (None, ""):
+            raise MoetraceError(f"{path}: row {i}: expected a request_id, got {_short(row)}")
+        key = str(row["request_id"])
+        if key in table:
+            raise MoetraceError(f"{path}: row {i}: request_id {key!r} appears twice")
+        missing = [n for n in names if row.get(n) is None]
+        if missing:
+            raise MoetraceError(f"{path}: row {i} (request_id {key!r}): missing label(s) {missing}")
+        table[key] = [str(row[n]) for n in names]
+    if not names:
+        raise MoetraceError(f"{path}: expected a request_id column and at least one label column")
+    return names, table, path
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def iter_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` for every non-blank line of a JSONL file; one-line errors."""
+    try:
+        with open(path, "rb") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise MoetraceError(f"{path}: line {line_no}: invalid JSON ({getattr(exc, 'msg', exc)}; "
+                                        f"truncated file?)") from None
+                except RecursionError:
+                    raise MoetraceError(f"{path}: line {line_no}: JSON nested too deeply") from None
+    except OSError as exc:
+        raise MoetraceError(f"{path}: unreadable ({exc.strerror})") from None
+
+
+def source_files(src: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """``src`` itself when a file, else its files with one of ``suffixes``, sorted by name."""
+    if src.is_file():
+        return [src]
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith(suffixes))
+    if not files:
+        raise MoetraceError(f"{src}: no {' / '.join(suffixes)} files")
+    return files
+
+
+def int_array(value: Any, where: str, what: str, ndim: int) -> np.ndarray:
+    """A nested JSON list of integers as an array of ``ndim`` dimensions; one-line error otherwise."""
+    ok = isinstance(value, list)
+    if ok:
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # ragged
+            ok = False
+    if not ok or arr.ndim != ndim or (arr.size and arr.dtype.kind not in "iu"):
+        shape = "[tokens, layers, top_k]" if ndim == 3 else f"a {ndim}-d list"
+        raise MoetraceError(f"{where}: {what}: expected integers as {shape}, got {_short(value)}")
+    return arr if arr.size else arr.astype(np.int64)
