@@ -72,7 +72,7 @@ from engine.store import TraceStore
 _STOP = ("stop", None)
 
 
-def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
+def find_cache(args: tuple, kwargs: dict) -> Cache | None:
     """The ``transformers.Cache`` a forward received, whatever the argument is called."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, Cache):
@@ -80,7 +80,7 @@ def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
     return None
 
 
-def _cache_length(cache: Cache | None) -> int | torch.Tensor | None:
+def cache_length(cache: Cache | None) -> int | torch.Tensor | None:
     """Tokens already in ``cache``: an int, a 0-d tensor (static caches count on the device;
     copied, as the forward advances it in place), or None (no cache, or no attention layer)."""
     if cache is None:
@@ -219,7 +219,7 @@ class Capture:
 
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._events = {}
-        self._past = _cache_length(_find_cache(args, kwargs))
+        self._past = cache_length(find_cache(args, kwargs))
 
     def after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         events, self._events = self._events, {}
@@ -251,7 +251,7 @@ class Capture:
         weights = torch.stack([events[p][1] for p in positions], dim=1)
         probs = torch.stack([events[p][2] for p in positions], dim=1) if self.probs else None
         self._hand_off(shape[0], shape[1], past, None if mask is None else mask != 0, keys_first,
-                       input_ids, experts, weights, probs, _find_cache(args, kwargs))
+                       input_ids, experts, weights, probs, find_cache(args, kwargs))
 
     @torch.compiler.disable
     def _hand_off(self, B: int, S: int, past: Any, mask: torch.Tensor | None, keys_first: bool,

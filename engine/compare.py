@@ -38,7 +38,7 @@ import xarray as xr
 from engine.errors import MoetraceError
 from engine.store import TraceStore
 
-__all__ = ["CompareResult", "compare", "sequence_index"]
+__all__ = ["CompareResult", "compare", "read_rows", "sequence_index"]
 
 MEASURES = ("top1_agreement", "topk_overlap", "jaccard", "weight_rank_corr")
 
@@ -102,7 +102,7 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, lengths) + np.arange(total)
 
 
-def _read_rows(store: TraceStore, columns: list[str], starts: np.ndarray, lengths: np.ndarray) -> dict:
+def read_rows(store: TraceStore, columns: list[str], starts: np.ndarray, lengths: np.ndarray) -> dict:
     """Rows of several [start, start + n) ranges, concatenated in the given order.
 
     Reads one covering span when it is at most four times the rows wanted (the usual case: the
@@ -202,8 +202,8 @@ def compare(a: str | Path | TraceStore, b: str | Path | TraceStore, *, by: Seque
         if last <= first:
             continue
         pa, pb = ia[first:last], ib[first:last]
-        ra = _read_rows(sa, cols_a, start_a[pa], len_a[pa])
-        rb = _read_rows(sb, cols_b, start_b[pb], len_b[pb])
+        ra = read_rows(sa, cols_a, start_a[pa], len_a[pa])
+        rb = read_rows(sb, cols_b, start_b[pb], len_b[pb])
         # key = (sequence's place in this block, pos); both sides ascend, so intersect1d aligns them
         key_a = np.repeat(np.arange(len(pa), dtype=np.int64), len_a[pa]) << 32 | ra["pos"].astype(np.int64)
         key_b = np.repeat(np.arange(len(pb), dtype=np.int64), len_b[pb]) << 32 | rb["pos"].astype(np.int64)

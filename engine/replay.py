@@ -57,8 +57,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.capture import _cache_length, _find_cache
-from engine.compare import _read_rows, sequence_index
+from engine.capture import cache_length, find_cache
+from engine.compare import read_rows, sequence_index
 from engine.errors import MoetraceError
 from engine.intervene import patch_routers, router_sites
 from engine.models import RouterSite, RouteSpec
@@ -162,7 +162,7 @@ class Replay:
             raise MoetraceError(f"replay.set_batch: sequence {int(ids[missing][0])} has no rows in {self.store.path}; "
                                 f"expected ids the store holds ({len(known)} sequences)")
         starts, lengths = starts[at], lengths[at]
-        rows = _read_rows(self.store, ["pos", "token_id", "experts"], starts, lengths)
+        rows = read_rows(self.store, ["pos", "token_id", "experts"], starts, lengths)
         row_of = np.repeat(np.arange(len(ids)), lengths)
         pos = rows["pos"].astype(np.int64)
         experts = rows["experts"].astype(np.int64)
@@ -215,7 +215,7 @@ class Replay:
         if B != n:
             raise MoetraceError(f"replay.set_batch: expected {B} sequence ids for a batch of {B} rows "
                                 f"(one per row), got {n}")
-        past = _cache_length(_find_cache(args, kwargs))
+        past = cache_length(find_cache(args, kwargs))
         past = max(int(past), 0) if past is not None else (
             mask.shape[-1] - S if mask is not None and mask.dim() == 2 else 0)
         valid, pos = _positions(B, S, past, mask)
