@@ -44,6 +44,7 @@ import xarray as xr
 from engine.counting.driver import count_range, open_store, parse_stats, strings
 from engine.counting.files import load_counts, save_counts
 from engine.counting.filters import Filters
+from engine.counting.prefix import shared_prefix
 from engine.errors import MoetraceError
 from engine.store import TraceStore
 
@@ -189,9 +190,11 @@ def plan(stores: list[TraceStore], range_rows: int | None = None) -> list[tuple[
     return out
 
 
-def _count_task(path, start: int, stop: int, stats, filters: Filters, vocab_size, coords) -> xr.Dataset:
+def _count_task(path, start: int, stop: int, stats, filters: Filters, vocab_size, coords,
+                prefix=None) -> xr.Dataset:
     """One range's counts, reindexed by value to the archive's ``by`` coordinates (runs on a worker)."""
-    ds = count_range(path, start, stop, stats, filters=filters, vocab_size=vocab_size, progress=False)
+    ds = count_range(path, start, stop, stats, filters=filters, vocab_size=vocab_size, progress=False,
+                     prefix=prefix)
     if coords:
         ds = ds.reindex({k: strings(v) for k, v in coords.items()}, fill_value=0)
     if "last_shared_pos" in ds.attrs:
@@ -243,7 +246,12 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
     # a worker opens the store itself; an open TraceStore stays in this process
     where = [st if client is None else str(st.path) for st in stores]
     ranges = plan(stores, range_rows)
-    args = [(where[i], a, b, names, filters, vocab_size, coords) for i, a, b in ranges]
+    # skip_shared_prefix: each store's prefix is found once (a task of its own on a cluster)
+    # and handed to its ranges, rather than streamed again by every range
+    prefixes: list = [None] * len(stores)
+    if filters.skip_shared_prefix:
+        prefixes = [shared_prefix(w) if client is None else client.submit(shared_prefix, w) for w in where]
+    args = [(where[i], a, b, names, filters, vocab_size, coords, prefixes[i]) for i, a, b in ranges]
     done: dict[int, xr.Dataset] = {}
     ckpt = None
     if checkpoint is not None:

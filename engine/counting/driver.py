@@ -103,13 +103,13 @@ def _coords(st: TraceStore, sel: Selection, stat: counting.CountStat) -> dict[st
 
 
 def _count(st: TraceStore, start: int, stop: int, stats, filters: Filters, vocab_size, progress: bool,
-           allow_empty: bool) -> xr.Dataset:
+           allow_empty: bool, prefix: tuple | None = None) -> xr.Dataset:
     start, stop = int(start), int(stop)
     if not 0 <= start <= stop <= len(st):
         raise MoetraceError(f"rows: expected 0 <= start <= stop <= {len(st)} (committed rows), got [{start}, {stop})")
     extra = {"vocab_size": vocab_size}
     names = parse_stats(stats, st, extra)
-    sel = filters.compile(st, progress=progress)
+    sel = filters.compile(st, progress=progress, prefix=prefix)
     L, K, E = st.n_layers, st.top_k, st.n_experts
     objs = [counting.make_stat(name, sel.n_groups, L, K, E, **{a: int(extra[a]) for a in counting.STATS[name].args})
             for name in names]
@@ -165,9 +165,13 @@ def count_range(
     filters: Filters | None = None,
     vocab_size: int | None = None,
     progress: bool = True,
+    prefix: tuple | None = None,
     **filter_args: Any,
 ) -> xr.Dataset:
     """Counts of committed rows ``[start, stop)``; same arguments and result as :func:`count`.
+
+    ``prefix``: ``shared_prefix(store)``'s result, when already computed, so that the
+    ranges of one store (with ``skip_shared_prefix``) do not each stream the whole store.
 
     Disjoint ranges add up exactly: ``count_range(s, 0, m) + count_range(s, m, n)``
     equals ``count(s)`` for every variable (a ``temporal`` transition t -> t+1 belongs
@@ -176,7 +180,8 @@ def count_range(
     row left after the filters gives zero counts (``count`` raises instead).
     """
     filters = Filters.of(filters, by=by or None, where=where, **filter_args)
-    return _count(open_store(store), start, stop, stats, filters, vocab_size, progress, allow_empty=True)
+    return _count(open_store(store), start, stop, stats, filters, vocab_size, progress, allow_empty=True,
+                  prefix=prefix)
 
 
 def count(
