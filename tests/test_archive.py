@@ -194,3 +194,32 @@ def test_no_dask_without_client(archive):
     res = subprocess.run([sys.executable, "-c", blocked, str(archive)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "2400"
+
+
+@pytest.mark.slow
+def test_checkpoint_after_a_killed_run(tmp_path):
+    """`moetrace count --checkpoint` killed (SIGKILL) after a few ranges; the rerun continues and gives the same counts."""
+    import signal
+    import time
+
+    for i in range(2):
+        make_store(tmp_path / "arch" / f"s{i}.zarr", i * 20_000, 20_000,
+                   spec=TraceSpec(n_tokens=40_000, n_layers=3, n_experts=8, top_k=2, seq_len=37))
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.zarr"
+    cmd = [sys.executable, "-m", "engine.cli", "count", str(tmp_path / "arch"), str(out), "--stats",
+           "experts,temporal", "--by", "domain", "--range-rows", "256", "--checkpoint", str(ckpt), "--quiet"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 120
+    while len(list(ckpt.glob("range-*.zarr"))) < 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the count ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {f: f.stat().st_mtime_ns for f in ckpt.glob("range-*.zarr")}
+    assert 5 <= len(done) < 158 and not out.exists()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert all(f.stat().st_mtime_ns == t for f, t in done.items())  # kept, not recounted
+    assert len(list(ckpt.glob("range-*.zarr"))) == 158
+    want = count(tmp_path / "arch", stats=["experts", "temporal"], by=["domain"], progress=False)
+    xr.testing.assert_identical(load_counts(out), want)
