@@ -77,8 +77,12 @@ def _client(args: argparse.Namespace):
         return Client(args.scheduler)
     if args.workers < 1:
         raise MoetraceError(f"--workers: expected a positive number of worker processes, got {args.workers}")
+    import os
+
+    # one range at a time per worker; its Numba threads share this machine's cores
+    threads = str(max(1, (os.cpu_count() or 1) // args.workers))
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None)
+                           dashboard_address=None, env={"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads})
     return Client(cluster)
 
 
