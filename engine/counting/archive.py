@@ -14,7 +14,8 @@ in each store.
 The work is a list of chunk-aligned row ranges (:func:`plan`), each counted by
 :func:`engine.counting.count_range` where it runs (a Dask worker reads its own
 chunks straight from the store; only the count tensors travel). Partial counts are
-added in a tree. Counts are int64 and ``weight_sum`` sums of float16 weights, exact
+added in a tree of tasks on a cluster, as a running sum in-process (or with a
+checkpoint: the client saves each range as it comes). Counts are int64 and ``weight_sum`` sums of float16 weights, exact
 in float64, so the sum does not depend on the order: a cluster's result equals the
 in-process one bit for bit. Nothing of Dask is imported unless a ``client`` is given.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,8 +86,7 @@ def _stores_at(text: str) -> list[str]:
             return fs.exists(f"{p.rstrip('/')}/zarr.json")
 
         def children(p: str) -> list[str]:
-            return [c["name"] if isinstance(c, dict) else c for c in fs.ls(p, detail=True) if
-                    (c["type"] if isinstance(c, dict) else "directory") == "directory"]
+            return [c["name"] for c in fs.ls(p, detail=True) if c["type"] == "directory"]
 
         def isdir(p: str) -> bool:
             return fs.isdir(p)
@@ -190,7 +191,7 @@ def plan(stores: list[TraceStore], range_rows: int | None = None) -> list[tuple[
     return out
 
 
-def _count_task(path, start: int, stop: int, stats, filters: Filters, vocab_size, coords,
+def _count_task(name: str, path, start: int, stop: int, stats, filters: Filters, vocab_size, coords,
                 prefix=None) -> xr.Dataset:
     """One range's counts, reindexed by value to the archive's ``by`` coordinates (runs on a worker)."""
     ds = count_range(path, start, stop, stats, filters=filters, vocab_size=vocab_size, progress=False,
@@ -198,7 +199,7 @@ def _count_task(path, start: int, stop: int, stats, filters: Filters, vocab_size
     if coords:
         ds = ds.reindex({k: strings(v) for k, v in coords.items()}, fill_value=0)
     if "last_shared_pos" in ds.attrs:
-        ds.attrs[_SHARED] = {ds.attrs["store"]: ds.attrs["last_shared_pos"]}
+        ds.attrs[_SHARED] = {name: ds.attrs["last_shared_pos"]}
     return ds
 
 
@@ -214,12 +215,8 @@ def _add(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def _tree(parts: list):
-    """Pairwise sum, level by level (the same shape in-process and on a cluster)."""
-    while len(parts) > 1:
-        nxt = [_add(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
-        parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
-    return parts[0]
+def _running(total: xr.Dataset | None, part: xr.Dataset) -> xr.Dataset:
+    return part if total is None else _add(total, part)
 
 
 def _client_tree(client, futures: list):
@@ -243,47 +240,44 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
     extra = {"vocab_size": vocab_size}
     names = [parse_stats(stats, st, extra) for st in stores][0]
     coords = _coords(stores, filters)
-    # a worker opens the store itself; an open TraceStore stays in this process
-    where = [st if client is None else str(st.path) for st in stores]
+    # a worker opens the store itself (by absolute path or URL); an open TraceStore stays in this process
+    ids = [os.path.abspath(st.path) if isinstance(st.path, Path) else st.path for st in stores]
+    where = stores if client is None else ids
     ranges = plan(stores, range_rows)
     # skip_shared_prefix: each store's prefix is found once (a task of its own on a cluster)
     # and handed to its ranges, rather than streamed again by every range
     prefixes: list = [None] * len(stores)
     if filters.skip_shared_prefix:
         prefixes = [shared_prefix(w) if client is None else client.submit(shared_prefix, w) for w in where]
-    args = [(where[i], a, b, names, filters, vocab_size, coords, prefixes[i]) for i, a, b in ranges]
-    done: dict[int, xr.Dataset] = {}
-    ckpt = None
+    args = [(ids[i], where[i], a, b, names, filters, vocab_size, coords, prefixes[i]) for i, a, b in ranges]
+    files = None
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         ckpt.mkdir(parents=True, exist_ok=True)
-        files = [ckpt / f"range-{_key(str(stores[i].path), a, b, names, filters, vocab_size, coords)}.zarr"
+        files = [ckpt / f"range-{_key(ids[i], a, b, names, filters, vocab_size, coords)}.zarr"
                  for i, a, b in ranges]
-        for j, f in enumerate(files):
-            if f.exists():
-                done[j] = load_counts(f)
-    todo = [j for j in range(len(args)) if j not in done]
-    if client is None:
-        from engine.progress import tqdm
+    todo = [j for j in range(len(args)) if files is None or not files[j].exists()]
+    if client is not None and files is None:
+        total = _client_tree(client, [client.submit(_count_task, *a) for a in args])
+    else:  # a running sum (exact, so its order does not matter); partial counts saved as they come
+        total = None
+        for j in range(len(args)):
+            if j not in todo:
+                total = _running(total, load_counts(files[j]))
+        if client is None:
+            from engine.progress import tqdm
 
-        for j in tqdm(todo, disable=not progress, unit="range", desc="count"):
-            done[j] = _count_task(*args[j])
-            if ckpt is not None:
-                save_counts(done[j], files[j])
-        total = _tree([done[j] for j in range(len(args))])
-    elif ckpt is None:
-        futures = [client.submit(_count_task, *a) for a in args]
-        total = _client_tree(client, futures)
-    else:
-        from distributed import as_completed
+            results = (_count_task(*args[j]) for j in todo)
+            results = tqdm(zip(todo, results), total=len(todo), disable=not progress, unit="range", desc="count")
+        else:
+            from distributed import as_completed
 
-        futures = {client.submit(_count_task, *args[j]): j for j in todo}
-        for fut in as_completed(list(futures)):
-            j = futures[fut]
-            done[j] = fut.result()
-            save_counts(done[j], files[j])
-            fut.release()
-        total = _tree([done[j] for j in range(len(args))])
+            futures = {client.submit(_count_task, *args[j]): j for j in todo}
+            results = ((futures[f], f.result()) for f in as_completed(list(futures)))
+        for j, part in results:
+            if files is not None:
+                save_counts(part, files[j])
+            total = _running(total, part)
     if int(total["tokens"].sum()) == 0:
         raise MoetraceError(
             f"{archive}: empty selection, no row left after the filters {total.attrs.get('filters')} "
@@ -291,7 +285,7 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
     shared = total.attrs.pop(_SHARED, {})
     total.attrs.update(_attrs(stores))
     if shared:  # skip_shared_prefix: one int for one store, else one per store
-        values = [int(shared[str(st.path)]) for st in stores]
+        values = [int(shared[name]) for name in ids]
         total.attrs["last_shared_pos"] = values[0] if len(values) == 1 else values
     return total
 
