@@ -77,10 +77,7 @@ def _stores_at(text: str) -> list[str]:
             fs, root = fsspec.core.url_to_fs(text)
         except (ImportError, ValueError) as exc:
             raise MoetraceError(f"{text}: cannot open ({exc}; install the fsspec filesystem for this URL)") from None
-        protocol = text.split("://", 1)[0]
-
-        def url(p: str) -> str:
-            return f"{protocol}://{p.lstrip('/')}" if protocol != "memory" else f"memory://{p}"
+        url = fs.unstrip_protocol
 
         def exists(p: str) -> bool:
             return fs.exists(f"{p.rstrip('/')}/zarr.json")
