@@ -1,7 +1,7 @@
 """Counting API (kept for its importers): the implementation lives in :mod:`engine.counting`.
 
 ``count``, ``count_range``, ``coverage``, ``shared_prefix``, ``save_counts``,
-``load_counts``, ``sequence_table`` and ``Filters`` are re-exported from there;
+``load_counts``, ``sequence_table``, ``stores_of`` (an archive's stores) and ``Filters`` are re-exported from there;
 ``STATS`` is the registry of ``kernels/counting.py`` (name -> statistic class, each
 describing its dims, whether it is grouped and what it needs).
 """
@@ -18,6 +18,7 @@ from engine.counting import (
     save_counts,
     sequence_table,
     shared_prefix,
+    stores_of,
 )
 from kernels.counting import STATS
 
@@ -32,4 +33,5 @@ __all__ = [
     "save_counts",
     "load_counts",
     "sequence_table",
+    "stores_of",
 ]

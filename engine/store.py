@@ -97,6 +97,20 @@ def _codec(spec: Mapping[str, Any]) -> BloscCodec:
     return BloscCodec(cname=spec["cname"], clevel=int(spec["clevel"]), shuffle=spec["shuffle"])
 
 
+def _check_version(path, meta: Any) -> None:
+    """Refuse a group whose moetrace attribute is missing, or of a format version this code cannot read."""
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        raise MoetraceError(f"{path}: not a moetrace store (no '{ATTR_KEY}' group attribute)")
+    version = meta["format_version"]
+    if not _is_int(version) or version < 1:
+        raise MoetraceError(
+            f"{path}/zarr.json: attribute {ATTR_KEY}.format_version: expected a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise MoetraceError(
+            f"{path}: store format_version {version} is newer than this moetrace reads "
+            f"(up to {FORMAT_VERSION}); upgrade moetrace")
+
+
 def expert_dtype(n_experts: int) -> np.dtype:
     """Storage dtype of expert ids: uint8 up to 256 experts, else uint16."""
     return np.dtype(np.uint8 if n_experts <= 256 else np.uint16)
@@ -196,7 +210,7 @@ class TraceStore:
     flushed and committed.
     """
 
-    def __init__(self, group: zarr.Group, path: Path, mode: str):
+    def __init__(self, group: zarr.Group, path: Path | str, mode: str):
         self._group = group
         self.path = path
         self.mode = mode
@@ -328,13 +342,19 @@ class TraceStore:
     def open(cls, path: str | Path, mode: str = "r") -> "TraceStore":
         """Open an existing store; ``mode="r"`` to read, ``"a"`` to append.
 
-        Raises MoetraceError when ``path`` is not a moetrace store or was written by a
-        newer format version. Opening with ``"a"`` drops rows beyond ``committed`` left
+        ``path`` may also be an fsspec URL (``s3://...``, ``memory://...``; read-only,
+        through zarr's fsspec store; ``file://`` is a local path). Raises MoetraceError
+        when ``path`` is not a moetrace store or was written by a newer format version. Opening with ``"a"`` drops rows beyond ``committed`` left
         by a crashed writer.
         """
-        path = Path(path)
         if mode not in ("r", "a"):
             raise MoetraceError(f"mode: expected 'r' or 'a', got {mode!r}")
+        text = str(path)
+        if text.startswith("file://"):
+            path = text[len("file://"):]
+        elif "://" in text:
+            return cls._open_url(text, mode)
+        path = Path(path)
         if not (path / "zarr.json").is_file():
             raise MoetraceError(f"{path}: not a moetrace store (no zarr.json: not a Zarr v3 group)")
         try:
@@ -348,16 +368,7 @@ class TraceStore:
             raise MoetraceError(f"{path}/zarr.json: not a moetrace store (expected a Zarr v3 group, got {what})")
         attributes = root.get("attributes", {})
         meta = attributes.get(ATTR_KEY) if isinstance(attributes, dict) else None
-        if not isinstance(meta, dict) or "format_version" not in meta:
-            raise MoetraceError(f"{path}: not a moetrace store (no '{ATTR_KEY}' group attribute)")
-        version = meta["format_version"]
-        if not _is_int(version) or version < 1:
-            raise MoetraceError(
-                f"{path}/zarr.json: attribute {ATTR_KEY}.format_version: expected a positive integer, got {version!r}")
-        if version > FORMAT_VERSION:
-            raise MoetraceError(
-                f"{path}: store format_version {version} is newer than this moetrace reads "
-                f"(up to {FORMAT_VERSION}); upgrade moetrace")
+        _check_version(path, meta)
         _check_meta(path, meta)
         try:
             group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+", zarr_format=3)
@@ -368,6 +379,22 @@ class TraceStore:
         if mode == "a":
             store._recover()
         return store
+
+    @classmethod
+    def _open_url(cls, url: str, mode: str) -> "TraceStore":
+        """Open a store at an fsspec URL (``s3://``, ``gs://``, ``memory://``...) read-only, through zarr."""
+        if mode != "r":
+            raise MoetraceError(f"{url}: a store at a URL opens read-only (mode='r'), got mode={mode!r}")
+        try:
+            group = zarr.open_group(url, mode="r", zarr_format=3)
+        except ImportError as exc:
+            raise MoetraceError(f"{url}: cannot open ({exc}; install the fsspec filesystem for this URL)") from None
+        except Exception as exc:  # zarr / fsspec raise many types for a missing or foreign store
+            raise MoetraceError(f"{url}: not a moetrace store (cannot open as a Zarr v3 group: {exc})") from None
+        meta = group.attrs.get(ATTR_KEY)
+        _check_version(url, meta)
+        _check_meta(url, meta)
+        return cls(group, url, mode)  # array checks list files on disk: local stores only
 
     # ------------------------------------------------------------------ facts
     @property

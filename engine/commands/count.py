@@ -1,9 +1,12 @@
 """``moetrace count``: stream a trace store into count tensors saved as Zarr.
 
-    moetrace count STORE OUT.zarr --stats experts,paths,pairs,temporal,coact (see --help for all)
+    moetrace count ARCHIVE OUT.zarr --stats experts,paths,pairs,temporal,coact (see --help for all)
                    [--by domain,lang] [--skip-shared-prefix] [--generated-only]
                    [--positions A:B] [--group label=v1,v2]... [--vocab-size V]
+                   [--workers N | --scheduler ADDRESS] [--range-rows R] [--checkpoint DIR]
                    [--overwrite] [--quiet]
+
+ARCHIVE is a store, a directory of stores or a glob (see engine/counting/archive.py).
 
 The output is the Dataset of :func:`engine.aggregate.count`, written with
 ``engine.counting.save_counts`` (crash-safe: written beside OUT, renamed when complete;
@@ -60,10 +63,51 @@ class _StatsArgument(argparse.Action):
         pass
 
 
+def _client(args: argparse.Namespace):
+    """A ``distributed.Client`` for ``--workers N`` (a LocalCluster on loopback, processes) or ``--scheduler``."""
+    if args.workers is not None and args.scheduler:
+        raise MoetraceError("--workers and --scheduler: expected one of them, got both")
+    if args.workers is None and not args.scheduler:
+        return None
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise MoetraceError("--workers/--scheduler: needs the dask extra (pip install 'moetrace[dask]')") from None
+    if args.scheduler:
+        return Client(args.scheduler)
+    if args.workers < 1:
+        raise MoetraceError(f"--workers: expected a positive number of worker processes, got {args.workers}")
+    import os
+
+    # one range at a time per worker; its Numba threads share this machine's cores
+    threads = str(max(1, (os.cpu_count() or 1) // args.workers))
+    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None, env={"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads})
+    return Client(cluster)
+
+
 def run_count(args: argparse.Namespace) -> int:
     from engine.counting import count, save_counts
 
-    ds = count(
+    client = _client(args)
+    try:
+        ds = _count(args, count, client)
+    finally:
+        if client is not None:
+            cluster = client.cluster if args.workers is not None else None
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    save_counts(ds, args.out, overwrite=args.overwrite)
+    if not args.quiet:
+        total = int(ds["tokens"].sum())
+        extra = f", last shared prefix token {ds.attrs['last_shared_pos']}" if "last_shared_pos" in ds.attrs else ""
+        print(f"counted {total} tokens into {args.out}: {', '.join(v for v in ds.data_vars)}{extra}")
+    return 0
+
+
+def _count(args: argparse.Namespace, count, client):
+    return count(
         args.store,
         stats=_csv(args.stats),
         by=_csv(args.by) if args.by else [],
@@ -73,13 +117,10 @@ def run_count(args: argparse.Namespace) -> int:
         groups=_groups(args.group) if args.group else None,
         vocab_size=args.vocab_size,
         progress=not args.quiet,
+        client=client,
+        range_rows=args.range_rows,
+        checkpoint=args.checkpoint,
     )
-    save_counts(ds, args.out, overwrite=args.overwrite)
-    if not args.quiet:
-        total = int(ds["tokens"].sum())
-        extra = f", last shared prefix token {ds.attrs['last_shared_pos']}" if "last_shared_pos" in ds.attrs else ""
-        print(f"counted {total} tokens into {args.out}: {', '.join(v for v in ds.data_vars)}{extra}")
-    return 0
 
 
 def add_parser(subparsers) -> None:
@@ -88,7 +129,9 @@ def add_parser(subparsers) -> None:
         help="count expert choices, paths, pairs, transitions, co-activation into a Zarr counts file",
         description="Stream a trace store through the Numba counters and write the counts (xarray Dataset) to Zarr.",
     )
-    p.add_argument("store", help="trace store (Zarr directory)")
+    p.add_argument("store", metavar="ARCHIVE",
+                   help="trace store (Zarr directory), a directory of stores, or a glob (quote it); "
+                        "local or an fsspec URL (s3://..., needs its filesystem package)")
     p.add_argument("out", help="output counts file (Zarr directory, e.g. counts.zarr)")
     p.add_argument("--stats", default="experts", action=_StatsArgument, metavar="NAME[,NAME...]")
     p.add_argument("--by", default="", help="comma-separated label names to group by, e.g. domain,lang; "
@@ -100,6 +143,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--group", action="append", metavar="LABEL=V1,V2",
                    help="keep only these label values (repeatable); a --by label keeps exactly these coordinates")
     p.add_argument("--vocab-size", type=int, help="vocabulary size V for the vocab statistic")
+    p.add_argument("--workers", type=int, help="count on a LocalCluster of N worker processes on this machine")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="count on the Dask cluster at ADDRESS (tcp://host:8786)")
+    p.add_argument("--range-rows", type=int,
+                   help="rows per task (rounded down to whole chunks; default about 1.3e8 routing rows)")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="keep each finished range's counts in DIR; a rerun continues where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=run_count)

@@ -77,7 +77,8 @@ def iter_count_chunks(st: TraceStore, columns: list[str], rows: tuple[int, int],
     if start >= stop:
         return
     raw = {}
-    for col in columns:
+    local = isinstance(st.path, Path)  # a store at a URL is read through zarr
+    for col in columns if local else ():
         try:
             rc = _RawColumn(st, col)
         except Exception:  # an unexpected layout: zarr reads it

@@ -103,13 +103,13 @@ def _coords(st: TraceStore, sel: Selection, stat: counting.CountStat) -> dict[st
 
 
 def _count(st: TraceStore, start: int, stop: int, stats, filters: Filters, vocab_size, progress: bool,
-           allow_empty: bool) -> xr.Dataset:
+           allow_empty: bool, prefix: tuple | None = None) -> xr.Dataset:
     start, stop = int(start), int(stop)
     if not 0 <= start <= stop <= len(st):
         raise MoetraceError(f"rows: expected 0 <= start <= stop <= {len(st)} (committed rows), got [{start}, {stop})")
     extra = {"vocab_size": vocab_size}
     names = parse_stats(stats, st, extra)
-    sel = filters.compile(st, progress=progress)
+    sel = filters.compile(st, progress=progress, prefix=prefix)
     L, K, E = st.n_layers, st.top_k, st.n_experts
     objs = [counting.make_stat(name, sel.n_groups, L, K, E, **{a: int(extra[a]) for a in counting.STATS[name].args})
             for name in names]
@@ -165,9 +165,13 @@ def count_range(
     filters: Filters | None = None,
     vocab_size: int | None = None,
     progress: bool = True,
+    prefix: tuple | None = None,
     **filter_args: Any,
 ) -> xr.Dataset:
     """Counts of committed rows ``[start, stop)``; same arguments and result as :func:`count`.
+
+    ``prefix``: ``shared_prefix(store)``'s result, when already computed, so that the
+    ranges of one store (with ``skip_shared_prefix``) do not each stream the whole store.
 
     Disjoint ranges add up exactly: ``count_range(s, 0, m) + count_range(s, m, n)``
     equals ``count(s)`` for every variable (a ``temporal`` transition t -> t+1 belongs
@@ -176,7 +180,8 @@ def count_range(
     row left after the filters gives zero counts (``count`` raises instead).
     """
     filters = Filters.of(filters, by=by or None, where=where, **filter_args)
-    return _count(open_store(store), start, stop, stats, filters, vocab_size, progress, allow_empty=True)
+    return _count(open_store(store), start, stop, stats, filters, vocab_size, progress, allow_empty=True,
+                  prefix=prefix)
 
 
 def count(
@@ -188,11 +193,23 @@ def count(
     filters: Filters | None = None,
     vocab_size: int | None = None,
     progress: bool = True,
+    client: Any = None,
+    range_rows: int | None = None,
+    checkpoint: str | Path | None = None,
     **filter_args: Any,
 ) -> xr.Dataset:
-    """Count routing statistics over a whole trace store into an ``xarray.Dataset``.
+    """Count routing statistics over a whole trace store, or an archive of them, into an ``xarray.Dataset``.
 
-    ``store``: a path or an open :class:`~engine.store.TraceStore`.
+    ``store``: a path or an open :class:`~engine.store.TraceStore`; or an archive: a
+    directory of stores, a glob, or a list of those, local paths or fsspec URLs (see
+    :mod:`engine.counting.archive`: the stores must share layers, experts and top-k;
+    label values are merged by value; attributes ``stores`` and ``store_rows`` name the
+    stores counted and their rows, ``rows`` is [0, total rows], ``last_shared_pos`` one
+    int per store when there are several). ``client``: a ``distributed.Client``; the
+    archive is split into chunk-aligned ranges of about ``range_rows`` rows, counted on
+    its workers and summed in a tree; the result equals the in-process one bit for bit.
+    ``checkpoint``: a directory keeping each finished range's counts, so a rerun with
+    the same arguments counts only the ranges not yet there.
     ``stats``: names from ``kernels.counting.STATS`` (list or comma-separated string);
     ``tokens`` is always added. ``by``: label names; groups are their cross product (one
     dim per label, label strings as coordinates). Filters (a row is counted when it
@@ -222,6 +239,26 @@ def count(
     (JSON) and one attribute per filter. Raises MoetraceError on an unknown label /
     statistic / group value, a bad argument, or when no row is left after the filters.
     """
-    st = open_store(store)
     filters = Filters.of(filters, by=by or None, where=where, **filter_args)
-    return _count(st, 0, len(st), stats, filters, vocab_size, progress, allow_empty=False)
+    if client is not None or checkpoint is not None or _is_archive(store):
+        from engine.counting.archive import count_archive
+
+        return count_archive(store, stats, filters, vocab_size, progress, client=client, range_rows=range_rows,
+                             checkpoint=checkpoint)
+    st = open_store(store)
+    ds = _count(st, 0, len(st), stats, filters, vocab_size, progress, allow_empty=False)
+    ds.attrs.update({"stores": [str(st.path)], "store_rows": [len(st)]})
+    return ds
+
+
+def _is_archive(store: Any) -> bool:
+    """Whether ``store`` names several stores (a list, a glob, a directory of stores, a URL not to a store)."""
+    if isinstance(store, TraceStore):
+        return False
+    if not isinstance(store, (str, Path)):
+        return True
+    text = str(store)
+    if any(ch in text for ch in "*?[") or ("://" in text and not text.startswith("file://")):
+        return True
+    path = Path(text[len("file://"):] if text.startswith("file://") else text)
+    return path.is_dir() and not (path / "zarr.json").exists()

@@ -133,9 +133,12 @@ class Filters:
             "positions": list(self.positions) if self.positions else None,
         }
 
-    def compile(self, st: TraceStore, progress: bool = False) -> "Selection":
-        """Check the filters against ``st`` and prepare the per-chunk group codes."""
-        return Selection(st, self, progress)
+    def compile(self, st: TraceStore, progress: bool = False, prefix: tuple | None = None) -> "Selection":
+        """Check the filters against ``st`` and prepare the per-chunk group codes.
+
+        ``prefix``: ``shared_prefix(st)``'s result when already computed (for ``skip_shared_prefix``).
+        """
+        return Selection(st, self, progress, prefix)
 
 
 def _label_values(arg: str, label: str, values: Any, vocab: list[str]) -> list[str]:
@@ -151,7 +154,7 @@ def _label_values(arg: str, label: str, values: Any, vocab: list[str]) -> list[s
 class Selection:
     """:class:`Filters` compiled for one store: per-chunk int64 group codes (-1 = dropped)."""
 
-    def __init__(self, st: TraceStore, filters: Filters, progress: bool = False):
+    def __init__(self, st: TraceStore, filters: Filters, progress: bool = False, prefix: tuple | None = None):
         from engine.counting.prefix import shared_prefix
 
         self.store = st
@@ -190,7 +193,8 @@ class Selection:
         self.last_shared = None
         self.prefix = None
         if filters.skip_shared_prefix:
-            self.last_shared, seq_ids, cutoff = shared_prefix(st, progress=progress)
+            self.last_shared, seq_ids, cutoff = prefix if prefix is not None else shared_prefix(st, progress=progress)
+            self.last_shared = int(self.last_shared)
             self.prefix = (seq_ids, cutoff)
         self.shape = tuple(len(self.coords[label]) for label in self.by)
         self.n_groups = int(np.prod(self.shape)) if self.by else 1

@@ -1,0 +1,298 @@
+"""Counting an archive: many stores, split into row ranges, in-process or on a Dask cluster.
+
+An *archive* is a store, a directory of stores, a glob, or a list of those; each may
+be a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://``...; ``file://``
+is read as a local path). :func:`stores_of` resolves it to the stores' paths, sorted.
+
+Stores of one archive must share layer ids, expert count and top-k (else a
+MoetraceError names the first store that differs). Label vocabularies may differ: the
+``by`` coordinates of the result are the union of the stores' values (first store
+first, new values in the order they appear), and every partial count is reindexed to
+them by value before it is added, so a label value counts the same whatever its code
+in each store.
+
+The work is a list of chunk-aligned row ranges (:func:`plan`), each counted by
+:func:`engine.counting.count_range` where it runs (a Dask worker reads its own
+chunks straight from the store; only the count tensors travel). Partial counts are
+added in a tree of tasks on a cluster, as a running sum in-process (or with a
+checkpoint: the client saves each range as it comes). Counts are int64 and ``weight_sum`` sums of float16 weights, exact
+in float64, so the sum does not depend on the order: a cluster's result equals the
+in-process one bit for bit. Nothing of Dask is imported unless a ``client`` is given.
+
+Range size: :data:`RANGE_ROUTING_ROWS` routing rows (tokens x L x K) rounded down to
+whole chunks (at least one). At the measured 5-6e8 routing rows per CPU-second end to
+end (bench/RESULTS.md, issue 10), that is 0.2-0.3 s of counting per task on one core,
+so Dask's ~1 ms per task is under 1% and a 1e12-row archive is ~7,500 tasks.
+
+Checkpoints (``checkpoint=DIR``): each finished range's counts are saved in DIR with
+:func:`~engine.counting.files.save_counts` (a Zarr counts file, written beside its name
+and renamed when complete; no pickle), named by a hash of the store, the range and the
+count's arguments. A rerun with the same arguments loads the ranges already there and
+counts only the others.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import xarray as xr
+
+from engine.counting.driver import count_range, open_store, parse_stats, strings
+from engine.counting.files import load_counts, save_counts
+from engine.counting.filters import Filters
+from engine.counting.prefix import shared_prefix
+from engine.errors import MoetraceError
+from engine.store import TraceStore
+
+__all__ = ["RANGE_ROUTING_ROWS", "stores_of", "plan", "count_archive"]
+
+#: Routing rows (tokens x layers x top-k) per task; see the module docstring.
+RANGE_ROUTING_ROWS = 1 << 27
+
+_GLOB_CHARS = "*?["
+#: Attribute carried through the sum: store -> its last shared prefix position.
+_SHARED = "_last_shared_by_store"
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+def _local(text: str) -> str:
+    return text[len("file://"):] if text.startswith("file://") else text
+
+
+def _stores_at(text: str) -> list[str]:
+    """Stores named by one path, directory or glob (local or an fsspec URL)."""
+    if _is_url(text):
+        import fsspec
+
+        try:
+            fs, root = fsspec.core.url_to_fs(text)
+        except (ImportError, ValueError) as exc:
+            raise MoetraceError(f"{text}: cannot open ({exc}; install the fsspec filesystem for this URL)") from None
+        url = fs.unstrip_protocol
+
+        def exists(p: str) -> bool:
+            return fs.exists(f"{p.rstrip('/')}/zarr.json")
+
+        def children(p: str) -> list[str]:
+            return [c["name"] for c in fs.ls(p, detail=True) if c["type"] == "directory"]
+
+        def isdir(p: str) -> bool:
+            return fs.isdir(p)
+
+        matches = fs.glob(root) if any(ch in root for ch in _GLOB_CHARS) else [root]
+    else:
+        text = _local(text)
+
+        def url(p: str) -> str:
+            return p
+
+        def exists(p: str) -> bool:
+            return (Path(p) / "zarr.json").is_file()
+
+        def children(p: str) -> list[str]:
+            return [str(c) for c in Path(p).iterdir() if c.is_dir()]
+
+        def isdir(p: str) -> bool:
+            return Path(p).is_dir()
+
+        matches = globlib.glob(text) if any(ch in text for ch in _GLOB_CHARS) else [text]
+    out = []
+    for m in sorted(matches):
+        if exists(m):
+            out.append(url(m))
+        elif isdir(m):
+            out.extend(url(c) for c in sorted(children(m)) if exists(c))
+    return out
+
+
+def stores_of(archive: Any) -> list[str | TraceStore]:
+    """The stores of an archive: a store, a directory of stores, a glob, or a list of those.
+
+    Open :class:`TraceStore` objects are kept as they are. Raises MoetraceError when
+    the archive names no store.
+    """
+    if isinstance(archive, TraceStore):
+        return [archive]
+    if isinstance(archive, (str, Path)):
+        found = _stores_at(str(archive))
+        if not found:
+            raise MoetraceError(
+                f"{archive}: no trace store there (expected a store, a directory of stores or a glob)")
+        return found
+    try:
+        items = list(archive)
+    except TypeError:
+        raise MoetraceError(f"archive: expected a store, a directory, a glob or a list of them, got {archive!r}") from None
+    if not items:
+        raise MoetraceError("archive: expected at least one store, got an empty list")
+    out: list[str | TraceStore] = []
+    for item in items:
+        for s in stores_of(item):
+            if isinstance(s, TraceStore) or s not in out:
+                out.append(s)
+    return out
+
+
+def _check_compatible(stores: list[TraceStore]) -> None:
+    first = stores[0]
+    for st in stores[1:]:
+        for what, a, b in (("layer ids", list(first.layer_ids), list(st.layer_ids)),
+                           ("n_experts", first.n_experts, st.n_experts),
+                           ("top_k", first.top_k, st.top_k)):
+            if a != b:
+                raise MoetraceError(
+                    f"{st.path}: {what} {b} differ from {first.path}'s {a} "
+                    f"(the stores of one archive must have the same layers, experts and top-k)")
+
+
+def _coords(stores: list[TraceStore], filters: Filters) -> dict[str, list[str]]:
+    """Final ``by`` coordinates: the ``groups`` values as given, else the union of the vocabularies."""
+    out = {}
+    for label in filters.by:
+        if label in filters.groups:
+            values = filters.groups[label]
+            out[label] = list(dict.fromkeys([values] if isinstance(values, str) else list(values)))
+            continue
+        union: dict[str, None] = {}
+        for st in stores:
+            if label not in st.labels:
+                raise MoetraceError(f"by: unknown label {label!r} in {st.path}; expected one of {sorted(st.labels)}")
+            union.update(dict.fromkeys(st.labels[label]))
+        out[label] = list(union)
+    return out
+
+
+def plan(stores: list[TraceStore], range_rows: int | None = None) -> list[tuple[int, int, int]]:
+    """Chunk-aligned ranges ``(store index, start, stop)`` covering every committed row.
+
+    ``range_rows``: rows per range (rounded down to whole chunks, at least one chunk);
+    default :data:`RANGE_ROUTING_ROWS` routing rows.
+    """
+    out = []
+    for i, st in enumerate(stores):
+        step = st.chunk_rows
+        want = range_rows if range_rows is not None else RANGE_ROUTING_ROWS // max(1, st.n_layers * st.top_k)
+        if isinstance(want, bool) or int(want) < 1:
+            raise MoetraceError(f"range_rows: expected a positive number of rows, got {range_rows!r}")
+        size = max(1, int(want) // step) * step
+        out.extend((i, a, min(a + size, len(st))) for a in range(0, len(st), size))
+    return out
+
+
+def _count_task(name: str, path, start: int, stop: int, stats, filters: Filters, vocab_size, coords,
+                prefix=None) -> xr.Dataset:
+    """One range's counts, reindexed by value to the archive's ``by`` coordinates (runs on a worker)."""
+    ds = count_range(path, start, stop, stats, filters=filters, vocab_size=vocab_size, progress=False,
+                     prefix=prefix)
+    if coords:
+        ds = ds.reindex({k: strings(v) for k, v in coords.items()}, fill_value=0)
+    if "last_shared_pos" in ds.attrs:
+        ds.attrs[_SHARED] = {name: ds.attrs["last_shared_pos"]}
+    return ds
+
+
+def _add(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
+    """Sum of two partial counts over the same coordinates (attributes: ``a``'s)."""
+    xr.align(a, b, join="exact")  # raises if the coordinates differ (a bug, not a user error)
+    out = a.copy()
+    for name in a.data_vars:
+        out[name] = a[name] + b[name]
+    out.attrs = dict(a.attrs)
+    if _SHARED in a.attrs or _SHARED in b.attrs:
+        out.attrs[_SHARED] = {**a.attrs.get(_SHARED, {}), **b.attrs.get(_SHARED, {})}
+    return out
+
+
+def _running(total: xr.Dataset | None, part: xr.Dataset) -> xr.Dataset:
+    return part if total is None else _add(total, part)
+
+
+def _client_tree(client, futures: list):
+    while len(futures) > 1:
+        nxt = [client.submit(_add, futures[i], futures[i + 1]) for i in range(0, len(futures) - 1, 2)]
+        futures = nxt + ([futures[-1]] if len(futures) % 2 else [])
+    return futures[0].result()
+
+
+def _key(path: str, start: int, stop: int, stats, filters: Filters, vocab_size, coords) -> str:
+    spec = json.dumps([str(path), start, stop, list(stats), repr(filters), vocab_size, coords], default=str)
+    return hashlib.sha256(spec.encode()).hexdigest()[:24]
+
+
+def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: bool, *, client=None,
+                  range_rows: int | None = None, checkpoint: str | Path | None = None) -> xr.Dataset:
+    """Counts of every committed row of every store of ``archive`` (see the module docstring)."""
+    paths = stores_of(archive)
+    stores = [open_store(p) for p in paths]
+    _check_compatible(stores)
+    extra = {"vocab_size": vocab_size}
+    names = [parse_stats(stats, st, extra) for st in stores][0]
+    coords = _coords(stores, filters)
+    # a worker opens the store itself (by absolute path or URL); an open TraceStore stays in this process
+    ids = [os.path.abspath(st.path) if isinstance(st.path, Path) else st.path for st in stores]
+    where = stores if client is None else ids
+    ranges = plan(stores, range_rows)
+    # skip_shared_prefix: each store's prefix is found once (a task of its own on a cluster)
+    # and handed to its ranges, rather than streamed again by every range
+    prefixes: list = [None] * len(stores)
+    if filters.skip_shared_prefix:
+        prefixes = [shared_prefix(w) if client is None else client.submit(shared_prefix, w) for w in where]
+    args = [(ids[i], where[i], a, b, names, filters, vocab_size, coords, prefixes[i]) for i, a, b in ranges]
+    files = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        files = [ckpt / f"range-{_key(ids[i], a, b, names, filters, vocab_size, coords)}.zarr"
+                 for i, a, b in ranges]
+    todo = [j for j in range(len(args)) if files is None or not files[j].exists()]
+    if client is not None and files is None:
+        total = _client_tree(client, [client.submit(_count_task, *a) for a in args])
+    else:  # a running sum (exact, so its order does not matter); partial counts saved as they come
+        total = None
+        for j in range(len(args)):
+            if j not in todo:
+                total = _running(total, load_counts(files[j]))
+        if client is None:
+            from engine.progress import tqdm
+
+            results = (_count_task(*args[j]) for j in todo)
+            results = tqdm(zip(todo, results), total=len(todo), disable=not progress, unit="range", desc="count")
+        else:
+            from distributed import as_completed
+
+            futures = {client.submit(_count_task, *args[j]): j for j in todo}
+            results = ((futures[f], f.result()) for f in as_completed(list(futures)))
+        for j, part in results:
+            if files is not None:
+                save_counts(part, files[j])
+            total = _running(total, part)
+    if int(total["tokens"].sum()) == 0:
+        raise MoetraceError(
+            f"{archive}: empty selection, no row left after the filters {total.attrs.get('filters')} "
+            f"(of {sum(len(st) for st in stores)} rows in {len(stores)} stores)")
+    shared = total.attrs.pop(_SHARED, {})
+    total.attrs.update(_attrs(stores))
+    if shared:  # skip_shared_prefix: one int for one store, else one per store
+        values = [int(shared[name]) for name in ids]
+        total.attrs["last_shared_pos"] = values[0] if len(values) == 1 else values
+    return total
+
+
+def _attrs(stores: list[TraceStore]) -> dict[str, Any]:
+    models = list(dict.fromkeys(st.model or "" for st in stores))
+    return {
+        "store": str(stores[0].path) if len(stores) == 1 else ",".join(str(st.path) for st in stores),
+        "stores": [str(st.path) for st in stores],
+        "store_rows": [len(st) for st in stores],
+        "rows": [0, sum(len(st) for st in stores)],
+        "model": models[0] if len(models) == 1 else ",".join(models),
+    }

@@ -1,0 +1,225 @@
+"""Counting an archive of stores (engine/counting/archive.py): paths, globs, URLs, merge by value, checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from engine.counting import count, load_counts
+from engine.counting.archive import plan, stores_of
+from engine.errors import MoetraceError
+from engine.store import TraceStore
+from engine.synthetic import TraceSpec, generate_chunk
+
+STATS = ["experts", "paths", "temporal", "weight_sum"]
+SPEC = TraceSpec(n_tokens=3000, n_layers=3, n_experts=8, top_k=2, seq_len=37)
+
+
+def make_store(path, start: int, n: int, rename: dict | None = None, spec: TraceSpec = SPEC, chunk_rows=256):
+    """A store of synthetic rows [start, start + n) with growing label vocabularies (order of first appearance)."""
+    st = TraceStore.create(path, n_layers=spec.n_layers, n_experts=spec.n_experts, top_k=spec.top_k,
+                           labels=["domain", "lang"], weights=True, model="synthetic", chunk_rows=chunk_rows)
+    with st:
+        batch = generate_chunk(spec, start, start + n)
+        if rename:
+            batch["domain"] = np.array([rename.get(v, v) for v in batch["domain"]])
+        st.append(batch)
+    return TraceStore.open(path)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archive")
+    make_store(root / "a.zarr", 0, 1000)
+    make_store(root / "b.zarr", 1300, 900, rename={"dates": "history"})  # another vocabulary and order
+    make_store(root / "c.zarr", 2500, 500)
+    (root / "notes").mkdir()  # not a store: skipped
+    return root
+
+
+def reference(paths, **kw) -> xr.Dataset:
+    """Each store counted alone, then added cell by cell by label value (a slow loop)."""
+    parts = [count(p, progress=False, **kw) for p in paths]
+    by = kw.get("by", [])
+    if not by:
+        out = parts[0].copy(deep=True)
+        for p in parts[1:]:
+            for v in out.data_vars:
+                out[v] = out[v] + p[v]
+        return out
+    values = {lab: list(dict.fromkeys(x for p in parts for x in p[lab].values.tolist())) for lab in by}
+    out = {}
+    for v in parts[0].data_vars:
+        grouped = by[0] in parts[0][v].dims
+        if not grouped:
+            out[v] = sum(p[v] for p in parts)
+            continue
+        arr = np.zeros((len(values[by[0]]),) + parts[0][v].shape[1:], dtype=parts[0][v].dtype)
+        for p in parts:
+            for i, val in enumerate(values[by[0]]):
+                if val in p[by[0]].values.tolist():
+                    arr[i] += p[v].sel({by[0]: val}).values
+        out[v] = arr
+    return out
+
+
+def test_stores_of_directory_glob_list(archive):
+    names = [Path(p).name for p in stores_of(archive)]
+    assert names == ["a.zarr", "b.zarr", "c.zarr"]
+    assert [Path(p).name for p in stores_of(str(archive / "[ab].zarr"))] == ["a.zarr", "b.zarr"]
+    assert [Path(p).name for p in stores_of([archive / "c.zarr", str(archive / "a.zarr")])] == ["c.zarr", "a.zarr"]
+    assert [Path(p).name for p in stores_of(f"file://{archive}")] == ["a.zarr", "b.zarr", "c.zarr"]
+    with pytest.raises(MoetraceError, match="no trace store there"):
+        stores_of(archive / "notes")
+
+
+@pytest.mark.parametrize("by", [[], ["domain"]])
+def test_archive_equals_stores_added_by_value(archive, by):
+    paths = stores_of(archive)
+    got = count(archive, stats=STATS, by=by, progress=False)
+    want = reference(paths, stats=STATS, by=by)
+    for v in ["tokens", *STATS]:
+        np.testing.assert_array_equal(got[v].values, np.asarray(want[v]))
+    assert got.attrs["stores"] == [str(p) for p in paths]
+    assert got.attrs["store_rows"] == [1000, 900, 500]
+    assert got.attrs["rows"] == [0, 2400]
+    if by:
+        coords = got["domain"].values.tolist()
+        assert "history" in coords and "dates" in coords and len(coords) == len(set(coords))
+        # b's "history" rows are counted under history only
+        b = count(paths[1], stats=["experts"], by=["domain"], progress=False)
+        np.testing.assert_array_equal(got["tokens"].sel(domain="history").values, b["tokens"].sel(domain="history").values)
+
+
+def test_ranges_add_up_and_single_store_unchanged(archive):
+    one = archive / "a.zarr"
+    whole = count(one, stats=STATS, by=["domain", "lang"], progress=False)
+    split = count([one], stats=STATS, by=["domain", "lang"], progress=False, range_rows=256)
+    assert len(plan([TraceStore.open(one)], 256)) == 4
+    xr.testing.assert_identical(whole.drop_attrs(), split.drop_attrs())
+    assert split.attrs["stores"] == whole.attrs["stores"] == [str(one)]
+
+
+def test_shared_prefix_is_per_store(archive):
+    ds = count(archive, stats=["experts"], skip_shared_prefix=True, progress=False)
+    assert isinstance(ds.attrs["last_shared_pos"], list) and len(ds.attrs["last_shared_pos"]) == 3
+
+
+def test_incompatible_stores_refused(archive, tmp_path):
+    make_store(tmp_path / "wide.zarr", 0, 100, spec=TraceSpec(n_tokens=100, n_layers=3, n_experts=16, top_k=2))
+    with pytest.raises(MoetraceError, match="n_experts 16 differ"):
+        count([archive / "a.zarr", tmp_path / "wide.zarr"], progress=False)
+    make_store(tmp_path / "deep.zarr", 0, 100, spec=TraceSpec(n_tokens=100, n_layers=4, n_experts=8, top_k=2))
+    with pytest.raises(MoetraceError, match="layer ids"):
+        count([archive / "a.zarr", tmp_path / "deep.zarr"], progress=False)
+
+
+def test_fsspec_memory_url(archive):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for name in ("a.zarr", "b.zarr"):
+        fs.put(str(archive / name), f"/arch/{name}", recursive=True)
+    try:
+        got = count("memory://arch", stats=STATS, by=["domain"], progress=False)
+        want = count([archive / "a.zarr", archive / "b.zarr"], stats=STATS, by=["domain"], progress=False)
+        xr.testing.assert_identical(got.drop_attrs(), want.drop_attrs())
+        assert got.attrs["stores"] == ["memory:///arch/a.zarr", "memory:///arch/b.zarr"]
+        one = count("memory:///arch/a.zarr", stats=STATS, progress=False)
+        xr.testing.assert_identical(one.drop_attrs(), count(archive / "a.zarr", stats=STATS, progress=False).drop_attrs())
+        with pytest.raises(MoetraceError, match="read-only"):
+            TraceStore.open("memory:///arch/a.zarr", mode="a")
+    finally:
+        fs.rm("/arch", recursive=True)
+
+
+def test_checkpoint_resumes(archive, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    kw = dict(stats=STATS, by=["domain"], progress=False, range_rows=256)
+    full = count(archive, **kw)
+    first = count(archive, checkpoint=ckpt, **kw)
+    xr.testing.assert_identical(full, first)
+    files = sorted(ckpt.glob("range-*.zarr"))
+    assert len(files) == 4 + 4 + 2
+    # an interrupted run: some ranges never finished, one was being written
+    for f in files[::3]:
+        import shutil
+
+        shutil.rmtree(f)
+    (ckpt / f"{files[1].name}.partial-1").mkdir()
+    kept = {f: f.stat().st_mtime_ns for f in files if f.exists()}
+    again = count(archive, checkpoint=ckpt, **kw)
+    xr.testing.assert_identical(full, again)
+    assert all(f.stat().st_mtime_ns == t for f, t in kept.items())  # loaded, not recounted
+    assert len(sorted(ckpt.glob("range-*.zarr"))) == len(files)
+    # other arguments do not reuse these ranges
+    other = count(archive, checkpoint=ckpt, **{**kw, "stats": ["experts"]})
+    np.testing.assert_array_equal(other["experts"].values, full["experts"].values)
+
+
+def test_cli_archive_glob(archive, tmp_path):
+    out = tmp_path / "out.zarr"
+    res = subprocess.run([sys.executable, "-m", "engine.cli", "count", str(archive / "*.zarr"), str(out),
+                          "--stats", ",".join(STATS), "--by", "domain", "--quiet"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    got = load_counts(out)
+    want = count(archive, stats=STATS, by=["domain"], progress=False)
+    xr.testing.assert_identical(got.drop_attrs(), want.drop_attrs())
+    assert got.attrs["stores"] == want.attrs["stores"]
+
+
+def test_no_dask_without_client(archive):
+    """Counting without a client never imports distributed, and runs with Dask unimportable.
+
+    xarray itself imports the top-level ``dask`` package (for its duck-array checks) the
+    first time any Dataset is built when Dask is installed, so the test compares with a
+    plain ``xr.Dataset`` built beforehand: counting adds no Dask module of its own.
+    """
+    run = ("import sys, engine.aggregate as a, numpy as np, xarray as xr; "
+           "xr.Dataset({'v': ('x', np.arange(2))}); before = {m for m in sys.modules if m.startswith('dask')}; "
+           "a.count(sys.argv[1], stats=['experts'], progress=False); a.count(sys.argv[1] + '/a.zarr', progress=False); "
+           "extra = {m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')} - before; "
+           "assert not extra, sorted(extra)")
+    res = subprocess.run([sys.executable, "-c", run, str(archive)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    blocked = ("import sys\n"
+               "sys.modules['dask'] = sys.modules['distributed'] = None  # import dask raises ImportError\n"
+               "import engine.aggregate as a\n"
+               "ds = a.count(sys.argv[1], stats=['experts', 'paths'], by=['domain'], progress=False)\n"
+               "print(int(ds['tokens'].sum()))\n")
+    res = subprocess.run([sys.executable, "-c", blocked, str(archive)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "2400"
+
+
+@pytest.mark.slow
+def test_checkpoint_after_a_killed_run(tmp_path):
+    """`moetrace count --checkpoint` killed (SIGKILL) after a few ranges; the rerun continues and gives the same counts."""
+    import signal
+    import time
+
+    for i in range(2):
+        make_store(tmp_path / "arch" / f"s{i}.zarr", i * 20_000, 20_000,
+                   spec=TraceSpec(n_tokens=40_000, n_layers=3, n_experts=8, top_k=2, seq_len=37))
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.zarr"
+    cmd = [sys.executable, "-m", "engine.cli", "count", str(tmp_path / "arch"), str(out), "--stats",
+           "experts,temporal", "--by", "domain", "--range-rows", "256", "--checkpoint", str(ckpt), "--quiet"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 120
+    while len(list(ckpt.glob("range-*.zarr"))) < 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the count ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {f: f.stat().st_mtime_ns for f in ckpt.glob("range-*.zarr")}
+    assert 5 <= len(done) < 158 and not out.exists()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert all(f.stat().st_mtime_ns == t for f, t in done.items())  # kept, not recounted
+    assert len(list(ckpt.glob("range-*.zarr"))) == 158
+    want = count(tmp_path / "arch", stats=["experts", "temporal"], by=["domain"], progress=False)
+    xr.testing.assert_identical(load_counts(out), want)
