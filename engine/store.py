@@ -56,7 +56,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -201,6 +201,23 @@ class _EndedIds:
                 self._ids = grown
             self._ids[n:n + m] = ids
         self._n = n + m
+
+
+def prefetched(items: Sequence[Any], load: Callable[[Any], Any], readers: int, name: str) -> Iterator[Any]:
+    """``load(item)`` for each item, in order, with ``readers`` loads in flight in worker threads.
+
+    Blosc decompression releases the GIL, so the readers decompress in parallel with each other
+    and with the caller. At most ``readers + 1`` results exist at once (callers reusing buffers
+    rely on it).
+    """
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix=name) as pool:
+        pending = deque(pool.submit(load, item) for item in items[:readers])
+        for item in items[readers:]:
+            current = pending.popleft().result()
+            pending.append(pool.submit(load, item))
+            yield current
+        while pending:
+            yield pending.popleft().result()
 
 
 class TraceStore:
@@ -595,16 +612,7 @@ class TraceStore:
             for span in spans:
                 yield load(span)
             return
-        # Keep `readers` blocks in flight, yielded in order. Blosc decompression releases the
-        # GIL, so the readers decompress in parallel with each other and with the caller.
-        with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="moetrace-prefetch") as pool:
-            pending = deque(pool.submit(load, span) for span in spans[:readers])
-            for span in spans[readers:]:
-                current = pending.popleft().result()
-                pending.append(pool.submit(load, span))
-                yield current
-            while pending:
-                yield pending.popleft().result()
+        yield from prefetched(spans, load, readers, "moetrace-prefetch")
 
     def read_sequences(self, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Per-sequence metadata: column name -> array [S] of committed sequence rows."""

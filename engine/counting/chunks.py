@@ -14,8 +14,6 @@ chunk plus ``readers`` more; callers that keep arrays longer must copy them.
 from __future__ import annotations
 
 import sys
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +21,7 @@ import numpy as np
 import zarr
 from numcodecs import blosc
 
-from engine.store import ROUTING_COLUMNS, Chunk, TraceStore
+from engine.store import ROUTING_COLUMNS, Chunk, TraceStore, prefetched
 
 __all__ = ["iter_count_chunks"]
 
@@ -107,11 +105,4 @@ def iter_count_chunks(st: TraceStore, columns: list[str], rows: tuple[int, int],
     if len(indices) == 1:
         yield load(first)
         return
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="moetrace-count-read") as pool:
-        pending = deque(pool.submit(load, i) for i in indices[:readers])
-        for i in indices[readers:]:
-            current = pending.popleft().result()
-            pending.append(pool.submit(load, i))
-            yield current
-        while pending:
-            yield pending.popleft().result()
+    yield from prefetched(indices, load, readers, "moetrace-count-read")
