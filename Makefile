@@ -42,13 +42,15 @@ $(LATEST)/.installed: pyproject.toml setup.py
 	touch $@
 
 test-latest:
-	rm -f $(LATEST)/.installed
+	rm -f $(LATEST)/.installed $(LATEST)/.tested
 	$(MAKE) $(LATEST)/.installed
 	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|triton|numba|numpy|zarr|xarray)=='
 	$(LATEST)/bin/python -m pytest -q
+	touch $(LATEST)/.tested
 
-# Re-lock to the set `make test-latest` just tested (run it first): every package, exact versions.
-lock: $(LATEST)/.installed
+# Re-lock to the set `make test-latest` just tested and passed: every package, exact versions.
+lock:
+	@test -f $(LATEST)/.tested || { echo "make lock: run 'make test-latest' first (it must pass)"; exit 2; }
 	{ echo "# Exact, complete set of versions that CI and every fresh clone install (CPU build of torch)."; \
 	  echo "# Produced by \`make lock\` from the environment \`make test-latest\` tested (newest versions"; \
 	  echo "# pyproject.toml allows, torch pinned). Library users get the ranges in pyproject.toml."; \

@@ -287,9 +287,9 @@ class Capture:
     def _follow_reorders(self, cache: Cache) -> None:
         """Wrap ``cache.reorder_cache`` (public Cache API, used by beam search) so the writer
         sees every reordering of the batch rows; undone on exit."""
+        if any(ref() is cache for ref, _ in self._wrapped):
+            return  # wrapped once per cache, even when another capture wrapped it after this one
         previous = cache.__dict__.get("reorder_cache")
-        if getattr(previous, "_moetrace_capture", None) is self:
-            return
         original = cache.reorder_cache
 
         def reorder_cache(beam_idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

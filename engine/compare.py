@@ -45,7 +45,8 @@ MEASURES = ("top1_agreement", "topk_overlap", "jaccard", "weight_rank_corr")
 
 @dataclass
 class CompareResult:
-    """``layers``: Dataset over (group..., layer) with ``tokens`` (group...) and the MEASURES;
+    """``layers``: Dataset over (group..., layer) with ``tokens`` (group...), the MEASURES and, with
+    weights, ``weight_rank_corr_tokens`` (the tokens where the rank correlation is defined);
     ``worst_tokens``: the aligned tokens with the most layers whose top-1 differs (columns ``seq``,
     ``pos``, ``token_id``, ``layers_differing``), most first."""
 
@@ -244,6 +245,8 @@ def compare(a: str | Path | TraceStore, b: str | Path | TraceStore, *, by: Seque
     with np.errstate(invalid="ignore", divide="ignore"):
         data = {m: (dims, sums[m] / (defined if m == "weight_rank_corr" else tokens[..., None])) for m in measures}
     coords = {"layer": sa.layer_ids, **{x: v for x, v in zip(by, vocab)}}
+    if weights:  # tokens where the rank correlation is defined: its weights when groups are pooled
+        data["weight_rank_corr_tokens"] = (dims, defined.astype(np.int64))
     ds = xr.Dataset({"tokens": (tuple(by), tokens), **data}, coords=coords,
                     attrs={"a": str(sa.path), "b": str(sb.path), "sequences": int(len(common))})
     table = pd.concat(worst, ignore_index=True) if worst else pd.DataFrame(
@@ -267,7 +270,7 @@ def summary_json(result: CompareResult) -> dict:
             if m not in ds:
                 continue
             v = ds[m].isel(layer=i)
-            w = weight if m != "weight_rank_corr" else weight.where(v.notnull(), 0)
+            w = weight if m != "weight_rank_corr" else ds["weight_rank_corr_tokens"].isel(layer=i)
             total = float(w.sum())
             entry[m] = float((v.fillna(0) * w).sum() / total) if total else None
         layers.append(entry)
@@ -283,24 +286,3 @@ def summary_json(result: CompareResult) -> dict:
                         for li, layer in enumerate(ds["layer"].values.tolist())]}
             for g in range(stacked.sizes["group"])]
     return out
-
-
-def agreement_figure(result: CompareResult):
-    """A matplotlib Figure: every measure against the layer, over all aligned tokens."""
-    from matplotlib.figure import Figure
-
-    summary = summary_json(result)
-    layers = [e["layer"] for e in summary["layers"]]
-    fig = Figure(figsize=(6.0, 3.4))
-    ax = fig.subplots()
-    for m in MEASURES:
-        values = [e.get(m) for e in summary["layers"]]
-        if all(v is None for v in values):
-            continue
-        ax.plot(layers, [np.nan if v is None else v for v in values], marker="o", label=m.replace("_", " "))
-    ax.set_xlabel("layer")
-    ax.set_ylim(-0.05 if "weight_rank_corr" not in result.layers else -1.05, 1.05)
-    ax.set_title(f"{Path(summary['a']).name} vs {Path(summary['b']).name}: {summary['tokens']:,} tokens", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig

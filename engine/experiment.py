@@ -55,8 +55,10 @@ RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "seed", "n_item
 ITEM_COLUMNS = ("kind", "method", "targeted_group", "seed", "evaluated_group", "item", "base", "ablated", "weight")
 N_BOOT = 2000
 # OUT/dose_response.csv: one row per (method, mode, targeted group, evaluated group, n_ablated,
-# control or not, seed); accuracy/loss under that ablation, with the paired effect's interval.
-DOSE_COLUMNS = ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "is_random", "seed",
+# control or not, seed); the share of the evaluated group's routes the ablated items cover (a rare
+# route can be highly specialized yet carry few tokens), accuracy/loss under that ablation, with
+# the paired effect's interval.
+DOSE_COLUMNS = ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "is_random", "seed", "coverage",
                 "accuracy", "drop", "drop_ci_low", "drop_ci_high", "drop_p_value",
                 "loss", "loss_increase", "loss_ci_low", "loss_ci_high", "loss_p_value")
 
@@ -205,7 +207,7 @@ def run_experiment(
         targeted = _group_name(group.values())
         selection = metrics.specialized(counts, method, group, threshold=thresholds.get(method))
         if dose_list is not None:
-            doses_rows += _dose_rows(model, selection, counts, method, targeted, dose_list, modes, n_random, seed,
+            doses_rows += _dose_rows(model, store, by, selection, counts, method, targeted, dose_list, modes, n_random, seed,
                                      evaluate, base_acc, base_loss, boot, text_boot)
         real = Targets.from_specialized(method, selection, mask_mode=mask_mode)
         real.save_bare(targets_dir / f"{targeted.replace('/', '_')}_{method}.json", method)
@@ -213,10 +215,7 @@ def run_experiment(
         variants += [(f"random:{method}", s, random_like(selection, counts, method, seed * 1000 + s, mask_mode))
                      for s in range(n_random)]
         for name, variant_seed, targets in variants:
-            cov = coverage(store, targets, by=by, kind=method, skip_shared_prefix=True, progress=False)
-            prop = cov["prop_targeted"].transpose(*by)
-            cov_by_group = {_group_name(k): float(v) for k, v in
-                            zip(product(*(prop[b].values.tolist() for b in by)), prop.values.reshape(-1))}
+            cov_by_group = _coverage_by_group(store, targets, by, method)
             if targets.is_empty():
                 acc, loss = base_acc, base_loss
             else:
@@ -248,6 +247,14 @@ def run_experiment(
     summary["base_accuracy"] = {g: float(v[1].mean()) for g, v in base_acc.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return table
+
+
+def _coverage_by_group(store, targets: Targets, by: Sequence[str], method: str) -> dict[str, float]:
+    """{group name: share of the group's ``method`` routes that ``targets`` cover} (seed 000's coverage)."""
+    cov = coverage(store, targets, by=by, kind=method, skip_shared_prefix=True, progress=False)
+    prop = cov["prop_targeted"].transpose(*by)
+    return {_group_name(k): float(v) for k, v in
+            zip(product(*(prop[b].values.tolist() for b in by)), prop.values.reshape(-1))}
 
 
 def _paired_columns(base_acc: dict, acc: dict, base_loss: dict, loss: dict, group: str,
@@ -505,8 +512,8 @@ def dose_ladder(selection: metrics.Selection, doses: Sequence[int | str]) -> lis
     return out
 
 
-def _dose_rows(model, selection, counts, method: str, targeted: str, doses, modes, n_random: int, seed: int,
-               evaluate, base_acc: dict, base_loss: dict, boot, text_boot) -> list[dict[str, Any]]:
+def _dose_rows(model, store, by, selection, counts, method: str, targeted: str, doses, modes, n_random: int,
+               seed: int, evaluate, base_acc: dict, base_loss: dict, boot, text_boot) -> list[dict[str, Any]]:
     """dose_response.csv rows of one targeted group and method (every dose, mode and control)."""
     rows = []
     for n, sub in dose_ladder(selection, doses):
@@ -514,6 +521,7 @@ def _dose_rows(model, selection, counts, method: str, targeted: str, doses, mode
             variants = [(False, -1, Targets.from_specialized(method, sub, mask_mode=mode))]
             variants += [(True, s, random_like(sub, counts, method, seed * 1000 + s, mode)) for s in range(n_random)]
             for is_random, variant_seed, targets in variants:
+                cov_by_group = _coverage_by_group(store, targets, by, method)
                 try:
                     with intervene(model, targets):
                         acc, loss = evaluate()
@@ -525,6 +533,7 @@ def _dose_rows(model, selection, counts, method: str, targeted: str, doses, mode
                     c = _paired_columns(base_acc, acc, base_loss, loss, evaluated, boot, text_boot, seed)
                     rows.append({"method": method, "mode": mode, "targeted_group": targeted,
                                  "evaluated_group": evaluated, "n_ablated": n, "is_random": is_random,
+                                 "coverage": cov_by_group.get(evaluated, float("nan")),
                                  "seed": variant_seed, "accuracy": c["ablated_accuracy"], "drop": c["drop"],
                                  "drop_ci_low": c["drop_ci_low"], "drop_ci_high": c["drop_ci_high"],
                                  "drop_p_value": c["drop_p_value"], "loss": c["ablated_loss"],

@@ -450,3 +450,25 @@ def steering(result: dict, top: int = 10) -> Figure:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def compare_agreement(summary: dict) -> Figure:
+    """Routing agreement of two traces against the layer (``engine.compare.summary_json``'s
+    ``layers``): top-1 agreement, top-k overlap, Jaccard and, when present, the weights' rank
+    correlation, over all aligned tokens."""
+    from pathlib import Path
+
+    layers = [e["layer"] for e in summary["layers"]]
+    fig = Figure(figsize=(6.0, 3.4))
+    ax = fig.subplots()
+    measures = [m for m in ("top1_agreement", "topk_overlap", "jaccard", "weight_rank_corr")
+                if m in summary["layers"][0]]
+    for m in measures:
+        values = [np.nan if e[m] is None else e[m] for e in summary["layers"]]
+        ax.plot(layers, values, marker="o", label=m.replace("_", " "))
+    ax.set_xlabel("layer")
+    ax.set_ylim(-1.05 if "weight_rank_corr" in measures else -0.05, 1.05)
+    ax.set_title(f"{Path(summary['a']).name} vs {Path(summary['b']).name}: {summary['tokens']:,} tokens", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -129,7 +129,9 @@ def _check_selectable(targets: Targets, sites: Sequence[RouterSite]) -> None:
     path rules that can fire together. The rules that fire for a token are those whose prefix is a
     suffix of its history, so every such set is the set of a longest firing prefix P: the rules
     whose prefix is a suffix of P. With group-limited selection the worst case is the
-    ``topk_group`` groups with the fewest free experts, which must hold the K (K + 1).
+    ``topk_group`` groups with the fewest free experts among those the router can keep (a group
+    with fewer than 2 free experts scores -inf and is kept only when too few others score
+    finite), which must hold the K (K + 1).
     """
     if targets.mask_mode != "reroute":
         return
@@ -149,8 +151,13 @@ def _check_selectable(targets: Targets, sites: Sequence[RouterSite]) -> None:
             free = E - len(masked)
             if spec.n_group is not None:
                 size = E // spec.n_group
-                per_group = sorted(size - sum(1 for e in masked if e // size == g) for g in range(spec.n_group))
-                free = min(free, sum(per_group[: spec.topk_group]))
+                per_group = [size - sum(1 for e in masked if e // size == g) for g in range(spec.n_group)]
+                # a group scores the sum of its two best selection scores: with fewer than 2 free experts
+                # it scores -inf and is kept only when fewer than topk_group groups score finite
+                scoring = sorted(f for f in per_group if f >= 2)
+                short = sorted(f for f in per_group if f < 2)
+                kept = scoring[: spec.topk_group] + short[: max(0, spec.topk_group - len(scoring))]
+                free = min(free, sum(kept))
             if free < need:
                 rule = "its expert mask" if prefix is None else \
                     f"its expert mask and the path rules that fire after the top-1 experts {list(prefix)}"

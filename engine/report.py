@@ -60,7 +60,7 @@ NUMERIC_RESULT_COLUMNS = ("base_accuracy", "ablated_accuracy", "drop", "base_los
 #: Where a run directory keeps what the analysis commands wrote (``--out RUN/analysis``).
 ANALYSIS_DIR = "analysis"
 #: Files an experiment writes into its run directory that sections read (a section ``need``).
-RUN_FILES = ("items.csv", "dose_response.csv")
+RUN_FILES = ("items.csv", "dose_response.csv", "compare.json")
 #: Paths listed per group.
 TOP_PATHS = 10
 
@@ -262,11 +262,19 @@ class Context:
             return self.store.has_probs or self.has(f"{ANALYSIS_DIR}/decisiveness.zarr")
         if need == "groups":
             return bool(metrics.group_dims(self.counts))
-        if need in RUN_FILES:  # a file an experiment writes into its run directory
+        if need == "generated":  # the trace holds generated (decoded) tokens besides its prompts
+            return int(self.by_generated()["tokens"].sel(generated="generated")) > 0
+        if need in RUN_FILES:  # a file an experiment or `moetrace compare --out` writes into the run directory
             return self.run_dir is not None and (self.run_dir / need).is_file()
         if need.startswith(f"{ANALYSIS_DIR}/"):  # a path or glob pattern under the run directory
             return self.run_dir is not None and any(self.run_dir.glob(need))
         raise MoetraceError(f"unknown report need {need!r}")
+
+    def by_generated(self) -> xr.Dataset:
+        """The trace's expert counts split into prompt and generated tokens (counted once, cached)."""
+        if "generated" not in self.cache:
+            self.cache["generated"] = count(self.store, stats=["experts"], by=["generated"], progress=False)
+        return self.cache["generated"]
 
     def best_layer(self) -> int | None:
         """Layer id with the largest chi-square (None without experts counts or when all are NaN)."""
@@ -289,7 +297,9 @@ class Section:
     ``results`` (an experiment table), ``coverage`` (its coverage column), ``probs``
     (``routing/probs`` in the store), ``decisiveness`` (probs, or ``analysis/decisiveness.zarr``), ``groups`` (counts grouped by a label), or
     ``analysis/<file or glob>`` (what an analysis command wrote into the run directory's ``analysis/``),
-    or one of :data:`RUN_FILES` (``dose_response.csv``: what ``run_experiment(doses=...)`` wrote);
+    ``generated`` (the trace holds generated tokens), or one of :data:`RUN_FILES`
+    (``dose_response.csv``: what ``run_experiment(doses=...)`` wrote; ``compare.json``: what
+    ``moetrace compare --out RUN`` wrote);
     render: Context -> HTML body. ``always``: shown with a note naming the missing count
     statistics when some are absent (else the section is left out when its data is missing).
     """
@@ -459,7 +469,7 @@ def _render_experiment(ctx: Context) -> str:
 
     items = None
     if ctx.has("items.csv"):
-        items_df = pd.read_csv(ctx.run_dir / "items.csv")
+        items_df = _read_run_csv(ctx.run_dir / "items.csv")
         items = {c: items_df[c].to_numpy() for c in items_df.columns}
     headline = summarize({c: df[c].to_numpy() for c in ("method", "targeted_group", "evaluated_group", *measures)},
                          items)
@@ -505,6 +515,12 @@ def _render_experiment(ctx: Context) -> str:
                      table.itertuples(index=False), text_cols=3))
 
 
+def _read_run_csv(path: Path) -> pd.DataFrame:
+    """A table the experiment wrote, group and method names kept as text ("2024", "NA" stay names)."""
+    text = ("kind", "method", "mode", "targeted_group", "evaluated_group")
+    return pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False, na_values=[""])
+
+
 def _effect(e: dict) -> str:
     if e["estimate"] != e["estimate"]:
         return "n/a"
@@ -516,7 +532,7 @@ def _ratio(r: dict) -> str:
 
 
 def _render_dose_response(ctx: Context) -> str:
-    dose = pd.read_csv(ctx.run_dir / "dose_response.csv")
+    dose = _read_run_csv(ctx.run_dir / "dose_response.csv")
     parts = [_note("The effect of ablating the n most specialized items of each targeted group (by their share of "
                    "samples from the group), against n: on the targeted group, on the other groups, and with n "
                    "random real routes ablated instead (the control); means over targeted groups, shaded: the "
@@ -532,6 +548,32 @@ def _render_dose_response(ctx: Context) -> str:
              int(r.n_ablated), r.drop, r.loss_increase] for r in table.itertuples(index=False)]
     return "".join(parts) + _table(["method", "mode", "ablated", "evaluated", "n", "accuracy drop", "loss increase"],
                                    rows, text_cols=4)
+
+
+def _render_generated(ctx: Context) -> str:
+    counts = ctx.by_generated()
+    ent = metrics.entropy(counts)["entropy"]
+    rows = [[str(kind), int(counts["tokens"].sel(generated=kind)),
+             *[float(ent.sel(generated=kind, layer=layer)) for layer in counts["layer"].values]]
+            for kind in counts["generated"].values]
+    return (_note("Expert usage of the prompt tokens and of the tokens the model generated, counted separately "
+                  "(`moetrace count --by generated`); entropy of each kind's expert distribution per layer, in bits.")
+            + _img(figures.usage_heatmaps(counts), "expert usage of prompt and generated tokens")
+            + _table(["tokens", "count", *[f"layer {layer}" for layer in counts["layer"].values]], rows))
+
+
+def _render_compare(ctx: Context) -> str:
+    summary = json.loads((ctx.run_dir / "compare.json").read_text())
+    measures = [m for m in ("top1_agreement", "topk_overlap", "jaccard", "weight_rank_corr")
+                if m in summary["layers"][0]]
+    layer_rows = [[e["layer"], *[float("nan") if e[m] is None else e[m] for m in measures]] for e in summary["layers"]]
+    worst = [[w["seq"], w["pos"], w["token_id"], w["layers_differing"]] for w in summary["worst_tokens"]]
+    return (_note(f"{summary['a']} vs {summary['b']}: {summary['tokens']:,} tokens aligned by (seq, pos) in "
+                  f"{summary['sequences']:,} sequences (`moetrace compare --out`).")
+            + _img(figures.compare_agreement(summary), "routing agreement of two traces by layer")
+            + _table(["layer", *[m.replace("_", " ") for m in measures]], layer_rows)
+            + "<h3>Tokens whose top-1 differs in most layers</h3>"
+            + _table(["seq", "pos", "token id", "layers differing"], worst))
 
 
 def _render_targets(ctx: Context) -> str:
@@ -724,6 +766,8 @@ def _render_store(ctx: Context) -> str:
 SECTIONS: tuple[Section, ...] = (
     Section("experiment", "Ablation experiment", "Ablation experiment", ("results",), _render_experiment),
     Section("dose-response", "Dose-response", "Dose-response", ("dose_response.csv",), _render_dose_response),
+    Section("compare", "Comparison with another trace", "Comparison", ("compare.json",), _render_compare),
+    Section("generated", "Prompt vs generated tokens", "Prompt vs generated", ("generated",), _render_generated),
     Section("targets", "Chosen targets and their coverage", "Targets", ("coverage",), _render_targets),
     Section("separation", "Domain separation by layer", "Domain separation", ("experts",), _render_separation,
             always=True),

@@ -18,6 +18,11 @@ token-weighted loss is ``sum(w d) / sum(w)``). Two tools, both exact about the p
   (only discordant items can change sign), computed as the binomial test on the discordant
   pairs, ``scipy.stats.binomtest(b, b + c, 0.5)``.
 
+The p-value of a *difference between two ablations* on the same items (targeted minus the
+random control's mean over seeds) uses the same sign-flip test; there the two terms of an item are
+not exchangeable draws of one 0/1 outcome, so with few items the test is approximate (with many
+items the mean difference is close to symmetric and it is accurate).
+
 A ratio (selectivity: targeted effect / off-target effect) gets an interval only; when the
 interval of its denominator contains 0 the ratio is undefined and reported as such (``NaN`` with
 ``defined=False``), never as ``inf``.
@@ -123,8 +128,8 @@ class PairedBootstrap:
     def __init__(self, sizes: Mapping[str, int], *, n_boot: int = 4000, seed: int = 0):
         rng = np.random.default_rng(seed)
         self.n_boot = n_boot
-        self._idx = {name: rng.integers(0, n, size=(n_boot, n)) if n else np.zeros((n_boot, 0), np.int64)
-                     for name, n in sorted(sizes.items())}
+        self._idx = {name: rng.integers(0, n, size=(n_boot, n), dtype=np.int32) if n
+                     else np.zeros((n_boot, 0), np.int32) for name, n in sorted(sizes.items())}
 
     def means(self, name: str, d: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
         """float64 [n_boot]: the weighted mean of ``d`` over each draw of set ``name``'s items."""

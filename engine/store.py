@@ -1057,8 +1057,8 @@ def _check_meta(path: Path, meta: dict) -> None:
         raise bad("top_k", f"at most n_experts={meta['n_experts']}")
     for key in ("committed", "sequences_committed"):
         if key == "committed" or key in meta:
-            if not _is_int(meta.get(key)) or meta[key] < 0:
-                raise bad(key, "a non-negative integer")
+            if not _is_int(meta.get(key)) or not 0 <= meta[key] <= np.iinfo(np.int64).max:
+                raise bad(key, "a non-negative 64-bit integer")
     ids = meta.get("layer_ids")
     if (not isinstance(ids, list) or len(ids) != meta["n_layers"]
             or not all(_is_int(x) and 0 <= x <= MAX_LAYER_ID for x in ids)

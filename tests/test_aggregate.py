@@ -623,3 +623,25 @@ def test_shared_prefix_memory_is_bounded_by_chunks_not_tokens(tmp_path):
     # measured: 2.3 bytes/token here (chunk buffers + 16 bytes per sequence); the old in-memory
     # pass peaked at 90 bytes/token on this store
     assert peak < 8 * n, f"peak {peak} bytes for {n} tokens"
+
+
+def test_a_damaged_chunk_is_a_one_line_error_in_count(tmp_path):
+    """The direct chunk reader names the damaged file instead of a numcodecs traceback, and a frame
+    that decodes to another size is refused (it would leave stale rows in the reused buffer)."""
+    from numcodecs import blosc
+
+    from engine.errors import MoetraceError
+    from engine.store import TraceStore
+
+    path = tmp_path / "t.zarr"
+    with TraceStore.create(path, n_layers=2, n_experts=8, top_k=2, chunk_rows=64) as st:
+        st.append({"seq": np.repeat(np.arange(4), 50), "pos": np.tile(np.arange(50), 4),
+                   "experts": np.random.default_rng(0).integers(0, 8, (200, 2, 2))})
+    chunk = next(p for p in (path / "routing" / "experts").rglob("*") if p.is_file() and p.name != "zarr.json")
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[:20])
+    with pytest.raises(MoetraceError, match="damaged chunk"):
+        A.count(path, stats=["experts"], progress=False)
+    chunk.write_bytes(blosc.compress(b"\0" * 10, b"lz4", 5, blosc.BITSHUFFLE))  # a valid frame, too short
+    with pytest.raises(MoetraceError, match=r"damaged chunk \(the frame decodes to 10 bytes"):
+        A.count(path, stats=["experts"], progress=False)

@@ -162,3 +162,38 @@ def test_ablation_shows_where_routing_changes(tmp_path, capsys):
     assert out["layers"][1]["top1_agreement"] == pytest.approx(agree[1])
     assert {"layer", "top1_agreement", "topk_overlap"} <= set(out["layers"][0])
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5000
+
+
+def test_report_sections_for_a_comparison_and_for_generated_tokens(tmp_path, capsys):
+    """A run directory with compare.json gets the comparison section; a trace with generated tokens
+    gets prompt vs generated usage, with the token counts of the store."""
+    from engine.capture import capture
+    from engine.intervene import ablate
+    from engine.report import write_report
+    from tiny_models import tiny_model
+
+    torch.manual_seed(2)
+    model = tiny_model("olmoe").eval()
+    ids = torch.randint(1, model.config.vocab_size, (2, 6))
+    run = tmp_path / "run"
+    run.mkdir()
+    with torch.no_grad():
+        with capture(model, run / "trace.zarr") as cap:
+            cap.set_batch(seq=[0, 1])
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                           pad_token_id=0)
+        layers = TraceStore.open(run / "trace.zarr").layer_ids.tolist()
+        with ablate(model, experts={layers[1]: [0]}), capture(model, tmp_path / "ablated.zarr") as cap:
+            cap.set_batch(seq=[0, 1])
+            model(input_ids=ids)  # the prompts only: they align with the first trace's prompt tokens
+    assert main(["compare", str(run / "trace.zarr"), str(tmp_path / "ablated.zarr"), "--out", str(run)]) == 0
+    assert json.loads((run / "compare.json").read_text())["tokens"] == ids.numel()
+    capsys.readouterr()
+    html = write_report(run, tmp_path / "report.html").read_text()
+    section = html.split('<section id="compare">', 1)[1].split("</section>", 1)[0]
+    assert 'src="data:image/png;base64,' in section and "layers differing" in section
+    generated = html.split('<section id="generated">', 1)[1].split("</section>", 1)[0]
+    store = TraceStore.open(run / "trace.zarr")
+    flags = store.read(["generated"])["generated"]
+    assert f"<td class=\"t\">generated</td><td>{int(flags.sum())}</td>" in generated
+    assert f"<td class=\"t\">prompt</td><td>{int((~flags).sum())}</td>" in generated

@@ -579,7 +579,14 @@ def test_targets_leaving_too_few_experts_are_refused_on_entry():
             model(input_ids=ids)
 
     grouped = cached_model("deepseek_v3")  # 2 groups of 4, topk_group 1, K = 2
+    # group 0 keeps 1 expert, so it scores -inf (sum of its two best) and group 1 (4 free) is always kept
+    with torch.no_grad(), intervene(grouped, Targets(experts={0: [0, 1, 2]}), backend=BACKEND):
+        experts_used = []
+        with observe_routing(grouped, lambda e: experts_used.append(e.experts) if e.position == 0 else None):
+            grouped(input_ids=ids)
+        assert all(bool((x >= 4).all()) for x in experts_used)
+    # both groups keep one expert: whichever is kept holds 1 < K
     with pytest.raises(MoetraceError, match=r"layer 0: its expert mask leave 1 selectable experts in its 1 worst kept"):
-        with intervene(grouped, Targets(experts={0: [0, 1, 2]}), backend=BACKEND):
+        with intervene(grouped, Targets(experts={0: [0, 1, 2, 4, 5, 6]}), backend=BACKEND):
             pass
     assert no_patch_left(grouped)

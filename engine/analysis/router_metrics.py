@@ -1,9 +1,10 @@
 """Router metrics (seed 003's ``router_metrics.py``): expert selection frequency, domain
 specialization and expert token overlap per layer, for any number of groups and experts.
 
-Selection frequency and domain specialization are the OLMoE-paper metrics moetrace already computes
-from counts (:func:`engine.metrics.selection_frequency`, :func:`engine.metrics.domain_specialization`);
-this module only adds the token overlap and puts the three in one tidy table.
+Selection frequency and domain specialization come from the functions moetrace already has
+(:func:`engine.metrics.selection_frequency`, and :func:`engine.metrics.domain_specialization` with
+``normalize="expert"``: the share of the expert's selections from the group, not the OLMoE paper's
+per-group normalization); this module only adds the token overlap and puts the three in one table.
 
 Normalizations:
 - ``frequency`` [group, layer, expert] = N_k(E_e, g) / N_g: the fraction of the group's tokens with

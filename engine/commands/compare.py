@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("b", help="second trace store (.zarr)")
     p.add_argument("--by", default="", help="labels of A to group by, e.g. domain,lang")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--out", default=None, help="directory for compare.json and compare.png (created)")
+    p.add_argument("--out", default=None, help="directory for compare.json and compare.png (created); "
+                                               "an experiment's run directory gets a report section from them")
     p.add_argument("--top", type=int, default=10, help="tokens listed as disagreeing most (default 10)")
     p.set_defaults(func=run)
 
@@ -23,7 +24,8 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from engine.compare import agreement_figure, compare, summary_json
+    from engine import figures
+    from engine.compare import compare, summary_json
     from engine.errors import MoetraceError
 
     if args.top < 0:
@@ -34,7 +36,7 @@ def run(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.json").write_text(json.dumps(summary, indent=1))
-        agreement_figure(result).savefig(out / "compare.png", dpi=120)
+        figures.compare_agreement(summary).savefig(out / "compare.png", dpi=120)
     if args.json:
         print(json.dumps(summary))
         return 0

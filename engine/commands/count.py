@@ -16,6 +16,7 @@ read it with ``xarray.open_zarr`` or ``engine.counting.load_counts``).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from engine.errors import MoetraceError
 
@@ -89,6 +90,8 @@ def _client(args: argparse.Namespace):
 def run_count(args: argparse.Namespace) -> int:
     from engine.counting import count, save_counts
 
+    if Path(args.out).exists() and not args.overwrite:  # say so before counting, not after
+        raise MoetraceError(f"{args.out}: already exists (pass --overwrite to replace it)")
     client = _client(args)
     try:
         ds = _count(args, count, client)

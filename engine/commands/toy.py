@@ -104,6 +104,7 @@ def run_train(args) -> int:
     from engine.toy import (SCHEDULES, Config, MoEModel, expert_feat_dimensionality, feature_specialization,
                             global_feature_dimensionality, most_monosemantic, optimize, weighted_global_dim)
     from engine.toy.metrics import REPRESENTED_THRESHOLD
+    from engine.toy.model import fresh_step
     from engine.toy.plots import render_features
 
     _positive(args, ["features", "hidden", "steps", "batch", "print_freq"])
@@ -122,7 +123,8 @@ def run_train(args) -> int:
     steps = args.steps or 10_000
     hist = optimize(model, n_batch=args.batch or 1024, steps=steps, print_freq=args.print_freq or 1000,
                     lr=args.lr, lr_scale=SCHEDULES[args.schedule])
-    usage, glob = global_feature_dimensionality(model, model.training_batch(steps, 4096))
+    fresh = fresh_step(steps, args.batch or 1024, 4096)  # inputs the training never saw
+    usage, glob = global_feature_dimensionality(model, model.training_batch(fresh, 4096))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"config": json.dumps(cfg.__dict__), "seed": str(args.seed)})
     metrics = {

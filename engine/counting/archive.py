@@ -254,12 +254,13 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
         files = [ckpt / f"range-{_key(ids[i], a, b, names, filters, vocab_size, coords)}.zarr"
                  for i, a, b in ranges]
     todo = [j for j in range(len(args)) if files is None or not files[j].exists()]
+    done = set(range(len(args))) - set(todo)
     if client is not None and files is None:
-        total = _client_tree(client, [client.submit(_count_task, *a) for a in args])
+        total = _client_tree(client, [client.submit(_count_task, *a) for a in args]) if args else None
     else:  # a running sum (exact, so its order does not matter); partial counts saved as they come
         total = None
         for j in range(len(args)):
-            if j not in todo:
+            if j in done:
                 total = _running(total, load_counts(files[j]))
         if client is None:
             from engine.progress import tqdm
@@ -275,9 +276,10 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
             if files is not None:
                 save_counts(part, files[j])
             total = _running(total, part)
-    if int(total["tokens"].sum()) == 0:
+    if total is None or int(total["tokens"].sum()) == 0:
         raise MoetraceError(
-            f"{archive}: empty selection, no row left after the filters {total.attrs.get('filters')} "
+            f"{archive}: empty selection, no row left after the filters "
+            f"{None if total is None else total.attrs.get('filters')} "
             f"(of {sum(len(st) for st in stores)} rows in {len(stores)} stores)")
     shared = total.attrs.pop(_SHARED, {})
     total.attrs.update(_attrs(stores))

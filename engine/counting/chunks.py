@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from numcodecs import blosc
 
+from engine.errors import MoetraceError
 from engine.store import ROUTING_COLUMNS, Chunk, TraceStore, prefetched
 
 __all__ = ["iter_count_chunks"]
@@ -62,7 +63,17 @@ class _RawColumn:
         except FileNotFoundError:  # zarr does not write chunks that are all fill value
             out[...] = self.fill
             return
-        blosc.decompress(data, out)
+        except OSError as exc:
+            raise MoetraceError(f"{path}: unreadable chunk ({exc.strerror or exc})") from None
+        try:
+            # a Blosc frame's header holds its decoded size (bytes 4-7, little endian): a short frame
+            # would leave the previous chunk's rows in the reused buffer
+            size = int.from_bytes(data[4:8], "little") if len(data) >= 16 else -1
+            if size != out.nbytes:
+                raise ValueError(f"the frame decodes to {size} bytes, expected {out.nbytes}")
+            blosc.decompress(data, out)
+        except Exception as exc:  # numcodecs raises RuntimeError/ValueError on a damaged frame
+            raise MoetraceError(f"{path}: damaged chunk ({exc})") from None
 
 
 def iter_count_chunks(st: TraceStore, columns: list[str], rows: tuple[int, int],

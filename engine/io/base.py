@@ -26,10 +26,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from engine.errors import MoetraceError
+from engine.store import MAX_LAYER_ID  # the largest layer index a store (and so an importer) takes
 
-#: Largest model layer index an importer accepts (the long format's ``layer`` column is int16,
-#: or int32 when a layer id exceeds 32767).
-MAX_LAYER_ID = int(np.iinfo(np.int32).max)
 #: ``routing/experts`` is uint16 at most.
 MAX_EXPERTS = 65536
 #: ``tokens/token_id`` is int32; -1 means unknown.
@@ -81,8 +79,14 @@ def staged_store(out: str | os.PathLike, overwrite: bool = False, inputs: tuple 
         if created is not None:
             _remove(created)
         raise
-    _remove(out)
+    # the old output is moved aside, not deleted, until the new one is in place: a crash leaves
+    # either the old store or the new one under `out`, never a half-deleted one
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    _remove(old)
+    if out.exists() or out.is_symlink():
+        os.replace(out, old)
     os.replace(partial, out)
+    _remove(old)
 
 
 def _remove(path: Path) -> None:

@@ -110,6 +110,12 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ ((z >> 31) & ((1 << 33) - 1))
 
 
+def fresh_step(steps: int, n_batch: int, batch: int) -> int:
+    """The first step index at which a batch of ``batch`` rows draws only stream values that a training
+    run of ``steps`` steps of ``n_batch`` rows never used (counters ``[0, steps * n_batch)``)."""
+    return -(-steps * n_batch // batch)
+
+
 def feature_batch(seeds: torch.Tensor, step: int, n_batch: int, feature_probability: torch.Tensor,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Training inputs ``[I, n_batch, F]`` for ``I`` models, a pure function of ``(seed, step)``.

@@ -21,7 +21,7 @@ import torch
 from engine.errors import MoetraceError
 from engine.toy.batched import BatchedMoE, train_batched
 from engine.toy.metrics import summary
-from engine.toy.model import SCHEDULES, Config, feature_batch
+from engine.toy.model import SCHEDULES, Config, feature_batch, fresh_step
 
 log = logging.getLogger("engine.toy")
 
@@ -101,7 +101,8 @@ def run_sweep(specs: Sequence[Spec], steps: int = 3000, n_batch: int = 1024, lr:
         hist = train_batched(model, n_batch=n_batch, steps=steps, print_freq=print_freq, lr=lr,
                              lr_scale=SCHEDULES[schedule])
         with torch.no_grad():
-            x = feature_batch(model.seed_tensor, steps, usage_batch, model.feature_probability, dtype)
+            x = feature_batch(model.seed_tensor, fresh_step(steps, n_batch, usage_batch), usage_batch,
+                              model.feature_probability, dtype)
             metrics = {k: v.cpu().tolist() for k, v in
                        summary(model.W_experts, model.gate, x, model.expert_mask).items()}
         final = hist["reconstruction_loss"][-tail:].mean(0).tolist()
