@@ -517,8 +517,11 @@ def _render_experiment(ctx: Context) -> str:
 
 def _read_run_csv(path: Path) -> pd.DataFrame:
     """A table the experiment wrote, group and method names kept as text ("2024", "NA" stay names)."""
-    text = ("kind", "method", "mode", "targeted_group", "evaluated_group")
-    return pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False, na_values=[""])
+    text = {"kind", "method", "mode", "targeted_group", "evaluated_group"}
+    columns = pd.read_csv(path, nrows=0).columns
+    missing = {c: ["", "nan", "NaN", "NA"] for c in columns if c not in text}  # numbers: pyarrow writes NaN as nan
+    return pd.read_csv(path, dtype={c: str for c in text if c in columns}, keep_default_na=False,
+                       na_values=missing)
 
 
 def _effect(e: dict) -> str:
@@ -767,11 +770,11 @@ SECTIONS: tuple[Section, ...] = (
     Section("experiment", "Ablation experiment", "Ablation experiment", ("results",), _render_experiment),
     Section("dose-response", "Dose-response", "Dose-response", ("dose_response.csv",), _render_dose_response),
     Section("compare", "Comparison with another trace", "Comparison", ("compare.json",), _render_compare),
-    Section("generated", "Prompt vs generated tokens", "Prompt vs generated", ("generated",), _render_generated),
     Section("targets", "Chosen targets and their coverage", "Targets", ("coverage",), _render_targets),
     Section("separation", "Domain separation by layer", "Domain separation", ("experts",), _render_separation,
             always=True),
     Section("usage", "Expert usage per layer", "Expert usage", ("experts",), _render_usage, always=True),
+    Section("generated", "Prompt vs generated tokens", "Prompt vs generated", ("generated",), _render_generated),
     Section("specialists", "Specialist and generalist experts", "Specialists", ("experts",), _render_specialists,
             always=True),
     Section("paths", "Top paths per group", "Top paths", ("paths",), _render_paths, always=True),

@@ -35,8 +35,9 @@ from engine.store import TraceStore
 SPEC = synthetic.TraceSpec(n_tokens=2048, n_layers=4, n_experts=16, top_k=2, seq_len=32)
 GROUPS = [f"{d}/{lang}" for d in synthetic.DOMAINS for lang in synthetic.LANGS]
 # The sections a run directory with results.csv and counts of every REPORT_STATS grouped by labels
-# gets: derived from the report's own list (no routing/probs, no analysis/ files, no coverage column).
-AVAILABLE = {"results", "tokens", "groups", *REPORT_STATS}
+# gets: derived from the report's own list (no routing/probs, no analysis/ files, no coverage column;
+# the synthetic trace marks some tokens generated).
+AVAILABLE = {"results", "tokens", "groups", "generated", *REPORT_STATS}
 SECTIONS = tuple(s.id for s in REPORT_SECTIONS if s.always or set(s.needs) <= AVAILABLE)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -153,11 +154,11 @@ def test_self_contained(run_report):
 
 def test_every_image_is_a_valid_png(run_report):
     pngs = images(run_report)
-    # experiments (one method beside its control), separation, usage, specialists, paths, pairs,
-    # co-activation, stickiness, router metrics, languages vs domains
-    assert SECTIONS == ("experiment", "separation", "usage", "specialists", "paths", "pairs", "coactivation",
-                        "stickiness", "router-metrics", "lang-domain", "store")
-    assert len(pngs) == 10
+    # experiments (one method beside its control), separation, usage, prompt vs generated usage,
+    # specialists, paths, pairs, co-activation, stickiness, router metrics, languages vs domains
+    assert SECTIONS == ("experiment", "separation", "usage", "generated", "specialists", "paths", "pairs",
+                        "coactivation", "stickiness", "router-metrics", "lang-domain", "store")
+    assert len(pngs) == 11
     for data in pngs:
         width, height = png_size(data)
         assert 50 < width < 5000 and 50 < height < 5000
