@@ -3,7 +3,8 @@
 Layout (see ARCHITECTURE.md; other Zarr readers can read it directly)::
 
     <store>/zarr.json              group; attributes["moetrace"] holds the model facts,
-                                   the label vocabularies and ``committed``
+                                   the label vocabularies, ``committed`` and ``uuid``
+                                   (random, new at each create)
     tokens/seq        [N]        int64    sequence id
     tokens/pos        [N]        int32    position in the sequence
     tokens/token_id   [N]        int32    vocabulary id, -1 if unknown
@@ -52,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -324,6 +326,9 @@ class TraceStore:
             "chunk_rows": chunk_rows,
             "shard_chunks": None if shard_chunks is None else int(shard_chunks),
             "codec": codec,
+            # new at every create (overwrite included), kept by appends: tells a rewritten store
+            # from the one it replaced (engine/counting/archive.py keys checkpoints by it)
+            "uuid": uuid.uuid4().hex,
         }
         compressor = _codec(codec)
 
@@ -447,6 +452,12 @@ class TraceStore:
     @property
     def scoring(self) -> str | None:
         return self._meta.get("scoring")
+
+    @property
+    def uuid(self) -> str | None:
+        """A random id set when the store was created (None for a store written before it existed)."""
+        value = self._meta.get("uuid")
+        return None if value is None else str(value)
 
     @property
     def chunk_rows(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +21,12 @@ STATS = ["experts", "paths", "temporal", "weight_sum"]
 SPEC = TraceSpec(n_tokens=3000, n_layers=3, n_experts=8, top_k=2, seq_len=37)
 
 
-def make_store(path, start: int, n: int, rename: dict | None = None, spec: TraceSpec = SPEC, chunk_rows=256):
+def make_store(path, start: int, n: int, rename: dict | None = None, spec: TraceSpec = SPEC, chunk_rows=256,
+               overwrite: bool = False):
     """A store of synthetic rows [start, start + n) with growing label vocabularies (order of first appearance)."""
     st = TraceStore.create(path, n_layers=spec.n_layers, n_experts=spec.n_experts, top_k=spec.top_k,
-                           labels=["domain", "lang"], weights=True, model="synthetic", chunk_rows=chunk_rows)
+                           labels=["domain", "lang"], weights=True, model="synthetic", chunk_rows=chunk_rows,
+                           overwrite=overwrite)
     with st:
         batch = generate_chunk(spec, start, start + n)
         if rename:
@@ -223,3 +226,95 @@ def test_checkpoint_after_a_killed_run(tmp_path):
     assert len(list(ckpt.glob("range-*.zarr"))) == 158
     want = count(tmp_path / "arch", stats=["experts", "temporal"], by=["domain"], progress=False)
     xr.testing.assert_identical(load_counts(out), want)
+
+
+def _numpy_counts(paths, by: str, keep: dict[str, list[str]], values: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """tokens [G] and experts [G, L, K, E] by ``by`` over every row whose labels are in ``keep`` (plain NumPy)."""
+    tokens = np.zeros(len(values), dtype=np.int64)
+    experts = np.zeros((len(values), SPEC.n_layers, SPEC.top_k, SPEC.n_experts), dtype=np.int64)
+    for p in paths:
+        st = TraceStore.open(p)
+        cols = st.read(["experts", "domain", "lang"])
+        names = {lab: np.asarray(st.labels[lab], dtype=object)[cols[lab]] for lab in ("domain", "lang")}
+        ok = np.ones(len(st), dtype=bool)
+        for lab, allowed in keep.items():
+            ok &= np.isin(names[lab], allowed)
+        for g, v in enumerate(values):
+            rows = ok & (names[by] == v)
+            tokens[g] += rows.sum()
+            for l in range(SPEC.n_layers):
+                for k in range(SPEC.top_k):
+                    experts[g, l, k] += np.bincount(cols["experts"][rows, l, k], minlength=SPEC.n_experts)
+    return tokens, experts
+
+
+@pytest.mark.parametrize("engine_kw", ["groups", "where"])
+def test_label_value_missing_from_a_store(archive, engine_kw):
+    """A groups/where value that only some stores have: the others add zero rows (b has "history", not "dates")."""
+    paths = stores_of(archive)
+    if engine_kw == "groups":
+        kw, keep, values = dict(by=["domain"], groups={"domain": ["history", "dates"]}), \
+            {"domain": ["history", "dates"]}, ["history", "dates"]
+        got = count(archive, stats=["experts"], progress=False, **kw)
+        assert got["domain"].values.tolist() == values
+    else:
+        kw, keep = dict(by=["domain"], where={"domain": ["history", "math"]}), {"domain": ["history", "math"]}
+        got = count(archive, stats=["experts"], progress=False, **kw)
+        values = got["domain"].values.tolist()
+        assert "history" in values and "dates" in values  # coordinates stay complete
+    tokens, experts = _numpy_counts(paths, "domain", keep, values)
+    np.testing.assert_array_equal(got["tokens"].values, tokens)
+    np.testing.assert_array_equal(got["experts"].values, experts)
+    assert json.loads(got.attrs["filters"])[engine_kw]["domain"] == list(kw[engine_kw]["domain"])
+    # only in b: a and c are not read, and each contributes zero
+    only_b = count(archive, stats=["experts"], by=["lang"], where={"domain": "history"}, progress=False)
+    b = count(paths[1], stats=["experts"], by=["lang"], where={"domain": "history"}, progress=False)
+    xr.testing.assert_identical(only_b.drop_attrs(), b.drop_attrs())
+    with pytest.raises(MoetraceError, match=r"value 'physics' is not a domain in any store"):
+        count(archive, stats=["experts"], where={"domain": ["physics"]}, progress=False)
+
+
+def test_by_derived_label_over_archive(archive):
+    got = count(archive, stats=["experts"], by=["generated"], progress=False)
+    want = reference(stores_of(archive), stats=["experts"], by=["generated"])
+    np.testing.assert_array_equal(got["experts"].values, np.asarray(want["experts"]))
+
+
+def test_checkpoint_refuses_another_archive(tmp_path):
+    """A checkpoint is tied to its stores: a store rewritten with the same shape and rows is another archive."""
+    make_store(tmp_path / "arch" / "a.zarr", 0, 600)
+    make_store(tmp_path / "arch" / "b.zarr", 600, 600)
+    ckpt = tmp_path / "ckpt"
+    kw = dict(stats=["experts", "temporal"], by=["domain"], progress=False, range_rows=256)
+    count(tmp_path / "arch", checkpoint=ckpt, **kw)
+    make_store(tmp_path / "arch" / "b.zarr", 1300, 600, overwrite=True)  # rewritten: other rows, same shapes and row count
+    with pytest.raises(MoetraceError, match=r"checkpoint made for another archive \(store .*b\.zarr"):
+        count(tmp_path / "arch", checkpoint=ckpt, **kw)
+    # the same directory is refused for another set of stores too; a fresh one gives the true counts
+    with pytest.raises(MoetraceError, match="1 stores, the checkpoint has 2"):
+        count([tmp_path / "arch" / "a.zarr"], checkpoint=ckpt, **kw)
+    assert json.loads((ckpt / "archive.json").read_text())["stores"][1]["rows"] == 600
+    fresh = count(tmp_path / "arch", checkpoint=tmp_path / "ckpt2", **kw)
+    xr.testing.assert_identical(fresh, count(tmp_path / "arch", **kw))
+    # the range files name their store's identity: stale ones left in a directory are never read
+    (tmp_path / "ckpt2" / "archive.json").unlink()
+    make_store(tmp_path / "arch" / "a.zarr", 1900, 600, overwrite=True)
+    again = count(tmp_path / "arch", checkpoint=tmp_path / "ckpt2", **kw)
+    xr.testing.assert_identical(again, count(tmp_path / "arch", **kw))
+
+
+def test_checkpoint_identity_of_a_store_without_uuid(tmp_path):
+    """Stores written before stores had a uuid are told apart by their experts array's modification time."""
+    from engine.counting.archive import _identity
+
+    st = make_store(tmp_path / "old.zarr", 0, 300)
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+")
+    meta = dict(group.attrs["moetrace"])
+    assert len(meta.pop("uuid")) == 32
+    group.attrs["moetrace"] = meta
+    first = _identity(TraceStore.open(tmp_path / "old.zarr"), "old")
+    assert first["uuid"] is None and isinstance(first["modified"], int)
+    st = make_store(tmp_path / "old.zarr", 0, 300, overwrite=True)
+    assert _identity(st, "old")["uuid"] is not None and _identity(st, "old") != first

@@ -33,6 +33,7 @@ counts only the others.
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import hashlib
 import json
@@ -45,7 +46,7 @@ import xarray as xr
 
 from engine.counting.driver import count_range, open_store, parse_stats, strings
 from engine.counting.files import load_counts, save_counts
-from engine.counting.filters import Filters
+from engine.counting.filters import DERIVED_LABELS, Filters, _values
 from engine.counting.prefix import shared_prefix
 from engine.errors import MoetraceError
 from engine.store import TraceStore
@@ -154,21 +155,60 @@ def _check_compatible(stores: list[TraceStore]) -> None:
                     f"(the stores of one archive must have the same layers, experts and top-k)")
 
 
+def _vocab(st: TraceStore) -> dict[str, list[str]]:
+    """Values of every label ``by`` and ``groups`` accept in ``st`` (stored and derived)."""
+    return {**DERIVED_LABELS, **st.labels}
+
+
 def _coords(stores: list[TraceStore], filters: Filters) -> dict[str, list[str]]:
-    """Final ``by`` coordinates: the ``groups`` values as given, else the union of the vocabularies."""
+    """Final ``by`` coordinates: the ``groups`` values as given, else the union of the vocabularies.
+
+    Also checks every ``groups`` / ``where`` label value against the union of the stores'
+    vocabularies: a value some store lacks is fine (that store has no such row), a value
+    no store has is a MoetraceError.
+    """
+    for arg, mapping, vocab_of in (("groups", filters.groups, _vocab), ("where", filters.where, lambda st: st.labels)):
+        for label, values in mapping.items():
+            vocabs = [vocab_of(st) for st in stores]
+            if not any(label in v for v in vocabs):
+                continue  # not a label (a token column of where, or a typo): each store's compile says so
+            union = list(dict.fromkeys(x for v in vocabs for x in v.get(label, [])))
+            for value in _values(values):
+                if not isinstance(value, str) or value not in union:
+                    raise MoetraceError(f"{arg}[{label!r}]: value {value!r} is not a {label} in any store of the "
+                                        f"archive; expected one of {union}")
     out = {}
     for label in filters.by:
         if label in filters.groups:
-            values = filters.groups[label]
-            out[label] = list(dict.fromkeys([values] if isinstance(values, str) else list(values)))
+            out[label] = list(dict.fromkeys(_values(filters.groups[label])))
             continue
         union: dict[str, None] = {}
         for st in stores:
-            if label not in st.labels:
-                raise MoetraceError(f"by: unknown label {label!r} in {st.path}; expected one of {sorted(st.labels)}")
-            union.update(dict.fromkeys(st.labels[label]))
+            vocab = _vocab(st)
+            if label not in vocab:
+                raise MoetraceError(f"by: unknown label {label!r} in {st.path}; expected one of {sorted(vocab)}")
+            union.update(dict.fromkeys(vocab[label]))
         out[label] = list(union)
     return out
+
+
+def _store_filters(st: TraceStore, filters: Filters) -> Filters | None:
+    """``filters`` with the ``groups`` / ``where`` label values ``st`` lacks left out; None when no row can pass.
+
+    A label value absent from a store's vocabulary selects no row of it, so leaving it out
+    changes nothing there (:func:`_coords` has checked it exists in some store); the
+    ``by`` coordinates stay the archive's (each range is reindexed to them).
+    """
+    vocab, changes = _vocab(st), {}
+    for arg, mapping, labels in (("groups", filters.groups, vocab), ("where", filters.where, st.labels)):
+        kept = dict(mapping)
+        for label, values in mapping.items():
+            if label in labels:
+                kept[label] = [v for v in _values(values) if v in labels[label]]
+                if not kept[label]:
+                    return None
+        changes[arg] = kept
+    return dataclasses.replace(filters, **changes)
 
 
 def plan(stores: list[TraceStore], range_rows: int | None = None) -> list[tuple[int, int, int]]:
@@ -223,9 +263,71 @@ def _client_tree(client, futures: list):
     return futures[0].result()
 
 
-def _key(path: str, start: int, stop: int, stats, filters: Filters, vocab_size, coords) -> str:
-    spec = json.dumps([str(path), start, stop, list(stats), repr(filters), vocab_size, coords], default=str)
+def _identity(st: TraceStore, name: str) -> dict[str, Any]:
+    """What tells this store from another one, or from itself rewritten: its path or URL, its
+    committed rows and its creation ``uuid`` (for a store written before stores had one: the
+    modification time of its ``routing/experts/zarr.json``, rewritten whenever rows are added)."""
+    out: dict[str, Any] = {"store": name, "rows": len(st), "uuid": st.uuid}
+    if st.uuid is None:
+        meta = f"{str(st.path).rstrip('/')}/routing/experts/zarr.json"
+        try:
+            if isinstance(st.path, Path):
+                out["modified"] = os.stat(meta).st_mtime_ns
+            else:
+                import fsspec
+
+                fs, root = fsspec.core.url_to_fs(meta)
+                info = fs.info(root)
+                out["modified"] = str(next((info[k] for k in ("mtime", "LastModified", "ETag", "created")
+                                            if k in info), None))
+        except (OSError, ValueError):
+            out["modified"] = None
+    return out
+
+
+def _key(identity: dict, start: int, stop: int, stats, filters: Filters, vocab_size, coords) -> str:
+    spec = json.dumps([identity, start, stop, list(stats), repr(filters), vocab_size, coords], default=str)
     return hashlib.sha256(spec.encode()).hexdigest()[:24]
+
+
+#: The file of a checkpoint directory naming the archive its ranges belong to.
+CHECKPOINT_MANIFEST = "archive.json"
+
+
+def _checkpoint_files(checkpoint, identities: list[dict], ranges, names, filters, vocab_size, coords) -> list[Path]:
+    """Each range's counts file in the checkpoint directory; refuses a directory made for another archive.
+
+    ``DIR/archive.json`` lists the identity (:func:`_identity`) of every store of the
+    archive the directory was made for; a rerun on any other archive (another store, a
+    store with more rows, one rewritten since) is a MoetraceError naming the first
+    difference, so no range of another archive is ever added in. Each range's file name
+    also hashes its store's identity and the count's arguments, so the same directory can
+    hold counts of the same archive with other arguments.
+    """
+    ckpt = Path(checkpoint)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    manifest = ckpt / CHECKPOINT_MANIFEST
+    want = {"moetrace_checkpoint": 1, "stores": identities}
+    if manifest.exists():
+        try:
+            have = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise MoetraceError(f"{manifest}: unreadable checkpoint manifest ({exc}); use an empty --checkpoint "
+                                f"directory or delete this one") from None
+        if have != want:
+            old = have.get("stores", []) if isinstance(have, dict) else []
+            diff = next(((o, n) for o, n in zip(old, identities) if o != n), None)
+            what = (f"store {diff[1]} differs from the checkpointed {diff[0]}" if diff else
+                    f"{len(identities)} stores, the checkpoint has {len(old)}")
+            raise MoetraceError(
+                f"{ckpt}: checkpoint made for another archive ({what}); use an empty --checkpoint directory "
+                f"or delete this one")
+    else:
+        tmp = manifest.with_name(f"{manifest.name}.partial-{os.getpid()}")
+        tmp.write_text(json.dumps(want, indent=1))
+        os.replace(tmp, manifest)
+    return [ckpt / f"range-{_key(identities[i], a, b, names, filters, vocab_size, coords)}.zarr"
+            for i, a, b in ranges]
 
 
 def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: bool, *, client=None,
@@ -237,22 +339,23 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
     extra = {"vocab_size": vocab_size}
     names = [parse_stats(stats, st, extra) for st in stores][0]
     coords = _coords(stores, filters)
+    # a label value of groups/where that a store lacks is left out there; a store none of whose rows can pass
+    # is not read at all (it adds zeros)
+    per_store = [_store_filters(st, filters) for st in stores]
     # a worker opens the store itself (by absolute path or URL); an open TraceStore stays in this process
     ids = [os.path.abspath(st.path) if isinstance(st.path, Path) else st.path for st in stores]
     where = stores if client is None else ids
-    ranges = plan(stores, range_rows)
+    ranges = [r for r in plan(stores, range_rows) if per_store[r[0]] is not None]
     # skip_shared_prefix: each store's prefix is found once (a task of its own on a cluster)
     # and handed to its ranges, rather than streamed again by every range
     prefixes: list = [None] * len(stores)
     if filters.skip_shared_prefix:
         prefixes = [shared_prefix(w) if client is None else client.submit(shared_prefix, w) for w in where]
-    args = [(ids[i], where[i], a, b, names, filters, vocab_size, coords, prefixes[i]) for i, a, b in ranges]
+    args = [(ids[i], where[i], a, b, names, per_store[i], vocab_size, coords, prefixes[i]) for i, a, b in ranges]
     files = None
     if checkpoint is not None:
-        ckpt = Path(checkpoint)
-        ckpt.mkdir(parents=True, exist_ok=True)
-        files = [ckpt / f"range-{_key(ids[i], a, b, names, filters, vocab_size, coords)}.zarr"
-                 for i, a, b in ranges]
+        identities = [_identity(st, name) for st, name in zip(stores, ids)]
+        files = _checkpoint_files(checkpoint, identities, ranges, names, filters, vocab_size, coords)
     todo = [j for j in range(len(args)) if files is None or not files[j].exists()]
     done = set(range(len(args))) - set(todo)
     if client is not None and files is None:
@@ -279,14 +382,26 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
     if total is None or int(total["tokens"].sum()) == 0:
         raise MoetraceError(
             f"{archive}: empty selection, no row left after the filters "
-            f"{None if total is None else total.attrs.get('filters')} "
+            f"{json.dumps(filters.attrs(_all_coords(filters, coords)))} "
             f"(of {sum(len(st) for st in stores)} rows in {len(stores)} stores)")
     shared = total.attrs.pop(_SHARED, {})
     total.attrs.update(_attrs(stores))
-    if shared:  # skip_shared_prefix: one int for one store, else one per store
-        values = [int(shared[name]) for name in ids]
+    # the archive's filters (a range's attribute holds its store's, without the values it lacks)
+    total.attrs["filters"] = json.dumps(filters.attrs(_all_coords(filters, coords)))
+    if filters.skip_shared_prefix:  # one int for one store, else one per store
+        values = [int(shared[name]) if name in shared else int(_result(prefixes[i])[0]) for i, name in enumerate(ids)]
         total.attrs["last_shared_pos"] = values[0] if len(values) == 1 else values
     return total
+
+
+def _result(value):
+    """A future's result, or the value itself."""
+    return value.result() if hasattr(value, "result") else value
+
+
+def _all_coords(filters: Filters, coords: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The values kept of each ``groups`` label (``coords`` for the ``by`` ones)."""
+    return {**{k: list(dict.fromkeys(_values(v))) for k, v in filters.groups.items()}, **coords}
 
 
 def _attrs(stores: list[TraceStore]) -> dict[str, Any]:
