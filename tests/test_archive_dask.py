@@ -117,3 +117,24 @@ def test_worker_killed_mid_count(client, tmp_path):
     xr.testing.assert_identical(local, result["ds"])
     for v in local.data_vars:
         np.testing.assert_array_equal(local[v].values, result["ds"][v].values)
+
+
+def test_cli_scheduler_unreachable(archive, tmp_path):
+    """A --scheduler nobody listens at: exit 2 with one line naming it, after the connect timeout, no traceback."""
+    import socket
+
+    from engine.commands.count import SCHEDULER_TIMEOUT_S
+
+    with socket.socket() as s:  # a loopback port that was free a moment ago, now closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "engine.cli", "count", str(archive), str(tmp_path / "out.zarr"),
+                          "--scheduler", address, "--quiet"], capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and address in lines[0] and "cannot reach a Dask scheduler" in lines[0], res.stderr
+    assert took < SCHEDULER_TIMEOUT_S + 20  # imports included, on a loaded machine
+    assert not (tmp_path / "out.zarr").exists()

@@ -64,6 +64,10 @@ class _StatsArgument(argparse.Action):
         pass
 
 
+#: Seconds ``--scheduler`` waits for its scheduler before giving up.
+SCHEDULER_TIMEOUT_S = 10
+
+
 def _client(args: argparse.Namespace):
     """A ``distributed.Client`` for ``--workers N`` (a LocalCluster on loopback, processes) or ``--scheduler``."""
     if args.workers is not None and args.scheduler:
@@ -75,7 +79,13 @@ def _client(args: argparse.Namespace):
     except ImportError:
         raise MoetraceError("--workers/--scheduler: needs the dask extra (pip install 'moetrace[dask]')") from None
     if args.scheduler:
-        return Client(args.scheduler)
+        try:
+            return Client(args.scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError, TypeError) as exc:  # refused, unreachable, a malformed address
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise MoetraceError(
+                f"--scheduler {args.scheduler}: cannot reach a Dask scheduler there within {SCHEDULER_TIMEOUT_S} s "
+                f"({reason[:200]})") from None
     if args.workers < 1:
         raise MoetraceError(f"--workers: expected a positive number of worker processes, got {args.workers}")
     import os
