@@ -318,3 +318,37 @@ def test_checkpoint_identity_of_a_store_without_uuid(tmp_path):
     assert first["uuid"] is None and isinstance(first["modified"], int)
     st = make_store(tmp_path / "old.zarr", 0, 300, overwrite=True)
     assert _identity(st, "old")["uuid"] is not None and _identity(st, "old") != first
+
+
+def test_weight_sum_exact_past_2_29(tmp_path):
+    """A cell's weight_sum past 2**29 (float16 65504 x 17,408 rows): ranges add as integers of 2**-24, rounded once.
+
+    The reference is the exact sum in Python integers (units of 2**-24), rounded to float64 once;
+    float64 running sums of the ranges lose the odd 2**-24 terms once the total passes 2**29.
+    """
+    n = 8704  # > 2**29 / 65504 rows per store
+    units = 0
+    for i in range(2):
+        st = TraceStore.create(tmp_path / "arch" / f"s{i}.zarr", n_layers=1, n_experts=4, top_k=2, weights=True,
+                               chunk_rows=128)
+        rows = np.arange(n)
+        small = (rows % 3 == 0) & (rows % 7 != 0)  # an odd number of 2**-24 weights in most ranges
+        experts = np.zeros((n, 1, 2), dtype=np.uint8)
+        experts[:, 0, 1] = 1
+        weights = np.zeros((n, 1, 2), dtype=np.float16)
+        weights[:, 0, 0] = 65504.0
+        weights[:, 0, 1] = np.where(small, np.float16(2.0 ** -24), np.float16(1.0))
+        experts[small, 0, 1] = 0  # the tiny weights go to expert 0, beside the huge ones
+        with st:
+            st.append({"seq": i * n + rows // 64, "pos": (rows % 64).astype(np.int32),
+                       "token_id": np.zeros(n, dtype=np.int32), "generated": np.zeros(n, dtype=bool),
+                       "experts": experts, "weights": weights})
+        units += n * int(65504 * 2 ** 24) + int(small.sum())
+    want = float(units) * 2.0 ** -24  # Python rounds an int to float64 correctly
+    assert want > 2 ** 29
+    for range_rows in (128, 384, 2048):
+        got = count(tmp_path / "arch", stats=["weight_sum"], progress=False, range_rows=range_rows)
+        assert got["weight_sum"].dtype == np.float64
+        assert float(got["weight_sum"].sel(layer=0, expert=0)) == want, range_rows
+    with pytest.raises(MoetraceError, match=r"weight_sum of a range reached .* pass a smaller range_rows"):
+        count(tmp_path / "arch", stats=["weight_sum"], progress=False, range_rows=n)

@@ -15,9 +15,15 @@ The work is a list of chunk-aligned row ranges (:func:`plan`), each counted by
 :func:`engine.counting.count_range` where it runs (a Dask worker reads its own
 chunks straight from the store; only the count tensors travel). Partial counts are
 added in a tree of tasks on a cluster, as a running sum in-process (or with a
-checkpoint: the client saves each range as it comes). Counts are int64 and ``weight_sum`` sums of float16 weights, exact
-in float64, so the sum does not depend on the order: a cluster's result equals the
-in-process one bit for bit. Nothing of Dask is imported unless a ``client`` is given.
+checkpoint: the client saves each range as it comes). Counts are int64, so their sum does
+not depend on the order: a cluster's result equals the in-process one bit for bit.
+``weight_sum`` too: within a range it is a float64 sum of float16 weights, all multiples of
+2**-24, so it is exact while a cell stays below 2**53 x 2**-24 = 2**29 (a range is at most
+:data:`RANGE_ROUTING_ROWS` = 2**27 routing rows, so with weights <= 1, e.g. softmax or
+sigmoid ones, it always does; a range that passes it is a MoetraceError). Ranges are then
+added as int64 multiples of 2**-24, exact up to 2**39 (5.5e11) per cell, and the total is
+rounded to float64 once at the end: the same value in any order. Nothing of Dask is
+imported unless a ``client`` is given.
 
 Range size: :data:`RANGE_ROUTING_ROWS` routing rows (tokens x L x K) rounded down to
 whole chunks (at least one). At the measured 5-6e8 routing rows per CPU-second end to
@@ -235,8 +241,37 @@ def _count_task(name: str, path, start: int, stop: int, stats, filters: Filters,
                      prefix=prefix)
     if coords:
         ds = ds.reindex({k: strings(v) for k, v in coords.items()}, fill_value=0)
+    for name in _UNITS_VARS & set(ds.data_vars):
+        ds[name] = _to_units(ds[name], path, start, stop)
     if "last_shared_pos" in ds.attrs:
         ds.attrs[_SHARED] = {name: ds.attrs["last_shared_pos"]}
+    return ds
+
+
+#: float64 sums of float16 values, carried between ranges as int64 multiples of :data:`_UNIT`.
+_UNITS_VARS = {"weight_sum"}
+#: float16's smallest step (its least subnormal): every float16 value is a multiple of it.
+_UNIT = 2.0 ** -24
+
+
+def _to_units(var: xr.DataArray, path, start: int, stop: int) -> xr.DataArray:
+    """A range's float64 ``weight_sum`` as exact int64 multiples of 2**-24 (its float64 sums were exact: < 2**29)."""
+    scaled = var.values / _UNIT
+    if not (np.all(np.abs(scaled) < 2.0 ** 53) and np.array_equal(scaled, np.round(scaled))):
+        raise MoetraceError(
+            f"{path}: rows [{start}, {stop}): weight_sum of a range reached {float(np.abs(var.values).max()):.6g} "
+            f"(expected below 2**29 per cell for an exact float64 sum of float16 weights); pass a smaller range_rows")
+    out = var.copy(data=scaled.astype(np.int64))
+    out.attrs["moetrace_units"] = _UNIT
+    return out
+
+
+def _from_units(ds: xr.Dataset) -> xr.Dataset:
+    """The final sums back in float64: the exact int64 total rounded once (so in any order the same value)."""
+    for name in _UNITS_VARS & set(ds.data_vars):
+        if ds[name].dtype.kind == "i":
+            ds[name] = ds[name].copy(data=ds[name].values.astype(np.float64) * _UNIT)
+            ds[name].attrs.pop("moetrace_units", None)
     return ds
 
 
@@ -384,6 +419,7 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
             f"{archive}: empty selection, no row left after the filters "
             f"{json.dumps(filters.attrs(_all_coords(filters, coords)))} "
             f"(of {sum(len(st) for st in stores)} rows in {len(stores)} stores)")
+    total = _from_units(total)
     shared = total.attrs.pop(_SHARED, {})
     total.attrs.update(_attrs(stores))
     # the archive's filters (a range's attribute holds its store's, without the values it lacks)
