@@ -167,7 +167,7 @@ def _warm(path: str, stats) -> int:
     from engine.store import TraceStore
 
     st = TraceStore.open(path)
-    count_range(st, 0, st.chunk_rows, stats=stats, by=BY, progress=False)
+    count_range(st, 0, min(len(st), st.chunk_rows), stats=stats, by=BY, progress=False)
     return 0
 
 

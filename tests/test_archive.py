@@ -352,3 +352,26 @@ def test_weight_sum_exact_past_2_29(tmp_path):
         assert float(got["weight_sum"].sel(layer=0, expert=0)) == want, range_rows
     with pytest.raises(MoetraceError, match=r"weight_sum of a range reached .* pass a smaller range_rows"):
         count(tmp_path / "arch", stats=["weight_sum"], progress=False, range_rows=n)
+
+
+@pytest.mark.slow
+def test_bench_archive_build_and_time(tmp_path):
+    """bench/bench_archive.py at a tiny scale: --build then --time; every provider gives the in-process counts."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_archive.py"
+    data = tmp_path / "arch"
+    res = subprocess.run([sys.executable, str(script), "--build", str(data), "--stores", "2", "--rows", "4e6",
+                          "--batch-tokens", "4096", "--jobs", "1"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((data / "archive.json").read_text())
+    assert meta["routing_rows"] >= 4e6 and meta["stores"] == 2
+    # the Parquet copy holds the same routing rows as the stores
+    import duckdb
+
+    n = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{data}/part*/trace.parquet')").fetchall()[0][0]
+    stores = stores_of(str(data / "part*" / "trace.zarr"))
+    assert n == meta["routing_rows"] == sum(len(TraceStore.open(p)) for p in stores) * 128
+    res = subprocess.run([sys.executable, str(script), "--time", str(data), "--range-rows", "8192",
+                          "--providers", "in-process,cluster-1,duckdb"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| experts")]
+    assert len(rows) == 6 and all(line.endswith("| yes |") for line in rows), res.stdout
