@@ -32,9 +32,11 @@ so Dask's ~1 ms per task is under 1% and a 1e12-row archive is ~7,500 tasks.
 
 Checkpoints (``checkpoint=DIR``): each finished range's counts are saved in DIR with
 :func:`~engine.counting.files.save_counts` (a Zarr counts file, written beside its name
-and renamed when complete; no pickle), named by a hash of the store, the range and the
-count's arguments. A rerun with the same arguments loads the ranges already there and
-counts only the others.
+and renamed when complete; no pickle), named by a hash of its store's identity (path or
+URL, committed rows, creation ``uuid``), the range and the count's arguments. A rerun
+with the same arguments loads the ranges already there and counts only the others.
+``DIR/archive.json`` names the archive DIR was made for; another archive (another store,
+more rows, a store rewritten since) is refused (see :func:`_checkpoint_files`).
 """
 
 from __future__ import annotations

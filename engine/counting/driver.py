@@ -209,7 +209,8 @@ def count(
     archive is split into chunk-aligned ranges of about ``range_rows`` rows, counted on
     its workers and summed in a tree; the result equals the in-process one bit for bit.
     ``checkpoint``: a directory keeping each finished range's counts, so a rerun with
-    the same arguments counts only the ranges not yet there.
+    the same arguments counts only the ranges not yet there (a directory made for another
+    archive, or for stores rewritten or grown since, is refused).
     ``stats``: names from ``kernels.counting.STATS`` (list or comma-separated string);
     ``tokens`` is always added. ``by``: label names; groups are their cross product (one
     dim per label, label strings as coordinates). Filters (a row is counted when it
