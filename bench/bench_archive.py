@@ -14,7 +14,7 @@ token is 128 routing rows; store i holds rows [i T, (i+1) T) of one trace, T a w
 long-format Parquet ``DIR/part<i>/trace.parquet`` (one row per token x layer x rank: seq, pos,
 token_id, layer, rank, expert, domain, lang; zstd; domain and lang dictionary-encoded). It
 streams: blocks of ``--batch-tokens`` tokens are generated, appended to the store and written
-as one Parquet row group, so memory stays at a few hundred MiB per job whatever ``--rows``.
+as one Parquet row group, so memory stays at one block's (~560 MiB per job) whatever ``--rows``.
 A part is marked done by ``DIR/part<i>/done.json`` and skipped on a rerun (an unfinished part
 is rebuilt), so an interrupted build continues. ``--jobs`` parts are built at once.
 
