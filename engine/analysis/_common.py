@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from engine.errors import MoetraceError
-from engine.store import TraceStore
+from engine.evaluate import model_device
+from engine.store import Chunk, TraceStore
 
 
 def layer_positions(layer_ids: Sequence[int], layers: Sequence[int] | None, where: str = "--layers") -> list[int]:
@@ -94,6 +95,12 @@ def _pad(batch: list[tuple[list[int], str]], pad_id: int) -> dict[str, Any]:
     groups = np.repeat(np.asarray([g for _, g in batch], dtype=object), [len(x) for x, _ in batch]).tolist()
     return {"input_ids": ids, "attention_mask": mask, "real": real, "groups": groups,
             "token_ids": ids.reshape(-1).numpy()[real].astype(np.int64)}
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of a :func:`token_batches` batch on the model's device."""
+    device = model_device(model)
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
 
 def experts_modules(model: nn.Module, layers: Sequence[int] | None = None) -> dict[int, tuple[nn.Module, int, int]]:

@@ -44,6 +44,7 @@ def capture_probs(model, batches, path: str | Path) -> Path:
 
     import torch
 
+    from engine.analysis._common import model_inputs
     from engine.capture import capture
 
     path = Path(path)
@@ -56,7 +57,7 @@ def capture_probs(model, batches, path: str | Path) -> Path:
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
             cap.set_batch(seq=list(range(seq, seq + len(lengths))), labels={"group": [b["groups"][i] for i in starts]})
             seq += len(lengths)
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            model(**model_inputs(model, b))
     return path
 
 
