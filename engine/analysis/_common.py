@@ -135,12 +135,19 @@ def expert_outputs(experts: nn.Module, hidden: torch.Tensor, n_experts: int,
     family's own expert code computes it (gated MLPs, biases, clamps included).
     """
     T = hidden.shape[0]
-    weights = torch.ones((T, 1), dtype=hidden.dtype, device=hidden.device)
-    outs = []
-    for e in (range(n_experts) if which is None else which):
-        index = torch.full((T, 1), int(e), dtype=torch.long, device=hidden.device)
-        outs.append(experts(hidden, index, weights))
-    return torch.stack(outs)
+    return torch.stack([routed_outputs(experts, hidden, torch.full((T, 1), int(e), device=hidden.device))[:, 0]
+                        for e in (range(n_experts) if which is None else which)])
+
+
+def routed_outputs(experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Unweighted output of each row's routed experts: ``hidden [T, H]``, ``index [T, K]`` -> [T, K, H].
+
+    One call of the fused experts module per rank k with each row sent to its own k-th expert with
+    weight 1: K expert evaluations per row instead of the E of :func:`expert_outputs`.
+    """
+    weights = torch.ones((hidden.shape[0], 1), dtype=hidden.dtype, device=hidden.device)
+    index = index.to(device=hidden.device, dtype=torch.long)
+    return torch.stack([experts(hidden, index[:, k:k + 1], weights) for k in range(index.shape[1])], dim=1)
 
 
 class LayerInputs:
