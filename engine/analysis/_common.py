@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,20 @@ def row_range(store: TraceStore, num_tokens: int | None) -> tuple[int, int]:
     if num_tokens is not None and num_tokens < 1:
         raise MoetraceError(f"--num-tokens: expected a positive integer, got {num_tokens}")
     return 0, n if num_tokens is None else min(n, int(num_tokens))
+
+
+#: Rows an analysis works on at once: a store chunk can hold up to ~1e6 rows (the demo's grid), and
+#: the float64 temporaries of a per-row computation over a [rows, L, E] block would then take GBs.
+BLOCK_ROWS = 1 << 16
+
+
+def blocks(chunks: Iterable[Chunk], block_rows: int = BLOCK_ROWS) -> Iterator[Chunk]:
+    """The store chunks cut into consecutive blocks of at most ``block_rows`` rows (views, no copies)."""
+    for chunk in chunks:
+        for a in range(0, len(chunk), block_rows):
+            b = min(len(chunk), a + block_rows)
+            yield chunk if (a, b) == (0, len(chunk)) else \
+                Chunk(chunk.start + a, chunk.start + b, {k: v[a:b] for k, v in chunk.columns.items()})
 
 
 def group_codes(store: TraceStore, by: Sequence[str]) -> tuple[list[str], Any]:
