@@ -107,9 +107,11 @@ def test_reduce_2d_points_are_the_routed_experts():
         reduce_2d(model, token_batches(seqs), layer=2, method="tsne")
 
 
-def test_routed_outputs_weighted_by_the_router_are_the_moe_output():
-    model = tiny_model("mixtral")
-    module, E, K = experts_modules(model, [2])[2]
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe",
+                                    "lfm2_moe", "jamba"])
+def test_routed_outputs_weighted_by_the_router_are_the_moe_output(family):
+    model = tiny_model(family)
+    layer, (module, E, K) = next(iter(experts_modules(model).items()))
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(9, model.config.hidden_size, generator=g)
     index = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(9)])
