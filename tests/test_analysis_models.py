@@ -87,6 +87,7 @@ def test_pca_matches_eigenvectors():
     vals, vecs = np.linalg.eigh(np.cov(X.T))
     want = (X - X.mean(0)) @ vecs[:, ::-1][:, :2]
     np.testing.assert_allclose(np.abs(xy), np.abs(want), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(pca_2d(X, block_rows=7), xy, rtol=1e-10, atol=1e-12)  # blockwise: same result
 
 
 def test_reduce_2d_points_are_the_routed_experts():

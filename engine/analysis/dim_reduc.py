@@ -3,8 +3,8 @@
 For each real token of the sample and each of its top-k experts at a layer, the expert's output
 (unweighted, from the family's experts module); the points are embedded in 2-D by UMAP
 (``pip install moetrace[umap]``) or, when umap-learn is absent or ``method="pca"``, by PCA
-(numpy SVD of the centered outputs). Memory: tokens x K x H floats for the sample (this is the
-one analysis that keeps its points: the embedding needs them all at once).
+(eigenvectors of the outputs' scatter matrix). Memory: tokens x K x H float32 for the sample plus
+its table (this is the one analysis that keeps its points: the embedding needs them all at once).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.analysis._common import LayerInputs, experts_modules, model_inputs, routed_outputs
+from engine.analysis._common import BLOCK_ROWS, LayerInputs, experts_modules, model_inputs, routed_outputs
 from engine.errors import MoetraceError
 
 
@@ -25,13 +25,25 @@ def umap_available() -> bool:
     return importlib.util.find_spec("umap") is not None
 
 
-def pca_2d(X: np.ndarray) -> np.ndarray:
-    """First two principal-component scores of the rows of X (centered; SVD)."""
-    X = np.asarray(X, dtype=np.float64)
-    Xc = X - X.mean(axis=0)
-    U, S, _ = np.linalg.svd(Xc, full_matrices=False)
-    out = U[:, :2] * S[:2]
-    return np.pad(out, ((0, 0), (0, 2 - out.shape[1]))) if out.shape[1] < 2 else out
+def pca_2d(X: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """First two principal-component scores of the rows of X [n, H] (centered), float64 [n, 2].
+
+    From the eigenvectors of the H x H scatter matrix, accumulated and projected ``block_rows`` rows
+    at a time: beyond X itself, memory is O(H^2 + block_rows x H) and the [n, 2] result (an SVD of
+    the centered X would hold float64 copies of X and its [n, H] left factor). Signs are arbitrary.
+    """
+    X = np.asarray(X)
+    n, H = X.shape
+    mean = X.mean(axis=0, dtype=np.float64)
+    scatter = np.zeros((H, H))
+    for a in range(0, n, block_rows):
+        xc = X[a:a + block_rows].astype(np.float64) - mean
+        scatter += xc.T @ xc
+    top = np.linalg.eigh(scatter)[1][:, ::-1][:, :2]  # eigenvalues ascending: the last two
+    out = np.zeros((n, 2))
+    for a in range(0, n, block_rows):
+        out[a:a + block_rows, :top.shape[1]] = (X[a:a + block_rows].astype(np.float64) - mean) @ top
+    return out
 
 
 def expert_points(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], layer: int) -> tuple[np.ndarray, pd.DataFrame]:
