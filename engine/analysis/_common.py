@@ -38,7 +38,7 @@ def row_range(store: TraceStore, num_tokens: int | None) -> tuple[int, int]:
 
 #: Rows an analysis works on at once: a store chunk can hold up to ~1e6 rows (the demo's grid), and
 #: the float64 temporaries of a per-row computation over a [rows, L, E] block would then take GBs.
-BLOCK_ROWS = 1 << 16
+BLOCK_ROWS = 1 << 14
 
 
 def blocks(chunks: Iterable[Chunk], block_rows: int = BLOCK_ROWS) -> Iterator[Chunk]:
