@@ -1,10 +1,13 @@
 """Wall time and peak memory of each analysis command on the demo model, at several token counts.
 
-    PYTHONPATH=. python bench/bench_analysis.py --tokens 10000 100000 [--work /tmp/an_bench]
+    PYTHONPATH=. python bench/bench_analysis.py --tokens 25000 50000 100000 [--work /tmp/an_bench]
+        [--model-dir ~/.cache/moetrace/demo-8aad9b26f4e0]
 
 Writes the demo corpus as JSONL (enough documents for the largest count), captures it once with
 ``--probs`` (labels domain, lang) into a store, then runs every command as its own process under
-``/usr/bin/time -v`` and prints one Markdown row per (command, tokens): wall seconds and peak RSS.
+``/usr/bin/time -v`` (so each peak RSS is that command's own) and prints one Markdown row per
+(command, tokens): wall seconds, CPU seconds (user + system), peak RSS; then per command the
+exponent b of a least-squares fit ``y ~ tokens^b`` of each over the token counts.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import sys
 from pathlib import Path
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds user + system, peak RSS MiB) of ``cmd`` run under /usr/bin/time -v."""
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -25,7 +29,15 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     h, m, s = wall.groups()
     seconds = int(h or 0) * 3600 + int(m) * 60 + float(s)
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
-    return seconds, rss
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for kind in ("User", "System"))
+    return seconds, cpu, rss
+
+
+def growth_exponent(tokens: list[int], values: list[float]) -> float:
+    """Slope of log(value) against log(tokens): value grows like tokens^slope."""
+    import numpy as np
+
+    return float(np.polyfit(np.log(tokens), np.log(values), 1)[0])
 
 
 def main() -> None:
@@ -33,6 +45,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--work", default="/tmp/moetrace_analysis_bench")
     ap.add_argument("--only", nargs="*", default=None, help="run only these commands")
+    ap.add_argument("--model-dir", default=None,
+                    help="a saved model directory to use (e.g. the cached trained demo model); "
+                         "default: ensure_demo_model()")
     ap.add_argument("--random-demo", action="store_true",
                     help="use the demo model's architecture and tokenizer with random weights instead of the "
                          "trained demo model (cost does not depend on the weights; no 2.5 min build)")
@@ -42,7 +57,9 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.random_demo:
+    if args.model_dir:
+        model = str(Path(args.model_dir).expanduser())
+    elif args.random_demo:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -72,9 +89,9 @@ def main() -> None:
                 total += len(tok(d["text"])["input_ids"])
             seed += 1
         data.write_text("".join(json.dumps({k: d[k] for k in ("text", "domain", "lang")}) + "\n" for d in docs))
-        t, rss = timed([*py, "capture", "--model", model, "--data", str(data), str(store), "--labels", "domain,lang",
+        t, cpu, rss = timed([*py, "capture", "--model", model, "--data", str(data), str(store), "--labels", "domain,lang",
                         "--probs", "--quiet", "--batch-size", "32"])
-        print(f"capture --probs of {total} tokens: {t:.1f} s, {rss:.0f} MiB")
+        print(f"capture --probs of {total} tokens: {t:.1f} s, {cpu:.1f} CPU s, {rss:.0f} MiB", flush=True)
     out = work / "out"
     m = ["--model", model, "--data", str(data), "--labels", "domain,lang"]
     commands = {
@@ -86,13 +103,20 @@ def main() -> None:
         "similarity": lambda n: ["similarity", *m, "--num-tokens", str(n)],
         "dim-reduc": lambda n: ["dim-reduc", *m, "--layers", "1", "--method", "pca", "--num-tokens", str(n)],
     }
-    print("| command | tokens | wall s | peak RSS MiB |\n|---|---|---|---|")
+    print("| command | tokens | wall s | CPU s | peak RSS MiB |\n|---|---|---|---|---|", flush=True)
+    rows: dict[str, list[tuple[float, float, float]]] = {}
     for name, make in commands.items():
-        if args.only and name not in args.only:
+        if args.only is not None and name not in args.only:
             continue
         for n in args.tokens:
-            t, rss = timed([*py, *make(n), "--out", str(out)])
-            print(f"| {name} | {n:,} | {t:.1f} | {rss:.0f} |", flush=True)
+            t, cpu, rss = timed([*py, *make(n), "--out", str(out)])
+            rows.setdefault(name, []).append((t, cpu, rss))
+            print(f"| {name} | {n:,} | {t:.1f} | {cpu:.1f} | {rss:.0f} |", flush=True)
+    if len(args.tokens) > 1:
+        print("\n| command | exponent of wall s | of CPU s | of peak RSS |\n|---|---|---|---|")
+        for name, r in rows.items():
+            exps = [growth_exponent(args.tokens, [x[i] for x in r]) for i in range(3)]
+            print(f"| {name} | " + " | ".join(f"{e:.2f}" for e in exps) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,8 @@ def _group_table(labels: dict[str, np.ndarray], columns: dict[str, np.ndarray]) 
     return out
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of the model's (first) parameters: where its inputs must go."""
     return next(model.parameters()).device
 
 
@@ -387,7 +388,7 @@ def multiple_choice_accuracy(model, tokenizer, questions: Sequence[Mapping[str, 
     n = len(questions)
     letter_logits = np.zeros((n, len(LETTERS)), dtype=np.float32)
     output_ids = np.zeros(n, dtype=np.int64)
-    device, pad_id = _model_device(model), _pad_id(tokenizer)
+    device, pad_id = model_device(model), _pad_id(tokenizer)
 
     starts = range(0, n, batch_size)
     with _eval_mode(model), _capture_context(model, store, capture_fn, by) as cap:
@@ -476,7 +477,7 @@ def perplexity(model, tokenizer, texts: Sequence[Mapping[str, str]], *, by: Sequ
     order = np.argsort(-lengths, kind="stable")
     n = len(texts)
     nll = np.zeros(n, dtype=np.float64)
-    device, pad_id = _model_device(model), _pad_id(tokenizer)
+    device, pad_id = model_device(model), _pad_id(tokenizer)
 
     with _eval_mode(model), _capture_context(model, store, capture_fn, by) as cap:
         for start in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, unit="batch"):

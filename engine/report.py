@@ -85,10 +85,6 @@ nav a { margin-right: 1em; }
 # ---------------------------------------------------------------------------------------------
 
 
-def _group_label(values: Sequence[str]) -> str:
-    return "/".join(str(v) for v in values) if values else "all"
-
-
 def load_results(results: str | Path | pd.DataFrame) -> pd.DataFrame:
     """An experiment's results table, checked; adds ``drop`` (base - ablated) when absent.
 
@@ -841,7 +837,7 @@ def write_report(source: str | Path, out_html: str | Path, *, results: str | Pat
     if table is None and results_csv is not None:
         table = load_results(results_csv)
     info = store.info()
-    groups = [_group_label(g) for g in metrics.group_names(counts)]
+    groups = figures.group_labels(counts)
     title = title if title is not None else f"moetrace report: {source.resolve().name}"
     run_dir = source if (source / "trace.zarr").is_dir() else None
     ctx = Context(store=store, counts=counts, origin=origin, groups=groups, results=table, run_dir=run_dir)

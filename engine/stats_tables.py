@@ -20,10 +20,7 @@ import xarray as xr
 
 from engine import metrics
 from engine.errors import MoetraceError
-
-
-def _group_label(names: tuple[str, ...]) -> str:
-    return "/".join(names) if names else "all"
+from engine.figures import group_labels
 
 
 def _json_value(value):
@@ -40,7 +37,7 @@ def _per_group_layer(da: xr.DataArray, counts: xr.Dataset) -> pd.DataFrame:
     """A (group..., layer) DataArray as a group x layer table."""
     gdims = metrics.group_dims(counts)
     flat = metrics.flatten_groups(da.transpose(*gdims, "layer"), gdims)
-    index = [_group_label(g) for g in metrics.group_names(counts)]
+    index = group_labels(counts)
     return pd.DataFrame(flat, index=index, columns=counts["layer"].values.tolist())
 
 
@@ -49,7 +46,6 @@ def collect(counts: xr.Dataset, layer: int | None = None, rank: int | None = Non
     metrics.check_counts(counts)
     if "experts" not in counts.data_vars and "temporal" not in counts.data_vars:
         raise MoetraceError("counts: neither 'experts' nor 'temporal' was counted; count with --stats experts,temporal")
-    names = metrics.group_names(counts)
     out: dict = {
         "labels": metrics.group_dims(counts),
         "layers": counts["layer"].values.tolist(),
@@ -58,7 +54,7 @@ def collect(counts: xr.Dataset, layer: int | None = None, rank: int | None = Non
     }
     if "tokens" in counts.data_vars:
         tokens = metrics.flatten_groups(counts["tokens"], metrics.group_dims(counts)).reshape(-1)
-        out["tokens"] = {_group_label(g): int(t) for g, t in zip(names, tokens)}
+        out["tokens"] = {g: int(t) for g, t in zip(group_labels(counts), tokens)}
     if "experts" in counts.data_vars:
         ranking = metrics.layer_ranking(counts, rank=rank)
         out["layer_ranking"] = [

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from engine.analysis import decisiveness, expert_similarity, linear_cka, router_entropy, weight_similarity
-from engine.analysis._common import LayerInputs, expert_outputs, experts_modules, token_batches
+from engine.analysis._common import LayerInputs, blocks, expert_outputs, experts_modules, token_batches
 from engine.errors import MoetraceError
 from engine.store import TraceStore
 from tiny_models import TINY, VOCAB, tiny_model
@@ -110,6 +110,16 @@ def test_decisiveness_matches_direct_computation(tmp_path):
     assert ds["layer"].values.tolist() == [3, 5]
     with pytest.raises(MoetraceError, match="layer 2 is not a recorded"):
         decisiveness(tmp_path / "t.zarr", layers=[2])
+
+
+def test_blocks_cut_store_chunks_into_bounded_consecutive_views(tmp_path):
+    probs, _ = probs_store(tmp_path / "t.zarr")  # 1000 rows in chunks of 128
+    st = TraceStore.open(tmp_path / "t.zarr")
+    got = list(blocks(st.iter_chunks(["probs", "domain"], rows=(10, 700)), block_rows=50))
+    assert [b.start for b in got[1:]] == [b.stop for b in got[:-1]] and (got[0].start, got[-1].stop) == (10, 700)
+    assert max(len(b) for b in got) == 50 and all(len(b) > 0 for b in got)
+    np.testing.assert_array_equal(np.concatenate([b["probs"] for b in got]).astype(np.float64), probs[10:700])
+    assert sum(len(b["domain"]) for b in got) == 690
 
 
 def test_decisiveness_needs_probs(tmp_path):

@@ -108,7 +108,7 @@ def test_run_suite_writes_every_model_analysis(setup, tmp_path):
     root, run, model, rows = setup
     out = tmp_path / "analysis"
     run_suite(model, [r["input_ids"] for r in rows], [r["domain"] for r in rows], out, num_tokens=60,
-              batch_size=5)
+              batch_size=5, method="pca")  # UMAP's numba compile (~30 s) is the slow test's in test_analysis_models
     st = TraceStore.open(out / "probs.zarr")
     assert len(st) == 60 and st.has_probs and set(st.labels["group"]) == {"bio", "code", "math"}
     for name in ("decisiveness", "router_stats", "similarity_layer0", "dim_reduc_layer0"):

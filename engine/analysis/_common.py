@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from engine.errors import MoetraceError
-from engine.store import TraceStore
+from engine.evaluate import model_device
+from engine.store import Chunk, TraceStore
 
 
 def layer_positions(layer_ids: Sequence[int], layers: Sequence[int] | None, where: str = "--layers") -> list[int]:
@@ -33,6 +34,20 @@ def row_range(store: TraceStore, num_tokens: int | None) -> tuple[int, int]:
     if num_tokens is not None and num_tokens < 1:
         raise MoetraceError(f"--num-tokens: expected a positive integer, got {num_tokens}")
     return 0, n if num_tokens is None else min(n, int(num_tokens))
+
+
+#: Rows an analysis works on at once: a store chunk can hold up to ~1e6 rows (the demo's grid), and
+#: the float64 temporaries of a per-row computation over a [rows, L, E] block would then take GBs.
+BLOCK_ROWS = 1 << 14
+
+
+def blocks(chunks: Iterable[Chunk], block_rows: int = BLOCK_ROWS) -> Iterator[Chunk]:
+    """The store chunks cut into consecutive blocks of at most ``block_rows`` rows (views, no copies)."""
+    for chunk in chunks:
+        for a in range(0, len(chunk), block_rows):
+            b = min(len(chunk), a + block_rows)
+            yield chunk if (a, b) == (0, len(chunk)) else \
+                Chunk(chunk.start + a, chunk.start + b, {k: v[a:b] for k, v in chunk.columns.items()})
 
 
 def group_codes(store: TraceStore, by: Sequence[str]) -> tuple[list[str], Any]:
@@ -96,6 +111,12 @@ def _pad(batch: list[tuple[list[int], str]], pad_id: int) -> dict[str, Any]:
             "token_ids": ids.reshape(-1).numpy()[real].astype(np.int64)}
 
 
+def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of a :func:`token_batches` batch on the model's device."""
+    device = model_device(model)
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
 def experts_modules(model: nn.Module, layers: Sequence[int] | None = None) -> dict[int, tuple[nn.Module, int, int]]:
     """{layer id: (experts module, n_experts, top_k)} of the model's MoE layers (all or ``layers``).
 
@@ -128,12 +149,19 @@ def expert_outputs(experts: nn.Module, hidden: torch.Tensor, n_experts: int,
     family's own expert code computes it (gated MLPs, biases, clamps included).
     """
     T = hidden.shape[0]
-    weights = torch.ones((T, 1), dtype=hidden.dtype, device=hidden.device)
-    outs = []
-    for e in (range(n_experts) if which is None else which):
-        index = torch.full((T, 1), int(e), dtype=torch.long, device=hidden.device)
-        outs.append(experts(hidden, index, weights))
-    return torch.stack(outs)
+    return torch.stack([routed_outputs(experts, hidden, torch.full((T, 1), int(e), device=hidden.device))[:, 0]
+                        for e in (range(n_experts) if which is None else which)])
+
+
+def routed_outputs(experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Unweighted output of each row's routed experts: ``hidden [T, H]``, ``index [T, K]`` -> [T, K, H].
+
+    One call of the fused experts module per rank k with each row sent to its own k-th expert with
+    weight 1: K expert evaluations per row instead of the E of :func:`expert_outputs`.
+    """
+    weights = torch.ones((hidden.shape[0], 1), dtype=hidden.dtype, device=hidden.device)
+    index = index.to(device=hidden.device, dtype=torch.long)
+    return torch.stack([experts(hidden, index[:, k:k + 1], weights) for k in range(index.shape[1])], dim=1)
 
 
 class LayerInputs:

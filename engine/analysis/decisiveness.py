@@ -2,8 +2,9 @@
 
 Per token and layer, the entropy of the router's full distribution over the E experts divided by
 log(E) (0: all mass on one expert, 1: uniform), and the probability mass the top-k experts keep.
-Read chunk by chunk from ``routing/probs`` of a store (``capture --probs``): memory is one chunk
-plus fixed-size histograms, whatever the number of tokens.
+Read chunk by chunk from ``routing/probs`` of a store (``capture --probs``), each chunk worked on
+in blocks of :data:`engine.analysis._common.BLOCK_ROWS` rows: memory is one chunk plus one block's
+temporaries plus fixed-size histograms, whatever the number of tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
-from engine.analysis._common import group_codes, layer_positions, row_range
+from engine.analysis._common import blocks, group_codes, layer_positions, row_range
 from engine.errors import MoetraceError
 from engine.store import TraceStore
 
@@ -78,7 +79,7 @@ def decisiveness(store: str | TraceStore, layers: Sequence[int] | None = None, n
     tokens = np.zeros(G, dtype=np.int64)
     rows = row_range(st, num_tokens)
     offsets = np.arange(L) * bins
-    for chunk in st.iter_chunks(["probs", *by], rows=rows):
+    for chunk in blocks(st.iter_chunks(["probs", *by], rows=rows)):
         p = chunk["probs"][:, pos, :].astype(np.float32)  # [n, L, E]
         h = router_entropy(p)  # [n, L]
         total = p.sum(-1)

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from engine.analysis._common import layer_positions
+from engine.analysis._common import layer_positions, model_inputs
 from engine.errors import MoetraceError
 
 LOGIT_RANGE = 20.0
@@ -100,7 +100,7 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
         with torch.no_grad(), observe_routing(model, observe):
             for batch in batches:
                 real_rows["mask"] = torch.as_tensor(np.asarray(batch["real"], dtype=bool))
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                model(**model_inputs(model, batch))
                 n += int(np.asarray(batch["real"]).sum())
     finally:
         for h in hooks:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from engine.analysis._common import LayerInputs, expert_outputs, experts_modules
+from engine.analysis._common import LayerInputs, expert_outputs, experts_modules, model_inputs
 from engine.errors import MoetraceError
 
 #: Largest CKA accumulator (bytes) expert_similarity builds; beyond it pass fewer ``experts``.
@@ -80,7 +80,7 @@ def expert_similarity(model: torch.nn.Module, batches: Iterable[Mapping[str, Any
     with torch.no_grad(), LayerInputs(mods) as rec:
         for batch in batches:
             rec.inputs.clear()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            model(**model_inputs(model, batch))
             real = torch.as_tensor(batch["real"])
             for layer, (module, n_experts, _) in mods.items():
                 hidden = rec.inputs[layer][0]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from engine.errors import MoetraceError
+from engine.evaluate import model_device
 
 
 def _generate(model, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
@@ -44,7 +45,7 @@ def steer_prompt(model: torch.nn.Module, input_ids: Sequence[int], layers: Seque
     """
     from engine.intervene import router_sites, steer
 
-    ids = torch.tensor([list(input_ids)], dtype=torch.long)
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model_device(model))
     if ids.shape[1] == 0:
         raise MoetraceError("--prompt: empty prompt")
     n = ids.shape[1]

@@ -44,6 +44,7 @@ def capture_probs(model, batches, path: str | Path) -> Path:
 
     import torch
 
+    from engine.analysis._common import model_inputs
     from engine.capture import capture
 
     path = Path(path)
@@ -56,15 +57,16 @@ def capture_probs(model, batches, path: str | Path) -> Path:
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
             cap.set_batch(seq=list(range(seq, seq + len(lengths))), labels={"group": [b["groups"][i] for i in starts]})
             seq += len(lengths)
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            model(**model_inputs(model, b))
     return path
 
 
 def run_suite(model, input_ids: Sequence[Sequence[int]], groups: Sequence[str], out: str | Path, *,
               num_tokens: int = 2000, layers: Sequence[int] | None = None, batch_size: int = 16, pad_id: int = 0,
-              decode: Callable[[Sequence[int]], str] | None = None, store=None) -> list[Path]:
-    """Router decisiveness, router statistics, expert similarity, a 2-D map (first layer), a profile and
-    a steering example of the busiest expert of the first layer, into ``out``; returns the files.
+              decode: Callable[[Sequence[int]], str] | None = None, store=None, method: str = "auto") -> list[Path]:
+    """Router decisiveness, router statistics, expert similarity, a 2-D map (first layer; ``method`` as in
+    :func:`engine.analysis.reduce_2d`), a profile and a steering example of the busiest expert of the
+    first layer, into ``out``; returns the files.
 
     Decisiveness comes from ``store``'s routing/probs when it has them, else from a short capture
     (``num_tokens`` tokens) with ``probs=True`` into ``out/probs.zarr``.
@@ -97,7 +99,7 @@ def run_suite(model, input_ids: Sequence[Sequence[int]], groups: Sequence[str], 
     for layer in layer_ids:
         written += write_outputs(out, f"similarity_layer{layer}", figures.similarity(sim, layer))
     first = layer_ids[0]
-    points = reduce_2d(model, batches(), first, method="auto")
+    points = reduce_2d(model, batches(), first, method=method)
     written += write_outputs(out, f"dim_reduc_layer{first}", figures.embedding(points), points,
                              data=dict(points.attrs))
     ex = np.zeros(st.n_experts, dtype=np.int64)

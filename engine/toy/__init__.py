@@ -9,13 +9,13 @@
 
 from engine.toy.batched import BatchedMoE, train_batched
 from engine.toy.metrics import (expert_feat_dimensionality, feature_specialization, global_feature_dimensionality,
-                                most_monosemantic, n_features_represented, polysemanticity, weighted_global_dim)
+                                most_monosemantic, polysemanticity, weighted_global_dim)
 from engine.toy.model import (SCHEDULES, Config, MoEModel, constant_lr, cosine_decay_lr, default_device,
                               feature_batch, linear_lr, optimize)
 
 __all__ = [
     "BatchedMoE", "Config", "MoEModel", "SCHEDULES", "constant_lr", "cosine_decay_lr", "default_device",
     "expert_feat_dimensionality", "feature_batch", "feature_specialization", "global_feature_dimensionality",
-    "linear_lr", "most_monosemantic", "n_features_represented", "optimize", "polysemanticity", "train_batched",
+    "linear_lr", "most_monosemantic", "optimize", "polysemanticity", "train_batched",
     "weighted_global_dim",
 ]

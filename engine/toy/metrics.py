@@ -70,16 +70,6 @@ def expert_usage(gate: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor 
     return counts / counts.sum(-1, keepdim=True)
 
 
-def usage_weighted_dim(W: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
-    """``D_i^global = sum_e p_e D_i^(e)`` -> ``[..., F]``."""
-    return torch.einsum("...e,...ef->...f", usage, feature_dimensionality(W))
-
-
-def specialization_weighted_dim(W: torch.Tensor) -> torch.Tensor:
-    """``sum_e S_i^(e) D_i^(e)`` -> ``[..., F]``."""
-    return (specialization(W) * feature_dimensionality(W)).sum(-2)
-
-
 def summary(W: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Scalar metrics per model: every value ``[...]`` (one per leading index).
 
@@ -148,11 +138,6 @@ def global_feature_dimensionality(model, input_features: torch.Tensor | None = N
 def weighted_global_dim(model, decimals: int | None = 3) -> torch.Tensor:
     """Seed: ``[F]``, ``sum_e S_i^(e) D_i^(e)`` of the (rounded) S and D, itself not rounded."""
     return (feature_specialization(model, decimals) * expert_feat_dimensionality(model, decimals)).sum(0)
-
-
-def n_features_represented(model, input_features: torch.Tensor | None = None, n_batch: int = 4096) -> int:
-    """Seed: number of features with global dimensionality > 0.05."""
-    return int((global_feature_dimensionality(model, input_features, n_batch)[1] > REPRESENTED_THRESHOLD).sum())
 
 
 def _round(t: torch.Tensor, decimals: int | None) -> torch.Tensor:
