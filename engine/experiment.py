@@ -178,6 +178,26 @@ def run_experiment(
             loss = _items_by(pp.table, by, "text", ["loss", "n_tokens"])
         return acc, loss
 
+    ablation_results: dict[str, tuple[dict, dict]] = {}
+
+    def evaluate_ablated(targets: Targets, what: str) -> tuple[dict, dict]:
+        """evaluate() under ``intervene(model, targets)``, once per distinct set of targets (a dose
+        of "all" and the main experiment's targets, or the same random draw, are the same ablation).
+        Empty targets give the base results; targets with no valid routing give ``({}, {})``."""
+        if targets.is_empty():
+            return base_acc, base_loss
+        key = json.dumps(targets.to_dict(), sort_keys=True)
+        if key not in ablation_results:
+            try:
+                with intervene(model, targets):
+                    ablation_results[key] = evaluate()
+            except MoetraceError as exc:
+                # e.g. a layer left with fewer than top_k selectable experts: no valid routing
+                # exists; record the target as not evaluable rather than stop the experiment.
+                warnings.warn(f"{what} not evaluated: {exc}", stacklevel=3)
+                ablation_results[key] = ({}, {})
+        return ablation_results[key]
+
     # 1. base evaluation, capturing the routing of every scored token
     trace = out / "trace.zarr"
     if trace.exists():
@@ -189,7 +209,16 @@ def run_experiment(
     # what the targets need, plus every statistic the report has a section for
     from engine.report import REPORT_STATS
 
-    stats = list(dict.fromkeys(["experts", "paths", "pairs", "temporal", *REPORT_STATS]))
+    from kernels.counting import STATS
+
+    # a top-1 model has no pairs: a method that needs them is an error, a report statistic is left out
+    method_stats = [metrics.SPECIALIZATION_METHODS[m][0] for m in methods]
+    for name in method_stats:
+        if store.top_k < STATS[name].min_top_k:
+            raise MoetraceError(f"methods: {name} needs a model with top_k >= {STATS[name].min_top_k}, "
+                                f"got top_k={store.top_k}; leave it out of methods")
+    stats = [name for name in dict.fromkeys([*method_stats, "temporal", *REPORT_STATS])
+             if store.top_k >= STATS[name].min_top_k]
     counts = count(store, stats=stats, by=by, skip_shared_prefix=True, progress=False)
     save_counts(counts, out / "counts.zarr")
     groups = [dict(zip(by, values)) for values in metrics.group_names(counts)]
@@ -207,8 +236,8 @@ def run_experiment(
         targeted = _group_name(group.values())
         selection = metrics.specialized(counts, method, group, threshold=thresholds.get(method))
         if dose_list is not None:
-            doses_rows += _dose_rows(model, store, by, selection, counts, method, targeted, dose_list, modes, n_random, seed,
-                                     evaluate, base_acc, base_loss, boot, text_boot)
+            doses_rows += _dose_rows(store, by, selection, counts, method, targeted, dose_list, modes, n_random, seed,
+                                     evaluate_ablated, base_acc, base_loss, boot, text_boot)
         real = Targets.from_specialized(method, selection, mask_mode=mask_mode)
         real.save_bare(targets_dir / f"{targeted.replace('/', '_')}_{method}.json", method)
         variants = [(method, -1, real)]
@@ -216,17 +245,7 @@ def run_experiment(
                      for s in range(n_random)]
         for name, variant_seed, targets in variants:
             cov_by_group = _coverage_by_group(store, targets, by, method)
-            if targets.is_empty():
-                acc, loss = base_acc, base_loss
-            else:
-                try:
-                    with intervene(model, targets):
-                        acc, loss = evaluate()
-                except MoetraceError as exc:
-                    # e.g. a layer left with fewer than top_k selectable experts: no valid routing
-                    # exists; record the target as not evaluable rather than stop the experiment.
-                    warnings.warn(f"{name} targets of {targeted} not evaluated: {exc}", stacklevel=2)
-                    acc, loss = {}, {}
+            acc, loss = evaluate_ablated(targets, f"{name} targets of {targeted}")
             for evaluated in base_acc:
                 variant = {"method": name, "targeted_group": targeted, "evaluated_group": evaluated,
                            "seed": variant_seed}
@@ -512,9 +531,10 @@ def dose_ladder(selection: metrics.Selection, doses: Sequence[int | str]) -> lis
     return out
 
 
-def _dose_rows(model, store, by, selection, counts, method: str, targeted: str, doses, modes, n_random: int,
-               seed: int, evaluate, base_acc: dict, base_loss: dict, boot, text_boot) -> list[dict[str, Any]]:
-    """dose_response.csv rows of one targeted group and method (every dose, mode and control)."""
+def _dose_rows(store, by, selection, counts, method: str, targeted: str, doses, modes, n_random: int,
+               seed: int, evaluate_ablated, base_acc: dict, base_loss: dict, boot, text_boot) -> list[dict[str, Any]]:
+    """dose_response.csv rows of one targeted group and method (every dose, mode and control);
+    ``evaluate_ablated(targets, what)`` evaluates every group under one ablation."""
     rows = []
     for n, sub in dose_ladder(selection, doses):
         for mode in modes:
@@ -522,13 +542,7 @@ def _dose_rows(model, store, by, selection, counts, method: str, targeted: str, 
             variants += [(True, s, random_like(sub, counts, method, seed * 1000 + s, mode)) for s in range(n_random)]
             for is_random, variant_seed, targets in variants:
                 cov_by_group = _coverage_by_group(store, targets, by, method)
-                try:
-                    with intervene(model, targets):
-                        acc, loss = evaluate()
-                except MoetraceError as exc:
-                    warnings.warn(f"dose {n} ({mode}) of {method} targets of {targeted} not evaluated: {exc}",
-                                  stacklevel=2)
-                    acc, loss = {}, {}
+                acc, loss = evaluate_ablated(targets, f"dose {n} ({mode}) of {method} targets of {targeted}")
                 for evaluated in base_acc:
                     c = _paired_columns(base_acc, acc, base_loss, loss, evaluated, boot, text_boot, seed)
                     rows.append({"method": method, "mode": mode, "targeted_group": targeted,

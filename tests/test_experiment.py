@@ -210,3 +210,48 @@ def test_report_shows_dose_response_and_intervals(tmp_path):
     assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', dose_section)) == 1  # accuracy only: no texts
     experiment = html.split('<section id="experiment">', 1)[1].split("</section>", 1)[0]
     assert "targeted - random" in experiment and re.search(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", experiment)
+
+
+def _forward_counter(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls, handle
+
+
+def test_an_ablation_already_evaluated_is_not_evaluated_again(tmp_path):
+    """The dose "all" is the main experiment's ablation and its random control the same draw: asking
+    for it adds dose_response.csv rows but no forward pass."""
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = tiny_model("olmoe", vocab_size=len(tok))
+    questions = make_questions(n_per_group=2, seed=3)
+    passes = {}
+    for name, doses in (("plain", None), ("all", ["all"])):
+        calls, handle = _forward_counter(model)
+        table = run_experiment(model, tok, questions, tmp_path / name, methods=("experts",), n_random=1,
+                               thresholds={"experts": 1.5}, doses=doses, progress=False)
+        handle.remove()
+        passes[name] = len(calls)
+    assert passes["all"] == passes["plain"] > 0
+    assert (tmp_path / "all" / "dose_response.csv").is_file()
+    evaluated = np.asarray(table["ablated_accuracy"], dtype=float)
+    assert np.isfinite(evaluated).all()
+
+
+def test_top1_model_runs_without_pairs_and_refuses_them(tmp_path):
+    """A top-1 model has no expert pairs: the experiment runs its other methods (and leaves the pairs
+    statistic out of counts.zarr); asking for pairs is a clear error, not a crash in the counter."""
+    from engine.errors import MoetraceError
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = tiny_model("olmoe", vocab_size=len(tok), num_experts_per_tok=1)
+    questions = make_questions(n_per_group=2, seed=5)
+    table = run_experiment(model, tok, questions, tmp_path / "ok", methods=("experts", "paths"), n_random=1,
+                           thresholds={"experts": 1.5}, progress=False)
+    assert {"experts", "paths"} <= set(table["method"].tolist())
+    counts = load_counts(tmp_path / "ok" / "counts.zarr")
+    assert "experts" in counts and "pairs" not in counts
+    with pytest.raises(MoetraceError, match="methods: pairs needs a model with top_k >= 2"):
+        run_experiment(model, tok, questions, tmp_path / "bad", methods=("experts", "pairs"), n_random=1,
+                       progress=False)
