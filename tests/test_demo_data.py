@@ -31,11 +31,18 @@ MONTHS = {
     "en": "january february march april may june july august september october november december".split(),
     "de": "januar februar maerz april mai juni juli august september oktober november dezember".split(),
 }
+NUMBER_WORDS = {
+    "en": "one two three four five six seven eight nine ten eleven twelve".split(),
+    "de": "eins zwei drei vier fuenf sechs sieben acht neun zehn elf zwoelf".split(),
+}
 ARITH = re.compile(r"^(compute|rechne) (\d+) (plus|und|minus|weniger) (\d+) (equals|ergibt) \?$")
-CODE = re.compile(r"^(print|drucke) \( (inc|dec|double|erhoehe|senke|verdopple) \( (\d+) \) \) -> \?$")
+CODE = re.compile(r"^(print|drucke) \( (inc|dec|double|erhoehe|senke|verdopple) \( (0x[0-9a-f]+) \) \) -> \?$")
+CODE2 = re.compile(r"^(print|drucke) \( (max|min|groesste|kleinste) \( (0x[0-9a-f]+) , (0x[0-9a-f]+) \) \) -> \?$")
 FACT = re.compile(r"^(\w+) (lives in|wohnt in|works as|arbeitet als) \?$")
 DATE_NUMBER = re.compile(r"^(\w+) (is|ist) (day|month|tag|monat) \?$")
-DATE_NEXT = re.compile(r"^(day|month|tag|monat) (after|before|nach|vor) (\w+) (is|ist) (day|month|tag|monat) \?$")
+DATE_NAME = re.compile(r"^(day|month|tag|monat) (\w+) (is|ist) \?$")
+DATE_NEXT = re.compile(r"^(?:(\w+) )?(day|month|tag|monat|days|months|tage|monate) (after|before|nach|vor) (\w+) (is|ist)"
+                       r"( day| month| tag| monat)? \?$")
 FACT_STATEMENT = re.compile(r"(\w+) (lives in|wohnt in|works as|arbeitet als) (\w+)")
 
 
@@ -53,26 +60,36 @@ def _facts_from_corpus(seed: int) -> dict[tuple[str, str], str]:
 
 def _derive(q: dict, facts: dict) -> str:
     """The correct answer of a demo question, computed from its text alone."""
-    text = q["question"]
+    text, lang = q["question"], q["lang"]
     if q["domain"] == "arith":
         _, a, op, b, _ = ARITH.match(text).groups()
         return str(int(a) + int(b) if op in ("plus", "und") else int(a) - int(b))
     if q["domain"] == "code":
+        if CODE2.match(text):
+            _, op, a, b = CODE2.match(text).groups()
+            a, b = int(a, 16), int(b, 16)
+            return hex(max(a, b) if op in ("max", "groesste") else min(a, b))
         _, op, x = CODE.match(text).groups()
-        x = int(x)
+        x = int(x, 16)
         results = {"inc": x + 1, "erhoehe": x + 1, "dec": x - 1, "senke": x - 1, "double": 2 * x, "verdopple": 2 * x}
-        return str(results[op])
+        return hex(results[op])
     if q["domain"] == "facts":
         person, rel = FACT.match(text).groups()
         return facts[(person, rel)]
     if DATE_NUMBER.match(text):
         name, _, unit = DATE_NUMBER.match(text).groups()
-        names = MONTHS[q["lang"]] if unit in ("month", "monat") else DAYS[q["lang"]]
-        return str(names.index(name) + 1)
-    unit, direction, start, _, _ = DATE_NEXT.match(text).groups()
-    names = MONTHS[q["lang"]] if unit in ("month", "monat") else DAYS[q["lang"]]
-    sign = 1 if direction in ("after", "nach") else -1
-    return str((names.index(start) + sign) % len(names) + 1)
+        names = MONTHS[lang] if unit in ("month", "monat") else DAYS[lang]
+        return NUMBER_WORDS[lang][names.index(name)]
+    if DATE_NAME.match(text):
+        unit, number, _ = DATE_NAME.match(text).groups()
+        names = MONTHS[lang] if unit in ("month", "monat") else DAYS[lang]
+        return names[NUMBER_WORDS[lang].index(number)]
+    count, unit, direction, start, _, as_number = DATE_NEXT.match(text).groups()
+    k = 1 if count is None else NUMBER_WORDS[lang].index(count) + 1
+    assert (k == 1) == (unit in ("day", "month", "tag", "monat")), text  # "day after", "two days after"
+    names = MONTHS[lang] if unit in ("month", "monat", "months", "monate") else DAYS[lang]
+    i = (names.index(start) + (k if direction in ("after", "nach") else -k)) % len(names)
+    return NUMBER_WORDS[lang][i] if as_number else names[i]
 
 
 def _check_questions(questions, seed):
@@ -103,9 +120,13 @@ def test_choices_are_the_aligned_block_holding_the_answer():
         choices = [q[c] for c in LETTERS]
         if q["domain"] == "facts":
             assert q["A"] in ("velm", "miral", "baker", "painter", "baecker", "maler")  # blocks of 4
-        else:
-            nums = [int(c) for c in choices]
+        elif q["domain"] in ("arith", "code"):
+            nums = [int(c, 16 if q["domain"] == "code" else 10) for c in choices]
             assert nums == list(range(nums[0], nums[0] + 4)) and (nums[0] % 4 == 0 or nums[-1] == 18)
+        else:  # dates: number words 1-4, 5-8, 9-12, or a block of 4 month / weekday names (cyclic)
+            space = next(names[q["lang"]] for names in (NUMBER_WORDS, MONTHS, DAYS) if choices[0] in names[q["lang"]])
+            start = space.index(choices[0])
+            assert start % 4 == 0 and choices == [space[(start + j) % len(space)] for j in range(4)]
         # the same answer always comes with the same choices (the letter follows from the answer)
         key = (q["domain"], q["lang"], q[q["answer"]])
         assert block_of.setdefault(key, choices) == choices
@@ -205,3 +226,28 @@ def test_tiny_build_is_deterministic_cached_and_loads_like_any_checkpoint(tmp_pa
     assert ensure_demo_model(tmp_path / "cache", config=cfg, progress=False) == cached
     assert (cached / BUILD_INFO).stat().st_mtime_ns == stamp
     assert DemoConfig(seed=1).key() != DemoConfig().key()
+
+
+def test_build_records_its_platform_and_hash_and_ignores_the_callers_thread_count(tmp_path):
+    import json
+
+    import torch
+
+    from engine.demo.model import BUILD_INFO, TRAIN_THREADS, DemoConfig, build_demo_model, platform_key, weights_sha256
+
+    cfg = DemoConfig(n_layers=2, n_experts=4, hidden=32, intermediate=32, n_heads=2, steps=6, batch_size=8,
+                     n_questions=2, n_texts=2)
+    threads = torch.get_num_threads()
+    built = {}
+    for n in (1, 3):
+        torch.set_num_threads(n)
+        try:
+            built[n] = build_demo_model(tmp_path / str(n), config=cfg, progress=False)
+            assert torch.get_num_threads() == n  # restored after training
+        finally:
+            torch.set_num_threads(threads)
+    assert weights_sha256(built[1]) == weights_sha256(built[3])
+    info = json.loads((built[1] / BUILD_INFO).read_text())
+    assert info["weights_sha256"] == weights_sha256(built[1])
+    assert info["platform"] == platform_key() and info["torch_threads"] == TRAIN_THREADS
+    assert platform_key().endswith(f"-torch{torch.__version__}")

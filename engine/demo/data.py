@@ -4,21 +4,25 @@ Four domains, each in two surface languages (``en``: English-like, ``de``: Germa
 the content of a domain is the same kind in both, only the words differ):
 
 - ``arith``: ``compute 6 minus 2 equals 4`` / ``rechne 6 weniger 2 ergibt 4``
-- ``code``: ``print ( double ( 4 ) ) -> 8`` / ``drucke ( verdopple ( 4 ) ) -> 8``
+- ``code``: ``print ( double ( 0x4 ) ) -> 0x8``, ``print ( max ( 0x3 , 0x7 ) ) -> 0x7`` /
+  ``drucke ( verdopple ( 0x4 ) ) -> 0x8``
 - ``facts``: ``mara lives in velm``, ``mara works as baker`` / ``mara wohnt in velm``,
   ``mara arbeitet als baecker``
-- ``dates``: ``march is month 3``, ``day after sunday is day 1`` / ``maerz ist monat 3``,
-  ``monat vor maerz ist monat 2``
+- ``dates``: ``march is month three``, ``month three is march``, ``day after sunday is day one``,
+  ``two days before monday is saturday`` / ``maerz ist monat drei``, ``monat vor maerz ist februar``
 
-``facts`` come from a small knowledge base (24 people, their city and job) drawn from the seed;
-the other domains are computed (addition/subtraction of numbers 0..6, functions inc/dec/double
-of a number, the number of a weekday or month, or of the one after or before it).
+``facts`` come from a small knowledge base (64 people, their city and job) drawn from the seed;
+the other domains are computed (addition/subtraction of numbers 0..9; functions inc/dec/double
+of a number and max/min of two; the number of a weekday or month, its name from its number, and
+the number or name of the one 1-3 after or before it). Each (domain, lang) has at least 128
+distinct questions, so 100 of them can be held out for evaluation with some left for training
+examples.
 
 A multiple-choice question is a statement with its answer replaced by ``?`` (the cloze form)
 and four choices in MMLU format: a dict with keys ``question, A, B, C, D, answer, domain, lang``.
 The choices are the aligned block of four consecutive values of the domain's ordered answer
-space that holds the answer (numbers 0-3, 4-7, ..., 15-18; cities and jobs in their fixed
-order, 4 at a time), in order: neighbouring values are
+space that holds the answer (numbers 0-3, 4-7, ..., 15-18 in the domain's numerals; cities and
+jobs in their fixed order, 4 at a time), in order: neighbouring values are
 the distractors and the answer's letter is a function of the answer alone, so a model that knows
 the answer can name the letter without comparing tokens. That keeps the letter learnable in the
 few training minutes the demo has (with distractors in random order or random windows, a 4-layer
@@ -54,21 +58,22 @@ DOMAINS = ("arith", "code", "facts", "dates")
 LANGS = ("en", "de")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 
-_MAX_NUMBER = 18  # answers: sums of two operands up to 6, doubled digits up to 18
-_MAX_OPERAND = 6
+_MAX_NUMBER = 18  # answers: sums of two operands up to 9, doubled digits up to 18
+_MAX_OPERAND = 9
 _WORDS = {
     "en": {
         "compute": "compute", "plus": "plus", "minus": "minus", "equals": "equals",
-        "print": "print", "inc": "inc", "dec": "dec", "double": "double",
+        "print": "print", "inc": "inc", "dec": "dec", "double": "double", "max": "max", "min": "min",
         "lives": "lives in", "works": "works as",
-        "day": "day", "month": "month", 
+        "day": "day", "month": "month", "days": "days", "months": "months",
         "after": "after", "before": "before", "is": "is",
     },
     "de": {
         "compute": "rechne", "plus": "und", "minus": "weniger", "equals": "ergibt",
         "print": "drucke", "inc": "erhoehe", "dec": "senke", "double": "verdopple",
+        "max": "groesste", "min": "kleinste",
         "lives": "wohnt in", "works": "arbeitet als",
-        "day": "tag", "month": "monat", 
+        "day": "tag", "month": "monat", "days": "tage", "months": "monate",
         "after": "nach", "before": "vor", "is": "ist",
     },
 }
@@ -88,9 +93,24 @@ _JOBS = {
 }
 _PEOPLE = ("mara", "tomas", "ilse", "jonas", "lena", "piet", "anja", "karl",
            "nora", "emil", "greta", "oskar", "rosa", "felix", "hanna", "bruno",
-           "ida", "lars", "vera", "otto", "frida", "hugo", "lotte", "sven")
+           "ida", "lars", "vera", "otto", "frida", "hugo", "lotte", "sven",
+           "alma", "bert", "clara", "dirk", "edda", "finn", "gerd", "hilde",
+           "ivo", "jule", "kai", "lina", "malte", "nele", "ole", "paula",
+           "quirin", "rike", "silas", "tilda", "ulf", "vita", "wim", "xenia",
+           "yann", "zoe", "arne", "britt", "carl", "dora", "enno", "fee",
+           "gus", "hedda", "ilka", "jost", "kira", "leif", "mia", "nils")
 _CITIES = ("velm", "ostra", "karnis", "brodo", "miral", "tessin", "uldor", "zarak")
-_SYMBOLS = ("(", ")", "[", "]", "->", "?", ".", ":")
+_SYMBOLS = ("(", ")", "[", "]", "->", "?", ".", ":", ",")
+# Each domain writes its numbers its own way, as real domains do (digits in arithmetic, hex
+# literals in code, number words in dates): a number token then belongs to one domain, so the
+# experts that process operands can specialize in it (with shared digits they served three
+# domains at once, and no domain's computation ran on experts of its own).
+_DIGITS = tuple(str(i) for i in range(_MAX_NUMBER + 1))
+_HEX = tuple(hex(i) for i in range(_MAX_NUMBER + 1))
+_NUMBER_WORDS = {
+    "en": ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"),
+    "de": ("eins", "zwei", "drei", "vier", "fuenf", "sechs", "sieben", "acht", "neun", "zehn", "elf", "zwoelf"),
+}
 
 
 def _rng(seed: int, stream: str) -> random.Random:
@@ -130,7 +150,6 @@ def _sample_item(domain: str, lang: str, rng: random.Random, kb: Mapping) -> tup
     block of the ordered answer space (:func:`_block_choices`).
     """
     w = _WORDS[lang]
-    numbers = [str(i) for i in range(_MAX_NUMBER + 1)]
     if domain == "arith":
         a = rng.randrange(_MAX_OPERAND + 1)
         if rng.random() < 0.5:
@@ -139,12 +158,16 @@ def _sample_item(domain: str, lang: str, rng: random.Random, kb: Mapping) -> tup
         else:
             b = rng.randrange(a + 1)
             c, op = a - b, w["minus"]
-        return f"{w['compute']} {a} {op} {b} {w['equals']}", str(c), numbers, False
+        return f"{w['compute']} {a} {op} {b} {w['equals']}", str(c), _DIGITS, False
     if domain == "code":
-        op = rng.choice(("inc", "dec", "double"))
+        op = rng.choice(("inc", "dec", "double", "max", "min"))
+        if op in ("max", "min"):
+            a, b = rng.randrange(_MAX_OPERAND + 1), rng.randrange(_MAX_OPERAND + 1)
+            c = max(a, b) if op == "max" else min(a, b)
+            return f"{w['print']} ( {w[op]} ( {_HEX[a]} , {_HEX[b]} ) ) ->", _HEX[c], _HEX, False
         x = rng.randrange(1, _MAX_NUMBER + 1) if op == "dec" else rng.randrange(_MAX_NUMBER if op == "inc" else 10)
         c = {"inc": x + 1, "dec": x - 1, "double": 2 * x}[op]
-        return f"{w['print']} ( {w[op]} ( {x} ) ) ->", str(c), numbers, False
+        return f"{w['print']} ( {w[op]} ( {_HEX[x]} ) ) ->", _HEX[c], _HEX, False
     if domain == "facts":
         person = rng.choice(_PEOPLE)
         if rng.random() < 0.5:
@@ -153,13 +176,19 @@ def _sample_item(domain: str, lang: str, rng: random.Random, kb: Mapping) -> tup
     if domain == "dates":
         months = rng.random() < 0.5
         names = _MONTHS[lang] if months else _DAYS[lang]
-        unit = w["month" if months else "day"]
-        start = rng.randrange(len(names))
-        if rng.random() < 1 / 3:  # "march is month 3"
-            return f"{names[start]} {w['is']} {unit}", str(start + 1), numbers, False
-        sign = rng.choice((1, -1))  # "month after march is month 4"
-        c = (start + sign) % len(names) + 1
-        return f"{unit} {w['after' if sign > 0 else 'before']} {names[start]} {w['is']} {unit}", str(c), numbers, False
+        unit, numbers = w["month" if months else "day"], _NUMBER_WORDS[lang]
+        start, form = rng.randrange(len(names)), rng.randrange(14)
+        if form == 0:  # "march is month three"
+            return f"{names[start]} {w['is']} {unit}", numbers[start], numbers, False
+        if form == 1:  # "month three is march"
+            return f"{unit} {numbers[start]} {w['is']}", names[start], names, True
+        k, sign, as_name = 1 + (form - 2) // 4, 1 if form % 2 else -1, (form // 2) % 2 == 1
+        c = (start + sign * k) % len(names)
+        step = unit if k == 1 else f"{numbers[k - 1]} {w['months' if months else 'days']}"
+        prefix = f"{step} {w['after' if sign > 0 else 'before']} {names[start]} {w['is']}"
+        if as_name:  # "month after march is april", "two days before monday is saturday"
+            return prefix, names[c], names, True
+        return f"{prefix} {unit}", numbers[c], numbers, False  # "month after march is month four"
     raise MoetraceError(f"domain: expected one of {list(DOMAINS)}, got {domain!r}")
 
 
@@ -263,14 +292,14 @@ def demo_vocabulary() -> list[str]:
     """Every token the generator and the prompt format can produce, special tokens first.
 
     The order is fixed (it defines the token ids): specials, then the prompt words, symbols,
-    numbers 0..18, then each language's words, people, cities, weekdays, months and jobs.
+    digits 0..18 and hex literals 0x0..0x12, then each language's words, number words, weekdays,
+    months and jobs, then people and cities.
     """
-    words: list[str] = [*SPECIAL_TOKENS, "Question", "Answer", *LETTERS, *_SYMBOLS]
-    words += [str(i) for i in range(_MAX_NUMBER + 1)]
+    words: list[str] = [*SPECIAL_TOKENS, "Question", "Answer", *LETTERS, *_SYMBOLS, *_DIGITS, *_HEX]
     for lang in LANGS:
         for phrase in _WORDS[lang].values():
             words += phrase.split()
-        words += [*_DAYS[lang], *_MONTHS[lang], *_JOBS[lang]]
+        words += [*_NUMBER_WORDS[lang], *_DAYS[lang], *_MONTHS[lang], *_JOBS[lang]]
     words += [*_PEOPLE, *_CITIES]
     return list(dict.fromkeys(words))
 

@@ -12,14 +12,26 @@ owning a few experts, and it keeps experts alive (a dead expert carries no domai
 coefficient also pushes the router towards less decisive scores. Measured on an earlier version
 of this data (2000 steps, top-1 counts over the evaluation prompts, "specialized" = an expert
 whose share of a domain's tokens is at least twice the domain's share of all tokens): with 0.01
-the specialized experts covered 6-19% of a domain's routing, with 0.001 15-29%. On the default
-build (seed 0) one expert of the first layer is never chosen and the others get 0.1-20% of the
-top-2 slots; ablating its specialized experts (that rule, rerouting) moves no domain's accuracy
-by more than 0.04: the demo model's abilities are not concentrated in a few experts yet.
+the specialized experts covered 6-19% of a domain's routing, with 0.001 15-29%.
+
+Set-ups tried for the ablation experiment (``bench/RESULTS.md``, "The ablation experiment as
+evidence"): top-2 and top-1 routing, digits shared by three domains and a numeral system per
+domain, 1500 and 2000 steps. With top-2, ablating a domain's specialized experts, paths or pairs
+raises that domain's text loss more than the other domains' and more than a random control's
+(with top-1, less than the random control's); in no set-up did any method move a domain's
+multiple-choice accuracy beyond its 95% interval.
 
 Determinism: the weights are a function of the build parameters (``DemoConfig``) through
-``torch.manual_seed`` and a seeded data order, on the same machine and torch version and the
-same number of threads (float reductions in another order round differently).
+``torch.manual_seed`` and a seeded data order, given the platform (:func:`platform_key`: the CPU
+architecture, the SIMD kernels torch dispatches to, the torch version). Training always runs on
+``TRAIN_THREADS`` (1) thread, so the machine's core count does not change the order of float
+reductions; one thread also keeps training usable when other work shares the cores (measured on
+this project's 2-core machine: 2 threads take 58 ms a step against 73 ms for one when the cores
+are idle, but a 2-thread build with other jobs running was still unfinished after 25 minutes
+when 1-thread builds beside it took 3.5: OpenMP's threads wait on each other). Another
+instruction set (AVX2 vs AVX512) rounds some reductions differently, and training amplifies a
+last-bit difference into another model: its accuracies differ by a few questions, which is why ``bench/RESULTS.md`` reports the experiment over several training seeds.
+``demo_build.json`` records the platform key and the weights' SHA-256.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -48,6 +61,7 @@ from engine.demo.data import (
 from engine.errors import MoetraceError
 
 BUILD_INFO = "demo_build.json"
+TRAIN_THREADS = 1
 QUESTIONS_FILE = "questions.jsonl"
 QUESTIONS_CSV = "questions.csv"
 TEXTS_FILE = "texts.jsonl"
@@ -65,7 +79,8 @@ class DemoConfig:
     whose answer-letter loss is weighted ``mc_weight`` against the text loss (``_loss``).
     Data: ``n_questions`` evaluation questions per (domain, lang) group, whose prompts (and so
     facts) never appear as training multiple-choice examples (their facts do appear as
-    statements), and ``n_texts`` perplexity texts per group from an independent random stream.
+    statements), and ``n_texts`` perplexity texts of ``text_statements`` statements per group
+    from an independent random stream (100 + 100 per group: 200 of each per domain).
     ``version`` changes whenever the generator or the training changes what gets built.
     """
 
@@ -83,14 +98,30 @@ class DemoConfig:
     aux_coef: float = 0.001
     mc_fraction: float = 0.5
     mc_weight: float = 1.0
-    n_questions: int = 12
-    n_texts: int = 20
-    version: int = 6
+    n_questions: int = 100
+    n_texts: int = 100
+    text_statements: int = 2
+    version: int = 9
 
     def key(self) -> str:
         """A short hash of every field: the cache directory name."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def platform_key() -> str:
+    """What the demo model's bits depend on besides ``DemoConfig``: CPU architecture, the SIMD
+    level torch's CPU kernels dispatch to, and the torch version (e.g. ``x86_64-AVX512-torch2.13.0``)."""
+    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}-torch{torch.__version__}"
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """SHA-256 hex digest of ``model_dir/model.safetensors``."""
+    h = hashlib.sha256()
+    with open(Path(model_dir) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _model_config(cfg: DemoConfig, tokenizer):
@@ -152,9 +183,6 @@ def build_demo_model(out_dir: str | Path, seed: int = 0, config: DemoConfig | No
     multiple-choice accuracy per group on the evaluation questions). ``seed`` is used when
     ``config`` is None. Returns ``out_dir`` as a Path.
     """
-    from engine.progress import tqdm
-    from transformers import OlmoeForCausalLM
-
     from engine.evaluate import multiple_choice_accuracy
 
     cfg = config if config is not None else DemoConfig(seed=seed)
@@ -166,11 +194,42 @@ def build_demo_model(out_dir: str | Path, seed: int = 0, config: DemoConfig | No
 
     tokenizer = build_tokenizer()
     questions = make_questions(cfg.n_questions, seed=cfg.seed)
-    texts = make_texts(cfg.n_texts, seed=cfg.seed)
+    texts = make_texts(cfg.n_texts, seed=cfg.seed, statements_per_text=cfg.text_statements)
     n_docs = cfg.steps * cfg.batch_size  # about one epoch: every document is seen once
     docs = make_training_documents(n_docs, seed=cfg.seed, mc_fraction=cfg.mc_fraction, exclude=questions)
     ids = tokenizer([d["text"] for d in docs], add_special_tokens=True)["input_ids"]
     is_mc = np.asarray([d["kind"] == "mc" for d in docs])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        model, losses = _train(cfg, tokenizer, ids, is_mc, progress)
+    finally:
+        torch.set_num_threads(threads)
+    train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    write_questions(out_dir / QUESTIONS_FILE, questions)
+    write_questions(out_dir / QUESTIONS_CSV, questions)
+    write_texts(out_dir / TEXTS_FILE, texts)
+    result = multiple_choice_accuracy(model, tokenizer, questions, batch_size=256, progress=False)
+    info = {
+        "config": dataclasses.asdict(cfg), "key": cfg.key(), "train_seconds": round(train_seconds, 2),
+        "train_cpu_seconds": round(train_cpu_seconds, 2), "torch_threads": TRAIN_THREADS,
+        "platform": platform_key(), "weights_sha256": weights_sha256(out_dir),
+        "final_loss": float(np.mean(losses[-50:])),
+        "accuracy": {"/".join(k): v for k, v in result.by_group().items()},
+    }
+    (out_dir / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return out_dir
+
+
+def _train(cfg: DemoConfig, tokenizer, ids: list[list[int]], is_mc: np.ndarray, progress: bool):
+    """The demo model trained on the tokenized documents; returns (model in eval mode, step losses)."""
+    from transformers import OlmoeForCausalLM
+
+    from engine.progress import tqdm
 
     torch.manual_seed(cfg.seed)
     model = OlmoeForCausalLM(_model_config(cfg, tokenizer))
@@ -198,23 +257,8 @@ def build_demo_model(out_dir: str | Path, seed: int = 0, config: DemoConfig | No
         losses.append(loss.item())
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
-
     model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    write_questions(out_dir / QUESTIONS_FILE, questions)
-    write_questions(out_dir / QUESTIONS_CSV, questions)
-    write_texts(out_dir / TEXTS_FILE, texts)
-    result = multiple_choice_accuracy(model, tokenizer, questions, batch_size=64, progress=False)
-    info = {
-        "config": dataclasses.asdict(cfg), "key": cfg.key(), "train_seconds": round(train_seconds, 2),
-        "train_cpu_seconds": round(train_cpu_seconds, 2),
-        "torch_threads": torch.get_num_threads(), "final_loss": float(np.mean(losses[-50:])),
-        "accuracy": {"/".join(k): v for k, v in result.by_group().items()},
-    }
-    (out_dir / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    return out_dir
+    return model, losses
 
 
 def load_demo_model(path: str | Path):
