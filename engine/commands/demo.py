@@ -7,13 +7,14 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train/load the demo MoE model, run the ablation experiment, "
                                            "write DIR/report.html and DIR/results.csv")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--random", type=int, default=3, help="random-control seeds per target (default 3)")
+    p.add_argument("--random", type=int, default=None,
+                   help="random-control seeds per target (default: engine.demo.run.DEMO_RANDOM)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from engine.demo.run import run_demo
+    from engine.demo.run import DEMO_RANDOM, run_demo
 
-    run_demo(args.out, n_random=args.random, progress=not args.quiet)
+    run_demo(args.out, n_random=DEMO_RANDOM if args.random is None else args.random, progress=not args.quiet)
     return 0
