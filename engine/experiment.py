@@ -55,10 +55,11 @@ RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "seed", "n_item
 ITEM_COLUMNS = ("kind", "method", "targeted_group", "seed", "evaluated_group", "item", "base", "ablated", "weight")
 N_BOOT = 2000
 # OUT/dose_response.csv: one row per (method, mode, targeted group, evaluated group, n_ablated,
-# control or not, seed); the share of the evaluated group's routes the ablated items cover (a rare
+# control or not, seed); ``dose`` is the requested step the row answers ("1", "4", ..., or "all",
+# whose n_ablated differs between targeted groups); the share of the evaluated group's routes the ablated items cover (a rare
 # route can be highly specialized yet carry few tokens), accuracy/loss under that ablation, with
 # the paired effect's interval.
-DOSE_COLUMNS = ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "is_random", "seed", "coverage",
+DOSE_COLUMNS = ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "dose", "is_random", "seed", "coverage",
                 "accuracy", "drop", "drop_ci_low", "drop_ci_high", "drop_p_value",
                 "loss", "loss_increase", "loss_ci_low", "loss_ci_high", "loss_p_value")
 
@@ -537,6 +538,7 @@ def _dose_rows(store, by, selection, counts, method: str, targeted: str, doses, 
     ``evaluate_ablated(targets, what)`` evaluates every group under one ablation."""
     rows = []
     for n, sub in dose_ladder(selection, doses):
+        dose = "all" if "all" in doses and n == len(selection) else str(n)
         for mode in modes:
             variants = [(False, -1, Targets.from_specialized(method, sub, mask_mode=mode))]
             variants += [(True, s, random_like(sub, counts, method, seed * 1000 + s, mode)) for s in range(n_random)]
@@ -546,7 +548,7 @@ def _dose_rows(store, by, selection, counts, method: str, targeted: str, doses, 
                 for evaluated in base_acc:
                     c = _paired_columns(base_acc, acc, base_loss, loss, evaluated, boot, text_boot, seed)
                     rows.append({"method": method, "mode": mode, "targeted_group": targeted,
-                                 "evaluated_group": evaluated, "n_ablated": n, "is_random": is_random,
+                                 "evaluated_group": evaluated, "n_ablated": n, "dose": dose, "is_random": is_random,
                                  "coverage": cov_by_group.get(evaluated, float("nan")),
                                  "seed": variant_seed, "accuracy": c["ablated_accuracy"], "drop": c["drop"],
                                  "drop_ci_low": c["drop_ci_low"], "drop_ci_high": c["drop_ci_high"],

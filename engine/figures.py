@@ -264,11 +264,20 @@ def dose_response(dose: pd.DataFrame, measure: str = "drop") -> Figure:
     control on the targeted group; shaded: the mean of the rows' 95% paired intervals.
 
     dose: columns ``method, mode, targeted_group, evaluated_group, n_ablated, is_random`` and
-    ``measure`` (with ``<ci>_low/_high`` when present). Returns a matplotlib Figure.
+    ``measure`` (with ``<ci>_low/_high`` when present). With a ``dose`` column (the requested
+    step: "1", "4", ..., "all") the x axis is those steps, evenly spaced, so "all" (a different n
+    for each targeted group) is one point; without it, n on a log axis. Returns a matplotlib Figure.
     """
     low, high = ("drop_ci_low", "drop_ci_high") if measure == "drop" else ("loss_ci_low", "loss_ci_high")
     df = dose.copy()
     df["own"] = df["targeted_group"] == df["evaluated_group"]
+    steps = None
+    if "dose" in df.columns:
+        df["dose"] = df["dose"].astype(str)
+        steps = sorted(set(df["dose"]), key=lambda d: (d == "all", int(d) if d.isdigit() else 0, d))
+        df["x"] = df["dose"].map({d: i for i, d in enumerate(steps)})
+    else:
+        df["x"] = df["n_ablated"]
     panels = sorted({(m, mode) for m, mode in zip(df["method"], df["mode"])})
     fig = Figure(figsize=(3.6 * max(1, len(panels)), 3.2))
     axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)), sharey=True))
@@ -282,16 +291,19 @@ def dose_response(dose: pd.DataFrame, measure: str = "drop") -> Figure:
             if part.empty:
                 continue
             # mean over seeds within a targeted group first, then over targeted groups
-            per_group = part.groupby(["targeted_group", "n_ablated"])[[measure, low, high]].mean()
-            line = per_group.groupby("n_ablated").mean()
+            per_group = part.groupby(["targeted_group", "x"])[[measure, low, high]].mean()
+            line = per_group.groupby("x").mean()
             ax.plot(line.index, line[measure], marker="o", color=color, label=label, lw=1.5)
             if {low, high} <= set(line.columns) and line[low].notna().any():
                 ax.fill_between(line.index, line[low], line[high], color=color, alpha=0.15, lw=0)
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
+        if steps is None:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+        else:
+            ax.set_xticks(range(len(steps)), steps)
         ax.set_title(f"{method} ({mode})", fontsize=9)
-        ax.set_xlabel("items ablated (n)", fontsize=8)
+        ax.set_xlabel("items ablated (n most specialized)", fontsize=8)
     axes[0].set_ylabel(MEASURES.get(measure, measure), fontsize=8)
     axes[-1].legend(fontsize=7, loc="best")
     fig.tight_layout()

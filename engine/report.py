@@ -513,7 +513,7 @@ def _render_experiment(ctx: Context) -> str:
 
 def _read_run_csv(path: Path) -> pd.DataFrame:
     """A table the experiment wrote, group and method names kept as text ("2024", "NA" stay names)."""
-    text = {"kind", "method", "mode", "targeted_group", "evaluated_group"}
+    text = {"kind", "method", "mode", "targeted_group", "evaluated_group", "dose"}
     columns = pd.read_csv(path, nrows=0).columns
     missing = {c: ["", "nan", "NaN", "NA"] for c in columns if c not in text}  # numbers: pyarrow writes NaN as nan
     return pd.read_csv(path, dtype={c: str for c in text if c in columns}, keep_default_na=False,
@@ -540,11 +540,13 @@ def _render_dose_response(ctx: Context) -> str:
         if measure in dose.columns and dose[measure].notna().any():
             parts.append(f"<h3>{_e(MEASURES[measure])}</h3>"
                          + _img(figures.dose_response(dose, measure), f"dose-response of the {measure}"))
-    table = (dose.assign(own=dose["targeted_group"] == dose["evaluated_group"])
-             .groupby(["method", "mode", "is_random", "own", "n_ablated"], sort=True)
+    step = "dose" if "dose" in dose.columns else "n_ablated"  # older run directories have no dose column
+    table = (dose.assign(own=dose["targeted_group"] == dose["evaluated_group"],
+                         order=pd.to_numeric(dose[step], errors="coerce").fillna(np.inf))
+             .groupby(["method", "mode", "is_random", "own", "order", step], sort=True)
              .agg(drop=("drop", "mean"), loss_increase=("loss_increase", "mean")).reset_index())
     rows = [[r.method, r.mode, "random" if r.is_random else "targets", "targeted" if r.own else "off-target",
-             int(r.n_ablated), r.drop, r.loss_increase] for r in table.itertuples(index=False)]
+             str(getattr(r, step)), r.drop, r.loss_increase] for r in table.itertuples(index=False)]
     return "".join(parts) + _table(["method", "mode", "ablated", "evaluated", "n", "accuracy drop", "loss increase"],
                                    rows, text_cols=4)
 

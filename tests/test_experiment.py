@@ -179,6 +179,12 @@ def test_dose_response_table(tmp_path):
     dose = pd.read_csv(tmp_path / "dose_response.csv")
     for col in ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "is_random", "accuracy", "loss"):
         assert col in dose.columns
+    # the requested step each row answers: "all" is each group's own n
+    for targeted, rows in dose.groupby("targeted_group"):
+        n_all = rows.loc[rows["dose"].astype(str) == "all", "n_ablated"]
+        assert len(n_all) and (n_all == rows["n_ablated"].max()).all()
+        numbered = rows[rows["dose"].astype(str) != "all"]
+        assert (numbered["dose"].astype(int) == numbered["n_ablated"]).all()
     assert set(dose["mode"]) == {"reroute", "zero"}
     assert set(dose["is_random"]) == {True, False}
     results = pd.read_csv(tmp_path / "results.csv")
