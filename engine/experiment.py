@@ -135,6 +135,7 @@ def run_experiment(
     batch_size: int = 32,
     doses: Sequence[int | str] | None = None,
     modes: Sequence[str] = ("reroute",),
+    dose_random: int | None = None,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Run the ablation experiment (module docstring) and return the results table.
@@ -148,8 +149,8 @@ def run_experiment(
     (the route stays selected with weight 0), for the targets and the random controls alike.
     doses: when given (e.g. ``[1, 2, 4, 8, "all"]``), also the dose-response experiment
     (:func:`dose_ladder`): for every targeted group and method, the n most specialized items and
-    n random real routes, for each n and each mask mode in ``modes``, written to
-    ``OUT/dose_response.csv`` (``DOSE_COLUMNS``).
+    n random real routes (``dose_random`` draws, default ``n_random``), for each n and each mask
+    mode in ``modes``, written to ``OUT/dose_response.csv`` (``DOSE_COLUMNS``).
     Returns the table as a dict of equal-length arrays (also written to ``OUT/results.csv``).
     """
     out = Path(out_dir)
@@ -237,7 +238,8 @@ def run_experiment(
         targeted = _group_name(group.values())
         selection = metrics.specialized(counts, method, group, threshold=thresholds.get(method))
         if dose_list is not None:
-            doses_rows += _dose_rows(store, by, selection, counts, method, targeted, dose_list, modes, n_random, seed,
+            doses_rows += _dose_rows(store, by, selection, counts, method, targeted, dose_list, modes,
+                                     n_random if dose_random is None else dose_random, seed,
                                      evaluate_ablated, base_acc, base_loss, boot, text_boot)
         real = Targets.from_specialized(method, selection, mask_mode=mask_mode)
         real.save_bare(targets_dir / f"{targeted.replace('/', '_')}_{method}.json", method)

@@ -234,12 +234,15 @@ def test_an_ablation_already_evaluated_is_not_evaluated_again(tmp_path):
     passes = {}
     for name, doses in (("plain", None), ("all", ["all"])):
         calls, handle = _forward_counter(model)
-        table = run_experiment(model, tok, questions, tmp_path / name, methods=("experts",), n_random=1,
-                               thresholds={"experts": 1.5}, doses=doses, progress=False)
+        table = run_experiment(model, tok, questions, tmp_path / name, methods=("experts",), n_random=2,
+                               thresholds={"experts": 1.5}, doses=doses, dose_random=1, progress=False)
         handle.remove()
         passes[name] = len(calls)
     assert passes["all"] == passes["plain"] > 0
-    assert (tmp_path / "all" / "dose_response.csv").is_file()
+    import pandas as pd
+
+    dose = pd.read_csv(tmp_path / "all" / "dose_response.csv")
+    assert set(dose.loc[dose["is_random"], "seed"]) == {0}  # dose_random=1: one control draw per step
     evaluated = np.asarray(table["ablated_accuracy"], dtype=float)
     assert np.isfinite(evaluated).all()
 
