@@ -56,9 +56,9 @@ ITEM_COLUMNS = ("kind", "method", "targeted_group", "seed", "evaluated_group", "
 N_BOOT = 2000
 # OUT/dose_response.csv: one row per (method, mode, targeted group, evaluated group, n_ablated,
 # control or not, seed); ``dose`` is the requested step the row answers ("1", "4", ..., or "all",
-# whose n_ablated differs between targeted groups); the share of the evaluated group's routes the ablated items cover (a rare
-# route can be highly specialized yet carry few tokens), accuracy/loss under that ablation, with
-# the paired effect's interval.
+# whose n_ablated differs between targeted groups); the share of the evaluated group's routes the
+# ablated items cover (a rare route can be highly specialized yet carry few tokens), accuracy/loss
+# under that ablation, with the paired effect's interval.
 DOSE_COLUMNS = ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "dose", "is_random", "seed", "coverage",
                 "accuracy", "drop", "drop_ci_low", "drop_ci_high", "drop_p_value",
                 "loss", "loss_increase", "loss_ci_low", "loss_ci_high", "loss_p_value")

@@ -104,7 +104,7 @@ _SYMBOLS = ("(", ")", "[", "]", "->", "?", ".", ":", ",")
 # Each domain writes its numbers its own way, as real domains do (digits in arithmetic, hex
 # literals in code, number words in dates): a number token then belongs to one domain, so the
 # experts that process operands can specialize in it (with shared digits they served three
-# domains at once, and no domain's computation ran on experts of its own).
+# domains at once). bench/RESULTS.md (issue 15) compares both on the ablation experiment.
 _DIGITS = tuple(str(i) for i in range(_MAX_NUMBER + 1))
 _HEX = tuple(hex(i) for i in range(_MAX_NUMBER + 1))
 _NUMBER_WORDS = {
