@@ -16,7 +16,7 @@ the specialized experts covered 6-19% of a domain's routing, with 0.001 15-29%.
 
 Set-ups tried for the ablation experiment (``bench/RESULTS.md``, "The ablation experiment as
 evidence"): top-2 and top-1 routing, digits shared by three domains and a numeral system per
-domain, 1500 and 2000 steps. With top-2, ablating a domain's specialized experts, paths or pairs
+domain, 1500 and 2000 steps, with and without the load-balancing loss. With top-2, ablating a domain's specialized experts, paths or pairs
 raises that domain's text loss more than the other domains' and more than a random control's
 (with top-1, less than the random control's); in no set-up did any method move a domain's
 multiple-choice accuracy beyond its 95% interval.
