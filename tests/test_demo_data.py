@@ -49,7 +49,8 @@ FACT_STATEMENT = re.compile(r"(\w+) (lives in|wohnt in|works as|arbeitet als) (\
 def _facts_from_corpus(seed: int) -> dict[tuple[str, str], str]:
     """(person, relation phrase) -> object, read off the plain-text statements the model trains on."""
     facts: dict[tuple[str, str], set] = {}
-    docs = make_training_documents(1600, seed=seed, mc_fraction=0.0) + make_texts(30, seed=seed)
+    # 64 people x 2 relations: 6400 documents state each fact ~19 times per language, so none is missing
+    docs = make_training_documents(6400, seed=seed, mc_fraction=0.0) + make_texts(30, seed=seed)
     for doc in docs:
         if doc["domain"] == "facts":
             for person, rel, obj in FACT_STATEMENT.findall(doc["text"]):
