@@ -26,6 +26,30 @@ items the mean difference is close to symmetric and it is accurate).
 A ratio (selectivity: targeted effect / off-target effect) gets an interval only; when the
 interval of its denominator contains 0 the ratio is undefined and reported as such (``NaN`` with
 ``defined=False``), never as ``inf``.
+
+**Targeted versus random draws** (:func:`targeted_vs_random`, :func:`pooled_targeted_vs_random`).
+Whether a targeted ablation hurts more than ablating random routes has two sources of variance:
+the items (the same items are evaluated under every ablation) and the draws (two random sets of
+the same size hurt by different amounts). The sign-flip test above sees only the first; with the
+mean of a few draws taken as fixed it rejects a true null far more often than its level
+(``bench/bench_calibration.py``). So the headline test is over draws:
+
+- **p-value: rank of the targeted effect among the draws.** With N random draws evaluated on the
+  same items, ``p = (1 + #{draws whose effect >= the targeted effect}) / (N + 1)``: exact when the
+  targets are exchangeable with the draws (one-sided: "the targets hurt more"). It can never be
+  below ``1 / (N + 1)``. Pooled over several targeted groups (each with its own targets and
+  draws), the statistic is the mean over groups and the null distribution is that of the mean
+  when each group's targeted effect is put in turn in the place of each of its draws: all
+  ``prod_g (N_g + 1)`` combinations (enumerated exactly, by convolution of the per-group value
+  lists), so p can reach ``1 / prod_g (N_g + 1)``.
+- **Interval: two-level bootstrap.** Each bootstrap replicate resamples the draws (with
+  replacement), then the items (with replacement, the same items for the targets and every
+  draw: the pairing is kept), and recomputes ``targeted - mean over draws``. The percentile
+  interval of these replicates includes both variances.
+
+The targeted effect's own item-level interval (the paired bootstrap above) is reported beside it.
+Multiplicity: :func:`holm` adjusts a family of p-values (Holm's step-down method, which controls
+the family-wise error rate under any dependence).
 """
 
 from __future__ import annotations
@@ -36,7 +60,9 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["Effect", "PairedBootstrap", "Ratio", "combined_effect", "paired_effect", "ratio", "sign_flip_p_value"]
+__all__ = ["DrawTest", "Effect", "PairedBootstrap", "Ratio", "combined_effect", "holm", "paired_effect",
+           "pooled_targeted_vs_random", "ratio", "sign_flip_p_value", "simulate_ablation_experiments", "DEMO_NULL",
+           "targeted_vs_random"]
 
 LEVEL = 0.95
 
@@ -221,3 +247,186 @@ def combined_effect(cells: list[Cell], boot: PairedBootstrap, *, seed: int = 0) 
     all_terms = np.concatenate([np.atleast_1d(t) for t in terms.values()])
     p = sign_flip_p_value(all_terms, seed=seed)
     return Effect(float(estimate), lo, hi, p, int(all_terms.size), "sign_flip_permutation"), draws
+
+
+@dataclass(frozen=True)
+class DrawTest:
+    """Targeted effect minus the mean random draw's effect (module docstring).
+
+    ``estimate`` with its two-level bootstrap ``LEVEL`` interval [``ci_low``, ``ci_high``], the
+    one-sided ``p_value`` of the rank test over draws (``p_min`` is the smallest p the design can
+    give), ``n_random`` draws (per group, the smallest when pooled), ``n`` items, the ``targeted``
+    and mean ``random`` effects (the latter with its two-level interval), and the ``test`` name.
+    """
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    p_min: float
+    n_random: int
+    n: int
+    targeted: float
+    random: float
+    random_ci_low: float
+    random_ci_high: float
+    test: str = "rank_over_draws"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _draw_cell(targeted, randoms, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t = np.asarray(targeted, dtype=np.float64)
+    r = np.asarray(randoms, dtype=np.float64)
+    if t.ndim != 1 or r.ndim != 2 or r.shape[1] != t.shape[0]:
+        raise ValueError(f"targeted, randoms: expected [n_items] and [n_draws, n_items] arrays of the same items, "
+                         f"got {t.shape} and {r.shape}")
+    if r.shape[0] < 1 or t.shape[0] < 1:
+        raise ValueError(f"randoms: expected at least one draw and one item, got {r.shape}")
+    w = np.ones_like(t) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != t.shape or not np.all(w >= 0) or w.sum() <= 0:
+        raise ValueError(f"weights: expected {t.shape[0]} non-negative weights with a positive sum, got {w.shape}")
+    if not (np.isfinite(t).all() and np.isfinite(r).all()):
+        raise ValueError("targeted, randoms: expected finite per-item effects")
+    return t, r, w
+
+
+def _null_tail(values: list[np.ndarray], observed: float) -> float:
+    """P(mean over groups of one value drawn uniformly from each group's list >= observed), exactly.
+
+    Enumerates the product of the lists by merging sums (each list has N_g + 1 values)."""
+    sums = np.zeros(1)
+    for v in values:
+        sums = (sums[:, None] + v[None, :]).ravel()
+        if sums.size > 2_000_000:  # keep the enumeration bounded: fall back to Monte Carlo below
+            break
+    else:
+        tol = 1e-12 * max(1.0, float(np.abs(sums).max()))
+        return float(np.mean(sums / len(values) >= observed - tol))
+    rng = np.random.default_rng(0)
+    draws = 200_000
+    total = sum(v[rng.integers(0, v.size, draws)] for v in values) / len(values)
+    return float((1 + np.count_nonzero(total >= observed - 1e-12)) / (1 + draws))
+
+
+def pooled_targeted_vs_random(cells, *, seed: int = 0, n_boot: int = 2000) -> DrawTest:
+    """:func:`targeted_vs_random` pooled over targeted groups: equal-weight mean over ``cells``.
+
+    cells: list of ``(targeted [n_g], randoms [N_g, n_g], weights [n_g] or None)``, one per
+    targeted group (each on its own items). The p-value enumerates every combination of one
+    value per group from ``{targeted effect, draw effects}`` (module docstring); the interval
+    resamples draws and items within each group independently.
+    """
+    if not cells:
+        raise ValueError("cells: expected at least one targeted group")
+    rng = np.random.default_rng(seed)
+    prepared = [_draw_cell(t, r, w) for t, r, w in cells]
+    t_means, r_means, boot, r_boot_total = [], [], np.zeros(n_boot), np.zeros(n_boot)
+    per_group_values = []
+    for t, r, w in prepared:
+        n, n_draws = t.shape[0], r.shape[0]
+        tm = float((t * w).sum() / w.sum())
+        rm = (r * w).sum(axis=1) / w.sum()  # [N]: each draw's weighted mean effect
+        t_means.append(tm)
+        r_means.append(float(rm.mean()))
+        per_group_values.append(np.concatenate([[tm], rm]))
+        item_counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).T * w[:, None]  # [n, B]
+        draw_counts = rng.multinomial(n_draws, np.full(n_draws, 1.0 / n_draws), size=n_boot)  # [B, N]
+        denominators = item_counts.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t_boot = (t @ item_counts) / denominators
+            r_boot = (r @ item_counts) / denominators  # [N, B]
+        mean_draw = (draw_counts * r_boot.T).sum(axis=1) / n_draws
+        boot += t_boot - mean_draw
+        r_boot_total += mean_draw
+    k = len(prepared)
+    observed = float(np.mean(t_means))
+    lo, hi = PairedBootstrap.interval(boot / k)
+    r_lo, r_hi = PairedBootstrap.interval(r_boot_total / k)
+    p = _null_tail(per_group_values, observed)
+    p_min = 1.0 / float(np.prod([v.size for v in per_group_values], dtype=np.float64))
+    return DrawTest(estimate=observed - float(np.mean(r_means)), ci_low=lo, ci_high=hi, p_value=p, p_min=p_min,
+                    n_random=int(min(r.shape[0] for _, r, _ in prepared)), n=int(sum(t.shape[0] for t, _, _ in prepared)),
+                    targeted=observed, random=float(np.mean(r_means)), random_ci_low=r_lo, random_ci_high=r_hi,
+                    test="rank_over_draws" if k == 1 else "rank_over_draws_pooled")
+
+
+def targeted_vs_random(targeted, randoms, *, weights=None, seed: int = 0, n_boot: int = 2000) -> DrawTest:
+    """Does the targeted ablation hurt more than random draws of the same size? (module docstring)
+
+    targeted: float [n_items], the per-item effect of the targeted ablation (ablated minus base,
+    oriented so that larger means more harm: an accuracy drop, a loss increase); randoms: float
+    [n_draws, n_items], the same items under each random draw; weights: [n_items] (e.g. scored
+    tokens per text; default 1). Returns a :class:`DrawTest`: ``estimate`` = weighted mean of
+    ``targeted`` minus the mean over draws of their weighted means, its two-level bootstrap
+    interval, ``p_value = (1 + #{draws with effect >= targeted}) / (n_draws + 1)`` and ``n_random``.
+    """
+    return pooled_targeted_vs_random([(targeted, randoms, weights)], seed=seed, n_boot=n_boot)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm-adjusted p-values (same order; NaN stays NaN and does not count in the family)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = ok.size
+    if m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out[order] = adjusted
+    return out
+
+
+# The demo's random draws as measured (bench/RESULTS.md, issue 19): per targeted domain, the mean
+# effect of a draw and its draw-to-draw sd (accuracy: 0.002-0.020 and 0.002-0.018; loss, nats per
+# token: 0.10-0.18 and 0.07-0.30, for experts), the sd of one text's loss effect within a draw
+# (median 0.05, 75th percentile 0.12) and base accuracy 1.0 (answer scoring).
+DEMO_NULL = {
+    "accuracy": {"mean_harm": 0.01, "draw_sd": 0.01, "base_accuracy": 0.98},
+    "loss": {"mean_harm": 0.14, "draw_sd": 0.14, "item_sd": 0.07},
+}
+
+
+def simulate_ablation_experiments(n_experiments: int, *, n_groups: int = 4, n_items: int = 200, n_draws: int = 20,
+                                  kind: str = "accuracy", base_accuracy: float | None = None,
+                                  mean_harm: float | None = None, draw_sd: float | None = None,
+                                  item_sd: float | None = None, extra_harm: float = 0.0, seed: int = 0):
+    """Simulated ablation experiments, to measure what a test does under the null and its power.
+
+    Yields ``n_experiments`` lists of ``n_groups`` cells ``(targeted [n_items], randoms [n_draws,
+    n_items])`` of per-item harm (an accuracy drop or a loss increase). Every ablation (each
+    random draw and the targets) has its own harm ``h = mean_harm + draw_sd * z`` (draws differ
+    from each other, as in the demo); the targets get ``extra_harm`` on top (0: the null, where
+    the targets are exchangeable with the draws). Items differ in how easily an ablation hurts
+    them (a susceptibility ``s_i`` shared by every ablation, mean 1), so item effects are
+    correlated across ablations as they are in a real model.
+
+    kind ``"accuracy"``: item i is correct at base with probability ``base_accuracy``; an ablation
+    with harm h makes a correct item wrong with probability ``clip(h * s_i, 0, 1)``; the per-item
+    harm is base - ablated (0/1). kind ``"loss"``: the per-item harm is ``h * s_i + item_sd * e``
+    with standard normal e. Parameters left None take the demo's measured values (``DEMO_NULL``).
+    """
+    if kind not in ("accuracy", "loss"):
+        raise ValueError(f"kind: expected 'accuracy' or 'loss', got {kind!r}")
+    demo = {"base_accuracy": 0.98, "item_sd": 0.07, **DEMO_NULL[kind]}
+    base_accuracy = demo["base_accuracy"] if base_accuracy is None else base_accuracy
+    mean_harm = demo["mean_harm"] if mean_harm is None else mean_harm
+    draw_sd = demo["draw_sd"] if draw_sd is None else draw_sd
+    item_sd = demo["item_sd"] if item_sd is None else item_sd
+    rng = np.random.default_rng(seed)
+    for _ in range(n_experiments):
+        cells = []
+        for _g in range(n_groups):
+            s = rng.gamma(2.0, 0.5, n_items)  # susceptibility, mean 1
+            h = mean_harm + draw_sd * rng.standard_normal(n_draws + 1)
+            h[0] += extra_harm
+            if kind == "accuracy":
+                correct = rng.random(n_items) < base_accuracy
+                flips = rng.random((n_draws + 1, n_items)) < np.clip(h[:, None] * s[None, :], 0.0, 1.0)
+                harm = (correct[None, :] & flips).astype(np.float64)
+            else:
+                harm = h[:, None] * s[None, :] + item_sd * rng.standard_normal((n_draws + 1, n_items))
+            cells.append((harm[0], harm[1:]))
+        yield cells
