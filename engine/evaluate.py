@@ -9,16 +9,31 @@ Prompt format (``format_prompt``), k-shot examples first, separated by a blank l
     D. <D>
     Answer:
 
-Scoring: one forward pass over the prompt; at its last token, compare the logits of the four
-answer-letter tokens. A letter's token is the last token of ``tokenizer.encode(" " + letter)``
+Two scorings (``SCORINGS``):
+
+- ``"answer"`` (the default): each option's answer text is scored by its log-likelihood as the
+  continuation of the question's context, as is standard for multiple-choice evaluation of
+  language models: the score of option X is the *sum* over X's tokens of their next-token
+  log-probabilities (no length normalization; the demo's options are one token each, where sum
+  and mean agree). The context (:func:`answer_context`) is the question's ``context`` column when
+  it has one (cloze form: the option continues that text, e.g. ``mara lives in`` + ``velm``),
+  else ``"Question: <question>\nAnswer:"``. The context is tokenized with the tokenizer's
+  special tokens and each option as ``" " + option`` without them; the two id lists are
+  concatenated. The prediction is the option with the highest score (the first wins an exact
+  tie). Inputs that several options share (every option of one token continues the same
+  context) are run once. ``answer_blind=True`` scores the options with the question removed (the
+  context ``"Answer:"``, or nothing but the special tokens for a cloze question): the accuracy a
+  model reaches from its prior over answers alone.
+- ``"letter"``: the MMLU prompt below; one forward pass over it; at its last token, compare the
+  logits of the four answer-letter tokens. A letter's token is the last token of ``tokenizer.encode(" " + letter)``
 (``" A"`` is one token in BPE/SentencePiece vocabularies; in the demo's word-level tokenizer it is
 ``A``); it must decode to the letter. The predicted letter is the argmax over those four logits
 (the first letter wins an exact tie); the model's output token is the argmax over the whole
 vocabulary (what greedy decoding would emit; seed 000 compares it with the answer).
 
-Batches are left padded with explicit ``position_ids`` (each prompt gets positions 0..n-1 as if
+Letter batches are left padded with explicit ``position_ids`` (each prompt gets positions 0..n-1 as if
 it were alone) and ``logits_to_keep=1``, so padding changes nothing but float rounding and the
-logits of only one position per prompt are materialized. Perplexity batches are right padded
+logits of only one position per prompt are materialized. Answer-scoring and perplexity batches are right padded
 (the real tokens keep positions 0..n-1 and, under causal attention, never see the padding).
 Everything runs under ``torch.no_grad()`` with the model in eval mode (its training flag is
 restored afterwards); prompts are processed in a fixed order, so results are deterministic.
@@ -49,6 +64,7 @@ from engine.progress import tqdm
 from engine.errors import MoetraceError
 
 LETTERS = ("A", "B", "C", "D")
+SCORINGS = ("answer", "letter")
 QUESTION_COLUMNS = ("question", "A", "B", "C", "D", "answer", "domain", "lang")
 _REQUIRED_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 DEFAULT_LABEL = "all"  # value of an optional label column (domain, lang) a question file lacks
@@ -58,6 +74,8 @@ __all__ = [
     "QUESTION_COLUMNS",
     "MultipleChoiceResults",
     "PerplexityResults",
+    "SCORINGS",
+    "answer_context",
     "format_prompt",
     "letter_token_ids",
     "load_questions",
@@ -111,7 +129,8 @@ def load_questions(path: str | Path) -> list[dict[str, str]]:
 
     Columns: ``question, A, B, C, D, answer`` (required; ``answer`` one of A-D, surrounding
     whitespace ignored, case-sensitive) and ``domain``, ``lang`` (optional; ``subject`` is
-    accepted for ``domain``; a missing one is ``"all"``). Returns a list of dicts of str with keys
+    accepted for ``domain``; a missing one is ``"all"``) and ``context`` (optional: the text an
+    option's answer continues under answer scoring, for cloze questions; :func:`answer_context`). Returns a list of dicts of str with keys
     ``QUESTION_COLUMNS`` plus any other columns of the file. Raises MoetraceError naming the file,
     the row (CSV line / JSONL line) and the column of the first problem.
     """
@@ -143,8 +162,10 @@ def load_questions(path: str | Path) -> list[dict[str, str]]:
 
 
 def load_texts(path: str | Path) -> list[dict[str, str]]:
-    """Read texts for :func:`perplexity` from JSONL: objects with ``text`` (required, non-empty)
-    and label keys such as ``domain``, ``lang`` (missing ``domain``/``lang`` become ``"all"``).
+    """Read texts for :func:`perplexity` from JSONL: objects with ``text`` (required, non-empty),
+    label keys such as ``domain``, ``lang`` (missing ``domain``/``lang`` become ``"all"``) and
+    optionally ``answer_spans``: a list of ``[start, end)`` character offsets into ``text`` of the
+    answers it states (loss is then also reported on those tokens apart from the rest).
     Raises MoetraceError naming the file, line and key of the first problem."""
     path = Path(path)
     if path.suffix != ".jsonl":
@@ -158,10 +179,23 @@ def load_texts(path: str | Path) -> list[dict[str, str]]:
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise MoetraceError(f"{path}: line {line}: key 'text': expected a non-empty string, got {text!r}")
+        if "answer_spans" in row:
+            t["answer_spans"] = _spans(row["answer_spans"], len(text), f"{path}: line {line}: key 'answer_spans'")
         t.setdefault("domain", DEFAULT_LABEL)
         t.setdefault("lang", DEFAULT_LABEL)
         out.append(t)
     return out
+
+
+def _spans(value: Any, length: int, where: str) -> list[list[int]]:
+    """``[[start, end], ...]`` with integer offsets, 0 <= start < end <= length."""
+    ok = isinstance(value, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+        and 0 <= p[0] < p[1] <= length for p in value)
+    if not ok:
+        raise MoetraceError(f"{where}: expected a list of [start, end] character offsets with "
+                            f"0 <= start < end <= {length} (the text's length), got {value!r}")
+    return [list(p) for p in value]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -312,16 +346,19 @@ class MultipleChoiceResults:
     """What :func:`multiple_choice_accuracy` measured.
 
     ``table`` (one row per question, in input order): ``q`` int64 question index; one str column
-    per ``by`` label; ``answer`` and ``predicted`` str (letters); ``correct`` bool; ``output_token``
-    str (the vocabulary argmax decoded) and ``output_token_id`` int64; ``letter_logits`` float32
-    [n, 4] (logits of the A-D tokens).
+    per ``by`` label; ``answer`` and ``predicted`` str (letters); ``correct`` bool; ``scores``
+    float32 [n, 4] (what the prediction maximizes: the options' summed answer log-likelihoods for
+    ``"answer"`` scoring, the A-D token logits for ``"letter"``). Letter scoring adds
+    ``output_token`` str (the vocabulary argmax decoded), ``output_token_id`` int64 and
+    ``letter_logits`` (= ``scores``).
     ``groups`` (one row per distinct ``by`` combination, sorted): the ``by`` columns, ``n`` int64,
-    ``correct`` int64, ``accuracy`` float64.
+    ``correct`` int64, ``accuracy`` float64. ``scoring``: ``"answer"`` or ``"letter"``.
     """
 
     table: dict[str, np.ndarray]
     groups: dict[str, np.ndarray]
     by: tuple[str, ...]
+    scoring: str = "answer"
 
     @property
     def accuracy(self) -> float:
@@ -334,90 +371,178 @@ class MultipleChoiceResults:
         return {tuple(k): float(a) for k, a in zip(keys, self.groups["accuracy"])}
 
 
-def multiple_choice_accuracy(model, tokenizer, questions: Sequence[Mapping[str, str]], *, k_shot: int = 0,
+def answer_context(question: Mapping[str, str], *, blind: bool = False) -> str:
+    """The text each option's answer continues under ``"answer"`` scoring (module docstring).
+
+    ``question["context"]`` when present and non-empty (cloze form), else
+    ``"Question: <question>\nAnswer:"``. ``blind``: the question removed (``""`` for a cloze
+    question, ``"Answer:"`` otherwise).
+    """
+    cloze = bool(str(question.get("context", "")).strip())
+    if blind:
+        return "" if cloze else "Answer:"
+    return str(question["context"]).rstrip() if cloze else f"Question: {question['question']}\nAnswer:"
+
+
+def _prompts(questions: Sequence[Mapping[str, str]], k_shot: int,
+             shots: Sequence[Mapping[str, str]] | None) -> list[str]:
+    """The letter-scoring prompt of every question, with its k-shot examples."""
+    if k_shot == 0:
+        return [format_prompt(q) for q in questions]
+    if shots is None:
+        idx = _shot_indices(np.asarray([q.get("domain", DEFAULT_LABEL) for q in questions], dtype=str), k_shot)
+        return [format_prompt(q, [questions[j] for j in row]) for q, row in zip(questions, idx.tolist())]
+    pools: dict[str, list] = {}
+    for s in shots:
+        pools.setdefault(s.get("domain", DEFAULT_LABEL), []).append(s)
+    prompts = []
+    for q in questions:
+        pool = pools.get(q.get("domain", DEFAULT_LABEL), [])
+        if len(pool) < k_shot:
+            raise MoetraceError(f"shots: expected at least {k_shot} shots of domain {q.get('domain')!r}, "
+                                f"got {len(pool)}")
+        prompts.append(format_prompt(q, pool[:k_shot]))
+    return prompts
+
+
+def _letter_scores(model, tokenizer, prompts: list[str], batch_size: int, progress: bool, cap,
+                   labels: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(A-D token logits float32 [n, 4], vocabulary argmax int64 [n]) at the end of each prompt."""
+    letter_ids = torch.from_numpy(letter_token_ids(tokenizer))
+    encoded = _encode(tokenizer, prompts, "question")
+    lengths = np.fromiter((len(s) for s in encoded), dtype=np.int64, count=len(encoded))
+    order = np.argsort(-lengths, kind="stable")  # long prompts first: little padding per batch
+    n = len(prompts)
+    letter_logits = np.zeros((n, len(LETTERS)), dtype=np.float32)
+    output_ids = np.zeros(n, dtype=np.int64)
+    device, pad_id = model_device(model), _pad_id(tokenizer)
+    for start in tqdm(range(0, n, batch_size), desc="multiple choice", disable=not progress, unit="batch"):
+        rows = order[start:start + batch_size]
+        ids, mask = _pad([encoded[i] for i in rows], pad_id, left=True)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        if cap is not None:
+            cap.set_batch(seq=rows.astype(np.int64), labels={k: v[rows] for k, v in labels.items()})
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    position_ids=positions.to(device), logits_to_keep=1, use_cache=False)
+        last = out.logits[:, -1, :].float().cpu()
+        letter_logits[rows] = last[:, letter_ids].numpy()
+        output_ids[rows] = last.argmax(dim=-1).numpy()
+    return letter_logits, output_ids
+
+
+def _answer_scores(model, tokenizer, questions: Sequence[Mapping[str, str]], batch_size: int, progress: bool,
+                   blind: bool) -> np.ndarray:
+    """float32 [n, 4]: each option's summed next-token log-probability after :func:`answer_context`.
+
+    An option with tokens o_1..o_m after context tokens c is scored from one forward pass over
+    ``c + o_1..o_{m-1}`` (log p(o_j | c, o_<j) read at the positions before each o_j); identical
+    inputs (the options of one token of a question share ``c``) run once.
+    """
+    contexts = [answer_context(q, blind=blind) for q in questions]
+    unique_contexts = list(dict.fromkeys(contexts))
+    context_ids = dict(zip(unique_contexts, tokenizer(unique_contexts, add_special_tokens=True)["input_ids"]))
+    options = [str(q[letter]) for q in questions for letter in LETTERS]
+    unique_options = list(dict.fromkeys(options))
+    option_ids = dict(zip(unique_options, tokenizer([" " + o for o in unique_options],
+                                                    add_special_tokens=False)["input_ids"]))
+    inputs: dict[tuple[int, ...], int] = {}
+    plan = []  # (question, option, input index, first position, option token ids)
+    for i, (q, ctx) in enumerate(zip(questions, contexts)):
+        c = context_ids[ctx]
+        if not c:
+            raise MoetraceError(f"question {i}: expected an answer context that tokenizes to at least one token "
+                                f"(or a tokenizer that adds a BOS token), got none for {ctx!r}")
+        for j, letter in enumerate(LETTERS):
+            o = option_ids[str(q[letter])]
+            if not o:
+                raise MoetraceError(f"question {i}: option {letter}: expected text that tokenizes to at least one "
+                                    f"token, got {q[letter]!r}")
+            key = tuple(c + o[:-1])
+            plan.append((i, j, inputs.setdefault(key, len(inputs)), len(c) - 1, o))
+    seqs = list(inputs)
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    order = np.argsort(-lengths, kind="stable")
+    device, pad_id = model_device(model), _pad_id(tokenizer)
+    needed: dict[int, list[tuple[int, int, int, list[int]]]] = {}
+    for i, j, k, first, o in plan:
+        needed.setdefault(k, []).append((i, j, first, o))
+    scores = np.zeros((len(questions), len(LETTERS)), dtype=np.float64)
+    for start in tqdm(range(0, len(seqs), batch_size), desc="answer scoring", disable=not progress, unit="batch"):
+        rows = order[start:start + batch_size]
+        ids, mask = _pad([seqs[k] for k in rows], pad_id, left=False)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for b, k in enumerate(rows.tolist()):
+            for i, j, first, o in needed[k]:
+                positions = torch.arange(first, first + len(o))
+                scores[i, j] = float(logp[b, positions, torch.as_tensor(o)].double().sum())
+    return scores.astype(np.float32)
+
+
+def multiple_choice_accuracy(model, tokenizer, questions: Sequence[Mapping[str, str]], *, scoring: str = "answer",
+                             answer_blind: bool = False, k_shot: int = 0,
                              shots: Sequence[Mapping[str, str]] | None = None, batch_size: int = 16,
                              by: Sequence[str] = ("domain", "lang"), progress: bool = True,
                              store=None, capture_fn: Callable | None = None) -> MultipleChoiceResults:
-    """Multiple-choice accuracy of a causal LM by the next-token logits of the answer letters.
+    """Multiple-choice accuracy of a causal LM, by answer likelihood or by answer letter.
 
-    questions: dicts with ``question, A, B, C, D, answer`` and the ``by`` labels (see
-    :func:`load_questions`). k_shot: solved examples before each question, taken from ``shots``
-    (the first ``k_shot`` of the same domain) or, when ``shots`` is None, from ``questions``
-    itself (the ``k_shot`` questions after it, cyclically, within its domain; never itself).
-    batch_size: prompts per forward pass. by: label names to group accuracy by. progress: tqdm
-    bar. store / capture_fn: capture the routing of every prompt token into ``store`` (module
-    docstring); per-question results are then appended with ``append_sequences`` (``seq``,
-    ``answer_char``, ``predicted``, ``output_token``, ``correct``).
+    questions: dicts with ``question, A, B, C, D, answer``, the ``by`` labels and optionally
+    ``context`` (see :func:`load_questions`). scoring: ``"answer"`` (default) or ``"letter"``
+    (module docstring). answer_blind: with ``"answer"`` scoring, score the options with the
+    question removed (:func:`answer_context`). k_shot (letter scoring): solved examples before
+    each question, taken from ``shots`` (the first ``k_shot`` of the same domain) or, when
+    ``shots`` is None, from ``questions`` itself (the ``k_shot`` questions after it, cyclically,
+    within its domain; never itself). batch_size: inputs per forward pass. by: label names to
+    group accuracy by. progress: tqdm bar. store / capture_fn (letter scoring): capture the
+    routing of every prompt token into ``store`` (module docstring); per-question results are
+    then appended with ``append_sequences`` (``seq``, ``answer_char``, ``predicted``,
+    ``output_token``, ``correct``).
 
     Returns :class:`MultipleChoiceResults`.
     """
     if not questions:
         raise MoetraceError("questions: expected at least one question, got none")
+    if scoring not in SCORINGS:
+        raise MoetraceError(f"scoring: expected one of {list(SCORINGS)}, got {scoring!r}")
     if batch_size < 1:
         raise MoetraceError(f"batch_size: expected a positive integer, got {batch_size}")
     if k_shot < 0:
         raise MoetraceError(f"k_shot: expected a non-negative integer, got {k_shot}")
+    if scoring == "answer" and (k_shot or store is not None or capture_fn is not None):
+        raise MoetraceError("scoring='answer' takes no k_shot and captures nothing: use scoring='letter' for "
+                            "k-shot prompts or capture, or capture texts with perplexity(store=...)")
+    if answer_blind and scoring != "answer":
+        raise MoetraceError("answer_blind: only answer scoring has an answer-blind baseline, got scoring='letter'")
     by = tuple(by)
     labels = _labels(questions, by, "question")
     answers = np.asarray([q["answer"] for q in questions], dtype=str)
     bad = np.flatnonzero(~np.isin(answers, LETTERS))
     if len(bad):
         raise MoetraceError(f"questions: question {bad[0]}: answer: expected one of A-D, got {answers[bad[0]]!r}")
-
-    if k_shot == 0:
-        prompts = [format_prompt(q) for q in questions]
-    elif shots is None:
-        idx = _shot_indices(np.asarray([q.get("domain", DEFAULT_LABEL) for q in questions], dtype=str), k_shot)
-        prompts = [format_prompt(q, [questions[j] for j in row]) for q, row in zip(questions, idx.tolist())]
-    else:
-        pools: dict[str, list] = {}
-        for s in shots:
-            pools.setdefault(s.get("domain", DEFAULT_LABEL), []).append(s)
-        prompts = []
-        for q in questions:
-            pool = pools.get(q.get("domain", DEFAULT_LABEL), [])
-            if len(pool) < k_shot:
-                raise MoetraceError(f"shots: expected at least {k_shot} shots of domain {q.get('domain')!r}, "
-                                    f"got {len(pool)}")
-            prompts.append(format_prompt(q, pool[:k_shot]))
-
-    letter_ids = torch.from_numpy(letter_token_ids(tokenizer))
-    encoded = _encode(tokenizer, prompts, "question")
-    lengths = np.fromiter((len(s) for s in encoded), dtype=np.int64, count=len(encoded))
-    order = np.argsort(-lengths, kind="stable")  # long prompts first: little padding per batch
     n = len(questions)
-    letter_logits = np.zeros((n, len(LETTERS)), dtype=np.float32)
-    output_ids = np.zeros(n, dtype=np.int64)
-    device, pad_id = model_device(model), _pad_id(tokenizer)
+    extra: dict[str, np.ndarray] = {}
+    with _eval_mode(model):
+        if scoring == "answer":
+            scores = _answer_scores(model, tokenizer, questions, batch_size, progress, answer_blind)
+        else:
+            with _capture_context(model, store, capture_fn, by) as cap:
+                scores, output_ids = _letter_scores(model, tokenizer, _prompts(questions, k_shot, shots),
+                                                    batch_size, progress, cap, labels)
+            extra = {"output_token": np.asarray([tokenizer.decode([int(t)]) for t in output_ids], dtype=str),
+                     "output_token_id": output_ids, "letter_logits": scores}
 
-    starts = range(0, n, batch_size)
-    with _eval_mode(model), _capture_context(model, store, capture_fn, by) as cap:
-        for start in tqdm(starts, desc="multiple choice", disable=not progress, unit="batch"):
-            rows = order[start:start + batch_size]
-            ids, mask = _pad([encoded[i] for i in rows], pad_id, left=True)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            if cap is not None:
-                cap.set_batch(seq=rows.astype(np.int64), labels={k: v[rows] for k, v in labels.items()})
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                        position_ids=positions.to(device), logits_to_keep=1, use_cache=False)
-            last = out.logits[:, -1, :].float().cpu()
-            letter_logits[rows] = last[:, letter_ids].numpy()
-            output_ids[rows] = last.argmax(dim=-1).numpy()
-
-    predicted = np.asarray(LETTERS)[letter_logits.argmax(axis=1)]
+    predicted = np.asarray(LETTERS)[scores.argmax(axis=1)]
     correct = predicted == answers
-    output_tokens = np.asarray([tokenizer.decode([int(t)]) for t in output_ids], dtype=str)
     table = {"q": np.arange(n, dtype=np.int64), **labels, "answer": answers, "predicted": predicted,
-             "correct": correct, "output_token": output_tokens, "output_token_id": output_ids,
-             "letter_logits": letter_logits}
+             "correct": correct, "scores": scores, **extra}
     groups = _group_table(labels, {"n": np.ones(n), "correct": correct.astype(np.float64)})
     groups["n"] = groups["n"].astype(np.int64)
     groups["correct"] = groups["correct"].astype(np.int64)
     groups["accuracy"] = groups["correct"] / groups["n"]
     if store is not None:
         _append_sequences(store, {"seq": table["q"], "answer_char": answers, "predicted": predicted,
-                                  "output_token": output_tokens, "correct": correct})
-    return MultipleChoiceResults(table=table, groups=groups, by=by)
+                                  "output_token": extra["output_token"], "correct": correct})
+    return MultipleChoiceResults(table=table, groups=groups, by=by, scoring=scoring)
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -430,6 +555,10 @@ class PerplexityResults:
     ``table`` (one row per text, input order): ``text`` int64 index; one str column per ``by``
     label; ``n_tokens`` int64 (predicted tokens: the text's tokens minus the first); ``nll`` float64
     (summed next-token negative log-likelihood, nats); ``loss`` float64 (``nll / n_tokens``).
+    When the texts carry ``answer_spans``, the table also splits each text's predicted tokens
+    into answer tokens (a token whose characters overlap an answer span) and the rest:
+    ``n_answer_tokens`` / ``answer_nll`` / ``answer_loss`` and ``n_other_tokens`` / ``other_nll`` /
+    ``other_loss`` (loss NaN for a text without such tokens).
     ``groups`` (one row per distinct ``by`` combination, sorted): the ``by`` columns, ``n_texts``,
     ``n_tokens`` int64, ``loss`` float64 (token-weighted mean: summed nll / summed tokens) and
     ``perplexity`` float64 (``exp(loss)``).
@@ -448,6 +577,23 @@ class PerplexityResults:
         """{(label values...): mean loss} for every group."""
         keys = zip(*(self.groups[k].tolist() for k in self.by)) if self.by else [()] * len(self.groups["loss"])
         return {tuple(k): float(v) for k, v in zip(keys, self.groups["loss"])}
+
+
+def _answer_token_masks(tokenizer, texts: Sequence[Mapping], encoded: list[list[int]]) -> list[np.ndarray]:
+    """Per text, int64 [n_tokens]: 1 where the token's characters overlap one of its ``answer_spans``."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise MoetraceError("texts: answer_spans need a fast tokenizer (character offsets of each token), "
+                            f"got {type(tokenizer).__name__}")
+    offsets = tokenizer([t["text"] for t in texts], add_special_tokens=True,
+                        return_offsets_mapping=True)["offset_mapping"]
+    masks = []
+    for t, ids, offs in zip(texts, encoded, offsets):
+        off = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
+        m = np.zeros(len(ids), dtype=np.int64)
+        for a, b in t.get("answer_spans", ()):
+            m |= ((off[:, 0] < b) & (off[:, 1] > a)).astype(np.int64)  # a special token's (0, 0) never overlaps
+        masks.append(m)
+    return masks
 
 
 def perplexity(model, tokenizer, texts: Sequence[Mapping[str, str]], *, by: Sequence[str] = ("domain", "lang"),
@@ -470,6 +616,7 @@ def perplexity(model, tokenizer, texts: Sequence[Mapping[str, str]], *, by: Sequ
     by = tuple(by)
     labels = _labels(texts, by, "text")
     encoded = _encode(tokenizer, [t["text"] for t in texts], "text")
+    answer_masks = _answer_token_masks(tokenizer, texts, encoded) if any("answer_spans" in t for t in texts) else None
     lengths = np.fromiter((len(s) for s in encoded), dtype=np.int64, count=len(encoded))
     short = np.flatnonzero(lengths < 2)
     if len(short):
@@ -477,6 +624,7 @@ def perplexity(model, tokenizer, texts: Sequence[Mapping[str, str]], *, by: Sequ
     order = np.argsort(-lengths, kind="stable")
     n = len(texts)
     nll = np.zeros(n, dtype=np.float64)
+    answer_nll = np.zeros(n, dtype=np.float64)
     device, pad_id = model_device(model), _pad_id(tokenizer)
 
     with _eval_mode(model), _capture_context(model, store, capture_fn, by) as cap:
@@ -487,12 +635,21 @@ def perplexity(model, tokenizer, texts: Sequence[Mapping[str, str]], *, by: Sequ
                 cap.set_batch(seq=rows.astype(np.int64), labels={k: v[rows] for k, v in labels.items()})
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1).cpu()
-            token_nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-            nll[rows] = (token_nll * mask[:, 1:]).sum(dim=1).double().numpy()
+            token_nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+            nll[rows] = token_nll.sum(dim=1).double().numpy()
+            if answer_masks is not None:
+                is_answer, _ = _pad([answer_masks[i] for i in rows], 0, left=False)
+                answer_nll[rows] = (token_nll * is_answer[:, 1:]).sum(dim=1).double().numpy()
 
     n_tokens = lengths - 1
     table = {"text": np.arange(n, dtype=np.int64), **labels, "n_tokens": n_tokens, "nll": nll,
              "loss": nll / n_tokens}
+    if answer_masks is not None:
+        n_answer = np.fromiter((int(np.sum(m[1:])) for m in answer_masks), dtype=np.int64, count=n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            table.update(n_answer_tokens=n_answer, answer_nll=answer_nll, answer_loss=answer_nll / n_answer,
+                         n_other_tokens=n_tokens - n_answer, other_nll=nll - answer_nll,
+                         other_loss=(nll - answer_nll) / (n_tokens - n_answer))
     groups = _group_table(labels, {"n_texts": np.ones(n), "n_tokens": n_tokens.astype(np.float64), "nll": nll})
     groups["n_texts"] = groups["n_texts"].astype(np.int64)
     groups["n_tokens"] = groups["n_tokens"].astype(np.int64)
