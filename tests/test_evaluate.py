@@ -75,7 +75,7 @@ def _expected(model, tokenizer, prompts):
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_accuracy_equals_per_question_forward(model, tokenizer, batch_size):
     logits, predicted, output_ids = _expected(model, tokenizer, [format_prompt(q) for q in QUESTIONS])
-    res = multiple_choice_accuracy(model, tokenizer, QUESTIONS, batch_size=batch_size, progress=False)
+    res = multiple_choice_accuracy(model, tokenizer, QUESTIONS, scoring="letter", batch_size=batch_size, progress=False)
     t = res.table
     np.testing.assert_allclose(t["letter_logits"], logits, atol=1e-4, rtol=1e-4)
     margins = np.sort(logits, axis=1)[:, -1] - np.sort(logits, axis=1)[:, -2]
@@ -105,12 +105,13 @@ def test_k_shot_prompts_use_following_questions_of_the_same_domain(model, tokeni
         shots = [QUESTIONS[same[(r + 1) % len(same)]], QUESTIONS[same[(r + 2) % len(same)]]]
         prompts.append(format_prompt(q, shots))
     logits, predicted, _ = _expected(model, tokenizer, prompts)
-    res = multiple_choice_accuracy(model, tokenizer, QUESTIONS, k_shot=2, batch_size=4, progress=False)
+    res = multiple_choice_accuracy(model, tokenizer, QUESTIONS, scoring="letter", k_shot=2, batch_size=4, progress=False)
     np.testing.assert_allclose(res.table["letter_logits"], logits, atol=1e-4, rtol=1e-4)
     assert res.table["predicted"].tolist() == predicted.tolist()
     with pytest.raises(MoetraceError, match="k_shot"):
-        multiple_choice_accuracy(model, tokenizer, QUESTIONS, k_shot=3, progress=False)
-    res = multiple_choice_accuracy(model, tokenizer, QUESTIONS[:2], k_shot=1, shots=QUESTIONS[2:], progress=False)
+        multiple_choice_accuracy(model, tokenizer, QUESTIONS, scoring="letter", k_shot=3, progress=False)
+    res = multiple_choice_accuracy(model, tokenizer, QUESTIONS[:2], scoring="letter", k_shot=1, shots=QUESTIONS[2:],
+                                   progress=False)
     logits, _, _ = _expected(model, tokenizer, [format_prompt(QUESTIONS[0], [QUESTIONS[2]]),
                                                 format_prompt(QUESTIONS[1], [QUESTIONS[2]])])
     np.testing.assert_allclose(res.table["letter_logits"], logits, atol=1e-4, rtol=1e-4)
@@ -141,7 +142,8 @@ def test_accuracy_hand_computed_with_fake_model(tokenizer):
     # token count by hand: [BOS] + word runs + punctuation runs of the prompt
     counts = [1 + len(re.findall(r"\w+|[^\w\s]+", format_prompt(q))) for q in QUESTIONS]
     predicted = [LETTERS[c % 4] for c in counts]
-    res = multiple_choice_accuracy(fake, tokenizer, QUESTIONS, batch_size=4, progress=False, by=("domain",))
+    res = multiple_choice_accuracy(fake, tokenizer, QUESTIONS, scoring="letter", batch_size=4, progress=False,
+                                   by=("domain",))
     assert res.table["predicted"].tolist() == predicted
     assert res.table["output_token"].tolist() == predicted
     correct = [p == q["answer"] for p, q in zip(predicted, QUESTIONS)]
@@ -164,7 +166,8 @@ def test_capture_fn_gets_every_question_once_with_its_labels(model, tokenizer):
         assert m is model and store is None and labels == ["domain", "lang"]
         yield FakeCapture()
 
-    multiple_choice_accuracy(model, tokenizer, QUESTIONS, batch_size=3, progress=False, capture_fn=capture_fn)
+    multiple_choice_accuracy(model, tokenizer, QUESTIONS, scoring="letter", batch_size=3, progress=False,
+                             capture_fn=capture_fn)
     assert len(calls) == 3
     seqs = np.concatenate([c[0] for c in calls])
     assert sorted(seqs.tolist()) == list(range(len(QUESTIONS)))
@@ -177,7 +180,8 @@ def test_capture_into_store_records_every_prompt_token_once(model, tokenizer, tm
     from engine.store import TraceStore
 
     path = tmp_path / "trace.zarr"
-    res = multiple_choice_accuracy(model, tokenizer, QUESTIONS, batch_size=3, progress=False, store=path)
+    res = multiple_choice_accuracy(model, tokenizer, QUESTIONS, scoring="letter", batch_size=3, progress=False,
+                                   store=path)
     st = TraceStore.open(path)
     rows = st.read(["seq", "pos", "token_id", "domain", "lang"], 0, len(st))
     order = np.lexsort((rows["pos"], rows["seq"]))
@@ -279,38 +283,144 @@ def test_letter_tokens_must_exist():
         letter_token_ids(NoLetters())
 
 
-# The default demo model's weights per platform (engine.demo.model.platform_key()), by DemoConfig key.
-# Another CPU instruction set or torch version trains another model (see engine/demo/model.py);
-# add its hash here once a build there has been checked.
-PINNED_DEMO_WEIGHTS = {
-    ("x86_64-AVX512-torch2.13.0+cpu", "bb25858ed30a"): "b2681ffa9684a90abc6f83b08bd3b34b0ee05dcc20629f6bccbb86326bb42d95",
-}
+def _option_logprob(model, tokenizer, context: str, option: str) -> float:
+    """Summed log-probability of ``" " + option``'s tokens after ``context``: one plain, unbatched
+    forward pass per option over the whole sequence."""
+    ctx = tokenizer(context)["input_ids"]
+    opt = tokenizer(" " + option, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + opt])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return float(sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(opt)))
+
+
+# Cloze questions (a context column) beside plain ones, with options of one and of several tokens.
+ANSWER_QUESTIONS = [
+    {**QUESTIONS[0], "context": "compute 1 plus 2 equals"},
+    {**QUESTIONS[5], "context": "mara lives in"},
+    {"question": "month after march is ?", "A": "april may", "B": "june", "C": "( july )", "D": "may",
+     "answer": "A", "domain": "dates", "lang": "en", "context": "month after march is"},
+    QUESTIONS[3],  # no context: "Question: ...\nAnswer:" is the context
+    QUESTIONS[6],
+]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+@pytest.mark.parametrize("blind", [False, True])
+def test_answer_scoring_equals_one_forward_per_option(model, tokenizer, batch_size, blind):
+    from engine.evaluate import answer_context
+
+    res = multiple_choice_accuracy(model, tokenizer, ANSWER_QUESTIONS, answer_blind=blind, batch_size=batch_size,
+                                   progress=False)
+    assert res.scoring == "answer"
+    expected = np.asarray([[_option_logprob(model, tokenizer, answer_context(q, blind=blind), q[x]) for x in LETTERS]
+                           for q in ANSWER_QUESTIONS])
+    np.testing.assert_allclose(res.table["scores"], expected, atol=2e-4, rtol=1e-4)
+    predicted = np.asarray(LETTERS)[expected.argmax(axis=1)]
+    assert res.table["predicted"].tolist() == predicted.tolist()
+    assert res.table["correct"].tolist() == [p == q["answer"] for p, q in zip(predicted, ANSWER_QUESTIONS)]
+
+
+def test_answer_context_rules():
+    from engine.evaluate import answer_context
+
+    cloze = ANSWER_QUESTIONS[1]
+    assert answer_context(cloze) == "mara lives in"
+    assert answer_context(cloze, blind=True) == ""
+    assert answer_context(QUESTIONS[3]) == f"Question: {QUESTIONS[3]['question']}\nAnswer:"
+    assert answer_context(QUESTIONS[3], blind=True) == "Answer:"
+
+
+def test_answer_scoring_refuses_what_only_letters_do(model, tokenizer):
+    with pytest.raises(MoetraceError, match="scoring='answer' takes no k_shot"):
+        multiple_choice_accuracy(model, tokenizer, QUESTIONS, k_shot=1, progress=False)
+    with pytest.raises(MoetraceError, match="answer_blind"):
+        multiple_choice_accuracy(model, tokenizer, QUESTIONS, scoring="letter", answer_blind=True, progress=False)
+    with pytest.raises(MoetraceError, match="scoring: expected one of"):
+        multiple_choice_accuracy(model, tokenizer, QUESTIONS, scoring="word", progress=False)
+
+
+def test_loss_on_answer_tokens_apart_from_the_rest(model, tokenizer):
+    """perplexity's answer/other split equals a per-token loop over one unpadded text at a time."""
+    from engine.demo.data import make_texts
+
+    texts = make_texts(2, seed=3, statements_per_text=2)
+    res = perplexity(model, tokenizer, texts, batch_size=3, progress=False)
+    for i, t in enumerate(texts):
+        enc = tokenizer(t["text"], return_offsets_mapping=True)
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+        answer, other = [], []
+        for j in range(1, ids.shape[1]):
+            start, end = enc["offset_mapping"][j]
+            nll = -float(logp[j - 1, ids[0, j]])
+            hit = any(start < b and end > a for a, b in t["answer_spans"])
+            (answer if hit else other).append(nll)
+        assert res.table["n_answer_tokens"][i] == len(answer) == len(t["answer_spans"])  # one token per answer here
+        assert res.table["answer_loss"][i] == pytest.approx(np.mean(answer), abs=1e-4)
+        assert res.table["other_loss"][i] == pytest.approx(np.mean(other), abs=1e-4)
+        assert res.table["loss"][i] == pytest.approx(np.mean(answer + other), abs=1e-4)
+
+
+def test_answer_spans_are_checked(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "mara lives in velm", "answer_spans": [[14, 18]]}) + "\n"
+                    + json.dumps({"text": "abc", "answer_spans": [[2, 9]]}) + "\n")
+    with pytest.raises(MoetraceError, match=r"line 2: key 'answer_spans': expected a list of \[start, end\]"):
+        load_texts(path)
+    path.write_text(json.dumps({"text": "mara lives in velm", "answer_spans": [[14, 18]]}) + "\n")
+    assert load_texts(path)[0]["answer_spans"] == [[14, 18]]
 
 
 @pytest.mark.slow
-def test_demo_model_is_pinned_and_answers_above_chance(tmp_path):
-    from engine.demo.model import (BUILD_INFO, QUESTIONS_FILE, DemoConfig, build_demo_model, ensure_demo_model,
-                                   load_demo_model, platform_key, weights_sha256)
+def test_demo_model_rebuilds_deterministically_here(tmp_path):
+    """Training the default demo model twice on this machine gives the same bits; on the platform
+    the shipped weights were trained on (demo_build.json's platform) it gives the shipped bits."""
+    from engine.demo.model import (DemoConfig, build_demo_model, platform_key, shipped_build_info,
+                                   weights_sha256)
 
-    path = ensure_demo_model(tmp_path, progress=False)
-    assert ensure_demo_model(tmp_path, progress=False) == path  # cached: the second call builds nothing
-    assert (path / "model.safetensors").is_file() and (path / BUILD_INFO).is_file()
-    pinned = PINNED_DEMO_WEIGHTS.get((platform_key(), DemoConfig().key()))
-    if pinned is not None:
-        assert weights_sha256(path) == pinned
-    else:  # a platform not pinned yet: the build must at least be deterministic here
-        again = build_demo_model(tmp_path / "again", progress=False)
-        assert weights_sha256(again) == weights_sha256(path)
-    model, tok = load_demo_model(path)
-    assert type(model).__name__ == "OlmoeForCausalLM"
-    questions = load_questions(path / QUESTIONS_FILE)
+    a = build_demo_model(tmp_path / "a", progress=False)
+    info = shipped_build_info()
+    assert info["key"] == DemoConfig().key()
+    if platform_key() == info["platform"]:
+        assert weights_sha256(a) == info["weights_sha256"]
+    else:
+        b = build_demo_model(tmp_path / "b", progress=False)
+        assert weights_sha256(a) == weights_sha256(b)
+
+
+def test_shipped_demo_model_is_the_recorded_one_and_knows_its_domains():
+    """The shipped checkpoint's weights hash equals demo_build.json's, every domain's answer-scored
+    accuracy is >= 0.8 (the demo's requirement), and the accuracies recorded at build time are
+    what the reloaded checkpoint gets here."""
+    from engine.demo.model import (BUILD_INFO, QUESTIONS_FILE, SHIPPED_DIR, DemoConfig, check_shipped_model,
+                                   ensure_demo_model, load_demo_model, weights_sha256)
+
+    assert ensure_demo_model() == SHIPPED_DIR
+    assert check_shipped_model() == weights_sha256(SHIPPED_DIR)
+    info = json.loads((SHIPPED_DIR / BUILD_INFO).read_text())
+    assert info["key"] == DemoConfig().key()
+    assert (SHIPPED_DIR / "model.safetensors").stat().st_size < 20e6
+    model, tok = load_demo_model(SHIPPED_DIR)
+    questions = load_questions(SHIPPED_DIR / QUESTIONS_FILE)
     assert len(questions) == 800
-    by_domain = multiple_choice_accuracy(model, tok, questions, by=("domain",), batch_size=256, progress=False)
-    accuracy = {k[0]: v for k, v in by_domain.by_group().items()}
-    # 200 questions a domain, chance 0.25: arith, code and facts are learned; dates stays near chance
-    # in this build (bench/RESULTS.md, issue 15)
-    assert min(accuracy[d] for d in ("arith", "code", "facts")) > 0.4, accuracy
-    # the accuracy recorded at build time is what the reloaded checkpoint gets
-    by_group = multiple_choice_accuracy(model, tok, questions, batch_size=256, progress=False).by_group()
-    info = json.loads((path / BUILD_INFO).read_text())
-    assert info["accuracy"] == pytest.approx({"/".join(k): v for k, v in by_group.items()})
+    accuracy = {k[0]: v for k, v in multiple_choice_accuracy(model, tok, questions, by=("domain",), batch_size=256,
+                                                              progress=False).by_group().items()}
+    assert min(accuracy.values()) >= 0.8, accuracy
+    assert accuracy == pytest.approx(info["accuracy"]["answer"], abs=0.011)  # a question may flip on another CPU
+
+
+def test_a_damaged_shipped_model_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    from engine.demo import model as demo_model
+
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(demo_model.SHIPPED_DIR, copy)
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01")
+    monkeypatch.setattr(demo_model, "SHIPPED_DIR", copy)
+    with pytest.raises(MoetraceError, match="expected SHA-256 .* got .*the file is damaged"):
+        demo_model.check_shipped_model()

@@ -9,17 +9,19 @@ the content of a domain is the same kind in both, only the words differ):
 - ``facts``: ``mara lives in velm``, ``mara works as baker`` / ``mara wohnt in velm``,
   ``mara arbeitet als baecker``
 - ``dates``: ``march is month three``, ``month three is march``, ``day after sunday is day one``,
-  ``two days before monday is saturday`` / ``maerz ist monat drei``, ``monat vor maerz ist februar``
+  ``day before monday is sunday`` / ``maerz ist monat drei``, ``monat vor maerz ist februar``
 
 ``facts`` come from a small knowledge base (64 people, their city and job) drawn from the seed;
 the other domains are computed (addition/subtraction of numbers 0..9; functions inc/dec/double
 of a number and max/min of two; the number of a weekday or month, its name from its number, and
-the number or name of the one 1-3 after or before it). Each (domain, lang) has at least 128
-distinct questions, so 100 of them can be held out for evaluation with some left for training
-examples.
+the number or name of the one just after or before it: offsets of 2 and 3 were in version 9,
+where a 2000-step model stayed at chance on dates). Each (domain, lang) has at least 114 distinct
+questions, so 100 of them can be held out for evaluation with some left for training examples.
 
 A multiple-choice question is a statement with its answer replaced by ``?`` (the cloze form)
-and four choices in MMLU format: a dict with keys ``question, A, B, C, D, answer, domain, lang``.
+and four choices in MMLU format: a dict with keys ``question, A, B, C, D, answer, domain, lang,
+context``, where ``context`` is the statement before its answer (what answer scoring continues,
+``engine.evaluate.answer_context``).
 The choices are the aligned block of four consecutive values of the domain's ordered answer
 space that holds the answer (numbers 0-3, 4-7, ..., 15-18 in the domain's numerals; cities and
 jobs in their fixed order, 4 at a time), in order: neighbouring values are
@@ -50,6 +52,7 @@ import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.errors import MoetraceError
 from engine.evaluate import LETTERS, QUESTION_COLUMNS, format_prompt
@@ -177,16 +180,15 @@ def _sample_item(domain: str, lang: str, rng: random.Random, kb: Mapping) -> tup
         months = rng.random() < 0.5
         names = _MONTHS[lang] if months else _DAYS[lang]
         unit, numbers = w["month" if months else "day"], _NUMBER_WORDS[lang]
-        start, form = rng.randrange(len(names)), rng.randrange(14)
+        start, form = rng.randrange(len(names)), rng.randrange(6)
         if form == 0:  # "march is month three"
             return f"{names[start]} {w['is']} {unit}", numbers[start], numbers, False
         if form == 1:  # "month three is march"
             return f"{unit} {numbers[start]} {w['is']}", names[start], names, True
-        k, sign, as_name = 1 + (form - 2) // 4, 1 if form % 2 else -1, (form // 2) % 2 == 1
-        c = (start + sign * k) % len(names)
-        step = unit if k == 1 else f"{numbers[k - 1]} {w['months' if months else 'days']}"
-        prefix = f"{step} {w['after' if sign > 0 else 'before']} {names[start]} {w['is']}"
-        if as_name:  # "month after march is april", "two days before monday is saturday"
+        sign, as_name = (1 if form % 2 else -1), form >= 4
+        c = (start + sign) % len(names)
+        prefix = f"{unit} {w['after' if sign > 0 else 'before']} {names[start]} {w['is']}"
+        if as_name:  # "month after march is april", "day before monday is sunday"
             return prefix, names[c], names, True
         return f"{prefix} {unit}", numbers[c], numbers, False  # "month after march is month four"
     raise MoetraceError(f"domain: expected one of {list(DOMAINS)}, got {domain!r}")
@@ -196,7 +198,7 @@ def _make_question(domain: str, lang: str, rng: random.Random, kb: Mapping) -> d
     prefix, answer, ordered, cyclic = _sample_item(domain, lang, rng, kb)
     choices, k = _block_choices(answer, ordered, cyclic)
     q = {"question": f"{prefix} ?", **dict(zip(LETTERS, choices))}
-    q.update(answer=LETTERS[k], domain=domain, lang=lang)
+    q.update(answer=LETTERS[k], domain=domain, lang=lang, context=prefix)
     return q
 
 
@@ -231,23 +233,42 @@ def make_questions(n_per_group: int = 20, seed: int = 0) -> list[dict[str, str]]
     return out
 
 
-def _statements(domain: str, lang: str, rng: random.Random, kb: Mapping, n: int) -> str:
-    parts = []
+def _statements(domain: str, lang: str, rng: random.Random, kb: Mapping, n: int) -> tuple[str, list[list[int]]]:
+    """``n`` random statements joined by ``" . "`` and the [start, end) character span of each answer."""
+    parts, spans, at = [], [], 0
     for _ in range(n):
         prefix, answer, _ordered, _cyclic = _sample_item(domain, lang, rng, kb)
+        start = at + len(prefix) + 1
+        spans.append([start, start + len(answer)])
         parts.append(f"{prefix} {answer}")
-    return " . ".join(parts) + " ."
+        at += len(parts[-1]) + len(" . ")
+    return " . ".join(parts) + " .", spans
 
 
-def make_texts(n_per_group: int = 20, seed: int = 0, statements_per_text: int = 3) -> list[dict[str, str]]:
-    """Plain-text documents for perplexity: dicts ``{"text", "domain", "lang"}``.
+def make_texts(n_per_group: int = 20, seed: int = 0, statements_per_text: int = 3, stream: str = "texts",
+               exclude: Iterable[Mapping[str, Any]] = ()) -> list[dict]:
+    """Plain-text documents for perplexity: dicts ``{"text", "domain", "lang", "answer_spans"}``.
 
     Each text is ``statements_per_text`` random statements of one (domain, lang) joined by
-    ``" . "``; ``n_per_group`` texts per group, ordered by domain then lang.
+    ``" . "``; ``answer_spans`` holds the [start, end) character span of each statement's answer
+    (what a question about it would ask), so loss can be reported on the answers apart from the
+    rest. ``n_per_group`` texts per group, ordered by domain then lang. ``stream`` names the random
+    stream: texts of different streams are drawn independently (the demo selects its targets on
+    one stream and evaluates on another); a text equal to one in ``exclude`` is redrawn.
     """
-    kb, rng = knowledge_base(seed), _rng(seed, "texts")
-    return [{"text": _statements(d, lang, rng, kb, statements_per_text), "domain": d, "lang": lang}
-            for d, lang in _groups() for _ in range(n_per_group)]
+    kb, rng = knowledge_base(seed), _rng(seed, stream)
+    banned = {t["text"] for t in exclude}
+    out = []
+    for d, lang in _groups():
+        for _ in range(n_per_group):
+            for _ in range(1000):
+                text, spans = _statements(d, lang, rng, kb, statements_per_text)
+                if text not in banned:
+                    break
+            else:
+                raise MoetraceError(f"exclude: every {d}/{lang} text drawn is excluded; expected fewer excluded texts")
+            out.append({"text": text, "domain": d, "lang": lang, "answer_spans": spans})
+    return out
 
 
 def make_training_documents(n_docs: int, seed: int = 0, mc_fraction: float = 0.5,
@@ -282,7 +303,7 @@ def make_training_documents(n_docs: int, seed: int = 0, mc_fraction: float = 0.5
                                     "expected fewer evaluation questions per group")
             docs.append({"text": f"{prompt} {q['answer']}", "domain": domain, "lang": lang, "kind": "mc"})
         else:
-            docs.append({"text": _statements(domain, lang, rng, kb, statements_per_doc),
+            docs.append({"text": _statements(domain, lang, rng, kb, statements_per_doc)[0],
                          "domain": domain, "lang": lang, "kind": "text"})
     rng.shuffle(docs)
     return docs
@@ -326,15 +347,17 @@ def build_tokenizer():
 def write_questions(path: str | Path, questions: Sequence[Mapping[str, str]]) -> Path:
     """Write questions in MMLU format to ``path``: ``.jsonl`` (one object a line) or ``.csv``.
 
-    Columns / keys, in order: ``question, A, B, C, D, answer, domain, lang``.
+    Columns / keys, in order: ``question, A, B, C, D, answer, domain, lang``, then ``context``
+    when the questions have one.
     """
     path = Path(path)
-    rows = [{c: str(q[c]) for c in QUESTION_COLUMNS} for q in questions]
+    columns = [*QUESTION_COLUMNS, *(["context"] if questions and "context" in questions[0] else [])]
+    rows = [{c: str(q[c]) for c in columns} for q in questions]
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     elif path.suffix == ".csv":
         with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(QUESTION_COLUMNS))
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
     else:
@@ -343,8 +366,10 @@ def write_questions(path: str | Path, questions: Sequence[Mapping[str, str]]) ->
 
 
 def write_texts(path: str | Path, texts: Sequence[Mapping[str, str]]) -> Path:
-    """Write texts as JSONL, one ``{"text", "domain", "lang"}`` object a line."""
+    """Write texts as JSONL, one ``{"text", "domain", "lang"}`` object a line (plus ``answer_spans``
+    when the text has them)."""
     path = Path(path)
-    path.write_text("".join(json.dumps({k: t[k] for k in ("text", "domain", "lang")}, ensure_ascii=False) + "\n"
+    keys = ("text", "domain", "lang", "answer_spans")
+    path.write_text("".join(json.dumps({k: t[k] for k in keys if k in t}, ensure_ascii=False) + "\n"
                             for t in texts), encoding="utf-8")
     return path

@@ -1,9 +1,19 @@
 """The demo model: a small OLMoE (``transformers.OlmoeForCausalLM``) trained on the demo data.
 
-``build_demo_model`` trains it from a seed and saves an ordinary local checkpoint (safetensors
-weights, config, tokenizer) plus the demo evaluation data; ``load_demo_model`` is just
-``from_pretrained`` on that directory, the same code path as any local checkpoint;
-``ensure_demo_model`` builds once per set of build parameters and reuses the cached directory.
+The default demo model ships with moetrace: ``engine/demo/checkpoint/`` is an ordinary local
+checkpoint (``model.safetensors``, config, tokenizer) with the demo's evaluation data
+(``questions.jsonl``, ``texts.jsonl``, ``select_texts.jsonl``) and ``demo_build.json`` (the
+build parameters, the platform it was trained on, the weights' SHA-256 and the accuracies it
+measured). It was written by::
+
+    python -c "from engine.demo.model import build_demo_model; build_demo_model('engine/demo/checkpoint')"
+
+so every machine runs the demo on the same weights (training is not bit-reproducible across
+CPU instruction sets, see below). ``build_demo_model`` trains it from a seed and saves the same
+files; ``load_demo_model`` is just ``from_pretrained`` on a directory, the same code path as any
+local checkpoint; ``ensure_demo_model`` returns the shipped checkpoint for the default build
+parameters and otherwise builds once per set of parameters and reuses the cached directory;
+``retrain_demo_model`` rebuilds the default and says whether its hash matches the shipped one.
 
 Load balancing: the Switch-style auxiliary loss is kept, at a small coefficient (``aux_coef``
 0.001; OLMoE itself uses 0.01). It asks only that every expert get about the same share of a
@@ -65,6 +75,8 @@ TRAIN_THREADS = 1
 QUESTIONS_FILE = "questions.jsonl"
 QUESTIONS_CSV = "questions.csv"
 TEXTS_FILE = "texts.jsonl"
+SELECT_TEXTS_FILE = "select_texts.jsonl"
+SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -79,8 +91,10 @@ class DemoConfig:
     whose answer-letter loss is weighted ``mc_weight`` against the text loss (``_loss``).
     Data: ``n_questions`` evaluation questions per (domain, lang) group, whose prompts (and so
     facts) never appear as training multiple-choice examples (their facts do appear as
-    statements), and ``n_texts`` perplexity texts of ``text_statements`` statements per group
-    from an independent random stream (100 + 100 per group: 200 of each per domain).
+    statements), ``n_texts`` perplexity texts of ``text_statements`` statements per group from
+    an independent random stream (100 + 100 per group: 200 of each per domain), and as many
+    selection texts from a third stream, none equal to an evaluated text, whose routing selects
+    the ablation targets (held out from the evaluated items).
     ``version`` changes whenever the generator or the training changes what gets built.
     """
 
@@ -91,7 +105,7 @@ class DemoConfig:
     hidden: int = 64
     intermediate: int = 128
     n_heads: int = 4
-    steps: int = 2000
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 50
@@ -101,7 +115,7 @@ class DemoConfig:
     n_questions: int = 100
     n_texts: int = 100
     text_statements: int = 2
-    version: int = 9
+    version: int = 10
 
     def key(self) -> str:
         """A short hash of every field: the cache directory name."""
@@ -179,9 +193,10 @@ def build_demo_model(out_dir: str | Path, seed: int = 0, config: DemoConfig | No
 
     Writes ``config.json`` + ``model.safetensors`` (``save_pretrained``), the tokenizer files,
     ``questions.jsonl`` / ``questions.csv`` (evaluation questions), ``texts.jsonl`` (perplexity
-    texts) and ``demo_build.json`` (the build parameters, training seconds, final loss and the
-    multiple-choice accuracy per group on the evaluation questions). ``seed`` is used when
-    ``config`` is None. Returns ``out_dir`` as a Path.
+    texts), ``select_texts.jsonl`` (held-out texts for target selection) and ``demo_build.json``
+    (the build parameters, platform, weights hash, training seconds, final loss and per domain
+    the multiple-choice accuracy by answer scoring, by letter and answer-blind). ``seed`` is used
+    when ``config`` is None. Returns ``out_dir`` as a Path.
     """
     from engine.evaluate import multiple_choice_accuracy
 
@@ -195,6 +210,8 @@ def build_demo_model(out_dir: str | Path, seed: int = 0, config: DemoConfig | No
     tokenizer = build_tokenizer()
     questions = make_questions(cfg.n_questions, seed=cfg.seed)
     texts = make_texts(cfg.n_texts, seed=cfg.seed, statements_per_text=cfg.text_statements)
+    select_texts = make_texts(cfg.n_texts, seed=cfg.seed, statements_per_text=cfg.text_statements, stream="select",
+                              exclude=texts)
     n_docs = cfg.steps * cfg.batch_size  # about one epoch: every document is seen once
     docs = make_training_documents(n_docs, seed=cfg.seed, mc_fraction=cfg.mc_fraction, exclude=questions)
     ids = tokenizer([d["text"] for d in docs], add_special_tokens=True)["input_ids"]
@@ -213,13 +230,20 @@ def build_demo_model(out_dir: str | Path, seed: int = 0, config: DemoConfig | No
     write_questions(out_dir / QUESTIONS_FILE, questions)
     write_questions(out_dir / QUESTIONS_CSV, questions)
     write_texts(out_dir / TEXTS_FILE, texts)
-    result = multiple_choice_accuracy(model, tokenizer, questions, batch_size=256, progress=False)
+    write_texts(out_dir / SELECT_TEXTS_FILE, select_texts)
+
+    def accuracy(**kwargs) -> dict[str, float]:
+        result = multiple_choice_accuracy(model, tokenizer, questions, by=("domain",), batch_size=256,
+                                          progress=False, **kwargs)
+        return {k[0]: round(v, 4) for k, v in result.by_group().items()}
+
     info = {
         "config": dataclasses.asdict(cfg), "key": cfg.key(), "train_seconds": round(train_seconds, 2),
         "train_cpu_seconds": round(train_cpu_seconds, 2), "torch_threads": TRAIN_THREADS,
         "platform": platform_key(), "weights_sha256": weights_sha256(out_dir),
         "final_loss": float(np.mean(losses[-50:])),
-        "accuracy": {"/".join(k): v for k, v in result.by_group().items()},
+        "accuracy": {"answer": accuracy(), "letter": accuracy(scoring="letter"),
+                     "answer_blind": accuracy(answer_blind=True)},
     }
     (out_dir / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out_dir
@@ -286,11 +310,16 @@ def ensure_demo_model(cache_dir: str | Path | None = None, seed: int = 0, config
                       progress: bool = True) -> Path:
     """The directory of the demo model for these build parameters, building it on first use.
 
-    The directory is ``cache_dir / f"demo-{config.key()}"`` (``cache_dir`` defaults to
+    The default parameters (``DemoConfig()``) return the shipped checkpoint :data:`SHIPPED_DIR`
+    (its ``demo_build.json`` records the same key) unless ``cache_dir`` is given. Otherwise the
+    directory is ``cache_dir / f"demo-{config.key()}"`` (``cache_dir`` defaults to
     :func:`default_cache_dir`). A build goes to a temporary sibling directory that is renamed
     into place when complete, so an interrupted build is never mistaken for a cached one.
     """
     cfg = config if config is not None else DemoConfig(seed=seed)
+    if cache_dir is None and (SHIPPED_DIR / BUILD_INFO).is_file() and \
+            json.loads((SHIPPED_DIR / BUILD_INFO).read_text()).get("key") == cfg.key():
+        return SHIPPED_DIR
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / f"demo-{cfg.key()}"
     if (target / BUILD_INFO).is_file():
@@ -309,3 +338,32 @@ def ensure_demo_model(cache_dir: str | Path | None = None, seed: int = 0, config
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def shipped_build_info() -> dict:
+    """``demo_build.json`` of the shipped checkpoint."""
+    path = SHIPPED_DIR / BUILD_INFO
+    if not path.is_file():
+        raise MoetraceError(f"{SHIPPED_DIR}: expected the shipped demo checkpoint with {BUILD_INFO}, found none; "
+                            "reinstall moetrace or run `moetrace demo --retrain`")
+    return json.loads(path.read_text())
+
+
+def check_shipped_model() -> str:
+    """The shipped weights' SHA-256, after checking it equals the one ``demo_build.json`` records
+    (raises MoetraceError naming both when the file was changed or truncated)."""
+    want = shipped_build_info()["weights_sha256"]
+    got = weights_sha256(SHIPPED_DIR)
+    if got != want:
+        raise MoetraceError(f"{SHIPPED_DIR / 'model.safetensors'}: expected SHA-256 {want} (demo_build.json), "
+                            f"got {got}; the file is damaged: restore it from git or run `moetrace demo --retrain`")
+    return got
+
+
+def retrain_demo_model(cache_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, bool]:
+    """Rebuild the default demo model in the cache (``ensure_demo_model`` with an explicit cache
+    directory) and return (its directory, whether its weights' hash equals the shipped one's).
+    A mismatch on another CPU instruction set is expected (module docstring)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = ensure_demo_model(cache, progress=progress)
+    return path, weights_sha256(path) == shipped_build_info()["weights_sha256"]
