@@ -1,25 +1,37 @@
 """The main job: do a group's specialized routes carry that group's ability?
 
-``run_experiment`` chains the engine end to end, as seed 000 does by hand:
+``run_experiment`` chains the engine end to end, as seed 000 does by hand, with the controls a
+reviewer of an ablation study asks for:
 
-1. base evaluation: multiple-choice accuracy per group (and per-group loss on texts, when
-   given), capturing the routing of every scored prompt token into ``OUT/trace.zarr``;
-2. counts of that trace by group (``experts``, ``paths``, ``pairs``), after seed 000's
-   shared-prefix filter (``OUT/counts.zarr``);
-3. for every targeted group and method: seed 000's specialized items
-   (``engine.metrics.specialized``) as ``Targets`` (``OUT/targets/<group>_<method>.json``,
-   the bare seed-000 format), their coverage of every group's routes, and the evaluation of
-   every group under ``intervene(model, targets)``;
-4. a control per targeted group and method: the same number of items per layer drawn at
-   random (``n_random`` seeds) from the items the trace actually routes, evaluated the same
-   way, so a drop can be told apart from "any ablation hurts";
-5. one tidy table, ``OUT/results.csv``: a row per (method, targeted group, evaluated group,
-   seed) with ``base_accuracy``, ``ablated_accuracy``, ``drop``, losses, ``n_items``,
-   ``coverage``; random-control rows have method ``random:<method>``.
+1. **base evaluation** of every group: multiple-choice accuracy (answer scoring by default,
+   ``engine.evaluate``) and, with texts, loss, split into the answer tokens and the rest. Beside
+   each group's base accuracy: its chance level and the answer-blind baseline (the options
+   scored with the question removed); a group whose base accuracy's 95% Clopper-Pearson
+   interval is not above both is **not testable** on accuracy (an ablation cannot show that a
+   model loses a skill it does not have) and is left out of the accuracy headline;
+2. **held-out routing**: the routing of ``select_texts`` (texts disjoint from the evaluated
+   items) is captured into ``OUT/trace.zarr`` and counted by group (``OUT/counts.zarr``), after
+   seed 000's shared-prefix filter; without ``select_texts`` the evaluated questions' contexts
+   are captured instead, with a warning (targets then come from the evaluated items);
+3. for every targeted group and method: seed 000's specialized items (``engine.metrics.specialized``)
+   as ``Targets`` (``OUT/targets/<group>_<method>.json``), their coverage of every group's
+   routes, and the evaluation of every group under ``intervene(model, targets)``;
+4. **matched random controls** (:func:`matched_random`): ``n_random`` draws per targeted group
+   and method, each with the same number of items per layer as the targets, drawn among the real
+   routes of the trace that no group's targets use, and matched on the targeted group's traffic
+   (the draw's coverage of the targeted group's routes within ``COVERAGE_BAND`` of the
+   targets'); each draw is evaluated on the targeted group's items;
+5. tables: ``OUT/results.csv`` (``RESULT_COLUMNS``, a row per variant and evaluated group;
+   random draws have method ``random:<method>`` and their draw index in ``seed``),
+   ``OUT/items.csv`` (every per-item outcome), ``OUT/base.csv`` (``BASE_COLUMNS``),
+   ``OUT/dose_response.csv`` (with ``doses``) and ``OUT/summary.json`` (:func:`summarize`).
 
-``summarize`` turns the table into the headline numbers: per method, the drop on the targeted
-group, the mean drop on the other groups, the random control's drop on the targeted group,
-and the selectivity (targeted drop / mean off-target drop).
+The headline test per method and measure is *targeted versus random over draws*
+(``engine.significance.pooled_targeted_vs_random``: a rank test over the draws, pooled over
+targeted groups, with a two-level bootstrap interval). The **primary tests** are these tests for
+every method on accuracy and on loss; their p-values are Holm-adjusted as one family
+(``summary["primary_tests"]``). Every other p-value (per group, per evaluated group, item-level)
+is secondary; ``results.csv`` also gives Holm-adjusted values over each of its p-value columns.
 """
 
 from __future__ import annotations
@@ -27,95 +39,233 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from itertools import product
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from engine.progress import tqdm
 
 from engine import metrics
-from engine.aggregate import count, coverage, save_counts
+from engine.aggregate import count, save_counts
 from engine.capture import capture
 from engine.errors import MoetraceError
-from engine.evaluate import multiple_choice_accuracy, perplexity
+from engine.evaluate import LETTERS, SCORINGS, answer_context, multiple_choice_accuracy, perplexity
 from engine.intervene import intervene
-from engine.significance import PairedBootstrap, combined_effect, paired_effect, ratio
+from engine.significance import (PairedBootstrap, combined_effect, holm, paired_effect, pooled_targeted_vs_random,
+                                 ratio)
 from engine.store import TraceStore
 from engine.targets import Targets
 
 METHODS = ("paths", "experts", "pairs")
-RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "seed", "n_items", "coverage",
-                  "base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss", "loss_increase",
-                  "n_questions", "drop_ci_low", "drop_ci_high", "drop_p_value",
-                  "n_texts", "loss_ci_low", "loss_ci_high", "loss_p_value")
-# OUT/items.csv: one row per evaluated item per variant (the paired data every interval comes from).
-# kind "question": base/ablated = 1 if answered correctly, weight 1; kind "text": base/ablated =
-# the text's mean next-token loss, weight = its scored tokens.
-ITEM_COLUMNS = ("kind", "method", "targeted_group", "seed", "evaluated_group", "item", "base", "ablated", "weight")
+# measure -> (items.csv kind, what one item's value is). Every measure is oriented so that a
+# positive effect is harm: an accuracy drop is base - ablated, a loss increase ablated - base.
+MEASURES = {
+    "drop": "question",
+    "loss_increase": "text",
+    "answer_loss_increase": "text_answer",
+    "other_loss_increase": "text_other",
+}
+# The measures whose targeted-vs-random test is primary (Holm-adjusted together, over methods).
+PRIMARY_MEASURES = ("drop", "loss_increase")
+# A random draw matches the targets when its coverage of the targeted group's routes is within a
+# factor COVERAGE_BAND of the targets' coverage (1.25: between 0.8x and 1.25x).
+COVERAGE_BAND = 1.25
+N_CANDIDATES = 4000  # candidate draws sampled per targets, among which the matched ones are taken
 N_BOOT = 2000
-# OUT/dose_response.csv: one row per (method, mode, targeted group, evaluated group, n_ablated,
-# control or not, seed); ``dose`` is the requested step the row answers ("1", "4", ..., or "all",
-# whose n_ablated differs between targeted groups); the share of the evaluated group's routes the
-# ablated items cover (a rare route can be highly specialized yet carry few tokens), accuracy/loss
-# under that ablation, with the paired effect's interval.
-DOSE_COLUMNS = ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "dose", "is_random", "seed", "coverage",
-                "accuracy", "drop", "drop_ci_low", "drop_ci_high", "drop_p_value",
-                "loss", "loss_increase", "loss_ci_low", "loss_ci_high", "loss_p_value")
+TESTABLE_LEVEL = 0.95
+
+RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "seed", "n_items", "coverage",
+                  "target_coverage", "in_band", "scoring",
+                  "base_accuracy", "ablated_accuracy", "drop", "drop_ci_low", "drop_ci_high", "drop_p_value",
+                  "drop_p_holm", "n_questions",
+                  "base_loss", "ablated_loss", "loss_increase", "loss_ci_low", "loss_ci_high", "loss_p_value",
+                  "loss_p_holm", "n_texts",
+                  "answer_loss_increase", "answer_loss_ci_low", "answer_loss_ci_high",
+                  "other_loss_increase", "other_loss_ci_low", "other_loss_ci_high")
+# OUT/items.csv: one row per evaluated item per variant (the paired data every interval comes from).
+# kind "question": base/ablated = 1 if answered correctly, weight 1; kind "text": the text's mean
+# next-token loss, weight = its scored tokens; "text_answer" / "text_other": the same over the
+# text's answer tokens / its other tokens.
+ITEM_COLUMNS = ("kind", "method", "targeted_group", "seed", "evaluated_group", "item", "base", "ablated", "weight")
+# OUT/base.csv: one row per group.
+BASE_COLUMNS = ("group", "scoring", "n_questions", "base_accuracy", "base_ci_low", "base_ci_high", "chance",
+                "blind_accuracy", "testable", "n_texts", "base_loss", "base_answer_loss", "base_other_loss")
+# OUT/dose_response.csv: one row per (method, mode, targeted group, evaluated group, dose, variant);
+# ``dose`` is the requested step ("1", "8", ..., "all"), ``target_coverage`` the share of the
+# targeted group's routes the ablated items cover (the x axis of the dose-response plot); random
+# draws are matched on it and evaluated on the targeted group.
+DOSE_COLUMNS = ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "dose", "is_random", "seed",
+                "coverage", "target_coverage", "in_band", "accuracy", "drop", "drop_ci_low", "drop_ci_high",
+                "drop_p_value", "loss", "loss_increase", "loss_ci_low", "loss_ci_high", "loss_p_value")
+
+# Evaluation results: {kind: {group: (item ids [n], value [n], weight [n])}} (kinds of MEASURES).
+Evaluation = dict
 
 
 def _group_name(values: Sequence[str]) -> str:
     return "/".join(str(v) for v in values)
 
 
-def _group_keys(table: Mapping[str, np.ndarray], by: Sequence[str], n: int) -> np.ndarray:
-    return np.asarray(["/".join(v) for v in zip(*(np.asarray(table[b], dtype=str) for b in by))]) if by \
-        else np.full(n, "all")
+def _group_keys(items: Sequence[Mapping[str, str]], by: Sequence[str]) -> np.ndarray:
+    return np.asarray([_group_name(str(it.get(b, "")) for b in by) if by else "all" for it in items])
 
 
-def _items_by(table: Mapping[str, np.ndarray], by: Sequence[str], index: str,
-              columns: Sequence[str]) -> dict[str, tuple[np.ndarray, ...]]:
-    """{group name: (item index [n], column arrays [n]...)} of a per-item table, items in index order."""
-    keys = _group_keys(table, by, len(table[index]))
-    order = np.argsort(np.asarray(table[index]), kind="stable")
-    keys = keys[order]
-    return {str(k): (np.asarray(table[index])[order][keys == k],
-                     *(np.asarray(table[c])[order][keys == k] for c in columns)) for k in np.unique(keys)}
+# ----------------------------------------------------------------------------- random controls
 
 
-def _loss_of(items: tuple[np.ndarray, ...]) -> float:
-    _, loss, weight = items
-    return float((loss * weight).sum() / weight.sum())
+@dataclass(frozen=True)
+class Draw:
+    """One random control: its ``targets``, their coverage of the targeted group's routes, and
+    whether that coverage is inside the band around the targets' coverage."""
+
+    targets: Targets
+    coverage: float
+    in_band: bool
 
 
-def random_like(selection: metrics.Selection, counts, method: str, seed: int, mask_mode: str = "reroute") -> Targets:
-    """Targets with as many items per layer as ``selection``, drawn uniformly at random (without
-    replacement) among the items with a non-zero count in ``counts`` at that layer.
+class RouteTable:
+    """The route counts of one method from a Counts dataset: per group and layer, how often each
+    item (expert / path / pair) was taken, over the samples seed 000's coverage counts.
 
-    The items are real routes of the trace (an expert that was chosen, a path that was taken, a
-    pair that occurred), so the control ablates as much routing structure as the real targets.
+    ``coverage(group, layer, items)`` is the share of a group's routes that items cover: equal to
+    ``engine.aggregate.coverage(...)["prop_targeted"]`` for the same targets, without a pass over
+    the store.
     """
-    var, item_dims, _, _ = metrics.SPECIALIZATION_METHODS[method]
-    da = counts[var]
-    if var == "experts":
-        da = da.sel(rank=0)
-    totals = da.sum([d for d in da.dims if d not in ("layer", *item_dims)]).transpose("layer", *item_dims)
+
+    def __init__(self, counts, method: str):
+        var, item_dims, _, _ = metrics.SPECIALIZATION_METHODS[method]
+        da = counts[var]
+        if var == "experts":
+            da = da.sel(rank=0, drop=True)
+        gdims = metrics.group_dims(counts)
+        da = da.transpose(*gdims, "layer", *item_dims)
+        self.method = method
+        self.layers = [int(x) for x in counts["layer"].values]
+        self.groups = ["/".join(g) for g in metrics.group_names(counts)] if gdims else ["all"]
+        self.by_group = metrics.flatten_groups(da, gdims).astype(np.float64) if gdims \
+            else da.values[None].astype(np.float64)  # [G, L, *item]
+        self.total = self.by_group.sum(axis=0)  # [L, *item]
+        self.width = len(item_dims)
+
+    def group_counts(self, group: str) -> np.ndarray:
+        return self.by_group[self.groups.index(group)]
+
+    def coverage_of(self, group: str, layer: np.ndarray, items: np.ndarray) -> float:
+        """Share of ``group``'s routes that the items ``(layer id [n], item ids [n, w])`` cover."""
+        c = self.group_counts(group)
+        total = float(c.sum())
+        if total == 0 or len(layer) == 0:
+            return 0.0 if total else float("nan")
+        pos = np.searchsorted(self.layers, layer)
+        return float(c[(pos, *np.asarray(items, dtype=np.int64).T)].sum() / total)
+
+
+def matched_random(selection: metrics.Selection, routes: RouteTable, group: str, exclude: set, n_draws: int,
+                   seed: int, *, band: float = COVERAGE_BAND, mask_mode: str = "reroute",
+                   n_candidates: int = N_CANDIDATES) -> list[Draw]:
+    """``n_draws`` random controls for the targets ``selection`` of ``group``.
+
+    Each draw has as many items per layer as ``selection`` (fewer where the layer has fewer
+    candidates), drawn uniformly without replacement among the layer's candidates: items the
+    trace routes at least once (over all groups) that are not in ``exclude`` (every group's
+    specialized items of this method, as ``(layer, *item)`` tuples). Of ``n_candidates`` such
+    draws, the ones whose coverage of ``group``'s routes lies within a factor ``band`` of the
+    targets' coverage are taken in the order drawn; when fewer than ``n_draws`` do, the rest are
+    the closest others (by the ratio of coverages), marked ``in_band=False``. Draws are distinct:
+    when the candidates allow fewer distinct sets (at the extreme one, when every layer's
+    candidates are all taken), fewer draws come back, and the tests over draws see only those.
+    """
+    if n_draws < 1 or len(selection) == 0:
+        return []
     rng = np.random.default_rng(seed)
-    layers_out, items_out = [], []
-    layer_ids = counts["layer"].values
+    c = routes.group_counts(group)
+    group_total = float(c.sum())
+    target_cov = routes.coverage_of(group, selection.layer, selection.items)
+    covered = np.zeros(n_candidates)
+    picks = []  # per layer: (layer id, candidates [m, w], chosen indices [n_candidates, k])
     for layer in np.unique(selection.layer):
+        pos = routes.layers.index(int(layer))
         want = int(np.sum(selection.layer == layer))
-        pos = int(np.flatnonzero(layer_ids == layer)[0])
-        candidates = np.argwhere(totals.values[pos] > 0)
-        pick = candidates[rng.choice(len(candidates), size=min(want, len(candidates)), replace=False)]
-        layers_out += [int(layer)] * len(pick)
-        items_out += pick.tolist()
+        cand = np.argwhere(routes.total[pos] > 0)
+        keep = [tuple(x) not in exclude for x in ((int(layer), *map(int, row)) for row in cand)]
+        cand = cand[np.asarray(keep, dtype=bool)] if len(cand) else cand
+        k = min(want, len(cand))
+        if k == 0:
+            continue
+        chosen = np.argsort(rng.random((n_candidates, len(cand))), axis=1)[:, :k]
+        covered += c[(pos, *cand.T)][chosen].sum(axis=1)
+        picks.append((int(layer), cand, chosen))
+    if not picks:
+        return []
+    cov = covered / group_total if group_total else np.zeros(n_candidates)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance = np.abs(np.log(cov / target_cov)) if target_cov > 0 else np.abs(cov)
+    distance = np.nan_to_num(distance, nan=np.inf, posinf=np.inf)
+    inside = distance <= np.log(band) + 1e-12
+    order = np.concatenate([np.flatnonzero(inside), np.flatnonzero(~inside)[np.argsort(distance[~inside],
+                                                                                        kind="stable")]])
+    draws, seen = [], set()
+    for i in order:
+        if len(draws) == n_draws:
+            break
+        layers = np.concatenate([np.full(ch.shape[1], layer) for layer, _cand, ch in picks]).astype(np.int64)
+        items = np.concatenate([cand[ch[i]] for _layer, cand, ch in picks]).reshape(len(layers), routes.width)
+        key = frozenset(zip(layers.tolist(), map(tuple, items.tolist())))
+        if key in seen:
+            continue
+        seen.add(key)
+        drawn = SimpleNamespace(layer=layers, items=items.astype(np.int64))
+        draws.append(Draw(Targets.from_specialized(routes.method, drawn, mask_mode=mask_mode),
+                          float(cov[i]), bool(inside[i])))
+    return draws
 
-    class _Items:
-        layer = np.asarray(layers_out, dtype=np.int64)
-        items = np.asarray(items_out, dtype=np.int64).reshape(len(layers_out), len(item_dims))
 
-    return Targets.from_specialized(method, _Items(), mask_mode=mask_mode)
+def _selection_set(selection: metrics.Selection) -> set:
+    return {(int(layer), *map(int, item)) for layer, item in zip(selection.layer, selection.items)}
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def _ci_prefix(measure: str) -> str:
+    return measure.removesuffix("_increase")
+
+
+def _harm(kind: str, base: np.ndarray, ablated: np.ndarray) -> np.ndarray:
+    """Per-item effect oriented as harm: base - ablated for correctness, ablated - base for losses."""
+    return base - ablated if kind == "question" else ablated - base
+
+
+def _weighted(values: np.ndarray, weights: np.ndarray) -> float:
+    total = float(weights.sum())
+    return float((values * weights).sum() / total) if total > 0 else float("nan")
+
+
+def _base_rows(base: Evaluation, blind: dict[str, np.ndarray] | None, scoring: str) -> list[dict[str, Any]]:
+    """base.csv: per group its base accuracy with a Clopper-Pearson interval, chance, the
+    answer-blind accuracy and whether accuracy effects are testable there (module docstring)."""
+    from scipy.stats import binomtest
+
+    chance = 1.0 / len(LETTERS)
+    rows = []
+    for group, (_ids, correct, _w) in sorted(base["question"].items()):
+        k, n = int(correct.sum()), len(correct)
+        ci = binomtest(k, n).proportion_ci(TESTABLE_LEVEL, method="exact")
+        blind_acc = float(blind[group].mean()) if blind is not None else float("nan")
+        floor = chance if blind is None else max(chance, blind_acc)
+        row = {"group": group, "scoring": scoring, "n_questions": n, "base_accuracy": k / n,
+               "base_ci_low": float(ci.low), "base_ci_high": float(ci.high), "chance": chance,
+               "blind_accuracy": blind_acc, "testable": bool(ci.low > floor)}
+        texts = {kind: base.get(kind, {}).get(group) for kind in ("text", "text_answer", "text_other")}
+        row["n_texts"] = len(texts["text"][0]) if texts["text"] is not None else 0
+        for kind, column in (("text", "base_loss"), ("text_answer", "base_answer_loss"),
+                             ("text_other", "base_other_loss")):
+            row[column] = _weighted(texts[kind][1], texts[kind][2]) if texts[kind] is not None else float("nan")
+        rows.append(row)
+    return rows
 
 
 def run_experiment(
@@ -124,15 +274,18 @@ def run_experiment(
     questions: Sequence[Mapping[str, str]],
     out_dir: str | Path,
     *,
-    texts: Sequence[Mapping[str, str]] | None = None,
+    texts: Sequence[Mapping[str, Any]] | None = None,
+    select_texts: Sequence[Mapping[str, Any]] | None = None,
     methods: Sequence[str] = METHODS,
     by: Sequence[str] = ("domain",),
     labels: Sequence[str] = ("domain", "lang"),
     thresholds: Mapping[str, float] | None = None,
     mask_mode: str = "reroute",
-    n_random: int = 3,
+    n_random: int = 20,
     seed: int = 0,
     batch_size: int = 32,
+    scoring: str = "answer",
+    band: float = COVERAGE_BAND,
     doses: Sequence[int | str] | None = None,
     modes: Sequence[str] = ("reroute",),
     dose_random: int | None = None,
@@ -140,17 +293,20 @@ def run_experiment(
 ) -> dict[str, np.ndarray]:
     """Run the ablation experiment (module docstring) and return the results table.
 
-    questions: MMLU-format dicts (``question, A-D, answer`` + labels); texts: optional dicts
-    with ``text`` + labels for per-group loss. by: the labels that define a group (targets are
-    selected and drops reported per group); labels: the label columns captured into the trace
-    (must include ``by``). thresholds: per-method override of seed 000's thresholds (1 / 5 / 5;
-    a threshold times a group's share above 1 selects nothing, e.g. 5 with 4 equal groups).
-    mask_mode: "reroute" (a masked route sends the token to its next-best expert) or "zero"
-    (the route stays selected with weight 0), for the targets and the random controls alike.
-    doses: when given (e.g. ``[1, 2, 4, 8, "all"]``), also the dose-response experiment
-    (:func:`dose_ladder`): for every targeted group and method, the n most specialized items and
-    n random real routes (``dose_random`` draws, default ``n_random``), for each n and each mask
-    mode in ``modes``, written to ``OUT/dose_response.csv`` (``DOSE_COLUMNS``).
+    questions: MMLU-format dicts (``question, A-D, answer`` + labels, optionally ``context``);
+    texts: optional dicts with ``text`` + labels (+ ``answer_spans``) for per-group loss;
+    select_texts: texts (with the ``labels``) disjoint from the evaluated items, whose routing
+    selects the targets. by: the labels that define a group; labels: the label columns captured
+    into the trace (must include ``by``). thresholds: per-method override of seed 000's
+    thresholds (1 / 5 / 5; a threshold times a group's share above 1 selects nothing, e.g. 5
+    with 4 equal groups). mask_mode: "reroute" (a masked route sends the token to its next-best
+    expert) or "zero" (the route stays selected with weight 0). n_random: matched random draws
+    per targets (:func:`matched_random`, within ``band``). scoring: ``"answer"`` or ``"letter"``
+    (``engine.evaluate``). doses: when given (e.g. ``[1, 2, 4, 8, "all"]``), also the
+    dose-response experiment: for every targeted group and method, the n most specialized items
+    (:func:`dose_ladder`) evaluated on every group, and ``dose_random`` matched draws (default
+    ``min(n_random, 5)``) at the same coverage evaluated on the targeted group, for each mask mode
+    in ``modes``, written to ``OUT/dose_response.csv``.
     Returns the table as a dict of equal-length arrays (also written to ``OUT/results.csv``).
     """
     out = Path(out_dir)
@@ -162,53 +318,112 @@ def run_experiment(
     for method in methods:
         if method not in METHODS:
             raise MoetraceError(f"methods: expected items of {list(METHODS)}, got {method!r}")
+    if scoring not in SCORINGS:
+        raise MoetraceError(f"scoring: expected one of {list(SCORINGS)}, got {scoring!r}")
+    if n_random < 1:
+        raise MoetraceError(f"n_random: expected a positive number of random draws, got {n_random}")
+    if not band >= 1:
+        raise MoetraceError(f"band: expected a factor >= 1 around the targets' coverage, got {band}")
     thresholds = dict(thresholds or {})
     dose_list = parse_doses(doses) if doses is not None else None
+    dose_random = min(n_random, 5) if dose_random is None else dose_random
     for mode in modes:
         if mode not in ("reroute", "zero"):
             raise MoetraceError(f"modes: expected items of ['reroute', 'zero'], got {mode!r}")
+    for name, items in (("questions", questions), ("texts", texts or []), ("select_texts", select_texts or [])):
+        lacking = [i for i, it in enumerate(items) if any(b not in it for b in labels)]
+        if lacking:
+            raise MoetraceError(f"{name}: item {lacking[0]}: expected the labels {labels}, got keys {sorted(items[lacking[0]])}")
 
-    def evaluate(store_path: Path | None = None) -> tuple[dict, dict]:
-        """Per group: (question ids, correct bool) and (text ids, per-text loss, scored tokens)."""
-        mc = multiple_choice_accuracy(model, tokenizer, questions, by=labels, batch_size=batch_size,
-                                      progress=False, store=store_path,
-                                      capture_fn=capture if store_path is not None else None)
-        acc = _items_by(mc.table, by, "q", ["correct"])
-        loss = {}
-        if texts:
-            pp = perplexity(model, tokenizer, texts, by=by, batch_size=batch_size, progress=False)
-            loss = _items_by(pp.table, by, "text", ["loss", "n_tokens"])
-        return acc, loss
+    q_groups = _group_keys(questions, by)
+    group_list = sorted(set(q_groups.tolist()))
+    q_idx = {g: np.flatnonzero(q_groups == g) for g in group_list}
+    t_groups = _group_keys(texts, by) if texts else np.zeros(0, dtype=str)
+    t_idx = {g: np.flatnonzero(t_groups == g) for g in group_list}
 
-    ablation_results: dict[str, tuple[dict, dict]] = {}
+    def evaluate(groups: Sequence[str]) -> Evaluation:
+        """Every per-item outcome of ``groups`` under the model as it is now."""
+        ev: Evaluation = {}
+        qi = np.concatenate([q_idx[g] for g in groups])
+        mc = multiple_choice_accuracy(model, tokenizer, [questions[i] for i in qi], scoring=scoring, by=(),
+                                      batch_size=batch_size, progress=False)
+        correct, at = mc.table["correct"].astype(np.float64), 0
+        for g in groups:
+            n = len(q_idx[g])
+            ev.setdefault("question", {})[g] = (q_idx[g], correct[at:at + n], np.ones(n))
+            at += n
+        ti = np.concatenate([t_idx[g] for g in groups])
+        if len(ti):
+            tab = perplexity(model, tokenizer, [texts[i] for i in ti], by=(), batch_size=batch_size,
+                             progress=False).table
+            columns = {"text": ("loss", "n_tokens")}
+            if "answer_loss" in tab:
+                columns.update(text_answer=("answer_loss", "n_answer_tokens"),
+                               text_other=("other_loss", "n_other_tokens"))
+            at = 0
+            for g in groups:
+                n = len(t_idx[g])
+                for kind, (value, weight) in columns.items():
+                    if n:
+                        ev.setdefault(kind, {})[g] = (t_idx[g], np.nan_to_num(tab[value][at:at + n]),
+                                                      tab[weight][at:at + n].astype(np.float64))
+                at += n
+        return ev
 
-    def evaluate_ablated(targets: Targets, what: str) -> tuple[dict, dict]:
-        """evaluate() under ``intervene(model, targets)``, once per distinct set of targets (a dose
-        of "all" and the main experiment's targets, or the same random draw, are the same ablation).
-        Empty targets give the base results; targets with no valid routing give ``({}, {})``."""
-        if targets.is_empty():
-            return base_acc, base_loss
+    cache: dict[str, Evaluation | None] = {}
+
+    def evaluate_ablated(targets: Targets, groups: Sequence[str], what: str) -> Evaluation | None:
+        """evaluate(groups) under ``intervene(model, targets)``, each (ablation, group) once (the
+        dose "all" is the main targets; a draw can repeat). None when the targets leave no valid
+        routing (e.g. a layer with fewer than top_k selectable experts): reported, not fatal."""
         key = json.dumps(targets.to_dict(), sort_keys=True)
-        if key not in ablation_results:
+        have = cache.setdefault(key, {})
+        if have is None:
+            return None
+        todo = [g for g in groups if g not in have.get("question", {})]
+        if todo:
             try:
                 with intervene(model, targets):
-                    ablation_results[key] = evaluate()
+                    new = evaluate(todo)
             except MoetraceError as exc:
-                # e.g. a layer left with fewer than top_k selectable experts: no valid routing
-                # exists; record the target as not evaluable rather than stop the experiment.
                 warnings.warn(f"{what} not evaluated: {exc}", stacklevel=3)
-                ablation_results[key] = ({}, {})
-        return ablation_results[key]
+                cache[key] = None
+                return None
+            for kind, per_group in new.items():
+                have.setdefault(kind, {}).update(per_group)
+        return {kind: {g: v[g] for g in groups if g in v} for kind, v in have.items()}
 
-    # 1. base evaluation, capturing the routing of every scored token
+    # 1. base evaluation, chance and the answer-blind baseline
+    base = evaluate(group_list)
+    blind = None
+    if scoring == "answer":
+        mc = multiple_choice_accuracy(model, tokenizer, questions, answer_blind=True, by=(), batch_size=batch_size,
+                                      progress=False)
+        blind = {g: mc.table["correct"][q_idx[g]] for g in group_list}
+    base_rows = _base_rows(base, blind, scoring)
+    write_results({c: np.asarray([r[c] for r in base_rows]) for c in BASE_COLUMNS}, out / "base.csv")
+    testable = {r["group"] for r in base_rows if r["testable"]}
+
+    # 2. the routing that selects the targets: held-out texts, captured and counted by group
     trace = out / "trace.zarr"
     if trace.exists():
         shutil.rmtree(trace)
-    base_acc, base_loss = evaluate(trace)
+    if select_texts is None:
+        warnings.warn("select_texts not given: the targets are selected on the routing of the evaluated questions' "
+                      "contexts, so selection and evaluation share their items", stacklevel=2)
+        routed = [{"text": answer_context(q), **{k: str(q[k]) for k in labels}} for q in questions]
+        selection_source = f"the {len(questions)} evaluated questions' contexts (not held out)"
+    else:
+        evaluated = {str(q.get("context") or q["question"]) for q in questions} | {t["text"] for t in texts or []}
+        shared = [i for i, t in enumerate(select_texts) if t["text"] in evaluated]
+        if shared:
+            raise MoetraceError(f"select_texts: text {shared[0]} is also an evaluated item; expected texts disjoint "
+                                "from the evaluated questions and texts")
+        routed = list(select_texts)
+        selection_source = f"{len(routed)} held-out texts, disjoint from the evaluated items"
+    perplexity(model, tokenizer, routed, by=labels, batch_size=batch_size, progress=False, store=trace,
+               capture_fn=capture)
     store = TraceStore.open(trace)
-
-    # 2. counts by group
-    # what the targets need, plus every statistic the report has a section for
     from engine.report import REPORT_STATS
 
     from kernels.counting import STATS
@@ -223,104 +438,135 @@ def run_experiment(
              if store.top_k >= STATS[name].min_top_k]
     counts = count(store, stats=stats, by=by, skip_shared_prefix=True, progress=False)
     save_counts(counts, out / "counts.zarr")
-    groups = [dict(zip(by, values)) for values in metrics.group_names(counts)]
+    counted = {_group_name(v): dict(zip(by, v)) for v in metrics.group_names(counts)}
+    absent = [g for g in group_list if g not in counted]
+    if absent:
+        raise MoetraceError(f"select_texts: expected texts of every evaluated group, none of group {absent[0]!r}")
 
-    # 3-4. targets, coverage, ablated evaluations, random controls
-    boot = PairedBootstrap({g: len(v[0]) for g, v in base_acc.items()}, n_boot=N_BOOT, seed=seed)
-    text_boot = PairedBootstrap({g: len(v[0]) for g, v in base_loss.items()}, n_boot=N_BOOT, seed=seed)
+    # 3-4. targets, their coverage, ablated evaluations, matched random draws
+    routes = {m: RouteTable(counts, m) for m in methods}
+    selections = {(m, g): metrics.specialized(counts, m, counted[g], threshold=thresholds.get(m))
+                  for m in methods for g in group_list}
+    exclude = {m: set().union(*(_selection_set(selections[(m, g)]) for g in group_list)) for m in methods}
+    boots = {kind: PairedBootstrap({g: len(v[0]) for g, v in per.items()}, n_boot=N_BOOT, seed=seed)
+             for kind, per in base.items()}
     rows: list[dict[str, Any]] = []
     items: list[dict[str, np.ndarray]] = []
+    dose_rows: list[dict[str, Any]] = []
     targets_dir = out / "targets"
     targets_dir.mkdir(exist_ok=True)
-    jobs = [(method, group) for method in methods for group in groups]
-    doses_rows: list[dict[str, Any]] = []
+    jobs = [(m, g) for m in methods for g in group_list]
     for method, group in tqdm(jobs, desc="ablations", disable=not progress, unit="target"):
-        targeted = _group_name(group.values())
-        selection = metrics.specialized(counts, method, group, threshold=thresholds.get(method))
+        sel, table = selections[(method, group)], routes[method]
+        real = Targets.from_specialized(method, sel, mask_mode=mask_mode)
+        real.save_bare(targets_dir / f"{group.replace('/', '_')}_{method}.json", method)
+        target_cov = table.coverage_of(group, sel.layer, sel.items)
+        common = {"targeted_group": group, "target_coverage": target_cov, "scoring": scoring}
+        if len(sel) == 0:
+            warnings.warn(f"{method}: no item is specialized in {group} at threshold {sel.threshold:g} (the largest "
+                          f"that selects any is {sel.max_threshold:.3g}); nothing to ablate, no effect reported",
+                          stacklevel=2)
+            rows.append(_row({"method": method, "seed": -1, "evaluated_group": group, "n_items": 0,
+                              "coverage": 0.0, "in_band": True, **common}, base, None, group, None, seed))
+            continue
+        ev = evaluate_ablated(real, group_list, f"{method} targets of {group}")
+        for evaluated in group_list:
+            variant = {"method": method, "seed": -1, "evaluated_group": evaluated, "n_items": len(sel),
+                       "coverage": table.coverage_of(evaluated, sel.layer, sel.items), "in_band": True, **common}
+            rows.append(_row(variant, base, ev, evaluated, boots, seed))
+            items += _item_rows(variant, base, ev, evaluated)
+        draw_seed = [seed, METHODS.index(method), group_list.index(group)]
+        draws = matched_random(sel, table, group, exclude[method], n_random, draw_seed, band=band,
+                               mask_mode=mask_mode)
+        if not draws:
+            warnings.warn(f"{method}: no random draw for the targets of {group}: every route the trace takes at their "
+                          "layers is some group's target; targeted - random is not measured there", stacklevel=2)
+        elif len(draws) < n_random:
+            warnings.warn(f"{method}: only {len(draws)} distinct random draw(s) exist for the {len(sel)} targets of "
+                          f"{group}: few routes are left that no group's targets use, so targeted - random rests on "
+                          f"{len(draws)} draw(s) there", stacklevel=2)
+        for j, draw in enumerate(draws):
+            ev = evaluate_ablated(draw.targets, [group], f"random draw {j} for the {method} targets of {group}")
+            variant = {"method": f"random:{method}", "seed": j, "evaluated_group": group,
+                       "n_items": sum(draw.targets.n_rules().values()), "coverage": draw.coverage,
+                       "in_band": draw.in_band, **common}
+            rows.append(_row(variant, base, ev, group, None, seed))
+            items += _item_rows(variant, base, ev, group)
         if dose_list is not None:
-            doses_rows += _dose_rows(store, by, selection, counts, method, targeted, dose_list, modes,
-                                     n_random if dose_random is None else dose_random, seed,
-                                     evaluate_ablated, base_acc, base_loss, boot, text_boot)
-        real = Targets.from_specialized(method, selection, mask_mode=mask_mode)
-        real.save_bare(targets_dir / f"{targeted.replace('/', '_')}_{method}.json", method)
-        variants = [(method, -1, real)]
-        variants += [(f"random:{method}", s, random_like(selection, counts, method, seed * 1000 + s, mask_mode))
-                     for s in range(n_random)]
-        for name, variant_seed, targets in variants:
-            cov_by_group = _coverage_by_group(store, targets, by, method)
-            acc, loss = evaluate_ablated(targets, f"{name} targets of {targeted}")
-            for evaluated in base_acc:
-                variant = {"method": name, "targeted_group": targeted, "evaluated_group": evaluated,
-                           "seed": variant_seed}
-                row = {**variant, "n_items": targets.n_rules()[method],
-                       "coverage": cov_by_group.get(evaluated, float("nan")),
-                       **_paired_columns(base_acc, acc, base_loss, loss, evaluated, boot, text_boot, seed)}
-                rows.append(row)
-                items += _item_rows(variant, base_acc, acc, base_loss, loss, evaluated)
+            dose_rows += _dose_rows(sel, table, group, group_list, exclude[method], dose_list, modes, draws,
+                                    dose_random, draw_seed, band, evaluate_ablated, base, boots, seed)
 
+    for measure in ("drop", "loss_increase"):
+        adjusted = holm([r[f"{_ci_prefix(measure)}_p_value"] for r in rows])
+        for r, p_holm in zip(rows, adjusted):
+            r[f"{_ci_prefix(measure)}_p_holm"] = p_holm
     table = {col: np.asarray([r[col] for r in rows]) for col in RESULT_COLUMNS}
     write_results(table, out / "results.csv")
     if dose_list is not None:
-        write_results({col: np.asarray([r[col] for r in doses_rows]) for col in DOSE_COLUMNS},
+        write_results({col: np.asarray([r[col] for r in dose_rows]) for col in DOSE_COLUMNS},
                       out / "dose_response.csv")
-    item_table = {col: np.concatenate([np.asarray(block[col]) for block in items]) for col in ITEM_COLUMNS}
+    item_table = {col: np.concatenate([np.asarray(block[col]) for block in items]) if items else np.zeros(0)
+                  for col in ITEM_COLUMNS}
     write_results(item_table, out / "items.csv")
-    summary = summarize(table, item_table, seed=seed)
-    summary["base_accuracy"] = {g: float(v[1].mean()) for g, v in base_acc.items()}
+    summary = {"scoring": scoring, "n_random": n_random, "coverage_band": [1 / band, band],
+               "selection": selection_source, "base": {r["group"]: r for r in base_rows},
+               **summarize(table, item_table, seed=seed, testable=testable)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return table
 
 
-def _coverage_by_group(store, targets: Targets, by: Sequence[str], method: str) -> dict[str, float]:
-    """{group name: share of the group's ``method`` routes that ``targets`` cover} (seed 000's coverage)."""
-    cov = coverage(store, targets, by=by, kind=method, skip_shared_prefix=True, progress=False)
-    prop = cov["prop_targeted"].transpose(*by)
-    return {_group_name(k): float(v) for k, v in
-            zip(product(*(prop[b].values.tolist() for b in by)), prop.values.reshape(-1))}
-
-
-def _paired_columns(base_acc: dict, acc: dict, base_loss: dict, loss: dict, group: str,
-                    boot: PairedBootstrap, text_boot: PairedBootstrap, seed: int) -> dict[str, Any]:
-    """results.csv's measures of one (variant, evaluated group) with their paired intervals;
-    NaN where the variant was not evaluated (or no texts were given)."""
+def _row(variant: Mapping[str, Any], base: Evaluation, ev: Evaluation | None, group: str,
+         boots: Mapping[str, PairedBootstrap] | None, seed: int) -> dict[str, Any]:
+    """One results.csv row: the variant's measures on ``group`` (with paired intervals when
+    ``boots`` is given); NaN where it was not evaluated (or nothing was measured)."""
     nan = float("nan")
-    base_correct = base_acc[group][1]
-    out: dict[str, Any] = {"base_accuracy": float(base_correct.mean()), "n_questions": len(base_correct)}
-    if group in acc:
-        drop = paired_effect(base_correct, acc[group][1], boot=boot, name=group, seed=seed)
-        out.update(ablated_accuracy=float(acc[group][1].mean()), drop=drop.estimate, drop_ci_low=drop.ci_low,
-                   drop_ci_high=drop.ci_high, drop_p_value=drop.p_value)
-    else:
-        out.update(ablated_accuracy=nan, drop=nan, drop_ci_low=nan, drop_ci_high=nan, drop_p_value=nan)
-    base_l = _loss_of(base_loss[group]) if group in base_loss else nan
-    out.update(base_loss=base_l, n_texts=len(base_loss[group][0]) if group in base_loss else 0)
-    if group in loss and group in base_loss:
-        _, base_per_text, weight = base_loss[group]
-        inc = paired_effect(loss[group][1], base_per_text, weight, boot=text_boot, name=group, seed=seed)
-        out.update(ablated_loss=_loss_of(loss[group]), loss_increase=inc.estimate, loss_ci_low=inc.ci_low,
-                   loss_ci_high=inc.ci_high, loss_p_value=inc.p_value)
-    else:
-        out.update(ablated_loss=nan, loss_increase=nan, loss_ci_low=nan, loss_ci_high=nan, loss_p_value=nan)
-    return out
-
-
-def _item_rows(variant: Mapping[str, Any], base_acc: dict, acc: dict, base_loss: dict, loss: dict,
-               group: str) -> list[dict[str, np.ndarray]]:
-    """items.csv rows of one (variant, evaluated group): its questions, then its texts."""
-    blocks = []
-    for kind, base, ablated in (("question", base_acc, acc), ("text", base_loss, loss)):
-        if group not in base or group not in ablated:
+    row: dict[str, Any] = dict(variant)
+    q = base["question"][group]
+    row.update(base_accuracy=float(q[1].mean()), n_questions=len(q[0]),
+               n_texts=len(base["text"][group][0]) if group in base.get("text", {}) else 0,
+               base_loss=_weighted(*base["text"][group][1:]) if group in base.get("text", {}) else nan,
+               ablated_accuracy=nan, ablated_loss=nan)
+    for measure, kind in MEASURES.items():
+        prefix = _ci_prefix(measure)
+        row.update({measure: nan, f"{prefix}_ci_low": nan, f"{prefix}_ci_high": nan, f"{prefix}_p_value": nan})
+        if ev is None or group not in base.get(kind, {}) or group not in ev.get(kind, {}):
             continue
-        ids, base_value = base[group][0], base[group][1].astype(np.float64)
-        weight = np.ones(len(ids)) if kind == "question" else base[group][2].astype(np.float64)
-        blocks.append({"kind": np.full(len(ids), kind), **{k: np.full(len(ids), v) for k, v in variant.items()},
-                       "item": ids, "base": base_value, "ablated": ablated[group][1].astype(np.float64),
-                       "weight": weight})
+        ids, b, w = base[kind][group]
+        a = ev[kind][group][1]
+        if kind == "question":
+            row["ablated_accuracy"] = float(a.mean())
+        if kind == "text":
+            row["ablated_loss"] = _weighted(a, w)
+        if boots is None:
+            row[measure] = _weighted(_harm(kind, b, a), w)
+            continue
+        boot = boots["question" if kind == "question" else "text"]
+        if kind == "question":
+            effect = paired_effect(b.astype(bool), a.astype(bool), boot=boot, name=group, seed=seed)
+        else:
+            effect = paired_effect(a, b, w, boot=boot, name=group, seed=seed)
+        row.update({measure: effect.estimate, f"{prefix}_ci_low": effect.ci_low, f"{prefix}_ci_high": effect.ci_high,
+                    f"{prefix}_p_value": effect.p_value})
+    return row
+
+
+def _item_rows(variant: Mapping[str, Any], base: Evaluation, ev: Evaluation | None,
+               group: str) -> list[dict[str, np.ndarray]]:
+    """items.csv rows of one (variant, evaluated group), one block per kind."""
+    blocks = []
+    for kind in MEASURES.values():
+        if ev is None or group not in base.get(kind, {}) or group not in ev.get(kind, {}):
+            continue
+        ids, b, w = base[kind][group]
+        blocks.append({"kind": np.full(len(ids), kind),
+                       **{k: np.full(len(ids), variant[k]) for k in ("method", "targeted_group", "seed",
+                                                                    "evaluated_group")},
+                       "item": ids, "base": b, "ablated": ev[kind][group][1], "weight": w})
     return blocks
 
 
 def write_results(table: Mapping[str, np.ndarray], path: str | Path) -> Path:
-    """Write the results table as CSV (pyarrow), one row per (method, targeted, evaluated, seed)."""
+    """Write a table (dict of equal-length arrays) as CSV with pyarrow."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -329,163 +575,198 @@ def write_results(table: Mapping[str, np.ndarray], path: str | Path) -> Path:
     return path
 
 
-def summarize(table: Mapping[str, np.ndarray], items: Mapping[str, np.ndarray] | None = None, *,
-              seed: int = 0, n_boot: int = N_BOOT) -> dict[str, Any]:
-    """Headline numbers per method from a results table, for accuracy and (when measured) loss.
+# ----------------------------------------------------------------------------- the headline
 
-    For each real method m and a measure x (``drop``: accuracy drop; ``loss_increase``):
-    ``targeted_<x>`` = mean over targeted groups of x on that group; ``off_target_<x>`` = mean
-    over targeted groups of the mean x on the other groups; ``random_<x>`` = the targeted-group x
-    under ``random:m`` (mean over seeds); ``selectivity`` / ``loss_selectivity`` = targeted /
-    off-target and ``vs_random`` / ``loss_vs_random`` = targeted / random (inf when the
-    denominator is <= 0 and the numerator positive, NaN when both are <= 0 or either is NaN). Targets that could
-    not be evaluated (NaN rows) are left out of the means.
 
-    With ``items`` (the per-item table written to ``OUT/items.csv``, columns ``ITEM_COLUMNS``) every
-    headline number gets a 95% paired-bootstrap interval and a sign-flip permutation p-value
-    (``engine.significance``), under ``entry["intervals"]["drop" | "loss_increase"]``: ``targeted``,
-    ``off_target``, ``random``, ``targeted_minus_random`` (Effect dicts) and ``selectivity``,
-    ``vs_random`` (Ratio dicts); the flat ``selectivity`` / ``vs_random`` values then become those
-    ratios' estimates, NaN when the denominator's interval contains 0 (never ``inf``).
+def summarize(table: Mapping[str, np.ndarray], items: Mapping[str, np.ndarray] | None = None, *, seed: int = 0,
+              n_boot: int = N_BOOT, testable: set | None = None) -> dict[str, Any]:
+    """Headline numbers per method and measure from a results table (and the per-item table).
+
+    Returns ``{method: {measure: entry}, "primary_tests": [...]}``. For a measure x of
+    ``MEASURES`` measured in the table, ``entry`` holds ``groups`` (the targeted groups it
+    averages over: for accuracy only the ``testable`` ones when given, the others listed in
+    ``not_testable``), and: ``targeted`` (mean over those groups of x on the group),
+    ``off_target`` (of the mean x on the other such groups), ``random`` (of the mean over its
+    draws of x on the group), ``targeted_minus_random`` and ``selectivity`` (targeted /
+    off-target). From the table alone these are ``{"estimate": ...}``; with ``items`` (the
+    per-item table, ``ITEM_COLUMNS``) they carry intervals: the targeted and off-target effects a
+    95% paired bootstrap over items with a sign-flip/McNemar p-value, ``targeted_minus_random``
+    the draw test (``engine.significance.pooled_targeted_vs_random``: rank p over the draws,
+    two-level bootstrap interval, ``n_random``), ``random`` that test's interval of the mean
+    draw, and ``per_group`` the same test per targeted group. ``coverage`` gives the mean
+    coverage of the targeted group's routes by the targets and by the draws and the share of
+    draws inside the band.
+
+    ``primary_tests`` lists the targeted-vs-random test of every method on ``PRIMARY_MEASURES``
+    with its Holm-adjusted p-value (also set as ``p_holm`` in that entry's
+    ``targeted_minus_random``, with ``primary: true``).
     """
-    method = np.asarray(table["method"], dtype=str)
-    targeted = np.asarray(table["targeted_group"], dtype=str)
-    evaluated = np.asarray(table["evaluated_group"], dtype=str)
-    own = targeted == evaluated
-
-    def ratio_of(a: float, b: float) -> float:
-        if np.isnan(a) or np.isnan(b):
-            return float("nan")
-        if b > 0:
-            return a / b
-        return float("inf") if a > 0 else float("nan")
-
-    def mean_of_groups(values: np.ndarray, rows: np.ndarray, groups: list[str]) -> float:
-        per_group = [values[rows & (targeted == g)] for g in groups]
-        per_group = [np.nanmean(v) for v in per_group if len(v) and not np.isnan(v).all()]
-        return float(np.mean(per_group)) if per_group else float("nan")
-
-    out: dict[str, Any] = {}
-    for m in sorted({x for x in method if not x.startswith("random:")}):
-        real, rand = method == m, method == f"random:{m}"
-        groups = sorted(set(targeted[real]))
-        entry: dict[str, float] = {}
-        for measure, prefix, suffix in (("drop", "", "drop"), ("loss_increase", "loss_", "loss_increase")):
-            if measure not in table:
-                continue
-            values = np.asarray(table[measure], dtype=np.float64)
-            t = mean_of_groups(values, real & own, groups)
-            o = mean_of_groups(values, real & ~own, groups)
-            r = mean_of_groups(values, rand & own, groups)
-            entry.update({f"targeted_{suffix}": t, f"off_target_{suffix}": o, f"random_{suffix}": r,
-                          f"{prefix}selectivity": ratio_of(t, o), f"{prefix}vs_random": ratio_of(t, r)})
-        if items is not None:
-            entry["intervals"] = _intervals(items, m, seed=seed, n_boot=n_boot)
-            for measure, prefix in (("drop", ""), ("loss_increase", "loss_")):
-                if measure in entry["intervals"]:
-                    entry[f"{prefix}selectivity"] = entry["intervals"][measure]["selectivity"]["estimate"]
-                    entry[f"{prefix}vs_random"] = entry["intervals"][measure]["vs_random"]["estimate"]
-        out[m] = entry
-    return out
-
-
-def _intervals(items: Mapping[str, np.ndarray], method: str, *, seed: int, n_boot: int) -> dict[str, Any]:
-    """Intervals and p-values of one method's headline effects from the per-item table (see summarize)."""
     import pandas as pd
 
-    df = pd.DataFrame({c: np.asarray(items[c]) for c in ITEM_COLUMNS})
+    df = pd.DataFrame({c: np.asarray(v) for c, v in table.items() if np.asarray(v).ndim == 1})
+    df["method"], df["targeted_group"], df["evaluated_group"] = (df[c].astype(str) for c in
+                                                                 ("method", "targeted_group", "evaluated_group"))
+    item_df = None
+    if items is not None and len(np.asarray(items["kind"])):
+        item_df = pd.DataFrame({c: np.asarray(items[c]) for c in ITEM_COLUMNS})
+        for c in ("kind", "method", "targeted_group", "evaluated_group"):
+            item_df[c] = item_df[c].astype(str)
     out: dict[str, Any] = {}
-    for kind, measure in (("question", "drop"), ("text", "loss_increase")):
-        sub = df[(df["kind"] == kind) & df["method"].isin([method, f"random:{method}"])]
-        if sub.empty:
-            continue
-        sign = 1.0 if measure == "drop" else -1.0  # drop = base - ablated; loss increase = ablated - base
-        cells = {key: g.sort_values("item") for key, g in sub.groupby(["method", "targeted_group", "evaluated_group"])}
-        sizes = {str(e): int(g["item"].nunique()) for e, g in sub.groupby("evaluated_group")}
-        boot = PairedBootstrap(sizes, n_boot=n_boot, seed=seed)
-
-        def paired(key):
-            """(base [n], ablated [n] averaged over seeds, weight [n]) of one cell, items in id order."""
-            g = cells[key]
-            mean = g.groupby("item", sort=True).agg(base=("base", "first"), ablated=("ablated", "mean"),
-                                                    weight=("weight", "first"))
-            return mean["base"].to_numpy(), mean["ablated"].to_numpy(), mean["weight"].to_numpy()
-
-        groups = sorted({t for (m, t, _e) in cells if m == method})
-        own, off, rand, diff = [], [], [], []
-        for g in groups:
-            if (method, g, g) in cells:
-                b, a, w = paired((method, g, g))
-                own.append((g, sign * (b - a), w))
-                if (f"random:{method}", g, g) in cells:
-                    _, ar, _ = paired((f"random:{method}", g, g))
-                    rand.append((g, sign * (b - ar), w))
-                    diff.append((g, sign * (ar - a), w))
-            others = [paired((m, t, e)) + (e,) for (m, t, e) in cells if m == method and t == g and e != g]
-            if others:
-                off.append([(e, sign * (b - a), w) for b, a, w, e in others])
-
-        def cells_of(parts):
-            return [(name, 1.0 / len(parts), d, w) for name, d, w in parts]
-
-        # off-target: mean over targeted groups of the mean over the other groups
-        off_cells = [(e, 1.0 / (len(off) * len(block)), d, w) for block in off for e, d, w in block]
-        targeted, t_draws = combined_effect(cells_of(own), boot, seed=seed)
-        off_target, o_draws = combined_effect(off_cells, boot, seed=seed)
-        random_, r_draws = combined_effect(cells_of(rand), boot, seed=seed)
-        minus_random, _ = combined_effect(cells_of(diff), boot, seed=seed)
-        out[measure] = {
-            "targeted": targeted.as_dict(), "off_target": off_target.as_dict(), "random": random_.as_dict(),
-            "targeted_minus_random": minus_random.as_dict(),
-            "selectivity": ratio(t_draws, o_draws, targeted.estimate, off_target.estimate).as_dict(),
-            "vs_random": ratio(t_draws, r_draws, targeted.estimate, random_.estimate).as_dict(),
-        }
+    for method in sorted({m for m in df["method"] if not m.startswith("random:")}):
+        entry: dict[str, Any] = {}
+        for measure, kind in MEASURES.items():
+            if measure not in df or not df.loc[df["method"] == method, measure].notna().any():
+                continue
+            entry[measure] = _measure_entry(df, item_df, method, measure, kind, testable, seed, n_boot)
+        out[method] = entry
+    primary = [(m, x) for m in out for x in PRIMARY_MEASURES if x in out[m]
+               and "p_value" in out[m][x]["targeted_minus_random"]]
+    adjusted = holm([out[m][x]["targeted_minus_random"]["p_value"] for m, x in primary])
+    out["primary_tests"] = []
+    for (m, x), p_holm in zip(primary, adjusted):
+        test = out[m][x]["targeted_minus_random"]
+        test.update(p_holm=float(p_holm), primary=True)
+        out["primary_tests"].append({"method": m, "measure": x, "p_value": test["p_value"], "p_holm": float(p_holm),
+                                     "n_random": test["n_random"]})
     return out
+
+
+def _measure_entry(df, item_df, method: str, measure: str, kind: str, testable: set | None, seed: int,
+                   n_boot: int) -> dict[str, Any]:
+    """One method's headline for one measure (see :func:`summarize`)."""
+    real, rand = df[df["method"] == method], df[df["method"] == f"random:{method}"]
+    rand = rand[rand["targeted_group"] == rand["evaluated_group"]]  # a draw's effect on its targeted group
+    groups = sorted(g for g in set(real["targeted_group"]) if real.loc[real["targeted_group"] == g, measure].notna().any())
+    entry: dict[str, Any] = {"groups": groups}
+    if measure == "drop" and testable is not None:
+        entry["not_testable"] = [g for g in groups if g not in testable]
+        groups = entry["groups"] = [g for g in groups if g in testable]
+    own = real[real["targeted_group"] == real["evaluated_group"]]
+    cov = {"targets": float(own[own["targeted_group"].isin(groups)]["target_coverage"].mean())
+           if "target_coverage" in own and groups else float("nan")}
+    if not rand.empty and "coverage" in rand:
+        r = rand[rand["targeted_group"].isin(groups)]
+        cov["random"] = float(r["coverage"].mean()) if len(r) else float("nan")
+        cov["in_band"] = float(r["in_band"].astype(bool).mean()) if "in_band" in r and len(r) else float("nan")
+    entry["coverage"] = cov
+    if not groups:
+        nan = {"estimate": float("nan")}
+        entry.update(targeted=nan, off_target=nan, random=nan, targeted_minus_random={**nan, "n_random": 0},
+                     selectivity=nan, per_group={})
+        return entry
+
+    def mean_over(frame, pick) -> float:
+        values = [pick(frame[frame["targeted_group"] == g]) for g in groups]
+        values = [v for v in values if v == v]
+        return float(np.mean(values)) if values else float("nan")
+
+    t = mean_over(own, lambda f: f[measure].mean())
+    o = mean_over(real[(real["targeted_group"] != real["evaluated_group"]) & real["evaluated_group"].isin(groups)],
+                  lambda f: f[measure].mean())
+    r = mean_over(rand, lambda f: f[measure].mean()) if not rand.empty else float("nan")
+    n_random = int(rand.groupby("targeted_group")["seed"].nunique().min()) if not rand.empty else 0
+    entry.update(targeted={"estimate": t}, off_target={"estimate": o}, random={"estimate": r},
+                 targeted_minus_random={"estimate": t - r, "n_random": n_random},
+                 selectivity={"estimate": t / o if o > 0 else float("nan")}, per_group={})
+    if item_df is None:
+        return entry
+
+    sub = item_df[item_df["kind"] == kind]
+    cells = {key: g.sort_values("item") for key, g in sub.groupby(["method", "targeted_group", "evaluated_group"])}
+    boot = PairedBootstrap({str(e): int(g["item"].nunique()) for e, g in sub.groupby("evaluated_group")},
+                           n_boot=n_boot, seed=seed)
+
+    def harm(frame) -> tuple[np.ndarray, np.ndarray]:
+        return _harm(kind, frame["base"].to_numpy(), frame["ablated"].to_numpy()), frame["weight"].to_numpy()
+
+    own_cells, off_blocks, draw_cells = [], [], []
+    for g in groups:
+        if (method, g, g) not in cells:
+            continue
+        d, w = harm(cells[(method, g, g)])
+        own_cells.append((g, d, w))
+        others = [(e, *harm(cells[(method, g, e)])) for e in groups if e != g and (method, g, e) in cells]
+        if others:
+            off_blocks.append(others)
+        if (f"random:{method}", g, g) in cells:
+            frame = cells[(f"random:{method}", g, g)]
+            wide = frame.pivot(index="seed", columns="item", values="ablated").sort_index()
+            base = frame.drop_duplicates("item").set_index("item")["base"].reindex(wide.columns).to_numpy()
+            draws = _harm(kind, base[None, :], wide.to_numpy())
+            draw_cells.append((g, d, draws, w))
+    # off-target: mean over targeted groups of the mean over the other groups
+    off_cells = [(e, 1.0 / (len(off_blocks) * len(block)), d, w) for block in off_blocks for e, d, w in block]
+    targeted, t_draws = combined_effect([(g, 1.0 / len(own_cells), d, w) for g, d, w in own_cells], boot, seed=seed)
+    off_target, o_draws = combined_effect(off_cells, boot, seed=seed)
+    entry.update(targeted=targeted.as_dict(), off_target=off_target.as_dict(),
+                 selectivity=ratio(t_draws, o_draws, targeted.estimate, off_target.estimate).as_dict())
+    if draw_cells:
+        test = pooled_targeted_vs_random([(d, draws, w) for _g, d, draws, w in draw_cells], seed=seed, n_boot=n_boot)
+        entry["targeted_minus_random"] = test.as_dict()
+        entry["random"] = {"estimate": test.random, "ci_low": test.random_ci_low, "ci_high": test.random_ci_high,
+                           "n_random": test.n_random}
+        entry["per_group"] = {g: pooled_targeted_vs_random([(d, draws, w)], seed=seed, n_boot=n_boot).as_dict()
+                              for g, d, draws, w in draw_cells}
+    return entry
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The headline table of a ``summarize`` result with intervals, one line per method and measure.
+    """The headline table of a :func:`summarize` result, one line per method and measure.
 
-    Each effect prints as ``estimate [95% interval]``; ratios print ``n/a`` when undefined (the
-    denominator's interval contains 0); p-values of the targeted effect and of its difference
-    from the random control close the line.
+    Each effect prints as ``estimate [95% interval]``. ``targeted - random`` is the draw test's
+    estimate with its two-level interval; ``p`` its rank p-value over the draws (``n`` draws per
+    group) and, for a primary test, the Holm-adjusted value; ``sel.`` the selectivity (targeted /
+    off-target; n/a when the off-target interval contains 0). Groups left out of accuracy as not
+    testable are named below the table.
     """
 
-    def effect(e: Mapping[str, float] | None, fallback: float) -> str:
-        if e is None:
-            return "n/a" if fallback != fallback else f"{fallback:+.3f}"
-        if e["estimate"] != e["estimate"]:
+    def effect(e: Mapping[str, float]) -> str:
+        if e.get("estimate") is None or e["estimate"] != e["estimate"]:
             return "n/a"
+        if "ci_low" not in e:
+            return f"{e['estimate']:+.3f}"
         return f"{e['estimate']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]"
 
-    def ratio_text(r: Mapping[str, float] | None, fallback: float) -> str:
-        if r is None:
-            return "n/a" if fallback != fallback else f"{fallback:.2f}"
-        return f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r["defined"] else "n/a (den. ~0)"
+    def sel(r: Mapping[str, Any]) -> str:
+        if r.get("defined") is False or r.get("estimate") is None or r["estimate"] != r["estimate"]:
+            return "n/a"
+        return f"{r['estimate']:.2f}"
 
-    def p(e: Mapping[str, float] | None) -> str:
-        return "n/a" if e is None or e["p_value"] != e["p_value"] else f"{e['p_value']:.3g}"
+    def p(test: Mapping[str, Any]) -> str:
+        if "p_value" not in test:
+            return "n/a"
+        text = f"{test['p_value']:.2g}"
+        return text + (f" (Holm {test['p_holm']:.2g})" if "p_holm" in test else "")
 
-    header = (f"{'method':<8} {'measure':<14} {'targeted':>26} {'off-target':>26} {'random':>26} "
-              f"{'targeted-random':>26} {'selectivity':>18} {'p':>7} {'p vs rand':>9}")
-    lines = [header]
-    for method, s in summary.items():
-        if not isinstance(s, Mapping) or "targeted_drop" not in s:
+    header = (f"{'method':<8} {'measure':<20} {'targeted':>24} {'off-target':>24} {'random (mean of draws)':>24} "
+              f"{'targeted - random':>24} {'sel.':>6} {'n':>4}  p vs random")
+    lines, untestable = [header], set()
+    for method, entries in summary.items():
+        if not isinstance(entries, Mapping) or method in ("base",):
             continue
-        for label, measure, prefix in (("accuracy drop", "drop", ""), ("loss increase", "loss_increase", "loss_")):
-            iv = s.get("intervals", {}).get(measure, {})
-            value = s.get(f"targeted_{measure}")
-            if value is None or (not iv and value != value):
-                continue  # not measured (e.g. no texts: no loss)
-            diff_fallback = s[f"targeted_{measure}"] - s[f"random_{measure}"]
-            lines.append(
-                f"{method:<8} {label:<14} {effect(iv.get('targeted'), s[f'targeted_{measure}']):>26} "
-                f"{effect(iv.get('off_target'), s[f'off_target_{measure}']):>26} "
-                f"{effect(iv.get('random'), s[f'random_{measure}']):>26} "
-                f"{effect(iv.get('targeted_minus_random'), diff_fallback):>26} "
-                f"{ratio_text(iv.get('selectivity'), s[f'{prefix}selectivity']):>18} "
-                f"{p(iv.get('targeted')):>7} {p(iv.get('targeted_minus_random')):>9}")
+        for measure, e in entries.items():
+            if measure not in MEASURES or not isinstance(e, Mapping):
+                continue
+            untestable |= set(e.get("not_testable", []))
+            d = e["targeted_minus_random"]
+            lines.append(f"{method:<8} {MEASURE_LABELS[measure]:<20} {effect(e['targeted']):>24} "
+                         f"{effect(e['off_target']):>24} {effect(e['random']):>24} {effect(d):>24} "
+                         f"{sel(e['selectivity']):>6} {d.get('n_random', 0):>4}  {p(d)}")
+    floor = sorted({f"{method} {MEASURE_LABELS[measure]}" for method, entries in summary.items()
+                    if isinstance(entries, Mapping) for measure, e in entries.items()
+                    if measure in MEASURES and isinstance(e, Mapping)
+                    and e["targeted_minus_random"].get("p_min", 0.0) > 0.05})
+    if floor:
+        lines.append("too few distinct random draws for p to go below 0.05 (p >= 1 / prod over groups of (draws + 1)): "
+                     + ", ".join(floor))
+    if untestable:
+        lines.append(f"not testable on accuracy (base accuracy not clearly above chance and the answer-blind "
+                     f"baseline), left out of the accuracy rows: {', '.join(sorted(untestable))}")
     return lines
+
+
+MEASURE_LABELS = {"drop": "accuracy drop", "loss_increase": "loss increase",
+                  "answer_loss_increase": "answer-token loss", "other_loss_increase": "other-token loss"}
 
 
 def parse_doses(doses: Sequence[int | str] | str) -> list[int | str]:
@@ -534,27 +815,42 @@ def dose_ladder(selection: metrics.Selection, doses: Sequence[int | str]) -> lis
     return out
 
 
-def _dose_rows(store, by, selection, counts, method: str, targeted: str, doses, modes, n_random: int,
-               seed: int, evaluate_ablated, base_acc: dict, base_loss: dict, boot, text_boot) -> list[dict[str, Any]]:
-    """dose_response.csv rows of one targeted group and method (every dose, mode and control);
-    ``evaluate_ablated(targets, what)`` evaluates every group under one ablation."""
+def _dose_rows(selection: metrics.Selection, routes: RouteTable, group: str, groups: Sequence[str], exclude: set,
+               doses, modes, main_draws: list[Draw], n_random: int, draw_seed: list[int], band: float,
+               evaluate_ablated: Callable, base: Evaluation, boots, seed: int) -> list[dict[str, Any]]:
+    """dose_response.csv rows of one targeted group and method: for each dose and mode the n most
+    specialized items evaluated on every group, and ``n_random`` draws matched to their coverage
+    of the group's routes evaluated on the group (the dose "all" in the main mask mode reuses the
+    main draws)."""
     rows = []
     for n, sub in dose_ladder(selection, doses):
         dose = "all" if "all" in doses and n == len(selection) else str(n)
+        target_cov = routes.coverage_of(group, sub.layer, sub.items)
         for mode in modes:
-            variants = [(False, -1, Targets.from_specialized(method, sub, mask_mode=mode))]
-            variants += [(True, s, random_like(sub, counts, method, seed * 1000 + s, mode)) for s in range(n_random)]
-            for is_random, variant_seed, targets in variants:
-                cov_by_group = _coverage_by_group(store, targets, by, method)
-                acc, loss = evaluate_ablated(targets, f"dose {n} ({mode}) of {method} targets of {targeted}")
-                for evaluated in base_acc:
-                    c = _paired_columns(base_acc, acc, base_loss, loss, evaluated, boot, text_boot, seed)
-                    rows.append({"method": method, "mode": mode, "targeted_group": targeted,
+            real = Targets.from_specialized(routes.method, sub, mask_mode=mode)
+            main = main_draws[0].targets.mask_mode if main_draws else None
+            if n == len(selection) and mode == main:
+                draws = main_draws[:n_random]
+            else:
+                draws = matched_random(sub, routes, group, exclude, n_random, [*draw_seed, n, MASK_MODES_ORDER[mode]],
+                                       band=band, mask_mode=mode)
+            variants = [(False, -1, real, [*groups], target_cov, True)]
+            variants += [(True, j, d.targets, [group], d.coverage, d.in_band) for j, d in enumerate(draws)]
+            for is_random, j, targets, evaluated_groups, cov, in_band in variants:
+                ev = evaluate_ablated(targets, evaluated_groups, f"dose {n} ({mode}) of the {routes.method} "
+                                                                 f"targets of {group}")
+                for evaluated in evaluated_groups:
+                    r = _row({}, base, ev, evaluated, None if is_random else boots, seed)
+                    rows.append({"method": routes.method, "mode": mode, "targeted_group": group,
                                  "evaluated_group": evaluated, "n_ablated": n, "dose": dose, "is_random": is_random,
-                                 "coverage": cov_by_group.get(evaluated, float("nan")),
-                                 "seed": variant_seed, "accuracy": c["ablated_accuracy"], "drop": c["drop"],
-                                 "drop_ci_low": c["drop_ci_low"], "drop_ci_high": c["drop_ci_high"],
-                                 "drop_p_value": c["drop_p_value"], "loss": c["ablated_loss"],
-                                 "loss_increase": c["loss_increase"], "loss_ci_low": c["loss_ci_low"],
-                                 "loss_ci_high": c["loss_ci_high"], "loss_p_value": c["loss_p_value"]})
+                                 "seed": j, "coverage": cov if evaluated == group
+                                 else routes.coverage_of(evaluated, sub.layer, sub.items),
+                                 "target_coverage": cov, "in_band": in_band, "accuracy": r["ablated_accuracy"],
+                                 "drop": r["drop"], "drop_ci_low": r["drop_ci_low"], "drop_ci_high": r["drop_ci_high"],
+                                 "drop_p_value": r["drop_p_value"], "loss": r["ablated_loss"],
+                                 "loss_increase": r["loss_increase"], "loss_ci_low": r["loss_ci_low"],
+                                 "loss_ci_high": r["loss_ci_high"], "loss_p_value": r["loss_p_value"]})
     return rows
+
+
+MASK_MODES_ORDER = {"reroute": 0, "zero": 1}

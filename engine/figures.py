@@ -51,6 +51,16 @@ def _legend_right(ax) -> None:
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
 
+def palette(n: int) -> list:
+    """``n`` distinguishable colours: tab10, then tab20's lighter shades, then evenly spaced hues."""
+    from matplotlib import colormaps
+
+    base = list(colormaps["tab10"].colors) + list(colormaps["tab20"].colors[1::2])
+    if n <= len(base):
+        return base[:n]
+    return [colormaps["hsv"](i / n) for i in range(n)]
+
+
 # ------------------------------------------------------------------------------------ counts
 
 
@@ -258,71 +268,103 @@ def ablation_matrix(results: pd.DataFrame, method: str, measure: str = "drop", c
 
 
 def dose_response(dose: pd.DataFrame, measure: str = "drop") -> Figure:
-    """Dose-response curves of an experiment's ``dose_response.csv``: one panel per (method, mode),
-    the effect (``measure``: "drop" or "loss_increase") against the number of ablated items n, for
-    the targeted group (mean over targeted groups), the other groups (off-target) and the random
-    control on the targeted group; shaded: the mean of the rows' 95% paired intervals.
+    """Dose-response of an experiment's ``dose_response.csv``: one panel per (method, mode), the
+    effect on each targeted group (``measure``: "drop" or "loss_increase") against the share of
+    that group's routes the ablated items cover (``target_coverage``), one colour per group.
 
-    dose: columns ``method, mode, targeted_group, evaluated_group, n_ablated, is_random`` and
-    ``measure`` (with ``<ci>_low/_high`` when present). With a ``dose`` column (the requested
-    step: "1", "4", ..., "all") the x axis is those steps, evenly spaced, so "all" (a different n
-    for each targeted group) is one point; without it, n on a log axis. Returns a matplotlib Figure.
+    Targets: a dot per dose with its row's 95% paired interval (error bar). Random draws: a cross
+    at the mean coverage and mean effect of the dose's draws, with the 95% t-interval of that mean
+    over the draws (the interval of the plotted point, not a mean of intervals). Returns a Figure.
     """
+    from scipy.stats import t as student_t
+
     low, high = ("drop_ci_low", "drop_ci_high") if measure == "drop" else ("loss_ci_low", "loss_ci_high")
-    df = dose.copy()
-    df["own"] = df["targeted_group"] == df["evaluated_group"]
-    steps = None
-    if "dose" in df.columns:
-        df["dose"] = df["dose"].astype(str)
-        steps = sorted(set(df["dose"]), key=lambda d: (d == "all", int(d) if d.isdigit() else 0, d))
-        df["x"] = df["dose"].map({d: i for i, d in enumerate(steps)})
-    else:
-        df["x"] = df["n_ablated"]
+    df = dose[dose["targeted_group"] == dose["evaluated_group"]].copy()
+    df["dose"] = df["dose"].astype(str)
     panels = sorted({(m, mode) for m, mode in zip(df["method"], df["mode"])})
-    fig = Figure(figsize=(3.6 * max(1, len(panels)), 3.2))
+    groups = sorted(set(df["targeted_group"]))
+    colors = palette(len(groups))
+    fig = Figure(figsize=(4.0 * max(1, len(panels)) + 1.2, 3.4))
     axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)), sharey=True))
-    curves = (("targeted", "#c0392b", lambda d: d[~d["is_random"] & d["own"]]),
-              ("off-target", "#7f8c8d", lambda d: d[~d["is_random"] & ~d["own"]]),
-              ("random control", "#2980b9", lambda d: d[d["is_random"] & d["own"]]))
     for ax, (method, mode) in zip(axes, panels):
         sub = df[(df["method"] == method) & (df["mode"] == mode)]
-        for label, color, pick in curves:
-            part = pick(sub)
-            if part.empty:
-                continue
-            # mean over seeds within a targeted group first, then over targeted groups
-            per_group = part.groupby(["targeted_group", "x"])[[measure, low, high]].mean()
-            line = per_group.groupby("x").mean()
-            ax.plot(line.index, line[measure], marker="o", color=color, label=label, lw=1.5)
-            if {low, high} <= set(line.columns) and line[low].notna().any():
-                ax.fill_between(line.index, line[low], line[high], color=color, alpha=0.15, lw=0)
+        for color, group in zip(colors, groups):
+            mine = sub[sub["targeted_group"] == group]
+            real = mine[~mine["is_random"]].sort_values("target_coverage")
+            if len(real):
+                x = real["target_coverage"].to_numpy() * 100
+                y = real[measure].to_numpy(dtype=np.float64)
+                err = np.vstack([y - real[low].to_numpy(dtype=np.float64), real[high].to_numpy(dtype=np.float64) - y])
+                # a percentile interval of a few discordant items can sit beside its estimate: clip at 0
+                ax.errorbar(x, y, yerr=np.clip(np.nan_to_num(err), 0, None), color=color, marker="o", ms=4, lw=1.2, capsize=2,
+                            label=f"{group}: targets")
+            rand = mine[mine["is_random"]]
+            if len(rand):
+                stats = rand.groupby("dose").agg(x=("coverage", "mean"), y=(measure, "mean"), sd=(measure, "std"),
+                                                 n=(measure, "count")).sort_values("x")
+                half = np.where(stats["n"] > 1, student_t.ppf(0.975, np.maximum(stats["n"] - 1, 1))
+                                * stats["sd"] / np.sqrt(stats["n"]), 0.0)
+                ax.errorbar(stats["x"] * 100, stats["y"], yerr=np.nan_to_num(half), color=color, marker="x", ms=5,
+                            lw=0.8, ls="--", capsize=2, alpha=0.8, label=f"{group}: random draws")
         ax.axhline(0, color="black", lw=0.6)
-        if steps is None:
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-        else:
-            ax.set_xticks(range(len(steps)), steps)
         ax.set_title(f"{method} ({mode})", fontsize=9)
-        ax.set_xlabel("items ablated (n most specialized)", fontsize=8)
+        ax.set_xlabel("% of the targeted group's routes ablated", fontsize=8)
     axes[0].set_ylabel(MEASURES.get(measure, measure), fontsize=8)
-    axes[-1].legend(fontsize=7, loc="best")
+    _legend_right(axes[-1])
     fig.tight_layout()
     return fig
 
 
 def coverage(results: pd.DataFrame) -> Figure:
-    """Coverage of each targeted group's own routes by its chosen targets, per method (bars)."""
-    own = results[(results["targeted_group"] == results["evaluated_group"])
-                  & ~results["method"].str.startswith("random")]
-    table = own.pivot_table(index="targeted_group", columns="method", values="coverage", aggfunc="mean")
-    fig = Figure(figsize=(max(4.0, 0.6 * len(table) * max(1, table.shape[1]) + 2), 3))
+    """Coverage of each targeted group's own routes by its chosen targets, per method (bars), with
+    the random draws' coverage of the same routes (mean, and min-max as an error bar) beside them."""
+    own = results[results["targeted_group"] == results["evaluated_group"]]
+    real = own[~own["method"].str.startswith("random")]
+    table = real.pivot_table(index="targeted_group", columns="method", values="coverage", aggfunc="mean")
+    fig = Figure(figsize=(max(4.5, 0.9 * len(table) * max(1, table.shape[1]) + 2), 3))
     ax = fig.subplots()
-    width = 0.8 / max(1, table.shape[1])
+    colors = palette(max(1, table.shape[1]))
+    width = 0.8 / max(1, 2 * table.shape[1])
     for j, method in enumerate(table.columns):
-        ax.bar(np.arange(len(table)) + j * width, table[method].to_numpy() * 100.0, width, label=method)
-    ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, table.index, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("% of the group's routes targeted", fontsize=8)
-    ax.legend(fontsize=7)
+        x = np.arange(len(table)) + 2 * j * width
+        ax.bar(x, table[method].to_numpy() * 100.0, width, color=colors[j], label=f"{method}: targets")
+        draws = own[own["method"] == f"random:{method}"].groupby("targeted_group")["coverage"]
+        if len(draws):
+            stats = draws.agg(["mean", "min", "max"]).reindex(table.index) * 100.0
+            ax.bar(x + width, stats["mean"], width, color=colors[j], alpha=0.35, hatch="//",
+                   label=f"{method}: random draws")
+            spread = np.vstack([stats["mean"] - stats["min"], stats["max"] - stats["mean"]])
+            ax.errorbar(x + width, stats["mean"], yerr=np.clip(np.nan_to_num(spread), 0, None),  # rounding
+                        fmt="none", ecolor="black", lw=0.8, capsize=2)
+    ax.set_xticks(np.arange(len(table)) + (2 * table.shape[1] - 1) * width / 2, table.index, rotation=45,
+                  ha="right", fontsize=7)
+    ax.set_ylabel("% of the group's routes ablated", fontsize=8)
+    _legend_right(ax)
+    fig.tight_layout()
+    return fig
+
+
+def base_accuracy(base: pd.DataFrame) -> Figure:
+    """Each group's base accuracy with its 95% interval, beside the answer-blind accuracy and the
+    chance level (a line); untestable groups are marked."""
+    fig = Figure(figsize=(max(4.0, 0.8 * len(base) + 2.5), 3))
+    ax = fig.subplots()
+    x = np.arange(len(base))
+    acc = base["base_accuracy"].to_numpy(dtype=np.float64)
+    err = np.vstack([acc - base["base_ci_low"].to_numpy(dtype=np.float64),
+                     base["base_ci_high"].to_numpy(dtype=np.float64) - acc])
+    colors = ["#2c7fb8" if t else "#bdbdbd" for t in base["testable"].astype(bool)]
+    ax.bar(x - 0.2, acc, 0.4, color=colors, yerr=err, capsize=2, label="base (grey: not testable)")
+    blind = base["blind_accuracy"].to_numpy(dtype=np.float64)
+    if np.any(~np.isnan(blind)):
+        ax.bar(x + 0.2, blind, 0.4, color="#fdae61", label="answer-blind")
+    for xi, c in zip(x, base["chance"].to_numpy(dtype=np.float64)):
+        ax.hlines(c, xi - 0.45, xi + 0.45, color="black", lw=1, ls=":")
+    ax.plot([], [], color="black", lw=1, ls=":", label="chance")
+    ax.set_xticks(x, base["group"].astype(str), rotation=45, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy", fontsize=8)
+    _legend_right(ax)
     fig.tight_layout()
     return fig
 

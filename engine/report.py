@@ -60,7 +60,7 @@ NUMERIC_RESULT_COLUMNS = ("base_accuracy", "ablated_accuracy", "drop", "base_los
 #: Where a run directory keeps what the analysis commands wrote (``--out RUN/analysis``).
 ANALYSIS_DIR = "analysis"
 #: Files an experiment writes into its run directory that sections read (a section ``need``).
-RUN_FILES = ("items.csv", "dose_response.csv", "compare.json")
+RUN_FILES = ("items.csv", "dose_response.csv", "compare.json", "summary.json", "base.csv")
 #: Paths listed per group.
 TOP_PATHS = 10
 
@@ -444,71 +444,89 @@ def _render_experiment(ctx: Context) -> str:
     df = ctx.results
     groups = ctx.groups
     methods = sorted({m for m in df["method"] if not m.startswith("random")})
-    randoms = sorted({m for m in df["method"] if m.startswith("random")})
-    # each real method with its control ("random:m"); controls of no listed method stand alone
-    panels = [(m, f"random:{m}" if f"random:{m}" in randoms else None) for m in methods]
-    panels += [(r, None) for r in randoms if r not in {c for _, c in panels}]
     if "loss_increase" not in df.columns and {"base_loss", "ablated_loss"} <= set(df.columns):
         df = df.assign(loss_increase=df["ablated_loss"] - df["base_loss"])
     measures = [m for m in MEASURES if m in df.columns and np.any(~np.isnan(df[m].to_numpy(dtype=np.float64)))]
+    parts = []
+    if ctx.has("base.csv"):
+        base = _read_run_csv(ctx.run_dir / "base.csv")
+        base["group"] = base["group"].astype(str)
+        rows = [[r.group, r.n_questions, f"{r.base_accuracy:.3f} [{r.base_ci_low:.3f}, {r.base_ci_high:.3f}]",
+                 r.chance, r.blind_accuracy, "yes" if r.testable else "NOT TESTABLE", r.base_loss]
+                for r in base.itertuples(index=False)]
+        scoring = str(base["scoring"].iloc[0]) if len(base) else "answer"
+        how = ("each option scored by the summed log-likelihood of its answer text after the question"
+               if scoring == "answer" else "the logit of its answer letter")
+        parts.append("<h3>Base accuracy against chance and the answer-blind baseline</h3>"
+                     + _note(f"Scoring: {scoring} ({how}). "
+                             "Answer-blind: the same options scored with the question removed, what the model gets "
+                             "from its prior over answers alone. A group whose base accuracy's 95% Clopper-Pearson "
+                             "interval is not above both chance and the answer-blind accuracy is not testable on "
+                             "accuracy (a model cannot lose a skill it does not show) and is left out of the "
+                             "accuracy headline.")
+                     + _img(figures.base_accuracy(base), "base accuracy per group beside chance and answer-blind")
+                     + _table(["group", "questions", "base accuracy [95%]", "chance", "answer-blind", "testable",
+                               "base loss"], rows, text_cols=3))
+    summary = None
+    if ctx.has("summary.json"):
+        summary = json.loads((ctx.run_dir / "summary.json").read_text())
+    else:
+        from engine.experiment import summarize  # a results table alone: point estimates, no intervals
+
+        summary = summarize({c: df[c].to_numpy() for c in df.columns})
+    headline = []
+    for method in methods:
+        for measure, e in summary.get(method, {}).items():
+            if measure not in EXPERIMENT_MEASURES:
+                continue
+            d = e["targeted_minus_random"]
+            p = "n/a" if "p_value" not in d else (f"{_fmt(d['p_value'], 3)}"
+                                                 + (f" (Holm {_fmt(d['p_holm'], 3)})" if "p_holm" in d else ""))
+            headline.append([method, EXPERIMENT_MEASURES[measure], _effect(e["targeted"]), _effect(e["off_target"]),
+                             _effect(e["random"]), _effect(d), d.get("n_random", 0), p,
+                             _ratio(e["selectivity"]), ", ".join(e.get("not_testable", [])) or "-"])
     figs = []
     for measure in measures:
-        figs.append(f"<h3>{_e(MEASURES[measure])}</h3>")
-        for method, control in panels:
-            fig = figures.ablation_matrix(df, method, measure, control, groups)
-            figs.append(f"<h4>{_e(method)}</h4>" + _img(fig, f"{measure} matrix of {method}"
-                                                          + (f" beside {control}" if control else "")))
-
-    # The same headline numbers the experiment prints (one definition, in engine.experiment), with
-    # their paired intervals when the run directory keeps the per-item outcomes (items.csv).
-    from engine.experiment import summarize
-
-    items = None
-    if ctx.has("items.csv"):
-        items_df = _read_run_csv(ctx.run_dir / "items.csv")
-        items = {c: items_df[c].to_numpy() for c in items_df.columns}
-    headline = summarize({c: df[c].to_numpy() for c in ("method", "targeted_group", "evaluated_group", *measures)},
-                         items)
-    summary = []
-    for measure in measures:
-        suffix, prefix = ("drop", "") if measure == "drop" else ("loss_increase", "loss_")
+        figs.append(f"<h4>{_e(MEASURES[measure])}</h4>")
         for method in methods:
-            h = headline[method]
-            iv = h.get("intervals", {}).get(measure)
-            if iv is None:
-                # no per-item outcomes (a results table alone): point estimates, no intervals
-                cells = [h[f"targeted_{suffix}"], h[f"off_target_{suffix}"], h[f"random_{suffix}"],
-                         h[f"targeted_{suffix}"] - h[f"random_{suffix}"], h[f"{prefix}selectivity"],
-                         h[f"{prefix}vs_random"], float("nan")]
-            else:
-                cells = [_effect(iv["targeted"]), _effect(iv["off_target"]), _effect(iv["random"]),
-                         _effect(iv["targeted_minus_random"]), _ratio(iv["selectivity"]), _ratio(iv["vs_random"]),
-                         f"{_fmt(iv['targeted']['p_value'], 3)} / {_fmt(iv['targeted_minus_random']['p_value'], 3)}"]
-            summary.append([method, MEASURES[measure].split(" (")[0], *cells])
-
-    value_cols = [c for c in ("base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss",
-                              "loss_increase", "coverage", "n_items") if c in df.columns]
-    agg = {c: (c, "mean") for c in value_cols}
-    if "seed" in df.columns:
-        agg["seeds"] = ("seed", "nunique")
-    table = (df.groupby(["method", "targeted_group", "evaluated_group"], sort=True)
-             .agg(**agg).reset_index())
-    return (_note("Accuracy drop (base - ablated) and, when texts were scored, loss increase (ablated - base) "
-                  "of every evaluated group when the routes specialized in the targeted group are ablated, mean "
-                  "over seeds, with the same number of random routes ablated as the control. One color scale "
-                  "per measure.")
-            + "".join(figs)
+            fig = figures.ablation_matrix(df, method, measure, None, groups)
+            figs.append(_img(fig, f"{measure} matrix of {method}"))
+    selection = _e(summary.get("selection", "the trace in this directory")) if isinstance(summary, dict) else ""
+    primary = "; ".join(f"{t['method']} {EXPERIMENT_MEASURES[t['measure']]}: p {_fmt(t['p_value'], 3)}, Holm "
+                        f"{_fmt(t['p_holm'], 3)}" for t in summary.get("primary_tests", []))
+    value_cols = [c for c in ("base_accuracy", "ablated_accuracy", "drop", "drop_ci_low", "drop_ci_high",
+                              "drop_p_value", "drop_p_holm", "base_loss", "ablated_loss", "loss_increase",
+                              "loss_ci_low", "loss_ci_high", "loss_p_value", "loss_p_holm", "coverage", "n_items")
+                  if c in df.columns]
+    real = df[~df["method"].str.startswith("random")]
+    table = real[["method", "targeted_group", "evaluated_group", *value_cols]].sort_values(
+        ["method", "targeted_group", "evaluated_group"])
+    return ("".join(parts)
             + "<h3>Per method</h3>"
-            + _note("targeted: mean over targeted groups of the effect on that group; off-target: of the mean "
-                    "effect on the other groups; random: the control's effect on the targeted group. In brackets: "
-                    "95% paired-bootstrap intervals over the evaluated items; p: sign-flip permutation test "
-                    "(targeted effect / its difference from the random control); a ratio whose denominator's "
-                    "interval contains 0 is n/a (engine/significance.py).")
-            + _table(["method", "measure", "targeted", "off-target", "random", "targeted - random",
-                      "targeted / off-target", "targeted / random", "p"], summary, text_cols=2)
+            + _note(f"Targets selected on {selection}. targeted: mean over targeted groups of the effect on that "
+                    "group; off-target: of the mean effect on the other groups; random: of the mean over the random "
+                    "draws (as many real routes per layer, used by no group's targets, matched on the targeted "
+                    "group's traffic where possible, see Targets); targeted - random with its two-level interval "
+                    "(draws and items resampled); p: rank of the targeted effect among the draws, pooled over "
+                    "groups (one-sided); n: draws per group. In brackets: 95% intervals (paired bootstrap over "
+                    "items for targeted and off-target). Primary tests (Holm-adjusted as one family): "
+                    f"{_e(primary) or 'none'}. Every other p-value is secondary.")
+            + _table(["method", "measure", "targeted", "off-target", "random (mean of draws)", "targeted - random",
+                      "n", "p vs random", "targeted / off-target", "not testable"], headline, text_cols=10)
+            + "<h3>Targeted x evaluated groups</h3>"
+            + _note("Each cell: the effect on the evaluated group (column) of ablating the routes specialized in the "
+                    "targeted group (row). One colour scale per measure.")
+            + "".join(figs)
             + "<h3>Results</h3>"
-            + _table(["method", "targeted group", "evaluated group", *[c.replace("_", " ") for c in agg]],
+            + _note("results.csv's rows of the targeted ablations: every measure with its 95% paired interval, its "
+                    "item-level p-value (McNemar for accuracy, sign-flip for loss) and that p-value Holm-adjusted "
+                    "over the whole table. The random draws' rows are in results.csv.")
+            + _table(["method", "targeted group", "evaluated group", *[c.replace("_", " ") for c in value_cols]],
                      table.itertuples(index=False), text_cols=3))
+
+
+EXPERIMENT_MEASURES = {"drop": "accuracy drop", "loss_increase": "loss increase",
+                       "answer_loss_increase": "loss on answer tokens", "other_loss_increase": "loss on other tokens"}
 
 
 def _read_run_csv(path: Path) -> pd.DataFrame:
@@ -521,34 +539,44 @@ def _read_run_csv(path: Path) -> pd.DataFrame:
 
 
 def _effect(e: dict) -> str:
-    if e["estimate"] != e["estimate"]:
+    if e.get("estimate") is None or e["estimate"] != e["estimate"]:
         return "n/a"
+    if "ci_low" not in e:
+        return f"{e['estimate']:+.3f}"
     return f"{e['estimate']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]"
 
 
 def _ratio(r: dict) -> str:
-    return f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r["defined"] else "n/a"
+    if r.get("defined") is False or r.get("estimate") is None or r["estimate"] != r["estimate"]:
+        return "n/a"
+    if "ci_low" not in r:
+        return f"{r['estimate']:.2f}"
+    return f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
 
 def _render_dose_response(ctx: Context) -> str:
     dose = _read_run_csv(ctx.run_dir / "dose_response.csv")
-    parts = [_note("The effect of ablating the n most specialized items of each targeted group (by their share of "
-                   "samples from the group), against n: on the targeted group, on the other groups, and with n "
-                   "random real routes ablated instead (the control); means over targeted groups, shaded: the "
-                   "mean of the 95% paired intervals.")]
+    parts = [_note("The effect on each targeted group of ablating its n most specialized items (n: 1, 8, ..., all, "
+                   "by their share of samples from the group), against the share of the group's routes those items "
+                   "cover (x). Dots: the targets, with their 95% paired interval over items; crosses: the mean of "
+                   "the random draws matched to that coverage (as many real routes per layer, used by no group's "
+                   "targets), with the 95% t-interval of that mean over draws. A draw that could not be matched "
+                   "lies at its own coverage, left of the targets.")]
+    if "target_coverage" not in dose.columns:
+        return _note("This dose_response.csv predates the coverage axis; rerun the experiment to plot it.")
     for measure in ("drop", "loss_increase"):
         if measure in dose.columns and dose[measure].notna().any():
             parts.append(f"<h3>{_e(MEASURES[measure])}</h3>"
                          + _img(figures.dose_response(dose, measure), f"dose-response of the {measure}"))
-    step = "dose" if "dose" in dose.columns else "n_ablated"  # older run directories have no dose column
-    table = (dose.assign(own=dose["targeted_group"] == dose["evaluated_group"],
-                         order=pd.to_numeric(dose[step], errors="coerce").fillna(np.inf))
-             .groupby(["method", "mode", "is_random", "own", "order", step], sort=True)
-             .agg(drop=("drop", "mean"), loss_increase=("loss_increase", "mean")).reset_index())
-    rows = [[r.method, r.mode, "random" if r.is_random else "targets", "targeted" if r.own else "off-target",
-             str(getattr(r, step)), r.drop, r.loss_increase] for r in table.itertuples(index=False)]
-    return "".join(parts) + _table(["method", "mode", "ablated", "evaluated", "n", "accuracy drop", "loss increase"],
-                                   rows, text_cols=4)
+    own = dose[dose["targeted_group"] == dose["evaluated_group"]]
+    table = (own.groupby(["method", "mode", "targeted_group", "dose", "is_random"], sort=True)
+             .agg(coverage=("target_coverage", "mean"), draws=("seed", "nunique"), in_band=("in_band", "mean"),
+                  drop=("drop", "mean"), loss_increase=("loss_increase", "mean")).reset_index())
+    rows = [[r.method, r.mode, r.targeted_group, str(r.dose), "random draws" if r.is_random else "targets",
+             r.coverage * 100, r.draws if r.is_random else "-", r.in_band if r.is_random else "-", r.drop,
+             r.loss_increase] for r in table.itertuples(index=False)]
+    return "".join(parts) + _table(["method", "mode", "targeted group", "dose", "ablated", "coverage %", "draws",
+                                    "in band", "accuracy drop", "loss increase"], rows, text_cols=5)
 
 
 def _render_generated(ctx: Context) -> str:
@@ -580,6 +608,7 @@ def _render_compare(ctx: Context) -> str:
 def _render_targets(ctx: Context) -> str:
     df = ctx.results
     real = df[~df["method"].str.startswith("random")]
+    draws = df[df["method"].str.startswith("random:")]
     cov = (real.groupby(["method", "targeted_group", "evaluated_group"], sort=True)["coverage"].mean()
            .reset_index())
     rows = []
@@ -595,14 +624,29 @@ def _render_targets(ctx: Context) -> str:
                 from engine.targets import Targets
 
                 n_rules = sum(Targets.load(path, kind=method).n_rules().values())
+        mine = draws[(draws["method"] == f"random:{method}") & (draws["targeted_group"] == target)
+                     & (draws["evaluated_group"] == target)]
+        spread = (f"{mine['coverage'].mean() * 100:.1f} ({mine['coverage'].min() * 100:.1f}-"
+                  f"{mine['coverage'].max() * 100:.1f})" if len(mine) else "-")
+        in_band = f"{int(mine['in_band'].astype(bool).sum())}/{len(mine)}" if len(mine) and "in_band" in mine else "-"
         rows.append([method, target, n_rules, float(on.mean()) * 100 if len(on) else float("nan"),
-                     float(off.mean()) * 100 if len(off) else float("nan")])
+                     float(off.mean()) * 100 if len(off) else float("nan"), spread, in_band])
+    band = ""
+    if ctx.has("summary.json"):
+        lo, hi = json.loads((ctx.run_dir / "summary.json").read_text()).get("coverage_band", [None, None])
+        if lo is not None:
+            band = f" (the band: {lo:.2f}x to {hi:.2f}x the targets' coverage)"
     return (_note("The routes chosen for each targeted group (seed 000's rule: a route's share of the group's "
                   "samples >= the group's share x threshold) and how much of each group's routing they cover: "
-                  "own = the targeted group's items that are targeted, others = mean over the other groups.")
-            + _img(figures.coverage(df), "coverage of each group's routes by its targets")
-            + _table(["method", "targeted group", "rules", "own coverage %", "others' coverage %"], rows,
-                     text_cols=2))
+                  "own = the targeted group's routes that are targeted, others = mean over the other groups; "
+                  "beside them the random draws' coverage of the targeted group's routes (mean, min-max) and how "
+                  f"many draws fell inside the matching band{band}. Draws can only use routes no group's targets "
+                  "use, so when the targets take most of a group's traffic no draw can match it: the comparison "
+                  "with random is then one of fewer routes, which the dose-response section puts side by side "
+                  "at equal coverage.")
+            + _img(figures.coverage(df), "coverage of each group's routes by its targets and by the random draws")
+            + _table(["method", "targeted group", "rules", "own coverage %", "others' coverage %",
+                      "random draws' coverage % (min-max)", "draws in band"], rows, text_cols=2))
 
 
 def _render_decisiveness(ctx: Context) -> str:

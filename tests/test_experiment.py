@@ -1,111 +1,211 @@
 """The ablation experiment runner on a tiny random model, and its summary arithmetic."""
 
+import json
+import warnings
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from engine.aggregate import load_counts
-from engine.demo.data import build_tokenizer, make_questions
-from engine.evaluate import multiple_choice_accuracy
-from engine.experiment import random_like, run_experiment, summarize
 from engine import metrics
+from engine.aggregate import coverage, load_counts
+from engine.demo.data import build_tokenizer, make_questions, make_texts
+from engine.errors import MoetraceError
+from engine.evaluate import multiple_choice_accuracy
+from engine.experiment import COVERAGE_BAND, RouteTable, matched_random, run_experiment, summarize
 from engine.intervene import intervene
+from engine.significance import holm
+from engine.store import TraceStore
 from engine.targets import Targets
 from tiny_models import tiny_model
+
+N_RANDOM = 3
+
+
+def _data(seed: int, n: int = 3):
+    questions = make_questions(n_per_group=n, seed=seed)
+    texts = make_texts(2, seed=seed, statements_per_text=2)
+    select = make_texts(4, seed=seed, statements_per_text=2, stream="select", exclude=texts)
+    return questions, texts, select
+
+
+def _tiny(seed: int = 0, **config):
+    """(a tiny random OLMoE over the demo vocabulary, the demo tokenizer)."""
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    return tiny_model("olmoe", vocab_size=len(tok), **config), tok
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    model = tiny_model("olmoe", vocab_size=len(tok))
-    questions = make_questions(n_per_group=3, seed=1)
+    model, tok = _tiny()
+    questions, texts, select = _data(1)
     out = tmp_path_factory.mktemp("exp")
-    table = run_experiment(model, tok, questions, out, methods=("experts", "paths"), n_random=2,
-                           thresholds={"experts": 2.0}, progress=False)
-    return model, tok, questions, out, table
+    table = run_experiment(model, tok, questions, out, texts=texts, select_texts=select, methods=("experts", "paths"),
+                           n_random=N_RANDOM, thresholds={"experts": 1.5, "paths": 2.0}, progress=False)
+    return model, tok, questions, texts, select, out, table
 
 
-def test_table_has_a_row_per_method_target_evaluated_and_seed(run):
-    model, tok, questions, out, table = run
+def test_table_has_a_row_per_target_and_evaluated_group_and_per_draw(run):
+    model, tok, questions, texts, select, out, table = run
     groups = sorted({q["domain"] for q in questions})
-    n = len(table["method"])
-    assert n == 2 * len(groups) * (1 + 2) * len(groups)
-    assert set(table["method"]) == {"experts", "paths", "random:experts", "random:paths"}
+    method = table["method"]
+    real = np.isin(method, ["experts", "paths"])
+    with_items = real & (table["n_items"] > 0)
+    # every targeted ablation is evaluated on every group; each draw on its targeted group only
+    targeted_with_items = {(m, t) for m, t in zip(method[with_items], table["targeted_group"][with_items])}
+    assert with_items.sum() == len(targeted_with_items) * len(groups)
+    draws = ~real
+    assert (table["targeted_group"][draws] == table["evaluated_group"][draws]).all()
+    for m, t in targeted_with_items:
+        seeds = table["seed"][(method == f"random:{m}") & (table["targeted_group"] == t)]
+        assert sorted(seeds.tolist()) == list(range(len(seeds))) and 1 <= len(seeds) <= N_RANDOM
+    assert set(table["scoring"]) == {"answer"}
     header = (out / "results.csv").read_text().splitlines()[0]
-    for col in ("method", "targeted_group", "evaluated_group", "base_accuracy", "ablated_accuracy"):
+    for col in ("method", "targeted_group", "evaluated_group", "base_accuracy", "ablated_accuracy", "in_band",
+                "target_coverage", "answer_loss_increase", "other_loss_increase", "drop_p_holm", "scoring"):
         assert f'"{col}"' in header
-    np.testing.assert_allclose(table["drop"], table["base_accuracy"] - table["ablated_accuracy"])
+    ok = ~np.isnan(table["drop"].astype(float))
+    np.testing.assert_allclose(table["drop"][ok], (table["base_accuracy"] - table["ablated_accuracy"])[ok])
 
 
 def test_base_and_ablated_accuracy_equal_direct_evaluations(run):
-    model, tok, questions, out, table = run
+    model, tok, questions, texts, select, out, table = run
     base = multiple_choice_accuracy(model, tok, questions, by=("domain",), progress=False).by_group()
     for g, acc in base.items():
         assert set(table["base_accuracy"][table["evaluated_group"] == g[0]]) == {acc}
-    # One real ablation, re-run by hand from the saved seed-000 JSON.
-    group = sorted(base)[0][0]
+    rows = (table["method"] == "experts") & (table["n_items"] > 0)
+    group = table["targeted_group"][rows][0]
     targets = Targets.load(out / "targets" / f"{group}_experts.json", kind="experts")
     with intervene(model, targets):
         ablated = multiple_choice_accuracy(model, tok, questions, by=("domain",), progress=False).by_group()
-    rows = (table["method"] == "experts") & (table["targeted_group"] == group)
+    rows &= table["targeted_group"] == group
     for evaluated, acc in zip(table["evaluated_group"][rows], table["ablated_accuracy"][rows]):
         assert acc == ablated[(evaluated,)]
 
 
-def test_random_control_matches_the_targets_size_per_layer(run):
-    _, _, _, out, _ = run
+def test_targets_come_from_the_held_out_texts(run):
+    """trace.zarr holds the routing of the selection texts (one sequence each), not of the evaluated
+    items; the summary says so; a selection text that is also evaluated is refused."""
+    model, tok, questions, texts, select, out, _ = run
+    store = TraceStore.open(out / "trace.zarr")
+    assert store.info()["sequences"] == len(select)
+    lengths = [len(tok(t["text"])["input_ids"]) for t in select]
+    assert len(store) == sum(lengths)
+    assert "held-out" in json.loads((out / "summary.json").read_text())["selection"]
+    with pytest.raises(MoetraceError, match="select_texts: text 0 is also an evaluated item"):
+        run_experiment(model, tok, questions, out / "bad", texts=texts, select_texts=[texts[0]], n_random=1,
+                       methods=("experts",), progress=False)
+
+
+def test_without_held_out_texts_the_experiment_warns(tmp_path):
+    model, tok = _tiny()
+    questions, _, _ = _data(2, n=2)
+    with pytest.warns(UserWarning, match="select_texts not given"):
+        run_experiment(model, tok, questions, tmp_path, methods=("experts",), n_random=1,
+                       thresholds={"experts": 1.5}, progress=False)
+    assert "not held out" in json.loads((tmp_path / "summary.json").read_text())["selection"]
+
+
+@pytest.mark.parametrize("method", ["experts", "paths"])
+def test_route_table_coverage_equals_the_store_pass(run, method):
+    """RouteTable.coverage_of (from counts.zarr) equals engine.aggregate.coverage over trace.zarr."""
+    _, _, _, _, _, out, _ = run
     counts = load_counts(out / "counts.zarr")
-    group = {"domain": str(counts["domain"].values[0])}
-    sel = metrics.specialized(counts, "experts", group, threshold=2.0)
-    rand = random_like(sel, counts, "experts", seed=5)
-    for layer in set(sel.layer.tolist()):
-        assert len(rand.experts[layer]) == int(np.sum(sel.layer == layer))
-        top1 = counts["experts"].sel(rank=0, layer=layer).sum("domain").values
-        assert all(top1[e] > 0 for e in rand.experts[layer])
+    routes = RouteTable(counts, method)
+    for group in routes.groups:
+        sel = metrics.specialized(counts, method, {"domain": group}, threshold=1.0)
+        if not len(sel):
+            continue
+        cov = coverage(out / "trace.zarr", Targets.from_specialized(method, sel), by=["domain"], kind=method,
+                       skip_shared_prefix=True, progress=False)
+        for other in routes.groups:
+            assert routes.coverage_of(other, sel.layer, sel.items) == pytest.approx(
+                float(cov["prop_targeted"].sel(domain=other)), rel=1e-12)
 
 
-def test_summarize_by_hand():
-    table = {
-        "method": np.array(["paths"] * 4 + ["random:paths"] * 4),
-        "targeted_group": np.array(["a", "a", "b", "b"] * 2),
-        "evaluated_group": np.array(["a", "b", "a", "b"] * 2),
-        "drop": np.array([0.4, 0.1, 0.0, 0.2, 0.1, 0.0, 0.0, 0.1]),
-        "loss_increase": np.array([1.0, 0.2, np.nan, 0.6, 0.4, 0.1, 0.3, 0.0]),
-    }
-    s = summarize(table)["paths"]
-    assert s["targeted_drop"] == pytest.approx((0.4 + 0.2) / 2)
-    assert s["off_target_drop"] == pytest.approx((0.1 + 0.0) / 2)
-    assert s["random_drop"] == pytest.approx((0.1 + 0.1) / 2)
-    assert s["selectivity"] == pytest.approx(6.0)
-    assert s["vs_random"] == pytest.approx(3.0)
-    # loss: targeted (1.0 + 0.6) / 2, off-target 0.2 (group b's off-target row is NaN: left out)
-    assert s["targeted_loss_increase"] == pytest.approx(0.8)
-    assert s["off_target_loss_increase"] == pytest.approx(0.2)
-    assert s["random_loss_increase"] == pytest.approx(0.2)
-    assert s["loss_selectivity"] == pytest.approx(4.0)
-    assert s["loss_vs_random"] == pytest.approx(4.0)
+def test_matched_draws_exclude_every_groups_targets_and_match_coverage(run):
+    _, _, _, _, _, out, _ = run
+    counts = load_counts(out / "counts.zarr")
+    routes = RouteTable(counts, "experts")
+    selections = {g: metrics.specialized(counts, "experts", {"domain": g}, threshold=1.5) for g in routes.groups}
+    exclude = {(int(layer), int(item[0])) for s in selections.values() for layer, item in zip(s.layer, s.items)}
+    group = next(g for g, s in selections.items() if len(s))
+    sel = selections[group]
+    target_cov = routes.coverage_of(group, sel.layer, sel.items)
+    draws = matched_random(sel, routes, group, exclude, 30, [0], band=COVERAGE_BAND)
+    assert 1 <= len(draws) <= 30
+    # distinct sets of routes
+    assert len({json.dumps(d.targets.to_dict(), sort_keys=True) for d in draws}) == len(draws)
+    top1 = counts["experts"].sel(rank=0).sum("domain")
+    for d in draws:
+        for layer, experts in d.targets.experts.items():
+            available = sum(1 for e in range(counts.sizes["expert"])
+                            if float(top1.sel(layer=layer, expert=e)) > 0 and (layer, e) not in exclude)
+            assert len(experts) == min(int(np.sum(sel.layer == layer)), available)
+            assert not {(layer, e) for e in experts} & exclude
+            assert all(float(top1.sel(layer=layer, expert=e)) > 0 for e in experts)  # real routes only
+        layer_ids = np.concatenate([[l] * len(v) for l, v in d.targets.experts.items()]).astype(np.int64)
+        items = np.concatenate([sorted(v) for v in d.targets.experts.values()]).reshape(-1, 1)
+        assert d.coverage == pytest.approx(routes.coverage_of(group, layer_ids, items))
+        inside = target_cov / COVERAGE_BAND - 1e-12 <= d.coverage <= target_cov * COVERAGE_BAND + 1e-12
+        assert d.in_band == inside
+    # in-band draws come first; out-of-band ones only when too few are in band
+    flags = [d.in_band for d in draws]
+    assert flags == sorted(flags, reverse=True)
 
 
-def test_every_effect_carries_a_paired_interval_and_p_value(run):
-    """results.csv's new columns equal a paired test recomputed from items.csv by hand."""
-    import json
+def test_summary_tests_are_recomputed_from_items_csv(run):
+    """summary.json's draw test per group equals the rank formula on items.csv by hand; every
+    targeted_minus_random carries n_random; the primary tests' Holm values are holm() of theirs."""
+    _, _, _, _, _, out, _ = run
+    summary = json.loads((out / "summary.json").read_text())
+    items = pd.read_csv(out / "items.csv", dtype={"method": str, "targeted_group": str, "evaluated_group": str})
+    for method in ("experts", "paths"):
+        for measure, entry in summary[method].items():
+            assert "n_random" in entry["targeted_minus_random"]
+            kind = {"drop": "question", "loss_increase": "text", "answer_loss_increase": "text_answer",
+                    "other_loss_increase": "text_other"}[measure]
+            for group, test in entry["per_group"].items():
+                n_draws = len(set(table_seeds(out, method, group)))
+                sub = items[(items["kind"] == kind) & (items["targeted_group"] == group)
+                            & (items["evaluated_group"] == group)]
+                sign = 1 if kind == "question" else -1
+                w = sub[sub["method"] == method]["weight"].to_numpy()
 
-    import pandas as pd
+                def effect(frame):
+                    return float(np.sum(sign * (frame["base"] - frame["ablated"]).to_numpy() * w) / w.sum())
+
+                t = effect(sub[sub["method"] == method].sort_values("item"))
+                r = [effect(d.sort_values("item")) for _, d in sub[sub["method"] == f"random:{method}"].groupby("seed")]
+                assert test["n_random"] == len(r) == n_draws
+                assert test["p_value"] == pytest.approx((1 + sum(x >= t - 1e-12 for x in r)) / (len(r) + 1))
+                assert test["estimate"] == pytest.approx(t - np.mean(r))
+    primary = summary["primary_tests"]
+    assert {(p["method"], p["measure"]) for p in primary} <= {(m, x) for m in ("experts", "paths")
+                                                               for x in ("drop", "loss_increase")}
+    np.testing.assert_allclose([p["p_holm"] for p in primary], holm([p["p_value"] for p in primary]))
+
+
+def table_seeds(out, method, group) -> list[int]:
+    results = pd.read_csv(out / "results.csv", dtype={"method": str, "targeted_group": str})
+    return results[(results["method"] == f"random:{method}") & (results["targeted_group"] == group)]["seed"].tolist()
+
+
+def test_results_intervals_equal_a_paired_test_recomputed_from_items(run):
     import scipy.stats
 
-    _, _, questions, out, table = run
-    results = pd.read_csv(out / "results.csv")
-    for col in ("n_questions", "drop_ci_low", "drop_ci_high", "drop_p_value"):
-        assert col in results.columns
-    ok = results["drop"].notna()
+    _, _, questions, _, _, out, _ = run
+    results = pd.read_csv(out / "results.csv", dtype={"method": str, "targeted_group": str, "evaluated_group": str})
+    ok = results["drop_p_value"].notna()
+    assert ok.any()
     assert (results.loc[ok, "drop_ci_low"] <= results.loc[ok, "drop"] + 1e-12).all()
     assert (results.loc[ok, "drop"] <= results.loc[ok, "drop_ci_high"] + 1e-12).all()
-    assert results.loc[ok, "drop_p_value"].between(0, 1).all()
+    np.testing.assert_allclose(results["drop_p_holm"], holm(results["drop_p_value"]))
     n_per_group = pd.Series([q["domain"] for q in questions]).value_counts()
     assert (results["n_questions"] == results["evaluated_group"].map(n_per_group)).all()
-
-    items = pd.read_csv(out / "items.csv")
+    items = pd.read_csv(out / "items.csv", dtype={"method": str, "targeted_group": str, "evaluated_group": str})
     row = results[ok].iloc[0]
     cell = items[(items["kind"] == "question") & (items["method"] == row["method"])
                  & (items["targeted_group"] == row["targeted_group"])
@@ -117,31 +217,74 @@ def test_every_effect_carries_a_paired_interval_and_p_value(run):
     expected_p = 1.0 if gained + lost == 0 else scipy.stats.binomtest(gained, gained + lost, 0.5).pvalue
     assert row["drop_p_value"] == pytest.approx(expected_p)
 
-    summary = json.loads((out / "summary.json").read_text())
-    for method in ("experts", "paths"):
-        iv = summary[method]["intervals"]["drop"]
-        assert iv["targeted"]["estimate"] == pytest.approx(summary[method]["targeted_drop"])
-        assert iv["random"]["estimate"] == pytest.approx(summary[method]["random_drop"])
-        for key in ("targeted", "off_target", "random", "targeted_minus_random"):
-            assert {"ci_low", "ci_high", "p_value"} <= set(iv[key])
-        for key in ("selectivity", "vs_random"):
-            value = summary[method][key]
-            assert value is None or not np.isinf(value)  # undefined ratios are NaN, never inf
-            assert iv[key]["defined"] == (value == value)
 
-
-def test_summary_lines_show_intervals_and_never_inf(run):
-    import json
-
+def test_a_group_at_chance_is_not_testable_on_accuracy(run):
+    """The random tiny model answers at about chance: base.csv marks every group not testable, and
+    the accuracy headline averages over none of them (n/a, never an effect of 0)."""
     from engine.experiment import summary_lines
 
-    _, _, _, out, _ = run
+    _, _, _, _, _, out, _ = run
+    base = pd.read_csv(out / "base.csv", dtype={"group": str})
+    assert set(base.columns) >= {"base_accuracy", "chance", "blind_accuracy", "testable", "base_ci_low"}
+    assert (base["chance"] == 0.25).all()
+    assert not base["testable"].any()
     summary = json.loads((out / "summary.json").read_text())
-    summary.pop("base_accuracy")
+    assert summary["experts"]["drop"]["groups"] == []
+    assert sorted(summary["experts"]["drop"]["not_testable"]) == sorted(base["group"])
     lines = summary_lines(summary)
-    assert len(lines) == 1 + 2  # header + one accuracy line per method (no texts in this run)
+    assert any(line.startswith("experts  accuracy drop") and "n/a" in line for line in lines)
+    assert "not testable on accuracy" in lines[-1]
     assert all("inf" not in line for line in lines)
-    assert all("[" in line for line in lines[1:])  # every effect with its interval
+
+
+def test_testable_needs_the_interval_above_chance_and_the_blind_baseline():
+    from engine.experiment import _base_rows
+
+    ones = np.ones(200)
+    base = {"question": {"a": (np.arange(200), np.r_[np.ones(80), np.zeros(120)], ones),  # 0.40
+                         "b": (np.arange(200), np.r_[np.ones(160), np.zeros(40)], ones),  # 0.80
+                         "c": (np.arange(200), np.r_[np.ones(58), np.zeros(142)], ones)}}  # 0.29: CI holds 0.25
+    blind = {"a": np.r_[np.ones(90), np.zeros(110)].astype(bool),  # blind 0.45 > base: not testable
+             "b": np.zeros(200, dtype=bool), "c": np.zeros(200, dtype=bool)}
+    rows = {r["group"]: r for r in _base_rows(base, blind, "answer")}
+    assert [rows[g]["testable"] for g in "abc"] == [False, True, False]
+    assert rows["b"]["base_ci_low"] == pytest.approx(0.7378, abs=1e-3)  # Clopper-Pearson, 160/200
+
+
+def test_summarize_by_hand():
+    table = {
+        "method": np.array(["paths"] * 4 + ["random:paths"] * 4),
+        "targeted_group": np.array(["a", "a", "b", "b", "a", "a", "b", "b"]),
+        "evaluated_group": np.array(["a", "b", "a", "b", "a", "a", "b", "b"]),
+        "seed": np.array([-1, -1, -1, -1, 0, 1, 0, 1]),
+        "drop": np.array([0.4, 0.1, 0.0, 0.2, 0.1, 0.0, 0.0, 0.1]),
+        "loss_increase": np.array([1.0, 0.2, np.nan, 0.6, 0.4, 0.1, 0.3, 0.0]),
+    }
+    s = summarize(table)["paths"]
+    assert s["drop"]["targeted"]["estimate"] == pytest.approx((0.4 + 0.2) / 2)
+    assert s["drop"]["off_target"]["estimate"] == pytest.approx((0.1 + 0.0) / 2)
+    assert s["drop"]["random"]["estimate"] == pytest.approx((0.05 + 0.05) / 2)
+    assert s["drop"]["selectivity"]["estimate"] == pytest.approx(6.0)
+    assert s["drop"]["targeted_minus_random"] == {"estimate": pytest.approx(0.25), "n_random": 2}
+    # loss: targeted (1.0 + 0.6) / 2, off-target 0.2 (group b's off-target row is NaN: left out)
+    assert s["loss_increase"]["targeted"]["estimate"] == pytest.approx(0.8)
+    assert s["loss_increase"]["off_target"]["estimate"] == pytest.approx(0.2)
+    assert s["loss_increase"]["random"]["estimate"] == pytest.approx((0.25 + 0.15) / 2)
+    # accuracy of an untestable group is left out
+    only_b = summarize(table, testable={"b"})["paths"]["drop"]
+    assert only_b["groups"] == ["b"] and only_b["not_testable"] == ["a"]
+    assert only_b["targeted"]["estimate"] == pytest.approx(0.2)
+
+
+def test_nothing_to_ablate_is_reported_as_no_targets_not_as_zero(tmp_path):
+    model, tok = _tiny()
+    questions, texts, select = _data(3, n=2)
+    with pytest.warns(UserWarning, match="nothing to ablate, no effect reported"):
+        table = run_experiment(model, tok, questions, tmp_path, select_texts=select, methods=("experts",),
+                               n_random=1, thresholds={"experts": 5.0}, progress=False)
+    assert (table["n_items"] == 0).all()
+    assert np.isnan(table["drop"].astype(float)).all()
+    assert "random:experts" not in set(table["method"])
 
 
 def test_dose_ladder_takes_the_most_specialized_items_first():
@@ -166,56 +309,51 @@ def test_dose_ladder_takes_the_most_specialized_items_first():
 
 
 def test_dose_response_table(tmp_path):
-    """dose_response.csv: every dose, mode, control, and the largest real dose equals the full
-    ablation of results.csv (the same targets)."""
-    import pandas as pd
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    model = tiny_model("olmoe", vocab_size=len(tok))
-    questions = make_questions(n_per_group=2, seed=3)
-    run_experiment(model, tok, questions, tmp_path, methods=("experts",), n_random=1,
-                   thresholds={"experts": 1.5}, doses=[1, 2, "all"], modes=("reroute", "zero"), progress=False)
-    dose = pd.read_csv(tmp_path / "dose_response.csv")
-    for col in ("method", "mode", "targeted_group", "evaluated_group", "n_ablated", "is_random", "accuracy", "loss"):
+    """dose_response.csv: every dose and mode, the targets' coverage of the targeted group (the x axis),
+    matched draws evaluated on the targeted group, and the largest real dose equals the full ablation."""
+    model, tok = _tiny()
+    questions, texts, select = _data(3, n=2)
+    run_experiment(model, tok, questions, tmp_path, select_texts=select, methods=("experts",), n_random=2,
+                   thresholds={"experts": 1.5}, doses=[1, 2, "all"], modes=("reroute", "zero"), dose_random=2,
+                   progress=False)
+    dose = pd.read_csv(tmp_path / "dose_response.csv", dtype={"dose": str, "targeted_group": str,
+                                                               "evaluated_group": str})
+    for col in ("target_coverage", "in_band", "coverage", "accuracy", "loss"):
         assert col in dose.columns
-    # the requested step each row answers: "all" is each group's own n
     for targeted, rows in dose.groupby("targeted_group"):
-        n_all = rows.loc[rows["dose"].astype(str) == "all", "n_ablated"]
+        n_all = rows.loc[rows["dose"] == "all", "n_ablated"]
         assert len(n_all) and (n_all == rows["n_ablated"].max()).all()
-        numbered = rows[rows["dose"].astype(str) != "all"]
+        numbered = rows[rows["dose"] != "all"]
         assert (numbered["dose"].astype(int) == numbered["n_ablated"]).all()
+        own = rows[~rows["is_random"] & (rows["evaluated_group"] == targeted)]
+        assert (own["coverage"] == own["target_coverage"]).all()
+    randoms = dose[dose["is_random"]]
+    assert (randoms["targeted_group"] == randoms["evaluated_group"]).all()
     assert set(dose["mode"]) == {"reroute", "zero"}
-    assert set(dose["is_random"]) == {True, False}
-    results = pd.read_csv(tmp_path / "results.csv")
+    results = pd.read_csv(tmp_path / "results.csv", dtype={"targeted_group": str, "evaluated_group": str})
     for targeted, rows in dose[(dose["mode"] == "reroute") & ~dose["is_random"]].groupby("targeted_group"):
         full = rows[rows["n_ablated"] == rows["n_ablated"].max()]
         ref = results[(results["method"] == "experts") & (results["targeted_group"] == targeted)]
         merged = full.merge(ref, on="evaluated_group")
         np.testing.assert_allclose(merged["accuracy"], merged["ablated_accuracy"])
-        n_items = int(ref["n_items"].iloc[0])
-        assert rows["n_ablated"].max() == n_items
 
 
 def test_report_shows_dose_response_and_intervals(tmp_path):
-    """A run directory with dose_response.csv and items.csv: the report has the dose-response section
-    (one curve figure per measure) and the per-method table carries intervals."""
     import re
 
     from engine.report import write_report
 
-    torch.manual_seed(1)
-    tok = build_tokenizer()
-    model = tiny_model("olmoe", vocab_size=len(tok))
-    questions = make_questions(n_per_group=2, seed=4)
-    run_experiment(model, tok, questions, tmp_path, methods=("experts",), n_random=1,
-                   thresholds={"experts": 1.5}, doses=[1, "all"], progress=False)
+    model, tok = _tiny(1)
+    questions, texts, select = _data(4, n=2)
+    run_experiment(model, tok, questions, tmp_path, texts=texts, select_texts=select, methods=("experts",),
+                   n_random=2, thresholds={"experts": 1.5}, doses=[1, "all"], progress=False)
     html = write_report(tmp_path, tmp_path / "report.html").read_text()
     assert '<section id="dose-response">' in html
-    dose_section = html.split('<section id="dose-response">', 1)[1].split("</section>", 1)[0]
-    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', dose_section)) == 1  # accuracy only: no texts
     experiment = html.split('<section id="experiment">', 1)[1].split("</section>", 1)[0]
     assert "targeted - random" in experiment and re.search(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", experiment)
+    assert "not testable" in experiment and "answer-blind" in experiment
+    targets = html.split('<section id="targets">', 1)[1].split("</section>", 1)[0]
+    assert "random draws" in targets
 
 
 def _forward_counter(model):
@@ -225,42 +363,30 @@ def _forward_counter(model):
 
 
 def test_an_ablation_already_evaluated_is_not_evaluated_again(tmp_path):
-    """The dose "all" is the main experiment's ablation and its random control the same draw: asking
-    for it adds dose_response.csv rows but no forward pass."""
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    model = tiny_model("olmoe", vocab_size=len(tok))
-    questions = make_questions(n_per_group=2, seed=3)
+    """The dose "all" is the main experiment's ablation and its draws the main draws: asking for it
+    adds dose_response.csv rows but no forward pass."""
+    model, tok = _tiny()
+    questions, texts, select = _data(3, n=2)
     passes = {}
     for name, doses in (("plain", None), ("all", ["all"])):
         calls, handle = _forward_counter(model)
-        table = run_experiment(model, tok, questions, tmp_path / name, methods=("experts",), n_random=2,
-                               thresholds={"experts": 1.5}, doses=doses, dose_random=1, progress=False)
+        run_experiment(model, tok, questions, tmp_path / name, select_texts=select, methods=("experts",), n_random=2,
+                       thresholds={"experts": 1.5}, doses=doses, dose_random=1, progress=False)
         handle.remove()
         passes[name] = len(calls)
     assert passes["all"] == passes["plain"] > 0
-    import pandas as pd
-
     dose = pd.read_csv(tmp_path / "all" / "dose_response.csv")
-    assert set(dose.loc[dose["is_random"], "seed"]) == {0}  # dose_random=1: one control draw per step
-    evaluated = np.asarray(table["ablated_accuracy"], dtype=float)
-    assert np.isfinite(evaluated).all()
+    assert set(dose.loc[dose["is_random"], "seed"]) == {0}  # dose_random=1: one draw per step
 
 
 def test_top1_model_runs_without_pairs_and_refuses_them(tmp_path):
-    """A top-1 model has no expert pairs: the experiment runs its other methods (and leaves the pairs
-    statistic out of counts.zarr); asking for pairs is a clear error, not a crash in the counter."""
-    from engine.errors import MoetraceError
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    model = tiny_model("olmoe", vocab_size=len(tok), num_experts_per_tok=1)
-    questions = make_questions(n_per_group=2, seed=5)
-    table = run_experiment(model, tok, questions, tmp_path / "ok", methods=("experts", "paths"), n_random=1,
-                           thresholds={"experts": 1.5}, progress=False)
+    model, tok = _tiny(num_experts_per_tok=1)
+    questions, texts, select = _data(5, n=2)
+    table = run_experiment(model, tok, questions, tmp_path / "ok", select_texts=select, methods=("experts", "paths"),
+                           n_random=1, thresholds={"experts": 1.5}, progress=False)
     assert {"experts", "paths"} <= set(table["method"].tolist())
     counts = load_counts(tmp_path / "ok" / "counts.zarr")
     assert "experts" in counts and "pairs" not in counts
     with pytest.raises(MoetraceError, match="methods: pairs needs a model with top_k >= 2"):
-        run_experiment(model, tok, questions, tmp_path / "bad", methods=("experts", "pairs"), n_random=1,
-                       progress=False)
+        run_experiment(model, tok, questions, tmp_path / "bad", select_texts=select, methods=("experts", "pairs"),
+                       n_random=1, progress=False)

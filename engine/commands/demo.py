@@ -4,11 +4,14 @@ from __future__ import annotations
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="train/load the demo MoE model, run the ablation experiment, "
+    p = subparsers.add_parser("demo", help="load the shipped demo MoE model, run the ablation experiment, "
                                            "write DIR/report.html and DIR/results.csv")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--random", type=int, default=None,
-                   help="random-control seeds per target (default: engine.demo.run.DEMO_RANDOM)")
+                   help="matched random draws per target (default: engine.demo.run.DEMO_RANDOM, 20)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the demo model again (about 5 min on one core) instead of loading the shipped "
+                        "weights, and report whether the new weights' SHA-256 matches the shipped one")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -16,5 +19,6 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from engine.demo.run import DEMO_RANDOM, run_demo
 
-    run_demo(args.out, n_random=DEMO_RANDOM if args.random is None else args.random, progress=not args.quiet)
+    run_demo(args.out, n_random=DEMO_RANDOM if args.random is None else args.random, retrain=args.retrain,
+             progress=not args.quiet)
     return 0

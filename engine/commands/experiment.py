@@ -9,18 +9,34 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "experiment", help="evaluate, capture, find each group's specialized routes, ablate them, compare",
-        description="Base multiple-choice evaluation with capture -> counts -> for every group and method "
-                    "the specialized targets -> evaluation of every group under each ablation, plus random "
-                    "controls. Writes OUT_DIR/results.csv, summary.json, trace.zarr, counts.zarr, targets/.")
+        description="Base multiple-choice evaluation (answer scoring by default) with chance and answer-blind "
+                    "baselines -> routing of held-out texts (--select) captured and counted -> for every group "
+                    "and method the specialized targets -> evaluation of every group under each ablation, plus "
+                    "coverage-matched random draws on the targeted group -> targeted-vs-random tests over draws "
+                    "(Holm over the primary tests). Writes OUT_DIR/results.csv, items.csv, base.csv, "
+                    "summary.json, trace.zarr, counts.zarr, targets/.")
     p.add_argument("out", help="output directory")
     p.add_argument("--model", required=True, help="local transformers checkpoint directory (with its tokenizer)")
     p.add_argument("--data", required=True, help="questions in MMLU format (CSV or JSONL: question,A,B,C,D,answer,"
                                                  "domain,lang)")
-    p.add_argument("--texts", default=None, help="optional JSONL/CSV of {text, domain, lang} for per-group loss")
+    p.add_argument("--texts", default=None, help="optional JSONL of {text, domain, lang[, answer_spans]} for per-group "
+                                                  "loss (answer_spans: [start, end) character offsets of the answers, "
+                                                  "to report their loss apart)")
+    p.add_argument("--select", default=None,
+                   help="JSONL of held-out {text, domain, lang} (none equal to an evaluated item) whose routing "
+                        "selects the targets; without it the evaluated questions' contexts are used, with a warning")
+    p.add_argument("--scoring", choices=("answer", "letter"), default="answer",
+                   help="answer: each option's answer text scored by its summed log-likelihood after the question "
+                        "(or the question's context column); letter: the logit of the answer letter (default answer)")
     p.add_argument("--by", default="domain", help="labels that define a group (default: domain)")
     p.add_argument("--labels", default="domain,lang", help="label columns captured into the trace")
     p.add_argument("--methods", default="paths,experts,pairs")
-    p.add_argument("--random", type=int, default=3, help="random-control seeds per target (default 3)")
+    p.add_argument("--random", type=int, default=20,
+                   help="random draws per target, matched on the targeted group's traffic; the p-value of "
+                        "targeted vs random is a rank among them, so it cannot go below 1/(N+1) per group (default 20)")
+    p.add_argument("--band", type=float, default=None,
+                   help="a draw matches when its coverage of the targeted group's routes is within this factor of "
+                        "the targets' (default engine.experiment.COVERAGE_BAND, 1.25)")
     p.add_argument("--doses", default=None,
                    help="dose-response: ablate the n most specialized items for each n, e.g. 1,2,4,8,all "
                         "(and n random real routes as control); writes OUT_DIR/dose_response.csv")
@@ -37,7 +53,8 @@ def run(args) -> int:
 
     from engine.errors import MoetraceError
     from engine.evaluate import load_questions, load_texts
-    from engine.experiment import run_experiment, summary_lines
+    from engine.demo.run import base_lines
+    from engine.experiment import COVERAGE_BAND, run_experiment, summary_lines
 
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -46,14 +63,18 @@ def run(args) -> int:
         raise MoetraceError(f"--model {args.model}: cannot load a transformers checkpoint and tokenizer ({exc})") from None
     questions = load_questions(args.data)
     texts = load_texts(args.texts) if args.texts else None
-    run_experiment(model, tokenizer, questions, args.out, texts=texts,
-                           methods=[m for m in args.methods.split(",") if m],
-                           by=[b for b in args.by.split(",") if b], labels=[x for x in args.labels.split(",") if x],
-                           n_random=args.random, seed=args.seed, batch_size=args.batch_size,
-                           doses=args.doses, modes=[m for m in args.modes.split(",") if m],
-                           progress=not args.quiet)
+    select = load_texts(args.select) if args.select else None
+    run_experiment(model, tokenizer, questions, args.out, texts=texts, select_texts=select, scoring=args.scoring,
+                   band=COVERAGE_BAND if args.band is None else args.band,
+                   methods=[m for m in args.methods.split(",") if m],
+                   by=[b for b in args.by.split(",") if b], labels=[x for x in args.labels.split(",") if x],
+                   n_random=args.random, seed=args.seed, batch_size=args.batch_size,
+                   doses=args.doses, modes=[m for m in args.modes.split(",") if m],
+                   progress=not args.quiet)
+
     summary = json.loads((Path(args.out) / "summary.json").read_text())
-    summary.pop("base_accuracy", None)
+    print("\n".join(base_lines(summary["base"])))
     print("\n".join(summary_lines(summary)))
-    print(f"wrote {args.out}/results.csv, items.csv (per-item outcomes) and summary.json (with 95% intervals)")
+    print(f"wrote {args.out}/results.csv, items.csv (per-item outcomes), base.csv and summary.json (with 95% "
+          "intervals and the primary tests)")
     return 0
