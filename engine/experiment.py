@@ -195,7 +195,11 @@ def matched_random(selection: metrics.Selection, routes: RouteTable, group: str,
         k = min(want, len(cand))
         if k == 0:
             continue
-        chosen = np.argsort(rng.random((n_candidates, len(cand))), axis=1)[:, :k]
+        # k of the layer's candidates per draw, uniformly without replacement (random keys, smallest
+        # k), in blocks of draws so a layer of many candidates (pairs of 128 experts) stays small
+        block = max(1, 2_000_000 // len(cand))
+        chosen = np.concatenate([np.argsort(rng.random((min(block, n_candidates - i), len(cand))), axis=1)[:, :k]
+                                 for i in range(0, n_candidates, block)])
         covered += c[(pos, *cand.T)][chosen].sum(axis=1)
         picks.append((int(layer), cand, chosen))
     if not picks:
@@ -688,7 +692,7 @@ def _measure_entry(df, item_df, method: str, measure: str, kind: str, testable: 
         others = [(e, *harm(cells[(method, g, e)])) for e in groups if e != g and (method, g, e) in cells]
         if others:
             off_blocks.append(others)
-        if (f"random:{method}", g, g) in cells:
+        if (f"random:{method}", g, g) in cells and w.sum() > 0:  # e.g. no answer tokens in the group's texts
             frame = cells[(f"random:{method}", g, g)]
             wide = frame.pivot(index="seed", columns="item", values="ablated").sort_index()
             base = frame.drop_duplicates("item").set_index("item")["base"].reindex(wide.columns).to_numpy()

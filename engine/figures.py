@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
 
 from engine import metrics
 

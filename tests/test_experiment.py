@@ -1,7 +1,6 @@
 """The ablation experiment runner on a tiny random model, and its summary arithmetic."""
 
 import json
-import warnings
 
 import numpy as np
 import pandas as pd

@@ -38,8 +38,8 @@ def add_parser(subparsers) -> None:
                    help="a draw matches when its coverage of the targeted group's routes is within this factor of "
                         "the targets' (default engine.experiment.COVERAGE_BAND, 1.25)")
     p.add_argument("--doses", default=None,
-                   help="dose-response: ablate the n most specialized items for each n, e.g. 1,2,4,8,all "
-                        "(and n random real routes as control); writes OUT_DIR/dose_response.csv")
+                   help="dose-response: ablate the n most specialized items for each n, e.g. 1,2,4,8,all, "
+                        "beside up to 5 random draws matched to their coverage; writes OUT_DIR/dose_response.csv")
     p.add_argument("--modes", default="reroute",
                    help="mask modes for the dose-response: reroute, zero or reroute,zero (default reroute)")
     p.add_argument("--batch-size", type=int, default=32)
