@@ -395,3 +395,110 @@ def test_megatron_layer_ids_and_label_fields(tmp_path):
 def test_every_format_is_registered_and_tested():
     tested = {cls.fmt for cls in RoutedContract.__subclasses__()}
     assert tested == set(FORMATS)
+
+
+# ------------------------------------------------------------------- dense layers, layer ids, fill rows
+def _sglang_line(rows: np.ndarray, rid: str) -> dict:
+    return {"output_ids": [9], "meta_info": {"id": rid, "prompt_tokens": len(rows), "completion_tokens": 1,
+                                             "routed_experts": _sglang_b64(rows)}}
+
+
+def test_sglang_dense_layers_are_dropped_not_counted_as_expert_0(tmp_path):
+    """SGLang's buffers span every decoder layer; a DeepSeek-style model's dense layer 0 stays all
+    zeros. It is dropped (layer ids 1, 2 of the source kept), so no token is counted K times on expert 0."""
+    from engine.aggregate import count
+
+    rng = np.random.default_rng(0)
+    moe = np.stack([rng.permutation(8)[:4] for _ in range(10 * 2)]).reshape(10, 2, 4)
+    rows = np.concatenate([np.zeros((10, 1, 4), np.int64), moe], axis=1)  # [T, 3 layers, top-4]
+    src = tmp_path / "g.jsonl"
+    src.write_text(json.dumps(_sglang_line(rows, "a")) + "\n")
+    store = import_routed(src, tmp_path / "o.zarr", format="sglang", top_k=4, progress=False)
+    assert store.layer_ids.tolist() == [1, 2]
+    np.testing.assert_array_equal(store.read(["experts"])["experts"], moe)
+    counts = count(store, stats=["experts"], progress=False)
+    assert int(counts["experts"].sum()) == 10 * 2 * 4
+    assert int(counts["experts"].sel(expert=0).sum()) == int((moe == 0).sum())
+
+
+def test_a_repeated_expert_id_outside_a_dense_layer_names_file_row_and_layer(tmp_path):
+    rows = np.array([[[1, 2], [3, 0]], [[2, 1], [0, 0]]])  # row 1, layer 1 repeats 0 (layer 1 is not all zeros)
+    src = tmp_path / "g.jsonl"
+    src.write_text(json.dumps(_sglang_line(rows, "a")) + "\n")
+    with pytest.raises(MoetraceError, match=r"g\.jsonl: line 1: row 1, layer 1: expected 2 distinct expert ids "
+                                            r"in a token's top-k, got \[0, 0\]"):
+        import_routed(src, tmp_path / "o.zarr", format="sglang", top_k=2, progress=False)
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def _vllm_body(prompt, gen, **extra) -> dict:
+    return {"id": "cmpl-1", "prompt_routed_experts": prompt, "choices": [{"index": 0, "routed_experts": gen, **extra}]}
+
+
+@pytest.mark.parametrize("how", ["layer-ids", "config"])
+def test_moe_only_layer_indices_map_onto_the_models_layers(tmp_path, how):
+    """Newer vLLM indexes MoE layers 0, 1, ...; the model's MoE layers are 1 and 2
+    (first_k_dense_replace=1): --layer-ids or --config maps them, so the store says 1, 2."""
+    src = tmp_path / "r.jsonl"
+    src.write_text(json.dumps(_vllm_body([[[0, 1], [2, 3]]], [[[1, 2], [3, 0]]])) + "\n")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "deepseek_v3", "num_hidden_layers": 3, "first_k_dense_replace": 1}))
+    args = ["import-routed", str(src), str(tmp_path / "o.zarr"), "--format", "vllm", "--quiet"]
+    args += ["--layer-ids", "1,2"] if how == "layer-ids" else ["--config", str(config)]
+    assert main(args) == 0
+    assert TraceStore.open(tmp_path / "o.zarr").layer_ids.tolist() == [1, 2]
+    with pytest.raises(MoetraceError, match=r"--layer-ids: expected 2 ids \(the MoE layers of .*\), got 3"):
+        import_routed(src, tmp_path / "p.zarr", format="vllm", layer_ids=[1, 2, 3], progress=False)
+    config.write_text(json.dumps({"num_hidden_layers": 5, "first_k_dense_replace": 1}))
+    with pytest.raises(MoetraceError, match=r"the model has 4 MoE layers of 5, .* has 2 routed layers"):
+        import_routed(src, tmp_path / "q.zarr", format="vllm", config=config, progress=False)
+
+
+def test_moe_layer_ids_follow_each_familys_config_fields():
+    from engine.io.routed import moe_layer_ids
+
+    assert moe_layer_ids({"num_hidden_layers": 4, "first_k_dense_replace": 3}) == ([3], 4)  # DeepSeek, GLM-4.5
+    assert moe_layer_ids({"num_hidden_layers": 6, "first_k_dense_replace": 1, "moe_layer_freq": 2}) == ([2, 4], 6)
+    assert moe_layer_ids({"num_hidden_layers": 4, "decoder_sparse_step": 2}) == ([1, 3], 4)  # Qwen-MoE
+    assert moe_layer_ids({"num_hidden_layers": 3, "mlp_only_layers": [0]}) == ([1, 2], 3)
+    assert moe_layer_ids({"text_config": {"num_hidden_layers": 2}}) == ([0, 1], 2)
+    with pytest.raises(MoetraceError, match="expected a positive num_hidden_layers"):
+        moe_layer_ids({})
+
+
+def test_a_config_over_every_decoder_layer_keeps_exactly_its_moe_layers(tmp_path):
+    """An SGLang source over all 3 decoder layers with --config: layer 0 is dense by the config (and
+    all zeros), kept layers get the config's ids; a config that calls a routed layer dense is refused."""
+    rows = np.array([[[0, 0], [1, 2], [3, 0]], [[0, 0], [2, 1], [0, 3]]])
+    src = tmp_path / "g.jsonl"
+    src.write_text(json.dumps(_sglang_line(rows, "a")) + "\n")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"num_hidden_layers": 3, "first_k_dense_replace": 1}))
+    store = import_routed(src, tmp_path / "o.zarr", format="sglang", top_k=2, config=config, progress=False)
+    assert store.layer_ids.tolist() == [1, 2]
+    config.write_text(json.dumps({"num_hidden_layers": 3, "first_k_dense_replace": 2}))
+    with pytest.raises(MoetraceError, match="layer 1 is a dense layer of this model, but .* routes tokens there"):
+        import_routed(src, tmp_path / "p.zarr", format="sglang", top_k=2, config=config, progress=False)
+
+
+def test_vllm_completions_prompt_token_ids_inside_the_choice(tmp_path):
+    src = tmp_path / "r.jsonl"
+    src.write_text(json.dumps(_vllm_body([[[0, 1]], [[2, 3]]], [[[1, 2]]], prompt_token_ids=[5, 6], token_ids=[7])))
+    store = import_routed(src, tmp_path / "o.zarr", format="vllm", progress=False)
+    assert store.read(["token_id"])["token_id"].tolist() == [5, 6, 7]
+
+
+def test_vllm_unfilled_rows_are_dropped_and_the_rest_keep_their_positions(tmp_path):
+    """vLLM's host buffer is filled with -1: an all -1 row is padding (dropped, with a warning); the
+    rows after it keep their position; a row only partly -1 is an error."""
+    src = tmp_path / "r.jsonl"
+    src.write_text(json.dumps(_vllm_body([[[0, 1]], [[-1, -1]], [[2, 3]]], [[[1, 2]]])) + "\n")
+    with pytest.warns(UserWarning, match="dropped 1 row"):
+        store = import_routed(src, tmp_path / "o.zarr", format="vllm", progress=False)
+    data = store.read(["pos", "experts", "generated"])
+    assert data["pos"].tolist() == [0, 2, 3]
+    assert data["experts"][:, 0].tolist() == [[0, 1], [2, 3], [1, 2]]
+    assert data["generated"].tolist() == [False, False, True]
+    src.write_text(json.dumps(_vllm_body([[[0, 1]], [[-1, 4]]], [[[1, 2]]])) + "\n")
+    with pytest.raises(MoetraceError, match=r"row 1 \(token 1\), layer 0, rank 0: expected an expert id in .* got -1"):
+        import_routed(src, tmp_path / "p.zarr", format="vllm", progress=False)

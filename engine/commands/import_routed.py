@@ -20,6 +20,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--labels", default=None, metavar="FILE",
                    help="CSV or JSONL side file: a request_id column and one column per label")
     p.add_argument("--model", default=None, help="model name recorded in the store")
+    p.add_argument("--layer-ids", default=None, metavar="IDS",
+                   help="the model's layer index of each MoE layer in the source, e.g. 1,2,3 (after dense, all-zero "
+                        "layers are dropped); default: their index in the source")
+    p.add_argument("--config", default=None, metavar="CONFIG.json",
+                   help="the model's transformers config.json: its MoE layers (first_k_dense_replace, moe_layer_freq, "
+                        "decoder_sparse_step, mlp_only_layers) give the layer ids, for sources indexed by MoE layer "
+                        "(newer vLLM) or over every decoder layer (SGLang)")
     add_common(p)
     p.set_defaults(func=_run)
 
@@ -27,9 +34,18 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     from engine.io.routed import import_routed
 
+    from engine.errors import MoetraceError
+
     fields = [name.strip() for name in args.label_fields.split(",") if name.strip()]
+    layer_ids = None
+    if args.layer_ids is not None:
+        try:
+            layer_ids = [int(x) for x in args.layer_ids.split(",") if x.strip()]
+        except ValueError:
+            raise MoetraceError(f"--layer-ids: expected comma-separated integers, got {args.layer_ids!r}") from None
     store = import_routed(args.src, args.out, format=args.format, n_experts=args.n_experts, top_k=args.top_k,
-                          label_fields=fields, labels_file=args.labels, model=args.model,
+                          label_fields=fields, labels_file=args.labels, model=args.model, layer_ids=layer_ids,
+                          config=args.config,
                           chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=not args.quiet)
     report(store, args.out, args.quiet)
     return 0

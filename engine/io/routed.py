@@ -20,6 +20,18 @@ the same layers and top-k; labels come from fields of the record (``label_fields
 a side file (``labels_file``: CSV or JSONL with a ``request_id`` column/key and one
 column per label). Errors are one line naming the file (and line / token row).
 
+Layers: a token's top-k must hold K distinct expert ids (the store's invariant). Engines that
+allocate their routing buffers over every decoder layer (SGLang, one vLLM version) leave the
+model's dense layers all zeros: a layer whose every id is 0 in every token of the source is such
+a dense layer when K >= 2 (K zeros are K equal ids, never a routing) and is dropped; any other
+repeated id is an error naming the file, row and layer. Layer ids are then the kept layers'
+indices in the source, unless ``layer_ids`` (``--layer-ids 1,2,...``) names them or ``config``
+(``--config config.json``, the model's transformers config) gives the model's MoE layers
+(:func:`moe_layer_ids`): a source with one layer per decoder layer keeps exactly those, a source
+with one layer per MoE layer (newer vLLM, which indexes MoE layers 0, 1, ...) is mapped onto them.
+A format may drop rows its engine leaves unfilled (vLLM's -1 fill value) and says how many; the
+kept rows keep their position in the request.
+
 The source is read twice (pass 1 validates and finds ``n_experts``, pass 2 writes), one
 request at a time: memory is bounded by the largest request (Megatron: by one file).
 """
@@ -31,6 +43,7 @@ import dataclasses
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -65,6 +78,8 @@ class Request:
     token_id: np.ndarray | None = None
     fields: dict = dataclasses.field(default_factory=dict)
     layer_ids: list[int] | None = None
+    pos: np.ndarray | None = None
+    dropped: int = 0
 
 
 def format_module(name: str):
@@ -84,6 +99,8 @@ def import_routed(
     label_fields: list[str] | tuple = (),
     labels_file: str | os.PathLike | None = None,
     model: str | None = None,
+    layer_ids: list[int] | tuple | None = None,
+    config: str | os.PathLike | None = None,
     chunk_rows: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -94,8 +111,10 @@ def import_routed(
     order), ``tokens/pos`` int32 (0, 1, ... within the request), ``tokens/token_id``
     (-1 where the source has none), ``tokens/generated``, one label per
     ``label_fields`` name and per ``labels_file`` column, ``routing/experts`` [N, L, K].
-    ``top_k``: needed by formats whose arrays are flat (SGLang). Returns the store opened
-    read-only; MoetraceError naming the file/line/row on bad input, leaving nothing at ``out``.
+    ``top_k``: needed by formats whose arrays are flat (SGLang). ``layer_ids`` / ``config``:
+    the model's layer ids of the source's MoE layers (module docstring; at most one of the
+    two). Returns the store opened read-only; MoetraceError naming the file/line/row on bad
+    input, leaving nothing at ``out``.
     """
     module = format_module(format)
     src = Path(src)
@@ -106,18 +125,31 @@ def import_routed(
     if len(set(label_names)) != len(label_names):
         raise MoetraceError(f"labels: a label is named twice ({label_names})")
 
+    if layer_ids is not None and config is not None:
+        raise MoetraceError("--layer-ids, --config: give at most one of them")
+    moe_ids = moe_layer_ids(config) if config is not None else None
+
     shape = None
     max_expert = -1
-    n_requests = 0
+    n_requests = dropped = 0
+    all_zero = repeated = None
     for req in tqdm(module.read(src, top_k=top_k), desc="scan", unit="request", disable=not progress):
         shape = _check(req, shape, n_experts)
         if req.experts.size:
             max_expert = max(max_expert, int(req.experts.max()))
+            zero, first = _layer_scan(req)
+            all_zero = zero if all_zero is None else all_zero & zero
+            repeated = first if repeated is None else [r or f for r, f in zip(repeated, first)]
         _labels(req, label_fields, side)
         n_requests += 1
-    if shape is None:
+        dropped += req.dropped
+    if shape is None or all_zero is None:
         raise MoetraceError(f"{src}: no requests with routing found")
     L, K = shape[0][1:]
+    keep, ids = _layers(src, L, K, shape[2], all_zero, repeated, layer_ids, moe_ids, config)
+    if dropped:
+        warnings.warn(f"{src}: dropped {dropped} row(s) the engine left unfilled (format {format}); the other "
+                      "rows keep their positions", stacklevel=2)
     n_experts = resolve_n_experts(max_expert, n_experts, str(src), K)
 
     def batches():
@@ -126,8 +158,9 @@ def import_routed(
         for seq, req in enumerate(tqdm(module.read(src, top_k=top_k), desc="import", unit="request",
                                        disable=not progress, total=n_requests)):
             T = len(req.experts)
-            batch = {"seq": np.full(T, seq, dtype=np.int64), "pos": np.arange(T, dtype=np.int32),
-                     "experts": req.experts.astype(np.int64),
+            pos = np.arange(T, dtype=np.int32) if req.pos is None else np.asarray(req.pos, dtype=np.int32)
+            batch = {"seq": np.full(T, seq, dtype=np.int64), "pos": pos,
+                     "experts": req.experts[:, keep].astype(np.int64),
                      "generated": np.zeros(T, bool) if req.generated is None else np.asarray(req.generated, bool),
                      "token_id": (np.full(T, -1, np.int32) if req.token_id is None
                                   else np.asarray(req.token_id).astype(np.int32))}
@@ -141,8 +174,94 @@ def import_routed(
         if pending:
             yield _concat(pending)
 
-    return write_store(out, batches(), overwrite=overwrite, inputs=(src,), n_layers=L, n_experts=n_experts,
-                       top_k=K, layer_ids=shape[2], labels=label_names, model=model, chunk_rows=chunk_rows)
+    return write_store(out, batches(), overwrite=overwrite, inputs=(src,), n_layers=len(keep), n_experts=n_experts,
+                       top_k=K, layer_ids=ids, labels=label_names, model=model, chunk_rows=chunk_rows)
+
+
+def _layer_scan(req: Request) -> tuple[np.ndarray, list]:
+    """(bool [L]: the layer's ids are all 0 in this request, per layer the first "where: row r"
+    with a repeated id in one token's top-k, or None)."""
+    experts = req.experts
+    zero = (experts == 0).all(axis=(0, 2))
+    first: list = [None] * experts.shape[1]
+    if experts.shape[2] > 1:
+        ordered = np.sort(experts, axis=2)
+        rep = (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2)  # [T, L]
+        for layer in np.flatnonzero(rep.any(axis=0)):
+            t = int(np.argmax(rep[:, layer]))
+            first[layer] = f"{req.where}: row {t}, layer {layer}: expected {experts.shape[2]} distinct expert ids " \
+                           f"in a token's top-k, got {experts[t, layer].tolist()}"
+    return zero, first
+
+
+def _layers(src: Path, L: int, K: int, source_ids, all_zero: np.ndarray, repeated: list, layer_ids, moe_ids,
+            config) -> tuple[np.ndarray, list[int]]:
+    """(source layer positions to keep, their model layer ids): dense layers dropped, ids mapped
+    (module docstring). MoetraceError when a kept layer repeats an id or the mapping does not fit."""
+    dense = all_zero if K > 1 else np.zeros(L, bool)
+    if moe_ids is not None and L == moe_ids[1]:  # one source layer per decoder layer
+        wanted = np.zeros(L, bool)
+        wanted[moe_ids[0]] = True
+        routed = np.flatnonzero(~wanted & ~dense)
+        if len(routed):
+            raise MoetraceError(f"{config}: layer {int(routed[0])} is a dense layer of this model, but {src} routes "
+                                "tokens there: the config does not describe the traced model")
+        dense = ~wanted
+    keep = np.flatnonzero(~dense)
+    if len(keep) == 0:
+        raise MoetraceError(f"{src}: every layer's expert ids are all 0: no routing recorded")
+    for layer in keep:
+        if repeated[layer] is not None:
+            raise MoetraceError(repeated[layer])
+    base = list(range(L)) if source_ids is None else list(source_ids)
+    ids = [int(base[i]) for i in keep]
+    if layer_ids is not None:
+        ids = [int(x) for x in layer_ids]
+        if len(ids) != len(keep):
+            raise MoetraceError(f"--layer-ids: expected {len(keep)} ids (the MoE layers of {src}), got {len(ids)}")
+    elif moe_ids is not None:
+        if len(moe_ids[0]) != len(keep):
+            raise MoetraceError(f"{config}: the model has {len(moe_ids[0])} MoE layers of {moe_ids[1]}, {src} has "
+                                f"{len(keep)} routed layers: the config does not describe the traced model")
+        ids = list(moe_ids[0])
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise MoetraceError(f"layer ids: expected distinct non-negative ids, got {ids}")
+    return keep, ids
+
+
+def moe_layer_ids(config: str | os.PathLike | dict) -> tuple[list[int], int]:
+    """(the MoE layers' indices, the number of decoder layers) from a transformers config.
+
+    Reads ``num_hidden_layers`` and the fields by which transformers' MoE families place their
+    dense layers: ``first_k_dense_replace`` (DeepSeek-V2/V3, Kimi-K2, GLM-4.5: layers below it
+    are dense), ``moe_layer_freq`` (DeepSeek's own code: MoE where ``i % freq == 0``),
+    ``decoder_sparse_step`` and ``mlp_only_layers`` (Qwen2/3-MoE: MoE where ``(i + 1) % step ==
+    0`` and ``i`` is not listed). A config nested under ``text_config`` is read there.
+    """
+    if not isinstance(config, dict):
+        path = Path(config)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MoetraceError(f"{path}: no such config file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MoetraceError(f"{path}: expected a transformers config.json, got invalid JSON ({exc})") from None
+        where = str(path)
+    else:
+        where = "config"
+    if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    n = config.get("num_hidden_layers")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise MoetraceError(f"{where}: expected a positive num_hidden_layers, got {n!r}")
+    first = int(config.get("first_k_dense_replace") or 0)
+    freq = int(config.get("moe_layer_freq") or 1)
+    step = int(config.get("decoder_sparse_step") or 1)
+    mlp_only = {int(i) for i in config.get("mlp_only_layers") or []}
+    ids = [i for i in range(n) if i >= first and i % freq == 0 and (i + 1) % step == 0 and i not in mlp_only]
+    if not ids:
+        raise MoetraceError(f"{where}: no MoE layer among its {n} layers")
+    return ids, n
 
 
 def _concat(batches: list[dict]) -> dict:
