@@ -535,6 +535,21 @@ class TraceStore:
         if exc_type is None:
             self.close()
 
+    def _check_distinct(self, experts: np.ndarray) -> None:
+        """A token's top-k holds K distinct expert ids: MoetraceError naming the first batch row and
+        layer that repeats one. Pairwise comparisons of the compact ids (no sorted copy)."""
+        K = experts.shape[2]
+        repeated = None
+        for i in range(K):
+            for j in range(i + 1, K):
+                same = experts[:, :, i] == experts[:, :, j]
+                repeated = same if repeated is None else repeated | same
+        if repeated is not None and repeated.any():
+            row, layer = np.unravel_index(int(np.argmax(repeated)), repeated.shape)
+            raise MoetraceError(
+                f"routing/experts: expected {K} distinct expert ids per token and layer, got "
+                f"{experts[row, layer].tolist()} (batch row {int(row)}, layer {int(self.layer_ids[layer])})")
+
     def append_sequences(self, columns: Mapping[str, Any]) -> None:
         """Append per-sequence metadata rows (``sequences/*``), committed immediately.
 
@@ -876,6 +891,7 @@ class TraceStore:
                 raise MoetraceError(
                     f"routing/{name}: expected values within float16's range (|x| <= 65504), got "
                     f"{values.reshape(n, -1)[bad][~np.isfinite(out[name].reshape(n, -1)[bad])][0]} (batch row {bad})")
+        self._check_distinct(out["experts"])
         ended, last = self._check_order(out["seq"], out["pos"])
         # Labels last: an unseen value extends an open vocabulary, so only accept it
         # once everything else in the batch is known to be valid.

@@ -18,6 +18,7 @@ from engine import aggregate as A
 from engine.cli import main as cli_main
 from engine.errors import MoetraceError
 from engine.store import TraceStore
+from routes import random_topk
 
 DOMAINS = ["bio", "math", "law"]
 LANGS = ["en", "fr"]
@@ -636,7 +637,7 @@ def test_a_damaged_chunk_is_a_one_line_error_in_count(tmp_path):
     path = tmp_path / "t.zarr"
     with TraceStore.create(path, n_layers=2, n_experts=8, top_k=2, chunk_rows=64) as st:
         st.append({"seq": np.repeat(np.arange(4), 50), "pos": np.tile(np.arange(50), 4),
-                   "experts": np.random.default_rng(0).integers(0, 8, (200, 2, 2))})
+                   "experts": random_topk(np.random.default_rng(0), 200, 2, 2, 8)})
     chunk = next(p for p in (path / "routing" / "experts").rglob("*") if p.is_file() and p.name != "zarr.json")
     good = chunk.read_bytes()
     chunk.write_bytes(good[:20])

@@ -326,7 +326,7 @@ def test_weight_sum_exact_past_2_29(tmp_path):
     The reference is the exact sum in Python integers (units of 2**-24), rounded to float64 once;
     float64 running sums of the ranges lose the odd 2**-24 terms once the total passes 2**29.
     """
-    n = 8704  # > 2**29 / 65504 rows per store
+    n = 12288  # its rows with expert 0 at rank 0 (8777) are > 2**29 / 65504 per store
     units = 0
     for i in range(2):
         st = TraceStore.create(tmp_path / "arch" / f"s{i}.zarr", n_layers=1, n_experts=4, top_k=2, weights=True,
@@ -338,12 +338,13 @@ def test_weight_sum_exact_past_2_29(tmp_path):
         weights = np.zeros((n, 1, 2), dtype=np.float16)
         weights[:, 0, 0] = 65504.0
         weights[:, 0, 1] = np.where(small, np.float16(2.0 ** -24), np.float16(1.0))
-        experts[small, 0, 1] = 0  # the tiny weights go to expert 0, beside the huge ones
+        experts[small, 0, 0] = 3  # a token's two experts differ: there the huge weight goes to expert 3
+        experts[small, 0, 1] = 0  # and the tiny one to expert 0, beside the other rows' huge ones
         with st:
             st.append({"seq": i * n + rows // 64, "pos": (rows % 64).astype(np.int32),
                        "token_id": np.zeros(n, dtype=np.int32), "generated": np.zeros(n, dtype=bool),
                        "experts": experts, "weights": weights})
-        units += n * int(65504 * 2 ** 24) + int(small.sum())
+        units += int((~small).sum()) * int(65504 * 2 ** 24) + int(small.sum())
     want = float(units) * 2.0 ** -24  # Python rounds an int to float64 correctly
     assert want > 2 ** 29
     for range_rows in (128, 384, 2048):

@@ -339,7 +339,7 @@ def _big_csv(directory: Path, n_q: int, n_t: int, L: int, K: int, seed: int = 0)
     tok, rest = np.divmod(order, L * K)
     layer, rank = np.divmod(rest, K)
     pacsv.write_csv(pa.table({"q_ix": q[tok], "token_ix": t[tok], "layer_ix": layer, "topk_ix": rank + 1,
-                              "expert": rng.integers(0, 64, len(order))}), directory / "topks.csv")
+                              "expert": (tok * 7 + layer * 3 + rank) % 64}), directory / "topks.csv")  # K distinct
     return directory / "samples.csv", directory / "topks.csv"
 
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from engine.errors import MoetraceError
 from engine.store import FORMAT_VERSION, TraceStore
+from routes import random_topk
 
 
 def make_rows(start: int, n: int, L: int, K: int, E: int, weights: bool = True) -> dict:
@@ -33,7 +34,7 @@ def make_rows(start: int, n: int, L: int, K: int, E: int, weights: bool = True) 
         "token_id": (r % 997).astype(np.int32),
         "generated": (r % 50) >= 40,
         "domain": np.array(["math", "bio", "code"])[r % 3],
-        "experts": (r[:, None, None] * 31 + layer * 7 + rank * 3) % E,
+        "experts": (r[:, None, None] * 31 + layer * 7 + rank) % E,  # K distinct ids per token (K <= E)
     }
     if weights:
         rows["weights"] = (((r[:, None, None] + layer + rank) % 100) / 100).astype(np.float16)
@@ -582,7 +583,7 @@ def test_probs_chunks_finer_than_the_row_grid_read_aligned(tmp_path):
     L, K, E, n = 2, 2, 8192, 700
     rng = np.random.default_rng(3)
     probs = rng.random((n, L, E)).astype(np.float16)
-    rows = {**_order_rows(np.arange(n) // 7, np.arange(n) % 7), "experts": rng.integers(0, E, (n, L, K)),
+    rows = {**_order_rows(np.arange(n) // 7, np.arange(n) % 7), "experts": random_topk(rng, n, L, K, E),
             "probs": probs}
     with TraceStore.create(tmp_path / "t.zarr", n_layers=L, n_experts=E, top_k=K, probs=True,
                            chunk_rows=512) as st_:
@@ -603,3 +604,14 @@ def test_layer_ids_beyond_int16_are_refused(tmp_path):
         with pytest.raises(MoetraceError, match=r"layer_ids: expected 1 distinct increasing layer indices in \[0, 2147483647\]"):
             TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=2, top_k=1, layer_ids=ids)
         assert not (tmp_path / "t.zarr").exists()
+
+
+def test_append_refuses_a_repeated_expert_in_one_tokens_top_k(tmp_path):
+    """The store's invariant: K distinct experts per token and layer. A batch that repeats one is
+    refused whole with the batch row and the layer id, and nothing of it is written."""
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=2, n_experts=8, top_k=3, layer_ids=[3, 5]) as st_:
+        st_.append({"seq": [0, 0], "pos": [0, 1], "experts": [[[0, 1, 2], [3, 4, 5]], [[1, 2, 3], [4, 5, 6]]]})
+        with pytest.raises(MoetraceError, match=r"routing/experts: expected 3 distinct expert ids per token and "
+                                                r"layer, got \[6, 2, 6\] \(batch row 1, layer 5\)"):
+            st_.append({"seq": [1, 1], "pos": [0, 1], "experts": [[[0, 1, 2], [3, 4, 5]], [[1, 2, 3], [6, 2, 6]]]})
+    assert len(TraceStore.open(tmp_path / "t.zarr")) == 2

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from engine.errors import MoetraceError
 from engine.store import TraceStore
+from routes import random_topk
 
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]
 HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -72,7 +73,7 @@ def template(tmp_path_factory) -> Path:
     n, L, K, E = 23, 2, 2, 6
     with TraceStore.create(path, n_layers=L, n_experts=E, top_k=K, labels=["domain"], weights=True,
                            probs=True, token_text=True, chunk_rows=8, model="m", scoring="softmax") as st_:
-        st_.append({"seq": np.arange(n) // 5, "pos": np.arange(n) % 5, "experts": rng.integers(0, E, (n, L, K)),
+        st_.append({"seq": np.arange(n) // 5, "pos": np.arange(n) % 5, "experts": random_topk(rng, n, L, K, E),
                     "weights": rng.random((n, L, K)), "probs": rng.random((n, L, E)),
                     "text": [f"t{i}" for i in range(n)], "domain": np.array(["a", "b"])[np.arange(n) % 2]})
         st_.append_sequences({"seq": np.arange(5), "answer": list("ABCDA")})
@@ -202,7 +203,7 @@ def store_specs(draw):
 
 def good_batch(rng: np.random.Generator, spec: dict, seq: np.ndarray, pos: np.ndarray) -> dict:
     n, L, K, E = len(seq), spec["n_layers"], spec["top_k"], spec["n_experts"]
-    batch = {"seq": seq, "pos": pos, "experts": rng.integers(0, E, (n, L, K)),
+    batch = {"seq": seq, "pos": pos, "experts": random_topk(rng, n, L, K, E),
              "token_id": rng.integers(-1, 50, n), "generated": rng.random(n) < 0.5}
     if spec["weights"]:
         batch["weights"] = rng.random((n, L, K))
@@ -218,8 +219,8 @@ def good_batch(rng: np.random.Generator, spec: dict, seq: np.ndarray, pos: np.nd
     return batch
 
 
-BREAKS = ["experts-range", "experts-float", "seq-uint64", "pos-huge", "pos-backwards", "seq-repeat",
-          "seq-ended", "shape", "weights-nan", "weights-overflow", "label-unknown", "missing", "unknown-col",
+BREAKS = ["experts-range", "experts-repeat", "experts-float", "seq-uint64", "pos-huge", "pos-backwards",
+          "seq-repeat", "seq-ended", "shape", "weights-nan", "weights-overflow", "label-unknown", "missing", "unknown-col",
           "generated-int", "token-id-huge"]
 
 
@@ -230,6 +231,9 @@ def break_batch(batch: dict, how: str, spec: dict, ended: list[int]) -> dict | N
     if how == "experts-range":
         b["experts"] = b["experts"].copy()
         b["experts"][n // 2, 0, 0] = spec["n_experts"]
+    elif how == "experts-repeat" and spec["top_k"] > 1:  # one token's top-k names an expert twice
+        b["experts"] = b["experts"].copy()
+        b["experts"][n // 2, -1, -1] = b["experts"][n // 2, -1, 0]
     elif how == "experts-float":
         b["experts"] = b["experts"] + 0.5
     elif how == "seq-uint64":
