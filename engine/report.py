@@ -60,7 +60,7 @@ NUMERIC_RESULT_COLUMNS = ("base_accuracy", "ablated_accuracy", "drop", "base_los
 #: Where a run directory keeps what the analysis commands wrote (``--out RUN/analysis``).
 ANALYSIS_DIR = "analysis"
 #: Files an experiment writes into its run directory that sections read (a section ``need``).
-RUN_FILES = ("items.csv", "dose_response.csv", "compare.json", "summary.json", "base.csv")
+RUN_FILES = ("dose_response.csv", "compare.json", "summary.json", "base.csv")
 #: Paths listed per group.
 TOP_PATHS = 10
 
@@ -294,8 +294,8 @@ class Section:
     (``routing/probs`` in the store), ``decisiveness`` (probs, or ``analysis/decisiveness.zarr``), ``groups`` (counts grouped by a label), or
     ``analysis/<file or glob>`` (what an analysis command wrote into the run directory's ``analysis/``),
     ``generated`` (the trace holds generated tokens), or one of :data:`RUN_FILES`
-    (``dose_response.csv``: what ``run_experiment(doses=...)`` wrote; ``compare.json``: what
-    ``moetrace compare --out RUN`` wrote);
+    (``dose_response.csv``: what ``run_experiment(doses=...)`` wrote; ``summary.json``, ``base.csv``:
+    its headline and base accuracies; ``compare.json``: what ``moetrace compare --out RUN`` wrote);
     render: Context -> HTML body. ``always``: shown with a note naming the missing count
     statistics when some are absent (else the section is left out when its data is missing).
     """
@@ -467,8 +467,7 @@ def _render_experiment(ctx: Context) -> str:
                      + _img(figures.base_accuracy(base), "base accuracy per group beside chance and answer-blind")
                      + _table(["group", "questions", "base accuracy [95%]", "chance", "answer-blind", "testable",
                                "base loss"], rows, text_cols=3))
-    summary = None
-    if ctx.has("summary.json"):
+    if ctx.has("summary.json"):  # the experiment's own headline, with its draw tests
         summary = json.loads((ctx.run_dir / "summary.json").read_text())
     else:
         from engine.experiment import summarize  # a results table alone: point estimates, no intervals
@@ -491,7 +490,7 @@ def _render_experiment(ctx: Context) -> str:
         for method in methods:
             fig = figures.ablation_matrix(df, method, measure, None, groups)
             figs.append(_img(fig, f"{measure} matrix of {method}"))
-    selection = _e(summary.get("selection", "the trace in this directory")) if isinstance(summary, dict) else ""
+    selection = _e(summary.get("selection", "the trace in this directory"))
     primary = "; ".join(f"{t['method']} {EXPERIMENT_MEASURES[t['measure']]}: p {_fmt(t['p_value'], 3)}, Holm "
                         f"{_fmt(t['p_holm'], 3)}" for t in summary.get("primary_tests", []))
     value_cols = [c for c in ("base_accuracy", "ablated_accuracy", "drop", "drop_ci_low", "drop_ci_high",

@@ -215,7 +215,7 @@ def test_table_cells_round_trip(cells):
 def test_experiment_summary_matches_hand_computed(run_report):
     rows = table_rows(section(run_report, "experiment"))
     # per method: targeted drop 0.3, off-target 0.05, random (mean of 2 draws) 0.02, targeted - random
-    # 0.28, selectivity 6; no items.csv or summary.json in this run directory: no intervals, no p-value
+    # 0.28, selectivity 6; no summary.json in this run directory: no intervals, no p-value
     assert ["experts", "accuracy drop", "+0.300", "+0.050", "+0.020", "+0.280", "2", "n/a", "6.00", "-"] in rows
     # the results table: one row per (targeted, evaluated) of the real method
     detail = [r for r in rows if len(r) == 7]
