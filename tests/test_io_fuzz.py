@@ -74,6 +74,14 @@ def must_import(run, reference) -> None:
     assert_store_equals_trace(run(), reference())
 
 
+def refuse_repeated_experts(experts: np.ndarray) -> None:
+    """The store's invariant, checked token by token: one token's top-k at one layer names K distinct experts."""
+    for n, token in enumerate(experts):
+        for li, ids in enumerate(token):
+            if len(set(ids.tolist())) != len(ids):
+                raise Invalid(f"token {n}, layer {li}: repeated expert ids {ids.tolist()}")
+
+
 # Values a mutated field takes: wrapping integers, almost-integers, nulls, text, bad bytes.
 FIELD_VALUES = st.one_of(
     st.integers(-(2**65), 2**65).map(str),
@@ -164,6 +172,7 @@ def ref_import_csv(samples: bytes, topks: bytes, token_id: bool, weight: bool) -
                 e, w = cells[key, (layer, k + 1)]
                 experts[n, li, k] = e
                 weights[n, li, k] = w if weight else 0
+    refuse_repeated_experts(experts)
     return RefTrace(seq=np.array([q for q, _ in order], np.int64), pos=np.array([t for _, t in order], np.int32),
                     labels={"domain": np.array([tokens[k][1] for k in order], dtype=object)}, experts=experts,
                     layer_ids=layers, n_experts=int(experts.max()) + 1,
@@ -187,7 +196,10 @@ def csv_tables(draw, max_tokens=8):
     token_id, weight = draw(st.booleans()), draw(st.booleans())
     samples = [[str(q), str(t), draw(TEXT), draw(TEXT)] + [str(draw(st.integers(-1, 2**31 - 1)))] * token_id
                for q, t in keys]
-    topks = [[str(q), str(t), str(layer), str(k + 1), str(draw(st.integers(0, 300)) + k)]  # max id >= K - 1
+    # K distinct ids per token and layer (the store's invariant), so the largest is >= K - 1
+    ids = {(q, t, layer): draw(st.lists(st.integers(0, 300), min_size=K, max_size=K, unique=True))
+           for q, t in keys for layer in layers}
+    topks = [[str(q), str(t), str(layer), str(k + 1), str(ids[q, t, layer][k])]
              + [repr(draw(st.floats(-65504, 65504, width=32)))] * weight
              for q, t in keys for layer in layers for k in range(K)]
     samples = draw(st.permutations(samples))
@@ -349,6 +361,7 @@ def ref_import_llamacpp(root: Path, top_k: int | None) -> RefTrace:
                 experts.append([t[i] for t in tokens_per_layer])
                 n += 1
     experts = np.array(experts, dtype=np.int64)
+    refuse_repeated_experts(experts)
     if K > int(experts.max()) + 1:
         raise Invalid("top_k exceeds the number of experts")
     return RefTrace(seq=np.array(seq, np.int64), pos=np.array(pos, np.int32),
@@ -497,6 +510,7 @@ def ref_import_parquet(path: Path) -> RefTrace:
     keys = list(zip(per_token["seq"], per_token["pos"]))
     if any(b <= a for a, b in zip(keys, keys[1:])):
         raise Invalid("tokens not in strictly increasing (seq, pos) order")
+    refuse_repeated_experts(np.array(col["expert"], np.int64).reshape(n, L, K))
     weights = None
     if "weight" in col:
         if not all(np.isfinite(w) and abs(w) <= 65504 for w in col["weight"]):
