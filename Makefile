@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned: this version resolves to a local CPU build here; an unpinned torch pulls GBs of CUDA wheels.
 TORCH_PIN := torch==2.13.0
+# Megatron-Core, test-only: tests/test_io_megatron.py writes traces with Megatron's own RouterTracer. Its
+# releases that have the tracer (0.19+) declare Python >= 3.12 yet ship cp311 wheels, and the tracer needs only
+# torch, numpy and packaging; so it is installed apart from the lock, without dependencies.
+MEGATRON_PIN := megatron-core==0.19.2
 # Exact versions of every package, transitive ones included (`make lock` writes it).
 LOCK := requirements-lock.txt
 STAMP := $(VENV)/.installed
@@ -18,6 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python $(MEGATRON_PIN)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $(STAMP)
@@ -39,6 +44,7 @@ $(LATEST)/.installed: pyproject.toml setup.py
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip setuptools
 	$(LATEST)/bin/python -m pip install --quiet $(TORCH_PIN)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]' $(TORCH_PIN)
+	$(LATEST)/bin/python -m pip install --quiet --no-deps --ignore-requires-python $(MEGATRON_PIN)
 	touch $@
 
 test-latest:
@@ -54,7 +60,8 @@ lock:
 	{ echo "# Exact, complete set of versions that CI and every fresh clone install (CPU build of torch)."; \
 	  echo "# Produced by \`make lock\` from the environment \`make test-latest\` tested (newest versions"; \
 	  echo "# pyproject.toml allows, torch pinned). Library users get the ranges in pyproject.toml."; \
-	  $(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -v '^wheel==' | sed 's/+cpu$$//'; \
+	  $(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -v -e '^wheel==' -e '^megatron-core==' \
+	    | sed 's/+cpu$$//'; \
 	} > $(LOCK)
 
 # Quick pytest-benchmark pass over the hot paths; the full-size scripts are listed in the README.

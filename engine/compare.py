@@ -15,7 +15,8 @@ its sequence and position.
 
 Measures, per MoE layer and group (groups from the first store's labels), means over aligned tokens:
 
-- ``top1_agreement``: the two traces route the token to the same rank-0 expert;
+- ``top1_agreement``: the two traces route the token to the same rank-0 expert (not measured when
+  either store's rank order is unknown, :attr:`TraceStore.rank_order`: the result then says so);
 - ``topk_overlap``: ``|A ∩ B| / k``, the share of the top-k experts both chose (the OLMoE paper's
   router saturation between checkpoints);
 - ``jaccard``: ``|A ∩ B| / |A ∪ B|``;
@@ -48,7 +49,8 @@ class CompareResult:
     """``layers``: Dataset over (group..., layer) with ``tokens`` (group...), the MEASURES and, with
     weights, ``weight_rank_corr_tokens`` (the tokens where the rank correlation is defined);
     ``worst_tokens``: the aligned tokens with the most layers whose top-1 differs (columns ``seq``,
-    ``pos``, ``token_id``, ``layers_differing``), most first."""
+    ``pos``, ``token_id``, ``layers_differing``), most first; when a rank order is unknown, the
+    layers whose top-k sets differ (``layers.attrs["differing"]`` says which)."""
 
     layers: xr.Dataset
     worst_tokens: pd.DataFrame
@@ -179,7 +181,8 @@ def compare(a: str | Path | TraceStore, b: str | Path | TraceStore, *, by: Seque
     if unknown:
         raise MoetraceError(f"by: {unknown} not among {sa.path}'s labels {sa.label_names}")
     weights = sa.has_weights and sb.has_weights
-    measures = [m for m in MEASURES if m != "weight_rank_corr" or weights]
+    unranked = [str(st.path) for st in (sa, sb) if st.rank_order != "ranked"]
+    measures = [m for m in MEASURES if (m != "weight_rank_corr" or weights) and (m != "top1_agreement" or not unranked)]
     L = sa.n_layers
     vocab = [sa.labels[x] for x in by]
     shape = tuple(len(v) for v in vocab)
@@ -228,8 +231,10 @@ def compare(a: str | Path | TraceStore, b: str | Path | TraceStore, *, by: Seque
             wa = ra["weights"][xa, layer].astype(np.float64) if weights else None
             wb = rb["weights"][xb, layer].astype(np.float64) if weights else None
             per_token = _layer_measures(ea, eb, wa, wb)
-            differing += per_token["top1_agreement"] == 0
+            differing += (per_token["topk_overlap"] < 1) if unranked else (per_token["top1_agreement"] == 0)
             for m, v in per_token.items():
+                if m not in measures:
+                    continue
                 ok = ~np.isnan(v)
                 sums[m].reshape(n_groups, L)[:, layer] += np.bincount(flat_group[ok], weights=v[ok],
                                                                       minlength=n_groups)
@@ -248,7 +253,9 @@ def compare(a: str | Path | TraceStore, b: str | Path | TraceStore, *, by: Seque
     if weights:  # tokens where the rank correlation is defined: its weights when groups are pooled
         data["weight_rank_corr_tokens"] = (dims, defined.astype(np.int64))
     ds = xr.Dataset({"tokens": (tuple(by), tokens), **data}, coords=coords,
-                    attrs={"a": str(sa.path), "b": str(sb.path), "sequences": int(len(common))})
+                    attrs={"a": str(sa.path), "b": str(sb.path), "sequences": int(len(common)),
+                           "differing": "top-k set" if unranked else "top-1",
+                           "rank_order_unknown": unranked})
     table = pd.concat(worst, ignore_index=True) if worst else pd.DataFrame(
         columns=["seq", "pos", "token_id", "layers_differing"])
     table = table.sort_values(["layers_differing", "seq", "pos"], ascending=[False, True, True],
@@ -275,7 +282,8 @@ def summary_json(result: CompareResult) -> dict:
             entry[m] = float((v.fillna(0) * w).sum() / total) if total else None
         layers.append(entry)
     out = {"a": ds.attrs["a"], "b": ds.attrs["b"], "tokens": result.tokens, "sequences": ds.attrs["sequences"],
-           "layers": layers,
+           "layers": layers, "differing": ds.attrs.get("differing", "top-1"),
+           "rank_order_unknown": list(ds.attrs.get("rank_order_unknown", [])),
            "worst_tokens": [{k: int(v) for k, v in row.items()} for row in result.worst_tokens.to_dict("records")]}
     if gdims:
         stacked = ds.stack(group=gdims)

@@ -31,6 +31,7 @@ import scipy.stats
 import xarray as xr
 
 from engine.errors import MoetraceError
+from engine.store import require_rank_order
 from kernels import counting as _counting
 
 COUNTS_VERSION = 1
@@ -115,6 +116,8 @@ def _expert_counts(counts: xr.Dataset, rank: int | None) -> xr.DataArray:
     experts = counts["experts"]
     if rank is None:
         return experts.sum("rank")
+    require_rank_order(counts.attrs.get("rank_order", "ranked"), str(counts.attrs.get("store", "counts")),
+                       f"--rank {rank}")
     if rank not in experts["rank"].values:
         raise MoetraceError(f"rank: expected one of {experts['rank'].values.tolist()}, got {rank}")
     return experts.sel(rank=rank, drop=True)
@@ -294,6 +297,8 @@ def specialized(
         raise MoetraceError(f"method: expected one of {sorted(SPECIALIZATION_METHODS)}, got {method!r}")
     var, item_dims, default_min_layer, default_threshold = SPECIALIZATION_METHODS[method]
     check_counts(counts, [var])
+    require_rank_order(counts.attrs.get("rank_order", "ranked"), str(counts.attrs.get("store", "counts")),
+                       f"specialization by {method} (top-1 experts, paths and ordered pairs)")
     selector = _group_selector(counts, group or {})
     threshold = default_threshold if threshold is None else float(threshold)
     if not np.isfinite(threshold) or threshold < 0:

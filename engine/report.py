@@ -145,9 +145,11 @@ def _load(source: str | Path) -> tuple[TraceStore, xr.Dataset, str, Path | None]
         counts = load_counts(counts_path)
         origin = f"loaded from {counts_path}"
     else:
-        counts = count(store, stats=list(REPORT_STATS), by=store.label_names, progress=False)
+        # a store without rank order (engine.store.RANK_ORDERS) gets no top-1 statistics: their sections drop out
+        stats = [n for n in REPORT_STATS if store.rank_order == "ranked" or not STATS[n].needs_rank_order]
+        counts = count(store, stats=stats, by=store.label_names, progress=False)
         by = ", ".join(store.label_names) or "nothing"
-        origin = f"counted now from the store ({', '.join(REPORT_STATS)} by {by})"
+        origin = f"counted now from the store ({', '.join(stats)} by {by})"
     metrics.check_counts(counts)
     return store, counts, origin, results_csv
 
@@ -308,9 +310,11 @@ class Section:
     always: bool = False
 
 
-def _not_counted(stats: Sequence[str]) -> str:
-    return " ".join(f"{s} {'were' if s.endswith('s') else 'was'} not counted (count with --stats {s})."
-                    for s in stats)
+def _not_counted(stats: Sequence[str], rank_order: str = "ranked") -> str:
+    return " ".join(
+        f"{s} cannot be counted: the trace records each token's set of experts, not their rank order."
+        if rank_order != "ranked" and STATS[s].needs_rank_order
+        else f"{s} {'were' if s.endswith('s') else 'was'} not counted (count with --stats {s})." for s in stats)
 
 
 def _render_separation(ctx: Context) -> str:
@@ -600,7 +604,10 @@ def _render_compare(ctx: Context) -> str:
                   f"{summary['sequences']:,} sequences (`moetrace compare --out`).")
             + _img(figures.compare_agreement(summary), "routing agreement of two traces by layer")
             + _table(["layer", *[m.replace("_", " ") for m in measures]], layer_rows)
-            + "<h3>Tokens whose top-1 differs in most layers</h3>"
+            + (_note("Top-1 agreement is not measured: the rank order of "
+                     f"{' and '.join(summary['rank_order_unknown'])} is unknown.")
+               if summary.get("rank_order_unknown") else "")
+            + f"<h3>Tokens whose {_e(summary.get('differing', 'top-1'))} differs in most layers</h3>"
             + _table(["seq", "pos", "token id", "layers differing"], worst))
 
 
@@ -851,7 +858,7 @@ def planned_sections(ctx: Context) -> list[Section]:
 
 def _render(section: Section, ctx: Context) -> str:
     missing = [n for n in section.needs if n in STATS and not ctx.has(n)]
-    body = _note(_not_counted(missing)) if missing else section.render(ctx)
+    body = _note(_not_counted(missing, ctx.store.rank_order)) if missing else section.render(ctx)
     return _section(section.id, section.title, body)
 
 

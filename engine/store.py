@@ -70,6 +70,21 @@ from engine.errors import MoetraceError
 # (written before) open read-only as before; opening one to append checks the invariant
 # over all its rows and upgrades it.
 FORMAT_VERSION = 2
+#: ``rank_order`` values: the K ids of a token run from its top-1 down, or their order is not known.
+RANK_ORDERS = ("ranked", "unknown")
+
+
+def require_rank_order(rank_order: str, where: str, what: str) -> None:
+    """Refuse ``what`` (a statistic needing rank order or the top-1) on data whose rank order is unknown.
+
+    ``rank_order`` comes from a store (:attr:`TraceStore.rank_order`) or from a counts file's
+    attributes, which carry the store's value."""
+    if rank_order != "ranked":
+        raise MoetraceError(
+            f"{where}: {what} needs each token's rank order (which expert is its top-1), but this trace "
+            "records only the set of its experts (rank order unknown, e.g. Megatron's routing map without "
+            "router logits); statistics over the set (experts summed over ranks, coact, weight_sum, "
+            "compare's overlap) are available")
 ATTR_KEY = "moetrace"
 
 TOKEN_COLUMNS = ("seq", "pos", "token_id", "generated")
@@ -254,6 +269,7 @@ class TraceStore:
         labels: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
         model: str | None = None,
         scoring: str | None = None,
+        rank_order: str = "ranked",
         weights: bool = False,
         probs: bool = False,
         token_text: bool = False,
@@ -272,6 +288,9 @@ class TraceStore:
         ``shard_chunks`` chunks per shard file (for very large stores); the writer then
         writes whole shards. ``weights``/``probs``/``token_text``: create the optional
         ``routing/weights`` [N,L,K], ``routing/probs`` [N,L,E], ``tokens/text`` arrays.
+        ``rank_order``: ``"ranked"`` (a token's K ids run from its top-1 down) or ``"unknown"``
+        (the source gave only the set of K experts, e.g. in expert-id order): statistics that
+        need rank order or the top-1 then refuse the store (:meth:`require_rank_order`).
         """
         path = Path(path)
         n_layers, n_experts, top_k = (_positive_int(v, name) for v, name in (
@@ -290,6 +309,8 @@ class TraceStore:
                 f"layer_ids: expected {n_layers} distinct increasing layer indices in [0, {MAX_LAYER_ID}], "
                 f"got {layer_ids}")
         layer_ids = [int(x) for x in layer_ids]
+        if rank_order not in RANK_ORDERS:
+            raise MoetraceError(f"rank_order: expected one of {', '.join(RANK_ORDERS)}, got {rank_order!r}")
         label_vocab, fixed = _parse_labels(labels)
         chunk_rows = int(chunk_rows) if chunk_rows else auto_chunk_rows(n_layers, top_k, n_experts)
         if chunk_rows < 1:
@@ -319,6 +340,7 @@ class TraceStore:
             "n_experts": n_experts,
             "top_k": top_k,
             "scoring": scoring,
+            "rank_order": rank_order,
             "labels": label_vocab,
             "labels_fixed": fixed,
             "committed": 0,
@@ -452,6 +474,15 @@ class TraceStore:
     @property
     def scoring(self) -> str | None:
         return self._meta.get("scoring")
+
+    @property
+    def rank_order(self) -> str:
+        """``"ranked"`` (rank 0 is each token's top-1) or ``"unknown"`` (an unordered set of K experts)."""
+        return str(self._meta.get("rank_order", "ranked"))
+
+    def require_rank_order(self, what: str) -> None:
+        """MoetraceError naming ``what`` when this store does not know its tokens' rank order."""
+        require_rank_order(self.rank_order, str(self.path), what)
 
     @property
     def uuid(self) -> str | None:
@@ -705,6 +736,7 @@ class TraceStore:
             "format_version": self._meta["format_version"],
             "model": self.model,
             "scoring": self.scoring,
+            "rank_order": self.rank_order,
             "rows": n,
             "routing_rows": n * self.n_layers * self.top_k,
             "sequences": n_seq,
@@ -1105,6 +1137,8 @@ def _check_meta(path: Path, meta: dict) -> None:
     for key in ("model", "scoring"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise bad(key, "a string or null")
+    if meta.get("rank_order", "ranked") not in RANK_ORDERS:
+        raise bad("rank_order", f"one of {', '.join(RANK_ORDERS)}")
     shard = meta.get("shard_chunks")
     if shard is not None and (not _is_int(shard) or shard < 1):
         raise bad("shard_chunks", "a positive integer or null")

@@ -21,6 +21,9 @@ and the test parametrisations are derived from it:
     store that lacks one, e.g. ``routing/weights``);
 ``min_top_k``
     the smallest K it can count (``pairs``: 2);
+``needs_rank_order``
+    whether it reads a token's top-1 or rank positions (``paths``, ``pairs``, ``temporal``): the
+    driver refuses a store whose rank order is unknown;
 ``args``
     extra keyword arguments of the constructor (``vocab``: ``vocab_size``), each a
     positive integer;
@@ -481,6 +484,7 @@ class CountStat:
     dtype = np.dtype(np.int64)
     inputs: tuple[str, ...] = ()
     min_top_k = 1
+    needs_rank_order = False
     args: tuple[str, ...] = ()
     body = None
 
@@ -626,6 +630,7 @@ class PathsStat(CountStat):
 
     name = "paths"
     dims = ("layer", "prev_expert", "expert")
+    needs_rank_order = True
     body = _paths_body
 
 
@@ -636,6 +641,7 @@ class PairsStat(CountStat):
     name = "pairs"
     dims = ("layer", "first", "second")
     min_top_k = 2
+    needs_rank_order = True
     body = _pairs_body
 
 
@@ -653,6 +659,7 @@ class TemporalStat(CountStat):
     name = "temporal"
     dims = ("layer", "expert", "next_expert")
     inputs = ("seq", "pos")
+    needs_rank_order = True
     body = _temporal_body
 
     def create(self):

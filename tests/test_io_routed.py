@@ -347,7 +347,7 @@ class TestMegatronContract(RoutedContract):
                 lines.sort(key=lambda d: d["step"])
             (directory / f"router_trace_rank{rank}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         labels = directory / "labels.jsonl"
-        labels.write_text("".join(json.dumps({"request_id": "%d:%d" % divmod(s, half), "topic": topic}) + "\n"
+        labels.write_text("".join(json.dumps({"request_id": "%d:%d:0:0" % divmod(s, half), "topic": topic}) + "\n"
                                   for s, topic in enumerate(trace.topic)))
         return directory, labels
 
@@ -377,7 +377,7 @@ class TestMegatronContract(RoutedContract):
         yield "token count", variant("cnt", lambda ls: ls[1]["top_indices"].append([0, 1])), [
             "router_trace_rank0.jsonl: line 2", "shape"]
         yield "duplicate layer", variant("dup", lambda ls: ls.append(dict(ls[0]))), [
-            "router_trace_rank0.jsonl", "appears twice"]
+            "router_trace_rank0.jsonl", "micro-batch 1 has layers"]
         yield "no files", (directory / "empty", labels), ["router_trace_rank"]
         (directory / "empty").mkdir()
 

@@ -46,8 +46,11 @@ def run(args) -> int:
     for entry in summary["layers"]:
         print(f"{entry['layer']:>6} " + " ".join("              n/a" if entry[m] is None else f"{entry[m]:>17.4f}"
                                                  for m in measures))
+    if summary["rank_order_unknown"]:
+        print(f"top-1 agreement: not measured, the rank order of {' and '.join(summary['rank_order_unknown'])} is "
+              "unknown (only the set of each token's experts was recorded)")
     if summary["worst_tokens"]:
-        print("\ntokens whose top-1 differs in most layers (seq, pos, token_id, layers):")
+        print(f"\ntokens whose {summary['differing']} differs in most layers (seq, pos, token_id, layers):")
         for row in summary["worst_tokens"]:
             print(f"  {row['seq']:>8} {row['pos']:>6} {row['token_id']:>8} {row['layers_differing']:>4}")
     if args.out:

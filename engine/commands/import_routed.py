@@ -27,8 +27,21 @@ def add_parser(subparsers) -> None:
                    help="the model's transformers config.json: its MoE layers (first_k_dense_replace, moe_layer_freq, "
                         "decoder_sparse_step, mlp_only_layers) give the layer ids, for sources indexed by MoE layer "
                         "(newer vLLM) or over every decoder layer (SGLang)")
+    for name, (kind, text) in format_options().items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=positive if kind is int else kind, default=None,
+                       help=text)
     add_common(p)
     p.set_defaults(func=_run)
+
+
+def format_options() -> dict[str, tuple]:
+    """Every format's own options (its module's ``OPTIONS``): name -> (type, help)."""
+    from engine.io.routed import format_module
+
+    out: dict[str, tuple] = {}
+    for name in FORMATS:
+        out.update(getattr(format_module(name), "OPTIONS", {}))
+    return out
 
 
 def _run(args) -> int:
@@ -45,7 +58,8 @@ def _run(args) -> int:
             raise MoetraceError(f"--layer-ids: expected comma-separated integers, got {args.layer_ids!r}") from None
     store = import_routed(args.src, args.out, format=args.format, n_experts=args.n_experts, top_k=args.top_k,
                           label_fields=fields, labels_file=args.labels, model=args.model, layer_ids=layer_ids,
-                          config=args.config,
+                          config=args.config, options={name: getattr(args, name) for name in format_options()
+                                                       if getattr(args, name) is not None},
                           chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=not args.quiet)
     report(store, args.out, args.quiet)
     return 0

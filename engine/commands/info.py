@@ -37,7 +37,9 @@ def run(args) -> int:
         print(f"warning     the rows of a sequence are not contiguous ({info['sequence_runs']:,} runs of equal seq): "
               "statistics that pair adjacent rows (temporal, stickiness) are wrong on this store; re-import it")
     print(f"layers      {info['n_layers']} {info['layer_ids']}")
-    print(f"experts     {info['n_experts']}, top-{info['top_k']}")
+    order = "rank order (rank 0 = top-1)" if info["rank_order"] == "ranked" else \
+        "rank order unknown (each token's set of experts only: no top-1 statistics)"
+    print(f"experts     {info['n_experts']}, top-{info['top_k']}, {order}")
     for label, counts in info["labels"].items():
         values = ", ".join(f"{k}={v:,}" for k, v in counts.items())
         print(f"label       {label}: {values}")

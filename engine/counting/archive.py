@@ -450,4 +450,5 @@ def _attrs(stores: list[TraceStore]) -> dict[str, Any]:
         "store_rows": [len(st) for st in stores],
         "rows": [0, sum(len(st) for st in stores)],
         "model": models[0] if len(models) == 1 else ",".join(models),
+        "rank_order": "ranked" if all(st.rank_order == "ranked" for st in stores) else "unknown",
     }

@@ -59,6 +59,7 @@ def coverage(
         raise MoetraceError(f"kind: expected one of {list(_COVERAGE_TABLES)}, got {kind!r}")
     filters = Filters.of(filters, by=by or None, where=where, **filter_args)
     L, K, E = st.n_layers, st.top_k, st.n_experts
+    st.require_rank_order(f"coverage of {kind} (top-1 experts, paths, ordered pairs)")
     if kind == "paths" and L < 2:
         raise MoetraceError(f"kind='paths': needs at least 2 layers, {st.path} has {L}")
     if kind == "pairs" and K < 2:

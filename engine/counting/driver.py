@@ -78,6 +78,8 @@ def parse_stats(stats: Any, st: TraceStore, extra: Mapping[str, Any]) -> list[st
             if column not in st.columns:
                 where = "routing/" if column == "weights" else "tokens/"
                 raise MoetraceError(f"stats: {name} needs {where}{column}, which {st.path} does not have")
+        if cls.needs_rank_order:
+            st.require_rank_order(f"statistic {name!r}")
         if st.top_k < cls.min_top_k:
             raise MoetraceError(f"stats: {name} needs top_k >= {cls.min_top_k}, got top_k={st.top_k} in {st.path}")
         for arg in cls.args:
@@ -140,6 +142,7 @@ def _attrs(st: TraceStore, sel: Selection, names: list[str], start: int, stop: i
         "n_layers": st.n_layers,
         "store": str(st.path),
         "model": st.model or "",
+        "rank_order": st.rank_order,
         "stats": names,
         "rows": [start, stop],
         "filters": json.dumps(sel.attrs),

@@ -50,7 +50,7 @@ from engine.progress import tqdm
 from engine.errors import MoetraceError
 from engine.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, PartitionWriter,
                             check_range, check_weights, read_partition, resolve_n_experts, staged_store)
-from engine.store import TraceStore
+from engine.store import RANK_ORDERS, TraceStore
 
 META_KEY = b"moetrace"
 META_FORMAT = "moetrace-long"
@@ -170,7 +170,7 @@ def _metadata(store: TraceStore) -> dict:
     seqs = store.read_sequences()
     return {
         "format": META_FORMAT, "version": META_VERSION, "model": store.model, "scoring": store.scoring,
-        "n_experts": store.n_experts, "top_k": store.top_k, "layer_ids": store.layer_ids.tolist(),
+        "rank_order": store.rank_order, "n_experts": store.n_experts, "top_k": store.top_k, "layer_ids": store.layer_ids.tolist(),
         "labels": store.labels,
         "sequences": {name: {"dtype": _dtype_name(values), "values": values.tolist()}
                       for name, values in seqs.items()},
@@ -251,7 +251,7 @@ def import_parquet(
         create = dict(
             n_layers=L, n_experts=n_experts, top_k=K, layer_ids=layer_ids.tolist(), labels=vocab,
             model=None if meta is None else meta.get("model"), scoring=None if meta is None else meta.get("scoring"),
-            weights=has_weight, token_text="token" in names, chunk_rows=chunk_rows)
+            rank_order="ranked" if meta is None else meta.get("rank_order", "ranked"), weights=has_weight, token_text="token" in names, chunk_rows=chunk_rows)
         store = TraceStore.create(partial, **create)
         try:  # a file in store order streams straight in; any other order is sorted on disk first
             _import_in_file_order(path, pf, store, batch_rows, layer_ids, K, labels, n_experts, progress)
@@ -495,6 +495,8 @@ def _check_metadata(path: Path, meta: dict) -> None:
     for field in ("model", "scoring"):
         if meta.get(field) is not None and not isinstance(meta[field], str):
             raise bad(field, "a string or null", meta[field])
+    if meta.get("rank_order", "ranked") not in RANK_ORDERS:
+        raise bad("rank_order", f"one of {', '.join(RANK_ORDERS)}", meta.get("rank_order"))
     labels = meta.get("labels", {})
     if not isinstance(labels, dict) or not all(
             isinstance(v, list) and all(isinstance(x, str) for x in v) and len(set(v)) == len(v)

@@ -68,7 +68,11 @@ class Request:
     in the labels side file; ``experts``: integer array [T, L, K] in its source dtype;
     ``generated``: bool [T] or None (all prompt); ``token_id``: int [T] or None (unknown:
     -1); ``fields``: the record's fields usable as labels; ``layer_ids``: the model's
-    index of each of the L layers, when the source states them (else 0..L-1).
+    index of each of the L layers, when the source states them (else 0..L-1); ``pos``: the
+    rows' positions when some were dropped (``dropped`` of them); ``rank_order``: ``"ranked"``
+    (rank 0 first) or ``"unknown"`` (the source gives each token's set of experts, not their
+    order: the store's rank order is then unknown); ``unsettled``: tokens whose rank order was
+    recovered from tied scores (their tied experts in id order).
     """
 
     where: str
@@ -80,6 +84,8 @@ class Request:
     layer_ids: list[int] | None = None
     pos: np.ndarray | None = None
     dropped: int = 0
+    rank_order: str = "ranked"
+    unsettled: int = 0
 
 
 def format_module(name: str):
@@ -101,6 +107,7 @@ def import_routed(
     model: str | None = None,
     layer_ids: list[int] | tuple | None = None,
     config: str | os.PathLike | None = None,
+    options: dict | None = None,
     chunk_rows: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -113,10 +120,18 @@ def import_routed(
     ``label_fields`` name and per ``labels_file`` column, ``routing/experts`` [N, L, K].
     ``top_k``: needed by formats whose arrays are flat (SGLang). ``layer_ids`` / ``config``:
     the model's layer ids of the source's MoE layers (module docstring; at most one of the
-    two). Returns the store opened read-only; MoetraceError naming the file/line/row on bad
-    input, leaving nothing at ``out``.
+    two). ``options``: the format's own options (its module's ``OPTIONS``, e.g. Megatron's
+    ``block`` and ``micro_batch_size``). Returns the store opened read-only; MoetraceError
+    naming the file/line/row on bad input, leaving nothing at ``out``.
+
+    Rank order: the store's ``rank_order`` is ``"unknown"`` when a request's is (and K >= 2).
     """
     module = format_module(format)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(getattr(module, "OPTIONS", {})))
+    if unknown:
+        raise MoetraceError(f"--format {format}: no option {', '.join(unknown)} (it has "
+                            f"{', '.join(getattr(module, 'OPTIONS', {})) or 'none'})")
     src = Path(src)
     if not src.exists():
         raise MoetraceError(f"{src}: no such file or directory")
@@ -133,7 +148,8 @@ def import_routed(
     max_expert = -1
     n_requests = dropped = 0
     all_zero = repeated = None
-    for req in tqdm(module.read(src, top_k=top_k), desc="scan", unit="request", disable=not progress):
+    unranked, unsettled = False, 0
+    for req in tqdm(module.read(src, top_k=top_k, **options), desc="scan", unit="request", disable=not progress):
         shape = _check(req, shape, n_experts)
         if req.experts.size:
             max_expert = max(max_expert, int(req.experts.max()))
@@ -143,6 +159,8 @@ def import_routed(
         _labels(req, label_fields, side)
         n_requests += 1
         dropped += req.dropped
+        unsettled += req.unsettled
+        unranked |= req.rank_order != "ranked"
     if shape is None or all_zero is None:
         raise MoetraceError(f"{src}: no requests with routing found")
     L, K = shape[0][1:]
@@ -151,11 +169,20 @@ def import_routed(
         warnings.warn(f"{src}: dropped {dropped} row(s) the engine left unfilled (format {format}); the other "
                       "rows keep their positions", stacklevel=2)
     n_experts = resolve_n_experts(max_expert, n_experts, str(src), K)
+    rank_order = "unknown" if unranked and K > 1 else "ranked"
+    if rank_order == "unknown":
+        warnings.warn(f"{src}: the source gives each token's set of experts, not their rank order (format "
+                      f"{format}; see its docs): the store records rank order as unknown, and statistics that "
+                      "need the top-1 will refuse it", stacklevel=2)
+    if unsettled:
+        warnings.warn(f"{src}: in {unsettled} token-layer top-k(s) the recorded router scores cannot settle the rank "
+                      "order (scores equal or within the source's rounding); ranked by the rounded scores, equal "
+                      "ones by expert id", stacklevel=2)
 
     def batches():
         pending: list[dict] = []
         rows = 0
-        for seq, req in enumerate(tqdm(module.read(src, top_k=top_k), desc="import", unit="request",
+        for seq, req in enumerate(tqdm(module.read(src, top_k=top_k, **options), desc="import", unit="request",
                                        disable=not progress, total=n_requests)):
             T = len(req.experts)
             pos = np.arange(T, dtype=np.int32) if req.pos is None else np.asarray(req.pos, dtype=np.int32)
@@ -175,7 +202,8 @@ def import_routed(
             yield _concat(pending)
 
     return write_store(out, batches(), overwrite=overwrite, inputs=(src,), n_layers=len(keep), n_experts=n_experts,
-                       top_k=K, layer_ids=ids, labels=label_names, model=model, chunk_rows=chunk_rows)
+                       top_k=K, layer_ids=ids, labels=label_names, model=model, chunk_rows=chunk_rows,
+                       rank_order=rank_order)
 
 
 def _layer_scan(req: Request) -> tuple[np.ndarray, list]:
