@@ -11,21 +11,23 @@ their weights (optionally the full router distribution).
 
 Batches and continuation. A forward continues the current batch when the
 ``transformers.Cache`` it receives (under any argument name) already holds tokens
-(``Cache.get_seq_length() > 0``) and it has the same number of rows; its tokens are then
-marked ``generated``. This covers generate() (greedy, sampling, beam search; dynamic and
-static caches) and hand-written decode loops passing the cache back, whatever the
-transformers release calls the argument. Any other forward, or one after
-:meth:`Capture.set_batch`, starts a new batch. Padding comes from a 2-D attention mask
-[B, past + S] (1 = token); a 4-D mask (generate() with a static cache) is read through
-the keys its last query attends to; without a mask every token counts.
+(``Cache.get_seq_length() > 0``) and it has the same number of rows. This covers generate()
+(greedy, sampling, beam search; dynamic, static and sliding-window caches), hand-written decode
+loops passing the cache back, and multi-turn continuation (generate() called again on the
+conversation so far with the cache), whatever the transformers release calls the argument. Any
+other forward, or one after :meth:`Capture.set_batch`, starts a new batch. Which tokens are
+recorded, at which position, and which are generated follow :mod:`engine.alignment` (the rules
+replay looks routes up by): padding from the attention mask (2-D, or 4-D read through each
+query's own key), positions counted over a row's tokens, a decode step's token generated, a
+continuation of several tokens a new turn (its first token generated, the caller's text prompt).
 
 Store order. The writer buffers a batch and writes it when the batch ends (the next new
 batch, or exit): one sequence after the other in batch-row order, each in increasing
 position, so a sequence's rows are contiguous and position-ordered in the store.
-Memory is bounded by one batch. A sequence ends before its first generated token that is
-one of ``model.generation_config.eos_token_id`` (read when capture starts): generate()
+Memory is bounded by one batch. A row's turn ends at the decode step that feeds its generated
+EOS (one of ``model.generation_config.eos_token_id``, read when capture starts): generate()
 feeds padding to a finished row while the rest of its batch goes on, and none of that is
-recorded (as a batch of one stops there).
+recorded (as a batch of one stops there); an EOS the caller feeds in a new turn ends nothing.
 
 Beam search and several returned sequences. Beams are followed through
 ``Cache.reorder_cache(beam_idx)`` (called by generate() and by any hand-written beam
@@ -65,6 +67,7 @@ import torch
 from torch import nn
 from transformers import Cache
 
+from engine.alignment import Alignment, forward_inputs, mask_view
 from engine.errors import MoetraceError
 from engine.intervene import RouteEvent, observe_routing, router_sites
 from engine.store import TraceStore
@@ -112,8 +115,9 @@ class _Batch:
     the batch row (slot) of each of its tokens; ``reorders``: (forwards before it, beam_idx).
     """
 
-    def __init__(self, rows: int, ids: np.ndarray, labels: Mapping[str, np.ndarray], group: int):
+    def __init__(self, rows: int, ids: np.ndarray, labels: Mapping[str, np.ndarray], group: int, eos: np.ndarray):
         self.rows, self.ids, self.labels, self.group = rows, ids, labels, group
+        self.alignment = Alignment(rows, eos)
         self.columns: list[dict[str, np.ndarray]] = []
         self.owners: list[np.ndarray] = []
         self.reorders: list[tuple[int, np.ndarray]] = []
@@ -124,6 +128,7 @@ class _Batch:
                 f"capture: Cache.reorder_cache expected {self.rows} beam indices in [0, {self.rows}) for a batch "
                 f"of {self.rows} rows, got shape {beam_idx.shape}")
         self.reorders.append((len(self.owners), beam_idx.astype(np.int64)))
+        self.alignment.reorder(beam_idx.astype(np.int64))
 
     def order(self) -> tuple[np.ndarray, np.ndarray]:
         """(indices into the concatenated forwards' rows, in output order; rows per recorded id).
@@ -229,32 +234,16 @@ class Capture:
         if len(events) != self._n_layers:
             raise MoetraceError(f"capture: expected one routing event per MoE layer ({self._n_layers}) in a "
                                 f"forward, got {len(events)}")
-        input_ids = kwargs.get("input_ids")
-        if input_ids is None and args and torch.is_tensor(args[0]):
-            input_ids = args[0]
-        shape = input_ids.shape if input_ids is not None else kwargs["inputs_embeds"].shape
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
-            mask = args[1]  # model(input_ids, attention_mask) called positionally
-        if isinstance(mask, dict):  # per attention type (models mixing sliding and full layers)
-            mask = mask.get("full_attention")
-        keys_first = False
-        if not torch.is_tensor(mask) or mask.dim() not in (2, 4):
-            mask = None
-        elif mask.dim() == 4:
-            # [B, 1, S, keys]: the keys the last query attends are the non-padding tokens so far.
-            mask, keys_first = mask[:, 0, -1, :], True
-            if mask.is_floating_point():
-                mask = mask > torch.finfo(mask.dtype).min / 2
+        input_ids, (B, S), mask = forward_inputs(args, kwargs)
+        view = mask_view(mask, S, past)
         positions = sorted(events)
         experts = torch.stack([events[p][0] for p in positions], dim=1)            # [B*S, L, K]
         weights = torch.stack([events[p][1] for p in positions], dim=1)
         probs = torch.stack([events[p][2] for p in positions], dim=1) if self.probs else None
-        self._hand_off(shape[0], shape[1], past, None if mask is None else mask != 0, keys_first,
-                       input_ids, experts, weights, probs, find_cache(args, kwargs))
+        self._hand_off(B, S, past, view, input_ids, experts, weights, probs, find_cache(args, kwargs))
 
     @torch.compiler.disable
-    def _hand_off(self, B: int, S: int, past: Any, mask: torch.Tensor | None, keys_first: bool,
+    def _hand_off(self, B: int, S: int, past: Any, view: dict[str, torch.Tensor] | None,
                   input_ids: torch.Tensor | None, experts: torch.Tensor, weights: torch.Tensor,
                   probs: torch.Tensor | None, cache: Cache | None) -> None:
         """Queue one forward for the writer: device-to-host copies started, nothing waited on.
@@ -272,9 +261,9 @@ class Capture:
         if cache is not None:
             self._follow_reorders(cache)
         on_cuda = experts.is_cuda
-        item: dict[str, Any] = {"B": B, "S": S, "keys_first": keys_first, "pending": pending}
-        tensors = {"past": past, "mask": mask, "token_id": input_ids, "experts": experts, "weights": weights,
-                   "probs": probs}
+        item: dict[str, Any] = {"B": B, "S": S, "pending": pending}
+        tensors = {"past": past, "token_id": input_ids, "experts": experts, "weights": weights, "probs": probs,
+                   **({} if view is None else {f"view_{k}": v for k, v in view.items()})}
         for key, value in tensors.items():
             # copy=True: on CPU too, so a caller reusing its input buffer in place cannot change what is written.
             item[key] = value.detach().to("cpu", non_blocking=on_cuda, copy=True) if torch.is_tensor(value) else value
@@ -352,49 +341,41 @@ class Capture:
         if pending is None:
             if self.store.label_names:
                 raise _label_error(self.store.label_names[0], B)
-            return _Batch(B, self._fresh_seq(B), {}, 1)
+            return _Batch(B, self._fresh_seq(B), {}, 1, self._eos)
         n = B if pending["n"] is None else pending["n"]
         ids = pending["seq"]
         if ids is None:
             ids = self._fresh_seq(n)
         elif len(ids):
             self._next_seq = max(self._next_seq, int(ids.max()) + 1)
-        return _Batch(B, ids, pending["labels"], B // n)
+        return _Batch(B, ids, pending["labels"], B // n, self._eos)
 
     def _add_forward(self, item: dict[str, Any]) -> None:
         B, S = item["B"], item["S"]
-        mask = None if item["mask"] is None else item["mask"].numpy()
+        view = {k[5:]: v.numpy() if torch.is_tensor(v) else v for k, v in item.items() if k.startswith("view_")} or None
         past = item["past"]
-        if past is None:
-            past = mask.shape[1] - S if mask is not None and not item["keys_first"] else 0
+        if past is None:  # no cache: a 2-D mask wider than the tokens covers earlier ones
+            past = view["keys"].shape[1] - S if view is not None and not view["keys_first"] else 0
         past = max(int(past), 0)
-        width = past + S
-        if mask is None:
-            full = np.ones((B, width), dtype=bool)
-        elif mask.shape[1] >= width:
-            full = mask[:, :width] if item["keys_first"] else mask[:, -width:]
-        else:  # a mask shorter than the tokens so far: the earlier ones are not padding
-            full = np.concatenate([np.ones((B, width - mask.shape[1]), dtype=bool), mask], axis=1)
-        valid = full[:, -S:].reshape(-1)
-        pos = (np.cumsum(full, axis=1) - 1)[:, -S:].reshape(-1)
-        continuation = past > 0
-        if item["pending"] is not None or not continuation or self._batch is None or self._batch.rows != B:
+        if item["pending"] is not None or past == 0 or self._batch is None or self._batch.rows != B:
             self._end_batch()
             self._batch = self._new_batch(item["pending"], B)
-        n = int(valid.sum())
+        token_ids = None if item["token_id"] is None else item["token_id"].numpy()
+        step = self._batch.alignment.step(S, past, view, token_ids)
+        keep = step.recorded.reshape(-1)
+        n = int(keep.sum())
         columns = {
-            "pos": pos[valid],
-            "token_id": (np.full(n, -1, dtype=np.int64) if item["token_id"] is None
-                         else item["token_id"].numpy().reshape(-1)[valid]),
-            "generated": np.full(n, continuation, dtype=bool),
-            "experts": item["experts"].numpy()[valid],
+            "pos": step.pos.reshape(-1)[keep],
+            "token_id": np.full(n, -1, dtype=np.int64) if token_ids is None else token_ids.reshape(-1)[keep],
+            "generated": step.generated.reshape(-1)[keep],
+            "experts": item["experts"].numpy()[keep],
         }
         if self.store.has_weights:
-            columns["weights"] = item["weights"].float().numpy()[valid]
+            columns["weights"] = item["weights"].float().numpy()[keep]
         if self.store.has_probs:
-            columns["probs"] = item["probs"].float().numpy()[valid]
+            columns["probs"] = item["probs"].float().numpy()[keep]
         self._batch.columns.append(columns)
-        self._batch.owners.append(np.repeat(np.arange(B), S)[valid])
+        self._batch.owners.append(np.repeat(np.arange(B), S)[keep])
 
     def _end_batch(self) -> None:
         """Write the buffered batch: sequence after sequence, each in position order."""
@@ -406,15 +387,6 @@ class Capture:
         out["seq"] = np.repeat(batch.ids, per_seq)
         for name in self.store.label_names:
             out[name] = np.repeat(batch.labels[name], per_seq)
-        if len(self._eos):
-            # A row that generated EOS is fed padding while the rest of the batch goes on: keep
-            # each sequence up to (without) its first generated EOS, as generate() stops a batch of one.
-            eos = out["generated"] & np.isin(out["token_id"], self._eos)
-            eos_before = np.concatenate([[0], np.cumsum(eos)])               # EOS rows before row i
-            seq_start = np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
-            keep = eos_before[:-1] == eos_before[seq_start]                   # no EOS yet in this sequence
-            keep &= ~eos
-            out = {name: values[keep] for name, values in out.items()}
         if len(out["seq"]):
             self.store.append(out)
             self.rows_captured += len(out["seq"])

@@ -29,11 +29,12 @@ the input's (with ``check_tokens``, the default; where the store knows token ids
 expert id outside ``[0, E)``; a forward without a prepared batch (e.g. ``model.model(...)`` called
 directly, which the hook on ``model`` does not see).
 
-Generation. A recorded sequence ends before its first generated EOS (``engine.capture``): when
-``generate`` feeds a row that finished at EOS its EOS and padding while the batch goes on, those
-tokens past the recorded end keep the live routing (as capture does not record them) and are left
-out of the replay rate. Beam search (rows reordered between steps) is not supported: ``set_batch``
-takes one id per batch row.
+Generation. Tokens are aligned by the rules capture records by (:mod:`engine.alignment`, one
+function for both): a row's turn ends at the decode step that feeds its generated EOS, and while
+``generate`` feeds a finished row EOS and padding as the batch goes on, those tokens keep the live
+routing (capture does not record them) and are left out of the replay rate; a new turn (a
+continuation of several tokens) is replayed again. Beam search (rows reordered between steps) is
+not supported: ``set_batch`` takes one id per batch row.
 
 Cost. The lookup runs on the host in a forward pre-hook on ``model``: it reads the attention
 mask and input ids (a device-to-host sync per forward) and copies the forced ids ``[L, T, K]`` to
@@ -57,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.alignment import Alignment, forward_inputs, mask_view
 from engine.capture import cache_length, find_cache
 from engine.compare import read_rows, sequence_index
 from engine.errors import MoetraceError
@@ -83,40 +85,6 @@ def replay_weights(logits: torch.Tensor, experts: torch.Tensor, spec: RouteSpec)
         if spec.renormalize:
             w = w / (w.sum(dim=-1, keepdim=True) + _SIGMOID_RENORM_EPS)
     return w * spec.routed_scaling
-
-
-def _forward_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple[int, int], torch.Tensor | None]:
-    """(input_ids or None, (B, S), attention mask or None) of a causal LM forward."""
-    input_ids = kwargs.get("input_ids")
-    if input_ids is None and args and torch.is_tensor(args[0]):
-        input_ids = args[0]
-    shape = tuple(input_ids.shape if input_ids is not None else kwargs["inputs_embeds"].shape[:2])
-    mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
-        mask = args[1]
-    if isinstance(mask, dict):
-        mask = mask.get("full_attention")
-    return input_ids, shape, mask if torch.is_tensor(mask) else None
-
-
-def _positions(B: int, S: int, past: int, mask: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-    """(valid [B, S] bool, pos [B, S] int64) of a forward's tokens, as engine.capture counts them."""
-    width = past + S
-    if mask is None:
-        full = np.ones((B, width), dtype=bool)
-    else:
-        if mask.dim() == 4:  # [B, 1, S, keys]: the keys the last query attends, keys first
-            m = mask[:, 0, -1, :]
-            m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m != 0
-            m = m.cpu().numpy()
-            full = m[:, :width] if m.shape[1] >= width else None
-        else:
-            m = (mask != 0).cpu().numpy()
-            full = m[:, -width:] if m.shape[1] >= width else None
-        if full is None:  # shorter than the tokens so far: the earlier ones are not padding
-            full = np.concatenate([np.ones((B, width - m.shape[1]), dtype=bool), m], axis=1)
-    pos = np.cumsum(full, axis=1) - 1
-    return full[:, -S:], pos[:, -S:]
 
 
 class Replay:
@@ -187,7 +155,7 @@ class Replay:
         end = np.zeros(len(ids), dtype=np.int64)  # one past each sequence's largest recorded position
         np.maximum.at(end, row_of, pos + 1)
         self._batch = {"seq": ids, "table": table, "tokens": tokens, "length": lengths, "end": end,
-                       "stopped": np.zeros(len(ids), dtype=bool)}
+                       "alignment": Alignment(len(ids), self._eos)}
 
     def replay_rate(self, reset: bool = False) -> dict[int, float]:
         """{layer_id: share of the replayed tokens whose live top-k set differs from the replayed one}
@@ -210,22 +178,22 @@ class Replay:
         batch = self._batch
         if batch is None:
             raise MoetraceError("replay: expected rp.set_batch(seq=[...]) before the forward, got none")
-        input_ids, (B, S), mask = _forward_inputs(args, kwargs)
+        input_ids, (B, S), mask = forward_inputs(args, kwargs)
         n = len(batch["seq"])
         if B != n:
             raise MoetraceError(f"replay.set_batch: expected {B} sequence ids for a batch of {B} rows "
                                 f"(one per row), got {n}")
         past = cache_length(find_cache(args, kwargs))
-        past = max(int(past), 0) if past is not None else (
-            mask.shape[-1] - S if mask is not None and mask.dim() == 2 else 0)
-        valid, pos = _positions(B, S, past, mask)
+        view = mask_view(mask, S, past)
+        view = None if view is None else {k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in view.items()}
+        if past is None:  # no cache: a 2-D mask wider than the tokens covers earlier ones
+            past = view["keys"].shape[1] - S if view is not None and not view["keys_first"] else 0
+        past = max(int(past), 0)
         tokens = None if input_ids is None else input_ids.detach().cpu().numpy().astype(np.int64)
-        end = batch["end"][:, None]
-        if past > 0 and len(self._eos) and tokens is not None:
-            # a row fed its EOS at the recorded end: capture stopped the sequence there
-            batch["stopped"] |= (valid & (pos == end) & np.isin(tokens, self._eos)).any(axis=1)
-        live = valid & (pos >= end) & batch["stopped"][:, None]
-        use = valid & ~live
+        # capture's rules (engine.alignment): tokens it would not record (padding, a row past its
+        # generated EOS) keep the live routing
+        step = batch["alignment"].step(S, past, view, tokens)
+        pos, use = step.pos, step.recorded
         width = batch["table"].shape[1]
         inside = np.minimum(pos, max(width - 1, 0))
         rows = np.arange(B)[:, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import DynamicCache
 
 from engine.capture import capture
 from engine.errors import MoetraceError
@@ -191,15 +192,17 @@ def routing_of_sequence(model, tokens):
     return reference_routing(model, input_ids=torch.tensor([tokens]))
 
 
-def assert_sequence_rows(model, store, rows, seq, tokens, prompt_len):
+def assert_sequence_rows(model, store, rows, seq, tokens, prompt_len, generated=None):
     """The store holds ``tokens`` for ``seq`` as contiguous rows in position order, with the
-    routing the model gives that token history and the prompt/generated split at ``prompt_len``."""
+    routing the model gives that token history and the prompt/generated split at ``prompt_len``
+    (or the ``generated`` flag of each token)."""
     at = np.flatnonzero(rows["seq"] == seq)
     assert len(at) == len(tokens), (seq, len(at), len(tokens))
     assert (np.diff(at) == 1).all(), f"sequence {seq}'s rows are not contiguous"
     assert rows["pos"][at].tolist() == list(range(len(tokens)))
     assert rows["token_id"][at].tolist() == list(tokens)
-    assert rows["generated"][at].tolist() == [i >= prompt_len for i in range(len(tokens))]
+    assert rows["generated"][at].tolist() == (
+        [i >= prompt_len for i in range(len(tokens))] if generated is None else list(generated))
     ref = routing_of_sequence(model, list(tokens))
     for i, layer in enumerate(store.layer_ids):
         np.testing.assert_array_equal(rows["experts"][at, i, :], ref[int(layer)].numpy())
@@ -466,3 +469,68 @@ def test_generate_with_hybrid_and_sliding_window_caches(tmp_path, family):
     for b in range(2):
         prompt = ids[b][mask[b].bool()].tolist()
         assert_sequence_rows(model, store, rows, b, prompt + out[b, ids.shape[1]:-1].tolist(), len(prompt))
+
+
+# --------------------------------------------------------------------- sliding windows and turns
+
+def test_a_sliding_window_with_a_static_cache_records_every_prompt_token(tmp_path):
+    """Mixtral with a 3-token window: the 4-D mask's last query attends only the window and the decode
+    steps' key axis is the window's, so neither can say which earlier tokens were padding or count
+    positions. Each query's own key (the mask's diagonal) and the rows' running counts can; replay uses
+    the same rules and routes the same generation again."""
+    model = tiny_model("mixtral", sliding_window=3)
+    ids, mask = padded_batch()
+    new = 3
+    gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, suppress_tokens=[0],
+               cache_implementation="static")
+    with capture(model, tmp_path / "t.zarr") as cap, torch.no_grad():
+        cap.set_batch(seq=[0, 1])
+        out = model.generate(input_ids=ids, attention_mask=mask, **gen)
+    store, rows = read_all(tmp_path / "t.zarr")
+    for b in range(2):
+        prompt = ids[b][mask[b].bool()].tolist()
+        assert_sequence_rows(model, store, rows, b, prompt + out[b, ids.shape[1]:-1].tolist(), len(prompt))
+    from engine.replay import replay
+
+    with replay(model, tmp_path / "t.zarr") as rp, torch.no_grad():
+        rp.set_batch(seq=[0, 1])
+        again = model.generate(input_ids=ids, attention_mask=mask, **gen)
+        assert all(v == 0.0 for v in rp.replay_rate().values())
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("end_of_turn", [True, False], ids=["eos-fed-by-caller", "no-eos"])
+def test_a_multi_turn_continuation_is_recorded_whole_with_the_users_tokens_as_prompt(tmp_path, end_of_turn):
+    """transformers' "continue generation" pattern: turn 2's input is turn 1's output, an end-of-turn token
+    (here the EOS id) and new user text, with turn 1's cache passed back. generate() feeds the cache's
+    missing tokens (turn 1's last output first) in one forward: that token is generated, the caller's are
+    prompt, and a caller-fed EOS ends nothing. Replay under the same calls routes the same tokens again."""
+    model = tiny_model("olmoe")
+    eos = model.generation_config.eos_token_id
+    prompt = [3, 4, 8, 10, 11, 6]
+    user = [20, 21, 22]
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    def two_turns():
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            first = model.generate(input_ids=torch.tensor([prompt]), cache=cache, **gen)
+            turn2 = torch.cat([first, torch.tensor([[eos] * end_of_turn + user])], dim=1)
+            return first, model.generate(input_ids=turn2, cache=cache, **gen)
+
+    with capture(model, tmp_path / "t.zarr") as cap:
+        cap.set_batch(seq=[5])
+        first, second = two_turns()
+    store, rows = read_all(tmp_path / "t.zarr")
+    tokens = second[0, :-1].tolist()  # the last token never goes through the model
+    assert len(tokens) == len(prompt) + 3 + end_of_turn + len(user) + 2
+    assert_sequence_rows(model, store, rows, 5, tokens, len(prompt), generated=(
+        [False] * len(prompt) + [True] * 3 + [False] * (end_of_turn + len(user)) + [True] * 2))
+
+    from engine.replay import replay
+
+    with replay(model, tmp_path / "t.zarr") as rp:
+        rp.set_batch(seq=[5])
+        again_first, again = two_turns()
+        assert all(v == 0.0 for v in rp.replay_rate().values())
+    assert torch.equal(again, second) and torch.equal(again_first, first)
