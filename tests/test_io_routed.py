@@ -502,3 +502,78 @@ def test_vllm_unfilled_rows_are_dropped_and_the_rest_keep_their_positions(tmp_pa
     src.write_text(json.dumps(_vllm_body([[[0, 1]], [[-1, 4]]], [[[1, 2]]])) + "\n")
     with pytest.raises(MoetraceError, match=r"row 1 \(token 1\), layer 0, rank 0: expected an expert id in .* got -1"):
         import_routed(src, tmp_path / "p.zarr", format="vllm", progress=False)
+
+
+# ------------------------------------------------------------------- a real model's routing, every format
+def _write_engine_source(fmt: str, directory: Path, prompt: list[int], generated: list[int], experts: np.ndarray):
+    """One generation's routing (``experts`` [T, 2 MoE layers, K] of a 3-layer model whose layer 0 is dense)
+    written as ``fmt``'s engine writes it; returns (src, import_routed keyword arguments)."""
+    directory.mkdir()
+    p = len(prompt)
+    config = directory / "config.json"
+    config.write_text(json.dumps({"model_type": "deepseek_v3", "num_hidden_layers": 3, "first_k_dense_replace": 1}))
+    if fmt == "npy":
+        np.save(directory / "0.npy", experts)
+        return directory, {"layer_ids": [1, 2]}
+    if fmt == "vllm":  # newer vLLM: MoE layers indexed 0, 1; the config maps them
+        body = {"id": "r0", "prompt_token_ids": prompt, "prompt_routed_experts": experts[:p].tolist(),
+                "choices": [{"index": 0, "token_ids": generated, "routed_experts": experts[p:].tolist()}]}
+        (directory / "r.jsonl").write_text(json.dumps(body) + "\n")
+        return directory / "r.jsonl", {"config": config}
+    if fmt == "sglang":  # buffers over every decoder layer: the dense layer 0 stays zeros
+        full = np.concatenate([np.zeros((len(experts), 1, experts.shape[2]), np.int64), experts], axis=1)
+        line = {"output_ids": generated, "meta_info": {"id": "r0", "prompt_tokens": p,
+                                                       "completion_tokens": len(generated),
+                                                       "routed_experts": _sglang_b64(full)}}
+        (directory / "g.jsonl").write_text(json.dumps(line) + "\n")
+        return directory / "g.jsonl", {"top_k": experts.shape[2]}
+    assert fmt == "megatron"  # written by megatron-core's own tracer (record_indices: the model's layer numbers)
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # Megatron warns that Transformer Engine and Apex are absent
+        warnings.simplefilter("ignore")
+        from megatron.core.transformer.moe.router_trace import RouterTracer
+
+    tracer = RouterTracer(str(directory), max_steps=2, rank=0, training_mode=True)
+    tracer.record_indices(torch.as_tensor(experts), layer_ids=[1, 2])
+    tracer.advance_step()
+    tracer.flush()
+    return directory, {"options": {"order": "as-written"}}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_an_imported_trace_replays_on_and_compares_with_a_capture_of_the_same_model(tmp_path, fmt):
+    """A DeepSeek-V3-layout model (dense layer 0, MoE layers 1 and 2) generates under capture; its routing,
+    written in the engine's format and imported, has the capture's layer ids and experts (compare: top-1
+    agreement and overlap 1 in every layer), and replaying it regenerates the same tokens."""
+    import torch
+
+    from engine.capture import capture
+    from engine.compare import compare, summary_json
+    from engine.replay import replay
+    from tiny_models import tiny_model
+
+    model = tiny_model("deepseek_v3", first_k_dense_replace=1)
+    prompt = [3, 4, 8, 10, 11, 6]
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    with capture(model, tmp_path / "cap.zarr") as cap, torch.no_grad():
+        cap.set_batch(seq=[0])
+        out = model.generate(input_ids=torch.tensor([prompt]), **gen)
+    captured = TraceStore.open(tmp_path / "cap.zarr")
+    assert captured.layer_ids.tolist() == [1, 2]
+    experts = captured.read(["experts"])["experts"].astype(np.int64)
+    generated = out[0, len(prompt):].tolist()
+    src, kwargs = _write_engine_source(fmt, tmp_path / "src", prompt, generated, experts)
+    store = import_routed(src, tmp_path / "o.zarr", format=fmt, n_experts=captured.n_experts, progress=False,
+                          **kwargs)
+    assert store.layer_ids.tolist() == [1, 2] and store.rank_order == "ranked"
+    summary = summary_json(compare(store, captured))
+    assert summary["tokens"] == len(experts)
+    assert all(layer["top1_agreement"] == 1.0 and layer["topk_overlap"] == 1.0 for layer in summary["layers"])
+    with replay(model, store) as rp, torch.no_grad():
+        rp.set_batch(seq=[0])
+        again = model.generate(input_ids=torch.tensor([prompt]), **gen)
+        assert all(v == 0.0 for v in rp.replay_rate().values())
+    assert torch.equal(again, out)

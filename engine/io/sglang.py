@@ -1,7 +1,9 @@
 """``--format sglang``: SGLang ``/generate`` responses with ``return_routed_experts``, one JSON per line.
 
 SGLang started with ``--enable-return-routed-experts`` and asked with
-``"return_routed_experts": true`` puts in each response's ``meta_info``:
+``"return_routed_experts": true`` puts in each response's ``meta_info`` (the buffers of
+``python/sglang/srt/layers/moe/routed_experts_capturer.py``, commit bed301a5, span every decoder
+layer: a dense layer stays all zeros and is dropped, :mod:`engine.io.routed`):
 
 - ``routed_experts``: base64 of a little-endian int32 C-order array ``[tokens, layers, top_k]``
   covering the prompt and the generated tokens except the last one (which is never fed

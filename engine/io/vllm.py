@@ -2,7 +2,9 @@
 
 vLLM started with ``--enable-return-routed-experts`` adds to a ``/v1/completions`` or
 ``/v1/chat/completions`` response (``vllm/entrypoints/openai/*/protocol.py``; the engine's
-``CompletionOutput.routed_experts`` is an int array ``[seq_len, layer_num, topk]``):
+``CompletionOutput.routed_experts`` is an int array ``[seq_len, layer_num, topk]``, filled by
+``vllm/model_executor/layers/fused_moe/routed_experts_capturer.py``, vLLM 0.20-0.21, a port of
+SGLang's capturer at commit bed301a5):
 
 - ``prompt_routed_experts``: ``[prompt tokens][layers][top_k]`` (response level, may be null);
 - ``choices[i].routed_experts``: ``[generated tokens][layers][top_k]`` for that choice;
