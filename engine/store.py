@@ -351,6 +351,10 @@ class TraceStore:
             # new at every create (overwrite included), kept by appends: tells a rewritten store
             # from the one it replaced (engine/counting/archive.py keys checkpoints by it)
             "uuid": uuid.uuid4().hex,
+            # every chunk of the per-token arrays is written, fill-valued ones too (write_empty_chunks):
+            # inside the committed rows a missing chunk file is damage, not zeros (stores created before
+            # this lack the key, and zarr may have skipped their all-zero chunks)
+            "all_chunks_written": True,
         }
         compressor = _codec(codec)
 
@@ -833,11 +837,32 @@ class TraceStore:
         arr = self._arrays.get(column)
         if arr is None:
             name = f"routing/{column}" if column in ROUTING_COLUMNS else f"tokens/{column}"
-            arr = self._arrays[column] = self._group[name]
+            arr = self._arrays[column] = self._group[name].with_config({"write_empty_chunks": True})
         return arr
+
+    @property
+    def all_chunks_written(self) -> bool:
+        """Whether every chunk (shard) file of the committed rows must exist (stores created since
+        moetrace wrote fill-valued chunks too): a missing one is then damage, never zeros."""
+        return bool(self._meta.get("all_chunks_written", False))
+
+    def require_chunk_files(self, arr: zarr.Array, start: int, stop: int) -> None:
+        """MoetraceError when a chunk (shard) file holding rows ``[start, stop)`` of ``arr`` is missing
+        from a local store whose chunks are all written (zarr would read the rows as fill values)."""
+        if not self.all_chunks_written or not isinstance(self.path, Path) or stop <= start:
+            return
+        rows = int(arr.metadata.chunk_grid.chunk_shape[0])
+        for index in range(start // rows, (stop - 1) // rows + 1):
+            key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+            if not (self.path / arr.path / key).is_file():
+                raise MoetraceError(
+                    f"{self.path}/{arr.path}/{key}: missing chunk file of committed rows [{index * rows}, "
+                    f"{min((index + 1) * rows, len(self))}) (deleted, or a committed count larger than what was "
+                    "written): the store is damaged")
 
     def _read_rows(self, column: str, start: int, stop: int) -> np.ndarray:
         arr = self._array(column)
+        self.require_chunk_files(arr, start, stop)
         try:
             return _host(arr[start:stop])
         except Exception as exc:  # a damaged chunk file: codec, size or decode errors

@@ -98,9 +98,12 @@ def _client(args: argparse.Namespace):
 
 
 def run_count(args: argparse.Namespace) -> int:
-    from engine.counting import count, save_counts
+    from engine.counting import count, save_counts, stores_of
+    from engine.counting.files import refuse_input_as_output
 
-    if Path(args.out).exists() and not args.overwrite:  # say so before counting, not after
+    # say so before counting, not after
+    refuse_input_as_output(args.out, [getattr(s, "path", s) for s in stores_of(args.store)])
+    if Path(args.out).exists() and not args.overwrite:
         raise MoetraceError(f"{args.out}: already exists (pass --overwrite to replace it)")
     client = _client(args)
     try:

@@ -46,6 +46,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,7 +58,8 @@ from engine.counting.files import load_counts, save_counts
 from engine.counting.filters import DERIVED_LABELS, Filters, _values
 from engine.counting.prefix import shared_prefix
 from engine.errors import MoetraceError
-from engine.store import TraceStore
+from engine.leftovers import clean, describe, leftover
+from engine.store import ATTR_KEY, TraceStore
 
 __all__ = ["RANGE_ROUTING_ROWS", "stores_of", "plan", "count_archive"]
 
@@ -77,8 +79,22 @@ def _local(text: str) -> str:
     return text[len("file://"):] if text.startswith("file://") else text
 
 
+def _trace_store_json(raw: bytes | None) -> bool:
+    """Whether a group's ``zarr.json`` is a trace store's (it has the ``moetrace`` attribute; a counts
+    file or any other Zarr group has not)."""
+    try:
+        return raw is not None and ATTR_KEY in json.loads(raw).get("attributes", {})
+    except (ValueError, AttributeError):
+        return False
+
+
 def _stores_at(text: str) -> list[str]:
-    """Stores named by one path, directory or glob (local or an fsspec URL)."""
+    """Stores named by one path, directory or glob (local or an fsspec URL).
+
+    A directory or glob takes the complete trace stores it holds: leftovers of interrupted writes
+    (``*.partial-<pid>``, ``*.old-<pid>``: :mod:`engine.leftovers`) and Zarr groups that are not
+    trace stores (e.g. a counts file saved there) are skipped with a warning naming them. A path
+    that names a store itself is taken as it is."""
     if _is_url(text):
         import fsspec
 
@@ -88,8 +104,11 @@ def _stores_at(text: str) -> list[str]:
             raise MoetraceError(f"{text}: cannot open ({exc}; install the fsspec filesystem for this URL)") from None
         url = fs.unstrip_protocol
 
-        def exists(p: str) -> bool:
-            return fs.exists(f"{p.rstrip('/')}/zarr.json")
+        def read_json(p: str) -> bytes | None:
+            try:
+                return fs.cat(f"{p.rstrip('/')}/zarr.json")
+            except (FileNotFoundError, OSError):
+                return None
 
         def children(p: str) -> list[str]:
             return [c["name"] for c in fs.ls(p, detail=True) if c["type"] == "directory"]
@@ -104,8 +123,11 @@ def _stores_at(text: str) -> list[str]:
         def url(p: str) -> str:
             return p
 
-        def exists(p: str) -> bool:
-            return (Path(p) / "zarr.json").is_file()
+        def read_json(p: str) -> bytes | None:
+            try:
+                return (Path(p) / "zarr.json").read_bytes()
+            except OSError:
+                return None
 
         def children(p: str) -> list[str]:
             return [str(c) for c in Path(p).iterdir() if c.is_dir()]
@@ -114,12 +136,27 @@ def _stores_at(text: str) -> list[str]:
             return Path(p).is_dir()
 
         matches = globlib.glob(text) if any(ch in text for ch in _GLOB_CHARS) else [text]
-    out = []
+    out, skipped = [], []
+    explicit = len(matches) == 1 and matches[0] == (text if not _is_url(text) else root)
     for m in sorted(matches):
-        if exists(m):
+        raw = read_json(m)
+        if raw is not None and explicit:  # named itself: taken (opening it says so when it is not a trace store)
             out.append(url(m))
-        elif isdir(m):
-            out.extend(url(c) for c in sorted(children(m)) if exists(c))
+            continue
+        candidates = [m] if raw is not None else (sorted(children(m)) if isdir(m) else [])
+        for c in candidates:
+            found = read_json(c)
+            if found is None:
+                continue
+            if leftover(Path(c.rstrip("/")).name) is not None:
+                skipped.append(describe(c))
+            elif not _trace_store_json(found):
+                skipped.append(f"{Path(c.rstrip('/')).name} (a Zarr group, not a trace store)")
+            else:
+                out.append(url(c))
+    if skipped:
+        warnings.warn(f"{text}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not "
+                      f"complete trace stores: {'; '.join(skipped)}", stacklevel=3)
     return out
 
 
@@ -144,11 +181,34 @@ def stores_of(archive: Any) -> list[str | TraceStore]:
     if not items:
         raise MoetraceError("archive: expected at least one store, got an empty list")
     out: list[str | TraceStore] = []
+    seen: set[str] = set()
     for item in items:
         for s in stores_of(item):
-            if isinstance(s, TraceStore) or s not in out:
+            key = _where(s)
+            if key not in seen:  # one store named twice (a.zarr, ./a.zarr, its absolute path) is counted once
+                seen.add(key)
                 out.append(s)
     return out
+
+
+def _where(store: str | TraceStore) -> str:
+    """A store's location, resolved (symlinks, relative paths) when local: equal for one store however named."""
+    path = store.path if isinstance(store, TraceStore) else store
+    text = str(path)
+    return text if _is_url(text) else os.path.realpath(_local(text))
+
+
+def _check_distinct(stores: list[TraceStore]) -> None:
+    """Refuse two stores with one ``uuid`` (a copy, or one store reached by two URLs): counting both
+    would count its rows twice."""
+    first: dict[str, TraceStore] = {}
+    for st in stores:
+        if st.uuid is None:
+            continue
+        if st.uuid in first:
+            raise MoetraceError(f"{first[st.uuid].path} and {st.path} are the same store (uuid {st.uuid}; a copy, "
+                                "or one store under two names): name it once")
+        first[st.uuid] = st
 
 
 def _check_compatible(stores: list[TraceStore]) -> None:
@@ -283,6 +343,13 @@ def _add(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     out = a.copy()
     for name in a.data_vars:
         out[name] = a[name] + b[name]
+        x, y, z = a[name].values, b[name].values, out[name].values
+        if z.dtype.kind == "i" and (((x ^ z) & (y ^ z)) < 0).any():  # int64 wrapped: both signs differ from the sum's
+            limit = "2**39 (int64 units of 2**-24, the exact sum of float16 weights)" if name in _UNITS_VARS \
+                else "2**63"
+            reached = float(np.abs(x.astype(np.float64) + y).max()) * (_UNIT if name in _UNITS_VARS else 1)
+            raise MoetraceError(f"{name}: a cell's sum passed {limit} at {reached:.6g}; it cannot be summed exactly: "
+                                "count a part of the archive at a time")
     out.attrs = dict(a.attrs)
     if _SHARED in a.attrs or _SHARED in b.attrs:
         out.attrs[_SHARED] = {**a.attrs.get(_SHARED, {}), **b.attrs.get(_SHARED, {})}
@@ -342,7 +409,10 @@ def _checkpoint_files(checkpoint, identities: list[dict], ranges, names, filters
     hold counts of the same archive with other arguments.
     """
     ckpt = Path(checkpoint)
+    if ckpt.exists() and not ckpt.is_dir():
+        raise MoetraceError(f"--checkpoint {ckpt}: a file, expected a directory (new or made by an earlier count)")
     ckpt.mkdir(parents=True, exist_ok=True)
+    clean(ckpt)  # ranges and manifests a killed count was writing
     manifest = ckpt / CHECKPOINT_MANIFEST
     want = {"moetrace_checkpoint": 1, "stores": identities}
     if manifest.exists():
@@ -372,6 +442,7 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
     """Counts of every committed row of every store of ``archive`` (see the module docstring)."""
     paths = stores_of(archive)
     stores = [open_store(p) for p in paths]
+    _check_distinct(stores)
     _check_compatible(stores)
     extra = {"vocab_size": vocab_size}
     names = [parse_stats(stats, st, extra) for st in stores][0]

@@ -54,21 +54,29 @@ class _RawColumn:
         self.dtype = arr.dtype
         self.inner = tuple(arr.shape[1:])
         self.fill = arr.fill_value
+        self.store = st
 
     def decode(self, index: int, out: np.ndarray) -> None:
         """Decode chunk ``index`` (a whole chunk of ``rows`` rows) into ``out``."""
         path = self.dir / self.meta.encode_chunk_key((index,) + (0,) * len(self.inner))
         try:
             data = path.read_bytes()
-        except FileNotFoundError:  # zarr does not write chunks that are all fill value
+        except FileNotFoundError:
+            # a store written before moetrace wrote every chunk may lack its fill-valued ones
+            self.store.require_chunk_files(self.arr, index * self.rows, min((index + 1) * self.rows, len(self.store)))
             out[...] = self.fill
             return
         except OSError as exc:
             raise MoetraceError(f"{path}: unreadable chunk ({exc.strerror or exc})") from None
         try:
-            # a Blosc frame's header holds its decoded size (bytes 4-7, little endian): a short frame
-            # would leave the previous chunk's rows in the reused buffer
-            size = int.from_bytes(data[4:8], "little") if len(data) >= 16 else -1
+            # a Blosc frame's 16-byte header holds its decoded size (bytes 4-7) and its own length
+            # (bytes 12-15, little endian): a frame that decodes short would leave the previous chunk's
+            # rows in the reused buffer, and one cut short would have the decompressor read past its end
+            if len(data) < 16:
+                raise ValueError(f"{len(data)} bytes, shorter than a Blosc header")
+            size, length = int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
+            if length != len(data):
+                raise ValueError(f"the frame says it is {length} bytes long, the file has {len(data)} (truncated?)")
             if size != out.nbytes:
                 raise ValueError(f"the frame decodes to {size} bytes, expected {out.nbytes}")
             blosc.decompress(data, out)

@@ -25,6 +25,7 @@ from pathlib import Path
 import xarray as xr
 
 from engine.errors import MoetraceError
+from engine.leftovers import clean
 
 __all__ = ["COUNTS_VERSION", "COMPLETE_ATTR", "save_counts", "load_counts"]
 
@@ -38,6 +39,16 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def refuse_input_as_output(out: str | Path, inputs) -> None:
+    """MoetraceError when ``out`` is (a name of) one of the ``inputs`` (store paths; URLs never are):
+    writing the counts there would delete the store they were counted from."""
+    target = os.path.realpath(out)
+    for store in inputs:
+        text = str(store)
+        if "://" not in text and os.path.realpath(text) == target:
+            raise MoetraceError(f"{out}: the output is also an input store; choose another output path")
 
 
 def save_counts(ds: xr.Dataset, path: str | Path, overwrite: bool = True) -> None:
@@ -54,8 +65,10 @@ def save_counts(ds: xr.Dataset, path: str | Path, overwrite: bool = True) -> Non
             f"save_counts: expected a counts Dataset (moetrace_counts_version={COUNTS_VERSION}), "
             f"got attribute {ds.attrs.get('moetrace_counts_version')!r}")
     path = Path(path)
+    refuse_input_as_output(path, ds.attrs.get("stores", []))
     if path.exists() and not overwrite:
         raise MoetraceError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+    clean(path.parent, path.name)  # what a killed earlier writer of this file left
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     _remove(partial)
     out = ds.copy()

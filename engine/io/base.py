@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from engine.errors import MoetraceError
+from engine.leftovers import clean
 from engine.store import MAX_LAYER_ID  # the largest layer index a store (and so an importer) takes
 
 #: ``routing/experts`` is uint16 at most.
@@ -70,6 +71,7 @@ def staged_store(out: str | os.PathLike, overwrite: bool = False, inputs: tuple 
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MoetraceError(f"{out}: cannot create its directory ({exc.strerror})") from None
+    clean(out.parent, out.name)  # what a killed earlier writer of this output left
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     _remove(partial)
     try:
