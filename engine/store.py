@@ -403,6 +403,8 @@ class TraceStore:
         elif "://" in text:
             return cls._open_url(text, mode)
         path = Path(path)
+        if not path.exists():
+            raise MoetraceError(f"{path}: no such file or directory")
         if not (path / "zarr.json").is_file():
             raise MoetraceError(f"{path}: not a moetrace store (no zarr.json: not a Zarr v3 group)")
         try:

@@ -768,6 +768,10 @@ class VocabStat(CountStat):
         if experts.shape[0] == 0:
             return
         token_id = np.ascontiguousarray(arrays["token_id"])
+        kept = token_id[group >= 0]
+        if len(kept) and int(kept.max()) >= self.shape[0]:
+            raise ValueError(f"vocab: token id {int(kept.max())} is not below vocab_size {self.shape[0]} "
+                             "(pass a larger --vocab-size)")
         _check_bad(self.name, _vocab_kernel(experts.size, state, experts, group, token_id, self.n_experts),
                    self.n_experts)
 

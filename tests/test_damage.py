@@ -180,3 +180,35 @@ def test_an_archive_sum_that_would_wrap_is_refused():
         _add(a, b)
     ok = _add(a.copy(data={"weight_sum": np.array([1, 5])}), b)
     assert ok["weight_sum"].values.tolist() == [2 ** 41 + 1, 12] and _UNIT == 2.0 ** -24
+
+
+# --------------------------------------------------------------------------- one line, saying what is wrong
+def test_inputs_that_raised_tracebacks_or_misleading_messages_get_one_true_line(tmp_path, capsys):
+    import gzip
+
+    from engine.io import import_csv, import_routed
+
+    samples = gzip.compress(b"q_ix,token_ix,token,domain\n" + b"".join(b"0,%d,t,x\n" % i for i in range(50)))
+    (tmp_path / "s.csv.gz").write_bytes(samples[:len(samples) // 2])
+    (tmp_path / "k.csv").write_text("q_ix,token_ix,layer_ix,topk_ix,expert,weight\n0,0,0,1,1,nan\n0,1,0,1,2,0.5\n")
+    with pytest.raises(MoetraceError, match=r"s\.csv\.gz: unreadable \(.*a truncated or damaged compressed file"):
+        import_csv(tmp_path / "s.csv.gz", tmp_path / "k.csv", tmp_path / "a.zarr", progress=False)
+    (tmp_path / "s.csv").write_text("q_ix,token_ix,token,domain\n0,0,a,x\n0,1,b,x\n")
+    with pytest.raises(MoetraceError, match=r"k\.csv: row 2, column weight: expected a finite number .* got nan"):
+        import_csv(tmp_path / "s.csv", tmp_path / "k.csv", tmp_path / "b.zarr", progress=False)
+
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "0.npy", np.zeros((0, 2, 2), np.int64))
+    with pytest.raises(MoetraceError, match="no requests with routing found"):
+        import_routed(tmp_path / "npy", tmp_path / "c.zarr", format="npy", progress=False)
+
+    st = TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=8, top_k=1)
+    with st:
+        st.append({"seq": np.zeros(3, int), "pos": np.arange(3), "token_id": np.array([5, 90, 7]),
+                   "experts": np.ones((3, 1, 1), int)})
+    with pytest.raises(MoetraceError, match="vocab: token id 90 is not below vocab_size 10"):
+        count(tmp_path / "t.zarr", stats=["vocab"], vocab_size=10, progress=False)
+    with pytest.raises(MoetraceError, match=r"by: unknown label 'domain' in .*t\.zarr"):
+        count(tmp_path / "t.zarr", by=["domain"], progress=False)
+    assert main(["info", str(tmp_path / "missing.zarr")]) == 2
+    assert "missing.zarr: no such file or directory" in capsys.readouterr().err

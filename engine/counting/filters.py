@@ -163,14 +163,14 @@ class Selection:
         self.vocab = labels
         for label in filters.by:
             if label not in labels:
-                raise MoetraceError(f"by: unknown label {label!r}; expected one of {sorted(labels)}")
+                raise MoetraceError(f"by: unknown label {label!r} in {st.path}; expected one of {sorted(labels)}")
         self.by = list(filters.by)
         self.coords: dict[str, list[str]] = {}
         # label -> lookup code -> coordinate index (or -1 when that value is filtered out)
         self.luts: dict[str, np.ndarray] = {}
         for label, values in filters.groups.items():
             if label not in labels:
-                raise MoetraceError(f"groups: unknown label {label!r}; expected one of {sorted(labels)}")
+                raise MoetraceError(f"groups: unknown label {label!r} in {st.path}; expected one of {sorted(labels)}")
             self._lut(label, _label_values("groups", label, values, labels[label]))
         for label in self.by:
             if label not in self.luts:

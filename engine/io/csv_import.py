@@ -295,7 +295,8 @@ class _CsvFile:
             parse_options=pacsv.ParseOptions(newlines_in_values=self.newlines_in_values),
             convert_options=pacsv.ConvertOptions(
                 column_types=column_types, include_columns=include or [], strings_can_be_null=False,
-                quoted_strings_can_be_null=False),
+                quoted_strings_can_be_null=False,
+                null_values=[""]),  # "nan", "NA", ... are values (refused as such), not empty cells
         )
 
     def open(self, column_types: dict, bad_rows: list, include: list[str] | None = None):
@@ -331,6 +332,8 @@ def _header(csv: _CsvFile) -> list[str]:
             return csv.open({}, bad)[1].schema.names
         except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
             raise _csv_error(csv, exc, bad, {}, 2) from None
+        except OSError as exc:
+            raise _unreadable(csv, exc) from None
 
     names = csv.retrying(read)
     if len(set(names)) != len(names):
@@ -362,9 +365,16 @@ def _batches(csv: _CsvFile, column_types: dict, progress: bool, desc: str, inclu
                 bar.update(min(raw.tell(), size) - bar.n)
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise _csv_error(csv, exc, bad, column_types, row0) from None
+    except OSError as exc:  # a truncated or damaged compressed stream
+        raise _unreadable(csv, exc) from None
     finally:
         if raw is not None:
             raw.close()
+
+
+def _unreadable(csv: _CsvFile, exc: OSError) -> MoetraceError:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return MoetraceError(f"{csv.path}: unreadable ({text}; a truncated or damaged compressed file?)")
 
 
 def _csv_error(csv: _CsvFile, exc: Exception, bad: list, column_types: dict, row0: int) -> MoetraceError:

@@ -308,7 +308,7 @@ def _check(req: Request, shape, n_experts: int | None):
         raise MoetraceError(f"{req.where}: [layers, top_k] = {list(experts.shape[1:])} (layer ids "
                             f"{req.layer_ids}), expected {list(shape[0][1:])} (layer ids {shape[2]}) like {shape[1]}")
     hi = MAX_EXPERTS - 1 if n_experts is None else n_experts - 1
-    flat = experts.reshape(T, -1)
+    flat = experts.reshape(T, experts.shape[1] * experts.shape[2])  # T may be 0
     bad = (flat < 0) | (flat > hi)  # compared in the source dtype: nothing wraps
     if bad.any():
         t, j = np.unravel_index(int(np.argmax(bad)), bad.shape)
