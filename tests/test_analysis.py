@@ -14,6 +14,7 @@ from hypothesis.extra.numpy import arrays
 from engine.analysis import decisiveness, expert_similarity, linear_cka, router_entropy, weight_similarity
 from engine.analysis._common import LayerInputs, blocks, expert_outputs, experts_modules, token_batches
 from engine.errors import MoetraceError
+from engine.analysis.decisiveness import table as decisiveness_table
 from engine.store import TraceStore
 from tiny_models import TINY, VOCAB, tiny_model
 
@@ -107,9 +108,36 @@ def test_decisiveness_matches_direct_computation(tmp_path):
         # histogram quantiles are within one bin of the exact ones
         np.testing.assert_allclose(ds["entropy_quantile"].values[li], np.quantile(h[:, li], ds["quantile"].values),
                                    atol=1 / 50)
+    for gi, g in enumerate(["code", "math"]):  # each group's own quantiles (the CSV's), not the layer's
+        sel = domain[:600] == g
+        for li in range(2):
+            np.testing.assert_allclose(ds["group_entropy_quantile"].values[gi, li],
+                                       np.quantile(h[sel, li], ds["quantile"].values), atol=1 / 50)
+            np.testing.assert_allclose(ds["group_mass_quantile"].values[gi, li],
+                                       np.quantile(mass[sel, li], ds["quantile"].values), atol=1 / 50)
+    csv = decisiveness_table(ds)
+    row = csv[(csv["group"] == "code") & (csv["layer"] == 5)].iloc[0]
+    assert row["entropy_q0.5"] == pytest.approx(float(ds["group_entropy_quantile"].sel(group="code", layer=5,
+                                                                                        quantile=0.5)))
     assert ds["layer"].values.tolist() == [3, 5]
     with pytest.raises(MoetraceError, match="layer 2 is not a recorded"):
         decisiveness(tmp_path / "t.zarr", layers=[2])
+
+
+def test_decisiveness_mass_is_that_of_the_experts_the_token_was_routed_to(tmp_path):
+    """A biased or group-limited router (DeepSeek-V3's family) does not route to the K largest scores:
+    the mass is the selected experts' share, not the top-K scores'."""
+    rng = np.random.default_rng(3)
+    n, E, K = 400, 8, 2
+    probs = rng.dirichlet(np.full(E, 0.5), size=(n, 1)).astype(np.float16)
+    experts = np.stack([rng.permutation(E)[:K] for _ in range(n)])[:, None, :]  # not the largest
+    with TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=E, top_k=K, probs=True) as st:
+        st.append({"seq": np.arange(n) // 40, "pos": np.arange(n) % 40, "experts": experts, "probs": probs})
+    p = probs.astype(np.float64)[:, 0]
+    want = np.take_along_axis(p, experts[:, 0], axis=1).sum(1) / p.sum(1)
+    ds = decisiveness(tmp_path / "t.zarr")
+    assert float(ds["mean_mass"].values[0, 0]) == pytest.approx(want.mean(), rel=1e-5)
+    assert float(ds["mean_mass"].values[0, 0]) < (np.sort(p, 1)[:, -K:].sum(1) / p.sum(1)).mean() - 0.1
 
 
 def test_blocks_cut_store_chunks_into_bounded_consecutive_views(tmp_path):
@@ -204,3 +232,34 @@ def test_expert_similarity_matches_materialized_outputs():
     flat = torch.cat([module.gate_up_proj.reshape(8, -1), module.down_proj.reshape(8, -1)], 1).double()
     assert w[1, 4] == pytest.approx(float(torch.nn.functional.cosine_similarity(flat[1], flat[4], dim=0)))
     np.testing.assert_allclose(np.diag(w), 1.0)
+
+
+@pytest.mark.parametrize("bad", [[3, 99], [8], [-1], [2, 2]])
+def test_expert_ids_outside_the_model_are_refused_before_any_forward(bad):
+    """An id >= E or < 0 read memory outside the fused experts' weights (cosine = CKA = 1.0 for expert 99,
+    uninitialised outputs from expert_outputs); a repeated id would be compared with itself."""
+    model = tiny_model("qwen3_moe")
+    batches = token_batches([[5, 6, 7, 8]], batch_size=1)
+    with pytest.raises(MoetraceError, match=r"experts: (expected expert ids in \[0, 8\)|expert 2 is named twice)"):
+        expert_similarity(model, batches, layers=[0], experts=bad)
+    module, n_experts, _ = experts_modules(model, [0])[0]
+    with pytest.raises(MoetraceError, match="experts: "):
+        expert_outputs(module, torch.zeros(3, 32), n_experts, bad)
+
+
+def test_analyses_group_tokens_with_the_count_drivers_checked_codes(tmp_path):
+    """A store whose label list no longer covers its codes: count refuses it, and so do the analyses
+    (they once computed group codes apart, without the check, and put tokens under the wrong group)."""
+    import json
+
+    from engine.counting import count
+
+    probs_store(tmp_path / "t.zarr")
+    meta_path = tmp_path / "t.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["moetrace"]["labels"]["domain"] = ["code"]  # "math" (code 1) dropped
+    meta_path.write_text(json.dumps(meta))
+    for run in (lambda: count(tmp_path / "t.zarr", stats=["experts"], by=["domain"], progress=False),
+                lambda: decisiveness(tmp_path / "t.zarr", by=["domain"])):
+        with pytest.raises(MoetraceError, match=r"tokens/domain: code 1 beyond the label vocabulary \(1 values\)"):
+            run()

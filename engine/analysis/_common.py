@@ -53,22 +53,18 @@ def blocks(chunks: Iterable[Chunk], block_rows: int = BLOCK_ROWS) -> Iterator[Ch
 def group_codes(store: TraceStore, by: Sequence[str]) -> tuple[list[str], Any]:
     """(group names, f(chunk) -> int64 group code per row) for the cross product of labels ``by``.
 
-    Group names join the label values with ``/`` (``math/en``); no labels: one group ``all``.
+    Group names join the label values with ``/`` (``math/en``); no labels: one group ``all``. The
+    codes are the count driver's (:meth:`engine.counting.filters.Selection.group_codes`): a label
+    code beyond the store's vocabulary is an error there, and so here.
     """
-    by = list(by)
-    for label in by:
-        if label not in store.labels:
-            raise MoetraceError(f"--by: no label {label!r} in {store.path} (have {store.label_names})")
-    vocabs = [store.labels[label] or [""] for label in by]
-    sizes = [len(v) for v in vocabs]
-    names = ["/".join(parts) for parts in itertools.product(*vocabs)] if by else ["all"]
+    from engine.counting.filters import Filters
+
+    selection = Filters.of(by=list(by) or None).compile(store)
+    vocabs = [selection.coords[label] for label in selection.by]
+    names = ["/".join(parts) for parts in itertools.product(*vocabs)] if selection.by else ["all"]
 
     def codes(chunk) -> np.ndarray:
-        n = len(chunk)
-        out = np.zeros(n, dtype=np.int64)
-        for label, size in zip(by, sizes):
-            out = out * size + chunk[label].astype(np.int64)
-        return out
+        return selection.group_codes(chunk.columns, len(chunk))
 
     return names, codes
 
@@ -149,8 +145,22 @@ def expert_outputs(experts: nn.Module, hidden: torch.Tensor, n_experts: int,
     family's own expert code computes it (gated MLPs, biases, clamps included).
     """
     T = hidden.shape[0]
+    which = list(range(n_experts)) if which is None else check_expert_ids(which, n_experts)
     return torch.stack([routed_outputs(experts, hidden, torch.full((T, 1), int(e), device=hidden.device))[:, 0]
-                        for e in (range(n_experts) if which is None else which)])
+                        for e in which])
+
+
+def check_expert_ids(experts: Sequence[int], n_experts: int, what: str = "experts") -> list[int]:
+    """``experts`` as distinct ints in [0, n_experts); MoetraceError naming the first that is not (the fused
+    experts module would read memory outside its weights for an id out of range)."""
+    ids = []
+    for e in experts:
+        if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= int(e) < n_experts:
+            raise MoetraceError(f"{what}: expected expert ids in [0, {n_experts}), got {e!r}")
+        if int(e) in ids:
+            raise MoetraceError(f"{what}: expert {int(e)} is named twice")
+        ids.append(int(e))
+    return ids
 
 
 def routed_outputs(experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -55,16 +55,21 @@ def _hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs: Sequence[float]) ->
 
 def decisiveness(store: str | TraceStore, layers: Sequence[int] | None = None, num_tokens: int | None = None,
                  by: Sequence[str] = (), bins: int = 200) -> xr.Dataset:
-    """Normalized router entropy and top-k mass per layer (and group) from ``routing/probs``.
+    """Normalized router entropy and selected-experts mass per layer (and group) from ``routing/probs``.
 
     store: a path or TraceStore with ``routing/probs``; layers: layer ids (default all);
     num_tokens: the first N rows (default all); by: label names, groups are their cross product.
+    The mass of a token is the share of its router distribution on the K experts it was routed to
+    (``routing/experts``), which for sigmoid or group-limited routers with a selection bias
+    (DeepSeek-V3's family) need not be the K largest scores.
     Returns a Dataset with dims layer, group, bin, quantile:
       ``entropy_hist`` int64 (layer, bin) counts of the normalized entropy over ``bins`` equal bins
-      of [0, 1] (``bin_lo``/``bin_hi`` coords); ``mass_hist`` the same for the top-k mass;
+      of [0, 1] (``bin_lo``/``bin_hi`` coords); ``mass_hist`` the same for the mass;
       ``entropy_quantile`` / ``mass_quantile`` (layer, quantile) from the histograms (bin width
-      1/bins resolution); ``mean_entropy`` / ``mean_mass`` float64 (group, layer) (NaN for an
-      empty group); ``tokens`` int64 (group). Attrs: n_experts, top_k, rows.
+      1/bins resolution); ``group_entropy_quantile`` / ``group_mass_quantile`` (group, layer,
+      quantile), the same per group (NaN for an empty group); ``mean_entropy`` / ``mean_mass``
+      float64 (group, layer) (NaN for an empty group); ``tokens`` int64 (group). Attrs: n_experts,
+      top_k, rows.
     """
     st = store if isinstance(store, TraceStore) else TraceStore.open(store)
     if not st.has_probs:
@@ -72,22 +77,23 @@ def decisiveness(store: str | TraceStore, layers: Sequence[int] | None = None, n
     pos = layer_positions(st.layer_ids, layers)
     names, codes_of = group_codes(st, by)
     G, L, E, K = len(names), len(pos), st.n_experts, st.top_k
-    h_hist = np.zeros((L, bins), dtype=np.int64)
-    m_hist = np.zeros((L, bins), dtype=np.int64)
+    h_hist = np.zeros((G, L, bins), dtype=np.int64)  # per group; the layer's is their sum
+    m_hist = np.zeros((G, L, bins), dtype=np.int64)
     h_sum = np.zeros((G, L))
     m_sum = np.zeros((G, L))
     tokens = np.zeros(G, dtype=np.int64)
     rows = row_range(st, num_tokens)
     offsets = np.arange(L) * bins
-    for chunk in blocks(st.iter_chunks(["probs", *by], rows=rows)):
+    for chunk in blocks(st.iter_chunks(["probs", "experts", *by], rows=rows)):
         p = chunk["probs"][:, pos, :].astype(np.float32)  # [n, L, E]
         h = router_entropy(p)  # [n, L]
         total = p.sum(-1)
-        mass = np.partition(p, E - K, axis=-1)[..., E - K:].sum(-1) / np.where(total > 0, total, 1.0)
-        for values, hist in ((h, h_hist), (mass, m_hist)):
-            b = np.clip((values * bins).astype(np.int64), 0, bins - 1) + offsets
-            hist += np.bincount(b.ravel(), minlength=L * bins).reshape(L, bins)
+        chosen = np.take_along_axis(p, chunk["experts"][:, pos, :].astype(np.int64), axis=-1)
+        mass = chosen.sum(-1) / np.where(total > 0, total, 1.0)
         g = codes_of(chunk)
+        for values, hist in ((h, h_hist), (mass, m_hist)):
+            b = np.clip((values * bins).astype(np.int64), 0, bins - 1) + offsets + (g * L * bins)[:, None]
+            hist += np.bincount(b.ravel(), minlength=G * L * bins).reshape(G, L, bins)
         tokens += np.bincount(g, minlength=G)
         gl = (g[:, None] * L + np.arange(L)).ravel()
         h_sum += np.bincount(gl, weights=h.ravel(), minlength=G * L).reshape(G, L)
@@ -97,10 +103,16 @@ def decisiveness(store: str | TraceStore, layers: Sequence[int] | None = None, n
     edges = np.linspace(0.0, 1.0, bins + 1)
     denom = np.where(tokens > 0, tokens, np.nan)[:, None]
     layer_ids = np.asarray(st.layer_ids)[pos]
+
+    def per_group(hist: np.ndarray) -> np.ndarray:
+        return _hist_quantiles(hist.reshape(G * L, bins), edges, QUANTILES).reshape(G, L, len(QUANTILES))
+
     return xr.Dataset(
-        {"entropy_hist": (("layer", "bin"), h_hist), "mass_hist": (("layer", "bin"), m_hist),
-         "entropy_quantile": (("layer", "quantile"), _hist_quantiles(h_hist, edges, QUANTILES)),
-         "mass_quantile": (("layer", "quantile"), _hist_quantiles(m_hist, edges, QUANTILES)),
+        {"entropy_hist": (("layer", "bin"), h_hist.sum(0)), "mass_hist": (("layer", "bin"), m_hist.sum(0)),
+         "entropy_quantile": (("layer", "quantile"), _hist_quantiles(h_hist.sum(0), edges, QUANTILES)),
+         "mass_quantile": (("layer", "quantile"), _hist_quantiles(m_hist.sum(0), edges, QUANTILES)),
+         "group_entropy_quantile": (("group", "layer", "quantile"), per_group(h_hist)),
+         "group_mass_quantile": (("group", "layer", "quantile"), per_group(m_hist)),
          "mean_entropy": (("group", "layer"), h_sum / denom), "mean_mass": (("group", "layer"), m_sum / denom),
          "tokens": (("group",), tokens)},
         coords={"layer": layer_ids, "group": names, "quantile": list(QUANTILES),
@@ -109,9 +121,15 @@ def decisiveness(store: str | TraceStore, layers: Sequence[int] | None = None, n
 
 
 def table(ds: xr.Dataset) -> "pd.DataFrame":  # noqa: F821
-    """Tidy per (group, layer) table: mean entropy, mean top-k mass, tokens, and the layer quantiles."""
+    """Tidy per (group, layer) table: mean entropy, mean selected-experts mass, tokens, and the group's
+    entropy quantiles at that layer."""
     df = ds[["mean_entropy", "mean_mass"]].to_dataframe().reset_index()
     df["tokens"] = ds["tokens"].sel(group=df["group"].to_numpy()).to_numpy()
-    q = ds["entropy_quantile"].to_pandas()
+    if "group_entropy_quantile" not in ds:  # a result saved before per-group quantiles: the layer's
+        q = ds["entropy_quantile"].to_pandas()
+        q.columns = [f"entropy_q{c:g}" for c in q.columns]
+        return df.merge(q.reset_index(), on="layer")
+    q = ds["group_entropy_quantile"].to_dataframe().reset_index().pivot(
+        index=["group", "layer"], columns="quantile", values="group_entropy_quantile")
     q.columns = [f"entropy_q{c:g}" for c in q.columns]
-    return df.merge(q.reset_index(), on="layer")
+    return df.merge(q.reset_index(), on=["group", "layer"])

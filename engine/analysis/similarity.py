@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from engine.analysis._common import LayerInputs, expert_outputs, experts_modules, model_inputs
+from engine.analysis._common import LayerInputs, check_expert_ids, expert_outputs, experts_modules, model_inputs
 from engine.errors import MoetraceError
 
 #: Largest CKA accumulator (bytes) expert_similarity builds; beyond it pass fewer ``experts``.
@@ -73,7 +73,7 @@ def expert_similarity(model: torch.nn.Module, batches: Iterable[Mapping[str, Any
     """
     mods = experts_modules(model, layers)
     E_all = next(iter(mods.values()))[1]
-    which = list(range(E_all)) if experts is None else [int(e) for e in experts]
+    which = list(range(E_all)) if experts is None else check_expert_ids(experts, E_all)
     E = len(which)
     acc: dict[int, dict[str, Any]] = {layer: {} for layer in mods}
     n = 0
