@@ -261,12 +261,15 @@ class Capture:
         if cache is not None:
             self._follow_reorders(cache)
         on_cuda = experts.is_cuda
-        item: dict[str, Any] = {"B": B, "S": S, "pending": pending}
-        tensors = {"past": past, "token_id": input_ids, "experts": experts, "weights": weights, "probs": probs,
-                   **({} if view is None else {f"view_{k}": v for k, v in view.items()})}
-        for key, value in tensors.items():
+        def to_host(value: Any) -> Any:
             # copy=True: on CPU too, so a caller reusing its input buffer in place cannot change what is written.
-            item[key] = value.detach().to("cpu", non_blocking=on_cuda, copy=True) if torch.is_tensor(value) else value
+            return value.detach().to("cpu", non_blocking=on_cuda, copy=True) if torch.is_tensor(value) else value
+
+        item: dict[str, Any] = {"B": B, "S": S, "pending": pending,
+                                "view": None if view is None else {k: to_host(v) for k, v in view.items()}}
+        for key, value in {"past": past, "token_id": input_ids, "experts": experts, "weights": weights,
+                           "probs": probs}.items():
+            item[key] = to_host(value)
         if on_cuda:
             # Non-blocking copies into pinned memory: the writer waits on this event before reading.
             item["copied"] = torch.cuda.Event()
@@ -352,7 +355,7 @@ class Capture:
 
     def _add_forward(self, item: dict[str, Any]) -> None:
         B, S = item["B"], item["S"]
-        view = {k[5:]: v.numpy() if torch.is_tensor(v) else v for k, v in item.items() if k.startswith("view_")} or None
+        view = item["view"] and {k: v.numpy() if torch.is_tensor(v) else v for k, v in item["view"].items()}
         past = item["past"]
         if past is None:  # no cache: a 2-D mask wider than the tokens covers earlier ones
             past = view["keys"].shape[1] - S if view is not None and not view["keys_first"] else 0

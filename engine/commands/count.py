@@ -16,7 +16,7 @@ read it with ``xarray.open_zarr`` or ``engine.counting.load_counts``).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import warnings
 
 from engine.errors import MoetraceError
 
@@ -99,12 +99,13 @@ def _client(args: argparse.Namespace):
 
 def run_count(args: argparse.Namespace) -> int:
     from engine.counting import count, save_counts, stores_of
-    from engine.counting.files import refuse_input_as_output
+    from engine.io.base import check_output_path
 
-    # say so before counting, not after
-    refuse_input_as_output(args.out, [getattr(s, "path", s) for s in stores_of(args.store)])
-    if Path(args.out).exists() and not args.overwrite:
-        raise MoetraceError(f"{args.out}: already exists (pass --overwrite to replace it)")
+    # say so before counting, not after (the count itself warns about skipped entries)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inputs = tuple(stores_of(args.store))
+    check_output_path(args.out, args.overwrite, inputs, what="an input store")
     client = _client(args)
     try:
         ds = _count(args, count, client)

@@ -25,6 +25,7 @@ from pathlib import Path
 import xarray as xr
 
 from engine.errors import MoetraceError
+from engine.io.base import check_output_path
 from engine.leftovers import clean
 
 __all__ = ["COUNTS_VERSION", "COMPLETE_ATTR", "save_counts", "load_counts"]
@@ -41,16 +42,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def refuse_input_as_output(out: str | Path, inputs) -> None:
-    """MoetraceError when ``out`` is (a name of) one of the ``inputs`` (store paths; URLs never are):
-    writing the counts there would delete the store they were counted from."""
-    target = os.path.realpath(out)
-    for store in inputs:
-        text = str(store)
-        if "://" not in text and os.path.realpath(text) == target:
-            raise MoetraceError(f"{out}: the output is also an input store; choose another output path")
-
-
 def save_counts(ds: xr.Dataset, path: str | Path, overwrite: bool = True) -> None:
     """Write a counts Dataset to a Zarr store at ``path`` (``xarray.open_zarr`` reads it back).
 
@@ -65,7 +56,7 @@ def save_counts(ds: xr.Dataset, path: str | Path, overwrite: bool = True) -> Non
             f"save_counts: expected a counts Dataset (moetrace_counts_version={COUNTS_VERSION}), "
             f"got attribute {ds.attrs.get('moetrace_counts_version')!r}")
     path = Path(path)
-    refuse_input_as_output(path, ds.attrs.get("stores", []))
+    check_output_path(path, True, tuple(ds.attrs.get("stores", [])), what="an input store")
     if path.exists() and not overwrite:
         raise MoetraceError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
     clean(path.parent, path.name)  # what a killed earlier writer of this file left

@@ -41,12 +41,13 @@ SEQ_RANGE = (int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max))
 MAX_WEIGHT = float(np.finfo(np.float16).max)
 
 
-def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: tuple = ()) -> Path:
+def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: tuple = (), what: str = "an input") -> Path:
     """Return ``out`` as a Path; raise MoetraceError if it exists and ``overwrite`` is False,
-    or if it is one of the ``inputs`` (replacing an input with the output would destroy it)."""
+    or if it is one of the ``inputs`` (replacing an input with the output would destroy it;
+    ``what`` names them in the message). URLs among the inputs are never a local output."""
     out = Path(out)
-    if any(out.resolve() == Path(i).resolve() for i in inputs):
-        raise MoetraceError(f"{out}: the output is also an input; choose another output path")
+    if any("://" not in str(i) and out.resolve() == Path(i).resolve() for i in inputs):
+        raise MoetraceError(f"{out}: the output is also {what}; choose another output path")
     if out.exists() and not overwrite:
         raise MoetraceError(f"{out}: output already exists (pass overwrite=True / --overwrite to replace it)")
     return out

@@ -71,8 +71,8 @@ class Request:
     index of each of the L layers, when the source states them (else 0..L-1); ``pos``: the
     rows' positions when some were dropped (``dropped`` of them); ``rank_order``: ``"ranked"``
     (rank 0 first) or ``"unknown"`` (the source gives each token's set of experts, not their
-    order: the store's rank order is then unknown); ``unsettled``: tokens whose rank order was
-    recovered from tied scores (their tied experts in id order).
+    order: the store's rank order is then unknown); ``unsettled``: tokens whose rank order the
+    source's scores do not settle (equal, or within their rounding).
     """
 
     where: str
