@@ -1,21 +1,24 @@
-"""Seed 001's toy MoE: batched-vs-one-by-one training speed and two reproductions.
+"""Seed 001's toy MoE: batched-vs-one-by-one training speed, the cost of the papers' full designs, and
+the analysis of a sweep in moetrace's own (per-expert hidden size) design.
 
     PYTHONPATH=$PWD .venv/bin/python bench/bench_toy.py ratio [--models 100] [--steps 50] [--threads 1]
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_toy.py plateaus [--features 20 --hidden 5 --seeds 2] [--steps 3000] [--out DIR]
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_toy.py cost [--steps 3] [--threads 1]
     PYTHONPATH=$PWD .venv/bin/python bench/bench_toy.py analyze SWEEP.csv
+
+The reproductions themselves are ``moetrace toy reproduce chaudhari|elhage [--quick]``
+(engine/toy/reproduce.py).
 
 - ``ratio``: (wall-clock and process CPU time) the same grid of models (F=20, H=5, E in 1,2,4,8, k <= E, 10 feature probabilities,
   ``--models`` of them) trained for ``--steps`` steps, batch 256, (a) batched by
   ``engine.toy.sweep.run_sweep`` (one group per E) and (b) one by one with ``engine.toy.optimize``,
   side by side in one process; prints both times and the ratio. Also checks that the two give the
   same final losses.
-- ``plateaus``: one expert (the dense toy model of Elhage et al. 2022), ``--features`` (20) and
-  ``--hidden`` (5), uniform importance, 24 feature probabilities from ``--pmax`` (0.5) to 0.003, ``--seeds`` (2); prints per probability the mean
-  dimensions per feature ``H / ||W||_F^2`` and how many features sit at D ~ 1, 1/2, 2/5, 1/3
-  (within 0.03), and writes a PNG of every feature's D against sparsity.
+- ``cost``: times ``--steps`` steps of every batched group of each paper design at its full size
+  (a share of the phase-diagram groups, scaled up) and projects the CPU hours of the full runs.
 - ``analyze``: reads a ``moetrace toy sweep`` table and asks whether network sparsity k/E or feature
-  sparsity 1-p drives monosemanticity (Chaudhari et al. 2025): Spearman correlations and the share
-  of variance explained by each factor (eta squared of a one-way grouping), plus a k/E x p table.
+  sparsity 1-p goes with features per dimension and the weight-based representation metrics:
+  Spearman correlations and the share of variance explained by each factor (eta squared of a
+  one-way grouping), with 95% intervals over seeds of each (E, k)'s mean features per dimension.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,53 +63,51 @@ def cmd_ratio(args) -> None:
               f"{diff:.1e} |")
 
 
-PLATEAUS = {"1": 1.0, "1/2": 0.5, "2/5": 0.4, "1/3": 1 / 3}
-
-
-def cmd_plateaus(args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from engine.toy.metrics import feature_dimensionality
-    from engine.toy.sweep import grid, run_sweep
+def cmd_cost(args) -> None:
+    """Measure a few training steps of every group of each paper design at full size; project the full run."""
+    from engine.toy import reproduce
+    from engine.toy.batched import BatchedMoE, train_batched
+    from engine.toy.model import Config
 
     torch.set_num_threads(args.threads)
-    probs = [float(v) for v in np.round(np.logspace(np.log10(args.pmax), np.log10(0.003), 24), 5)]
-    specs = grid(args.features, args.hidden, [1], [1], probs, importance_decay=1.0, seeds=range(args.seeds))
-    table, models = run_sweep(specs, steps=args.steps, n_batch=args.batch, lr=args.lr, schedule="cosine",
-                              print_freq=max(1, args.steps // 5))
-    D = feature_dimensionality(models[0].W_experts.detach())[:, 0]  # [I, F], one expert
-    norms = torch.linalg.vector_norm(models[0].W_experts.detach()[:, 0], dim=-1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"F={args.features}, H={args.hidden}, {args.seeds} seeds, {args.steps} steps, batch {args.batch}")
-    print(f"| p | 1-p | H/||W||_F^2 (mean of seeds) | features represented (of {args.features}) | "
-          + " | ".join(f"D~{k}" for k in PLATEAUS) + " |")
-    print("|---|---|---|---|" + "---|" * len(PLATEAUS))
-    for p in probs:
-        rows = table.index[table["feature_probability"] == p].tolist()
-        d = D[rows][norms[rows] > 0.5]
-        counts = [int(((d - v).abs() < 0.03).sum()) for v in PLATEAUS.values()]
-        print(f"| {p:.4f} | {1 - p:.4f} | {table.loc[rows, 'dims_per_feature'].mean():.3f} | "
-              f"{table.loc[rows, 'n_represented'].mean():.1f} | " + " | ".join(str(c) for c in counts) + " |")
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    x = np.repeat(1 / table["feature_probability"].to_numpy()[:, None], D.shape[1], 1)
-    keep = (norms > 0.5).numpy()
-    ax.scatter(x[keep], D.numpy()[keep], s=6, alpha=0.6, label="D_i of a represented feature")
-    ax.plot(1 / table["feature_probability"], table["dims_per_feature"], "k.-", lw=0.8, label="H / ||W||_F^2")
-    for name, v in PLATEAUS.items():
-        ax.axhline(v, color="grey", lw=0.5, ls="--")
-        ax.text(1.01, v, name, fontsize=8, va="center", transform=ax.get_yaxis_transform())
-    ax.set_xscale("log")
-    ax.set_xlabel("1 / feature probability (sparser to the right)")
-    ax.set_ylabel("dimensionality")
-    ax.set_title(f"one expert (dense toy model), F={args.features}, H={args.hidden}, uniform importance")
-    ax.legend(fontsize=8)
-    fig.savefig(out / "plateaus.png")
-    table.to_csv(out / "plateaus.csv", index_label="model")
-    print(f"wrote {out / 'plateaus.png'}, {out / 'plateaus.csv'}")
+
+    def timed(configs, probs, importances, steps_full, n_batch):
+        model = BatchedMoE(configs, probs, importances, list(range(len(configs))), device="cpu",
+                           feature_reduction="mean")
+        train_batched(model, n_batch=n_batch, steps=1, print_freq=10**9)  # warm-up
+        c0 = time.process_time()
+        train_batched(model, n_batch=n_batch, steps=args.steps, print_freq=10**9)
+        per_step = (time.process_time() - c0) / args.steps
+        return per_step, per_step * steps_full
+
+    print(f"| design | group | models | batch | CPU s per step | projected CPU hours ({args.threads} thread) |")
+    print("|---|---|---|---|---|---|")
+    total = {}
+    c = reproduce.ChaudhariDesign()
+    for a in c.architectures:
+        n = len(c.feature_probabilities) * c.seeds
+        per, full = timed([Config(c.n_features, a.n_hidden, a.n_experts, a.n_active)] * n,
+                          [p for p in c.feature_probabilities for _ in range(c.seeds)], [None] * n, c.steps, c.n_batch)
+        total["chaudhari features per dimension"] = total.get("chaudhari features per dimension", 0) + full
+        print(f"| Chaudhari features per dimension | {a.label} | {n} | {c.n_batch} | {per:.3f} | {full / 3600:.2f} |")
+    ph = reproduce.PhaseDesign()
+    cells = len(ph.sparsities) * len(ph.importances)
+    share = args.phase_share
+    for n_feat, m, E in ph.architectures:
+        n = max(1, int(cells * ph.models_per_cell * share))
+        per, full = timed([Config(n_feat, m, E, 1)] * n, [0.5] * n, [None] * n, ph.steps, ph.n_batch)
+        full /= share
+        total["chaudhari phase diagrams"] = total.get("chaudhari phase diagrams", 0) + full
+        print(f"| Chaudhari phase diagrams | {n_feat}-{m}-{E} | {cells * ph.models_per_cell} (timed {n}) | "
+              f"{ph.n_batch} | {per / share:.3f} | {full / 3600:.2f} |")
+    e = reproduce.ElhageDesign()
+    n = len(e.feature_probabilities) * e.seeds
+    per, full = timed([Config(e.n_features, e.n_hidden, 1, 1)] * n, [p for p in e.feature_probabilities for _ in range(e.seeds)],
+                      [None] * n, e.steps, e.n_batch)
+    total["elhage plateaus"] = full
+    print(f"| Elhage plateaus | dense {e.n_features}x{e.n_hidden} | {n} | {e.n_batch} | {per:.3f} | {full / 3600:.2f} |")
+    for name, secs in total.items():
+        print(f"{name}: {secs / 3600:.1f} CPU hours projected")
 
 
 def cmd_analyze(args) -> None:
@@ -119,7 +119,7 @@ def cmd_analyze(args) -> None:
     print("| models | metric | Spearman rho with k/E | with 1-p | variance explained by k/E | by p |")
     print("|---|---|---|---|---|---|")
     for subset, sub in (("all", t), ("E > 1", t[t["n_experts"] > 1]), ("E > 1, k < E", t[t["n_active_experts"] < t["n_experts"]])):
-        for metric in ("mean_expert_dim", "monosemantic_fraction", "mean_polysemanticity", "n_represented"):
+        for metric in ("features_per_dim", "mean_expert_dim", "n_represented", "monosemantic_fraction"):
             y = sub[metric].to_numpy()
 
             def eta2(col):
@@ -130,9 +130,18 @@ def cmd_analyze(args) -> None:
             r_feat = spearmanr(sub["feature_sparsity"], y).statistic
             print(f"| {subset} ({len(sub)}) | {metric} | {r_net:+.2f} | {r_feat:+.2f} | "
                   f"{eta2('network_sparsity'):.2f} | {eta2('feature_probability'):.2f} |")
-    pivot = t.pivot_table(index="network_sparsity", columns="feature_probability", values="mean_expert_dim",
+    from engine.toy.reproduce import interval
+
+    t["seed_index"] = t["seed"] // 1_000_003  # engine.toy.sweep.grid: seed * 1_000_003 + index
+    print("\n| E | k | k/E | active hidden k*H | seeds | features per dimension, mean over p (95% interval over seeds) |")
+    print("|---|---|---|---|---|---|")
+    for (E, k), g in t.groupby(["n_experts", "n_active_experts"]):
+        per_seed = g.groupby("seed_index")["features_per_dim"].mean()
+        mean, lo, hi = interval(per_seed)
+        print(f"| {E} | {k} | {k / E:g} | {k * g['n_hidden'].iloc[0]} | {len(per_seed)} | {mean:.3f} [{lo:.3f}, {hi:.3f}] |")
+    pivot = t.pivot_table(index="network_sparsity", columns="feature_probability", values="features_per_dim",
                           aggfunc="median")
-    print("\nmedian mean_expert_dim, rows k/E, columns p:")
+    print("\nmedian features per dimension, rows k/E, columns p:")
     print(pivot.round(2).to_string())
 
 
@@ -143,20 +152,15 @@ def main(argv=None) -> int:
     r.add_argument("--models", type=int, default=100)
     r.add_argument("--steps", type=int, default=50)
     r.add_argument("--threads", type=int, default=1)
-    pl = sub.add_parser("plateaus")
-    pl.add_argument("--features", type=int, default=20)
-    pl.add_argument("--hidden", type=int, default=5)
-    pl.add_argument("--seeds", type=int, default=2)
-    pl.add_argument("--pmax", type=float, default=0.5, help="densest feature probability")
-    pl.add_argument("--steps", type=int, default=3000)
-    pl.add_argument("--batch", type=int, default=256)
-    pl.add_argument("--lr", type=float, default=3e-3)
-    pl.add_argument("--threads", type=int, default=1)
-    pl.add_argument("--out", default="bench_out/toy_plateaus")
+    c = sub.add_parser("cost")
+    c.add_argument("--steps", type=int, default=3, help="timed steps per group")
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--phase-share", type=float, default=0.05,
+                   help="time this share of a phase-diagram group's models and scale up (the full group is 22,620)")
     a = sub.add_parser("analyze")
     a.add_argument("table")
     args = p.parse_args(argv)
-    {"ratio": cmd_ratio, "plateaus": cmd_plateaus, "analyze": cmd_analyze}[args.cmd](args)
+    {"ratio": cmd_ratio, "cost": cmd_cost, "analyze": cmd_analyze}[args.cmd](args)
     return 0
 
 

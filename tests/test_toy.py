@@ -108,41 +108,136 @@ def test_metrics_match_slow_loops(E, F, H):
         assert sorted(P[e])[:3] == pytest.approx(sorted(P[e][i] for i in mono[e].tolist()))
 
 
-def test_summary_metrics_match_slow_loops_and_ignore_padding():
-    g = torch.Generator().manual_seed(7)
-    E, F, H = 3, 9, 4
-    W = torch.randn(E, F, H, generator=g, dtype=torch.float64) * 0.6
-    gate = torch.randn(E, F, generator=g, dtype=torch.float64)
-    x = torch.rand(200, F, generator=g, dtype=torch.float64) * (torch.rand(200, F, generator=g) < 0.3)
-    D, S, P, u = slow_dimensionality(W), slow_specialization(W), slow_polysemanticity(W), slow_usage(gate, x)
-    glob = [sum(u[e] * D[e][i] for e in range(E)) for i in range(F)]
+def slow_route(gate, x, k):
+    """Per input: renormalized softmax weights of the top-k experts (ties to the lower index) and the 0/1 active list."""
+    g, E = gate.tolist(), gate.shape[0]
+    weights, active = [], []
+    for xb in x.tolist():
+        scores = [dot(xb, g[e]) for e in range(E)]
+        z = [math.exp(v - max(scores)) for v in scores]
+        probs = [v / sum(z) for v in z]
+        top = sorted(range(E), key=lambda e: (-probs[e], e))[:k]
+        total = sum(probs[e] for e in top)
+        weights.append([probs[e] / total if e in top else 0.0 for e in range(E)])
+        active.append([1.0 if e in top else 0.0 for e in range(E)])
+    return weights, active
+
+
+def slow_summary(W, gate, x, k):
+    """Every metric of ``summary`` by Python loops; usage only over inputs that are not all zero."""
+    E, F, H = W.shape
+    D, S, P = slow_dimensionality(W), slow_specialization(W), slow_polysemanticity(W)
+    weights, active = slow_route(gate, x, k)
+    xs = x.tolist()
+    kept = [b for b, xb in enumerate(xs) if any(v != 0 for v in xb)]
+    usage = [sum(weights[b][e] for b in kept) / len(kept) for e in range(E)]
+    # Chaudhari et al.'s weighted_avg_features_per_dim: sum_e p_e ||W_e||_F^2 / m / k
+    frob = [sum(dot(w, w) for w in W[e].tolist()) for e in range(E)]
+    fpd = sum(usage[e] * frob[e] / H for e in range(E)) / k
+    # their global_feat_dim: alpha_i^(e) = P(e active | feature i present)
+    glob = []
+    for i in range(F):
+        with_i = [b for b, xb in enumerate(xs) if xb[i] > 0]
+        alpha = [sum(active[b][e] for b in with_i) / len(with_i) if with_i else 0.0 for e in range(E)]
+        glob.append(sum(alpha[e] * D[e][i] for e in range(E)))
     present = [(e, i) for e in range(E) for i in range(F) if dot(W[e, i].tolist(), W[e, i].tolist()) > 0.25]
     rep = [i for i in range(F) if glob[i] > 0.05]
-    want = {
+    share = [u / sum(usage) for u in usage]
+    return {
+        "features_per_dim": fpd,
         "n_represented": len(rep),
         "mean_global_dim": sum(glob) / F,
         "mean_weighted_global_dim": sum(S[e][i] * D[e][i] for e in range(E) for i in range(F)) / F,
-        "dims_per_feature": sum(H / sum(dot(w, w) for w in W[e].tolist()) for e in range(E)) / E,
+        "dims_per_feature": sum(H / f for f in frob) / E,
         "mean_expert_dim": sum(D[e][i] for e, i in present) / len(present),
         "monosemantic_fraction": sum(D[e][i] > 0.9 for e, i in present) / len(present),
         "features_per_expert": len(present) / E,
         "mean_polysemanticity": sum(P[e][i] for e, i in present) / len(present),
         "mean_max_specialization": sum(max(S[e][i] for e in range(E)) for i in rep) / len(rep),
-        "usage_entropy": -sum(p * math.log(p) for p in u if p > 0),
+        "usage_entropy": -sum(p * math.log(p) for p in share if p > 0),
     }
-    got = summary(W, gate, x, torch.ones(E, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_summary_metrics_match_slow_loops_and_ignore_padding(k):
+    g = torch.Generator().manual_seed(7)
+    E, F, H = 3, 9, 4
+    W = torch.randn(E, F, H, generator=g, dtype=torch.float64) * 0.6
+    gate = torch.randn(E, F, generator=g, dtype=torch.float64)
+    x = torch.rand(200, F, generator=g, dtype=torch.float64) * (torch.rand(200, F, generator=g) < 0.3)
+    assert (x == 0).all(-1).sum() > 5  # all-zero inputs are in the batch and must not count
+    want = slow_summary(W, gate, x, k)
+    model = BatchedMoE([Config(F, H, E, k)], [0.3], seeds=[0], device="cpu", dtype=torch.float64)
+    with torch.no_grad():
+        model.W_experts.copy_(W[None])
+        model.gate.copy_(gate[None])
+    with torch.no_grad():
+        weights, active, _ = model.route(x[None])
+        got = summary(W[None], x[None], weights, active, model.expert_mask, model.n_active)
     assert set(got) == set(want)
-    for k, v in want.items():
-        assert float(got[k]) == pytest.approx(v, rel=1e-10, abs=1e-12), k
+    for name, v in want.items():
+        assert float(got[name][0]) == pytest.approx(v, rel=1e-10, abs=1e-12), name
     # the same model padded to 5 experts (zeros, masked) in a stack of two: same numbers
-    Wp = torch.zeros(2, 5, F, H, dtype=torch.float64)
-    Wp[0, :E], Wp[1, :E] = W, W
-    gp = torch.zeros(2, 5, F, dtype=torch.float64)
-    gp[0, :E], gp[1, :E] = gate, gate
-    mask = torch.arange(5)[None, :] < torch.tensor([[E], [5]])
-    padded = summary(Wp, gp, torch.stack([x, x]), mask)
-    for k, v in want.items():
-        assert float(padded[k][0]) == pytest.approx(v, rel=1e-10, abs=1e-12), k
+    padded = BatchedMoE([Config(F, H, E, k), Config(F, H, 5, k)], [0.3, 0.3], seeds=[0, 1], device="cpu",
+                        dtype=torch.float64)
+    with torch.no_grad():
+        padded.W_experts.zero_()
+        padded.gate.zero_()
+        padded.W_experts[:, :E] = W
+        padded.gate[:, :E] = gate
+    xx = torch.stack([x, x])
+    with torch.no_grad():
+        weights, active, _ = padded.route(xx)
+        got = summary(padded.W_experts, xx, weights, active, padded.expert_mask, padded.n_active)
+    for name, v in want.items():
+        assert float(got[name][0]) == pytest.approx(v, rel=1e-10, abs=1e-12), name
+
+
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.01])
+def test_representation_metrics_come_from_the_weights_not_from_all_zero_inputs(p):
+    """20 features, 5 experts of 4 dimensions; expert e holds features 4e..4e+3 on orthonormal axes
+    (each D = 1) and its router row picks exactly those. Every feature is represented at every p.
+    At p = 0.01, 82% of inputs are all zero, a router tie that goes to expert 0: a usage over all
+    inputs (the seed's top-1 usage, which the sweep's n_represented used to weight by) leaves 16
+    of the 20 features under the 0.05 threshold."""
+    F, E, H = 20, 5, 4
+    W = torch.zeros(E, F, H, dtype=torch.float64)
+    gate = torch.full((E, F), -5.0, dtype=torch.float64)
+    for e in range(E):
+        for j in range(H):
+            W[e, H * e + j, j] = 1.0
+            gate[e, H * e + j] = 5.0
+    model = BatchedMoE([Config(F, H, E, 1)], [p], seeds=[11], device="cpu", dtype=torch.float64)
+    with torch.no_grad():
+        model.W_experts.copy_(W[None])
+        model.gate.copy_(gate[None])
+    x = model.training_batch(0, 20_000)
+    with torch.no_grad():
+        weights, active, _ = model.route(x)
+        got = summary(model.W_experts, x, weights, active, model.expert_mask, model.n_active)
+    assert float(got["n_represented"][0]) == F
+    if p == 0.01:  # an input mostly holds one feature (with another expert's feature in ~15%, half of which it loses)
+        assert 0.85 < float(got["mean_global_dim"][0]) < 1.0
+    assert float(got["features_per_dim"][0]) == pytest.approx(1.0, abs=0.02)  # 4 features in 4 dims per expert
+    # the seed's top-1-usage-weighted global dimensionality, for the record of why it is not used
+    seed_usage = torch.tensor(slow_usage(gate, x[0]), dtype=torch.float64)
+    seed_glob = torch.einsum("e,ef->f", seed_usage, feature_dimensionality(W))
+    if p == 0.01:
+        assert float((x[0] == 0).all(-1).double().mean()) == pytest.approx(0.99 ** 20, abs=0.02)
+        assert int((seed_glob > 0.05).sum()) == 4  # only expert 0's features
+    else:
+        assert int((seed_glob > 0.05).sum()) == F
+
+
+def test_mean_feature_reduction_is_the_sum_over_features_divided_by_their_number():
+    cfgs = [Config(7, 3, 3, 2), Config(7, 3, 3, 1)]
+    a = BatchedMoE(cfgs, [0.4, 0.2], [torch.linspace(1, 0.5, 7), None], seeds=[1, 2], device="cpu", dtype=torch.float64)
+    b = BatchedMoE(cfgs, [0.4, 0.2], [torch.linspace(1, 0.5, 7), None], seeds=[1, 2], device="cpu", dtype=torch.float64,
+                   feature_reduction="mean")
+    x = a.training_batch(0, 64)
+    torch.testing.assert_close(b.losses(x)[0], a.losses(x)[0] / 7)
+    with pytest.raises(MoetraceError, match="feature_reduction"):
+        BatchedMoE(cfgs, [0.4, 0.2], seeds=[1, 2], device="cpu", feature_reduction="max")
 
 
 @pytest.mark.parametrize("renormalize,lb", [(True, True), (False, False)])
@@ -266,12 +361,15 @@ def test_batched_rejects_mismatched_instances():
 def test_cli_train_writes_model_metrics_and_figure(tmp_path):
     out = tmp_path / "train"
     code = cli_main(["toy", "train", "--features", "12", "--hidden", "3", "--experts", "3", "--active", "1",
-                     "--feature-probability", "0.2", "--shuffle-importance", "--steps", "30", "--batch", "32",
-                     "--print-freq", "10", "--quiet", "--device", "cpu", "--out", str(out)])
+                     "--feature-probability", "0.2", "--importance-decay", "0.9", "--shuffle-importance", "--steps",
+                     "30", "--batch", "32", "--print-freq", "10", "--quiet", "--device", "cpu", "--out", str(out)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert np.array(metrics["expert_feat_dimensionality"]).shape == (3, 12)
-    assert sum(metrics["usage"]) == pytest.approx(1.0)
+    assert sum(metrics["seed_top1_usage"]) == pytest.approx(1.0)
+    glob = np.array(metrics["global_dimensionality_given_present"])
+    assert metrics["n_features_represented"] == int((glob > 0.05).sum())
+    assert metrics["features_per_dimension"] > 0
     assert sorted(metrics["importance"]) == pytest.approx(sorted(0.9 ** np.arange(12)))
     from safetensors.torch import load_file
 
@@ -293,7 +391,7 @@ def test_cli_sweep_writes_a_tidy_table_and_phase_diagrams(tmp_path):
     assert len(t) == (1 + 2 + 2) * 2 * 2  # (E, k<=E) pairs x probabilities x seeds
     assert t["seed"].is_unique
     for col in ("n_experts", "n_active_experts", "feature_probability", "network_sparsity", "final_loss",
-                "n_represented", "mean_global_dim", "monosemantic_fraction", "usage_entropy"):
+                "features_per_dim", "n_represented", "mean_global_dim", "monosemantic_fraction", "usage_entropy"):
         assert t[col].notna().all(), col
     assert (t["network_sparsity"] == t["n_active_experts"] / t["n_experts"]).all()
     assert pd.read_parquet(out / "sweep.parquet").shape == t.drop(columns="model").shape
@@ -345,3 +443,125 @@ def test_one_expert_reaches_the_antipodal_plateau():
     held = torch.linalg.vector_norm(W, dim=-1) > 0.5
     assert held.sum(-1).tolist() == [10, 10]
     assert torch.allclose(D[held], torch.full_like(D[held], 0.5), atol=0.03)
+
+
+def test_sweep_at_a_fixed_total_hidden_size_splits_it_over_the_experts(tmp_path):
+    out = tmp_path / "fixed"
+    code = cli_main(["toy", "sweep", "--features", "8", "--total-hidden", "4", "--experts", "1,2,4", "--active", "1,2",
+                     "--feature-probability", "0.3", "--steps", "5", "--batch", "8", "--quiet", "--device", "cpu",
+                     "--out", str(out)])
+    assert code == 0
+    t = pd.read_csv(out / "sweep.csv")
+    assert (t["n_experts"] * t["n_hidden"] == 4).all()
+    assert sorted(zip(t["n_experts"], t["n_active_experts"])) == [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]
+    with pytest.raises(MoetraceError, match="not divisible"):
+        from engine.toy.sweep import grid
+
+        grid(8, None, [3], [1], [0.5], total_hidden=4)
+    with pytest.raises(MoetraceError, match="exactly one"):
+        grid(8, 2, [2], [1], [0.5], total_hidden=4)
+
+
+def test_every_default_is_chaudhari_et_al_s_design():
+    """One set of defaults: the CLI's train and sweep, optimize, train_batched and run_sweep all
+    train like the paper's repository (ChaudhariDesign)."""
+    import argparse
+    import inspect
+
+    from engine.commands import toy as toy_cmd
+    from engine.toy.reproduce import PAPER_PROBABILITIES, ChaudhariDesign
+    from engine.toy.sweep import run_sweep
+
+    paper = ChaudhariDesign()
+    parser = argparse.ArgumentParser()
+    toy_cmd.add_parser(parser.add_subparsers())
+    for command in ("train", "sweep"):
+        args = parser.parse_args(["toy", command, "--out", "x"])
+        assert (args.features, args.steps, args.batch, args.lr, args.schedule, args.importance_decay) == \
+            (paper.n_features, paper.steps, paper.n_batch, paper.lr, "constant", 1.0), command
+    sweep = parser.parse_args(["toy", "sweep", "--out", "x"])
+    assert sweep.hidden is None and sweep.total_hidden is None  # None: 20 in total, split over E
+    assert {(a.n_experts, a.n_active) for a in paper.architectures} <= {
+        (int(E), int(k)) for E in sweep.experts.split(",") for k in sweep.active.split(",") if int(k) <= int(E)}
+    assert len(PAPER_PROBABILITIES) == 30 and PAPER_PROBABILITIES[0] == 1.0 and PAPER_PROBABILITIES[-1] == 0.1
+    for fn in (optimize, train_batched, run_sweep):
+        params = inspect.signature(fn).parameters
+        assert (params["steps"].default, params["n_batch"].default, params["lr"].default) == \
+            (paper.steps, paper.n_batch, paper.lr), fn.__name__
+
+
+def test_reproduction_statistics_match_independent_references():
+    from scipy import stats
+
+    from engine.toy.reproduce import chaudhari_claims, count_plateaus, interval, norm_and_superposition, phase_jumps
+
+    # the interval over seeds is scipy's t interval of the mean
+    v = [0.41, 0.47, 0.39, 0.52]
+    mean, lo, hi = interval(v)
+    want = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
+    assert (lo, hi) == pytest.approx(want) and mean == pytest.approx(np.mean(v))
+    # norm and superposition score sum_{j != i} (x_hat_i . x_j)^2 (their phase_change.ipynb docstring), by loops
+    W = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [-0.5, 0.0]], [[0.0, 0.0], [0.0, 2.0], [0.0, -1.5]]], dtype=torch.float64)
+    norm, score = norm_and_superposition(W, 2)
+    for e in range(2):
+        w = W[e].tolist()
+        n = math.sqrt(dot(w[2], w[2]))
+        want_score = sum((dot(w[2], wj) / n) ** 2 for j, wj in enumerate(w) if j != 2) if n else 0.0
+        assert float(norm[e]) == pytest.approx(n) and float(score[e]) == pytest.approx(want_score)
+    # jumps: a 3 x 3 grid whose strongest norm steps 0 -> 1 between the first and second sparsity
+    rows = []
+    for S, r in [(s, r) for s in (0.1, 0.2, 0.3) for r in (0.5, 1.0, 1.5)]:
+        strong = 0.0 if S == 0.1 else 1.0
+        for e, nrm in enumerate((strong, 0.2)):
+            rows.append({"architecture": "3-1-2", "n_experts": 2, "sparsity": S, "importance": r, "expert": e,
+                         "norm": nrm, "phase": "dedicated" if nrm >= 0.5 else "not represented"})
+    jumps = phase_jumps(pd.DataFrame(rows)).iloc[0]
+    # strongest norm per cell: 0.2 (expert 1) on the first row, 1.0 after; 12 neighbour pairs, 3 jumps of 0.8
+    assert jumps["jump_share"] == pytest.approx(3 / 12) and jumps["largest_jump"] == pytest.approx(0.8)
+    assert jumps["phases_seen"] == 2
+    # plateau counting: a pentagon (D = 2/5 each) and an antipodal pair (1/2) in two seeds
+    ang = [2 * math.pi * j / 5 for j in range(5)]
+    feats = pd.DataFrame([{"feature_probability": 0.1, "seed": 0, "norm": 1.0, "dimensionality": 0.4} for _ in ang]
+                         + [{"feature_probability": 0.1, "seed": 1, "norm": 1.0, "dimensionality": 0.5}] * 2
+                         + [{"feature_probability": 0.1, "seed": 1, "norm": 0.1, "dimensionality": 1.0}])
+    counted = count_plateaus(feats, pd.Series({0.1: 0.4}), 2, 0.02).set_index("fraction")
+    assert counted.loc["2/5", "features"] == 5 and counted.loc["2/5", "seeds_with_it"] == 1
+    assert counted.loc["1/2", "features"] == 2 and counted.loc["1", "features"] == 0  # norm 0.1: not represented
+    # the dense-vs-MoE claim: Welch intervals per p, counted
+    table = pd.DataFrame(
+        [{"architecture": "dense", "n_experts": 1, "network_sparsity": 1.0, "feature_probability": p,
+          "features_per_dim": 2.0 + 0.01 * s} for p in (1.0, 0.5) for s in range(3)]
+        + [{"architecture": "moe", "n_experts": 4, "network_sparsity": 0.25, "feature_probability": p,
+            "features_per_dim": (1.0 if p == 1.0 else 2.0) + 0.02 * s} for p in (1.0, 0.5) for s in range(3)])
+    dense_claim, rho_claim = chaudhari_claims(table)
+    assert (dense_claim["dense_higher"], dense_claim["dense_lower"], dense_claim["undecided"]) == (1, 0, 1)
+    assert rho_claim["rho_positive"] == 1  # p = 1: dense above the MoE; p = 0.5: the MoE slightly above
+
+
+def test_cli_reproduce_writes_tables_with_intervals_and_figures(tmp_path):
+    out = tmp_path / "chaudhari"
+    code = cli_main(["toy", "reproduce", "chaudhari", "--quick", "--steps", "3", "--quiet", "--device", "cpu",
+                     "--out", str(out)])
+    assert code == 0
+    summary = pd.read_csv(out / "features_per_dimension.csv")
+    assert set(summary["architecture"]) == {"dense (m=20)", "MoE 4x5, k=1", "MoE 10x2, k=2", "MoE 20x1, k=5"}
+    assert (summary["seeds"] == 3).all()
+    assert (summary["features_per_dim_low"] <= summary["features_per_dim"]).all()
+    assert (summary["features_per_dim"] <= summary["features_per_dim_high"]).all()
+    models = pd.read_csv(out / "models.csv")
+    assert (models["n_features"] == 100).all() and (models["total_hidden"] == 20).all()
+    assert (models["feature_reduction"] == "mean").all()
+    design = json.loads((out / "design.json").read_text())
+    assert design["features_per_dimension"]["steps"] == 3 and "18be25e" in design["source"]
+    phase = pd.read_csv(out / "phase.csv")
+    assert phase.groupby("architecture")["expert"].nunique().to_dict() == {
+        "2-1-1": 1, "2-1-2": 2, "3-1-1": 1, "3-1-2": 2, "3-1-3": 3, "3-2-1": 1, "3-2-2": 2, "3-2-3": 3}
+    assert len(pd.read_csv(out / "phase_jumps.csv")) == 8
+    for png in ("features_per_dimension.png", "phase_diagrams.png"):
+        assert (out / png).stat().st_size > 20_000, png
+    out = tmp_path / "elhage"
+    assert cli_main(["toy", "reproduce", "elhage", "--quick", "--steps", "3", "--quiet", "--device", "cpu",
+                     "--out", str(out)]) == 0
+    plateaus = pd.read_csv(out / "plateaus.csv")
+    assert set(plateaus["fraction"]) == {"1", "3/4", "2/3", "1/2", "2/5", "3/8", "1/3"}
+    assert (out / "plateaus.png").stat().st_size > 20_000

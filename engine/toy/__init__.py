@@ -4,7 +4,8 @@
 - :mod:`engine.toy.batched`: ``BatchedMoE`` / ``train_batched`` (many models, instance axis ``I``);
 - :mod:`engine.toy.metrics`: dimensionality, specialization, usage, polysemanticity;
 - :mod:`engine.toy.sweep`: grids of models -> one tidy table;
-- :mod:`engine.toy.plots`: the per-expert figure and the phase diagrams (PNG).
+- :mod:`engine.toy.plots`: the per-expert figure, the sweep's phase diagrams and the papers' figures (PNG);
+- :mod:`engine.toy.reproduce`: Chaudhari et al. 2025 and Elhage et al. 2022 rerun in their own designs.
 """
 
 from engine.toy.batched import BatchedMoE, train_batched

@@ -37,12 +37,18 @@ class BatchedMoE(nn.Module):
 
     configs: one :class:`Config` per instance (same ``n_features``, ``n_hidden``).
     feature_probability, importance: per instance a scalar or ``[F]`` (a sequence of length ``I``).
-    seeds: ``I`` ints. device None: a GPU when there is one.
+    seeds: ``I`` ints. device None: a GPU when there is one. feature_reduction: ``"sum"`` (the
+    seed's ``optimize``: the squared error summed over features) or ``"mean"`` (Chaudhari et al.'s
+    ``optimize_vectorized`` and Elhage et al.'s notebook: averaged over features, i.e. divided by F).
     """
 
     def __init__(self, configs: Sequence[Config], feature_probability: Sequence, importance: Sequence | None = None,
-                 seeds: Sequence[int] | None = None, device=None, dtype: torch.dtype = torch.float32):
+                 seeds: Sequence[int] | None = None, device=None, dtype: torch.dtype = torch.float32,
+                 feature_reduction: str = "sum"):
         super().__init__()
+        if feature_reduction not in ("sum", "mean"):
+            raise MoetraceError(f"toy BatchedMoE: feature_reduction must be 'sum' or 'mean', got {feature_reduction!r}")
+        self.feature_reduction = feature_reduction
         configs = list(configs)
         n_inst = len(configs)
         if n_inst == 0:
@@ -115,8 +121,9 @@ class BatchedMoE(nn.Module):
         return feature_batch(self.seed_tensor, step, n_batch, self.feature_probability, self.W_experts.dtype)
 
     def reconstruction_loss(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``[I]``: ``sum_f importance_if * mean_b (x - out)^2`` per instance."""
-        return (self.importance[:, None, :] * (x - out) ** 2).mean(1).sum(-1)
+        """``[I]``: ``sum_f importance_if * mean_b (x - out)^2`` per instance (``mean_f`` with ``feature_reduction="mean"``)."""
+        per_feature_error = (self.importance[:, None, :] * (x - out) ** 2).mean(1)
+        return per_feature_error.mean(-1) if self.feature_reduction == "mean" else per_feature_error.sum(-1)
 
     def losses(self, x: torch.Tensor):
         """``(reconstruction loss [I], load-balancing loss [I])`` (0 where an instance has none)."""

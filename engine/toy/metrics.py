@@ -8,10 +8,17 @@ decimals like the seed.
 
 - dimensionality ``D_i^(e) = ||W_i^(e)||^2 / sum_j (W_hat_i^(e) . W_j^(e))^2``, ``W_hat = W / ||W||``;
 - specialization ``S_i^(e) = ||W_i^(e)||^2 / sum_e' ||W_i^(e')||^2``;
-- usage ``p_e``: share of inputs whose top-1 router choice is ``e`` (argmax of the softmax);
-- global dimensionality ``sum_e p_e D_i^(e)`` (usage-weighted) or ``sum_e S_i^(e) D_i^(e)``;
+- usage: the seed's top-1 share (its named functions), Chaudhari et al.'s mean routing weight
+  ``p_e`` and their per-feature ``alpha_i^(e)`` (expert e active given feature i present);
+- global dimensionality ``sum_e alpha_i^(e) D_i^(e)`` (sweeps), the seed's ``sum_e p_e D_i^(e)``
+  with top-1 usage (its named function), or ``sum_e S_i^(e) D_i^(e)`` (weights only);
+- features per dimension ``sum_e p_e ||W^(e)||_F^2 / m / k`` (Chaudhari et al.);
 - polysemanticity of ``(e, i)``: ``|| (W_hat'_i . W_j)_{j != i} ||`` with ``W_hat' = W / (1e-5 + ||W||)``;
-- features represented: global (usage-weighted) dimensionality above 0.05.
+- features represented: global dimensionality above 0.05.
+
+Sweep metrics never count all-zero inputs: such an input is an exact router tie that goes to
+expert 0, and at sparse settings it is most inputs (82% at F = 20, p = 0.01), so a usage over all
+inputs describes the tie-break instead of the weights.
 
 One deliberate difference: a weight row that is exactly zero (only padded experts of a sweep, in
 practice) gives the seed ``0/0 = NaN``; here its dimensionality is 0 (it occupies no dimension)
@@ -70,35 +77,88 @@ def expert_usage(gate: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor 
     return counts / counts.sum(-1, keepdim=True)
 
 
-def summary(W: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, expert_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def nonzero_inputs(x: torch.Tensor) -> torch.Tensor:
+    """``[..., B]`` 1.0 where input ``x [..., B, F]`` has at least one feature present, else 0.0.
+
+    An all-zero input gives every expert the same router score, an exact tie that top-k breaks
+    towards expert 0; usage measured over such inputs describes the tie-break, not the model.
+    """
+    return (x != 0).any(-1).to(x.dtype)
+
+
+def routing_usage(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``p_e [..., E]``: mean routing weight of expert ``e`` over the inputs of ``x`` that are not all zero.
+
+    weights ``[..., B, E]`` (the router's output for ``x [..., B, F]``). Chaudhari et al.'s
+    ``p_e`` (``expert_weights.sum(0) / n_samples``) over their inputs, of which at most 3e-5 are
+    all zero in their design (n = 100, p >= 0.1); here those inputs are left out explicitly.
+    """
+    keep = nonzero_inputs(x)
+    return torch.einsum("...b,...be->...e", keep, weights) / keep.sum(-1, keepdim=True).clamp_min(1)
+
+
+def presence_usage(active: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``alpha [..., F, E]``: share of the inputs where feature ``i`` is present that expert ``e`` is active on.
+
+    active ``[..., B, E]`` (1 for the top-k experts). Chaudhari et al.'s ``alpha_i^(e)`` (their
+    ``global_feat_dim``); every counted input has feature ``i`` present, so all-zero inputs never
+    count. A feature never present in ``x`` gets 0.
+    """
+    present = (x > 0).to(active.dtype)
+    counts = present.sum(-2)
+    both = torch.einsum("...bf,...be->...fe", present, active)
+    return both / counts.clamp_min(1)[..., None]
+
+
+def features_per_dimension(W: torch.Tensor, usage: torch.Tensor, n_active: torch.Tensor | int) -> torch.Tensor:
+    """Chaudhari et al.'s features per dimension ``sum_e p_e ||W^(e)||_F^2 / m / k``: ``[...]``.
+
+    W ``[..., E, F, m]``, usage ``p_e [..., E]`` (:func:`routing_usage`), ``k`` per model. For
+    one expert (dense) this is ``||W||_F^2 / m``, the inverse of Elhage et al.'s dimensions per
+    feature.
+    """
+    frob = (W * W).sum((-1, -2))
+    return (usage * frob).sum(-1) / W.shape[-1] / torch.as_tensor(n_active, dtype=W.dtype, device=W.device)
+
+
+def summary(W: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor,
+            expert_mask: torch.Tensor, n_active: torch.Tensor | int) -> dict[str, torch.Tensor]:
     """Scalar metrics per model: every value ``[...]`` (one per leading index).
 
-    W ``[..., E, F, H]``, gate ``[..., E, F]``, usage inputs ``x [..., B, F]``, expert_mask
-    ``[..., E]`` (False for padded experts).
+    W ``[..., E, F, H]``; inputs ``x [..., B, F]`` and the router's output for them, ``weights``
+    and ``active`` ``[..., B, E]`` (``BatchedMoE.route``); expert_mask ``[..., E]`` (False for
+    padded experts); ``k`` per model. Nothing here counts an all-zero input: usage is over inputs
+    that are not all zero, or over inputs where the feature in question is present.
 
-    - ``n_represented``: features with usage-weighted global dimensionality > 0.05 (seed);
-    - ``mean_global_dim`` / ``mean_weighted_global_dim``: mean over features of the usage- /
-      specialization-weighted global dimensionality;
+    - ``features_per_dim``: Chaudhari et al.'s features per dimension (:func:`features_per_dimension`);
+    - ``n_represented``: features whose global dimensionality ``sum_e alpha_i^(e) D_i^(e)`` (alpha:
+      :func:`presence_usage`, Chaudhari et al.'s definition) exceeds 0.05;
+    - ``mean_global_dim`` / ``mean_weighted_global_dim``: mean over features of that global
+      dimensionality / of the specialization-weighted ``sum_e S_i^(e) D_i^(e)`` (weights only);
     - ``dims_per_feature``: mean over real experts of ``H / ||W^(e)||_F^2`` (Elhage et al.);
     - ``mean_expert_dim``: mean ``D_i^(e)`` over pairs (e, i) with ``||W_i^(e)||^2 > 0.25``;
-    - ``monosemantic_fraction``: share of those pairs with ``D_i^(e) > 0.9``;
+    - ``monosemantic_fraction``: share of those pairs with ``D_i^(e) > 0.9`` (no signal when
+      features far outnumber hidden dimensions: then almost no feature has a dimension to itself);
     - ``features_per_expert``: mean over real experts of the number of such pairs;
     - ``mean_polysemanticity``: mean polysemanticity over those pairs;
     - ``mean_max_specialization``: mean over represented features of ``max_e S_i^(e)``;
-    - ``usage_entropy``: entropy (nats) of top-1 usage.
+    - ``usage_entropy``: entropy (nats) of ``p_e`` normalized to sum to 1.
     """
     mask = expert_mask.to(W.dtype)
     n_exp = mask.sum(-1)
     D = feature_dimensionality(W)
     norm2 = (W * W).sum(-1)
-    usage = expert_usage(gate, x, expert_mask)
-    glob = torch.einsum("...e,...ef->...f", usage, D)
+    usage = routing_usage(weights, x)
+    alpha = presence_usage(active, x)
+    glob = torch.einsum("...fe,...ef->...f", alpha, D)
     S = specialization(W)
     present = (norm2 > PRESENT_NORM2).to(W.dtype) * mask[..., None]
     n_present = present.sum((-1, -2))
     represented = (glob > REPRESENTED_THRESHOLD).to(W.dtype)
     frob = norm2.sum(-1)
+    share = usage / usage.sum(-1, keepdim=True).clamp_min(1e-30)
     return {
+        "features_per_dim": features_per_dimension(W, usage, n_active),
         "n_represented": represented.sum(-1),
         "mean_global_dim": glob.mean(-1),
         "mean_weighted_global_dim": (S * D).sum(-2).mean(-1),
@@ -108,7 +168,7 @@ def summary(W: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, expert_mask: t
         "features_per_expert": n_present / n_exp,
         "mean_polysemanticity": (polysemanticity(W) * present).sum((-1, -2)) / n_present,
         "mean_max_specialization": (S.amax(-2) * represented).sum(-1) / represented.sum(-1),
-        "usage_entropy": -(usage * torch.log(usage.clamp_min(1e-30))).sum(-1),
+        "usage_entropy": -(share * torch.log(share.clamp_min(1e-30))).sum(-1),
     }
 
 

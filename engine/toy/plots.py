@@ -61,9 +61,9 @@ def render_features(W: torch.Tensor, path: str | Path, n_hidden_line: int | None
     return path
 
 
-PHASE_METRICS = (("n_represented", "features represented"),
-                 ("mean_expert_dim", "mean dimensionality of the features experts hold"),
-                 ("monosemantic_fraction", "monosemantic fraction of experts' features"))
+PHASE_METRICS = (("features_per_dim", "features per dimension (Chaudhari et al.)"),
+                 ("n_represented", "features represented (global dimensionality > 0.05)"),
+                 ("mean_expert_dim", "mean dimensionality of the features experts hold"))
 
 
 def phase_diagrams(table, path: str | Path) -> Path:
@@ -110,6 +110,93 @@ def phase_diagrams(table, path: str | Path) -> Path:
     fig.colorbar(sc, ax=axes[1, :], fraction=0.02, label="feature sparsity 1 - p")
     fig.colorbar(plt.cm.ScalarMappable(norm=net_norm, cmap="plasma"), ax=axes[0, :], fraction=0.02,
                  label="network sparsity k / E")
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def features_per_dimension_figure(summary, path: str | Path, title: str = "") -> Path:
+    """Chaudhari et al.'s figure: features per dimension against ``1 / p`` (log), one line per
+    architecture with its 95% interval over seeds as a band. summary: :func:`engine.toy.reproduce.chaudhari_summary`."""
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110, layout="constrained")
+    for i, (arch, g) in enumerate(summary.groupby("architecture", sort=False)):
+        g = g.sort_values("feature_probability", ascending=False)
+        x = 1 / g["feature_probability"].to_numpy()
+        color = plt.get_cmap("tab10")(i)
+        ax.plot(x, g["features_per_dim"], "-o", ms=3, lw=2, color=color, label=f"{arch} (k/E = {g['network_sparsity'].iloc[0]:g})")
+        ax.fill_between(x, g["features_per_dim_low"], g["features_per_dim_high"], color=color, alpha=0.2, lw=0)
+    ax.axhline(1, ls="--", color="orange", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("1 / feature probability  (dense <- -> sparse)")
+    ax.set_ylabel("features per dimension  sum_e p_e ||W_e||_F^2 / m / k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "features per dimension; bands: 95% interval over seeds", fontsize=10)
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _phase_colour(norm: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Their colour map: white = not represented, blue = a dimension to itself, red = superposed
+    (``norm`` and ``score`` clipped to [0, 1])."""
+    y, x = np.clip(norm, 0, 1), np.clip(score, 0, 1)
+    white = 1 - y
+    return np.stack([y * x + white, white, y * (1 - x) + white], -1)
+
+
+def phase_diagram_figure(phase, path: str | Path) -> Path:
+    """One row per architecture, one panel per expert: the varied feature's colour (see
+    :func:`_phase_colour`) over sparsity (x) and its importance (y). phase: :func:`engine.toy.reproduce.run_phase`."""
+    archs = list(dict.fromkeys(phase["architecture"]))
+    n_cols = int(phase["n_experts"].max())
+    fig, axes = plt.subplots(len(archs), n_cols, figsize=(3.2 * n_cols + 1, 2.6 * len(archs)), dpi=100,
+                             squeeze=False, layout="constrained")
+    for r, arch in enumerate(archs):
+        g = phase[phase["architecture"] == arch]
+        S, imp = np.sort(g["sparsity"].unique()), np.sort(g["importance"].unique())
+        for e in range(n_cols):
+            ax = axes[r, e]
+            ge = g[g["expert"] == e]
+            if ge.empty:
+                ax.axis("off")
+                continue
+            norm = ge.pivot(index="importance", columns="sparsity", values="norm").reindex(index=imp, columns=S)
+            score = ge.pivot(index="importance", columns="sparsity", values="superposition").reindex(index=imp, columns=S)
+            ax.imshow(_phase_colour(norm.to_numpy(), score.to_numpy()), origin="lower", aspect="auto",
+                      extent=(S[0], S[-1], imp[0], imp[-1]), interpolation="nearest")
+            ax.set_title(f"{arch} (n-m-E), expert {e}", fontsize=9)
+            ax.set_xlabel("feature sparsity S", fontsize=8)
+            ax.set_ylabel("importance of the last feature", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.suptitle("last feature per expert: white = not represented, blue = own dimension, red = superposed", fontsize=10)
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plateau_figure(features, dims_per_feature, path: str | Path, fractions, title: str = "") -> Path:
+    """Elhage et al.'s figure: each represented feature's dimensionality against ``1 / p`` (log),
+    with the dims-per-feature curve ``m / ||W||_F^2`` and the plateau fractions marked.
+    features: rows of :func:`engine.toy.reproduce.run_elhage`; dims_per_feature: ``{p: value}``."""
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110, layout="constrained")
+    held = features[features["norm"] > 0.5]
+    jitter = np.random.default_rng(0).uniform(-0.03, 0.03, len(held))
+    ax.scatter(1 / held["feature_probability"] * np.exp(jitter), held["dimensionality"], s=5, alpha=0.4,
+               label="D_i of a represented feature (norm > 0.5)")
+    ps = sorted(dims_per_feature, reverse=True)
+    ax.plot([1 / p for p in ps], [dims_per_feature[p] for p in ps], "k.-", lw=1, label="m / ||W||_F^2 (mean of seeds)")
+    for frac in fractions:
+        ax.axhline(float(frac), color="grey", lw=0.5, ls="--")
+        ax.text(1.01, float(frac), str(frac), fontsize=8, va="center", transform=ax.get_yaxis_transform())
+    ax.set_xscale("log")
+    ax.set_xlabel("1 / feature probability (sparser to the right)")
+    ax.set_ylabel("dimensionality")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
