@@ -1,6 +1,6 @@
 """Wall time and peak memory of each analysis command on the demo model, at several token counts.
 
-    PYTHONPATH=. python bench/bench_analysis.py --tokens 25000 50000 100000 [--work /tmp/an_bench]
+    .venv/bin/python bench/bench_analysis.py --tokens 25000 50000 100000 [--work /tmp/an_bench]
         [--model-dir ~/.cache/moetrace/demo-8aad9b26f4e0]
 
 Writes the demo corpus as JSONL (enough documents for the largest count), captures it once with
@@ -52,8 +52,8 @@ def main() -> None:
                     help="use the demo model's architecture and tokenizer with random weights instead of the "
                          "trained demo model (cost does not depend on the weights; no 2.5 min build)")
     args = ap.parse_args()
-    from engine.demo.data import make_training_documents
-    from engine.demo.model import ensure_demo_model
+    from moetrace.demo.data import make_training_documents
+    from moetrace.demo.model import ensure_demo_model
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -63,8 +63,8 @@ def main() -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from engine.demo.data import build_tokenizer
-        from engine.demo.model import DemoConfig, _model_config
+        from moetrace.demo.data import build_tokenizer
+        from moetrace.demo.model import DemoConfig, _model_config
 
         model = str(work / "random_demo_model")
         if not Path(model, "config.json").exists():
@@ -77,7 +77,7 @@ def main() -> None:
     n_max = max(args.tokens)
     data = work / "docs.jsonl"
     store = work / "trace.zarr"
-    py = [sys.executable, "-m", "engine.cli"]
+    py = [sys.executable, "-m", "moetrace.cli"]
     if not store.exists():
         from transformers import AutoTokenizer
 

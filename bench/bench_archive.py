@@ -82,8 +82,8 @@ def build_part(part: Path, spec_tokens: int, start: int, n_tokens: int, batch_to
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.store import TraceStore
-    from engine.synthetic import DOMAINS, LANGS, TraceSpec, generate_chunk, group_preferences
+    from moetrace.store import TraceStore
+    from moetrace.synthetic import DOMAINS, LANGS, TraceSpec, generate_chunk, group_preferences
 
     done = part / "done.json"
     want = {"start": start, "tokens": n_tokens}
@@ -163,8 +163,8 @@ def _fp(ds) -> dict:
 
 def _warm(path: str, stats) -> int:
     """Count one chunk of one store (Numba loads or compiles its kernels in this process)."""
-    from engine.aggregate import count_range
-    from engine.store import TraceStore
+    from moetrace.aggregate import count_range
+    from moetrace.store import TraceStore
 
     st = TraceStore.open(path)
     count_range(st, 0, min(len(st), st.chunk_rows), stats=stats, by=BY, progress=False)
@@ -181,8 +181,8 @@ def _timed(fn, repeats: int):
 
 
 def child_in_process(data: Path, query: str, repeats: int, range_rows) -> dict:
-    from engine.aggregate import count
-    from engine.counting.archive import stores_of
+    from moetrace.aggregate import count
+    from moetrace.counting.archive import stores_of
 
     stats = QUERIES[query]
     _warm(stores_of(archive_of(data))[0], stats)
@@ -194,9 +194,9 @@ def child_in_process(data: Path, query: str, repeats: int, range_rows) -> dict:
 def child_cluster(data: Path, query: str, repeats: int, range_rows, n_workers: int) -> dict:
     from distributed import Client, LocalCluster
 
-    from engine.aggregate import count
-    from engine.counting.archive import plan, stores_of
-    from engine.store import TraceStore
+    from moetrace.aggregate import count
+    from moetrace.counting.archive import plan, stores_of
+    from moetrace.store import TraceStore
 
     os.environ["NUMBA_NUM_THREADS"] = "1"
     os.environ["OMP_NUM_THREADS"] = "1"

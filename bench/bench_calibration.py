@@ -1,10 +1,10 @@
 """Calibration and power of the experiment's targeted-vs-random test, on simulated experiments.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_calibration.py [--experiments 2000]
+    .venv/bin/python bench/bench_calibration.py [--experiments 2000]
 
-Simulates ablation experiments with ``engine.significance.simulate_ablation_experiments`` in the
+Simulates ablation experiments with ``moetrace.significance.simulate_ablation_experiments`` in the
 demo's design (4 targeted groups, 200 items each, 20 random draws per group) with the draws'
-variation measured in the demo (``engine.significance.DEMO_NULL``: accuracy items 0/1 at base
+variation measured in the demo (``moetrace.significance.DEMO_NULL``: accuracy items 0/1 at base
 accuracy 0.98, draw harm 0.01 +- 0.01; loss: 0.14 +- 0.14 nats per draw, item noise sd 0.07) and a
 second, noisier design (draw sd 0.05 for accuracy, item sd 0.5 nats for loss), and reports, at
 alpha = 0.05:
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from engine.significance import combined_effect, pooled_targeted_vs_random, simulate_ablation_experiments, \
+from moetrace.significance import combined_effect, pooled_targeted_vs_random, simulate_ablation_experiments, \
     PairedBootstrap
 
 ALPHA = 0.05

@@ -59,8 +59,8 @@ def generate(data: Path, n_tokens: int, batch_tokens: int = 65536) -> dict:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from engine.store import TraceStore
-    from engine.synthetic import DOMAINS, LANGS, TraceSpec, generate_chunk, group_preferences
+    from moetrace.store import TraceStore
+    from moetrace.synthetic import DOMAINS, LANGS, TraceSpec, generate_chunk, group_preferences
 
     spec = TraceSpec(n_tokens=n_tokens, seq_len=512)
     meta_path = data / "meta.json"
@@ -109,8 +109,8 @@ def fingerprint(counts: np.ndarray) -> list[int]:
 
 def provider_moetrace(data: Path, tokens: int, stat: str, repeats: int) -> tuple[float, list[int]]:
     """``stat``: one statistic or several joined by ``+`` (counted in one call)."""
-    from engine.aggregate import count_range
-    from engine.store import TraceStore
+    from moetrace.aggregate import count_range
+    from moetrace.store import TraceStore
 
     st = TraceStore.open(data / "trace.zarr")
     stats = stat.split("+")
@@ -142,10 +142,10 @@ def provider_roofline(data: Path, repeats: int, old_kernels: str | None) -> dict
     import numcodecs
     from numcodecs import blosc
 
-    from engine.counting.chunks import _RawColumn
-    from engine.counting.filters import Filters
-    from engine.store import TraceStore
-    from kernels import counting
+    from moetrace.counting.chunks import _RawColumn
+    from moetrace.counting.filters import Filters
+    from moetrace.store import TraceStore
+    from moetrace.kernels import counting
 
     numba.set_num_threads(1)
     blosc.set_nthreads(1)

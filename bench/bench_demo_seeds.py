@@ -1,10 +1,10 @@
 """The demo's experiment on demo models trained from several seeds: how much of its answer is the seed.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_demo_seeds.py [--seeds 0 1 2] [--work DIR]
+    .venv/bin/python bench/bench_demo_seeds.py [--seeds 0 1 2] [--work DIR]
 
 For each seed: builds (or reuses, in ``$MOETRACE_CACHE``) the demo model with ``DemoConfig(seed=s)``
 (training data order, initial weights, evaluation questions and texts all follow the seed), runs
-``engine.demo.run.run_demo_experiment`` into ``DIR/seed-<s>`` and prints one markdown row per seed,
+``moetrace.demo.run.run_demo_experiment`` into ``DIR/seed-<s>`` and prints one markdown row per seed,
 method and measure: the targeted, off-target and random-draw effects with their 95% intervals and
 the targeted-minus-random difference (two-level interval) with its p-value over draws (Holm-adjusted
 for the primary tests); then per method and measure the mean and standard deviation over seeds of
@@ -35,9 +35,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/demo_seeds")
     args = ap.parse_args()
 
-    from engine.demo.model import BUILD_INFO, DemoConfig, ensure_demo_model, load_demo_model
-    from engine.demo.run import run_demo_experiment
-    from engine.experiment import MEASURES
+    from moetrace.demo.model import BUILD_INFO, DemoConfig, ensure_demo_model, load_demo_model
+    from moetrace.demo.run import run_demo_experiment
+    from moetrace.experiment import MEASURES
 
     rows, builds = [], []
     for seed in args.seeds:

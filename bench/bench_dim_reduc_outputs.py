@@ -1,7 +1,7 @@
 """A/B of how dim-reduc gets the routed experts' outputs: every expert on every token then pick the
 routed ones (``expert_outputs``, before) vs only the routed ones (``routed_outputs``, now).
 
-    PYTHONPATH=. python bench/bench_dim_reduc_outputs.py MODEL_DIR DOCS.jsonl
+    .venv/bin/python bench/bench_dim_reduc_outputs.py MODEL_DIR DOCS.jsonl
 
 Captures layer 1's expert inputs for 5,000 tokens of DOCS (a JSONL of {"text": ...}), then times
 both on them, one thread, alternately, 5 rounds; prints the largest difference and median CPU s.
@@ -13,8 +13,8 @@ import time
 import numpy as np
 import torch
 
-from engine.demo import load_demo_model
-from engine.analysis._common import LayerInputs, expert_outputs, experts_modules, model_inputs, routed_outputs, token_batches
+from moetrace.demo import load_demo_model
+from moetrace.analysis._common import LayerInputs, expert_outputs, experts_modules, model_inputs, routed_outputs, token_batches
 torch.set_num_threads(1)
 model, tok = load_demo_model(sys.argv[1])
 texts = [json.loads(l)["text"] for l in open(sys.argv[2])][:400]

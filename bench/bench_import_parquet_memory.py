@@ -8,7 +8,7 @@ import json, resource, sys, time
 from pathlib import Path
 
 import numpy as np, pyarrow as pa, pyarrow.parquet as pq
-from engine.io import import_parquet
+from moetrace.io import import_parquet
 work = Path(sys.argv[1])
 work.mkdir(parents=True, exist_ok=True)
 budget = int(sys.argv[2]) << 20

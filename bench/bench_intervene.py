@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import tiny_config, tiny_model  # noqa: E402
 
-from engine.capture import capture  # noqa: E402
-from engine.intervene import intervene, router_sites  # noqa: E402
-from engine.targets import Targets  # noqa: E402
+from moetrace.capture import capture  # noqa: E402
+from moetrace.intervene import intervene, router_sites  # noqa: E402
+from moetrace.targets import Targets  # noqa: E402
 
 SMALL = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, expert_intermediate_size=256,
              shared_expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,

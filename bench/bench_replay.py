@@ -1,6 +1,6 @@
 """Forward time of a tiny OLMoE (3 MoE layers, E = 8, K = 2): plain, patched (observe_routing), under replay.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_replay.py [--batch 8] [--seq-len 128]
+    .venv/bin/python bench/bench_replay.py [--batch 8] [--seq-len 128]
 
 One thread, the CPU routing path; median of 7 interleaved rounds of 5 forwards. Under replay each
 forward is preceded by ``set_batch`` (the store lookup of a new batch), as in a training loop.
@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import VOCAB, tiny_model  # noqa: E402
 
-from engine.capture import capture  # noqa: E402
-from engine.intervene import observe_routing  # noqa: E402
-from engine.replay import replay  # noqa: E402
+from moetrace.capture import capture  # noqa: E402
+from moetrace.intervene import observe_routing  # noqa: E402
+from moetrace.replay import replay  # noqa: E402
 
 
 def main() -> None:

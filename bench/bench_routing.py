@@ -10,8 +10,8 @@ except ``fused_unmasked``:
 
 - ``eager``: what a transformers router does, plus the mask:
   ``logits.masked_fill(mask, -inf)`` -> ``softmax(float32)`` -> ``topk`` -> ``w / w.sum()``;
-- ``torch_ref``: ``kernels.routing.route_reference`` (stable sort, so ties go to the lower index);
-- ``triton``: ``kernels.routing.fused_route(backend="triton")`` (CUDA only);
+- ``torch_ref``: ``moetrace.kernels.routing.route_reference`` (stable sort, so ties go to the lower index);
+- ``triton``: ``moetrace.kernels.routing.fused_route(backend="triton")`` (CUDA only);
 - ``fused_unmasked``: the same Triton kernel with no intervention, i.e. a plain fused
   softmax-top-k: the cost of the intervention machinery is ``triton`` / ``fused_unmasked``.
 
@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.routing import fused_route, route_reference  # noqa: E402
+from moetrace.kernels.routing import fused_route, route_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -31,9 +31,9 @@ import numcodecs.blosc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine.synthetic import TraceSpec, generate_chunk, group_preferences  # noqa: E402
+from moetrace.synthetic import TraceSpec, generate_chunk, group_preferences  # noqa: E402
 
-from engine.store import TraceStore  # noqa: E402
+from moetrace.store import TraceStore  # noqa: E402
 
 CANDIDATES = {
     "lz4-noshuffle-4MiB": dict(codec={"cname": "lz4", "clevel": 5, "shuffle": "noshuffle"}, chunk_mib=4),

@@ -1,16 +1,16 @@
 """Seed 001's toy MoE: batched-vs-one-by-one training speed, the cost of the papers' full designs, and
 the analysis of a sweep in moetrace's own (per-expert hidden size) design.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_toy.py ratio [--models 100] [--steps 50] [--threads 1]
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_toy.py cost [--steps 3] [--threads 1]
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_toy.py analyze SWEEP.csv
+    .venv/bin/python bench/bench_toy.py ratio [--models 100] [--steps 50] [--threads 1]
+    .venv/bin/python bench/bench_toy.py cost [--steps 3] [--threads 1]
+    .venv/bin/python bench/bench_toy.py analyze SWEEP.csv
 
 The reproductions themselves are ``moetrace toy reproduce chaudhari|elhage [--quick]``
 (engine/toy/reproduce.py).
 
 - ``ratio``: (wall-clock and process CPU time) the same grid of models (F=20, H=5, E in 1,2,4,8, k <= E, 10 feature probabilities,
   ``--models`` of them) trained for ``--steps`` steps, batch 256, (a) batched by
-  ``engine.toy.sweep.run_sweep`` (one group per E) and (b) one by one with ``engine.toy.optimize``,
+  ``moetrace.toy.sweep.run_sweep`` (one group per E) and (b) one by one with ``moetrace.toy.optimize``,
   side by side in one process; prints both times and the ratio. Also checks that the two give the
   same final losses.
 - ``cost``: times ``--steps`` steps of every batched group of each paper design at its full size
@@ -32,7 +32,7 @@ import torch
 
 
 def grid_specs(n_models: int):
-    from engine.toy.sweep import grid
+    from moetrace.toy.sweep import grid
 
     probs = [float(v) for v in np.round(np.logspace(0, -2, 10), 5)]
     specs = grid(20, 5, [1, 2, 4, 8], [1, 2, 4, 8], probs, importance_decay=0.9, seeds=range(1 + (n_models - 1) // 100))
@@ -40,8 +40,8 @@ def grid_specs(n_models: int):
 
 
 def cmd_ratio(args) -> None:
-    from engine.toy import MoEModel, optimize
-    from engine.toy.sweep import run_sweep
+    from moetrace.toy import MoEModel, optimize
+    from moetrace.toy.sweep import run_sweep
 
     torch.set_num_threads(args.threads)
     specs = grid_specs(args.models)
@@ -65,9 +65,9 @@ def cmd_ratio(args) -> None:
 
 def cmd_cost(args) -> None:
     """Measure a few training steps of every group of each paper design at full size; project the full run."""
-    from engine.toy import reproduce
-    from engine.toy.batched import BatchedMoE, train_batched
-    from engine.toy.model import Config
+    from moetrace.toy import reproduce
+    from moetrace.toy.batched import BatchedMoE, train_batched
+    from moetrace.toy.model import Config
 
     torch.set_num_threads(args.threads)
 
@@ -130,9 +130,9 @@ def cmd_analyze(args) -> None:
             r_feat = spearmanr(sub["feature_sparsity"], y).statistic
             print(f"| {subset} ({len(sub)}) | {metric} | {r_net:+.2f} | {r_feat:+.2f} | "
                   f"{eta2('network_sparsity'):.2f} | {eta2('feature_probability'):.2f} |")
-    from engine.toy.reproduce import interval
+    from moetrace.toy.reproduce import interval
 
-    t["seed_index"] = t["seed"] // 1_000_003  # engine.toy.sweep.grid: seed * 1_000_003 + index
+    t["seed_index"] = t["seed"] // 1_000_003  # moetrace.toy.sweep.grid: seed * 1_000_003 + index
     print("\n| E | k | k/E | active hidden k*H | seeds | features per dimension, mean over p (95% interval over seeds) |")
     print("|---|---|---|---|---|---|")
     for (E, k), g in t.groupby(["n_experts", "n_active_experts"]):

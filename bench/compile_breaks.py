@@ -1,6 +1,6 @@
 """Graph breaks of one forward of a tiny OLMoE (3 MoE layers) under each kind of intervention.
 
-    PYTHONPATH=. python bench/compile_breaks.py [--backends torch,triton]
+    .venv/bin/python bench/compile_breaks.py [--backends torch,triton]
 
 Counts ``torch._dynamo.explain`` graph breaks (CPU; the Triton backend runs under
 TRITON_INTERPRET=1) for: no context, empty targets, expert / path / pair ablation, zero mode and
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-from engine.intervene import ablate, intervene, steer  # noqa: E402
-from engine.targets import Targets  # noqa: E402
+from moetrace.intervene import ablate, intervene, steer  # noqa: E402
+from moetrace.targets import Targets  # noqa: E402
 
 CASES = {
     "no context": lambda m, b: torch.no_grad(),

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.aggregate import count
-from engine.store import TraceStore
-from kernels.counting import STATS
-from engine.synthetic import TraceSpec, write_store
-from kernels.routing import route_reference
+from moetrace.aggregate import count
+from moetrace.store import TraceStore
+from moetrace.kernels.counting import STATS
+from moetrace.synthetic import TraceSpec, write_store
+from moetrace.kernels.routing import route_reference
 
 SPEC = TraceSpec(n_tokens=262_144, n_layers=16, n_experts=64, top_k=8, seq_len=256, seed=0)
 

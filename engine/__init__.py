@@ -1,10 +1,10 @@
-"""moetrace engine: capture, store, count, analyze and intervene on MoE routing.
+"""moetrace: capture, store, count, analyze and intervene on MoE routing.
 
-The orchestration half of moetrace. Native code (Numba counters, Triton routing
-kernels) lives in the sibling package ``kernels``; this package never loops over
-rows in Python.
+The package is the folder ``engine/`` (orchestration; it never loops over rows in Python);
+native code (Numba counters, Triton routing kernels) is ``moetrace.kernels``, the folder
+``kernels/`` (see setup.py).
 """
 
 __version__ = "0.1.0"
 
-from engine.errors import MoetraceError  # noqa: F401
+from moetrace.errors import MoetraceError  # noqa: F401

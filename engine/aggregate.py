@@ -1,4 +1,4 @@
-"""Counting API (kept for its importers): the implementation lives in :mod:`engine.counting`.
+"""Counting API (kept for its importers): the implementation lives in :mod:`moetrace.counting`.
 
 ``count``, ``count_range``, ``coverage``, ``shared_prefix``, ``save_counts``,
 ``load_counts``, ``sequence_table``, ``stores_of`` (an archive's stores) and ``Filters`` are re-exported from there;
@@ -8,7 +8,7 @@ describing its dims, whether it is grouped and what it needs).
 
 from __future__ import annotations
 
-from engine.counting import (
+from moetrace.counting import (
     COUNTS_VERSION,
     Filters,
     count,
@@ -20,7 +20,7 @@ from engine.counting import (
     shared_prefix,
     stores_of,
 )
-from kernels.counting import STATS
+from moetrace.kernels.counting import STATS
 
 __all__ = [
     "COUNTS_VERSION",

@@ -1,6 +1,6 @@
 """Which tokens of a forward are recorded, at which position, and whether they were generated.
 
-The one set of rules :mod:`engine.capture` records by and :mod:`engine.replay` looks routes up by,
+The one set of rules :mod:`moetrace.capture` records by and :mod:`moetrace.replay` looks routes up by,
 so the two cannot drift apart. Two halves:
 
 - :func:`forward_inputs` and :func:`mask_view` read a forward's arguments on the device, without a

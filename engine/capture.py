@@ -16,7 +16,7 @@ Batches and continuation. A forward continues the current batch when the
 loops passing the cache back, and multi-turn continuation (generate() called again on the
 conversation so far with the cache), whatever the transformers release calls the argument. Any
 other forward, or one after :meth:`Capture.set_batch`, starts a new batch. Which tokens are
-recorded, at which position, and which are generated follow :mod:`engine.alignment` (the rules
+recorded, at which position, and which are generated follow :mod:`moetrace.alignment` (the rules
 replay looks routes up by): padding from the attention mask (2-D, or 4-D read through each
 query's own key), positions counted over a row's tokens, a decode step's token generated, a
 continuation of several tokens a new turn (its first token generated, the caller's text prompt).
@@ -44,7 +44,7 @@ Give ``B*k`` ids (or none: fresh ids) to record every beam as its own sequence. 
 generated token never goes through the model, so a sequence has its prompt and all but
 the last generated token.
 
-The routing comes from ``engine.intervene.observe_routing``, so capture composes with
+The routing comes from ``moetrace.intervene.observe_routing``, so capture composes with
 ``intervene``: capturing while ablating records the routing actually used. The forward
 stays free of host syncs: it stacks the per-layer tensors, and one hand-off (the only
 torch.compile graph break capture adds) starts their device-to-host copies and queues
@@ -67,10 +67,10 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from engine.alignment import Alignment, forward_inputs, mask_view
-from engine.errors import MoetraceError
-from engine.intervene import RouteEvent, observe_routing, router_sites
-from engine.store import TraceStore
+from moetrace.alignment import Alignment, forward_inputs, mask_view
+from moetrace.errors import MoetraceError
+from moetrace.intervene import RouteEvent, observe_routing, router_sites
+from moetrace.store import TraceStore
 
 _STOP = ("stop", None)
 
@@ -460,7 +460,7 @@ def capture(
     """Context manager recording the routing of every forward of ``model`` into ``store``.
 
     Args:
-        model: a transformers MoE model of a supported family (``engine.models``).
+        model: a transformers MoE model of a supported family (``moetrace.models``).
         store: a TraceStore opened for append, or a path (opened, or created when absent with
             the model's layers, experts and top-k, routing weights, and ``labels`` as open
             vocabularies).

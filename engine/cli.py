@@ -1,7 +1,7 @@
 """The ``moetrace`` command line.
 
 Subcommands live in ``engine/commands/*.py`` (see that package's docstring). A
-:class:`engine.errors.MoetraceError` raised by a command is printed as one line on
+:class:`moetrace.errors.MoetraceError` raised by a command is printed as one line on
 stderr and the process exits with status 2.
 """
 
@@ -13,9 +13,9 @@ import os
 import pkgutil
 import sys
 
-import engine
-import engine.commands
-from engine.errors import MoetraceError
+import moetrace
+import moetrace.commands
+from moetrace.errors import MoetraceError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moetrace",
         description="Capture, count, analyze and intervene on Mixture-of-Experts routing.",
     )
-    parser.add_argument("--version", action="version", version=f"moetrace {engine.__version__}")
+    parser.add_argument("--version", action="version", version=f"moetrace {moetrace.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_info in sorted(pkgutil.iter_modules(engine.commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"engine.commands.{module_info.name}")
+    for module_info in sorted(pkgutil.iter_modules(moetrace.commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"moetrace.commands.{module_info.name}")
         module.add_parser(subparsers)
     return parser
 

@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from engine.errors import MoetraceError
-from engine.store import TraceStore
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
 
 __all__ = ["CompareResult", "compare", "read_rows", "sequence_index"]
 

@@ -39,7 +39,7 @@ Everything runs under ``torch.no_grad()`` with the model in eval mode (its train
 restored afterwards); prompts are processed in a fixed order, so results are deterministic.
 
 Routing capture: pass ``store`` (a TraceStore opened for append, or a path; default
-``capture_fn`` is ``engine.capture.capture``). The batches then run inside
+``capture_fn`` is ``moetrace.capture.capture``). The batches then run inside
 ``capture_fn(model, store, labels=list(by))`` and before each forward
 ``cap.set_batch(seq=int64[B] question/text indices, labels={name: str[B]})`` says which
 question each batch row is; the capture drops padding itself (from the ``attention_mask`` the
@@ -59,9 +59,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from engine.progress import tqdm
+from moetrace.progress import tqdm
 
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
 LETTERS = ("A", "B", "C", "D")
 SCORINGS = ("answer", "letter")
@@ -285,13 +285,13 @@ def _capture_context(model, store, capture_fn, by: Sequence[str]):
     if capture_fn is None and store is None:
         return contextlib.nullcontext(None)
     if capture_fn is None:
-        from engine.capture import capture as capture_fn
+        from moetrace.capture import capture as capture_fn
     return capture_fn(model, store, labels=list(by))
 
 
 def _append_sequences(store, columns: dict[str, np.ndarray]) -> None:
     """Append per-sequence results to ``store`` (a TraceStore or a path), after capture closed it."""
-    from engine.store import TraceStore
+    from moetrace.store import TraceStore
 
     if isinstance(store, TraceStore):
         store.append_sequences(columns)

@@ -4,7 +4,7 @@
 reviewer of an ablation study asks for:
 
 1. **base evaluation** of every group: multiple-choice accuracy (answer scoring by default,
-   ``engine.evaluate``) and, with texts, loss, split into the answer tokens and the rest. Beside
+   ``moetrace.evaluate``) and, with texts, loss, split into the answer tokens and the rest. Beside
    each group's base accuracy: its chance level and the answer-blind baseline (the options
    scored with the question removed); a group whose base accuracy's 95% Clopper-Pearson
    interval is not above both is **not testable** on accuracy (an ablation cannot show that a
@@ -13,7 +13,7 @@ reviewer of an ablation study asks for:
    items) is captured into ``OUT/trace.zarr`` and counted by group (``OUT/counts.zarr``), after
    seed 000's shared-prefix filter; without ``select_texts`` the evaluated questions' contexts
    are captured instead, with a warning (targets then come from the evaluated items);
-3. for every targeted group and method: seed 000's specialized items (``engine.metrics.specialized``)
+3. for every targeted group and method: seed 000's specialized items (``moetrace.metrics.specialized``)
    as ``Targets`` (``OUT/targets/<group>_<method>.json``), their coverage of every group's
    routes, and the evaluation of every group under ``intervene(model, targets)``;
 4. **matched random controls** (:func:`matched_random`): ``n_random`` draws per targeted group
@@ -27,7 +27,7 @@ reviewer of an ablation study asks for:
    ``OUT/dose_response.csv`` (with ``doses``) and ``OUT/summary.json`` (:func:`summarize`).
 
 The headline test per method and measure is *targeted versus random over draws*
-(``engine.significance.pooled_targeted_vs_random``: a rank test over the draws, pooled over
+(``moetrace.significance.pooled_targeted_vs_random``: a rank test over the draws, pooled over
 targeted groups, with a two-level bootstrap interval). The **primary tests** are these tests for
 every method on accuracy and on loss; their p-values are Holm-adjusted as one family
 (``summary["primary_tests"]``). Every other p-value (per group, per evaluated group, item-level)
@@ -46,18 +46,18 @@ from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from engine.progress import tqdm
+from moetrace.progress import tqdm
 
-from engine import metrics
-from engine.aggregate import count, save_counts
-from engine.capture import capture
-from engine.errors import MoetraceError
-from engine.evaluate import LETTERS, SCORINGS, answer_context, multiple_choice_accuracy, perplexity
-from engine.intervene import intervene
-from engine.significance import (PairedBootstrap, combined_effect, holm, paired_effect, pooled_targeted_vs_random,
+from moetrace import metrics
+from moetrace.aggregate import count, save_counts
+from moetrace.capture import capture
+from moetrace.errors import MoetraceError
+from moetrace.evaluate import LETTERS, SCORINGS, answer_context, multiple_choice_accuracy, perplexity
+from moetrace.intervene import intervene
+from moetrace.significance import (PairedBootstrap, combined_effect, holm, paired_effect, pooled_targeted_vs_random,
                                  ratio)
-from engine.store import TraceStore
-from engine.targets import Targets
+from moetrace.store import TraceStore
+from moetrace.targets import Targets
 
 METHODS = ("paths", "experts", "pairs")
 # measure -> (items.csv kind, what one item's value is). Every measure is oriented so that a
@@ -131,7 +131,7 @@ class RouteTable:
     item (expert / path / pair) was taken, over the samples seed 000's coverage counts.
 
     ``coverage(group, layer, items)`` is the share of a group's routes that items cover: equal to
-    ``engine.aggregate.coverage(...)["prop_targeted"]`` for the same targets, without a pass over
+    ``moetrace.aggregate.coverage(...)["prop_targeted"]`` for the same targets, without a pass over
     the store.
     """
 
@@ -306,7 +306,7 @@ def run_experiment(
     with 4 equal groups). mask_mode: "reroute" (a masked route sends the token to its next-best
     expert) or "zero" (the route stays selected with weight 0). n_random: matched random draws
     per targets (:func:`matched_random`, within ``band``). scoring: ``"answer"`` or ``"letter"``
-    (``engine.evaluate``). doses: when given (e.g. ``[1, 2, 4, 8, "all"]``), also the
+    (``moetrace.evaluate``). doses: when given (e.g. ``[1, 2, 4, 8, "all"]``), also the
     dose-response experiment: for every targeted group and method, the n most specialized items
     (:func:`dose_ladder`) evaluated on every group, and ``dose_random`` matched draws (default
     ``min(n_random, 5)``) at the same coverage evaluated on the targeted group, for each mask mode
@@ -428,9 +428,9 @@ def run_experiment(
     perplexity(model, tokenizer, routed, by=labels, batch_size=batch_size, progress=False, store=trace,
                capture_fn=capture)
     store = TraceStore.open(trace)
-    from engine.report import REPORT_STATS
+    from moetrace.report import REPORT_STATS
 
-    from kernels.counting import STATS
+    from moetrace.kernels.counting import STATS
 
     # a top-1 model has no pairs: a method that needs them is an error, a report statistic is left out
     method_stats = [metrics.SPECIALIZATION_METHODS[m][0] for m in methods]
@@ -595,7 +595,7 @@ def summarize(table: Mapping[str, np.ndarray], items: Mapping[str, np.ndarray] |
     off-target). From the table alone these are ``{"estimate": ...}``; with ``items`` (the
     per-item table, ``ITEM_COLUMNS``) they carry intervals: the targeted and off-target effects a
     95% paired bootstrap over items with a sign-flip/McNemar p-value, ``targeted_minus_random``
-    the draw test (``engine.significance.pooled_targeted_vs_random``: rank p over the draws,
+    the draw test (``moetrace.significance.pooled_targeted_vs_random``: rank p over the draws,
     two-level bootstrap interval, ``n_random``), ``random`` that test's interval of the mean
     draw, and ``per_group`` the same test per targeted group. ``coverage`` gives the mean
     coverage of the targeted group's routes by the targets and by the draws and the share of

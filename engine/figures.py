@@ -1,18 +1,18 @@
 """Every figure of the report as a public function: data in, ``matplotlib.figure.Figure`` out.
 
-For notebooks (``fig`` displays inline in Jupyter) and for :mod:`engine.report`, which calls the
+For notebooks (``fig`` displays inline in Jupyter) and for :mod:`moetrace.report`, which calls the
 same functions. No pyplot state: figures are plain ``Figure`` objects (Agg-safe, thread-safe).
 
-    from engine.aggregate import count
-    from engine import figures
+    from moetrace.aggregate import count
+    from moetrace import figures
     counts = count("trace.zarr", stats=["experts", "temporal"], by=["domain"])
     figures.usage_heatmaps(counts)            # group x expert heatmap per layer
     figures.separation(counts)                # chi-square, mean variance, entropy by layer
-    figures.decisiveness(engine.analysis.decisiveness("trace.zarr"))
+    figures.decisiveness(moetrace.analysis.decisiveness("trace.zarr"))
 
-Inputs: ``counts`` is an :func:`engine.aggregate.count` Dataset; analysis results are the
-Datasets / tables of :mod:`engine.analysis`; ``results`` is an experiment's results table
-(:func:`engine.report.load_results`).
+Inputs: ``counts`` is an :func:`moetrace.aggregate.count` Dataset; analysis results are the
+Datasets / tables of :mod:`moetrace.analysis`; ``results`` is an experiment's results table
+(:func:`moetrace.report.load_results`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
 
-from engine import metrics
+from moetrace import metrics
 
 #: Layers per usage-heatmap figure when a caller splits many layers (the report does).
 LAYERS_PER_FIGURE = 16
@@ -417,7 +417,7 @@ def router_stats(ds: xr.Dataset, max_ranks: int = 16) -> Figure:
 def similarity(ds: xr.Dataset, layer: int, variables: Sequence[str] = ("cosine", "cka", "weight_cosine")) -> Figure:
     """Expert x expert similarity heatmaps at ``layer`` (those of ``variables`` present in ``ds``), experts
     ordered by average-linkage clustering of the first one."""
-    from engine.analysis.similarity import cluster_order
+    from moetrace.analysis.similarity import cluster_order
 
     names = [v for v in variables if v in ds.data_vars]
     mats = [ds[v].sel(layer=layer).values for v in names]
@@ -438,7 +438,7 @@ def similarity(ds: xr.Dataset, layer: int, variables: Sequence[str] = ("cosine",
 
 
 def embedding(points: pd.DataFrame, color_by: Sequence[str] = ("expert", "group")) -> Figure:
-    """2-D map of expert outputs (:func:`engine.analysis.reduce_2d`), one panel per colouring."""
+    """2-D map of expert outputs (:func:`moetrace.analysis.reduce_2d`), one panel per colouring."""
     fig = Figure(figsize=(5.0 * len(color_by), 4.4))
     axes = np.atleast_1d(fig.subplots(1, len(color_by)))
     method = points.attrs.get("method", "")
@@ -489,7 +489,7 @@ def lang_domain(ds: xr.Dataset) -> Figure:
 
 
 def steering(result: dict, top: int = 10) -> Figure:
-    """Next-token probability before and after steering (:func:`engine.analysis.steer_prompt`)."""
+    """Next-token probability before and after steering (:func:`moetrace.analysis.steer_prompt`)."""
     tokens = result["next_token"]["tokens"][:top]
     fig = Figure(figsize=(max(5.0, 0.6 * len(tokens) + 2), 3.2))
     ax = fig.subplots()
@@ -506,7 +506,7 @@ def steering(result: dict, top: int = 10) -> Figure:
 
 
 def compare_agreement(summary: dict) -> Figure:
-    """Routing agreement of two traces against the layer (``engine.compare.summary_json``'s
+    """Routing agreement of two traces against the layer (``moetrace.compare.summary_json``'s
     ``layers``): top-1 agreement, top-k overlap, Jaccard and, when present, the weights' rank
     correlation, over all aligned tokens."""
     from pathlib import Path

@@ -4,8 +4,8 @@
 module (instance attribute, so only this model is touched) with one that:
 
 1. rebuilds the router logits exactly as the original forward does (the family adapter,
-   ``engine.models``);
-2. routes them with ``kernels.routing.fused_route``, passing this layer's expert mask, path
+   ``moetrace.models``);
+2. routes them with ``moetrace.kernels.routing.fused_route``, passing this layer's expert mask, path
    table, pair table and boosts from ``Targets``, and the top-1 experts the previous MoE layer
    actually routed the same tokens to (``prev_top1``; the first MoE layer has none);
 3. calls every registered observer with a ``RouteEvent`` (the routing actually used);
@@ -36,7 +36,7 @@ experts)``: called after the live routing of every MoE layer with its router log
 router's dtype) and the live ``weights`` [T, K] / ``experts`` int32 [T, K], it returns the
 routing the layer actually uses (same shapes; experts int32 in [0, E)). The innermost override
 applies; observers, the path-rule history and the router's outputs all see what it returns.
-``engine.replay`` forces recorded routes this way.
+``moetrace.replay`` forces recorded routes this way.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.errors import MoetraceError
-from engine.models import RouterAdapter, RouterSite, adapter_for
-from engine.targets import Targets
-from kernels.routing import fused_route
+from moetrace.errors import MoetraceError
+from moetrace.models import RouterAdapter, RouterSite, adapter_for
+from moetrace.targets import Targets
+from moetrace.kernels.routing import fused_route
 
 __all__ = [
     "RouteEvent",
@@ -387,7 +387,7 @@ def patch_routers(
     """Patch every router of ``model`` for the duration of the block.
 
     Args:
-        model: a transformers MoE model of a supported family (``engine.models``).
+        model: a transformers MoE model of a supported family (``moetrace.models``).
         targets: interventions (None: route as the model does; an empty ``Targets()`` too).
         observer: called as ``observer(RouteEvent)`` after every MoE layer of every forward.
         backend: ``fused_route`` backend: "auto" (Triton on CUDA, torch otherwise), "torch", "triton".
@@ -403,7 +403,7 @@ def patch_routers(
     mask_mode = "reroute"
     if targets is not None:
         if not isinstance(targets, Targets):
-            raise MoetraceError(f"targets: expected an engine.targets.Targets, got {type(targets).__name__}")
+            raise MoetraceError(f"targets: expected an moetrace.targets.Targets, got {type(targets).__name__}")
         rules = _layer_rules(targets, patch.sites)
         mask_mode = targets.mask_mode
     entry = _Entry(rules=rules, mask_mode=mask_mode, observer=observer, backend=backend, override=override)

@@ -1,7 +1,7 @@
 """What an interrupted write leaves beside its output, and the one rule for it.
 
 Every moetrace writer builds ``OUT`` in ``OUT.partial-<pid>`` and publishes it by renaming
-(:func:`engine.io.base.staged_store`, :func:`engine.counting.files.save_counts`, checkpoint
+(:func:`moetrace.io.base.staged_store`, :func:`moetrace.counting.files.save_counts`, checkpoint
 ranges); an overwrite first moves the old ``OUT`` to ``OUT.old-<pid>``; importers that sort on
 disk work in ``.OUT.partial-<pid>.parts-*``. A process killed on the way leaves these behind.
 They are never inputs: archive discovery skips them (:func:`leftover`), and the next writer of

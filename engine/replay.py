@@ -7,7 +7,7 @@
 
 Every MoE layer routes each non-padding token to the top-k experts the store recorded for it,
 aligned by (``seq``, ``pos``): batch row ``b`` is sequence ``seq[b]`` and a token's ``pos`` counts
-the non-padding tokens of its row so far, exactly as ``engine.capture`` records it (so a decode
+the non-padding tokens of its row so far, exactly as ``moetrace.capture`` records it (so a decode
 step's token at position ``p`` uses the routes recorded at ``p``). Padding tokens keep the live
 routing. The weights are the live router scores gathered at the forced experts and normalized as
 the family does (``RouteSpec``): softmax families ``p = softmax(logits)``, ``w = p[ids]``, divided
@@ -29,7 +29,7 @@ the input's (with ``check_tokens``, the default; where the store knows token ids
 expert id outside ``[0, E)``; a forward without a prepared batch (e.g. ``model.model(...)`` called
 directly, which the hook on ``model`` does not see).
 
-Generation. Tokens are aligned by the rules capture records by (:mod:`engine.alignment`, one
+Generation. Tokens are aligned by the rules capture records by (:mod:`moetrace.alignment`, one
 function for both): a row's turn ends at the decode step that feeds its generated EOS, and while
 ``generate`` feeds a finished row EOS and padding as the batch goes on, those tokens keep the live
 routing (capture does not record them) and are left out of the replay rate; a new turn (a
@@ -58,17 +58,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.alignment import Alignment, forward_inputs, mask_view
-from engine.capture import cache_length, find_cache
-from engine.compare import read_rows, sequence_index
-from engine.errors import MoetraceError
-from engine.intervene import patch_routers, router_sites
-from engine.models import RouterSite, RouteSpec
-from engine.store import TraceStore
+from moetrace.alignment import Alignment, forward_inputs, mask_view
+from moetrace.capture import cache_length, find_cache
+from moetrace.compare import read_rows, sequence_index
+from moetrace.errors import MoetraceError
+from moetrace.intervene import patch_routers, router_sites
+from moetrace.models import RouterSite, RouteSpec
+from moetrace.store import TraceStore
 
 __all__ = ["Replay", "replay", "replay_weights"]
 
-_SIGMOID_RENORM_EPS = 1e-20  # as kernels.routing (transformers DeepseekV3TopkRouter)
+_SIGMOID_RENORM_EPS = 1e-20  # as moetrace.kernels.routing (transformers DeepseekV3TopkRouter)
 
 
 def replay_weights(logits: torch.Tensor, experts: torch.Tensor, spec: RouteSpec) -> torch.Tensor:
@@ -190,7 +190,7 @@ class Replay:
             past = view["keys"].shape[1] - S if view is not None and not view["keys_first"] else 0
         past = max(int(past), 0)
         tokens = None if input_ids is None else input_ids.detach().cpu().numpy().astype(np.int64)
-        # capture's rules (engine.alignment): tokens it would not record (padding, a row past its
+        # capture's rules (moetrace.alignment): tokens it would not record (padding, a row past its
         # generated EOS) keep the live routing
         step = batch["alignment"].step(S, past, view, tokens)
         pos, use = step.pos, step.recorded
@@ -257,7 +257,7 @@ def replay(
     """Context manager forcing the routes recorded in ``store`` on every forward of ``model``.
 
     Args:
-        model: a transformers MoE model of a supported family (``engine.models``).
+        model: a transformers MoE model of a supported family (``moetrace.models``).
         store: a trace of the same layers, experts and top-k (a TraceStore or a path).
         check_tokens: require each token id to equal the recorded one where the store has it.
         backend: ``fused_route`` backend of the live routing (for the replay rate).

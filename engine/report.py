@@ -17,12 +17,12 @@ others appear when their data is there:
 - *Ablation experiment* (``results.csv``) and *Chosen targets and their coverage* (its
   ``coverage`` column and ``targets/``); *Domain separation*, *Expert usage*, *Specialists*,
   *Top paths*, *Pairs*, *Co-activation*, *Stickiness* (counts); *Router metrics* and
-  *Languages vs domains* (:mod:`engine.analysis` on the counts); *Router decisiveness*
+  *Languages vs domains* (:mod:`moetrace.analysis` on the counts); *Router decisiveness*
   (``routing/probs`` in the store); *Router statistics*, *Expert similarity*, *2-D map*,
   *Expert profiles*, *Steering* (files the analysis commands wrote into ``RUN/analysis/``);
-  *Trace store* (:meth:`engine.store.TraceStore.info` and what the counts cover).
+  *Trace store* (:meth:`moetrace.store.TraceStore.info` and what the counts cover).
 
-Every figure comes from a public function of :mod:`engine.figures`.
+Every figure comes from a public function of :mod:`moetrace.figures`.
 
 A store without labels is one group, ``all``. Group names are the label values joined by
 ``/`` (``math/en``), as in the experiment's ``results.csv``.
@@ -45,11 +45,11 @@ import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
 
-from engine import figures, metrics
-from engine.aggregate import STATS, count, load_counts
-from engine.figures import LAYERS_PER_FIGURE, MEASURES
-from engine.errors import MoetraceError
-from engine.store import TraceStore
+from moetrace import figures, metrics
+from moetrace.aggregate import STATS, count, load_counts
+from moetrace.figures import LAYERS_PER_FIGURE, MEASURES
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
 
 #: Columns ``results.csv`` must have (the experiment's interface).
 RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "base_accuracy", "ablated_accuracy")
@@ -145,7 +145,7 @@ def _load(source: str | Path) -> tuple[TraceStore, xr.Dataset, str, Path | None]
         counts = load_counts(counts_path)
         origin = f"loaded from {counts_path}"
     else:
-        # a store without rank order (engine.store.RANK_ORDERS) gets no top-1 statistics: their sections drop out
+        # a store without rank order (moetrace.store.RANK_ORDERS) gets no top-1 statistics: their sections drop out
         stats = [n for n in REPORT_STATS if store.rank_order == "ranked" or not STATS[n].needs_rank_order]
         counts = count(store, stats=stats, by=store.label_names, progress=False)
         by = ", ".join(store.label_names) or "nothing"
@@ -220,7 +220,7 @@ def _section(sec_id: str, heading: str, body: str) -> str:
 
 
 def _group_matrix(da: xr.DataArray, counts: xr.Dataset) -> np.ndarray:
-    """A (group..., rest...) DataArray as [G, rest...] in :func:`engine.metrics.group_names` order."""
+    """A (group..., rest...) DataArray as [G, rest...] in :func:`moetrace.metrics.group_names` order."""
     return metrics.flatten_groups(da, metrics.group_dims(counts))
 
 
@@ -291,7 +291,7 @@ class Section:
     """One report section.
 
     id: the HTML id and anchor; title: its heading; nav: its table-of-contents label;
-    needs: the data it reads — count statistics (names of :data:`engine.aggregate.STATS`),
+    needs: the data it reads — count statistics (names of :data:`moetrace.aggregate.STATS`),
     ``results`` (an experiment table), ``coverage`` (its coverage column), ``probs``
     (``routing/probs`` in the store), ``decisiveness`` (probs, or ``analysis/decisiveness.zarr``), ``groups`` (counts grouped by a label), or
     ``analysis/<file or glob>`` (what an analysis command wrote into the run directory's ``analysis/``),
@@ -474,7 +474,7 @@ def _render_experiment(ctx: Context) -> str:
     if ctx.has("summary.json"):  # the experiment's own headline, with its draw tests
         summary = json.loads((ctx.run_dir / "summary.json").read_text())
     else:
-        from engine.experiment import summarize  # a results table alone: point estimates, no intervals
+        from moetrace.experiment import summarize  # a results table alone: point estimates, no intervals
 
         summary = summarize({c: df[c].to_numpy() for c in df.columns})
     headline = []
@@ -627,7 +627,7 @@ def _render_targets(ctx: Context) -> str:
         if tdir is not None:
             path = tdir / f"{target.replace('/', '_')}_{method}.json"
             if path.is_file():
-                from engine.targets import Targets
+                from moetrace.targets import Targets
 
                 n_rules = sum(Targets.load(path, kind=method).n_rules().values())
         mine = draws[(draws["method"] == f"random:{method}") & (draws["targeted_group"] == target)
@@ -656,7 +656,7 @@ def _render_targets(ctx: Context) -> str:
 
 
 def _render_decisiveness(ctx: Context) -> str:
-    from engine.analysis import decisiveness
+    from moetrace.analysis import decisiveness
 
     if ctx.has(f"{ANALYSIS_DIR}/decisiveness.zarr"):
         ds = _open_dataset(ctx.analysis_dir / "decisiveness.zarr")
@@ -673,7 +673,7 @@ def _render_decisiveness(ctx: Context) -> str:
 
 
 def _render_router_metrics(ctx: Context) -> str:
-    from engine.analysis import router_metrics
+    from moetrace.analysis import router_metrics
 
     ds = router_metrics(ctx.counts)
     layer = ctx.best_layer() if ctx.best_layer() is not None else int(ds["layer"].values[0])
@@ -694,7 +694,7 @@ def _render_router_metrics(ctx: Context) -> str:
 
 
 def _render_lang_domain(ctx: Context) -> str:
-    from engine.analysis import jensen_shannon
+    from moetrace.analysis import jensen_shannon
 
     ds = jensen_shannon(ctx.counts)
     cols = [c for c in ("jsd", "by_domain", "by_lang", "domain_given_lang", "lang_given_domain") if c in ds]
@@ -710,7 +710,7 @@ def _render_lang_domain(ctx: Context) -> str:
 
 
 def _open_dataset(path: Path) -> xr.Dataset:
-    from engine.analysis import load_result
+    from moetrace.analysis import load_result
 
     return load_result(path)
 
@@ -872,7 +872,7 @@ def write_report(source: str | Path, out_html: str | Path, *, results: str | Pat
     """Write the HTML report of a trace store or an experiment run directory; returns ``out_html``.
 
     source: a trace store (``TraceStore.open`` opens it), or a run directory holding
-        ``trace.zarr``, optionally ``counts.zarr`` (:func:`engine.aggregate.save_counts`; else the
+        ``trace.zarr``, optionally ``counts.zarr`` (:func:`moetrace.aggregate.save_counts`; else the
         store is counted for :data:`REPORT_STATS` by all its labels), ``results.csv``, ``targets/``
         and ``analysis/`` (what the analysis commands wrote with ``--out RUN/analysis``).
     results: an experiment's results table (CSV path or DataFrame, see :func:`load_results`);

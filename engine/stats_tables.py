@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from engine import metrics
-from engine.errors import MoetraceError
-from engine.figures import group_labels
+from moetrace import metrics
+from moetrace.errors import MoetraceError
+from moetrace.figures import group_labels
 
 
 def _json_value(value):
@@ -122,7 +122,7 @@ def _print_table(title: str, frame: pd.DataFrame) -> None:
 
 
 def print_stats(args: argparse.Namespace) -> int:
-    from engine.aggregate import load_counts
+    from moetrace.aggregate import load_counts
 
     counts = load_counts(args.counts)
     tables = collect(counts, layer=args.layer, rank=args.rank)

@@ -64,7 +64,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
 # 2: rows obey the order invariant (module docstring), enforced by append. Version 1 stores
 # (written before) open read-only as before; opening one to append checks the invariant

@@ -97,9 +97,9 @@ def _inverse_cdf_table(prefs: np.ndarray, resolution: int = 4096) -> np.ndarray:
 def write_store(path, spec: TraceSpec, *, weights: bool = True, batch_rows: int = 65536, progress: bool = True,
                 **create_kwargs):
     """Write the synthetic trace into a new TraceStore at ``path`` and return it (closed)."""
-    from engine.progress import tqdm
+    from moetrace.progress import tqdm
 
-    from engine.store import TraceStore
+    from moetrace.store import TraceStore
 
     prefs = group_preferences(spec)
     store = TraceStore.create(path, n_layers=spec.n_layers, n_experts=spec.n_experts, top_k=spec.top_k,

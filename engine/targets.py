@@ -1,6 +1,6 @@
 """Intervention targets: which experts, expert paths and expert pairs to mask, and which to boost.
 
-A :class:`Targets` is what ``engine.intervene`` applies inside the model's routers and what
+A :class:`Targets` is what ``moetrace.intervene`` applies inside the model's routers and what
 ``moetrace specialize`` writes. Layers are model layer ids (the ``layer`` coordinate of a
 Counts dataset, the ``layer_ids`` of a trace store), experts are expert ids.
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
 FORMAT = "moetrace.targets/1"
 KINDS = ("paths", "experts", "pairs")
@@ -327,7 +327,7 @@ class Targets:
 
     @classmethod
     def from_specialized(cls, method: str, items, mask_mode: str = "reroute") -> Targets:
-        """Targets from :func:`engine.metrics.specialized` output (a ``Selection``, or any object
+        """Targets from :func:`moetrace.metrics.specialized` output (a ``Selection``, or any object
         with int arrays ``layer`` [n] and ``items`` [n, w]).
 
         method "paths": items (prev_expert, expert) -> path rule ((prev_expert,), expert);

@@ -1,7 +1,7 @@
 """moetrace native kernels: arrays in, arrays out.
 
-``kernels.counting``: Numba counting kernels (nogil, parallel, per-thread histograms).
-``kernels.routing``: the fused masked-routing Triton kernel and its plain-torch reference.
+``moetrace.kernels.counting``: Numba counting kernels (nogil, parallel, per-thread histograms).
+``moetrace.kernels.routing``: the fused masked-routing Triton kernel and its plain-torch reference.
 
 Nothing here knows about files, models or labels.
 """

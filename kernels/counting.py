@@ -4,7 +4,7 @@ One registry, one row loop
 --------------------------
 Every statistic is one class registered with :func:`register` (:data:`STATS`, name ->
 class). The class is the only place a statistic is described; the count driver, the
-xarray dims, ``moetrace count --stats`` help, the group dims of ``engine.metrics``
+xarray dims, ``moetrace count --stats`` help, the group dims of ``moetrace.metrics``
 and the test parametrisations are derived from it:
 
 ``name``

@@ -1104,7 +1104,7 @@ def fused_route(logits, top_k, *, renormalize=False, scoring="softmax", bias=Non
             'torch' (``route_reference``), 'auto' (triton on CUDA tensors, torch otherwise).
         validate: run the data-dependent checks below (default). False skips them: no host sync and
             nothing data-dependent in Python, so the call compiles without graph breaks; for callers
-            that checked their masks beforehand (``engine.intervene`` does, when a context is entered).
+            that checked their masks beforehand (``moetrace.intervene`` does, when a context is entered).
             Argument shapes, dtypes and kinds are checked either way.
     Returns:
         weights [T, K] fp32 (differentiable w.r.t. logits), experts [T, K] int32 in rank order,

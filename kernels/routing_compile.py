@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels import routing
+from moetrace.kernels import routing
 
 ARCHS = (80, 90)
 EXPERTS = (8, 64, 128, 256, 384, 512)

@@ -29,9 +29,9 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from engine.cli import main
-from engine.io import export_parquet, import_parquet
-from engine.store import TraceStore
+from moetrace.cli import main
+from moetrace.io import export_parquet, import_parquet
+from moetrace.store import TraceStore
 
 # Token texts that trip naive CSV/whitespace handling.
 CHUNK = 64  # rows per store chunk in tests: tiny stores write fast

@@ -6,7 +6,7 @@ two tables:
     question_output_token, answer_char;
   - topks: one row per token x layer x top-k rank: q_ix, token_ix, layer_ix, topk_ix
     (1-based, 1 = top choice), expert.
-It is deliberately slow and literal (no counts tensors) so that engine.metrics can be checked
+It is deliberately slow and literal (no counts tensors) so that moetrace.metrics can be checked
 against it. One liberty: R orders the rules inside a layer of the exported JSON by how dplyr
 sorts a list column; here they are sorted by (prefix, target). The JSON object is the same.
 """

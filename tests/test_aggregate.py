@@ -1,4 +1,4 @@
-"""engine.aggregate: counts from a trace store against DuckDB SQL and a pandas transcription of seed 000."""
+"""moetrace.aggregate: counts from a trace store against DuckDB SQL and a pandas transcription of seed 000."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import aggregate as A
-from engine.cli import main as cli_main
-from engine.errors import MoetraceError
-from engine.store import TraceStore
+from moetrace import aggregate as A
+from moetrace.cli import main as cli_main
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
 from routes import random_topk
 
 DOMAINS = ["bio", "math", "law"]
@@ -307,7 +307,7 @@ def coverage_reference(trace, keep, table, kind, by):
 
 
 class TableTargets:
-    """Test fixture with the three table methods of engine.targets.Targets."""
+    """Test fixture with the three table methods of moetrace.targets.Targets."""
 
     def __init__(self, experts, paths, pairs):
         self.tables = {"experts": experts, "paths": paths, "pairs": pairs}
@@ -341,7 +341,7 @@ def test_coverage_matches_seed_000_transcription(tmp_path):
 
 def test_coverage_with_engine_targets(tmp_path):
     """The real Targets object gives the same tables, hence the same coverage, as the fixture."""
-    Targets = pytest.importorskip("engine.targets").Targets
+    Targets = pytest.importorskip("moetrace.targets").Targets
     rng = np.random.default_rng(10)
     L, K, E = 3, 2, 4
     trace = make_trace(rng, 5, L, K, E)
@@ -493,7 +493,7 @@ def test_filters_object_equals_keywords(tmp_path):
 
 _SAVE_SCRIPT = """
 import sys, numpy as np, xarray as xr
-from engine.counting import save_counts
+from moetrace.counting import save_counts
 n = int(sys.argv[2])
 ds = xr.Dataset({f"v{i}": (("layer", "expert"), np.full((4, 8), i, np.int64)) for i in range(n)},
                 attrs={"moetrace_counts_version": 1})
@@ -512,8 +512,7 @@ def test_save_counts_killed_mid_write_keeps_the_old_file(tmp_path):
     import time
 
     out = tmp_path / "counts.zarr"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)
     subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(out), "2"], check=True, env=env)
     old = A.load_counts(out)
     assert sorted(old.data_vars) == ["v0", "v1"]
@@ -556,7 +555,7 @@ def test_load_counts_refuses_a_file_without_the_completion_mark(tmp_path):
 def test_count_chunk_reader_equals_zarr(tmp_path, layout):
     """The raw chunk reader (plain layout) and its zarr fallback (shards) give zarr's own arrays,
     including chunks zarr never wrote because they are all fill value."""
-    from engine.counting.chunks import iter_count_chunks
+    from moetrace.counting.chunks import iter_count_chunks
 
     rng = np.random.default_rng(23)
     trace = make_trace(rng, 6, 2, 2, 4)
@@ -631,8 +630,8 @@ def test_a_damaged_chunk_is_a_one_line_error_in_count(tmp_path):
     that decodes to another size is refused (it would leave stale rows in the reused buffer)."""
     from numcodecs import blosc
 
-    from engine.errors import MoetraceError
-    from engine.store import TraceStore
+    from moetrace.errors import MoetraceError
+    from moetrace.store import TraceStore
 
     path = tmp_path / "t.zarr"
     with TraceStore.create(path, n_layers=2, n_experts=8, top_k=2, chunk_rows=64) as st:

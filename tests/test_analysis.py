@@ -1,4 +1,4 @@
-"""engine.analysis: decisiveness and similarity against independent references (SciPy's entropy,
+"""moetrace.analysis: decisiveness and similarity against independent references (SciPy's entropy,
 CKA by the HSIC formula with explicit centering matrices, plain torch expert MLPs, a slow loop)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engine.analysis import decisiveness, expert_similarity, linear_cka, router_entropy, weight_similarity
-from engine.analysis._common import LayerInputs, blocks, expert_outputs, experts_modules, token_batches
-from engine.errors import MoetraceError
-from engine.analysis.decisiveness import table as decisiveness_table
-from engine.store import TraceStore
+from moetrace.analysis import decisiveness, expert_similarity, linear_cka, router_entropy, weight_similarity
+from moetrace.analysis._common import LayerInputs, blocks, expert_outputs, experts_modules, token_batches
+from moetrace.errors import MoetraceError
+from moetrace.analysis.decisiveness import table as decisiveness_table
+from moetrace.store import TraceStore
 from tiny_models import TINY, VOCAB, tiny_model
 
 FAMILIES = ["olmoe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "lfm2_moe", "jamba"]
@@ -252,7 +252,7 @@ def test_analyses_group_tokens_with_the_count_drivers_checked_codes(tmp_path):
     (they once computed group codes apart, without the check, and put tokens under the wrong group)."""
     import json
 
-    from engine.counting import count
+    from moetrace.counting import count
 
     probs_store(tmp_path / "t.zarr")
     meta_path = tmp_path / "t.zarr" / "zarr.json"

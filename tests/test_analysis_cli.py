@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from engine.analysis import decisiveness, expert_profile, load_result
-from engine.capture import capture
-from engine.cli import main as cli_main
-from engine.report import write_report
+from moetrace.analysis import decisiveness, expert_profile, load_result
+from moetrace.capture import capture
+from moetrace.cli import main as cli_main
+from moetrace.report import write_report
 from tiny_models import VOCAB, tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -102,8 +102,8 @@ def test_model_commands_and_report(setup, capsys):
 
 
 def test_run_suite_writes_every_model_analysis(setup, tmp_path):
-    from engine.analysis.suite import run_suite
-    from engine.store import TraceStore
+    from moetrace.analysis.suite import run_suite
+    from moetrace.store import TraceStore
 
     root, run, model, rows = setup
     out = tmp_path / "analysis"

@@ -1,4 +1,4 @@
-"""engine.analysis on stores and counts: router metrics, languages vs domains, expert profiles,
+"""moetrace.analysis on stores and counts: router metrics, languages vs domains, expert profiles,
 against slow pure-Python loops over the raw rows and SciPy's entropy."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from engine.aggregate import count
-from engine.analysis import expert_profile, jensen_shannon, router_metrics, token_overlap
-from engine.errors import MoetraceError
-from engine.store import TraceStore
+from moetrace.aggregate import count
+from moetrace.analysis import expert_profile, jensen_shannon, router_metrics, token_overlap
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
 
 DOMAINS, LANGS = ["bio", "code", "math"], ["de", "en"]
 

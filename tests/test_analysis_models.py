@@ -1,4 +1,4 @@
-"""engine.analysis on tiny random models of the real classes: router statistics, the 2-D map of
+"""moetrace.analysis on tiny random models of the real classes: router statistics, the 2-D map of
 expert outputs and steering, against plain torch references (the router's own linear layer, numpy
 eigenvectors, an expert whose weights are zeroed by hand)."""
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine import figures
-from engine.analysis import pca_2d, reduce_2d, router_stats, steer_prompt
-from engine.analysis._common import experts_modules, routed_outputs, token_batches
-from engine.analysis.dim_reduc import expert_points, umap_available
-from engine.errors import MoetraceError
-from engine.intervene import observe_routing
+from moetrace import figures
+from moetrace.analysis import pca_2d, reduce_2d, router_stats, steer_prompt
+from moetrace.analysis._common import experts_modules, routed_outputs, token_batches
+from moetrace.analysis.dim_reduc import expert_points, umap_available
+from moetrace.errors import MoetraceError
+from moetrace.intervene import observe_routing
 from tiny_models import VOCAB, tiny_model
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from engine.counting import count, load_counts
-from engine.counting.archive import plan, stores_of
-from engine.errors import MoetraceError
-from engine.store import TraceStore
-from engine.synthetic import TraceSpec, generate_chunk
+from moetrace.counting import count, load_counts
+from moetrace.counting.archive import plan, stores_of
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
+from moetrace.synthetic import TraceSpec, generate_chunk
 
 STATS = ["experts", "paths", "temporal", "weight_sum"]
 SPEC = TraceSpec(n_tokens=3000, n_layers=3, n_experts=8, top_k=2, seq_len=37)
@@ -166,7 +166,7 @@ def test_checkpoint_resumes(archive, tmp_path):
 
 def test_cli_archive_glob(archive, tmp_path):
     out = tmp_path / "out.zarr"
-    res = subprocess.run([sys.executable, "-m", "engine.cli", "count", str(archive / "*.zarr"), str(out),
+    res = subprocess.run([sys.executable, "-m", "moetrace.cli", "count", str(archive / "*.zarr"), str(out),
                           "--stats", ",".join(STATS), "--by", "domain", "--quiet"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     got = load_counts(out)
@@ -182,7 +182,7 @@ def test_no_dask_without_client(archive):
     first time any Dataset is built when Dask is installed, so the test compares with a
     plain ``xr.Dataset`` built beforehand: counting adds no Dask module of its own.
     """
-    run = ("import sys, engine.aggregate as a, numpy as np, xarray as xr; "
+    run = ("import sys, moetrace.aggregate as a, numpy as np, xarray as xr; "
            "xr.Dataset({'v': ('x', np.arange(2))}); before = {m for m in sys.modules if m.startswith('dask')}; "
            "a.count(sys.argv[1], stats=['experts'], progress=False); a.count(sys.argv[1] + '/a.zarr', progress=False); "
            "extra = {m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')} - before; "
@@ -191,7 +191,7 @@ def test_no_dask_without_client(archive):
     assert res.returncode == 0, res.stderr
     blocked = ("import sys\n"
                "sys.modules['dask'] = sys.modules['distributed'] = None  # import dask raises ImportError\n"
-               "import engine.aggregate as a\n"
+               "import moetrace.aggregate as a\n"
                "ds = a.count(sys.argv[1], stats=['experts', 'paths'], by=['domain'], progress=False)\n"
                "print(int(ds['tokens'].sum()))\n")
     res = subprocess.run([sys.executable, "-c", blocked, str(archive)], capture_output=True, text=True)
@@ -209,7 +209,7 @@ def test_checkpoint_after_a_killed_run(tmp_path):
         make_store(tmp_path / "arch" / f"s{i}.zarr", i * 20_000, 20_000,
                    spec=TraceSpec(n_tokens=40_000, n_layers=3, n_experts=8, top_k=2, seq_len=37))
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.zarr"
-    cmd = [sys.executable, "-m", "engine.cli", "count", str(tmp_path / "arch"), str(out), "--stats",
+    cmd = [sys.executable, "-m", "moetrace.cli", "count", str(tmp_path / "arch"), str(out), "--stats",
            "experts,temporal", "--by", "domain", "--range-rows", "256", "--checkpoint", str(ckpt), "--quiet"]
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 120
@@ -305,7 +305,7 @@ def test_checkpoint_refuses_another_archive(tmp_path):
 
 def test_checkpoint_identity_of_a_store_without_uuid(tmp_path):
     """Stores written before stores had a uuid are told apart by their experts array's modification time."""
-    from engine.counting.archive import _identity
+    from moetrace.counting.archive import _identity
 
     st = make_store(tmp_path / "old.zarr", 0, 300)
     import zarr

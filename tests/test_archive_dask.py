@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from engine.counting import count, load_counts
-from engine.synthetic import TraceSpec
+from moetrace.counting import count, load_counts
+from moetrace.synthetic import TraceSpec
 from test_archive import STATS, make_store
 
 distributed = pytest.importorskip("distributed")
@@ -72,7 +72,7 @@ def test_cluster_with_checkpoint(client, archive, tmp_path):
 
 def test_cli_scheduler(client, archive, tmp_path):
     out = tmp_path / "out.zarr"
-    res = subprocess.run([sys.executable, "-m", "engine.cli", "count", str(archive), str(out), "--stats",
+    res = subprocess.run([sys.executable, "-m", "moetrace.cli", "count", str(archive), str(out), "--stats",
                           ",".join(STATS), "--by", "domain", "--scheduler", client.scheduler.address,
                           "--range-rows", "512", "--quiet"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -82,7 +82,7 @@ def test_cli_scheduler(client, archive, tmp_path):
 @pytest.mark.slow
 def test_cli_workers(archive, tmp_path):
     out = tmp_path / "out.zarr"
-    res = subprocess.run([sys.executable, "-m", "engine.cli", "count", str(archive / "*.zarr"), str(out),
+    res = subprocess.run([sys.executable, "-m", "moetrace.cli", "count", str(archive / "*.zarr"), str(out),
                           "--stats", "experts,temporal", "--workers", "2", "--range-rows", "256", "--quiet"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -123,14 +123,14 @@ def test_cli_scheduler_unreachable(archive, tmp_path):
     """A --scheduler nobody listens at: exit 2 with one line naming it, after the connect timeout, no traceback."""
     import socket
 
-    from engine.commands.count import SCHEDULER_TIMEOUT_S
+    from moetrace.commands.count import SCHEDULER_TIMEOUT_S
 
     with socket.socket() as s:  # a loopback port that was free a moment ago, now closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
     t = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "engine.cli", "count", str(archive), str(tmp_path / "out.zarr"),
+    res = subprocess.run([sys.executable, "-m", "moetrace.cli", "count", str(archive), str(tmp_path / "out.zarr"),
                           "--scheduler", address, "--quiet"], capture_output=True, text=True, timeout=120)
     took = time.monotonic() - t
     assert res.returncode == 2, res.stderr

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from engine.capture import capture
-from engine.errors import MoetraceError
-from engine.intervene import intervene, router_sites
-from engine.store import TraceStore
-from engine.targets import Targets
+from moetrace.capture import capture
+from moetrace.errors import MoetraceError
+from moetrace.intervene import intervene, router_sites
+from moetrace.store import TraceStore
+from moetrace.targets import Targets
 from tiny_models import tiny_model
 
 
@@ -137,7 +137,7 @@ def test_capture_rejects_a_store_of_another_shape(tmp_path):
 def test_cli_capture_from_a_saved_checkpoint(tmp_path):
     import json
 
-    from engine.cli import main
+    from moetrace.cli import main
 
     model = tiny_model("olmoe")
     model.save_pretrained(tmp_path / "ckpt")
@@ -309,7 +309,7 @@ def test_beam_search_with_an_id_per_beam_records_every_beam(tmp_path):
 def test_cli_capture_refuses_an_existing_store_unless_told_to_overwrite_or_append(tmp_path, capsys):
     import json
 
-    from engine.cli import main
+    from moetrace.cli import main
 
     tiny_model("olmoe").save_pretrained(tmp_path / "ckpt")
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"input_ids": x}) for x in ([5, 6, 7], [9, 10])) + "\n")
@@ -339,7 +339,7 @@ def test_cli_capture_help_says_the_last_generated_token_is_not_recorded(tmp_path
     """--max-new-tokens N records N-1 generated tokens per sequence, as its help says."""
     import json
 
-    from engine.cli import main
+    from moetrace.cli import main
 
     with pytest.raises(SystemExit):
         main(["capture", "--help"])
@@ -355,8 +355,8 @@ def test_cli_capture_help_says_the_last_generated_token_is_not_recorded(tmp_path
 def test_batched_generate_gives_temporal_counts_and_stickiness_of_each_sequences_token_order(tmp_path):
     """A padded batch generated together: every top-1 transition t -> t+1 of each sequence is
     counted (the interleaved store of before counted 4 of 18), and info sees 2 sequences."""
-    from engine.aggregate import count
-    from engine.metrics import stickiness
+    from moetrace.aggregate import count
+    from moetrace.metrics import stickiness
 
     model = tiny_model("olmoe")
     ids, mask = padded_batch()
@@ -490,7 +490,7 @@ def test_a_sliding_window_with_a_static_cache_records_every_prompt_token(tmp_pat
     for b in range(2):
         prompt = ids[b][mask[b].bool()].tolist()
         assert_sequence_rows(model, store, rows, b, prompt + out[b, ids.shape[1]:-1].tolist(), len(prompt))
-    from engine.replay import replay
+    from moetrace.replay import replay
 
     with replay(model, tmp_path / "t.zarr") as rp, torch.no_grad():
         rp.set_batch(seq=[0, 1])
@@ -527,7 +527,7 @@ def test_a_multi_turn_continuation_is_recorded_whole_with_the_users_tokens_as_pr
     assert_sequence_rows(model, store, rows, 5, tokens, len(prompt), generated=(
         [False] * len(prompt) + [True] * 3 + [False] * (end_of_turn + len(user)) + [True] * 2))
 
-    from engine.replay import replay
+    from moetrace.replay import replay
 
     with replay(model, tmp_path / "t.zarr") as rp:
         rp.set_batch(seq=[5])

@@ -1,4 +1,4 @@
-"""engine.compare against a slow pure-Python reference, and on captures of a real tiny model."""
+"""moetrace.compare against a slow pure-Python reference, and on captures of a real tiny model."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cli import main
-from engine.compare import compare, sequence_index, summary_json
-from engine.errors import MoetraceError
-from engine.store import TraceStore
+from moetrace.cli import main
+from moetrace.compare import compare, sequence_index, summary_json
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
 
 L, E, K = 3, 8, 2
 
@@ -132,8 +132,8 @@ def test_different_routing_shapes_are_refused(tmp_path):
 def test_ablation_shows_where_routing_changes(tmp_path, capsys):
     """A tiny OLMoE captured with and without one layer's expert ablated: layers before it agree
     fully, the ablated layer's top-1 agrees only where the ablated expert was not first."""
-    from engine.capture import capture
-    from engine.intervene import ablate
+    from moetrace.capture import capture
+    from moetrace.intervene import ablate
     from tiny_models import tiny_model
 
     torch.manual_seed(0)
@@ -167,9 +167,9 @@ def test_ablation_shows_where_routing_changes(tmp_path, capsys):
 def test_report_sections_for_a_comparison_and_for_generated_tokens(tmp_path, capsys):
     """A run directory with compare.json gets the comparison section; a trace with generated tokens
     gets prompt vs generated usage, with the token counts of the store."""
-    from engine.capture import capture
-    from engine.intervene import ablate
-    from engine.report import write_report
+    from moetrace.capture import capture
+    from moetrace.intervene import ablate
+    from moetrace.report import write_report
     from tiny_models import tiny_model
 
     torch.manual_seed(2)

@@ -16,9 +16,9 @@ import os
 import pytest
 import torch
 
-from engine.intervene import ablate, intervene, steer
-from engine.targets import Targets
-from kernels.routing import _op_args, _route_op, route_options
+from moetrace.intervene import ablate, intervene, steer
+from moetrace.targets import Targets
+from moetrace.kernels.routing import _op_args, _route_op, route_options
 from tiny_models import VOCAB, tiny_model
 
 needs_interpreter = pytest.mark.skipif(

@@ -6,11 +6,11 @@ import duckdb
 import numpy as np
 import pytest
 
-from engine.cli import main
-from engine.counting import count, load_counts
-from engine.errors import MoetraceError
-from engine.io import export_parquet
-from engine.store import TraceStore
+from moetrace.cli import main
+from moetrace.counting import count, load_counts
+from moetrace.errors import MoetraceError
+from moetrace.io import export_parquet
+from moetrace.store import TraceStore
 
 L, K, E = 3, 2, 6
 

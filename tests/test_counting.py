@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import counting as C
+from moetrace.kernels import counting as C
 
 
 def random_routing(rng, n, L, K, E, dtype=np.uint8):

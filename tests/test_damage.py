@@ -12,12 +12,12 @@ import pytest
 import xarray as xr
 from routes import random_topk
 
-from engine.cli import main
-from engine.counting import count, save_counts
-from engine.errors import MoetraceError
-from engine.leftovers import alive
-from engine.store import TraceStore
-from engine.synthetic import TraceSpec, generate_chunk
+from moetrace.cli import main
+from moetrace.counting import count, save_counts
+from moetrace.errors import MoetraceError
+from moetrace.leftovers import alive
+from moetrace.store import TraceStore
+from moetrace.synthetic import TraceSpec, generate_chunk
 
 SPEC = TraceSpec(n_tokens=2000, n_layers=2, n_experts=8, top_k=2, seq_len=25)
 
@@ -93,7 +93,7 @@ def test_a_checkpoint_path_that_is_a_file_is_a_one_line_error(tmp_path):
 
 
 def test_what_a_dead_writer_left_is_cleaned_by_the_next_write_of_the_same_output(tmp_path):
-    from engine.io import import_routed
+    from moetrace.io import import_routed
 
     src = tmp_path / "src"
     src.mkdir()
@@ -171,7 +171,7 @@ def test_a_committed_count_raised_past_the_written_chunks_is_refused(tmp_path):
 def test_an_archive_sum_that_would_wrap_is_refused():
     """weight_sum adds exact int64 units of 2**-24 across ranges: 2**39 per cell is the limit, and a sum
     past it must not come back wrapped (8.5e6 rows of weight 65504 would)."""
-    from engine.counting.archive import _UNIT, _add
+    from moetrace.counting.archive import _UNIT, _add
 
     near = int(2 ** 63 - 2 ** 40)
     a = xr.Dataset({"weight_sum": (("layer",), np.array([near, 5], np.int64))})
@@ -186,7 +186,7 @@ def test_an_archive_sum_that_would_wrap_is_refused():
 def test_inputs_that_raised_tracebacks_or_misleading_messages_get_one_true_line(tmp_path, capsys):
     import gzip
 
-    from engine.io import import_csv, import_routed
+    from moetrace.io import import_csv, import_routed
 
     samples = gzip.compress(b"q_ix,token_ix,token,domain\n" + b"".join(b"0,%d,t,x\n" % i for i in range(50)))
     (tmp_path / "s.csv.gz").write_bytes(samples[:len(samples) // 2])

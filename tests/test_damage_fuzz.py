@@ -26,10 +26,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from engine.counting import count, count_range
-from engine.errors import MoetraceError
-from engine.store import TraceStore
-from engine.synthetic import TraceSpec, generate_chunk
+from moetrace.counting import count, count_range
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
+from moetrace.synthetic import TraceSpec, generate_chunk
 
 SPEC = TraceSpec(n_tokens=1000, n_layers=2, n_experts=8, top_k=2, seq_len=23)
 ROWS = {"a.zarr": 300, "b.zarr": 220}

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.demo.data import (
+from moetrace.demo.data import (
     DOMAINS,
     LANGS,
     build_tokenizer,
@@ -19,8 +19,8 @@ from engine.demo.data import (
     write_questions,
     write_texts,
 )
-from engine.errors import MoetraceError
-from engine.evaluate import LETTERS, format_prompt, letter_token_ids, load_questions, load_texts
+from moetrace.errors import MoetraceError
+from moetrace.evaluate import LETTERS, format_prompt, letter_token_ids, load_questions, load_texts
 
 # Independent reference tables (written out here, not imported from the generator).
 DAYS = {
@@ -209,7 +209,7 @@ def test_bad_arguments():
 
 
 def test_tiny_build_is_deterministic_cached_and_loads_like_any_checkpoint(tmp_path):
-    from engine.demo.model import BUILD_INFO, DemoConfig, build_demo_model, ensure_demo_model, load_demo_model
+    from moetrace.demo.model import BUILD_INFO, DemoConfig, build_demo_model, ensure_demo_model, load_demo_model
 
     cfg = DemoConfig(n_layers=2, n_experts=4, hidden=32, intermediate=32, n_heads=2, steps=4, batch_size=8,
                      n_questions=2, n_texts=2)
@@ -234,7 +234,7 @@ def test_build_records_its_platform_and_hash_and_ignores_the_callers_thread_coun
 
     import torch
 
-    from engine.demo.model import BUILD_INFO, TRAIN_THREADS, DemoConfig, build_demo_model, platform_key, weights_sha256
+    from moetrace.demo.model import BUILD_INFO, TRAIN_THREADS, DemoConfig, build_demo_model, platform_key, weights_sha256
 
     cfg = DemoConfig(n_layers=2, n_experts=4, hidden=32, intermediate=32, n_heads=2, steps=6, batch_size=8,
                      n_questions=2, n_texts=2)

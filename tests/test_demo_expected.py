@@ -19,8 +19,8 @@ TOLERANCE = {"drop": 0.01, "loss_increase": 0.005, "answer_loss_increase": 0.005
 
 
 def test_demo_headline_equals_the_committed_summary(tmp_path):
-    from engine.demo.model import SHIPPED_DIR, check_shipped_model, load_demo_model
-    from engine.demo.run import run_demo_experiment
+    from moetrace.demo.model import SHIPPED_DIR, check_shipped_model, load_demo_model
+    from moetrace.demo.run import run_demo_experiment
 
     check_shipped_model()
     model, tok = load_demo_model(SHIPPED_DIR)

@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from engine.cli import main
+from moetrace.cli import main
 
 
 @pytest.mark.slow

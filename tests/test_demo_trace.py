@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 
-from engine.aggregate import sequence_table
-from engine.demo.trace import run_trace_demo
-from engine.store import TraceStore
-from engine.synthetic import TraceSpec
-from engine.targets import Targets
+from moetrace.aggregate import sequence_table
+from moetrace.demo.trace import run_trace_demo
+from moetrace.store import TraceStore
+from moetrace.synthetic import TraceSpec
+from moetrace.targets import Targets
 
 
 def test_trace_demo_writes_every_artifact(tmp_path):
@@ -26,7 +26,7 @@ def test_trace_demo_writes_every_artifact(tmp_path):
 
 def test_sequence_table_joins_labels_and_kept_tokens(tmp_path):
     spec = TraceSpec(n_tokens=10 * 8, n_layers=2, n_experts=4, top_k=1, seq_len=8, seed=1)
-    from engine.synthetic import generate_chunk
+    from moetrace.synthetic import generate_chunk
 
     batch = generate_chunk(spec, 0, spec.n_tokens)
     batch["token_id"] = np.where(batch["pos"] < 3, 7, batch["token_id"])  # shared 3-token prefix

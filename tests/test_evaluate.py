@@ -1,4 +1,4 @@
-"""engine.evaluate against plain per-question forward passes and hand-computed values."""
+"""moetrace.evaluate against plain per-question forward passes and hand-computed values."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.demo.data import build_tokenizer
-from engine.errors import MoetraceError
-from engine.evaluate import (
+from moetrace.demo.data import build_tokenizer
+from moetrace.errors import MoetraceError
+from moetrace.evaluate import (
     LETTERS,
     format_prompt,
     letter_token_ids,
@@ -177,7 +177,7 @@ def test_capture_fn_gets_every_question_once_with_its_labels(model, tokenizer):
 
 
 def test_capture_into_store_records_every_prompt_token_once(model, tokenizer, tmp_path):
-    from engine.store import TraceStore
+    from moetrace.store import TraceStore
 
     path = tmp_path / "trace.zarr"
     res = multiple_choice_accuracy(model, tokenizer, QUESTIONS, scoring="letter", batch_size=3, progress=False,
@@ -308,7 +308,7 @@ ANSWER_QUESTIONS = [
 @pytest.mark.parametrize("batch_size", [1, 2, 16])
 @pytest.mark.parametrize("blind", [False, True])
 def test_answer_scoring_equals_one_forward_per_option(model, tokenizer, batch_size, blind):
-    from engine.evaluate import answer_context
+    from moetrace.evaluate import answer_context
 
     res = multiple_choice_accuracy(model, tokenizer, ANSWER_QUESTIONS, answer_blind=blind, batch_size=batch_size,
                                    progress=False)
@@ -322,7 +322,7 @@ def test_answer_scoring_equals_one_forward_per_option(model, tokenizer, batch_si
 
 
 def test_answer_context_rules():
-    from engine.evaluate import answer_context
+    from moetrace.evaluate import answer_context
 
     cloze = ANSWER_QUESTIONS[1]
     assert answer_context(cloze) == "mara lives in"
@@ -342,7 +342,7 @@ def test_answer_scoring_refuses_what_only_letters_do(model, tokenizer):
 
 def test_loss_on_answer_tokens_apart_from_the_rest(model, tokenizer):
     """perplexity's answer/other split equals a per-token loop over one unpadded text at a time."""
-    from engine.demo.data import make_texts
+    from moetrace.demo.data import make_texts
 
     texts = make_texts(2, seed=3, statements_per_text=2)
     res = perplexity(model, tokenizer, texts, batch_size=3, progress=False)
@@ -377,7 +377,7 @@ def test_answer_spans_are_checked(tmp_path):
 def test_demo_model_rebuilds_deterministically_here(tmp_path):
     """Training the default demo model twice on this machine gives the same bits; on the platform
     the shipped weights were trained on (demo_build.json's platform) it gives the shipped bits."""
-    from engine.demo.model import (DemoConfig, build_demo_model, platform_key, shipped_build_info,
+    from moetrace.demo.model import (DemoConfig, build_demo_model, platform_key, shipped_build_info,
                                    weights_sha256)
 
     a = build_demo_model(tmp_path / "a", progress=False)
@@ -394,7 +394,7 @@ def test_shipped_demo_model_is_the_recorded_one_and_knows_its_domains():
     """The shipped checkpoint's weights hash equals demo_build.json's, every domain's answer-scored
     accuracy is >= 0.8 (the demo's requirement), and the accuracies recorded at build time are
     what the reloaded checkpoint gets here."""
-    from engine.demo.model import (BUILD_INFO, QUESTIONS_FILE, SHIPPED_DIR, DemoConfig, check_shipped_model,
+    from moetrace.demo.model import (BUILD_INFO, QUESTIONS_FILE, SHIPPED_DIR, DemoConfig, check_shipped_model,
                                    ensure_demo_model, load_demo_model, weights_sha256)
 
     assert ensure_demo_model() == SHIPPED_DIR
@@ -414,7 +414,7 @@ def test_shipped_demo_model_is_the_recorded_one_and_knows_its_domains():
 def test_a_damaged_shipped_model_is_refused(tmp_path, monkeypatch):
     import shutil
 
-    from engine.demo import model as demo_model
+    from moetrace.demo import model as demo_model
 
     copy = tmp_path / "checkpoint"
     shutil.copytree(demo_model.SHIPPED_DIR, copy)

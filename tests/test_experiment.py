@@ -7,16 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-from engine import metrics
-from engine.aggregate import coverage, load_counts
-from engine.demo.data import build_tokenizer, make_questions, make_texts
-from engine.errors import MoetraceError
-from engine.evaluate import multiple_choice_accuracy
-from engine.experiment import COVERAGE_BAND, RouteTable, matched_random, run_experiment, summarize
-from engine.intervene import intervene
-from engine.significance import holm
-from engine.store import TraceStore
-from engine.targets import Targets
+from moetrace import metrics
+from moetrace.aggregate import coverage, load_counts
+from moetrace.demo.data import build_tokenizer, make_questions, make_texts
+from moetrace.errors import MoetraceError
+from moetrace.evaluate import multiple_choice_accuracy
+from moetrace.experiment import COVERAGE_BAND, RouteTable, matched_random, run_experiment, summarize
+from moetrace.intervene import intervene
+from moetrace.significance import holm
+from moetrace.store import TraceStore
+from moetrace.targets import Targets
 from tiny_models import tiny_model
 
 N_RANDOM = 3
@@ -109,7 +109,7 @@ def test_without_held_out_texts_the_experiment_warns(tmp_path):
 
 @pytest.mark.parametrize("method", ["experts", "paths"])
 def test_route_table_coverage_equals_the_store_pass(run, method):
-    """RouteTable.coverage_of (from counts.zarr) equals engine.aggregate.coverage over trace.zarr."""
+    """RouteTable.coverage_of (from counts.zarr) equals moetrace.aggregate.coverage over trace.zarr."""
     _, _, _, _, _, out, _ = run
     counts = load_counts(out / "counts.zarr")
     routes = RouteTable(counts, method)
@@ -220,7 +220,7 @@ def test_results_intervals_equal_a_paired_test_recomputed_from_items(run):
 def test_a_group_at_chance_is_not_testable_on_accuracy(run):
     """The random tiny model answers at about chance: base.csv marks every group not testable, and
     the accuracy headline averages over none of them (n/a, never an effect of 0)."""
-    from engine.experiment import summary_lines
+    from moetrace.experiment import summary_lines
 
     _, _, _, _, _, out, _ = run
     base = pd.read_csv(out / "base.csv", dtype={"group": str})
@@ -237,7 +237,7 @@ def test_a_group_at_chance_is_not_testable_on_accuracy(run):
 
 
 def test_testable_needs_the_interval_above_chance_and_the_blind_baseline():
-    from engine.experiment import _base_rows
+    from moetrace.experiment import _base_rows
 
     ones = np.ones(200)
     base = {"question": {"a": (np.arange(200), np.r_[np.ones(80), np.zeros(120)], ones),  # 0.40
@@ -287,7 +287,7 @@ def test_nothing_to_ablate_is_reported_as_no_targets_not_as_zero(tmp_path):
 
 
 def test_dose_ladder_takes_the_most_specialized_items_first():
-    from engine.experiment import dose_ladder, parse_doses
+    from moetrace.experiment import dose_ladder, parse_doses
 
     sel = metrics.Selection(method="experts", group={"domain": "a"}, threshold=1.0, min_layer_index=0,
                             group_share=0.25, group_samples=10, all_samples=40,
@@ -340,7 +340,7 @@ def test_dose_response_table(tmp_path):
 def test_report_shows_dose_response_and_intervals(tmp_path):
     import re
 
-    from engine.report import write_report
+    from moetrace.report import write_report
 
     model, tok = _tiny(1)
     questions, texts, select = _data(4, n=2)

@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 
-from engine.errors import MoetraceError
-from engine.intervene import RouteEvent, ablate, intervene, observe_routing, patch_routers, router_sites, steer
-from engine.models import adapter_for, supported_families
-from engine.targets import Targets
+from moetrace.errors import MoetraceError
+from moetrace.intervene import RouteEvent, ablate, intervene, observe_routing, patch_routers, router_sites, steer
+from moetrace.models import adapter_for, supported_families
+from moetrace.targets import Targets
 from tiny_models import TINY, VOCAB, tiny_model
 
 BACKEND = "torch"
@@ -52,7 +52,7 @@ def routed(model, targets=None, **inputs) -> tuple[torch.Tensor, list[RouteEvent
 
 
 def baseline_route(logits, spec, bias=None, mask=None, post_group_mask=None):
-    """Plain-torch routing of one layer, independent of kernels.routing.
+    """Plain-torch routing of one layer, independent of moetrace.kernels.routing.
 
     1. score: softmax -> c = logits; sigmoid -> s = sigmoid(logits), c = s + bias;
     2. c[mask] = -inf (token-level expert masks, path rules);

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_contract import WEIRD_TOKENS, ImporterContract, RefTrace, assert_store_equals_trace
 
-from engine.cli import main
-from engine.io import import_csv
+from moetrace.cli import main
+from moetrace.io import import_csv
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 64  # small chunks keep tiny stores fast to write
@@ -193,7 +193,7 @@ def test_partitioning_does_not_change_the_store(tmp_path, monkeypatch):
     trace = make_csv_trace(rng, n_q=40, L=2, K=2)
     source = write_csv_trace(trace, tmp_path / "src", rng)
     big = import_csv(source["samples"], source["topks"], tmp_path / "big.zarr", progress=False, chunk_rows=CHUNK)
-    monkeypatch.setattr("engine.io.csv_import.MEMORY_PER_CSV_BYTE", 1 << 20)  # MAX_PARTITIONS partitions
+    monkeypatch.setattr("moetrace.io.csv_import.MEMORY_PER_CSV_BYTE", 1 << 20)  # MAX_PARTITIONS partitions
     small = import_csv(source["samples"], source["topks"], tmp_path / "small.zarr", progress=False,
                        memory_budget=1, chunk_rows=CHUNK)
     assert_store_equals_trace(big, trace)
@@ -268,7 +268,7 @@ def test_subprocess_cli_reports_one_line_and_exit_2(tmp_path):
     samples.write_text("q_ix,token_ix,token\n0,0,a\n")
     topks = tmp_path / "topks.csv"
     topks.write_text("q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,3\n0,0,0\n")
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "import-csv", "--samples", str(samples),
+    proc = subprocess.run([sys.executable, "-m", "moetrace.cli", "import-csv", "--samples", str(samples),
                            "--topks", str(topks), str(tmp_path / "o.zarr"), "-q", "--chunk-rows", "64"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
@@ -300,7 +300,7 @@ def test_counts_match_duckdb_reading_the_csv(tmp_path):
     values, counts = np.unique(domain.astype(str), return_counts=True)
     assert dict(zip(values.tolist(), counts.tolist())) == want
     # every CSV routing row appears in the store, joined on its full key
-    from engine.io import export_parquet
+    from moetrace.io import export_parquet
 
     export_parquet(store, tmp_path / "o.parquet", progress=False)
     joined = con.sql(f"SELECT count(*) FROM read_csv('{t}', header=true) c JOIN '{tmp_path / 'o.parquet'}' p "
@@ -313,7 +313,7 @@ def test_counts_match_duckdb_reading_the_csv(tmp_path):
 MEMORY_CHILD = textwrap.dedent("""
     import json, resource, sys
     import numpy as np, pyarrow as pa, pyarrow.csv as pacsv
-    from engine.io import import_csv
+    from moetrace.io import import_csv
     samples, topks, warm_s, warm_t, out, budget = sys.argv[1:7]
     import_csv(warm_s, warm_t, out + ".warm", progress=False, memory_budget=int(budget), chunk_rows=4096)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -469,7 +469,7 @@ def test_per_question_integers_beyond_int64_stay_exact(tmp_path):
 
 def test_progress_counts_the_bytes_read(tmp_path, monkeypatch):
     """The scan's bar ends at the file's size (it used to add 1 MiB per block: 1.05 MB of a 5 kB file)."""
-    import engine.io.csv_import as csv_import
+    import moetrace.io.csv_import as csv_import
 
     seen = []
 

@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from io_contract import RefTrace, assert_store_equals_trace
 
-from engine.errors import MoetraceError
-from engine.io import import_csv, import_llamacpp, import_parquet
+from moetrace.errors import MoetraceError
+from moetrace.io import import_csv, import_llamacpp, import_parquet
 
 # No shrinking: one import takes ~0.1 s and shrinking a failure took minutes; the failing
 # example is printed as drawn.

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_contract import CHUNK, ImporterContract, RefTrace, assert_store_equals_trace
 
-from engine.cli import main
-from engine.errors import MoetraceError
-from engine.io import import_llamacpp
+from moetrace.cli import main
+from moetrace.errors import MoetraceError
+from moetrace.io import import_llamacpp
 
 DOMAINS = ["domain-1-code", "domain-2-math", "domain-3-creative", "domain-4-factual", "domain-5-mixed"]
 

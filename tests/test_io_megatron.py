@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.aggregate import count
-from engine.compare import compare, summary_json
-from engine.errors import MoetraceError
-from engine.io import import_routed
-from engine.metrics import specialized
-from engine.store import TraceStore
+from moetrace.aggregate import count
+from moetrace.compare import compare, summary_json
+from moetrace.errors import MoetraceError
+from moetrace.io import import_routed
+from moetrace.metrics import specialized
+from moetrace.store import TraceStore
 
 with warnings.catch_warnings():  # Megatron warns that Transformer Engine and Apex are absent
     warnings.simplefilter("ignore")
@@ -315,7 +315,7 @@ def test_compare_measures_sets_and_says_top1_is_not_measured(unranked):
 
 
 def test_the_command_line_takes_the_megatron_options_and_info_shows_the_rank_order(tmp_path, capsys):
-    from engine.cli import main
+    from moetrace.cli import main
 
     run_training(tmp_path / "trace", steps=1, micro_batches=2, B=2, S=6, logits=False, mtp_layers=(2,))
     out = tmp_path / "o.zarr"
@@ -335,10 +335,10 @@ def test_the_command_line_takes_the_megatron_options_and_info_shows_the_rank_ord
 
 
 def test_rank_order_survives_parquet_and_the_report_leaves_out_top1_sections(unranked, tmp_path):
-    from engine.aggregate import coverage
-    from engine.io.parquet import export_parquet, import_parquet
-    from engine.report import write_report
-    from engine.targets import Targets
+    from moetrace.aggregate import coverage
+    from moetrace.io.parquet import export_parquet, import_parquet
+    from moetrace.report import write_report
+    from moetrace.targets import Targets
 
     a, _ = unranked
     export_parquet(a, tmp_path / "a.parquet", progress=False)

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_contract import CHUNK, WEIRD_TOKENS, ImporterContract, RefTrace, assert_store_equals_trace, assert_stores_equal
 
-from engine.cli import main
-from engine.io import export_parquet, import_parquet
-from engine.store import TraceStore
+from moetrace.cli import main
+from moetrace.io import export_parquet, import_parquet
+from moetrace.store import TraceStore
 
 
 def make_long_trace(rng, n_tokens=None, L=None, K=None, weights=None, n_labels=None, text=None) -> RefTrace:
@@ -307,7 +307,7 @@ def test_shuffled_rows_sort_the_same_in_one_partition_or_many(tmp_path, monkeypa
     trace = make_long_trace(rng, n_tokens=300, L=2, K=3, n_labels=1, text=True)
     path = write_long(trace, tmp_path / "in.parquet", rng, shuffle=True)
     one = import_parquet(path, tmp_path / "one.zarr", progress=False, chunk_rows=CHUNK, batch_rows=97)
-    monkeypatch.setattr("engine.io.parquet.MEMORY_PER_BYTE", 1 << 20)  # MAX_PARTITIONS partitions
+    monkeypatch.setattr("moetrace.io.parquet.MEMORY_PER_BYTE", 1 << 20)  # MAX_PARTITIONS partitions
     many = import_parquet(path, tmp_path / "many.zarr", progress=False, chunk_rows=CHUNK, batch_rows=97,
                           memory_budget=1)
     assert_store_equals_trace(one, trace)

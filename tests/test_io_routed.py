@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from io_contract import CHUNK, ImporterContract, RefTrace, assert_store_equals_trace
 
-from engine.cli import main
-from engine.errors import MoetraceError
-from engine.io import import_routed
-from engine.io.routed import FORMATS
-from engine.store import TraceStore
+from moetrace.cli import main
+from moetrace.errors import MoetraceError
+from moetrace.io import import_routed
+from moetrace.io.routed import FORMATS
+from moetrace.store import TraceStore
 
 TOPICS = ["math", "code", "chat"]
 
@@ -406,7 +406,7 @@ def _sglang_line(rows: np.ndarray, rid: str) -> dict:
 def test_sglang_dense_layers_are_dropped_not_counted_as_expert_0(tmp_path):
     """SGLang's buffers span every decoder layer; a DeepSeek-style model's dense layer 0 stays all
     zeros. It is dropped (layer ids 1, 2 of the source kept), so no token is counted K times on expert 0."""
-    from engine.aggregate import count
+    from moetrace.aggregate import count
 
     rng = np.random.default_rng(0)
     moe = np.stack([rng.permutation(8)[:4] for _ in range(10 * 2)]).reshape(10, 2, 4)
@@ -455,7 +455,7 @@ def test_moe_only_layer_indices_map_onto_the_models_layers(tmp_path, how):
 
 
 def test_moe_layer_ids_follow_each_familys_config_fields():
-    from engine.io.routed import moe_layer_ids
+    from moetrace.io.routed import moe_layer_ids
 
     assert moe_layer_ids({"num_hidden_layers": 4, "first_k_dense_replace": 3}) == ([3], 4)  # DeepSeek, GLM-4.5
     assert moe_layer_ids({"num_hidden_layers": 6, "first_k_dense_replace": 1, "moe_layer_freq": 2}) == ([2, 4], 6)
@@ -550,9 +550,9 @@ def test_an_imported_trace_replays_on_and_compares_with_a_capture_of_the_same_mo
     agreement and overlap 1 in every layer), and replaying it regenerates the same tokens."""
     import torch
 
-    from engine.capture import capture
-    from engine.compare import compare, summary_json
-    from engine.replay import replay
+    from moetrace.capture import capture
+    from moetrace.compare import compare, summary_json
+    from moetrace.replay import replay
     from tiny_models import tiny_model
 
     model = tiny_model("deepseek_v3", first_k_dense_replace=1)

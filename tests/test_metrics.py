@@ -1,8 +1,8 @@
-"""engine.metrics against independent references: the seed 000 pandas oracle, pandas
+"""moetrace.metrics against independent references: the seed 000 pandas oracle, pandas
 reproductions of the seed 002 notebook code, SciPy, and hand-computed tiny examples.
 
 Counts datasets are built here directly with numpy.bincount from routing arrays
-(``make_counts``), independently of engine.aggregate.
+(``make_counts``), independently of moetrace.aggregate.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seed000_oracle as oracle
-from engine import metrics
-from engine.errors import MoetraceError
-from engine.targets import Targets
+from moetrace import metrics
+from moetrace.errors import MoetraceError
+from moetrace.targets import Targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ def make_counts(experts, labels, seq, pos, n_experts, layer_ids=None, weights=No
     g = np.ravel_multi_index([np.asarray(labels[name][0]) for name in names], sizes) if names else np.zeros(n, np.int64)
     n_groups = int(np.prod(sizes, dtype=np.int64))
     gshape = tuple(sizes)
-    gcoords = {name: np.array(labels[name][1], dtype=object) for name in names}  # as engine.aggregate
+    gcoords = {name: np.array(labels[name][1], dtype=object) for name in names}  # as moetrace.aggregate
     layer = np.arange(n_layers)[None, :]
 
     def count(idx, length, w=None):
@@ -519,7 +519,7 @@ def test_coactivation_matches_loop_on_random_routing():
 
 
 def _saved_counts(tmp_path, counts):
-    from engine.aggregate import save_counts
+    from moetrace.aggregate import save_counts
 
     path = tmp_path / "counts.zarr"
     save_counts(counts, path)
@@ -527,7 +527,7 @@ def _saved_counts(tmp_path, counts):
 
 
 def test_cli_specialize_writes_seed_json(tmp_path, capsys):
-    from engine.cli import main
+    from moetrace.cli import main
 
     samples, topks, experts = seed000_frames(7)
     path = _saved_counts(tmp_path, counts_from_frames(samples, experts, 8))
@@ -550,7 +550,7 @@ def test_cli_specialize_writes_seed_json(tmp_path, capsys):
 
 
 def test_cli_stats_json_matches_metrics(tmp_path, capsys):
-    from engine.cli import main
+    from moetrace.cli import main
 
     _, counts = seed002_data(8)
     path = _saved_counts(tmp_path, counts)
@@ -575,8 +575,8 @@ def test_cli_stats_json_matches_metrics(tmp_path, capsys):
 
 def test_store_count_specialized_matches_r_oracle(tmp_path):
     """Through the real pipeline: TraceStore -> aggregate.count(skip_shared_prefix) -> specialized."""
-    from engine.aggregate import count
-    from engine.store import TraceStore
+    from moetrace.aggregate import count
+    from moetrace.store import TraceStore
 
     samples, topks, experts = seed000_frames(9)
     s = samples.assign(row=np.arange(len(samples))).sort_values(["q_ix", "token_ix"])
@@ -601,7 +601,7 @@ def test_store_count_specialized_matches_r_oracle(tmp_path):
 
 
 def test_ungrouped_counts_and_missing_variables(tmp_path, capsys):
-    from engine.cli import main
+    from moetrace.cli import main
 
     rng = np.random.default_rng(12)
     experts = random_routing(rng, 50, 3, 5, 2, np.zeros(50, int), 1)

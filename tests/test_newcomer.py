@@ -7,7 +7,6 @@ numbers contradicted its ``cv > q75`` heading, and prompts for the demo model.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -17,11 +16,11 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import metrics
-from engine.cli import main
-from engine.commands.specialize import nothing_selected_warning
-from engine.stats_tables import _fmt_apart
-from engine.store import TraceStore
+from moetrace import metrics
+from moetrace.cli import main
+from moetrace.commands.specialize import nothing_selected_warning
+from moetrace.stats_tables import _fmt_apart
+from moetrace.store import TraceStore
 
 DOMAINS = ("arith", "code", "facts")
 
@@ -104,9 +103,8 @@ def test_nothing_selected_without_group_samples():
 def test_commands_into_a_closed_pipe_end_quietly(counts_path, command):
     """`moetrace info trace.zarr | head` with head already gone: no traceback, SIGPIPE's status."""
     target = counts_path.parent / "trace.zarr" if command == "info" else counts_path
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(p) for p in sys.path if p])}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", command, str(target)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "moetrace.cli", command, str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the command writes anything
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
@@ -131,8 +129,8 @@ def test_stats_prints_specialists_strictly_above_q75(counts_path, capsys):
 
 
 def test_demo_prompts_use_only_words_the_demo_tokenizer_knows(tmp_path):
-    from engine.demo.data import build_tokenizer, make_texts
-    from engine.demo.run import write_example_prompts
+    from moetrace.demo.data import build_tokenizer, make_texts
+    from moetrace.demo.run import write_example_prompts
 
     path = write_example_prompts(tmp_path / "prompts.jsonl", make_texts(n_per_group=3))
     import json

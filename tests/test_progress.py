@@ -4,7 +4,7 @@ import io
 import subprocess
 import sys
 
-from engine import progress
+from moetrace import progress
 
 
 class _Tty(io.StringIO):
@@ -39,7 +39,7 @@ def test_environment_variable_overrides_the_terminal_check(monkeypatch):
 
 def test_a_command_with_stderr_to_a_file_writes_no_carriage_returns(tmp_path):
     """A real command (synthetic trace, which shows a bar) with stderr redirected: no bar in the log."""
-    code = ("from engine.synthetic import TraceSpec, write_store\n"
+    code = ("from moetrace.synthetic import TraceSpec, write_store\n"
             f"write_store({str(tmp_path / 't.zarr')!r}, TraceSpec(n_tokens=3000, n_layers=2, n_experts=8, top_k=2))\n")
     log = tmp_path / "log"
     with open(log, "w") as err:

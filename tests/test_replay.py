@@ -1,4 +1,4 @@
-"""Routing replay (engine.replay) on tiny random models of every supported family."""
+"""Routing replay (moetrace.replay) on tiny random models of every supported family."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.capture import capture
-from engine.errors import MoetraceError
-from engine.intervene import router_sites
-from engine.replay import replay
-from engine.store import TraceStore
+from moetrace.capture import capture
+from moetrace.errors import MoetraceError
+from moetrace.intervene import router_sites
+from moetrace.replay import replay
+from moetrace.store import TraceStore
 from tiny_models import TINY, tiny_model
 
 SEQ = [10, 11]
@@ -258,9 +258,9 @@ def test_replay_under_torch_compile_equals_eager(tmp_path):
 
 
 def test_patch_routers_override_nests_and_observers_see_what_it_returns():
-    """The route override replay builds on (engine.intervene): the innermost one applies, observers and
+    """The route override replay builds on (moetrace.intervene): the innermost one applies, observers and
     the router's outputs see its experts, leaving it brings the enclosing one back."""
-    from engine.intervene import observe_routing, patch_routers
+    from moetrace.intervene import observe_routing, patch_routers
 
     model = tiny_model("olmoe", seed=0)
     ids, _ = padded_batch()

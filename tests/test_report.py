@@ -1,4 +1,4 @@
-"""engine.report: the HTML file is self-contained, its images are valid PNGs that a real browser
+"""moetrace.report: the HTML file is self-contained, its images are valid PNGs that a real browser
 (headless Chromium) renders, text is escaped, and its numbers match independent references
 (SciPy's chi-square, numpy counts of the raw routing, a hand-computed results table)."""
 
@@ -24,13 +24,13 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import synthetic
-from engine.aggregate import count, save_counts
-from engine.cli import main as cli_main
-from engine.errors import MoetraceError
-from engine.report import REPORT_STATS, _fmt, _table, write_report
-from engine.report import SECTIONS as REPORT_SECTIONS
-from engine.store import TraceStore
+from moetrace import synthetic
+from moetrace.aggregate import count, save_counts
+from moetrace.cli import main as cli_main
+from moetrace.errors import MoetraceError
+from moetrace.report import REPORT_STATS, _fmt, _table, write_report
+from moetrace.report import SECTIONS as REPORT_SECTIONS
+from moetrace.store import TraceStore
 
 SPEC = synthetic.TraceSpec(n_tokens=2048, n_layers=4, n_experts=16, top_k=2, seq_len=32)
 GROUPS = [f"{d}/{lang}" for d in synthetic.DOMAINS for lang in synthetic.LANGS]

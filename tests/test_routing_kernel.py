@@ -1,9 +1,9 @@
-"""kernels.routing: the Triton kernel (interpreted on the CPU) against the torch reference,
+"""moetrace.kernels.routing: the Triton kernel (interpreted on the CPU) against the torch reference,
 and the torch reference against a slow pure-Python loop over rows."""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton / kernels.routing are imported
+os.environ["TRITON_INTERPRET"] = "1"  # before triton / moetrace.kernels.routing are imported
 
 import math
 
@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.routing import (
+from moetrace.kernels.routing import (
     RouteFunction,
     _launch_backward,
     _route_backward_torch,
@@ -333,7 +333,7 @@ def test_triton_matches_reference_property(data):
 
 def nonfinite_case(data):
     """Logits with -inf / NaN entries (whole rows too), maybe -inf boosts, and interventions that
-    may leave rows short (run with validate=False, as engine.intervene does)."""
+    may leave rows short (run with validate=False, as moetrace.intervene does)."""
     E = data.draw(st.sampled_from([2, 3, 6, 8, 13, 42]), label="E")
     K = data.draw(st.sampled_from([k for k in (1, 2, 3, 4, 8) if k <= E]), label="K")
     T = data.draw(st.integers(1, 9), label="T")

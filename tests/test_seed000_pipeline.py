@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 import seed000_oracle as oracle
-from engine.cli import main
-from engine import metrics
+from moetrace.cli import main
+from moetrace import metrics
 from test_metrics import DOMAINS, LANGS, seed000_frames
 
 
@@ -53,8 +53,8 @@ def test_specialize_cli_writes_the_notebooks_targets(pipeline, method):
 
 
 def test_base_accuracy_matches_the_notebook(pipeline):
-    from engine.aggregate import sequence_table
-    from engine.store import TraceStore
+    from moetrace.aggregate import sequence_table
+    from moetrace.store import TraceStore
 
     tmp, data = pipeline
     store = TraceStore.open(tmp / "trace.zarr")

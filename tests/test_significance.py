@@ -1,4 +1,4 @@
-"""engine.significance against SciPy: exact permutation tests, the binomial (McNemar) test and
+"""moetrace.significance against SciPy: exact permutation tests, the binomial (McNemar) test and
 the paired percentile bootstrap."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.significance import PairedBootstrap, combined_effect, paired_effect, ratio, sign_flip_p_value
+from moetrace.significance import PairedBootstrap, combined_effect, paired_effect, ratio, sign_flip_p_value
 
 
 @settings(max_examples=30, deadline=None)
@@ -138,7 +138,7 @@ def _slow_pooled_p(cells) -> float:
 @given(seed=st.integers(0, 2**31), n_groups=st.integers(1, 3), n_draws=st.integers(1, 6),
        n_items=st.integers(1, 8), binary=st.booleans())
 def test_draw_rank_p_value_equals_brute_force(seed, n_groups, n_draws, n_items, binary):
-    from engine.significance import pooled_targeted_vs_random, targeted_vs_random
+    from moetrace.significance import pooled_targeted_vs_random, targeted_vs_random
 
     rng = np.random.default_rng(seed)
     cells = []
@@ -160,7 +160,7 @@ def test_draw_rank_p_value_equals_brute_force(seed, n_groups, n_draws, n_items, 
 def test_two_level_interval_includes_the_draw_to_draw_variance():
     """With noiseless items the item-level interval would be a point; draws that differ widen the
     two-level interval to about the sd of the draws' mean, and it covers the estimate."""
-    from engine.significance import targeted_vs_random
+    from moetrace.significance import targeted_vs_random
 
     rng = np.random.default_rng(0)
     draw_effects = rng.normal(0.1, 0.05, 40)
@@ -176,7 +176,7 @@ def test_two_level_interval_includes_the_draw_to_draw_variance():
 
 
 def test_draw_test_refuses_mismatched_items():
-    from engine.significance import targeted_vs_random
+    from moetrace.significance import targeted_vs_random
 
     with pytest.raises(ValueError, match="same items"):
         targeted_vs_random(np.zeros(5), np.zeros((3, 4)))
@@ -185,7 +185,7 @@ def test_draw_test_refuses_mismatched_items():
 
 
 def test_holm_by_hand():
-    from engine.significance import holm
+    from moetrace.significance import holm
 
     # sorted 0.01, 0.02, 0.04 with m = 3: 0.03, 0.04, 0.04 (monotone), NaN left alone
     np.testing.assert_allclose(holm([0.04, 0.01, np.nan, 0.02]), [0.04, 0.03, np.nan, 0.04])
@@ -198,7 +198,7 @@ def test_draw_test_is_calibrated_under_the_null_and_the_old_test_is_not():
     test it replaced (targeted minus the mean of 2 draws, items resampled only) rejects far more
     often, so the simulation can tell a miscalibrated test (bench/bench_calibration.py has the
     full run and the power)."""
-    from engine.significance import pooled_targeted_vs_random, simulate_ablation_experiments
+    from moetrace.significance import pooled_targeted_vs_random, simulate_ablation_experiments
 
     def reject(cells) -> bool:
         return pooled_targeted_vs_random([(t, r, None) for t, r in cells], n_boot=2).p_value <= 0.05
@@ -218,7 +218,7 @@ def test_draw_test_is_calibrated_under_the_null_and_the_old_test_is_not():
 
 
 def test_simulated_power_grows_with_the_effect():
-    from engine.significance import pooled_targeted_vs_random, simulate_ablation_experiments
+    from moetrace.significance import pooled_targeted_vs_random, simulate_ablation_experiments
 
     def power(extra):
         return np.mean([pooled_targeted_vs_random([(t, r, None) for t, r in c], n_boot=2).p_value <= 0.05

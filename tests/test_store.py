@@ -18,8 +18,8 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.errors import MoetraceError
-from engine.store import FORMAT_VERSION, TraceStore
+from moetrace.errors import MoetraceError
+from moetrace.store import FORMAT_VERSION, TraceStore
 from routes import random_topk
 
 
@@ -217,7 +217,7 @@ CHILD = textwrap.dedent("""
     import random, sys
     sys.path.insert(0, {tests!r})
     from test_store import make_rows
-    from engine.store import TraceStore
+    from moetrace.store import TraceStore
     st = TraceStore.open({path!r}, mode="a")
     rng = random.Random({seed})
     start = len(st)
@@ -240,7 +240,7 @@ def test_sigkill_during_appends_never_loses_committed_rows(tmp_path):
                       chunk_rows=64).close()
     rng = random.Random(1234)
     tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), tests_dir])}
+    env = {**os.environ, "PYTHONPATH": tests_dir}  # moetrace itself is installed
     previous = 0
     grew = 0
     for trial in range(20):
@@ -274,7 +274,7 @@ def test_sigkill_during_appends_never_loses_committed_rows(tmp_path):
 
 
 def test_cli_info(tmp_path, capsys):
-    from engine.cli import main
+    from moetrace.cli import main
 
     with TraceStore.create(tmp_path / "t.zarr", n_layers=2, n_experts=5, top_k=2, labels=["domain"],
                            weights=True) as st_:
@@ -376,9 +376,8 @@ def test_open_refuses_missing_or_malformed_arrays(tmp_path, damage, message):
 def test_cli_info_on_a_malformed_store_is_one_line_exit_2(tmp_path):
     path = _good_store(tmp_path / "t.zarr")
     _edit_json(path / "zarr.json", _set_attr("committed", _DELETE))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "info", str(path)], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "moetrace.cli", "info", str(path)], capture_output=True,
+                          text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "committed" in lines[0] and str(path) in lines[0]
@@ -521,7 +520,7 @@ def test_version_1_stores_open_read_only_and_are_checked_before_appending(tmp_pa
 
 
 def test_cli_info_reports_distinct_sequences_and_warns_about_interleaved_rows(tmp_path, capsys):
-    from engine.cli import main
+    from moetrace.cli import main
 
     path = tmp_path / "t.zarr"
     with TraceStore.create(path, n_layers=1, n_experts=2, top_k=1, chunk_rows=2) as st_:

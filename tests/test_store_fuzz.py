@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from engine.errors import MoetraceError
-from engine.store import TraceStore
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
 from routes import random_topk
 
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]

@@ -1,5 +1,5 @@
-"""engine.targets: JSON formats (seed 000's bare export and the combined format), validation,
-dense tables against plain loops, and glue from engine.metrics.specialized."""
+"""moetrace.targets: JSON formats (seed 000's bare export and the combined format), validation,
+dense tables against plain loops, and glue from moetrace.metrics.specialized."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import metrics
-from engine.errors import MoetraceError
-from engine.targets import FORMAT, Targets
+from moetrace import metrics
+from moetrace.errors import MoetraceError
+from moetrace.targets import FORMAT, Targets
 
 # What R writes for seed 000's path targets: jsonlite::toJSON(auto_unbox = T, pretty = F) + writeLines
 SEED_PATH_JSON = '{"1":[[3,5],[7,2]],"2":[[[0,4],6]],"10":[[1,1]]}\n'

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from engine.cli import main as cli_main
-from engine.errors import MoetraceError
-from engine.toy import (BatchedMoE, Config, MoEModel, expert_feat_dimensionality, feature_batch,
+from moetrace.cli import main as cli_main
+from moetrace.errors import MoetraceError
+from moetrace.toy import (BatchedMoE, Config, MoEModel, expert_feat_dimensionality, feature_batch,
                         feature_specialization, global_feature_dimensionality, most_monosemantic, optimize,
                         polysemanticity, train_batched, weighted_global_dim)
-from engine.toy.metrics import feature_dimensionality, specialization, summary
+from moetrace.toy.metrics import feature_dimensionality, specialization, summary
 
 
 @pytest.fixture(autouse=True)
@@ -307,14 +307,14 @@ def test_training_is_deterministic_and_logs_like_the_seed(caplog, capsys):
         m = MoEModel(cfg, torch.tensor(0.2), device="cpu", seed=11)
         return m, optimize(m, n_batch=32, steps=25, print_freq=10)
 
-    with caplog.at_level(logging.INFO, logger="engine.toy"):
+    with caplog.at_level(logging.INFO, logger="moetrace.toy"):
         m1, h1 = run()
     m2, h2 = run()
     assert torch.equal(h1["reconstruction_loss"], h2["reconstruction_loss"])
     assert torch.equal(m1.W_experts, m2.W_experts) and torch.equal(m1.gate, m2.gate)
     assert h1["reconstruction_loss"][-5:].mean() < h1["reconstruction_loss"][:5].mean()
     assert (h1["load_balance_loss"] > 0).all()
-    steps = [r.getMessage() for r in caplog.records if r.name == "engine.toy"]
+    steps = [r.getMessage() for r in caplog.records if r.name == "moetrace.toy"]
     assert [s.split(":")[0] for s in steps] == ["Step 0", "Step 10", "Step 20", "Step 24"]
     assert "Reconstruction loss=" in steps[0] and ", lr=0.001000" in steps[0]
     assert capsys.readouterr().out == ""  # the library logs, never prints
@@ -434,7 +434,7 @@ def test_cuda_draws_the_same_data_and_trains_like_the_cpu():
 def test_one_expert_reaches_the_antipodal_plateau():
     """Dense toy model (E = k = 1), F=20, H=5, uniform importance, p = 0.3: the represented features
     pair up antipodally, each at dimensionality 1/2 (bench/RESULTS.md, the plateau table)."""
-    from engine.toy.sweep import grid, run_sweep
+    from moetrace.toy.sweep import grid, run_sweep
 
     table, models = run_sweep(grid(20, 5, [1], [1], [0.3], seeds=[0, 1]), steps=3000, n_batch=256, lr=3e-3,
                               schedule="cosine", print_freq=10**9, device="cpu")
@@ -455,7 +455,7 @@ def test_sweep_at_a_fixed_total_hidden_size_splits_it_over_the_experts(tmp_path)
     assert (t["n_experts"] * t["n_hidden"] == 4).all()
     assert sorted(zip(t["n_experts"], t["n_active_experts"])) == [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]
     with pytest.raises(MoetraceError, match="not divisible"):
-        from engine.toy.sweep import grid
+        from moetrace.toy.sweep import grid
 
         grid(8, None, [3], [1], [0.5], total_hidden=4)
     with pytest.raises(MoetraceError, match="exactly one"):
@@ -468,9 +468,9 @@ def test_every_default_is_chaudhari_et_al_s_design():
     import argparse
     import inspect
 
-    from engine.commands import toy as toy_cmd
-    from engine.toy.reproduce import PAPER_PROBABILITIES, ChaudhariDesign
-    from engine.toy.sweep import run_sweep
+    from moetrace.commands import toy as toy_cmd
+    from moetrace.toy.reproduce import PAPER_PROBABILITIES, ChaudhariDesign
+    from moetrace.toy.sweep import run_sweep
 
     paper = ChaudhariDesign()
     parser = argparse.ArgumentParser()
@@ -493,7 +493,7 @@ def test_every_default_is_chaudhari_et_al_s_design():
 def test_reproduction_statistics_match_independent_references():
     from scipy import stats
 
-    from engine.toy.reproduce import chaudhari_claims, count_plateaus, interval, norm_and_superposition, phase_jumps
+    from moetrace.toy.reproduce import chaudhari_claims, count_plateaus, interval, norm_and_superposition, phase_jumps
 
     # the interval over seeds is scipy's t interval of the mean
     v = [0.41, 0.47, 0.39, 0.52]

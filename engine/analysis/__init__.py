@@ -1,7 +1,7 @@
 """The expert-specialization thesis toolkit (seed 003), one module per analysis.
 
 Every function returns data (an ``xarray.Dataset``, a tidy ``pandas.DataFrame`` or a dict) and
-never prints; figures are in :mod:`engine.figures`, commands in ``engine/commands/analysis.py``.
+never prints; figures are in :mod:`moetrace.figures`, commands in ``engine/commands/analysis.py``.
 
 - :mod:`.decisiveness`: normalized router entropy and top-k mass from ``routing/probs``.
 - :mod:`.router_stats`: distributions of router logits, probabilities and top-k weights.
@@ -13,15 +13,15 @@ never prints; figures are in :mod:`engine.figures`, commands in ``engine/command
 - :mod:`.lang_domain`: per-layer divergence of groups' expert distributions, split by language and domain.
 """
 
-from engine.analysis._common import load_result, save_result, token_batches
-from engine.analysis.decisiveness import decisiveness, router_entropy
-from engine.analysis.dim_reduc import pca_2d, reduce_2d, umap_available
-from engine.analysis.lang_domain import jensen_shannon
-from engine.analysis.profiles import expert_profile
-from engine.analysis.router_metrics import router_metrics, token_overlap
-from engine.analysis.router_stats import router_stats
-from engine.analysis.similarity import cluster_order, expert_similarity, linear_cka, weight_similarity
-from engine.analysis.steering import steer_prompt
+from moetrace.analysis._common import load_result, save_result, token_batches
+from moetrace.analysis.decisiveness import decisiveness, router_entropy
+from moetrace.analysis.dim_reduc import pca_2d, reduce_2d, umap_available
+from moetrace.analysis.lang_domain import jensen_shannon
+from moetrace.analysis.profiles import expert_profile
+from moetrace.analysis.router_metrics import router_metrics, token_overlap
+from moetrace.analysis.router_stats import router_stats
+from moetrace.analysis.similarity import cluster_order, expert_similarity, linear_cka, weight_similarity
+from moetrace.analysis.steering import steer_prompt
 
 __all__ = ["cluster_order", "decisiveness", "expert_profile", "expert_similarity", "jensen_shannon", "linear_cka",
            "load_result", "pca_2d", "reduce_2d", "router_entropy", "router_metrics", "router_stats", "save_result",

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.errors import MoetraceError
-from engine.evaluate import model_device
-from engine.store import Chunk, TraceStore
+from moetrace.errors import MoetraceError
+from moetrace.evaluate import model_device
+from moetrace.store import Chunk, TraceStore
 
 
 def layer_positions(layer_ids: Sequence[int], layers: Sequence[int] | None, where: str = "--layers") -> list[int]:
@@ -54,10 +54,10 @@ def group_codes(store: TraceStore, by: Sequence[str]) -> tuple[list[str], Any]:
     """(group names, f(chunk) -> int64 group code per row) for the cross product of labels ``by``.
 
     Group names join the label values with ``/`` (``math/en``); no labels: one group ``all``. The
-    codes are the count driver's (:meth:`engine.counting.filters.Selection.group_codes`): a label
+    codes are the count driver's (:meth:`moetrace.counting.filters.Selection.group_codes`): a label
     code beyond the store's vocabulary is an error there, and so here.
     """
-    from engine.counting.filters import Filters
+    from moetrace.counting.filters import Filters
 
     selection = Filters.of(by=list(by) or None).compile(store)
     vocabs = [selection.coords[label] for label in selection.by]
@@ -120,7 +120,7 @@ def experts_modules(model: nn.Module, layers: Sequence[int] | None = None) -> di
     ``forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K])`` over fused 3-D
     expert parameters).
     """
-    from engine.intervene import router_sites
+    from moetrace.intervene import router_sites
 
     sites = router_sites(model)
     modules = dict(model.named_modules())

@@ -3,7 +3,7 @@
 Per token and layer, the entropy of the router's full distribution over the E experts divided by
 log(E) (0: all mass on one expert, 1: uniform), and the probability mass the top-k experts keep.
 Read chunk by chunk from ``routing/probs`` of a store (``capture --probs``), each chunk worked on
-in blocks of :data:`engine.analysis._common.BLOCK_ROWS` rows: memory is one chunk plus one block's
+in blocks of :data:`moetrace.analysis._common.BLOCK_ROWS` rows: memory is one chunk plus one block's
 temporaries plus fixed-size histograms, whatever the number of tokens.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
-from engine.analysis._common import blocks, group_codes, layer_positions, row_range
-from engine.errors import MoetraceError
-from engine.store import TraceStore
+from moetrace.analysis._common import blocks, group_codes, layer_positions, row_range
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.analysis._common import BLOCK_ROWS, LayerInputs, experts_modules, model_inputs, routed_outputs
-from engine.errors import MoetraceError
+from moetrace.analysis._common import BLOCK_ROWS, LayerInputs, experts_modules, model_inputs, routed_outputs
+from moetrace.errors import MoetraceError
 
 
 def umap_available() -> bool:

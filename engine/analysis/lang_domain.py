@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from engine import metrics
-from engine.errors import MoetraceError
+from moetrace import metrics
+from moetrace.errors import MoetraceError
 
 
 def _mi(joint: np.ndarray) -> np.ndarray:

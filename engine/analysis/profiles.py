@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.analysis._common import group_codes, layer_positions, row_range
-from engine.errors import MoetraceError
-from engine.store import TraceStore
+from moetrace.analysis._common import group_codes, layer_positions, row_range
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
 
 
 def expert_profile(store: str | TraceStore, layer: int, expert: int, *, by: Sequence[str] | None = None,

@@ -2,7 +2,7 @@
 specialization and expert token overlap per layer, for any number of groups and experts.
 
 Selection frequency and domain specialization come from the functions moetrace already has
-(:func:`engine.metrics.selection_frequency`, and :func:`engine.metrics.domain_specialization` with
+(:func:`moetrace.metrics.selection_frequency`, and :func:`moetrace.metrics.domain_specialization` with
 ``normalize="expert"``: the share of the expert's selections from the group, not the OLMoE paper's
 per-group normalization); this module only adds the token overlap and puts the three in one table.
 
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from engine import metrics
+from moetrace import metrics
 
 
 def token_overlap(counts: xr.Dataset) -> xr.DataArray:

@@ -2,7 +2,7 @@
 router logits, the router probabilities (softmax; sigmoid families: the sigmoid scores) and the
 top-k weights the experts are actually weighted with (renormalized / scaled as the family does).
 
-Collected with :func:`engine.intervene.observe_routing` while the model runs over token batches.
+Collected with :func:`moetrace.intervene.observe_routing` while the model runs over token batches.
 "Rank" sorts each token's values descending (rank 0 = the largest logit / probability; for the
 weights, the router's top-k order). Streaming: per (layer, rank) running count, sum, sum of squares,
 min, max, and fixed-bin histograms per layer (probabilities and weights on [0, 1] — weights of
@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from engine.analysis._common import layer_positions, model_inputs
-from engine.errors import MoetraceError
+from moetrace.analysis._common import layer_positions, model_inputs
+from moetrace.errors import MoetraceError
 
 LOGIT_RANGE = 20.0
 QUANTITIES = ("logit", "prob", "weight", "selection")
@@ -39,7 +39,7 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
     (layer, rank; rank over E for logit/prob, over K for weight, NaN beyond K), ``{q}_hist`` int64
     (layer, bin) with ``{q}_lo``/``{q}_hi`` bin edges, ``clipped`` (layer, quantity); attrs scoring, tokens.
     """
-    from engine.intervene import observe_routing, router_sites
+    from moetrace.intervene import observe_routing, router_sites
 
     sites = router_sites(model)
     pos = layer_positions([s.layer_id for s in sites], layers)
@@ -56,7 +56,7 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
     index = {layer: i for i, layer in enumerate(ids)}
     scoring = {"value": None}
     real_rows: dict[str, torch.Tensor] = {}
-    from engine.models import adapter_for
+    from moetrace.models import adapter_for
 
     adapter = adapter_for(model)
     biases: dict[int, torch.Tensor] = {}

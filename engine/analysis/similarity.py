@@ -2,7 +2,7 @@
 
 For a sample of tokens, every expert of a layer (all E, not only the routed ones) is applied to the
 layer's captured input rows through the model's own fused experts module
-(:func:`engine.analysis._common.expert_outputs`). Streaming, per layer:
+(:func:`moetrace.analysis._common.expert_outputs`). Streaming, per layer:
 
 - mean cosine: sum over tokens of cos(out_i(t), out_j(t)), an [E, E] accumulator;
 - linear CKA (Kornblith et al. 2019) in its feature form
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from engine.analysis._common import LayerInputs, check_expert_ids, expert_outputs, experts_modules, model_inputs
-from engine.errors import MoetraceError
+from moetrace.analysis._common import LayerInputs, check_expert_ids, expert_outputs, experts_modules, model_inputs
+from moetrace.errors import MoetraceError
 
 #: Largest CKA accumulator (bytes) expert_similarity builds; beyond it pass fewer ``experts``.
 MAX_CKA_BYTES = 4 << 30
@@ -67,7 +67,7 @@ def expert_similarity(model: torch.nn.Module, batches: Iterable[Mapping[str, Any
     """Mean cosine similarity and linear CKA between the outputs of experts on the same tokens.
 
     batches: dicts with ``input_ids``, ``attention_mask`` and ``real`` (bool [B*S], the real token
-    rows; see :func:`engine.analysis._common.token_batches`). layers: layer ids (default all MoE
+    rows; see :func:`moetrace.analysis._common.token_batches`). layers: layer ids (default all MoE
     layers); experts: expert ids to compare (default all).
     Returns a Dataset (layer, expert, other_expert): ``cosine`` and ``cka`` float64, attr ``tokens``.
     """

@@ -1,7 +1,7 @@
 """Steering (seed 003's ``interv.py``): boost or ablate one expert's routing at chosen layers for a
 prompt and compare the model before and after.
 
-The intervention is :func:`engine.intervene.steer` (multiply the expert's routing weight by
+The intervention is :func:`moetrace.intervene.steer` (multiply the expert's routing weight by
 ``scale`` — 0 ablates it — and, optionally, add ``logit`` to its router logit, which changes whether
 it is selected), one context per layer. Outputs: greedy continuations before and after, and at token
 position ``target_idx`` of the prompt the next-token distribution before and after: the top tokens
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import MoetraceError
-from engine.evaluate import model_device
+from moetrace.errors import MoetraceError
+from moetrace.evaluate import model_device
 
 
 def _generate(model, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
@@ -43,7 +43,7 @@ def steer_prompt(model: torch.nn.Module, input_ids: Sequence[int], layers: Seque
     "tokens": [{token_id, text, p_before, p_after, change}] (union of both top-``top`` lists,
     sorted by |change|)}.
     """
-    from engine.intervene import router_sites, steer
+    from moetrace.intervene import router_sites, steer
 
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model_device(model))
     if ids.shape[1] == 0:

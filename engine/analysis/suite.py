@@ -16,7 +16,7 @@ import numpy as np
 
 def write_outputs(out: Path, name: str, fig=None, table=None, dataset=None, data: Any = None) -> list[Path]:
     """Write ``out/name.{csv,zarr,json,png,pdf}`` for the pieces given; returns the paths written."""
-    from engine.analysis._common import save_result
+    from moetrace.analysis._common import save_result
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,13 +39,13 @@ def write_outputs(out: Path, name: str, fig=None, table=None, dataset=None, data
 
 def capture_probs(model, batches, path: str | Path) -> Path:
     """Capture the routing with full router distributions (``probs=True``) of ``batches``
-    (:func:`engine.analysis.token_batches`) into a new store at ``path``, one label ``group``."""
+    (:func:`moetrace.analysis.token_batches`) into a new store at ``path``, one label ``group``."""
     import shutil
 
     import torch
 
-    from engine.analysis._common import model_inputs
-    from engine.capture import capture
+    from moetrace.analysis._common import model_inputs
+    from moetrace.capture import capture
 
     path = Path(path)
     if path.exists():
@@ -65,19 +65,19 @@ def run_suite(model, input_ids: Sequence[Sequence[int]], groups: Sequence[str], 
               num_tokens: int = 2000, layers: Sequence[int] | None = None, batch_size: int = 16, pad_id: int = 0,
               decode: Callable[[Sequence[int]], str] | None = None, store=None, method: str = "auto") -> list[Path]:
     """Router decisiveness, router statistics, expert similarity, a 2-D map (first layer; ``method`` as in
-    :func:`engine.analysis.reduce_2d`), a profile and a steering example of the busiest expert of the
+    :func:`moetrace.analysis.reduce_2d`), a profile and a steering example of the busiest expert of the
     first layer, into ``out``; returns the files.
 
     Decisiveness comes from ``store``'s routing/probs when it has them, else from a short capture
     (``num_tokens`` tokens) with ``probs=True`` into ``out/probs.zarr``.
     """
-    from engine import figures
-    from engine.analysis import (decisiveness, expert_profile, expert_similarity, reduce_2d, router_stats,
+    from moetrace import figures
+    from moetrace.analysis import (decisiveness, expert_profile, expert_similarity, reduce_2d, router_stats,
                                  steer_prompt, weight_similarity)
-    from engine.analysis.decisiveness import table as decisiveness_table
-    from engine.analysis.router_stats import table as router_stats_table
-    from engine.analysis._common import experts_modules, token_batches
-    from engine.store import TraceStore
+    from moetrace.analysis.decisiveness import table as decisiveness_table
+    from moetrace.analysis.router_stats import table as router_stats_table
+    from moetrace.analysis._common import experts_modules, token_batches
+    from moetrace.store import TraceStore
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

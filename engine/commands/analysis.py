@@ -1,5 +1,5 @@
-"""The seed-003 thesis toolkit on the command line (functions in :mod:`engine.analysis`, figures
-in :mod:`engine.figures`). Every command takes ``--layers L [L ...]``, ``--num-tokens N`` and
+"""The seed-003 thesis toolkit on the command line (functions in :mod:`moetrace.analysis`, figures
+in :mod:`moetrace.figures`). Every command takes ``--layers L [L ...]``, ``--num-tokens N`` and
 ``--out DIR`` and writes its numbers (CSV, and JSON or a Zarr dataset) and its figure (PNG and PDF)
 into DIR; ``moetrace report RUN`` shows them when DIR is ``RUN/analysis``.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
 MODEL_HELP = "local transformers checkpoint directory, or 'demo' for the cached demo model"
 
@@ -111,7 +111,7 @@ def _out(args) -> Path:
 
 
 def _save(out: Path, name: str, fig=None, table=None, dataset=None, data: Any = None) -> None:
-    from engine.analysis.suite import write_outputs
+    from moetrace.analysis.suite import write_outputs
 
     written = write_outputs(out, name, fig, table, dataset, data)
     print(f"wrote {', '.join(str(w) for w in written)}")
@@ -132,7 +132,7 @@ def _select_layers(ds, layers):
 
 
 def _store(args):
-    from engine.store import TraceStore
+    from moetrace.store import TraceStore
 
     if not Path(args.store).exists():
         raise MoetraceError(f"{args.store}: no such trace store")
@@ -140,8 +140,8 @@ def _store(args):
 
 
 def _counts(args, stats):
-    from engine.aggregate import count_range
-    from engine.analysis._common import row_range
+    from moetrace.aggregate import count_range
+    from moetrace.analysis._common import row_range
 
     st = _store(args)
     start, stop = row_range(st, args.num_tokens)
@@ -153,7 +153,7 @@ def load_model(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == "demo":
-        from engine.demo.model import ensure_demo_model
+        from moetrace.demo.model import ensure_demo_model
 
         name = str(ensure_demo_model(progress=False))
     try:
@@ -169,18 +169,18 @@ def load_model(name: str):
 
 def _batches(args, model, tokenizer):
     """Token batches of --data (or the demo corpus) until --num-tokens."""
-    from engine.analysis._common import token_batches
+    from moetrace.analysis._common import token_batches
 
     if args.data is None:
         if args.model != "demo":
             raise MoetraceError("--data: required unless --model demo")
-        from engine.demo.data import make_training_documents
+        from moetrace.demo.data import make_training_documents
 
         want = args.num_tokens or 20_000
         rows = make_training_documents(max(8, want // 20), seed=1)  # ~25 tokens each; extended below
         labels = ["domain", "lang"] if args.labels is None else [x for x in args.labels.split(",") if x]
     else:
-        from engine.commands.capture import read_jsonl
+        from moetrace.commands.capture import read_jsonl
 
         labels = [x for x in (args.labels or "").split(",") if x]
         rows = read_jsonl(Path(args.data), labels)
@@ -191,7 +191,7 @@ def _batches(args, model, tokenizer):
     if args.data is None and args.num_tokens:
         total = sum(len(x) for x in ids)
         if total < args.num_tokens:  # more demo documents from further seeds
-            from engine.demo.data import make_training_documents
+            from moetrace.demo.data import make_training_documents
 
             seed = 2
             while total < args.num_tokens:
@@ -210,15 +210,15 @@ def _batches(args, model, tokenizer):
 
 
 def run_decisiveness(args) -> int:
-    from engine import figures
-    from engine.analysis import decisiveness
-    from engine.analysis.decisiveness import table
+    from moetrace import figures
+    from moetrace.analysis import decisiveness
+    from moetrace.analysis.decisiveness import table
 
     if (args.store is None) == (args.model is None):
         raise MoetraceError("decisiveness: give either a trace store or --model (with --data)")
     if args.model is not None:
-        from engine.analysis.suite import capture_probs
-        from engine.store import TraceStore
+        from moetrace.analysis.suite import capture_probs
+        from moetrace.store import TraceStore
 
         model, tokenizer = load_model(args.model)
         st = TraceStore.open(capture_probs(model, _batches(args, model, tokenizer)(), _out(args) / "probs.zarr"))
@@ -230,9 +230,9 @@ def run_decisiveness(args) -> int:
 
 
 def run_router_metrics(args) -> int:
-    from engine import figures
-    from engine.analysis import router_metrics
-    from engine.analysis.router_metrics import table
+    from moetrace import figures
+    from moetrace.analysis import router_metrics
+    from moetrace.analysis.router_metrics import table
 
     _, counts = _counts(args, ["experts", "coact"])
     ds = _select_layers(router_metrics(counts), args.layers)
@@ -244,9 +244,9 @@ def run_router_metrics(args) -> int:
 
 
 def run_lang_domain(args) -> int:
-    from engine import figures
-    from engine.analysis import jensen_shannon
-    from engine.analysis.lang_domain import table
+    from moetrace import figures
+    from moetrace.analysis import jensen_shannon
+    from moetrace.analysis.lang_domain import table
 
     _, counts = _counts(args, ["experts"])
     ds = _select_layers(jensen_shannon(counts), args.layers)
@@ -255,7 +255,7 @@ def run_lang_domain(args) -> int:
 
 
 def run_profile(args) -> int:
-    from engine.analysis import expert_profile
+    from moetrace.analysis import expert_profile
 
     st = _store(args)
     decode = None
@@ -271,9 +271,9 @@ def run_profile(args) -> int:
 
 
 def run_router_stats(args) -> int:
-    from engine import figures
-    from engine.analysis import router_stats
-    from engine.analysis.router_stats import table
+    from moetrace import figures
+    from moetrace.analysis import router_stats
+    from moetrace.analysis.router_stats import table
 
     model, tokenizer = load_model(args.model)
     ds = router_stats(model, _batches(args, model, tokenizer)(), layers=args.layers, bins=args.bins)
@@ -282,8 +282,8 @@ def run_router_stats(args) -> int:
 
 
 def run_similarity(args) -> int:
-    from engine import figures
-    from engine.analysis import expert_similarity, weight_similarity
+    from moetrace import figures
+    from moetrace.analysis import expert_similarity, weight_similarity
 
     model, tokenizer = load_model(args.model)
     ds = expert_similarity(model, _batches(args, model, tokenizer)(), layers=args.layers, experts=args.experts)
@@ -300,12 +300,12 @@ def run_similarity(args) -> int:
 
 
 def run_dim_reduc(args) -> int:
-    from engine import figures
-    from engine.analysis import reduce_2d
+    from moetrace import figures
+    from moetrace.analysis import reduce_2d
 
     model, tokenizer = load_model(args.model)
     make = _batches(args, model, tokenizer)
-    from engine.analysis._common import experts_modules
+    from moetrace.analysis._common import experts_modules
 
     layers = args.layers if args.layers is not None else sorted(experts_modules(model))
     out = _out(args)
@@ -317,8 +317,8 @@ def run_dim_reduc(args) -> int:
 
 
 def run_steer(args) -> int:
-    from engine import figures
-    from engine.analysis import steer_prompt
+    from moetrace import figures
+    from moetrace.analysis import steer_prompt
 
     model, tokenizer = load_model(args.model)
     if args.prompt is not None:

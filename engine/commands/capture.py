@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
 
 def add_parser(subparsers) -> None:
@@ -60,9 +60,9 @@ def read_jsonl(path: Path, labels: list[str]) -> list[dict]:
 def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.capture import next_sequence_id
-    from engine.io import staged_store
-    from engine.store import TraceStore
+    from moetrace.capture import next_sequence_id
+    from moetrace.io import staged_store
+    from moetrace.store import TraceStore
 
     labels = [x for x in args.labels.split(",") if x]
     out = Path(args.out)
@@ -106,9 +106,9 @@ def run(args) -> int:
 def _capture_rows(model, out: Path, rows: list[dict], labels: list[str], encode, pad_id: int, first_id: int, args):
     """Capture every line of ``rows`` into the store at ``out``, line i as sequence ``first_id + i``."""
     import torch
-    from engine.progress import tqdm
+    from moetrace.progress import tqdm
 
-    from engine.capture import capture
+    from moetrace.capture import capture
 
     with capture(model, out, labels=labels, probs=args.probs) as cap, torch.no_grad():
         for start in tqdm(range(0, len(rows), args.batch_size), disable=args.quiet, desc="capture", unit="batch"):

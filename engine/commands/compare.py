@@ -24,9 +24,9 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from engine import figures
-    from engine.compare import compare, summary_json
-    from engine.errors import MoetraceError
+    from moetrace import figures
+    from moetrace.compare import compare, summary_json
+    from moetrace.errors import MoetraceError
 
     if args.top < 0:
         raise MoetraceError(f"--top: expected a number >= 0, got {args.top}")

@@ -8,9 +8,9 @@
 
 ARCHIVE is a store, a directory of stores or a glob (see engine/counting/archive.py).
 
-The output is the Dataset of :func:`engine.aggregate.count`, written with
-``engine.counting.save_counts`` (crash-safe: written beside OUT, renamed when complete;
-read it with ``xarray.open_zarr`` or ``engine.counting.load_counts``).
+The output is the Dataset of :func:`moetrace.aggregate.count`, written with
+``moetrace.counting.save_counts`` (crash-safe: written beside OUT, renamed when complete;
+read it with ``xarray.open_zarr`` or ``moetrace.counting.load_counts``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
 
 def _csv(text: str) -> list[str]:
@@ -54,7 +54,7 @@ class _StatsArgument(argparse.Action):
 
     @property
     def help(self) -> str:
-        from kernels.counting import stats_help
+        from moetrace.kernels.counting import stats_help
 
         return "comma-separated statistics (default: experts; tokens is always counted): " + "; ".join(
             stats_help().splitlines())
@@ -98,8 +98,8 @@ def _client(args: argparse.Namespace):
 
 
 def run_count(args: argparse.Namespace) -> int:
-    from engine.counting import count, save_counts, stores_of
-    from engine.io.base import check_output_path
+    from moetrace.counting import count, save_counts, stores_of
+    from moetrace.io.base import check_output_path
 
     # say so before counting, not after (the count itself warns about skipped entries)
     with warnings.catch_warnings():

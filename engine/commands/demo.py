@@ -8,7 +8,7 @@ def add_parser(subparsers) -> None:
                                            "write DIR/report.html and DIR/results.csv")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--random", type=int, default=None,
-                   help="matched random draws per target (default: engine.demo.run.DEMO_RANDOM, 20)")
+                   help="matched random draws per target (default: moetrace.demo.run.DEMO_RANDOM, 20)")
     p.add_argument("--retrain", action="store_true",
                    help="train the demo model again (about 5 min on one core) instead of loading the shipped "
                         "weights, and report whether the new weights' SHA-256 matches the shipped one")
@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from engine.demo.run import DEMO_RANDOM, run_demo
+    from moetrace.demo.run import DEMO_RANDOM, run_demo
 
     run_demo(args.out, n_random=DEMO_RANDOM if args.random is None else args.random, retrain=args.retrain,
              progress=not args.quiet)

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
                         "targeted vs random is a rank among them, so it cannot go below 1/(N+1) per group (default 20)")
     p.add_argument("--band", type=float, default=None,
                    help="a draw matches when its coverage of the targeted group's routes is within this factor of "
-                        "the targets' (default engine.experiment.COVERAGE_BAND, 1.25)")
+                        "the targets' (default moetrace.experiment.COVERAGE_BAND, 1.25)")
     p.add_argument("--doses", default=None,
                    help="dose-response: ablate the n most specialized items for each n, e.g. 1,2,4,8,all, "
                         "beside up to 5 random draws matched to their coverage; writes OUT_DIR/dose_response.csv")
@@ -51,10 +51,10 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.errors import MoetraceError
-    from engine.evaluate import load_questions, load_texts
-    from engine.demo.run import base_lines
-    from engine.experiment import COVERAGE_BAND, run_experiment, summary_lines
+    from moetrace.errors import MoetraceError
+    from moetrace.evaluate import load_questions, load_texts
+    from moetrace.demo.run import base_lines
+    from moetrace.experiment import COVERAGE_BAND, run_experiment, summary_lines
 
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model).eval()

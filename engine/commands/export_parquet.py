@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from engine.errors import MoetraceError
-from engine.io.cliargs import add_common, positive
+from moetrace.errors import MoetraceError
+from moetrace.io.cliargs import add_common, positive
 
 
 def add_parser(subparsers) -> None:
@@ -18,8 +18,8 @@ def add_parser(subparsers) -> None:
 
 
 def _run_export_parquet(args) -> int:
-    from engine.io import export_parquet
-    from engine.store import TraceStore
+    from moetrace.io import export_parquet
+    from moetrace.store import TraceStore
 
     try:
         store = TraceStore.open(args.store)

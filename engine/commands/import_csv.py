@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.io.cliargs import add_common, positive, report
+from moetrace.io.cliargs import add_common, positive, report
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run_import_csv(args) -> int:
-    from engine.io import import_csv
+    from moetrace.io import import_csv
 
     labels = None
     if args.labels is not None:

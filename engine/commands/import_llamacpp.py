@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.io.cliargs import add_common, positive, report
+from moetrace.io.cliargs import add_common, positive, report
 
 
 def add_parser(subparsers) -> None:
@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run_import_llamacpp(args) -> int:
-    from engine.io import import_llamacpp
+    from moetrace.io import import_llamacpp
 
     store = import_llamacpp(args.dir, args.out, top_k=args.top_k, n_experts=args.n_experts, model=args.model,
                             chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=not args.quiet)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.io.cliargs import add_common, positive, report
+from moetrace.io.cliargs import add_common, positive, report
 
 
 def add_parser(subparsers) -> None:
@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run_import_parquet(args) -> int:
-    from engine.io import import_parquet
+    from moetrace.io import import_parquet
 
     store = import_parquet(args.input, args.out, n_experts=args.n_experts, chunk_rows=args.chunk_rows,
                            memory_budget=args.memory_budget << 20, overwrite=args.overwrite, progress=not args.quiet)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.io.cliargs import add_common, positive, report
-from engine.io.routed import FORMATS
+from moetrace.io.cliargs import add_common, positive, report
+from moetrace.io.routed import FORMATS
 
 
 def add_parser(subparsers) -> None:
@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
 
 def format_options() -> dict[str, tuple]:
     """Every format's own options (its module's ``OPTIONS``): name -> (type, help)."""
-    from engine.io.routed import format_module
+    from moetrace.io.routed import format_module
 
     out: dict[str, tuple] = {}
     for name in FORMATS:
@@ -45,9 +45,9 @@ def format_options() -> dict[str, tuple]:
 
 
 def _run(args) -> int:
-    from engine.io.routed import import_routed
+    from moetrace.io.routed import import_routed
 
-    from engine.errors import MoetraceError
+    from moetrace.errors import MoetraceError
 
     fields = [name.strip() for name in args.label_fields.split(",") if name.strip()]
     layer_ids = None

@@ -23,7 +23,7 @@ def _size(n: int | None) -> str:
 
 
 def run(args) -> int:
-    from engine.store import TraceStore
+    from moetrace.store import TraceStore
 
     info = TraceStore.open(args.store).info()
     if args.json:

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from engine.report import write_report
+    from moetrace.report import write_report
 
     path = write_report(args.source, args.out, results=args.results, title=args.title)
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")

@@ -3,7 +3,7 @@
     moetrace specialize COUNTS.zarr --method paths|experts|pairs --group domain=biology,lang=en
                         [--threshold X] [--min-layer-index N] --out targets.json [--quiet]
 
-Writes seed 000's bare JSON ``{"<layer>": [...]}`` (see :mod:`engine.targets`); defaults follow
+Writes seed 000's bare JSON ``{"<layer>": [...]}`` (see :mod:`moetrace.targets`); defaults follow
 the notebook (paths and experts skip the first recorded layer; thresholds 1 / 5 / 5).
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.errors import MoetraceError
-from engine.targets import KINDS
+from moetrace.errors import MoetraceError
+from moetrace.targets import KINDS
 
 
 def add_parser(subparsers) -> None:
@@ -71,11 +71,11 @@ def _at_most(value: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.aggregate import load_counts
+    from moetrace.aggregate import load_counts
 
     counts = load_counts(args.counts)
-    from engine import metrics
-    from engine.targets import Targets
+    from moetrace import metrics
+    from moetrace.targets import Targets
 
     selection = metrics.specialized(
         counts, args.method, parse_group(args.group), threshold=args.threshold, min_layer_index=args.min_layer_index

@@ -15,6 +15,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from engine.stats_tables import print_stats
+    from moetrace.stats_tables import print_stats
 
     return print_stats(args)

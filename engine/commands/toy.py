@@ -1,12 +1,12 @@
 """``moetrace toy train|sweep|reproduce``: seed 001's toy model of superposition in MoE (see engine/toy/).
 
-Defaults are Chaudhari et al.'s design everywhere (engine.toy.reproduce.CHAUDHARI_SOURCE): n = 100
+Defaults are Chaudhari et al.'s design everywhere (moetrace.toy.reproduce.CHAUDHARI_SOURCE): n = 100
 features, uniform importance, 10,000 steps of batch 1024, AdamW lr 1e-3 constant.
 """
 
 from __future__ import annotations
 
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
 
 def _ints(text: str) -> list[int]:
@@ -99,7 +99,7 @@ def _setup(args):
     import logging
 
     if not args.quiet:
-        logger = logging.getLogger("engine.toy")
+        logger = logging.getLogger("moetrace.toy")
         if not logger.handlers:
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(message)s"))
@@ -130,12 +130,12 @@ def run_train(args) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from engine.toy import (SCHEDULES, Config, MoEModel, expert_feat_dimensionality, feature_specialization,
+    from moetrace.toy import (SCHEDULES, Config, MoEModel, expert_feat_dimensionality, feature_specialization,
                             global_feature_dimensionality, most_monosemantic, optimize, weighted_global_dim)
-    from engine.toy.metrics import (REPRESENTED_THRESHOLD, feature_dimensionality, features_per_dimension,
+    from moetrace.toy.metrics import (REPRESENTED_THRESHOLD, feature_dimensionality, features_per_dimension,
                                     presence_usage, routing_usage)
-    from engine.toy.model import fresh_step
-    from engine.toy.plots import render_features
+    from moetrace.toy.model import fresh_step
+    from moetrace.toy.plots import render_features
 
     _positive(args, ["features", "hidden", "steps", "batch", "print_freq"])
     out = _setup(args)
@@ -188,9 +188,9 @@ def run_train(args) -> int:
 def run_sweep_cmd(args) -> int:
     from safetensors.torch import save_file
 
-    from engine.toy.plots import phase_diagrams
-    from engine.toy.reproduce import PAPER_PROBABILITIES
-    from engine.toy.sweep import grid, run_sweep
+    from moetrace.toy.plots import phase_diagrams
+    from moetrace.toy.reproduce import PAPER_PROBABILITIES
+    from moetrace.toy.sweep import grid, run_sweep
 
     _positive(args, ["features", "hidden", "total_hidden", "steps", "batch", "print_freq"])
     out = _setup(args)
@@ -220,7 +220,7 @@ def run_reproduce_cmd(args) -> int:
 
     import pandas as pd
 
-    from engine.toy import plots, reproduce
+    from moetrace.toy import plots, reproduce
 
     _positive(args, ["seeds", "steps"])
     out = _setup(args)

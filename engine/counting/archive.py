@@ -12,7 +12,7 @@ them by value before it is added, so a label value counts the same whatever its 
 in each store.
 
 The work is a list of chunk-aligned row ranges (:func:`plan`), each counted by
-:func:`engine.counting.count_range` where it runs (a Dask worker reads its own
+:func:`moetrace.counting.count_range` where it runs (a Dask worker reads its own
 chunks straight from the store; only the count tensors travel). Partial counts are
 added in a tree of tasks on a cluster, as a running sum in-process (or with a
 checkpoint: the client saves each range as it comes). Counts are int64, so their sum does
@@ -31,7 +31,7 @@ end (bench/RESULTS.md, issue 10), that is 0.2-0.3 s of counting per task on one 
 so Dask's ~1 ms per task is under 1% and a 1e12-row archive is ~7,500 tasks.
 
 Checkpoints (``checkpoint=DIR``): each finished range's counts are saved in DIR with
-:func:`~engine.counting.files.save_counts` (a Zarr counts file, written beside its name
+:func:`~moetrace.counting.files.save_counts` (a Zarr counts file, written beside its name
 and renamed when complete; no pickle), named by a hash of its store's identity (path or
 URL, committed rows, creation ``uuid``), the range and the count's arguments. A rerun
 with the same arguments loads the ranges already there and counts only the others.
@@ -53,13 +53,13 @@ from typing import Any, Sequence
 import numpy as np
 import xarray as xr
 
-from engine.counting.driver import count_range, open_store, parse_stats, strings
-from engine.counting.files import load_counts, save_counts
-from engine.counting.filters import DERIVED_LABELS, Filters, _values
-from engine.counting.prefix import shared_prefix
-from engine.errors import MoetraceError
-from engine.leftovers import clean, describe, leftover
-from engine.store import ATTR_KEY, TraceStore
+from moetrace.counting.driver import count_range, open_store, parse_stats, strings
+from moetrace.counting.files import load_counts, save_counts
+from moetrace.counting.filters import DERIVED_LABELS, Filters, _values
+from moetrace.counting.prefix import shared_prefix
+from moetrace.errors import MoetraceError
+from moetrace.leftovers import clean, describe, leftover
+from moetrace.store import ATTR_KEY, TraceStore
 
 __all__ = ["RANGE_ROUTING_ROWS", "stores_of", "plan", "count_archive"]
 
@@ -92,7 +92,7 @@ def _stores_at(text: str) -> list[str]:
     """Stores named by one path, directory or glob (local or an fsspec URL).
 
     A directory or glob takes the complete trace stores it holds: leftovers of interrupted writes
-    (``*.partial-<pid>``, ``*.old-<pid>``: :mod:`engine.leftovers`) and Zarr groups that are not
+    (``*.partial-<pid>``, ``*.old-<pid>``: :mod:`moetrace.leftovers`) and Zarr groups that are not
     trace stores (e.g. a counts file saved there) are skipped with a warning naming them. A path
     that names a store itself is taken as it is."""
     if _is_url(text):
@@ -474,7 +474,7 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
             if j in done:
                 total = _running(total, load_counts(files[j]))
         if client is None:
-            from engine.progress import tqdm
+            from moetrace.progress import tqdm
 
             results = (_count_task(*args[j]) for j in todo)
             results = tqdm(zip(todo, results), total=len(todo), disable=not progress, unit="range", desc="count")

@@ -1,7 +1,7 @@
 """Read a store's chunks for counting: chunk files decoded straight into reused buffers.
 
 The counting hot path reads a few whole-chunk columns in order. For a column stored the
-way :class:`~engine.store.TraceStore` writes it (an unsharded Zarr v3 array on a local
+way :class:`~moetrace.store.TraceStore` writes it (an unsharded Zarr v3 array on a local
 directory, chunked along rows only, codecs ``bytes`` (little endian) + ``blosc``), the
 chunk file is read and handed to ``numcodecs.blosc.decompress`` with a preallocated
 output buffer: no per-chunk zarr machinery, no allocation, no copy. Any other layout
@@ -21,8 +21,8 @@ import numpy as np
 import zarr
 from numcodecs import blosc
 
-from engine.errors import MoetraceError
-from engine.store import ROUTING_COLUMNS, Chunk, TraceStore, prefetched
+from moetrace.errors import MoetraceError
+from moetrace.store import ROUTING_COLUMNS, Chunk, TraceStore, prefetched
 
 __all__ = ["iter_count_chunks"]
 
@@ -86,7 +86,7 @@ class _RawColumn:
 
 def iter_count_chunks(st: TraceStore, columns: list[str], rows: tuple[int, int],
                       readers: int = 2) -> Iterator[Chunk]:
-    """Yield :class:`~engine.store.Chunk` blocks of ``rows`` along the store's chunk grid.
+    """Yield :class:`~moetrace.store.Chunk` blocks of ``rows`` along the store's chunk grid.
 
     Arrays may be views into reused buffers (see the module docstring).
     """

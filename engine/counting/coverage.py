@@ -9,11 +9,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from engine.counting.driver import drive, open_store, strings
-from engine.counting.filters import Filters
-from engine.errors import MoetraceError
-from engine.store import TraceStore
-from kernels import counting
+from moetrace.counting.driver import drive, open_store, strings
+from moetrace.counting.filters import Filters
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
+from moetrace.kernels import counting
 
 __all__ = ["coverage"]
 
@@ -35,8 +35,8 @@ def coverage(
 
     ``targets`` provides ``path_table(layer_ids, E) -> bool [L, E, E]`` ([l, prev,
     target]), ``expert_table(layer_ids, E) -> bool [L, E]`` and ``pair_table(layer_ids,
-    E) -> bool [L, E, E]`` ([l, rank-0, rank-1]) (``engine.targets.Targets``). Per
-    token (after the same filters as :func:`engine.counting.count`, given as a
+    E) -> bool [L, E, E]`` ([l, rank-0, rank-1]) (``moetrace.targets.Targets``). Per
+    token (after the same filters as :func:`moetrace.counting.count`, given as a
     ``Filters`` or its fields by keyword), ``kind`` decides the possible items and
     which are targeted:
 

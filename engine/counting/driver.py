@@ -1,9 +1,9 @@
 """The count driver: stream a store's chunks through the registered statistics into xarray.
 
-Each statistic of ``kernels.counting.STATS`` describes itself (dims, grouped,
+Each statistic of ``moetrace.kernels.counting.STATS`` describes itself (dims, grouped,
 inputs, min_top_k, extra args); this module derives from that registry the checks
 on a store, the chunk columns to read, the dims and coordinates of the Dataset. It
-turns the :class:`~engine.counting.filters.Filters` into one int64 group code per
+turns the :class:`~moetrace.counting.filters.Filters` into one int64 group code per
 row and feeds every statistic the same decoded chunk, so several statistics in one
 call read and decode each chunk once.
 """
@@ -17,13 +17,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from engine.counting.chunks import iter_count_chunks
-from engine.counting.files import COUNTS_VERSION
-from engine.counting.filters import Filters, Selection
-from engine.errors import MoetraceError
-from engine.progress import tqdm
-from engine.store import TraceStore
-from kernels import counting
+from moetrace.counting.chunks import iter_count_chunks
+from moetrace.counting.files import COUNTS_VERSION
+from moetrace.counting.filters import Filters, Selection
+from moetrace.errors import MoetraceError
+from moetrace.progress import tqdm
+from moetrace.store import TraceStore
+from moetrace.kernels import counting
 
 __all__ = ["count", "count_range", "drive", "open_store", "parse_stats", "strings"]
 
@@ -203,9 +203,9 @@ def count(
 ) -> xr.Dataset:
     """Count routing statistics over a whole trace store, or an archive of them, into an ``xarray.Dataset``.
 
-    ``store``: a path or an open :class:`~engine.store.TraceStore`; or an archive: a
+    ``store``: a path or an open :class:`~moetrace.store.TraceStore`; or an archive: a
     directory of stores, a glob, or a list of those, local paths or fsspec URLs (see
-    :mod:`engine.counting.archive`: the stores must share layers, experts and top-k;
+    :mod:`moetrace.counting.archive`: the stores must share layers, experts and top-k;
     label values are merged by value; attributes ``stores`` and ``store_rows`` name the
     stores counted and their rows, ``rows`` is [0, total rows], ``last_shared_pos`` one
     int per store when there are several). ``client``: a ``distributed.Client``; the
@@ -214,17 +214,17 @@ def count(
     ``checkpoint``: a directory keeping each finished range's counts, so a rerun with
     the same arguments counts only the ranges not yet there (a directory made for another
     archive, or for stores rewritten or grown since, is refused).
-    ``stats``: names from ``kernels.counting.STATS`` (list or comma-separated string);
+    ``stats``: names from ``moetrace.kernels.counting.STATS`` (list or comma-separated string);
     ``tokens`` is always added. ``by``: label names; groups are their cross product (one
     dim per label, label strings as coordinates). Filters (a row is counted when it
-    passes all of them), given as a :class:`~engine.counting.filters.Filters` or as its
+    passes all of them), given as a :class:`~moetrace.counting.filters.Filters` or as its
     fields by keyword:
 
     - ``where``: ``{column: value or [values]}`` keeps rows whose ``column`` (a label,
       by its strings; or ``seq``, ``pos``, ``token_id``, ``generated``) is among the
       values; label coordinates stay complete.
     - ``skip_shared_prefix``: drop seed 000's prefix shared by every sequence (see
-      :func:`engine.counting.prefix.shared_prefix`); the dataset gets attribute
+      :func:`moetrace.counting.prefix.shared_prefix`); the dataset gets attribute
       ``last_shared_pos`` (the number of leading tokens dropped from each sequence,
       R's ``last_shared_tok``).
     - ``generated_only``: keep rows with ``generated`` True.
@@ -245,7 +245,7 @@ def count(
     """
     filters = Filters.of(filters, by=by or None, where=where, **filter_args)
     if client is not None or checkpoint is not None or _is_archive(store):
-        from engine.counting.archive import count_archive
+        from moetrace.counting.archive import count_archive
 
         return count_archive(store, stats, filters, vocab_size, progress, client=client, range_rows=range_rows,
                              checkpoint=checkpoint)

@@ -1,6 +1,6 @@
 """The counts file format: a Zarr store written by xarray, published atomically.
 
-Format (``moetrace_counts_version`` = 1): the Dataset of :func:`engine.counting.count`
+Format (``moetrace_counts_version`` = 1): the Dataset of :func:`moetrace.counting.count`
 written with ``xarray.Dataset.to_zarr`` (consolidated metadata, so a plain
 ``xarray.open_zarr`` reads it), plus the group attribute ``moetrace_counts_complete``
 = 1, set only after every variable is written.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import xarray as xr
 
-from engine.errors import MoetraceError
-from engine.io.base import check_output_path
-from engine.leftovers import clean
+from moetrace.errors import MoetraceError
+from moetrace.io.base import check_output_path
+from moetrace.leftovers import clean
 
 __all__ = ["COUNTS_VERSION", "COMPLETE_ATTR", "save_counts", "load_counts"]
 

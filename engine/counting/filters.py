@@ -5,7 +5,7 @@ generated-only, positions, groups); :meth:`Filters.compile` checks them against 
 store and gives a :class:`Selection`, which turns a chunk's columns into one int64
 group code per row (``-1`` = dropped). ``count``, ``count_range`` and ``coverage``
 build one ``Filters`` and pass it around; every bad argument is a one-line
-:class:`~engine.errors.MoetraceError` naming it.
+:class:`~moetrace.errors.MoetraceError` naming it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from engine.errors import MoetraceError
-from engine.store import TraceStore
+from moetrace.errors import MoetraceError
+from moetrace.store import TraceStore
 
 __all__ = ["Filters", "Selection", "TOKEN_FILTER_COLUMNS", "DERIVED_LABELS"]
 
@@ -69,7 +69,7 @@ def _values(value: Any) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class Filters:
-    """Which rows to count and how to group them (see :func:`engine.counting.count`).
+    """Which rows to count and how to group them (see :func:`moetrace.counting.count`).
 
     ``by``: label names, stored or derived (:data:`DERIVED_LABELS`: ``generated`` has the
     values "prompt" and "generated"); groups are their cross product; ``where``: ``{column: value or
@@ -155,7 +155,7 @@ class Selection:
     """:class:`Filters` compiled for one store: per-chunk int64 group codes (-1 = dropped)."""
 
     def __init__(self, st: TraceStore, filters: Filters, progress: bool = False, prefix: tuple | None = None):
-        from engine.counting.prefix import shared_prefix
+        from moetrace.counting.prefix import shared_prefix
 
         self.store = st
         self.filters = filters

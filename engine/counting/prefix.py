@@ -22,9 +22,9 @@ from typing import Iterator
 
 import numpy as np
 
-from engine.errors import MoetraceError
-from engine.progress import tqdm
-from engine.store import TraceStore
+from moetrace.errors import MoetraceError
+from moetrace.progress import tqdm
+from moetrace.store import TraceStore
 
 __all__ = ["shared_prefix", "iter_shifted"]
 

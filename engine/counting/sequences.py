@@ -7,11 +7,11 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.counting.driver import open_store
-from engine.counting.prefix import shared_prefix
-from engine.errors import MoetraceError
-from engine.progress import tqdm
-from engine.store import TraceStore
+from moetrace.counting.driver import open_store
+from moetrace.counting.prefix import shared_prefix
+from moetrace.errors import MoetraceError
+from moetrace.progress import tqdm
+from moetrace.store import TraceStore
 
 __all__ = ["sequence_table"]
 

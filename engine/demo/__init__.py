@@ -1,11 +1,11 @@
 """The built-in demo: synthetic multi-domain, multi-language data and a small trained MoE model.
 
-``engine.demo.data`` generates the text, the multiple-choice questions and the tokenizer;
-``engine.demo.model`` trains a small OLMoE model on them, saves it as an ordinary local
+``moetrace.demo.data`` generates the text, the multiple-choice questions and the tokenizer;
+``moetrace.demo.model`` trains a small OLMoE model on them, saves it as an ordinary local
 checkpoint and caches it.
 """
 
-from engine.demo.data import (
+from moetrace.demo.data import (
     DOMAINS,
     LANGS,
     build_tokenizer,
@@ -13,7 +13,7 @@ from engine.demo.data import (
     make_texts,
     make_training_documents,
 )
-from engine.demo.model import DemoConfig, build_demo_model, ensure_demo_model, load_demo_model
+from moetrace.demo.model import DemoConfig, build_demo_model, ensure_demo_model, load_demo_model
 
 __all__ = [
     "DOMAINS",

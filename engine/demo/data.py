@@ -21,7 +21,7 @@ questions, so 100 of them can be held out for evaluation with some left for trai
 A multiple-choice question is a statement with its answer replaced by ``?`` (the cloze form)
 and four choices in MMLU format: a dict with keys ``question, A, B, C, D, answer, domain, lang,
 context``, where ``context`` is the statement before its answer (what answer scoring continues,
-``engine.evaluate.answer_context``).
+``moetrace.evaluate.answer_context``).
 The choices are the aligned block of four consecutive values of the domain's ordered answer
 space that holds the answer (numbers 0-3, 4-7, ..., 15-18 in the domain's numerals; cities and
 jobs in their fixed order, 4 at a time), in order: neighbouring values are
@@ -32,7 +32,7 @@ model trained that long stays near chance on the letters while it already knows 
 the letter then hinges on matching the answer against the choices, which it learns last).
 Without the knowledge the block gives no hint beyond the prior over answers.
 The training documents mix plain statements with multiple-choice examples rendered by
-:func:`engine.evaluate.format_prompt` followed by the answer letter, so the model learns the
+:func:`moetrace.evaluate.format_prompt` followed by the answer letter, so the model learns the
 format; evaluation questions are excluded from them (no training prompt equals an evaluation
 prompt).
 
@@ -54,8 +54,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.errors import MoetraceError
-from engine.evaluate import LETTERS, QUESTION_COLUMNS, format_prompt
+from moetrace.errors import MoetraceError
+from moetrace.evaluate import LETTERS, QUESTION_COLUMNS, format_prompt
 
 DOMAINS = ("arith", "code", "facts", "dates")
 LANGS = ("en", "de")

@@ -6,7 +6,7 @@ checkpoint (``model.safetensors``, config, tokenizer) with the demo's evaluation
 build parameters, the platform it was trained on, the weights' SHA-256 and the accuracies it
 measured). It was written by::
 
-    python -c "from engine.demo.model import build_demo_model; build_demo_model('engine/demo/checkpoint')"
+    python -c "from moetrace.demo.model import build_demo_model; build_demo_model('engine/demo/checkpoint')"
 
 so every machine runs the demo on the same weights (training is not bit-reproducible across
 CPU instruction sets, see below). ``build_demo_model`` trains it from a seed and saves the same
@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.demo.data import (
+from moetrace.demo.data import (
     build_tokenizer,
     make_questions,
     make_texts,
@@ -68,7 +68,7 @@ from engine.demo.data import (
     write_questions,
     write_texts,
 )
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
 BUILD_INFO = "demo_build.json"
 TRAIN_THREADS = 1
@@ -198,7 +198,7 @@ def build_demo_model(out_dir: str | Path, seed: int = 0, config: DemoConfig | No
     the multiple-choice accuracy by answer scoring, by letter and answer-blind). ``seed`` is used
     when ``config`` is None. Returns ``out_dir`` as a Path.
     """
-    from engine.evaluate import multiple_choice_accuracy
+    from moetrace.evaluate import multiple_choice_accuracy
 
     cfg = config if config is not None else DemoConfig(seed=seed)
     out_dir = Path(out_dir)
@@ -253,7 +253,7 @@ def _train(cfg: DemoConfig, tokenizer, ids: list[list[int]], is_mc: np.ndarray, 
     """The demo model trained on the tokenized documents; returns (model in eval mode, step losses)."""
     from transformers import OlmoeForCausalLM
 
-    from engine.progress import tqdm
+    from moetrace.progress import tqdm
 
     torch.manual_seed(cfg.seed)
     model = OlmoeForCausalLM(_model_config(cfg, tokenizer))

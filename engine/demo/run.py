@@ -4,7 +4,7 @@
    moetrace (``engine/demo/checkpoint``, its hash checked), loaded with ``from_pretrained`` like
    any local checkpoint; ``retrain=True`` (``moetrace demo --retrain``) rebuilds it instead and
    reports whether the rebuilt weights' hash matches the shipped one;
-2. run the ablation experiment (``run_demo_experiment``: ``engine.experiment.run_experiment``)
+2. run the ablation experiment (``run_demo_experiment``: ``moetrace.experiment.run_experiment``)
    on its multiple-choice questions (answer scoring) and texts (200 + 200 per domain), with the
    targets selected on the routing of 200 held-out texts per domain: base evaluation with chance
    and answer-blind baselines, counts, each domain's specialized paths / experts / pairs, every
@@ -12,11 +12,11 @@
    target, and the dose-response ladder ``DEMO_DOSES``; writes ``results.csv``, ``items.csv``,
    ``base.csv``, ``dose_response.csv``, ``summary.json``, ``trace.zarr``, ``counts.zarr``,
    ``targets/``;
-3. run the seed-003 analyses on the demo model (``engine.analysis.suite.run_suite``: router
+3. run the seed-003 analyses on the demo model (``moetrace.analysis.suite.run_suite``: router
    decisiveness, router statistics, expert similarity, a 2-D map, a profile and a steering
-   example) into ``analysis/``, then write ``report.html`` (``engine.report.write_report``);
+   example) into ``analysis/``, then write ``report.html`` (``moetrace.report.write_report``);
 4. run the trace walk-through of seed 000's CSV workflow into ``csv_demo/``
-   (``engine.demo.trace.run_trace_demo``: import, count, targets, coverage, Parquet);
+   (``moetrace.demo.trace.run_trace_demo``: import, count, targets, coverage, Parquet);
 5. print the summary table, where the report and the demo checkpoint are, and write
    ``prompts.jsonl`` (prompts in the demo tokenizer's words) with the command that captures them.
 """
@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.demo.model import (QUESTIONS_FILE, SELECT_TEXTS_FILE, TEXTS_FILE, check_shipped_model, ensure_demo_model,
+from moetrace.demo.model import (QUESTIONS_FILE, SELECT_TEXTS_FILE, TEXTS_FILE, check_shipped_model, ensure_demo_model,
                                load_demo_model, retrain_demo_model)
 
 
@@ -50,10 +50,10 @@ DEMO_BATCH = 256
 def run_demo(out: str | Path = "demo_out", *, n_random: int = DEMO_RANDOM, retrain: bool = False,
              progress: bool = True) -> dict:
     """Run the demo into ``out``; returns the experiment summary (also in ``out/summary.json``)."""
-    from engine.demo.trace import run_trace_demo
-    from engine.evaluate import load_texts
-    from engine.experiment import summary_lines
-    from engine.report import write_report
+    from moetrace.demo.trace import run_trace_demo
+    from moetrace.evaluate import load_texts
+    from moetrace.experiment import summary_lines
+    from moetrace.report import write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +75,8 @@ def run_demo(out: str | Path = "demo_out", *, n_random: int = DEMO_RANDOM, retra
     texts = load_texts(model_dir / TEXTS_FILE)
     print(f"[2/4] experiment on {summary['n_questions']} questions and {len(texts)} texts -> {out / 'results.csv'}")
 
-    from engine.analysis.suite import run_suite
-    from engine.demo.data import make_training_documents
+    from moetrace.analysis.suite import run_suite
+    from moetrace.demo.data import make_training_documents
 
     docs = make_training_documents(200, seed=1)
     run_suite(model, [tokenizer(d["text"])["input_ids"] for d in docs], [f"{d['domain']}/{d['lang']}" for d in docs],
@@ -115,8 +115,8 @@ def run_demo_experiment(model, tokenizer, model_dir: str | Path, out: str | Path
     Returns ``summary.json`` as a dict, plus ``n_questions``. ``bench/bench_demo_seeds.py`` runs the
     same function on demo models trained from other seeds.
     """
-    from engine.evaluate import load_questions, load_texts
-    from engine.experiment import run_experiment
+    from moetrace.evaluate import load_questions, load_texts
+    from moetrace.experiment import run_experiment
 
     model_dir, out = Path(model_dir), Path(out)
     questions = load_questions(model_dir / QUESTIONS_FILE)

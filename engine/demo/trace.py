@@ -3,7 +3,7 @@
 Steps, each through the same public functions a user calls:
 
 1. write a synthetic trace with planted specialization in seed 000's CSV format
-   (``engine.synthetic.write_seed000_csv``);
+   (``moetrace.synthetic.write_seed000_csv``);
 2. ``import_csv`` it into a TraceStore and print ``info``;
 3. ``count`` experts, paths, pairs, temporal and co-activation by domain and language,
    after seed 000's shared-prefix filter; save the counts;
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import metrics
-from engine.aggregate import count, coverage, save_counts, sequence_table
-from engine.io import export_parquet, import_csv, import_parquet
-from engine.synthetic import TraceSpec, write_seed000_csv
-from engine.targets import Targets
+from moetrace import metrics
+from moetrace.aggregate import count, coverage, save_counts, sequence_table
+from moetrace.io import export_parquet, import_csv, import_parquet
+from moetrace.synthetic import TraceSpec, write_seed000_csv
+from moetrace.targets import Targets
 
 METHODS = ("paths", "experts", "pairs")
 DEFAULT_SPEC = TraceSpec(n_tokens=400 * 48, n_layers=8, n_experts=32, top_k=4, seq_len=48, seed=0)

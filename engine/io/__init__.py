@@ -1,4 +1,4 @@
-"""Importers and exporters between trace files and a :class:`engine.store.TraceStore`.
+"""Importers and exporters between trace files and a :class:`moetrace.store.TraceStore`.
 
 One source format per module, all returning an open store and all passing the same
 round-trip contract (``tests/io_contract.py``):
@@ -12,7 +12,7 @@ round-trip contract (``tests/io_contract.py``):
   from serving and training engines, prompt and generated tokens marked.
 
 The shared skeleton (staged output, create / append / commit, range checks naming file
-and row) is :mod:`engine.io.base`; a new format is one module here, one command module
+and row) is :mod:`moetrace.io.base`; a new format is one module here, one command module
 in ``engine/commands`` and its tests (``tests/io_contract.py``).
 
 Every importer streams its input, writes into ``OUT.partial-<pid>`` next to ``OUT`` and
@@ -22,13 +22,13 @@ failed or killed import never leaves a store that looks complete.
 
 from __future__ import annotations
 
-from engine.io.base import (MAX_EXPERTS, MAX_LAYER_ID, MAX_WEIGHT, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE,  # noqa: F401
+from moetrace.io.base import (MAX_EXPERTS, MAX_LAYER_ID, MAX_WEIGHT, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE,  # noqa: F401
                             PartitionWriter, check_output_path, check_range, check_weights, read_partition,
                             resolve_n_experts, staged_store, write_store)
-from engine.io.csv_import import import_csv
-from engine.io.llamacpp import import_llamacpp
-from engine.io.parquet import export_parquet, import_parquet
-from engine.io.routed import import_routed
+from moetrace.io.csv_import import import_csv
+from moetrace.io.llamacpp import import_llamacpp
+from moetrace.io.parquet import export_parquet, import_parquet
+from moetrace.io.routed import import_routed
 
 __all__ = ["import_csv", "import_llamacpp", "import_parquet", "export_parquet", "import_routed", "staged_store",
            "write_store"]

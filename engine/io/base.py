@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from engine.errors import MoetraceError
-from engine.leftovers import clean
-from engine.store import MAX_LAYER_ID  # the largest layer index a store (and so an importer) takes
+from moetrace.errors import MoetraceError
+from moetrace.leftovers import clean
+from moetrace.store import MAX_LAYER_ID  # the largest layer index a store (and so an importer) takes
 
 #: ``routing/experts`` is uint16 at most.
 MAX_EXPERTS = 65536
@@ -211,7 +211,7 @@ def write_store(out: str | os.PathLike, batches: Iterable[dict], *, overwrite: b
     bounded). A MoetraceError (or any exception) raised while iterating leaves nothing at
     ``out``. Returns the published store opened read-only.
     """
-    from engine.store import TraceStore
+    from moetrace.store import TraceStore
 
     with staged_store(out, overwrite, inputs) as partial:
         store = TraceStore.create(partial, **create)

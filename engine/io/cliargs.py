@@ -1,6 +1,6 @@
 """Arguments and messages shared by the importer commands (``engine/commands/import_*.py``, ``export_*.py``).
 
-Not a command module itself (``engine.cli`` loads every module in ``engine/commands``),
+Not a command module itself (``moetrace.cli`` loads every module in ``engine/commands``),
 so it lives here, next to the importers.
 """
 

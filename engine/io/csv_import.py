@@ -63,12 +63,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from engine.progress import tqdm
+from moetrace.progress import tqdm
 
-from engine.errors import MoetraceError
-from engine.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, PartitionWriter, check_output_path,
+from moetrace.errors import MoetraceError
+from moetrace.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, PartitionWriter, check_output_path,
                             check_range, check_weights, read_partition, resolve_n_experts, staged_store)
-from engine.store import TraceStore
+from moetrace.store import TraceStore
 
 SAMPLE_KEYS = ("q_ix", "token_ix", "token")
 TOPK_KEYS = ("q_ix", "token_ix", "layer_ix", "topk_ix", "expert")

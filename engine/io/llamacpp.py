@@ -47,11 +47,11 @@ import re
 from pathlib import Path
 
 import numpy as np
-from engine.progress import tqdm
+from moetrace.progress import tqdm
 
-from engine.errors import MoetraceError
-from engine.io.base import MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, resolve_n_experts, write_store
-from engine.store import TraceStore
+from moetrace.errors import MoetraceError
+from moetrace.io.base import MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, resolve_n_experts, write_store
+from moetrace.store import TraceStore
 
 TRACE_FILE = re.compile(r"token-(\d+)\.json")
 LAYER_SUFFIX = re.compile(r"(^blk\.\d+\.)|(-\d+$)")

@@ -42,13 +42,13 @@ rank order:
   largest first: the logit (softmax and sigmoid are monotone), or, when the run dumped its router
   state (``router_state_rank<R>.pt``, ``--moe-routing-trace-dump-weights``) and the router has an
   expert bias that acts (sigmoid, sqrtsoftplus), ``score_function(logit) + bias`` in float32 as
-  ``TopKRouter`` selects: the order :mod:`engine.capture` records. Megatron-LM main keys that dump
+  ``TopKRouter`` selects: the order :mod:`moetrace.capture` records. Megatron-LM main keys that dump
   by layer number alone, which MTP layers share with the decoder's; it is then read for decoder
   records only. Where the bfloat16 rounding of the logits leaves two of a token's experts
   unordered (equal, or scores within the rounding), the token is ranked by the rounded scores
   (equal ones by id) and the import warns how many such tokens there were;
 - without logits (and K >= 2) the store records its rank order as unknown
-  (:attr:`engine.store.TraceStore.rank_order`), and statistics that need the top-1 refuse it.
+  (:attr:`moetrace.store.TraceStore.rank_order`), and statistics that need the top-1 refuse it.
 
 ``order="as-written"`` takes the file's order as rank order (for a writer known to sort).
 """
@@ -62,9 +62,9 @@ from typing import Iterator
 
 import numpy as np
 
-from engine.errors import MoetraceError
-from engine.io.base import MAX_LAYER_ID
-from engine.io.routed import Request, int_array, iter_json_lines
+from moetrace.errors import MoetraceError
+from moetrace.io.base import MAX_LAYER_ID
+from moetrace.io.routed import Request, int_array, iter_json_lines
 
 HELP = "SRC is a --moe-routing-trace-path directory of router_trace_rank*.jsonl files (or one file)"
 #: Options of this format: name -> (type, help); ``moetrace import-routed`` adds one flag each.

@@ -14,8 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
-from engine.errors import MoetraceError
-from engine.io.routed import Request
+from moetrace.errors import MoetraceError
+from moetrace.io.routed import Request
 
 HELP = "SRC is a directory of .npy files, each one sequence as an int array [tokens, layers, top_k]"
 

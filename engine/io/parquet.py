@@ -45,12 +45,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from engine.progress import tqdm
+from moetrace.progress import tqdm
 
-from engine.errors import MoetraceError
-from engine.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, PartitionWriter,
+from moetrace.errors import MoetraceError
+from moetrace.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, PartitionWriter,
                             check_range, check_weights, read_partition, resolve_n_experts, staged_store)
-from engine.store import RANK_ORDERS, TraceStore
+from moetrace.store import RANK_ORDERS, TraceStore
 
 META_KEY = b"moetrace"
 META_FORMAT = "moetrace-long"

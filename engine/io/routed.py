@@ -5,12 +5,12 @@
 sequence each) and a ``HELP`` line, registered in :data:`FORMATS` (the one place; the
 CLI's ``--format`` choices and the tests derive from it):
 
-- ``npy`` (:mod:`engine.io.npy`): a directory of ``.npy`` files, one sequence each;
-- ``vllm`` (:mod:`engine.io.vllm`): vLLM OpenAI-server responses (``prompt_routed_experts`` /
+- ``npy`` (:mod:`moetrace.io.npy`): a directory of ``.npy`` files, one sequence each;
+- ``vllm`` (:mod:`moetrace.io.vllm`): vLLM OpenAI-server responses (``prompt_routed_experts`` /
   ``choices[i].routed_experts``), one JSON per line;
-- ``sglang`` (:mod:`engine.io.sglang`): SGLang ``/generate`` responses (``meta_info.routed_experts``,
+- ``sglang`` (:mod:`moetrace.io.sglang`): SGLang ``/generate`` responses (``meta_info.routed_experts``,
   base64 of int32), one JSON per line;
-- ``megatron`` (:mod:`engine.io.megatron`): Megatron-LM ``--moe-routing-trace-path`` JSONL files.
+- ``megatron`` (:mod:`moetrace.io.megatron`): Megatron-LM ``--moe-routing-trace-path`` JSONL files.
 
 The shared part (this module): every request becomes one sequence (``seq`` = 0, 1, ... in
 reading order, ``pos`` = 0, 1, ... within it), prompt and generated tokens are marked in
@@ -49,13 +49,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from engine.errors import MoetraceError
-from engine.io.base import MAX_EXPERTS, TOKEN_ID_RANGE, check_range, resolve_n_experts, write_store
-from engine.progress import tqdm
+from moetrace.errors import MoetraceError
+from moetrace.io.base import MAX_EXPERTS, TOKEN_ID_RANGE, check_range, resolve_n_experts, write_store
+from moetrace.progress import tqdm
 
 #: format name -> module implementing ``read(src, top_k=None) -> Iterator[Request]`` and ``HELP``.
-FORMATS = {"npy": "engine.io.npy", "vllm": "engine.io.vllm", "sglang": "engine.io.sglang",
-           "megatron": "engine.io.megatron"}
+FORMATS = {"npy": "moetrace.io.npy", "vllm": "moetrace.io.vllm", "sglang": "moetrace.io.sglang",
+           "megatron": "moetrace.io.megatron"}
 #: Rows collected before one ``TraceStore.append``.
 BATCH_ROWS = 1 << 16
 

@@ -3,7 +3,7 @@
 SGLang started with ``--enable-return-routed-experts`` and asked with
 ``"return_routed_experts": true`` puts in each response's ``meta_info`` (the buffers of
 ``python/sglang/srt/layers/moe/routed_experts_capturer.py``, commit bed301a5, span every decoder
-layer: a dense layer stays all zeros and is dropped, :mod:`engine.io.routed`):
+layer: a dense layer stays all zeros and is dropped, :mod:`moetrace.io.routed`):
 
 - ``routed_experts``: base64 of a little-endian int32 C-order array ``[tokens, layers, top_k]``
   covering the prompt and the generated tokens except the last one (which is never fed
@@ -27,8 +27,8 @@ from typing import Iterator
 
 import numpy as np
 
-from engine.errors import MoetraceError
-from engine.io.routed import Request, int_array, iter_json_lines, source_files
+from moetrace.errors import MoetraceError
+from moetrace.io.routed import Request, int_array, iter_json_lines, source_files
 
 HELP = "SRC is a JSONL file (or directory) of SGLang /generate responses with meta_info.routed_experts (base64 int32)"
 

@@ -31,8 +31,8 @@ from typing import Iterator
 
 import numpy as np
 
-from engine.errors import MoetraceError
-from engine.io.routed import Request, int_array, iter_json_lines, source_files
+from moetrace.errors import MoetraceError
+from moetrace.io.routed import Request, int_array, iter_json_lines, source_files
 
 #: vLLM's fill value for routing rows it has not written.
 FILL = -1

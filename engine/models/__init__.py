@@ -49,9 +49,9 @@ Not covered (a model of these families gets a MoetraceError listing the covered 
 | dbrx, llama4, jetmoe, hunyuan_v1_moe, afmoe, gemma4, zaya, switch_transformers, nllb_moe, diffusion_gemma | no ``*TopKRouter`` module returning ``(logits, weights, indices)`` |
 """
 
-from engine.models import sigmoid, softmax  # noqa: F401  (registers the adapters)
-from engine.models.base import RouterAdapter, RouterSite, RouteSpec
-from engine.models.registry import adapter_for, register, supported_families, supported_router_classes
+from moetrace.models import sigmoid, softmax  # noqa: F401  (registers the adapters)
+from moetrace.models.base import RouterAdapter, RouterSite, RouteSpec
+from moetrace.models.registry import adapter_for, register, supported_families, supported_router_classes
 
 __all__ = [
     "RouteSpec",

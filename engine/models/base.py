@@ -5,7 +5,7 @@ whose ``forward(hidden_states, ...)`` returns ``(router_logits, weights, indices
 
 1. ``router_logits``: a linear map of the token states, ``[..., E]`` (what ``logits`` rebuilds);
 2. ``weights``: ``[..., K]`` routing weights in rank order (scoring, top-k, renormalization,
-   scaling: what ``kernels.routing.fused_route`` computes from the logits and ``RouteSpec``);
+   scaling: what ``moetrace.kernels.routing.fused_route`` computes from the logits and ``RouteSpec``);
 3. ``indices``: ``[..., K]`` int64 chosen experts.
 
 ``RouterAdapter`` finds those modules, maps each one to its decoder layer (``layers.<i>.``),
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -33,7 +33,7 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 class RouteSpec:
     """How one router turns its logits into ``(weights, experts)``.
 
-    Fields are the keyword arguments of ``kernels.routing.fused_route`` that describe the
+    Fields are the keyword arguments of ``moetrace.kernels.routing.fused_route`` that describe the
     model (not the interventions): ``n_experts`` E, ``top_k`` K, ``scoring`` ("softmax" or
     "sigmoid"), ``renormalize`` (divide the K selected scores by their sum),
     ``routed_scaling`` (multiply the final weights), ``n_group`` / ``topk_group``

@@ -6,8 +6,8 @@ import re
 
 from torch import nn
 
-from engine.errors import MoetraceError
-from engine.models.base import RouterAdapter
+from moetrace.errors import MoetraceError
+from moetrace.models.base import RouterAdapter
 
 _ADAPTERS: dict[str, type[RouterAdapter]] = {}
 _ROUTER_NAME_RE = re.compile(r"Top[Kk]Router$")

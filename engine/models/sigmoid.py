@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import MoetraceError
-from engine.models.base import RouterAdapter, fp32_linear
-from engine.models.registry import register
+from moetrace.errors import MoetraceError
+from moetrace.models.base import RouterAdapter, fp32_linear
+from moetrace.models.registry import register
 
 
 class GroupedSigmoidAdapter(RouterAdapter):

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import MoetraceError
-from engine.models.base import RouteSpec, RouterAdapter, fp32_linear
-from engine.models.registry import register
+from moetrace.errors import MoetraceError
+from moetrace.models.base import RouteSpec, RouterAdapter, fp32_linear
+from moetrace.models.registry import register
 
 
 class SoftmaxTopKAdapter(RouterAdapter):

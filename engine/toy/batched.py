@@ -8,14 +8,14 @@ Different numbers of experts: parameters are padded to ``E = max_i E_i`` with ze
 padded experts are masked (router logit ``-inf``, so probability 0, never in the top-k, weight 0,
 no gradient; AdamW leaves their zeros at zero). ``k`` varies per instance by taking the top
 ``max_i k_i`` and dropping ranks ``>= k_i``. Padding costs compute (every instance runs ``E``
-experts); :func:`engine.toy.sweep.run_sweep` therefore trains one group per distinct ``E`` by
+experts); :func:`moetrace.toy.sweep.run_sweep` therefore trains one group per distinct ``E`` by
 default (``group_by_experts=True``) and pads only on request.
 
 Loss: per instance, exactly the single model's loss (importance-weighted squared error, mean over
 the batch, summed over features, plus that instance's own load-balancing loss with its own
 ``E_i``); the training objective is the SUM over instances, so each instance's gradient is its own
 and AdamW, being elementwise, updates each instance as if it were trained alone. Instance ``i``
-initialized from ``seeds[i]`` and fed :func:`engine.toy.model.feature_batch` equals
+initialized from ``seeds[i]`` and fed :func:`moetrace.toy.model.feature_batch` equals
 ``optimize(MoEModel(configs[i], ..., seed=seeds[i]))`` up to floating-point summation order.
 """
 
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import MoetraceError
-from engine.toy.model import (Config, MoEModel, constant_lr, default_device, feature_batch, init_parameters,
+from moetrace.errors import MoetraceError
+from moetrace.toy.model import (Config, MoEModel, constant_lr, default_device, feature_batch, init_parameters,
                               per_feature, top_k_indices, train_loop)
 
 
@@ -148,7 +148,7 @@ def train_batched(model: BatchedMoE, n_batch: int = 1024, steps: int = 10_000, p
     """Train all instances at once; the objective is the sum over instances of each one's loss.
 
     Logs ``Step N: Reconstruction loss=<mean over instances>, lr=...`` every ``print_freq`` steps and
-    calls ``callback`` like :func:`engine.toy.model.optimize` (with per-instance float64 tensors).
+    calls ``callback`` like :func:`moetrace.toy.model.optimize` (with per-instance float64 tensors).
     Returns ``{"reconstruction_loss": [steps, I], "load_balance_loss": [steps, I], "seconds": float}``.
     """
     return train_loop(model, (model.n_instances,), n_batch, steps, print_freq, lr, lr_scale, weight_decay, callback,

@@ -19,7 +19,7 @@ The model (as in seed 001 and its ``model/model.py``):
 Determinism: parameters are initialized on the CPU from ``seed`` (so CPU and GPU start alike) and
 training batches come from :func:`feature_batch`, a counter-based stream keyed by
 ``(seed, step)``: the same on every device, and the same whether a model is trained alone or as
-one instance of :class:`engine.toy.batched.BatchedMoE`.
+one instance of :class:`moetrace.toy.batched.BatchedMoE`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import MoetraceError
+from moetrace.errors import MoetraceError
 
-log = logging.getLogger("engine.toy")
+log = logging.getLogger("moetrace.toy")
 
 GATE_INITS = ("xavier", "disjoint", "identity")
 
@@ -268,7 +268,7 @@ def optimize(model: MoEModel, n_batch: int = 1024, steps: int = 10_000, print_fr
     """Train ``model`` in place, as the seed's ``optimize``.
 
     Every ``print_freq`` steps (and at the last) logs ``Step N: Reconstruction loss=..., lr=...`` on
-    the ``engine.toy`` logger (INFO) and calls ``callback(dict(step, reconstruction_loss,
+    the ``moetrace.toy`` logger (INFO) and calls ``callback(dict(step, reconstruction_loss,
     load_balance_loss, lr, model))`` when given. Returns ``{"reconstruction_loss": float64 [steps],
     "load_balance_loss": float64 [steps], "seconds": float}`` (zeros when the model has no
     load-balancing loss).
@@ -282,7 +282,7 @@ def train_loop(model, shape: tuple, n_batch: int, steps: int, print_freq: int, l
     """AdamW on ``sum(recon + lb)`` of ``model.losses(model.training_batch(step, n_batch))``.
 
     ``shape``: the shape of the per-model losses (``()`` for one model, ``(I,)`` for a stack).
-    Shared by :func:`optimize` and :func:`engine.toy.batched.train_batched`; see their docstrings.
+    Shared by :func:`optimize` and :func:`moetrace.toy.batched.train_batched`; see their docstrings.
     """
     if steps < 1 or n_batch < 1 or print_freq < 1:
         raise MoetraceError(f"toy training: steps, n_batch and print_freq must be >= 1, got "

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.toy.metrics import polysemanticity  # noqa: E402
+from moetrace.toy.metrics import polysemanticity  # noqa: E402
 
 
 def render_features(W: torch.Tensor, path: str | Path, n_hidden_line: int | None = None, title: str = "") -> Path:
@@ -69,7 +69,7 @@ PHASE_METRICS = (("features_per_dim", "features per dimension (Chaudhari et al.)
 def phase_diagrams(table, path: str | Path) -> Path:
     """Sweep results against feature sparsity (``1 - p``, log scale) and network sparsity (``k / E``).
 
-    table: the tidy sweep table (:func:`engine.toy.sweep.run_sweep`). Top row: each metric vs
+    table: the tidy sweep table (:func:`moetrace.toy.sweep.run_sweep`). Top row: each metric vs
     feature sparsity, one line per (E, k), coloured by k/E. Bottom row: each metric vs k/E, one
     point per model, coloured by feature sparsity. Medians over seeds.
     """
@@ -118,7 +118,7 @@ def phase_diagrams(table, path: str | Path) -> Path:
 
 def features_per_dimension_figure(summary, path: str | Path, title: str = "") -> Path:
     """Chaudhari et al.'s figure: features per dimension against ``1 / p`` (log), one line per
-    architecture with its 95% interval over seeds as a band. summary: :func:`engine.toy.reproduce.chaudhari_summary`."""
+    architecture with its 95% interval over seeds as a band. summary: :func:`moetrace.toy.reproduce.chaudhari_summary`."""
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110, layout="constrained")
     for i, (arch, g) in enumerate(summary.groupby("architecture", sort=False)):
         g = g.sort_values("feature_probability", ascending=False)
@@ -149,7 +149,7 @@ def _phase_colour(norm: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 def phase_diagram_figure(phase, path: str | Path) -> Path:
     """One row per architecture, one panel per expert: the varied feature's colour (see
-    :func:`_phase_colour`) over sparsity (x) and its importance (y). phase: :func:`engine.toy.reproduce.run_phase`."""
+    :func:`_phase_colour`) over sparsity (x) and its importance (y). phase: :func:`moetrace.toy.reproduce.run_phase`."""
     archs = list(dict.fromkeys(phase["architecture"]))
     n_cols = int(phase["n_experts"].max())
     fig, axes = plt.subplots(len(archs), n_cols, figsize=(3.2 * n_cols + 1, 2.6 * len(archs)), dpi=100,
@@ -181,7 +181,7 @@ def phase_diagram_figure(phase, path: str | Path) -> Path:
 def plateau_figure(features, dims_per_feature, path: str | Path, fractions, title: str = "") -> Path:
     """Elhage et al.'s figure: each represented feature's dimensionality against ``1 / p`` (log),
     with the dims-per-feature curve ``m / ||W||_F^2`` and the plateau fractions marked.
-    features: rows of :func:`engine.toy.reproduce.run_elhage`; dims_per_feature: ``{p: value}``."""
+    features: rows of :func:`moetrace.toy.reproduce.run_elhage`; dims_per_feature: ``{p: value}``."""
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110, layout="constrained")
     held = features[features["norm"] > 0.5]
     jitter = np.random.default_rng(0).uniform(-0.03, 0.03, len(held))

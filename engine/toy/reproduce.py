@@ -24,13 +24,13 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from engine.errors import MoetraceError
-from engine.toy.batched import BatchedMoE, train_batched
-from engine.toy.metrics import feature_dimensionality
-from engine.toy.model import Config, constant_lr
-from engine.toy.sweep import grid, run_sweep
+from moetrace.errors import MoetraceError
+from moetrace.toy.batched import BatchedMoE, train_batched
+from moetrace.toy.metrics import feature_dimensionality
+from moetrace.toy.model import Config, constant_lr
+from moetrace.toy.sweep import grid, run_sweep
 
-log = logging.getLogger("engine.toy")
+log = logging.getLogger("moetrace.toy")
 
 CHAUDHARI_COMMIT = "18be25e178a4e322590e9f9fbcc33c112ef91ac8"
 CHAUDHARI_SOURCE = (

@@ -1,7 +1,7 @@
 """Sweeps: a grid of toy MoEs trained in batched groups, one tidy row per model.
 
 A sweep is a list of :class:`Spec` (one per model). :func:`run_sweep` trains them as
-:class:`engine.toy.batched.BatchedMoE` instances: by default one group per distinct number of
+:class:`moetrace.toy.batched.BatchedMoE` instances: by default one group per distinct number of
 experts ``E`` (no padding, so an ``E = 1`` model does not pay for 8 experts); with
 ``group_by_experts=False`` all models of one hidden size in one group, padded to the largest ``E``
 and masked. Results are
@@ -19,12 +19,12 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from engine.errors import MoetraceError
-from engine.toy.batched import BatchedMoE, train_batched
-from engine.toy.metrics import summary
-from engine.toy.model import SCHEDULES, Config, feature_batch, fresh_step
+from moetrace.errors import MoetraceError
+from moetrace.toy.batched import BatchedMoE, train_batched
+from moetrace.toy.metrics import summary
+from moetrace.toy.model import SCHEDULES, Config, feature_batch, fresh_step
 
-log = logging.getLogger("engine.toy")
+log = logging.getLogger("moetrace.toy")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def build(specs: Sequence[Spec], device=None, dtype=torch.float32, feature_reduc
 
 
 def evaluate(model: BatchedMoE, steps: int, n_batch: int, usage_batch: int = 4096) -> dict[str, torch.Tensor]:
-    """:func:`engine.toy.metrics.summary` of every instance, on ``usage_batch`` inputs of each model's
+    """:func:`moetrace.toy.metrics.summary` of every instance, on ``usage_batch`` inputs of each model's
     own stream that a run of ``steps`` steps of ``n_batch`` never trained on."""
     with torch.no_grad():
         x = feature_batch(model.seed_tensor, fresh_step(steps, n_batch, usage_batch), usage_batch,
@@ -104,7 +104,7 @@ def run_sweep(specs: Sequence[Spec], steps: int = 10_000, n_batch: int = 1024, l
     table: one row per spec (in order) with its parameters, ``network_sparsity = k / E``,
     ``feature_sparsity = 1 - p``, ``final_loss`` (mean reconstruction loss over the last 10% of steps),
     ``final_load_balance_loss`` (``feature_reduction``: see :class:`BatchedMoE`), ``group``/``instance`` (where it sits in ``models``) and every
-    metric of :func:`engine.toy.metrics.summary`, computed on ``usage_batch`` fresh inputs (step
+    metric of :func:`moetrace.toy.metrics.summary`, computed on ``usage_batch`` fresh inputs (step
     ``steps`` of each model's stream, never trained on). models: the trained
     :class:`BatchedMoE` groups.
     """
