@@ -163,7 +163,7 @@ def _fp(ds) -> dict:
 
 def _warm(path: str, stats) -> int:
     """Count one chunk of one store (Numba loads or compiles its kernels in this process)."""
-    from moetrace.aggregate import count_range
+    from moetrace.counting import count_range
     from moetrace.store import TraceStore
 
     st = TraceStore.open(path)
@@ -181,7 +181,7 @@ def _timed(fn, repeats: int):
 
 
 def child_in_process(data: Path, query: str, repeats: int, range_rows) -> dict:
-    from moetrace.aggregate import count
+    from moetrace.counting import count
     from moetrace.counting.archive import stores_of
 
     stats = QUERIES[query]
@@ -194,7 +194,7 @@ def child_in_process(data: Path, query: str, repeats: int, range_rows) -> dict:
 def child_cluster(data: Path, query: str, repeats: int, range_rows, n_workers: int) -> dict:
     from distributed import Client, LocalCluster
 
-    from moetrace.aggregate import count
+    from moetrace.counting import count
     from moetrace.counting.archive import plan, stores_of
     from moetrace.store import TraceStore
 

@@ -109,7 +109,7 @@ def fingerprint(counts: np.ndarray) -> list[int]:
 
 def provider_moetrace(data: Path, tokens: int, stat: str, repeats: int) -> tuple[float, list[int]]:
     """``stat``: one statistic or several joined by ``+`` (counted in one call)."""
-    from moetrace.aggregate import count_range
+    from moetrace.counting import count_range
     from moetrace.store import TraceStore
 
     st = TraceStore.open(data / "trace.zarr")

@@ -37,7 +37,7 @@ def main() -> None:
 
     from moetrace.demo.model import BUILD_INFO, DemoConfig, ensure_demo_model, load_demo_model
     from moetrace.demo.run import run_demo_experiment
-    from moetrace.experiment import MEASURES
+    from moetrace.results import MEASURES
 
     rows, builds = [], []
     for seed in args.seeds:

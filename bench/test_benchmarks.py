@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from moetrace.aggregate import count
+from moetrace.counting import count
 from moetrace.store import TraceStore
 from moetrace.kernels.counting import STATS
 from moetrace.synthetic import TraceSpec, write_store

@@ -3,7 +3,7 @@
     .venv/bin/python bench/triton_resources.py [--matrix cover|full] [--arch 80,90]
         [--E 8,64,128,256,384,512] [--workers N] [--out table.md] [--deepseek-alternatives]
 
-No GPU needed: ``moetrace.kernels.routing_compile`` records the launches the real launchers make
+No GPU needed: ``moetrace.devtools.routing_compile`` records the launches the real launchers make
 (constexprs, block sizes, ``num_warps``, argument specialization), compiles each with Triton's
 bundled ptxas for the target and reads ``cuobjdump --dump-resource-usage``. Occupancy = resident
 warps per SM / 64, from registers (65536 per SM, allocated per warp in units of 256), shared
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moetrace.kernels import routing_compile as rc  # noqa: E402
+from moetrace.devtools import routing_compile as rc  # noqa: E402
 
 
 def _ints(s: str) -> tuple[int, ...]:

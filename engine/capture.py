@@ -487,3 +487,61 @@ def capture(
         pre.remove()
         post.remove()
         cap.close(raise_errors=not failed)
+
+
+def capture_texts(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], store: TraceStore | str | Path,
+                  labels: Sequence[str] = (), *, batch_size: int = 8, max_new_tokens: int = 0, probs: bool = False,
+                  first_id: int = 0, overwrite: bool = False, progress: bool = True) -> Capture:
+    """Capture ``rows`` (dicts with ``text`` or ``input_ids`` and every label) into ``store``.
+
+    Row ``i`` becomes sequence ``first_id + i``; batches of ``batch_size`` rows are left-padded
+    (so ``max_new_tokens > 0`` continues every row from its last real token with greedy
+    ``generate``; the last generated token never goes through the model, so N new tokens record
+    N - 1). ``tokenizer`` may be None when every row has ``input_ids``. An existing store at the
+    path is appended to (``first_id`` must then be past its ids), or replaced with ``overwrite``
+    (only when it is a trace store). A progress bar shows in a terminal and in a notebook.
+    Returns the finished :class:`Capture` (``rows_captured``: T).
+    """
+    import shutil
+
+    from moetrace.progress import tqdm
+
+    if batch_size < 1:
+        raise MoetraceError(f"batch_size: expected a positive integer, got {batch_size}")
+    rows = list(rows)
+    if not rows:
+        raise MoetraceError("rows: expected at least one row with 'text' or 'input_ids', got none")
+    for i, row in enumerate(rows):
+        missing = [k for k in labels if k not in row]
+        if ("text" not in row and "input_ids" not in row) or missing:
+            what = f"label {missing[0]!r}" if missing else "'text' or 'input_ids'"
+            raise MoetraceError(f"rows[{i}]: expected {what}, got keys {sorted(row)}")
+        if "input_ids" not in row and tokenizer is None:
+            raise MoetraceError(f"rows[{i}]: has 'text' but no tokenizer was given")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+    if overwrite and not isinstance(store, TraceStore) and Path(store).exists():
+        TraceStore.open(store).close()  # a trace store (else the error says what it is), never another directory
+        shutil.rmtree(store)
+
+    def encode(row: Mapping[str, Any]) -> list[int]:
+        if "input_ids" in row:
+            return [int(x) for x in row["input_ids"]]
+        return tokenizer(row["text"], add_special_tokens=True)["input_ids"]
+
+    with capture(model, store, labels=list(labels), probs=probs) as cap, torch.no_grad():
+        for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="capture", unit="batch"):
+            batch = rows[start:start + batch_size]
+            ids = [encode(r) for r in batch]
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+            cap.set_batch(seq=list(range(first_id + start, first_id + start + len(batch))),
+                          labels={label: [str(r[label]) for r in batch] for label in labels})
+            if max_new_tokens > 0:
+                model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=pad_id)
+            else:
+                model(input_ids=input_ids, attention_mask=mask)
+    return cap

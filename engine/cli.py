@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moetrace {moetrace.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(moetrace.commands.__path__), key=lambda m: m.name):
+        if module_info.name.startswith("_"):  # helpers of the commands, not commands
+            continue
         module = importlib.import_module(f"moetrace.commands.{module_info.name}")
         module.add_parser(subparsers)
     return parser

@@ -37,7 +37,7 @@ import pandas as pd
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.store import TraceStore
+from moetrace.store import TraceStore, open_store
 
 __all__ = ["CompareResult", "compare", "read_rows", "sequence_index"]
 
@@ -58,10 +58,6 @@ class CompareResult:
     @property
     def tokens(self) -> int:
         return int(self.layers["tokens"].sum())
-
-
-def _open(store: str | Path | TraceStore) -> TraceStore:
-    return store if isinstance(store, TraceStore) else TraceStore.open(store)
 
 
 def sequence_index(store: TraceStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,7 +166,7 @@ def compare(a: str | Path | TraceStore, b: str | Path | TraceStore, *, by: Seque
     Raises MoetraceError for different routing shapes, unknown labels, no common token, or a token
     id that differs between the two traces.
     """
-    sa, sb = _open(a), _open(b)
+    sa, sb = open_store(a), open_store(b)
     shape_a = (sa.layer_ids.tolist(), sa.n_experts, sa.top_k)
     shape_b = (sb.layer_ids.tolist(), sb.n_experts, sb.top_k)
     if shape_a != shape_b:

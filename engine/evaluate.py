@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +61,7 @@ import torch
 from moetrace.progress import tqdm
 
 from moetrace.errors import MoetraceError
+from moetrace.jsonl import read_json_objects
 
 LETTERS = ("A", "B", "C", "D")
 SCORINGS = ("answer", "letter")
@@ -99,18 +99,8 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]
             rows = [(i + 2, row) for i, row in enumerate(reader)]  # line 1 is the header
         return columns, rows
     if path.suffix == ".jsonl":
-        rows, columns = [], {}
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoetraceError(f"{path}: line {i}: expected a JSON object, got invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise MoetraceError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}")
-            columns.update(dict.fromkeys(row))
-            rows.append((i, row))
+        rows = read_json_objects(path)
+        columns = dict.fromkeys(k for _, row in rows for k in row)
         return list(columns), rows
     raise MoetraceError(f"{path}: expected a .csv or .jsonl file, got suffix {path.suffix!r}")
 

@@ -1,16 +1,17 @@
 """Every figure of the report as a public function: data in, ``matplotlib.figure.Figure`` out.
 
-For notebooks (``fig`` displays inline in Jupyter) and for :mod:`moetrace.report`, which calls the
-same functions. No pyplot state: figures are plain ``Figure`` objects (Agg-safe, thread-safe).
+For notebooks (``fig`` displays inline in Jupyter, as PNG, with no ``%matplotlib`` magic and no
+pyplot) and for :mod:`moetrace.report`, which calls the same functions. No pyplot state: figures
+are plain ``Figure`` objects (Agg-safe, thread-safe) that also render themselves as PNG.
 
-    from moetrace.aggregate import count
+    from moetrace.counting import count
     from moetrace import figures
     counts = count("trace.zarr", stats=["experts", "temporal"], by=["domain"])
     figures.usage_heatmaps(counts)            # group x expert heatmap per layer
     figures.separation(counts)                # chi-square, mean variance, entropy by layer
     figures.decisiveness(moetrace.analysis.decisiveness("trace.zarr"))
 
-Inputs: ``counts`` is an :func:`moetrace.aggregate.count` Dataset; analysis results are the
+Inputs: ``counts`` is an :func:`moetrace.counting.count` Dataset; analysis results are the
 Datasets / tables of :mod:`moetrace.analysis`; ``results`` is an experiment's results table
 (:func:`moetrace.report.load_results`).
 """
@@ -23,9 +24,21 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import xarray as xr
-from matplotlib.figure import Figure
+import matplotlib.figure
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from moetrace import metrics
+
+
+class Figure(matplotlib.figure.Figure):
+    """A matplotlib ``Figure`` that Jupyter shows as PNG by itself (``_repr_png_``), whatever the backend."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buffer = io.BytesIO()
+        FigureCanvasAgg(self).print_png(buffer)
+        return buffer.getvalue()
 
 #: Layers per usage-heatmap figure when a caller splits many layers (the report does).
 LAYERS_PER_FIGURE = 16

@@ -1,7 +1,7 @@
 """Analyses of routing counts: the seed 000 and seed 002 notebooks, and the OLMoE-paper metrics.
 
 Every function here is a pure function of a Counts dataset (an ``xarray.Dataset`` written by
-:mod:`moetrace.aggregate`), computed with NumPy / SciPy / xarray; nothing loops over trace rows.
+:mod:`moetrace.counting`), computed with NumPy / SciPy / xarray; nothing loops over trace rows.
 
 Counts format (``attrs["moetrace_counts_version"] == 1``): one dimension per ``by`` label
 (named as the label, label strings as coordinates), ``layer`` (model layer ids), ``rank``
@@ -30,11 +30,10 @@ import numpy as np
 import scipy.stats
 import xarray as xr
 
+from moetrace.counting.files import COUNTS_VERSION
 from moetrace.errors import MoetraceError
-from moetrace.store import require_rank_order
 from moetrace.kernels import counting as _counting
-
-COUNTS_VERSION = 1
+from moetrace.store import require_rank_order
 
 # Dimensions of a Counts dataset that are not group (``by`` label) dimensions: every
 # statistic's own dims, from the registry in kernels/counting.py.

@@ -1,9 +1,10 @@
-"""Progress bars that show only on a terminal.
+"""Progress bars that show on a terminal and in a notebook, never in a log.
 
 ``tqdm`` redraws its bar with carriage returns; written to a file or a CI log that becomes one
 line per update. Every long loop in moetrace uses :func:`tqdm` from here instead: it is
-``tqdm.auto.tqdm`` with ``disable`` forced on when standard error is not a TTY, so logs hold
-only the result lines. ``MOETRACE_PROGRESS=1`` forces the bars on (``0`` forces them off).
+``tqdm.auto.tqdm`` (a widget in Jupyter when ipywidgets is installed, text otherwise) with
+``disable`` forced on unless standard error is a TTY or the code runs in a Jupyter kernel, so
+logs hold only the result lines. ``MOETRACE_PROGRESS=1`` forces the bars on (``0`` forces them off).
 """
 
 from __future__ import annotations
@@ -14,16 +15,26 @@ from typing import Any
 
 from tqdm.auto import tqdm as _tqdm
 
-__all__ = ["bars_enabled", "tqdm"]
+__all__ = ["bars_enabled", "in_notebook", "tqdm"]
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython's ZMQ shell), where stderr is no TTY but bars render."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def bars_enabled() -> bool:
-    """True when progress bars should be drawn: stderr is a terminal, unless MOETRACE_PROGRESS says otherwise."""
+    """True when progress bars should be drawn: stderr is a terminal or this is a notebook, unless
+    MOETRACE_PROGRESS says otherwise."""
     forced = os.environ.get("MOETRACE_PROGRESS", "").strip().lower()
     if forced in ("1", "true", "yes", "on"):
         return True
     if forced in ("0", "false", "no", "off"):
         return False
+    if in_notebook():
+        return True
     stream = sys.stderr
     try:
         return bool(stream is not None and stream.isatty())

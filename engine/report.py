@@ -46,7 +46,8 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from moetrace import figures, metrics
-from moetrace.aggregate import STATS, count, load_counts
+from moetrace.counting import count, load_counts
+from moetrace.kernels.counting import STATS
 from moetrace.figures import LAYERS_PER_FIGURE, MEASURES
 from moetrace.errors import MoetraceError
 from moetrace.store import TraceStore
@@ -291,7 +292,7 @@ class Section:
     """One report section.
 
     id: the HTML id and anchor; title: its heading; nav: its table-of-contents label;
-    needs: the data it reads — count statistics (names of :data:`moetrace.aggregate.STATS`),
+    needs: the data it reads — count statistics (names of :data:`moetrace.kernels.counting.STATS`),
     ``results`` (an experiment table), ``coverage`` (its coverage column), ``probs``
     (``routing/probs`` in the store), ``decisiveness`` (probs, or ``analysis/decisiveness.zarr``), ``groups`` (counts grouped by a label), or
     ``analysis/<file or glob>`` (what an analysis command wrote into the run directory's ``analysis/``),
@@ -474,7 +475,7 @@ def _render_experiment(ctx: Context) -> str:
     if ctx.has("summary.json"):  # the experiment's own headline, with its draw tests
         summary = json.loads((ctx.run_dir / "summary.json").read_text())
     else:
-        from moetrace.experiment import summarize  # a results table alone: point estimates, no intervals
+        from moetrace.results import summarize  # a results table alone: point estimates, no intervals
 
         summary = summarize({c: df[c].to_numpy() for c in df.columns})
     headline = []
@@ -872,7 +873,7 @@ def write_report(source: str | Path, out_html: str | Path, *, results: str | Pat
     """Write the HTML report of a trace store or an experiment run directory; returns ``out_html``.
 
     source: a trace store (``TraceStore.open`` opens it), or a run directory holding
-        ``trace.zarr``, optionally ``counts.zarr`` (:func:`moetrace.aggregate.save_counts`; else the
+        ``trace.zarr``, optionally ``counts.zarr`` (:func:`moetrace.counting.save_counts`; else the
         store is counted for :data:`REPORT_STATS` by all its labels), ``results.csv``, ``targets/``
         and ``analysis/`` (what the analysis commands wrote with ``--out RUN/analysis``).
     results: an experiment's results table (CSV path or DataFrame, see :func:`load_results`);

@@ -1243,3 +1243,9 @@ def _numpy_dtype(arr: zarr.Array) -> np.dtype:
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def open_store(store: str | Path | TraceStore) -> TraceStore:
+    """A trace store to read: ``store`` itself when it is already an open :class:`TraceStore`,
+    else ``TraceStore.open(store)`` (a path; ``len(store)`` is its committed rows, ``T``)."""
+    return store if isinstance(store, TraceStore) else TraceStore.open(store)

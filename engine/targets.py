@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 
 from moetrace.errors import MoetraceError
+from moetrace.kernels.modes import MASK_MODES
 
 FORMAT = "moetrace.targets/1"
 KINDS = ("paths", "experts", "pairs")
-MASK_MODES = ("reroute", "zero")
 
 Path_ = tuple[tuple[int, ...], int]
 

@@ -16,6 +16,9 @@ and the test parametrisations are derived from it:
     whether the tensor has the group dims in front (one per ``by`` label);
 ``dtype``
     int64 counts or float64 sums;
+``exact_unit``
+    for a float sum whose every value is a multiple of a unit (``weight_sum``: float16 weights,
+    2**-24), that unit: an archive adds partial sums as int64 multiples of it, exactly;
 ``inputs``
     chunk arrays it reads besides ``experts`` and ``group`` (the driver refuses a
     store that lacks one, e.g. ``routing/weights``);
@@ -487,6 +490,9 @@ class CountStat:
     needs_rank_order = False
     args: tuple[str, ...] = ()
     body = None
+    # A float statistic whose every value is an exact multiple of this unit: an archive carries its
+    # partial sums between ranges as int64 multiples of it, so the total is exact in any order.
+    exact_unit: float | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -719,6 +725,7 @@ class WeightSumStat(CountStat):
     dtype = np.dtype(np.float64)
     inputs = ("weights",)
     body = _weight_sum_body
+    exact_unit = 2.0 ** -24  # float16's least subnormal: every float16 value is a multiple of it
 
     def _aux(self, state, arrays, experts):
         weights = np.ascontiguousarray(arrays["weights"])

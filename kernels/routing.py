@@ -5,9 +5,9 @@ Layout (as in Liger-Kernel's ops files):
 - ``_route_kernel``: the private Triton kernel, one program per block of ``BLOCK_T`` rows;
 - ``_route_backward_kernel``: the gradient of the weights w.r.t. the logits (same grid);
 - ``route_forward`` / ``route_backward``: launchers (validate, allocate, pick the grid, launch);
-- ``RouteFunction``: the ``torch.autograd.Function`` that only manages ``ctx``;
-- ``moetrace::route`` / ``moetrace::route_backward``: the same launch registered as torch custom
-  ops (fake implementations + autograd formula), so torch.compile sees one op per router call;
+- ``moetrace::route`` / ``moetrace::route_backward``: the launch registered as torch custom ops
+  (fake implementations + the closed-form backward as the autograd formula), so torch.compile
+  sees one op per router call; this is the kernel's only autograd path;
 - ``route_reference``: the plain-torch reference with exactly the same semantics
   (differentiable through ordinary autograd);
 - ``fused_route``: the public entry point that picks a backend.
@@ -73,12 +73,13 @@ import torch
 import triton
 import triton.language as tl
 
+from moetrace.kernels.modes import MASK_MODES
+
 __all__ = [
     "fused_route",
     "route_reference",
     "route_forward",
     "route_backward",
-    "RouteFunction",
     "RouteOptions",
     "RouteState",
     "route_options",
@@ -477,8 +478,8 @@ def route_options(logits, top_k, *, renormalize=False, scoring="softmax", bias=N
         raise ValueError(f"top_k: expected an int in [1, {E}] (E = {E}), got {top_k!r}")
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
-    if mask_mode not in ("reroute", "zero"):
-        raise ValueError(f"mask_mode: expected 'reroute' or 'zero', got {mask_mode!r}")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode: expected one of {list(MASK_MODES)}, got {mask_mode!r}")
     if bias is not None and scoring != "sigmoid":
         raise ValueError("bias: the score-correction bias applies to scoring='sigmoid' only, got scoring='softmax'")
     if (n_group is None) != (topk_group is None):
@@ -963,28 +964,6 @@ def _route_backward_torch(grad_weights, logits, experts, state, o: RouteOptions)
             gs = a
         grad.scatter_(1, idx, gs * s * (1 - s))
     return grad.to(logits.dtype)
-
-
-class RouteFunction(torch.autograd.Function):
-    """autograd wrapper: forward = ``route_forward``, backward = ``route_backward``.
-
-    ``RouteFunction.apply(logits, opts, backend)`` -> (weights [T, K], experts [T, K], top1 [T]);
-    only ``weights`` carries a gradient, to ``logits`` only (experts/top1 are non-differentiable,
-    the selection is fixed in backward; no gradient flows to bias/boost/scale).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, opts, backend):
-        weights, experts, top1, state = route_forward(logits, opts, backend=backend)
-        ctx.save_for_backward(logits, experts, state.dropped, state.live)
-        ctx.opts = opts
-        ctx.mark_non_differentiable(experts, top1)
-        return weights, experts, top1
-
-    @staticmethod
-    def backward(ctx, grad_weights, grad_experts, grad_top1):
-        logits, experts, dropped, live = ctx.saved_tensors
-        return route_backward(grad_weights, logits, experts, RouteState(dropped, live), ctx.opts), None, None
 
 
 # ----------------------------------------------------------------------------- custom op (torch.compile)

@@ -1,4 +1,4 @@
-"""moetrace.aggregate: counts from a trace store against DuckDB SQL and a pandas transcription of seed 000."""
+"""moetrace.counting: counts from a trace store against DuckDB SQL and a pandas transcription of seed 000."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moetrace import aggregate as A
+from moetrace import counting as A
 from moetrace.cli import main as cli_main
 from moetrace.errors import MoetraceError
+from moetrace.kernels.counting import STATS as REGISTRY
 from moetrace.store import TraceStore
 from routes import random_topk
 
@@ -589,7 +590,7 @@ def test_any_split_into_count_ranges_adds_up(seed, chunk_rows, n_cuts):
     L, K, E = 3, 2, 5
     trace = make_trace(rng, 5, L, K, E)
     n = len(trace["seq"])
-    stats = [s for s in A.STATS if s != "tokens"]
+    stats = [s for s in REGISTRY if s != "tokens"]
     args = dict(stats=stats, by=["lang", "domain"], skip_shared_prefix=True, vocab_size=100, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_store(Path(tmp) / "s.zarr", trace, L, K, E, chunk_rows=chunk_rows)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from moetrace.aggregate import count
+from moetrace.counting import count
 from moetrace.analysis import expert_profile, jensen_shannon, router_metrics, token_overlap
 from moetrace.errors import MoetraceError
 from moetrace.store import TraceStore

@@ -182,7 +182,7 @@ def test_no_dask_without_client(archive):
     first time any Dataset is built when Dask is installed, so the test compares with a
     plain ``xr.Dataset`` built beforehand: counting adds no Dask module of its own.
     """
-    run = ("import sys, moetrace.aggregate as a, numpy as np, xarray as xr; "
+    run = ("import sys, moetrace.counting as a, numpy as np, xarray as xr; "
            "xr.Dataset({'v': ('x', np.arange(2))}); before = {m for m in sys.modules if m.startswith('dask')}; "
            "a.count(sys.argv[1], stats=['experts'], progress=False); a.count(sys.argv[1] + '/a.zarr', progress=False); "
            "extra = {m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')} - before; "
@@ -191,7 +191,7 @@ def test_no_dask_without_client(archive):
     assert res.returncode == 0, res.stderr
     blocked = ("import sys\n"
                "sys.modules['dask'] = sys.modules['distributed'] = None  # import dask raises ImportError\n"
-               "import moetrace.aggregate as a\n"
+               "import moetrace.counting as a\n"
                "ds = a.count(sys.argv[1], stats=['experts', 'paths'], by=['domain'], progress=False)\n"
                "print(int(ds['tokens'].sum()))\n")
     res = subprocess.run([sys.executable, "-c", blocked, str(archive)], capture_output=True, text=True)

@@ -355,7 +355,7 @@ def test_cli_capture_help_says_the_last_generated_token_is_not_recorded(tmp_path
 def test_batched_generate_gives_temporal_counts_and_stickiness_of_each_sequences_token_order(tmp_path):
     """A padded batch generated together: every top-1 transition t -> t+1 of each sequence is
     counted (the interleaved store of before counted 4 of 18), and info sees 2 sequences."""
-    from moetrace.aggregate import count
+    from moetrace.counting import count
     from moetrace.metrics import stickiness
 
     model = tiny_model("olmoe")

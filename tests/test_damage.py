@@ -171,7 +171,8 @@ def test_a_committed_count_raised_past_the_written_chunks_is_refused(tmp_path):
 def test_an_archive_sum_that_would_wrap_is_refused():
     """weight_sum adds exact int64 units of 2**-24 across ranges: 2**39 per cell is the limit, and a sum
     past it must not come back wrapped (8.5e6 rows of weight 65504 would)."""
-    from moetrace.counting.archive import _UNIT, _add
+    from moetrace.counting.archive import _add
+    from moetrace.kernels.counting import STATS
 
     near = int(2 ** 63 - 2 ** 40)
     a = xr.Dataset({"weight_sum": (("layer",), np.array([near, 5], np.int64))})
@@ -179,7 +180,7 @@ def test_an_archive_sum_that_would_wrap_is_refused():
     with pytest.raises(MoetraceError, match=r"weight_sum: a cell's sum passed 2\*\*39"):
         _add(a, b)
     ok = _add(a.copy(data={"weight_sum": np.array([1, 5])}), b)
-    assert ok["weight_sum"].values.tolist() == [2 ** 41 + 1, 12] and _UNIT == 2.0 ** -24
+    assert ok["weight_sum"].values.tolist() == [2 ** 41 + 1, 12] and STATS["weight_sum"].exact_unit == 2.0 ** -24
 
 
 # --------------------------------------------------------------------------- one line, saying what is wrong

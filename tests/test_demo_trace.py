@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from moetrace.aggregate import sequence_table
+from moetrace.counting import sequence_table
 from moetrace.demo.trace import run_trace_demo
 from moetrace.store import TraceStore
 from moetrace.synthetic import TraceSpec

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from moetrace import metrics
-from moetrace.aggregate import coverage, load_counts
+from moetrace.counting import coverage, load_counts
 from moetrace.demo.data import build_tokenizer, make_questions, make_texts
 from moetrace.errors import MoetraceError
 from moetrace.evaluate import multiple_choice_accuracy
-from moetrace.experiment import COVERAGE_BAND, RouteTable, matched_random, run_experiment, summarize
+from moetrace.experiment import COVERAGE_BAND, RouteTable, matched_random, run_experiment
+from moetrace.results import summarize
 from moetrace.intervene import intervene
 from moetrace.significance import holm
 from moetrace.store import TraceStore
@@ -109,7 +110,7 @@ def test_without_held_out_texts_the_experiment_warns(tmp_path):
 
 @pytest.mark.parametrize("method", ["experts", "paths"])
 def test_route_table_coverage_equals_the_store_pass(run, method):
-    """RouteTable.coverage_of (from counts.zarr) equals moetrace.aggregate.coverage over trace.zarr."""
+    """RouteTable.coverage_of (from counts.zarr) equals moetrace.counting.coverage over trace.zarr."""
     _, _, _, _, _, out, _ = run
     counts = load_counts(out / "counts.zarr")
     routes = RouteTable(counts, method)
@@ -220,7 +221,7 @@ def test_results_intervals_equal_a_paired_test_recomputed_from_items(run):
 def test_a_group_at_chance_is_not_testable_on_accuracy(run):
     """The random tiny model answers at about chance: base.csv marks every group not testable, and
     the accuracy headline averages over none of them (n/a, never an effect of 0)."""
-    from moetrace.experiment import summary_lines
+    from moetrace.results import summary_lines
 
     _, _, _, _, _, out, _ = run
     base = pd.read_csv(out / "base.csv", dtype={"group": str})

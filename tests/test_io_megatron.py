@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from moetrace.aggregate import count
+from moetrace.counting import count
 from moetrace.compare import compare, summary_json
 from moetrace.errors import MoetraceError
 from moetrace.io import import_routed
@@ -335,7 +335,7 @@ def test_the_command_line_takes_the_megatron_options_and_info_shows_the_rank_ord
 
 
 def test_rank_order_survives_parquet_and_the_report_leaves_out_top1_sections(unranked, tmp_path):
-    from moetrace.aggregate import coverage
+    from moetrace.counting import coverage
     from moetrace.io.parquet import export_parquet, import_parquet
     from moetrace.report import write_report
     from moetrace.targets import Targets

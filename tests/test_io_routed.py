@@ -406,7 +406,7 @@ def _sglang_line(rows: np.ndarray, rid: str) -> dict:
 def test_sglang_dense_layers_are_dropped_not_counted_as_expert_0(tmp_path):
     """SGLang's buffers span every decoder layer; a DeepSeek-style model's dense layer 0 stays all
     zeros. It is dropped (layer ids 1, 2 of the source kept), so no token is counted K times on expert 0."""
-    from moetrace.aggregate import count
+    from moetrace.counting import count
 
     rng = np.random.default_rng(0)
     moe = np.stack([rng.permutation(8)[:4] for _ in range(10 * 2)]).reshape(10, 2, 4)

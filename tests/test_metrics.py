@@ -2,7 +2,7 @@
 reproductions of the seed 002 notebook code, SciPy, and hand-computed tiny examples.
 
 Counts datasets are built here directly with numpy.bincount from routing arrays
-(``make_counts``), independently of moetrace.aggregate.
+(``make_counts``), independently of moetrace.counting.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def make_counts(experts, labels, seq, pos, n_experts, layer_ids=None, weights=No
     g = np.ravel_multi_index([np.asarray(labels[name][0]) for name in names], sizes) if names else np.zeros(n, np.int64)
     n_groups = int(np.prod(sizes, dtype=np.int64))
     gshape = tuple(sizes)
-    gcoords = {name: np.array(labels[name][1], dtype=object) for name in names}  # as moetrace.aggregate
+    gcoords = {name: np.array(labels[name][1], dtype=object) for name in names}  # as moetrace.counting
     layer = np.arange(n_layers)[None, :]
 
     def count(idx, length, w=None):
@@ -519,7 +519,7 @@ def test_coactivation_matches_loop_on_random_routing():
 
 
 def _saved_counts(tmp_path, counts):
-    from moetrace.aggregate import save_counts
+    from moetrace.counting import save_counts
 
     path = tmp_path / "counts.zarr"
     save_counts(counts, path)
@@ -574,8 +574,8 @@ def test_cli_stats_json_matches_metrics(tmp_path, capsys):
 
 
 def test_store_count_specialized_matches_r_oracle(tmp_path):
-    """Through the real pipeline: TraceStore -> aggregate.count(skip_shared_prefix) -> specialized."""
-    from moetrace.aggregate import count
+    """Through the real pipeline: TraceStore -> counting.count(skip_shared_prefix) -> specialized."""
+    from moetrace.counting import count
     from moetrace.store import TraceStore
 
     samples, topks, experts = seed000_frames(9)

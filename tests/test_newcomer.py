@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from moetrace import metrics
 from moetrace.cli import main
 from moetrace.commands.specialize import nothing_selected_warning
-from moetrace.stats_tables import _fmt_apart
+from moetrace.commands.stats import _fmt_apart
 from moetrace.store import TraceStore
 
 DOMAINS = ("arith", "code", "facts")

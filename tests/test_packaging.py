@@ -69,7 +69,7 @@ assert torch.allclose(layer(x), torch.nn.functional.silu(x[:, :4]) * x[:, 4:])
 
 import numpy as np
 import moetrace
-from moetrace.aggregate import count
+from moetrace.counting import count
 from moetrace.kernels import counting
 import zarr
 from moetrace.synthetic import TraceSpec, write_store

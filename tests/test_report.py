@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moetrace import synthetic
-from moetrace.aggregate import count, save_counts
+from moetrace.counting import count, save_counts
 from moetrace.cli import main as cli_main
 from moetrace.errors import MoetraceError
 from moetrace.report import REPORT_STATS, _fmt, _table, write_report

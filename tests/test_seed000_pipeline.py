@@ -53,7 +53,7 @@ def test_specialize_cli_writes_the_notebooks_targets(pipeline, method):
 
 
 def test_base_accuracy_matches_the_notebook(pipeline):
-    from moetrace.aggregate import sequence_table
+    from moetrace.counting import sequence_table
     from moetrace.store import TraceStore
 
     tmp, data = pipeline

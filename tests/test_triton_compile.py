@@ -3,7 +3,7 @@
 The other kernel tests run ``_route_kernel`` / ``_route_backward_kernel`` under Triton's CPU
 interpreter, which accepts code a real compile may reject. Here Triton's bundled ptxas compiles
 the launches the launchers actually make (recorded from ``route_forward`` / ``route_backward``
-by ``moetrace.kernels.routing_compile``, block sizes from ``_launch_config``) and ``cuobjdump`` reports
+by ``moetrace.devtools.routing_compile``, block sizes from ``_launch_config``) and ``cuobjdump`` reports
 their resources: each must compile, fit on an SM and use no local memory (no register spills,
 no stack).
 
@@ -20,7 +20,7 @@ import functools
 
 import pytest
 
-from moetrace.kernels import routing_compile as rc
+from moetrace.devtools import routing_compile as rc
 from moetrace.kernels.routing import _launch_config
 
 pytestmark = pytest.mark.skipif(

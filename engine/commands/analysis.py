@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moetrace.errors import MoetraceError
-
-MODEL_HELP = "local transformers checkpoint directory, or 'demo' for the cached demo model"
+from moetrace.models.loading import MODEL_HELP, load_model
 
 
 def _common(p, store: bool = True, layers_help: str = "layer ids (default: all MoE layers)",
@@ -140,31 +139,12 @@ def _store(args):
 
 
 def _counts(args, stats):
-    from moetrace.aggregate import count_range
+    from moetrace.counting import count_range
     from moetrace.analysis._common import row_range
 
     st = _store(args)
     start, stop = row_range(st, args.num_tokens)
     return st, count_range(st, start, stop, stats=stats, by=_labels(args.by, st), progress=False)
-
-
-def load_model(name: str):
-    """(model, tokenizer or None, model directory) for a checkpoint path or 'demo'."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name == "demo":
-        from moetrace.demo.model import ensure_demo_model
-
-        name = str(ensure_demo_model(progress=False))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name).eval()
-    except OSError as exc:
-        raise MoetraceError(f"--model {name}: cannot load a transformers checkpoint ({exc})") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
 
 
 def _batches(args, model, tokenizer):

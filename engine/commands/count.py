@@ -8,7 +8,7 @@
 
 ARCHIVE is a store, a directory of stores or a glob (see engine/counting/archive.py).
 
-The output is the Dataset of :func:`moetrace.aggregate.count`, written with
+The output is the Dataset of :func:`moetrace.counting.count`, written with
 ``moetrace.counting.save_counts`` (crash-safe: written beside OUT, renamed when complete;
 read it with ``xarray.open_zarr`` or ``moetrace.counting.load_counts``).
 """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moetrace.models.loading import MODEL_HELP
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -16,7 +18,7 @@ def add_parser(subparsers) -> None:
                     "(Holm over the primary tests). Writes OUT_DIR/results.csv, items.csv, base.csv, "
                     "summary.json, trace.zarr, counts.zarr, targets/.")
     p.add_argument("out", help="output directory")
-    p.add_argument("--model", required=True, help="local transformers checkpoint directory (with its tokenizer)")
+    p.add_argument("--model", required=True, help=MODEL_HELP + " (with its tokenizer)")
     p.add_argument("--data", required=True, help="questions in MMLU format (CSV or JSONL: question,A,B,C,D,answer,"
                                                  "domain,lang)")
     p.add_argument("--texts", default=None, help="optional JSONL of {text, domain, lang[, answer_spans]} for per-group "
@@ -49,18 +51,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from moetrace.errors import MoetraceError
     from moetrace.evaluate import load_questions, load_texts
     from moetrace.demo.run import base_lines
-    from moetrace.experiment import COVERAGE_BAND, run_experiment, summary_lines
+    from moetrace.experiment import COVERAGE_BAND, run_experiment
+    from moetrace.results import summary_lines
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as exc:
-        raise MoetraceError(f"--model {args.model}: cannot load a transformers checkpoint and tokenizer ({exc})") from None
+    from moetrace.models.loading import load_model
+
+    model, tokenizer = load_model(args.model, require_tokenizer=True)
     questions = load_questions(args.data)
     texts = load_texts(args.texts) if args.texts else None
     select = load_texts(args.select) if args.select else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from moetrace.errors import MoetraceError
-from moetrace.io.cliargs import add_common, positive
+from moetrace.commands._io_args import add_common, positive
 
 
 def add_parser(subparsers) -> None:

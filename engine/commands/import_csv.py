@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moetrace.io.cliargs import add_common, positive, report
+from moetrace.commands._io_args import add_common, positive, report
 
 
 def add_parser(subparsers) -> None:

@@ -71,7 +71,7 @@ def _at_most(value: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moetrace.aggregate import load_counts
+    from moetrace.counting import load_counts
 
     counts = load_counts(args.counts)
     from moetrace import metrics

@@ -17,12 +17,13 @@ chunks straight from the store; only the count tensors travel). Partial counts a
 added in a tree of tasks on a cluster, as a running sum in-process (or with a
 checkpoint: the client saves each range as it comes). Counts are int64, so their sum does
 not depend on the order: a cluster's result equals the in-process one bit for bit.
-``weight_sum`` too: within a range it is a float64 sum of float16 weights, all multiples of
-2**-24, so it is exact while a cell stays below 2**53 x 2**-24 = 2**29 (a range is at most
-:data:`RANGE_ROUTING_ROWS` = 2**27 routing rows, so with weights <= 1, e.g. softmax or
-sigmoid ones, it always does; a range that passes it is a MoetraceError). Ranges are then
-added as int64 multiples of 2**-24, exact up to 2**39 (5.5e11) per cell, and the total is
-rounded to float64 once at the end: the same value in any order. Nothing of Dask is
+A float statistic that declares an ``exact_unit`` (``weight_sum``: float16 weights, all multiples
+of 2**-24) is as exact: within a range it is a float64 sum, exact while a cell stays below
+2**53 units (2**29 for weight_sum; a range is at most :data:`RANGE_ROUTING_ROWS` = 2**27 routing
+rows, so with weights <= 1, e.g. softmax or sigmoid ones, it always does; a range that passes it
+is a MoetraceError). Ranges are then added as int64 multiples of the unit, exact up to 2**63
+units (2**39 = 5.5e11 per weight_sum cell), and the total is rounded to float64 once at the end:
+the same value in any order. Nothing of Dask is
 imported unless a ``client`` is given.
 
 Range size: :data:`RANGE_ROUTING_ROWS` routing rows (tokens x L x K) rounded down to
@@ -48,18 +49,19 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from moetrace.counting.driver import count_range, open_store, parse_stats, strings
+from moetrace.counting.driver import count_range, parse_stats, strings
 from moetrace.counting.files import load_counts, save_counts
 from moetrace.counting.filters import DERIVED_LABELS, Filters, _values
 from moetrace.counting.prefix import shared_prefix
 from moetrace.errors import MoetraceError
+from moetrace.kernels.counting import STATS
 from moetrace.leftovers import clean, describe, leftover
-from moetrace.store import ATTR_KEY, TraceStore
+from moetrace.store import ATTR_KEY, TraceStore, open_store
 
 __all__ = ["RANGE_ROUTING_ROWS", "stores_of", "plan", "count_archive"]
 
@@ -303,36 +305,35 @@ def _count_task(name: str, path, start: int, stop: int, stats, filters: Filters,
                      prefix=prefix)
     if coords:
         ds = ds.reindex({k: strings(v) for k, v in coords.items()}, fill_value=0)
-    for name in _UNITS_VARS & set(ds.data_vars):
-        ds[name] = _to_units(ds[name], path, start, stop)
+    for name in _exact_vars(ds):
+        ds[name] = _to_units(ds[name], STATS[name].exact_unit, path, start, stop)
     if "last_shared_pos" in ds.attrs:
         ds.attrs[_SHARED] = {name: ds.attrs["last_shared_pos"]}
     return ds
 
 
-#: float64 sums of float16 values, carried between ranges as int64 multiples of :data:`_UNIT`.
-_UNITS_VARS = {"weight_sum"}
-#: float16's smallest step (its least subnormal): every float16 value is a multiple of it.
-_UNIT = 2.0 ** -24
+def _exact_vars(ds: xr.Dataset) -> list[str]:
+    """The variables of ``ds`` whose statistic declares an ``exact_unit`` (float sums carried as int64 units)."""
+    return [name for name in ds.data_vars if name in STATS and STATS[name].exact_unit]
 
 
-def _to_units(var: xr.DataArray, path, start: int, stop: int) -> xr.DataArray:
-    """A range's float64 ``weight_sum`` as exact int64 multiples of 2**-24 (its float64 sums were exact: < 2**29)."""
-    scaled = var.values / _UNIT
+def _to_units(var: xr.DataArray, unit: float, path, start: int, stop: int) -> xr.DataArray:
+    """A range's float64 sums as exact int64 multiples of ``unit`` (refused when they are not exact)."""
+    scaled = var.values / unit
     if not (np.all(np.abs(scaled) < 2.0 ** 53) and np.array_equal(scaled, np.round(scaled))):
         raise MoetraceError(
-            f"{path}: rows [{start}, {stop}): weight_sum of a range reached {float(np.abs(var.values).max()):.6g} "
-            f"(expected below 2**29 per cell for an exact float64 sum of float16 weights); pass a smaller range_rows")
+            f"{path}: rows [{start}, {stop}): {var.name} of a range reached {float(np.abs(var.values).max()):.6g} "
+            f"(expected exact multiples of {unit:g}, below 2**53 of them per cell); pass a smaller range_rows")
     out = var.copy(data=scaled.astype(np.int64))
-    out.attrs["moetrace_units"] = _UNIT
+    out.attrs["moetrace_units"] = unit
     return out
 
 
 def _from_units(ds: xr.Dataset) -> xr.Dataset:
     """The final sums back in float64: the exact int64 total rounded once (so in any order the same value)."""
-    for name in _UNITS_VARS & set(ds.data_vars):
+    for name in _exact_vars(ds):
         if ds[name].dtype.kind == "i":
-            ds[name] = ds[name].copy(data=ds[name].values.astype(np.float64) * _UNIT)
+            ds[name] = ds[name].copy(data=ds[name].values.astype(np.float64) * STATS[name].exact_unit)
             ds[name].attrs.pop("moetrace_units", None)
     return ds
 
@@ -345,9 +346,9 @@ def _add(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
         out[name] = a[name] + b[name]
         x, y, z = a[name].values, b[name].values, out[name].values
         if z.dtype.kind == "i" and (((x ^ z) & (y ^ z)) < 0).any():  # int64 wrapped: both signs differ from the sum's
-            limit = "2**39 (int64 units of 2**-24, the exact sum of float16 weights)" if name in _UNITS_VARS \
-                else "2**63"
-            reached = float(np.abs(x.astype(np.float64) + y).max()) * (_UNIT if name in _UNITS_VARS else 1)
+            unit = STATS[name].exact_unit if name in STATS else None
+            limit = f"2**{63 + round(np.log2(unit))} (int64 units of {unit:g}, its exact sum)" if unit else "2**63"
+            reached = float(np.abs(x.astype(np.float64) + y).max()) * (unit or 1)
             raise MoetraceError(f"{name}: a cell's sum passed {limit} at {reached:.6g}; it cannot be summed exactly: "
                                 "count a part of the archive at a time")
     out.attrs = dict(a.attrs)

@@ -9,10 +9,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from moetrace.counting.driver import drive, open_store, strings
+from moetrace.counting.driver import drive, strings
 from moetrace.counting.filters import Filters
 from moetrace.errors import MoetraceError
-from moetrace.store import TraceStore
+from moetrace.store import TraceStore, open_store
 from moetrace.kernels import counting
 
 __all__ = ["coverage"]

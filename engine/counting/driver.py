@@ -22,14 +22,10 @@ from moetrace.counting.files import COUNTS_VERSION
 from moetrace.counting.filters import Filters, Selection
 from moetrace.errors import MoetraceError
 from moetrace.progress import tqdm
-from moetrace.store import TraceStore
+from moetrace.store import TraceStore, open_store
 from moetrace.kernels import counting
 
-__all__ = ["count", "count_range", "drive", "open_store", "parse_stats", "strings"]
-
-
-def open_store(store: str | Path | TraceStore) -> TraceStore:
-    return store if isinstance(store, TraceStore) else TraceStore.open(store)
+__all__ = ["count_range", "count_store", "drive", "parse_stats", "strings"]
 
 
 def drive(st: TraceStore, sel: Selection, stats: list, start: int, stop: int, progress: bool) -> list:
@@ -104,8 +100,11 @@ def _coords(st: TraceStore, sel: Selection, stat: counting.CountStat) -> dict[st
     return coords
 
 
-def _count(st: TraceStore, start: int, stop: int, stats, filters: Filters, vocab_size, progress: bool,
-           allow_empty: bool, prefix: tuple | None = None) -> xr.Dataset:
+def count_store(st: TraceStore, start: int, stop: int, stats, filters: Filters, vocab_size, progress: bool,
+                allow_empty: bool, prefix: tuple | None = None) -> xr.Dataset:
+    """Counts of rows ``[start, stop)`` of an open store (:func:`moetrace.counting.api.count` and
+    :func:`count_range` take their arguments apart into these). ``allow_empty``: a range with no row
+    left after the filters gives zero counts instead of an error."""
     start, stop = int(start), int(stop)
     if not 0 <= start <= stop <= len(st):
         raise MoetraceError(f"rows: expected 0 <= start <= stop <= {len(st)} (committed rows), got [{start}, {stop})")
@@ -171,7 +170,7 @@ def count_range(
     prefix: tuple | None = None,
     **filter_args: Any,
 ) -> xr.Dataset:
-    """Counts of committed rows ``[start, stop)``; same arguments and result as :func:`count`.
+    """Counts of committed rows ``[start, stop)``; same arguments and result as :func:`moetrace.counting.api.count`.
 
     ``prefix``: ``shared_prefix(store)``'s result, when already computed, so that the
     ranges of one store (with ``skip_shared_prefix``) do not each stream the whole store.
@@ -180,89 +179,8 @@ def count_range(
     equals ``count(s)`` for every variable (a ``temporal`` transition t -> t+1 belongs
     to the range holding row t+1; the row before ``start`` is read for it).
     ``skip_shared_prefix`` is always computed over the whole store. A range with no
-    row left after the filters gives zero counts (``count`` raises instead).
+    row left after the filters gives zero counts (:func:`~moetrace.counting.api.count` raises instead).
     """
     filters = Filters.of(filters, by=by or None, where=where, **filter_args)
-    return _count(open_store(store), start, stop, stats, filters, vocab_size, progress, allow_empty=True,
+    return count_store(open_store(store), start, stop, stats, filters, vocab_size, progress, allow_empty=True,
                   prefix=prefix)
-
-
-def count(
-    store: str | Path | TraceStore,
-    stats: Sequence[str] | str = ("experts",),
-    by: Sequence[str] | str = (),
-    where: Mapping[str, Any] | None = None,
-    *,
-    filters: Filters | None = None,
-    vocab_size: int | None = None,
-    progress: bool = True,
-    client: Any = None,
-    range_rows: int | None = None,
-    checkpoint: str | Path | None = None,
-    **filter_args: Any,
-) -> xr.Dataset:
-    """Count routing statistics over a whole trace store, or an archive of them, into an ``xarray.Dataset``.
-
-    ``store``: a path or an open :class:`~moetrace.store.TraceStore`; or an archive: a
-    directory of stores, a glob, or a list of those, local paths or fsspec URLs (see
-    :mod:`moetrace.counting.archive`: the stores must share layers, experts and top-k;
-    label values are merged by value; attributes ``stores`` and ``store_rows`` name the
-    stores counted and their rows, ``rows`` is [0, total rows], ``last_shared_pos`` one
-    int per store when there are several). ``client``: a ``distributed.Client``; the
-    archive is split into chunk-aligned ranges of about ``range_rows`` rows, counted on
-    its workers and summed in a tree; the result equals the in-process one bit for bit.
-    ``checkpoint``: a directory keeping each finished range's counts, so a rerun with
-    the same arguments counts only the ranges not yet there (a directory made for another
-    archive, or for stores rewritten or grown since, is refused).
-    ``stats``: names from ``moetrace.kernels.counting.STATS`` (list or comma-separated string);
-    ``tokens`` is always added. ``by``: label names; groups are their cross product (one
-    dim per label, label strings as coordinates). Filters (a row is counted when it
-    passes all of them), given as a :class:`~moetrace.counting.filters.Filters` or as its
-    fields by keyword:
-
-    - ``where``: ``{column: value or [values]}`` keeps rows whose ``column`` (a label,
-      by its strings; or ``seq``, ``pos``, ``token_id``, ``generated``) is among the
-      values; label coordinates stay complete.
-    - ``skip_shared_prefix``: drop seed 000's prefix shared by every sequence (see
-      :func:`moetrace.counting.prefix.shared_prefix`); the dataset gets attribute
-      ``last_shared_pos`` (the number of leading tokens dropped from each sequence,
-      R's ``last_shared_tok``).
-    - ``generated_only``: keep rows with ``generated`` True.
-    - ``positions``: ``(start, stop)``, keep ``start <= pos < stop``.
-    - ``groups``: ``{label: [values]}`` keeps rows with those label values; for a
-      ``by`` label the coordinates become exactly these values, in this order.
-
-    ``vocab_size``: V, needed by the ``vocab`` statistic ([V, L, E] counts of token id
-    x layer x expert over all ranks; rows with token_id -1 are skipped).
-    ``temporal`` counts top-1 transitions between consecutive store rows of the same
-    ``seq`` with ``pos`` + 1 when both rows pass the filters, grouped by the first row.
-    Returns int64 counts (``weight_sum`` float64), dims: the ``by`` labels first for a
-    grouped statistic, then the statistic's own ``dims`` (``layer`` coordinates are the
-    store's ``layer_ids``, others 0..size-1), and attributes ``moetrace_counts_version``,
-    ``n_experts``, ``top_k``, ``store``, ``model``, ``rows`` ([start, stop)), ``filters``
-    (JSON) and one attribute per filter. Raises MoetraceError on an unknown label /
-    statistic / group value, a bad argument, or when no row is left after the filters.
-    """
-    filters = Filters.of(filters, by=by or None, where=where, **filter_args)
-    if client is not None or checkpoint is not None or _is_archive(store):
-        from moetrace.counting.archive import count_archive
-
-        return count_archive(store, stats, filters, vocab_size, progress, client=client, range_rows=range_rows,
-                             checkpoint=checkpoint)
-    st = open_store(store)
-    ds = _count(st, 0, len(st), stats, filters, vocab_size, progress, allow_empty=False)
-    ds.attrs.update({"stores": [str(st.path)], "store_rows": [len(st)]})
-    return ds
-
-
-def _is_archive(store: Any) -> bool:
-    """Whether ``store`` names several stores (a list, a glob, a directory of stores, a URL not to a store)."""
-    if isinstance(store, TraceStore):
-        return False
-    if not isinstance(store, (str, Path)):
-        return True
-    text = str(store)
-    if any(ch in text for ch in "*?[") or ("://" in text and not text.startswith("file://")):
-        return True
-    path = Path(text[len("file://"):] if text.startswith("file://") else text)
-    return path.is_dir() and not (path / "zarr.json").exists()

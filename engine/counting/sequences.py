@@ -7,11 +7,10 @@ from typing import Sequence
 
 import numpy as np
 
-from moetrace.counting.driver import open_store
 from moetrace.counting.prefix import shared_prefix
 from moetrace.errors import MoetraceError
 from moetrace.progress import tqdm
-from moetrace.store import TraceStore
+from moetrace.store import TraceStore, open_store
 
 __all__ = ["sequence_table"]
 

@@ -52,7 +52,7 @@ def run_demo(out: str | Path = "demo_out", *, n_random: int = DEMO_RANDOM, retra
     """Run the demo into ``out``; returns the experiment summary (also in ``out/summary.json``)."""
     from moetrace.demo.trace import run_trace_demo
     from moetrace.evaluate import load_texts
-    from moetrace.experiment import summary_lines
+    from moetrace.results import summary_lines
     from moetrace.report import write_report
 
     out = Path(out)

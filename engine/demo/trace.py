@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from moetrace import metrics
-from moetrace.aggregate import count, coverage, save_counts, sequence_table
+from moetrace.counting import count, coverage, save_counts, sequence_table
 from moetrace.io import export_parquet, import_csv, import_parquet
 from moetrace.synthetic import TraceSpec, write_seed000_csv
 from moetrace.targets import Targets

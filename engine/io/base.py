@@ -15,6 +15,8 @@ these, one command module in ``engine/commands`` and its tests (``tests/io_contr
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 import os
 import shutil
@@ -132,6 +134,48 @@ def check_weights(path: Any, column: str, values: np.ndarray, rows: int | np.nda
         row = rows + i if np.isscalar(rows) else np.asarray(rows)[i]
         raise MoetraceError(f"{path}: row {int(row)}, column {column}: expected a finite number within "
                             f"+-{MAX_WEIGHT:g} (routing/weights is float16), got {values[i].item()}")
+
+
+# External sorts (the CSV and Parquet importers): a bounded key sample picks the partition bounds.
+KEY_SAMPLE_CAP = 1 << 17  # keys kept by a KeySampler at most
+MAX_PARTITIONS = 512      # partition files of one external sort at most
+
+
+class KeySampler:
+    """A bounded systematic sample of a stream of rows: every ``stride``-th row overall, the stride
+    doubling (and the sample halving) whenever more than ``KEY_SAMPLE_CAP`` rows are kept.
+
+    ``add(*columns)`` takes one batch's columns (equal lengths); :meth:`columns` returns the kept
+    rows of each column, in stream order. The same rows are kept for every column, so a key built
+    from several columns later (after their ranges are known) is a sample of the real keys.
+    """
+
+    def __init__(self, cap: int = KEY_SAMPLE_CAP):
+        self.cap, self.stride, self.rows = int(cap), 1, 0
+        self._parts: list[tuple[np.ndarray, ...]] = []
+
+    def add(self, *columns: np.ndarray) -> None:
+        take = np.arange((-self.rows) % self.stride, len(columns[0]), self.stride)
+        self._parts.append(tuple(np.asarray(c)[take] for c in columns))
+        self.rows += len(columns[0])
+        if sum(len(p[0]) for p in self._parts) > self.cap:
+            self._parts = [tuple(c[::2] for c in self.columns())]
+            self.stride *= 2
+
+    def columns(self) -> tuple[np.ndarray, ...]:
+        return tuple(np.concatenate(c) for c in zip(*self._parts))
+
+
+def partition_bounds(sorted_sample: np.ndarray, n_parts: int) -> np.ndarray:
+    """Sorted keys splitting ``sorted_sample`` into ``n_parts`` about equal partitions (fewer when keys repeat)."""
+    if n_parts <= 1 or len(sorted_sample) == 0:
+        return sorted_sample[:0]
+    return np.unique(sorted_sample[(np.arange(1, n_parts) * len(sorted_sample)) // n_parts])
+
+
+def n_partitions(estimated_bytes: float, memory_budget: int) -> int:
+    """How many partitions keep each one's sort within ``memory_budget`` bytes (at least 1 MiB), at most MAX_PARTITIONS."""
+    return int(min(MAX_PARTITIONS, max(1, math.ceil(estimated_bytes / max(1 << 20, int(memory_budget))))))
 
 
 class PartitionWriter:

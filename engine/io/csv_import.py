@@ -53,7 +53,6 @@ held in memory (one row per ``q_ix``).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import tempfile
@@ -66,8 +65,9 @@ import pyarrow.csv as pacsv
 from moetrace.progress import tqdm
 
 from moetrace.errors import MoetraceError
-from moetrace.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, PartitionWriter, check_output_path,
-                            check_range, check_weights, read_partition, resolve_n_experts, staged_store)
+from moetrace.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, TOKEN_ID_RANGE, KeySampler, PartitionWriter,
+                              check_output_path, check_range, check_weights, n_partitions, partition_bounds,
+                              read_partition, resolve_n_experts, staged_store)
 from moetrace.store import TraceStore
 
 SAMPLE_KEYS = ("q_ix", "token_ix", "token")
@@ -76,8 +76,6 @@ DEFAULT_LABELS = ("domain", "lang", "language", "subject")
 DEFAULT_MEMORY_BUDGET = 512 << 20
 BLOCK_SIZE = 1 << 20
 DEFAULT_MAX_ROW_BYTES = 64 << 20
-KEY_SAMPLE_CAP = 1 << 17
-MAX_PARTITIONS = 512
 # Bytes of working memory per byte of topks.csv while a partition is assembled.
 MEMORY_PER_CSV_BYTE = 6
 
@@ -148,10 +146,8 @@ def import_csv(
 
     # Pass 1: key ranges and a bounded sample of keys -> partition boundaries.
     keys = samples_csv.retrying(lambda: _KeySpace.scan(samples_csv, progress))
-    budget = max(1 << 20, int(memory_budget))
     est = MEMORY_PER_CSV_BYTE * topks.stat().st_size + 4 * samples.stat().st_size
-    n_parts = int(min(MAX_PARTITIONS, max(1, math.ceil(est / budget))))
-    bounds = keys.boundaries(n_parts)
+    bounds = partition_bounds(keys.sample, n_partitions(est, memory_budget))
     n_parts = len(bounds) + 1
 
     out = Path(out)
@@ -481,7 +477,7 @@ class _KeySpace:
         types = {"q_ix": pa.int64(), "token_ix": pa.int64()}
         q0 = t0 = np.iinfo(np.int64).max
         q1 = t1 = np.iinfo(np.int64).min
-        qs, ts, stride, n = [], [], 1, 0
+        sampler = KeySampler()
         for row0, batch in _batches(csv, types, progress, "scan samples.csv"):
             _no_nulls(samples, batch, list(types), row0)
             q = batch.column("q_ix").to_numpy()
@@ -489,29 +485,17 @@ class _KeySpace:
             check_range(samples, "token_ix", t, *POS_RANGE, row0, hint=" (tokens/pos is int32)")
             q0, q1 = min(q0, int(q.min())), max(q1, int(q.max()))
             t0, t1 = min(t0, int(t.min())), max(t1, int(t.max()))
-            take = np.arange((-n) % stride, len(q), stride)  # every stride-th row overall
-            qs.append(q[take])
-            ts.append(t[take])
-            n += len(q)
-            if sum(map(len, qs)) > KEY_SAMPLE_CAP:  # halve the sample, double the stride
-                qs, ts = [np.concatenate(qs)[::2]], [np.concatenate(ts)[::2]]
-                stride *= 2
-        if n == 0:
+            sampler.add(q, t)
+        if sampler.rows == 0:
             raise MoetraceError(f"{samples}: no data rows (expected one row per token)")
         if (q1 - q0 + 1) * (t1 - t0 + 1) >= 2**62:
             raise MoetraceError(
                 f"{samples}: q_ix/token_ix ranges too wide ({q0}..{q1} x {t0}..{t1}; expected (q_ix span) x "
                 f"(token_ix span) < 2^62: renumber q_ix 0..n-1)")
         space = cls(q0, q1, t0, t1, np.zeros(0, np.int64))
-        space.sample = np.sort((np.concatenate(qs) - q0) * space.width + (np.concatenate(ts) - t0))
+        qs, ts = sampler.columns()
+        space.sample = np.sort((qs - q0) * space.width + (ts - t0))
         return space
-
-    def boundaries(self, n_parts: int) -> np.ndarray:
-        """Sorted keys splitting the sampled keys into ``n_parts`` about equal partitions."""
-        if n_parts <= 1 or len(self.sample) == 0:
-            return np.zeros(0, dtype=np.int64)
-        cut = (np.arange(1, n_parts) * len(self.sample)) // n_parts
-        return np.unique(self.sample[cut])
 
     def encode(self, path: Path, batch: pa.RecordBatch, row0: int, samples_path: Path | None = None) -> np.ndarray:
         q = batch.column("q_ix").to_numpy()

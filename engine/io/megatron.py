@@ -64,7 +64,8 @@ import numpy as np
 
 from moetrace.errors import MoetraceError
 from moetrace.io.base import MAX_LAYER_ID
-from moetrace.io.routed import Request, int_array, iter_json_lines
+from moetrace.io.routed import Request, int_array
+from moetrace.jsonl import iter_json_lines
 
 HELP = "SRC is a --moe-routing-trace-path directory of router_trace_rank*.jsonl files (or one file)"
 #: Options of this format: name -> (type, help); ``moetrace import-routed`` adds one flag each.

@@ -35,7 +35,6 @@ materializes the whole trace. Row numbers in error messages are 0-based.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -48,8 +47,9 @@ import pyarrow.parquet as pq
 from moetrace.progress import tqdm
 
 from moetrace.errors import MoetraceError
-from moetrace.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, PartitionWriter,
-                            check_range, check_weights, read_partition, resolve_n_experts, staged_store)
+from moetrace.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, KeySampler,
+                              PartitionWriter, check_range, check_weights, n_partitions, partition_bounds,
+                              read_partition, resolve_n_experts, staged_store)
 from moetrace.store import RANK_ORDERS, TraceStore
 
 META_KEY = b"moetrace"
@@ -59,8 +59,6 @@ REQUIRED = ("seq", "pos", "layer", "rank", "expert")
 DEFAULT_ROW_GROUP_ROWS = 1 << 20
 READ_BATCH_ROWS = 1 << 18
 DEFAULT_MEMORY_BUDGET = 512 << 20
-KEY_SAMPLE_CAP = 1 << 17
-MAX_PARTITIONS = 512
 # Bytes of working memory per byte of a partition's Arrow rows while it is sorted and validated
 # (measured ~6 on a 2.56M-row file: int64 copies of the integer columns, the sort order, takes).
 MEMORY_PER_BYTE = 6
@@ -316,17 +314,11 @@ def _import_sorted(path: Path, pf: pq.ParquetFile, store: TraceStore, tmp: Path,
     """
     L = len(layer_ids)
     per = L * K
-    sample, stride, n = [], 1, 0
+    sampler = KeySampler()
     for batch in _iter_batches(path, pf, batch_size=batch_rows, columns=["seq", "pos"]):
-        key = _token_keys(path, batch, n)
-        sample.append(key[np.arange((-n) % stride, len(key), stride)])  # every stride-th row overall
-        n += len(key)
-        if sum(map(len, sample)) > KEY_SAMPLE_CAP:  # halve the sample, double the stride
-            sample, stride = [np.concatenate(sample)[::2]], stride * 2
-    sample = np.sort(np.concatenate(sample))
+        sampler.add(_token_keys(path, batch, sampler.rows))
     raw = pf.metadata.num_rows * _row_bytes(pf.schema_arrow)
-    n_parts = int(min(MAX_PARTITIONS, max(1, math.ceil(MEMORY_PER_BYTE * raw / max(1 << 20, int(memory_budget))))))
-    bounds = np.unique(sample[(np.arange(1, n_parts) * len(sample)) // n_parts])
+    bounds = partition_bounds(np.sort(sampler.columns()[0]), n_partitions(MEMORY_PER_BYTE * raw, memory_budget))
     n_parts = len(bounds) + 1
     with PartitionWriter(tmp / "rows", n_parts) as writer:
         offset = 0

@@ -45,12 +45,13 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from moetrace.errors import MoetraceError
 from moetrace.io.base import MAX_EXPERTS, TOKEN_ID_RANGE, check_range, resolve_n_experts, write_store
+from moetrace.jsonl import read_json_objects, short
 from moetrace.progress import tqdm
 
 #: format name -> module implementing ``read(src, top_k=None) -> Iterator[Request]`` and ``HELP``.
@@ -336,7 +337,7 @@ def _labels(req: Request, label_fields, side) -> dict[str, str]:
             raise MoetraceError(f"{req.where}: label field {name!r} missing (fields: {sorted(req.fields)})")
         value = req.fields[name]
         if isinstance(value, (dict, list)):
-            raise MoetraceError(f"{req.where}: label field {name!r}: expected a string or number, got {_short(value)}")
+            raise MoetraceError(f"{req.where}: label field {name!r}: expected a string or number, got {short(value)}")
         out[name] = str(value)
     if side is not None:
         names, table, path = side
@@ -354,16 +355,7 @@ def _read_labels_file(path: Path) -> tuple[list[str], dict[str, list[str]], Path
     try:
         with open(path, encoding="utf-8", newline="") as fh:
             if path.suffix in (".jsonl", ".json", ".ndjson"):
-                for line_no, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise MoetraceError(f"{path}: line {line_no}: invalid JSON ({exc.msg})") from None
-                    if not isinstance(row, dict):
-                        raise MoetraceError(f"{path}: line {line_no}: expected a JSON object, got {_short(row)}")
-                    rows.append(row)
+                rows = [row for _, row in read_json_objects(path)]
             else:
                 rows = list(csv.DictReader(fh))
     except UnicodeDecodeError:
@@ -374,7 +366,7 @@ def _read_labels_file(path: Path) -> tuple[list[str], dict[str, list[str]], Path
     table: dict[str, list[str]] = {}
     for i, row in enumerate(rows, 1):
         if row.get("request_id") in (None, ""):
-            raise MoetraceError(f"{path}: row {i}: expected a request_id, got {_short(row)}")
+            raise MoetraceError(f"{path}: row {i}: expected a request_id, got {short(row)}")
         key = str(row["request_id"])
         if key in table:
             raise MoetraceError(f"{path}: row {i}: request_id {key!r} appears twice")
@@ -387,27 +379,6 @@ def _read_labels_file(path: Path) -> tuple[list[str], dict[str, list[str]], Path
     return names, table, path
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def iter_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed JSON)`` for every non-blank line of a JSONL file; one-line errors."""
-    try:
-        with open(path, "rb") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield line_no, json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise MoetraceError(f"{path}: line {line_no}: invalid JSON ({getattr(exc, 'msg', exc)}; "
-                                        f"truncated file?)") from None
-                except RecursionError:
-                    raise MoetraceError(f"{path}: line {line_no}: JSON nested too deeply") from None
-    except OSError as exc:
-        raise MoetraceError(f"{path}: unreadable ({exc.strerror})") from None
 
 
 def source_files(src: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -430,5 +401,5 @@ def int_array(value: Any, where: str, what: str, ndim: int) -> np.ndarray:
             ok = False
     if not ok or arr.ndim != ndim or (arr.size and arr.dtype.kind not in "iu"):
         shape = "[tokens, layers, top_k]" if ndim == 3 else f"a {ndim}-d list"
-        raise MoetraceError(f"{where}: {what}: expected integers as {shape}, got {_short(value)}")
+        raise MoetraceError(f"{where}: {what}: expected integers as {shape}, got {short(value)}")
     return arr if arr.size else arr.astype(np.int64)

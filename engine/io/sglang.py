@@ -28,7 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from moetrace.errors import MoetraceError
-from moetrace.io.routed import Request, int_array, iter_json_lines, source_files
+from moetrace.io.routed import Request, int_array, source_files
+from moetrace.jsonl import iter_json_lines
 
 HELP = "SRC is a JSONL file (or directory) of SGLang /generate responses with meta_info.routed_experts (base64 int32)"
 

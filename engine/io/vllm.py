@@ -32,7 +32,8 @@ from typing import Iterator
 import numpy as np
 
 from moetrace.errors import MoetraceError
-from moetrace.io.routed import Request, int_array, iter_json_lines, source_files
+from moetrace.io.routed import Request, int_array, source_files
+from moetrace.jsonl import iter_json_lines
 
 #: vLLM's fill value for routing rows it has not written.
 FILL = -1

@@ -6,13 +6,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
+import numpy as np
+import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from moetrace.toy.metrics import polysemanticity  # noqa: E402
+from moetrace.toy.metrics import polysemanticity
 
 
 def render_features(W: torch.Tensor, path: str | Path, n_hidden_line: int | None = None, title: str = "") -> Path:
@@ -29,9 +30,9 @@ def render_features(W: torch.Tensor, path: str | Path, n_hidden_line: int | None
     norms = torch.linalg.vector_norm(W, dim=-1).numpy()
     wwt = torch.einsum("efh,egh->efg", W, W).numpy()
     line = n_hid if n_hidden_line is None else n_hidden_line
-    fig, axes = plt.subplots(n_exp, 2, figsize=(16, 3.0 * n_exp + 0.8), squeeze=False, layout="constrained",
-                             gridspec_kw=dict(width_ratios=[2.6, 1]), dpi=100)
-    cmap = plt.get_cmap("viridis")
+    fig = Figure(figsize=(16, 3.0 * n_exp + 0.8), layout="constrained", dpi=100)
+    axes = fig.subplots(n_exp, 2, squeeze=False, gridspec_kw=dict(width_ratios=[2.6, 1]))
+    cmap = matplotlib.colormaps["viridis"]
     x = np.arange(n_feat)
     ymax = max(float(norms.max()) * 1.1, 1e-6)
     for e in range(n_exp):
@@ -50,14 +51,13 @@ def render_features(W: torch.Tensor, path: str | Path, n_hidden_line: int | None
         axes[e, 1].set_xticks([])
         axes[e, 1].set_yticks([])
     axes[-1, 0].set_xlabel("feature")
-    fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=cmap), ax=axes[:, 0], shrink=0.3,
+    fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=cmap), ax=axes[:, 0], shrink=0.3,
                  aspect=30, label="polysemanticity (clipped at 1)")
     fig.colorbar(im, ax=axes[:, 1], shrink=0.3, aspect=30, label="W W^T")
     if title:
         fig.suptitle(title)
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -74,8 +74,8 @@ def phase_diagrams(table, path: str | Path) -> Path:
     point per model, coloured by feature sparsity. Medians over seeds.
     """
     t = table.copy()
-    fig, axes = plt.subplots(2, len(PHASE_METRICS), figsize=(6 * len(PHASE_METRICS), 10), dpi=100, squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(6 * len(PHASE_METRICS), 10), dpi=100, layout="constrained")
+    axes = fig.subplots(2, len(PHASE_METRICS), squeeze=False)
     ratios = sorted(t["network_sparsity"].unique())
     net_norm = matplotlib.colors.LogNorm(vmin=max(t["network_sparsity"].min(), 1e-3), vmax=1.0)
     one_minus = 1 - t["feature_probability"]
@@ -86,7 +86,7 @@ def phase_diagrams(table, path: str | Path) -> Path:
         for (E, k), g in grouped.groupby(["n_experts", "n_active_experts"]):
             g = g.sort_values("feature_probability")
             ax.plot(g["feature_probability"], g[metric], marker="o", ms=3,
-                    color=plt.get_cmap("plasma")(net_norm(k / E)), label=f"E={E}, k={k}")
+                    color=matplotlib.colormaps["plasma"](net_norm(k / E)), label=f"E={E}, k={k}")
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("feature probability p (sparser to the right)")
@@ -108,26 +108,28 @@ def phase_diagrams(table, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.colorbar(sc, ax=axes[1, :], fraction=0.02, label="feature sparsity 1 - p")
-    fig.colorbar(plt.cm.ScalarMappable(norm=net_norm, cmap="plasma"), ax=axes[0, :], fraction=0.02,
+    fig.colorbar(ScalarMappable(norm=net_norm, cmap="plasma"), ax=axes[0, :], fraction=0.02,
                  label="network sparsity k / E")
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def features_per_dimension_figure(summary, path: str | Path, title: str = "") -> Path:
     """Chaudhari et al.'s figure: features per dimension against ``1 / p`` (log), one line per
     architecture with its 95% interval over seeds as a band. summary: :func:`moetrace.toy.reproduce.chaudhari_summary`."""
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110, layout="constrained")
+    fig = Figure(figsize=(9, 5.5), dpi=110, layout="constrained")
+    ax = fig.subplots()
     for i, (arch, g) in enumerate(summary.groupby("architecture", sort=False)):
         g = g.sort_values("feature_probability", ascending=False)
         x = 1 / g["feature_probability"].to_numpy()
-        color = plt.get_cmap("tab10")(i)
+        color = matplotlib.colormaps["tab10"](i)
         ax.plot(x, g["features_per_dim"], "-o", ms=3, lw=2, color=color, label=f"{arch} (k/E = {g['network_sparsity'].iloc[0]:g})")
         ax.fill_between(x, g["features_per_dim_low"], g["features_per_dim_high"], color=color, alpha=0.2, lw=0)
     ax.axhline(1, ls="--", color="orange", lw=1)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("1 / feature probability  (dense <- -> sparse)")
     ax.set_ylabel("features per dimension  sum_e p_e ||W_e||_F^2 / m / k")
     ax.grid(alpha=0.3)
@@ -135,7 +137,6 @@ def features_per_dimension_figure(summary, path: str | Path, title: str = "") ->
     ax.set_title(title or "features per dimension; bands: 95% interval over seeds", fontsize=10)
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -152,8 +153,8 @@ def phase_diagram_figure(phase, path: str | Path) -> Path:
     :func:`_phase_colour`) over sparsity (x) and its importance (y). phase: :func:`moetrace.toy.reproduce.run_phase`."""
     archs = list(dict.fromkeys(phase["architecture"]))
     n_cols = int(phase["n_experts"].max())
-    fig, axes = plt.subplots(len(archs), n_cols, figsize=(3.2 * n_cols + 1, 2.6 * len(archs)), dpi=100,
-                             squeeze=False, layout="constrained")
+    fig = Figure(figsize=(3.2 * n_cols + 1, 2.6 * len(archs)), dpi=100, layout="constrained")
+    axes = fig.subplots(len(archs), n_cols, squeeze=False)
     for r, arch in enumerate(archs):
         g = phase[phase["architecture"] == arch]
         S, imp = np.sort(g["sparsity"].unique()), np.sort(g["importance"].unique())
@@ -174,7 +175,6 @@ def phase_diagram_figure(phase, path: str | Path) -> Path:
     fig.suptitle("last feature per expert: white = not represented, blue = own dimension, red = superposed", fontsize=10)
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -182,7 +182,8 @@ def plateau_figure(features, dims_per_feature, path: str | Path, fractions, titl
     """Elhage et al.'s figure: each represented feature's dimensionality against ``1 / p`` (log),
     with the dims-per-feature curve ``m / ||W||_F^2`` and the plateau fractions marked.
     features: rows of :func:`moetrace.toy.reproduce.run_elhage`; dims_per_feature: ``{p: value}``."""
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110, layout="constrained")
+    fig = Figure(figsize=(9, 5), dpi=110, layout="constrained")
+    ax = fig.subplots()
     held = features[features["norm"] > 0.5]
     jitter = np.random.default_rng(0).uniform(-0.03, 0.03, len(held))
     ax.scatter(1 / held["feature_probability"] * np.exp(jitter), held["dimensionality"], s=5, alpha=0.4,
@@ -199,5 +200,4 @@ def plateau_figure(features, dims_per_feature, path: str | Path, fractions, titl
     ax.legend(fontsize=8)
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -1,7 +1,7 @@
-"""Arguments and messages shared by the importer commands (``engine/commands/import_*.py``, ``export_*.py``).
+"""Arguments and messages shared by the importer commands (``import_*.py``, ``export_*.py`` here).
 
-Not a command module itself (``moetrace.cli`` loads every module in ``engine/commands``),
-so it lives here, next to the importers.
+Not a command itself: ``moetrace.cli`` loads every module of this package whose name does not
+start with an underscore.
 """
 
 from __future__ import annotations
