@@ -433,7 +433,7 @@ def test_cuda_draws_the_same_data_and_trains_like_the_cpu():
 @pytest.mark.slow
 def test_one_expert_reaches_the_antipodal_plateau():
     """Dense toy model (E = k = 1), F=20, H=5, uniform importance, p = 0.3: the represented features
-    pair up antipodally, each at dimensionality 1/2 (bench/RESULTS.md, the plateau table)."""
+    pair up antipodally, each at dimensionality 1/2 (the plateau Elhage et al. report; bench/RESULTS.md)."""
     from moetrace.toy.sweep import grid, run_sweep
 
     table, models = run_sweep(grid(20, 5, [1], [1], [0.3], seeds=[0, 1]), steps=3000, n_batch=256, lr=3e-3,

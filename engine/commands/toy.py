@@ -83,7 +83,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--quick", action="store_true",
                    help="fewer points, steps and seeds (minutes on 2 CPU cores); the model, data, loss and "
                         "metric stay the paper's")
-    r.add_argument("--seeds", type=int, default=None, help="runs per point (default 3; --quick: the quick design's)")
+    r.add_argument("--seeds", type=int, default=None,
+                   help="runs per point (default: the design's, 3 for features per dimension and Elhage; for the "
+                        "phase diagrams: models per cell, of which the lowest loss is kept, default 10)")
     r.add_argument("--steps", type=int, default=None, help="override the design's training steps")
     r.add_argument("--part", choices=("all", "features", "phase"), default="all",
                    help="chaudhari only: features per dimension, phase diagrams, or both (default)")
