@@ -378,7 +378,7 @@ def test_demo_model_rebuilds_deterministically_here(tmp_path):
     """Training the default demo model twice on this machine gives the same bits; on the platform
     the shipped weights were trained on (demo_build.json's platform) it gives the shipped bits."""
     from moetrace.demo.model import (DemoConfig, build_demo_model, platform_key, shipped_build_info,
-                                   weights_sha256)
+                                     weights_sha256)
 
     a = build_demo_model(tmp_path / "a", progress=False)
     info = shipped_build_info()
@@ -395,7 +395,7 @@ def test_shipped_demo_model_is_the_recorded_one_and_knows_its_domains():
     accuracy is >= 0.8 (the demo's requirement), and the accuracies recorded at build time are
     what the reloaded checkpoint gets here."""
     from moetrace.demo.model import (BUILD_INFO, QUESTIONS_FILE, SHIPPED_DIR, DemoConfig, check_shipped_model,
-                                   ensure_demo_model, load_demo_model, weights_sha256)
+                                     ensure_demo_model, load_demo_model, weights_sha256)
 
     assert ensure_demo_model() == SHIPPED_DIR
     assert check_shipped_model() == weights_sha256(SHIPPED_DIR)

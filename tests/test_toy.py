@@ -14,8 +14,8 @@ import torch
 from moetrace.cli import main as cli_main
 from moetrace.errors import MoetraceError
 from moetrace.toy import (BatchedMoE, Config, MoEModel, expert_feat_dimensionality, feature_batch,
-                        feature_specialization, global_feature_dimensionality, most_monosemantic, optimize,
-                        polysemanticity, train_batched, weighted_global_dim)
+                          feature_specialization, global_feature_dimensionality, most_monosemantic, optimize,
+                          polysemanticity, train_batched, weighted_global_dim)
 from moetrace.toy.metrics import feature_dimensionality, specialization, summary
 
 

@@ -73,7 +73,7 @@ def run_suite(model, input_ids: Sequence[Sequence[int]], groups: Sequence[str], 
     """
     from moetrace import figures
     from moetrace.analysis import (decisiveness, expert_profile, expert_similarity, reduce_2d, router_stats,
-                                 steer_prompt, weight_similarity)
+                                   steer_prompt, weight_similarity)
     from moetrace.analysis.decisiveness import table as decisiveness_table
     from moetrace.analysis.router_stats import table as router_stats_table
     from moetrace.analysis._common import experts_modules, token_batches

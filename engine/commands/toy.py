@@ -133,9 +133,9 @@ def run_train(args) -> int:
     from safetensors.torch import save_file
 
     from moetrace.toy import (SCHEDULES, Config, MoEModel, expert_feat_dimensionality, feature_specialization,
-                            global_feature_dimensionality, most_monosemantic, optimize, weighted_global_dim)
+                              global_feature_dimensionality, most_monosemantic, optimize, weighted_global_dim)
     from moetrace.toy.metrics import (REPRESENTED_THRESHOLD, feature_dimensionality, features_per_dimension,
-                                    presence_usage, routing_usage)
+                                      presence_usage, routing_usage)
     from moetrace.toy.model import fresh_step
     from moetrace.toy.plots import render_features
 

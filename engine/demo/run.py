@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moetrace.demo.model import (QUESTIONS_FILE, SELECT_TEXTS_FILE, TEXTS_FILE, check_shipped_model, ensure_demo_model,
-                               load_demo_model, retrain_demo_model)
+                                 load_demo_model, retrain_demo_model)
 
 
 # Seed 000's thresholds (1 / 5 / 5) assume many groups (its domain x language cells): an item is

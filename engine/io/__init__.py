@@ -23,8 +23,8 @@ failed or killed import never leaves a store that looks complete.
 from __future__ import annotations
 
 from moetrace.io.base import (MAX_EXPERTS, MAX_LAYER_ID, MAX_WEIGHT, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE,  # noqa: F401
-                            PartitionWriter, check_output_path, check_range, check_weights, read_partition,
-                            resolve_n_experts, staged_store, write_store)
+                              PartitionWriter, check_output_path, check_range, check_weights, read_partition,
+                              resolve_n_experts, staged_store, write_store)
 from moetrace.io.csv_import import import_csv
 from moetrace.io.llamacpp import import_llamacpp
 from moetrace.io.parquet import export_parquet, import_parquet

@@ -10,9 +10,9 @@
 
 from moetrace.toy.batched import BatchedMoE, train_batched
 from moetrace.toy.metrics import (expert_feat_dimensionality, feature_specialization, global_feature_dimensionality,
-                                most_monosemantic, polysemanticity, weighted_global_dim)
+                                  most_monosemantic, polysemanticity, weighted_global_dim)
 from moetrace.toy.model import (SCHEDULES, Config, MoEModel, constant_lr, cosine_decay_lr, default_device,
-                              feature_batch, linear_lr, optimize)
+                                feature_batch, linear_lr, optimize)
 
 __all__ = [
     "BatchedMoE", "Config", "MoEModel", "SCHEDULES", "constant_lr", "cosine_decay_lr", "default_device",

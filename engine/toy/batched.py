@@ -29,7 +29,7 @@ from torch import nn
 
 from moetrace.errors import MoetraceError
 from moetrace.toy.model import (Config, MoEModel, constant_lr, default_device, feature_batch, init_parameters,
-                              per_feature, top_k_indices, train_loop)
+                                per_feature, top_k_indices, train_loop)
 
 
 class BatchedMoE(nn.Module):
