@@ -134,8 +134,7 @@ def run_train(args) -> int:
 
     from moetrace.toy import (SCHEDULES, Config, MoEModel, expert_feat_dimensionality, feature_specialization,
                               global_feature_dimensionality, most_monosemantic, optimize, weighted_global_dim)
-    from moetrace.toy.metrics import (REPRESENTED_THRESHOLD, feature_dimensionality, features_per_dimension,
-                                      presence_usage, routing_usage)
+    from moetrace.toy.metrics import REPRESENTED_THRESHOLD, features_per_dimension, global_dimensionality, routing_usage
     from moetrace.toy.model import fresh_step
     from moetrace.toy.plots import render_features
 
@@ -160,8 +159,7 @@ def run_train(args) -> int:
     with torch.no_grad():
         weights, top_idx, _ = model.route(x)
         active = torch.zeros_like(weights).scatter(-1, top_idx, 1.0)
-        presence = presence_usage(active, x)
-        represented_glob = torch.einsum("fe,ef->f", presence, feature_dimensionality(model.W_experts.detach()))
+        represented_glob = global_dimensionality(model.W_experts.detach(), x, active)
         fpd = float(features_per_dimension(model.W_experts.detach(), routing_usage(weights, x), cfg.n_active_experts))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"config": json.dumps(cfg.__dict__), "seed": str(args.seed)})
@@ -218,7 +216,7 @@ def run_sweep_cmd(args) -> int:
 
 def run_reproduce_cmd(args) -> int:
     import json
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     import pandas as pd
 
@@ -233,7 +231,7 @@ def run_reproduce_cmd(args) -> int:
         if args.part in ("all", "features"):
             design = reproduce.ChaudhariDesign()
             design = replace(design.quick() if args.quick else design, **tweaks)
-            record["features_per_dimension"] = reproduce.design_record(design)
+            record["features_per_dimension"] = asdict(design)
             table = reproduce.run_chaudhari(design, device=args.device)
             summary = reproduce.chaudhari_summary(table)
             claims = reproduce.chaudhari_claims(table)
@@ -252,7 +250,7 @@ def run_reproduce_cmd(args) -> int:
             design = replace(design.quick() if args.quick else design,
                              **({"steps": args.steps} if args.steps else {}),
                              **({"models_per_cell": args.seeds} if args.seeds else {}))
-            record["phase"] = reproduce.design_record(design)
+            record["phase"] = asdict(design)
             phase = reproduce.run_phase(design, device=args.device)
             jumps = reproduce.phase_jumps(phase)
             phase.to_csv(out / "phase.csv", index=False)
@@ -263,7 +261,7 @@ def run_reproduce_cmd(args) -> int:
     else:
         design = reproduce.ElhageDesign()
         design = replace(design.quick() if args.quick else design, **tweaks)
-        record = {"source": reproduce.ELHAGE_SOURCE, "quick": args.quick, "design": reproduce.design_record(design)}
+        record = {"source": reproduce.ELHAGE_SOURCE, "quick": args.quick, "design": asdict(design)}
         features, plateaus = reproduce.run_elhage(design, device=args.device)
         features.to_csv(out / "features.csv", index=False)
         plateaus.to_csv(out / "plateaus.csv", index=False)

@@ -15,9 +15,8 @@ these, one command module in ``engine/commands`` and its tests (``tests/io_contr
 
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 import os
 import shutil
 from pathlib import Path

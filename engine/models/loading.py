@@ -38,7 +38,8 @@ def load_model(name: str | Path, *, tokenizer: bool = True, require_tokenizer: b
     try:
         model = AutoModelForCausalLM.from_pretrained(path).eval()
     except (OSError, ValueError) as exc:
-        raise MoetraceError(f"model {name}: cannot load a transformers checkpoint ({_first_line(exc)})") from None
+        raise MoetraceError(f"model {name}: expected 'demo', a transformers checkpoint directory or a hub id that "
+                            f"loads, got an error ({_first_line(exc)})") from None
     if not tokenizer:
         return model, None
     try:

@@ -110,6 +110,12 @@ def presence_usage(active: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return both / counts.clamp_min(1)[..., None]
 
 
+def global_dimensionality(W: torch.Tensor, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """``[..., F]``: ``sum_e alpha_i^(e) D_i^(e)`` (Chaudhari et al.'s global dimensionality, with
+    :func:`presence_usage`'s alpha on inputs ``x`` and the router's ``active`` for them)."""
+    return torch.einsum("...fe,...ef->...f", presence_usage(active, x), feature_dimensionality(W))
+
+
 def features_per_dimension(W: torch.Tensor, usage: torch.Tensor, n_active: torch.Tensor | int) -> torch.Tensor:
     """Chaudhari et al.'s features per dimension ``sum_e p_e ||W^(e)||_F^2 / m / k``: ``[...]``.
 
@@ -131,8 +137,7 @@ def summary(W: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, active: tor
     that are not all zero, or over inputs where the feature in question is present.
 
     - ``features_per_dim``: Chaudhari et al.'s features per dimension (:func:`features_per_dimension`);
-    - ``n_represented``: features whose global dimensionality ``sum_e alpha_i^(e) D_i^(e)`` (alpha:
-      :func:`presence_usage`, Chaudhari et al.'s definition) exceeds 0.05;
+    - ``n_represented``: features whose :func:`global_dimensionality` exceeds 0.05;
     - ``mean_global_dim`` / ``mean_weighted_global_dim``: mean over features of that global
       dimensionality / of the specialization-weighted ``sum_e S_i^(e) D_i^(e)`` (weights only);
     - ``dims_per_feature``: mean over real experts of ``H / ||W^(e)||_F^2`` (Elhage et al.);
@@ -149,8 +154,7 @@ def summary(W: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, active: tor
     D = feature_dimensionality(W)
     norm2 = (W * W).sum(-1)
     usage = routing_usage(weights, x)
-    alpha = presence_usage(active, x)
-    glob = torch.einsum("...fe,...ef->...f", alpha, D)
+    glob = global_dimensionality(W, x, active)
     S = specialization(W)
     present = (norm2 > PRESENT_NORM2).to(W.dtype) * mask[..., None]
     n_present = present.sum((-1, -2))

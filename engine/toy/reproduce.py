@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import numpy as np
@@ -352,7 +352,3 @@ def count_plateaus(features: pd.DataFrame, dims_per_feature: pd.Series, seeds: i
                          "represented": len(held), "dims_per_feature": float(dims_per_feature[p])})
     return pd.DataFrame(rows)
 
-
-def design_record(design) -> dict:
-    """The design's settings as a dict (``json.dumps`` writes its tuples as lists)."""
-    return asdict(design)
