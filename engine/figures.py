@@ -14,6 +14,10 @@ are plain ``Figure`` objects (Agg-safe, thread-safe) that also render themselves
 Inputs: ``counts`` is an :func:`moetrace.counting.count` Dataset; analysis results are the
 Datasets / tables of :mod:`moetrace.analysis`; ``results`` is an experiment's results table
 (:func:`moetrace.report.load_results`).
+
+The figures of seed 003's analyses live beside their computation (``engine/analysis/<name>.py``)
+and are found here by name from each analysis' declaration (``figures.decisiveness``,
+``figures.similarity``, ...; see :data:`moetrace.analysis.ANALYSES`).
 """
 
 from __future__ import annotations
@@ -24,53 +28,18 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import xarray as xr
-import matplotlib.figure
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from moetrace import metrics
+from moetrace.plotting import Figure, group_labels, layer_axis, legend_right, palette
 
-
-class Figure(matplotlib.figure.Figure):
-    """A matplotlib ``Figure`` that Jupyter shows as PNG by itself (``_repr_png_``), whatever the backend."""
-
-    def _repr_png_(self) -> bytes:
-        import io
-
-        buffer = io.BytesIO()
-        FigureCanvasAgg(self).print_png(buffer)
-        return buffer.getvalue()
+__all__ = ["Figure", "group_labels", "palette"]  # and every figure function below and of the analyses
 
 #: Layers per usage-heatmap figure when a caller splits many layers (the report does).
 LAYERS_PER_FIGURE = 16
 
 
-def group_labels(counts: xr.Dataset) -> list[str]:
-    """Group names of counts: label values joined by ``/`` (``all`` without labels)."""
-    return ["/".join(str(v) for v in g) if g else "all" for g in metrics.group_names(counts)]
-
-
 def _groups(da: xr.DataArray, counts: xr.Dataset) -> np.ndarray:
     return metrics.flatten_groups(da, metrics.group_dims(counts))
-
-
-def _layer_axis(ax, layers: Sequence) -> None:
-    ax.set_xticks(np.arange(len(layers)), [str(v) for v in layers], fontsize=7)
-    ax.set_xlabel("layer", fontsize=8)
-    ax.tick_params(labelsize=7)
-
-
-def _legend_right(ax) -> None:
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-
-
-def palette(n: int) -> list:
-    """``n`` distinguishable colours: tab10, then tab20's lighter shades, then evenly spaced hues."""
-    from matplotlib import colormaps
-
-    base = list(colormaps["tab10"].colors) + list(colormaps["tab20"].colors[1::2])
-    if n <= len(base):
-        return base[:n]
-    return [colormaps["hsv"](i / n) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------ counts
@@ -95,9 +64,9 @@ def separation(counts: xr.Dataset) -> Figure:
     max_bits = float(ent["max_entropy"])
     ax3.axhline(max_bits, ls="--", color="k", lw=1, label=f"log2(E) = {max_bits:.2f}")
     ax3.set_title("entropy of expert usage (bits)", fontsize=9)
-    _legend_right(ax3)
+    legend_right(ax3)
     for ax in (ax1, ax2, ax3):
-        _layer_axis(ax, layers)
+        layer_axis(ax, layers)
     fig.tight_layout()
     return fig
 
@@ -171,9 +140,9 @@ def stickiness(counts: xr.Dataset) -> Figure:
     for g, name in enumerate(group_labels(counts)):
         ax.plot(np.arange(len(layers)), s[g], marker=".", label=name)
     ax.axhline(baseline, ls="--", color="k", lw=1, label=f"1/E = {baseline:.3g}")
-    _layer_axis(ax, layers)
+    layer_axis(ax, layers)
     ax.set_ylabel("P(same top-1 at t+1)", fontsize=8)
-    _legend_right(ax)
+    legend_right(ax)
     fig.tight_layout()
     return fig
 
@@ -322,7 +291,7 @@ def dose_response(dose: pd.DataFrame, measure: str = "drop") -> Figure:
         ax.set_title(f"{method} ({mode})", fontsize=9)
         ax.set_xlabel("% of the targeted group's routes ablated", fontsize=8)
     axes[0].set_ylabel(MEASURES.get(measure, measure), fontsize=8)
-    _legend_right(axes[-1])
+    legend_right(axes[-1])
     fig.tight_layout()
     return fig
 
@@ -351,7 +320,7 @@ def coverage(results: pd.DataFrame) -> Figure:
     ax.set_xticks(np.arange(len(table)) + (2 * table.shape[1] - 1) * width / 2, table.index, rotation=45,
                   ha="right", fontsize=7)
     ax.set_ylabel("% of the group's routes ablated", fontsize=8)
-    _legend_right(ax)
+    legend_right(ax)
     fig.tight_layout()
     return fig
 
@@ -376,144 +345,7 @@ def base_accuracy(base: pd.DataFrame) -> Figure:
     ax.set_xticks(x, base["group"].astype(str), rotation=45, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy", fontsize=8)
-    _legend_right(ax)
-    fig.tight_layout()
-    return fig
-
-
-# ------------------------------------------------------------------------------------ analyses
-
-
-def decisiveness(ds: xr.Dataset) -> Figure:
-    """Histogram of the normalized router entropy per layer, and each group's mean entropy and top-k mass."""
-    fig = Figure(figsize=(11, 3.4))
-    ax1, ax2, ax3 = fig.subplots(1, 3)
-    centers = (ds["bin_lo"].values + ds["bin_hi"].values) / 2
-    for layer in ds["layer"].values:
-        hist = ds["entropy_hist"].sel(layer=layer).values.astype(np.float64)
-        ax1.plot(centers, hist / max(1.0, hist.sum()), label=f"layer {layer}", lw=1)
-    ax1.set_xlabel("router entropy / log E", fontsize=8)
-    ax1.set_ylabel("share of tokens", fontsize=8)
-    ax1.legend(fontsize=6)
-    layers = ds["layer"].values.tolist()
-    for name, ax, title in (("mean_entropy", ax2, "mean entropy / log E"),
-                            ("mean_mass", ax3, f"mean top-{ds.attrs.get('top_k', 'k')} probability mass")):
-        for group in ds["group"].values:
-            ax.plot(np.arange(len(layers)), ds[name].sel(group=group).values, marker=".", label=str(group))
-        ax.set_title(title, fontsize=9)
-        _layer_axis(ax, layers)
-    _legend_right(ax3)
-    fig.tight_layout()
-    return fig
-
-
-def router_stats(ds: xr.Dataset, max_ranks: int = 16) -> Figure:
-    """Per layer, mean +- std of the sorted logits and probabilities by rank, and the top-k weights."""
-    fig = Figure(figsize=(11, 3.4))
-    axes = fig.subplots(1, 3)
-    E = ds.sizes["rank"]
-    for ax, q, title in zip(axes, ("logit", "prob", "weight"), ("router logit", "router probability", "top-k weight")):
-        for layer in ds["layer"].values:
-            mean = ds[f"{q}_mean"].sel(layer=layer).values[:max_ranks]
-            std = ds[f"{q}_std"].sel(layer=layer).values[:max_ranks]
-            keep = ~np.isnan(mean)
-            ranks = np.arange(min(E, max_ranks))[keep]
-            ax.errorbar(ranks, mean[keep], yerr=std[keep], marker=".", capsize=2, lw=1, label=f"layer {layer}")
-        ax.set_title(f"{title} by rank", fontsize=9)
-        ax.set_xlabel("rank (0 = largest)", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[2].legend(fontsize=6)
-    fig.tight_layout()
-    return fig
-
-
-def similarity(ds: xr.Dataset, layer: int, variables: Sequence[str] = ("cosine", "cka", "weight_cosine")) -> Figure:
-    """Expert x expert similarity heatmaps at ``layer`` (those of ``variables`` present in ``ds``), experts
-    ordered by average-linkage clustering of the first one."""
-    from moetrace.analysis.similarity import cluster_order
-
-    names = [v for v in variables if v in ds.data_vars]
-    mats = [ds[v].sel(layer=layer).values for v in names]
-    order = cluster_order(mats[0])
-    experts = ds["expert"].values[order]
-    fig = Figure(figsize=(4.2 * len(names) + 0.8, 4.0))
-    axes = np.atleast_1d(fig.subplots(1, len(names)))
-    for ax, name, m in zip(axes, names, mats):
-        image = ax.imshow(m[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
-        ax.set_title(f"layer {layer}: {name}", fontsize=9)
-        step = max(1, math.ceil(len(experts) / 16))
-        ticks = np.arange(0, len(experts), step)
-        ax.set_xticks(ticks, [str(e) for e in experts[::step]], fontsize=6)
-        ax.set_yticks(ticks, [str(e) for e in experts[::step]], fontsize=6)
-        fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    return fig
-
-
-def embedding(points: pd.DataFrame, color_by: Sequence[str] = ("expert", "group")) -> Figure:
-    """2-D map of expert outputs (:func:`moetrace.analysis.reduce_2d`), one panel per colouring."""
-    fig = Figure(figsize=(5.0 * len(color_by), 4.4))
-    axes = np.atleast_1d(fig.subplots(1, len(color_by)))
-    method = points.attrs.get("method", "")
-    for ax, col in zip(axes, color_by):
-        values = points[col].astype(str)
-        for name in sorted(set(values), key=lambda v: (len(v), v))[:40]:
-            sel = (values == name).to_numpy()
-            ax.scatter(points["x"].to_numpy()[sel], points["y"].to_numpy()[sel], s=3, alpha=0.6, label=name)
-        ax.set_title(f"{method.upper()} of expert outputs, coloured by {col}", fontsize=9)
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=5, markerscale=3, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return fig
-
-
-def router_metrics(ds: xr.Dataset, layer: int) -> Figure:
-    """At ``layer``: selection frequency (group x expert), domain specialization, and token overlap."""
-    names = ["frequency", "specialization"] + (["overlap"] if "overlap" in ds.data_vars else [])
-    fig = Figure(figsize=(4.6 * len(names) + 0.6, 3.6))
-    axes = np.atleast_1d(fig.subplots(1, len(names)))
-    for ax, name in zip(axes, names):
-        m = ds[name].sel(layer=layer)
-        image = ax.imshow(m.values, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_title(f"layer {layer}: {name}", fontsize=9)
-        ax.set_xlabel("expert", fontsize=7)
-        if name != "overlap":
-            ax.set_yticks(np.arange(ds.sizes["group"]), ds["group"].values, fontsize=6)
-        ax.tick_params(labelsize=6)
-        fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    return fig
-
-
-def lang_domain(ds: xr.Dataset) -> Figure:
-    """By layer: the divergence between groups (I(E; G), bits) and its language / domain split."""
-    fig = Figure(figsize=(7, 3.2))
-    ax = fig.subplots()
-    layers = ds["layer"].values.tolist()
-    for name in ("jsd", "by_domain", "by_lang", "domain_given_lang", "lang_given_domain"):
-        if name in ds.data_vars:
-            ax.plot(np.arange(len(layers)), ds[name].values, marker=".", label=name,
-                    ls="--" if "given" in name else "-")
-    _layer_axis(ax, layers)
-    ax.set_ylabel("bits", fontsize=8)
-    _legend_right(ax)
-    fig.tight_layout()
-    return fig
-
-
-def steering(result: dict, top: int = 10) -> Figure:
-    """Next-token probability before and after steering (:func:`moetrace.analysis.steer_prompt`)."""
-    tokens = result["next_token"]["tokens"][:top]
-    fig = Figure(figsize=(max(5.0, 0.6 * len(tokens) + 2), 3.2))
-    ax = fig.subplots()
-    x = np.arange(len(tokens))
-    ax.bar(x - 0.2, [t["p_before"] for t in tokens], 0.4, label="before")
-    ax.bar(x + 0.2, [t["p_after"] for t in tokens], 0.4, label="after")
-    ax.set_xticks(x, [t["text"] for t in tokens], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("next-token probability", fontsize=8)
-    ax.set_title(f"expert {result['expert']} at layers {result['layers']}: scale {result['scale']:g}, "
-                 f"logit {result['logit']:+g} (KL {result['next_token']['kl']:.3g})", fontsize=9)
-    ax.legend(fontsize=7)
+    legend_right(ax)
     fig.tight_layout()
     return fig
 
@@ -538,3 +370,22 @@ def compare_agreement(summary: dict) -> Figure:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _analysis_figures() -> dict:
+    from moetrace.analysis import ANALYSES
+
+    return {name: fn for a in ANALYSES for name, fn in a.figures.items()}
+
+
+def __getattr__(name: str):
+    """An analysis' figure by its public name (PEP 562), from :data:`moetrace.analysis.ANALYSES`."""
+    if not name.startswith("_"):
+        found = _analysis_figures().get(name)
+        if found is not None:
+            return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_analysis_figures()))

@@ -30,26 +30,22 @@ A store without labels is one group, ``all``. Group names are the label values j
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
-from matplotlib.figure import Figure
 
 from moetrace import figures, metrics
+from moetrace.analysis import ANALYSES
 from moetrace.counting import count, load_counts
-from moetrace.kernels.counting import STATS
-from moetrace.figures import LAYERS_PER_FIGURE, MEASURES
 from moetrace.errors import MoetraceError
+from moetrace.figures import LAYERS_PER_FIGURE, MEASURES
+from moetrace.kernels.counting import STATS
+from moetrace.sections import (Context, Section, escape, fmt, group_matrix, html_table, img, note, section_html,
+                               size)
 from moetrace.store import TraceStore
 
 #: Columns ``results.csv`` must have (the experiment's interface).
@@ -58,14 +54,9 @@ RESULT_COLUMNS = ("method", "targeted_group", "evaluated_group", "base_accuracy"
 NUMERIC_RESULT_COLUMNS = ("base_accuracy", "ablated_accuracy", "drop", "base_loss", "ablated_loss",
                           "loss_increase", "coverage", "n_items", "seed")
 #: Statistics counted when a run directory has no ``counts.zarr`` or the source is a bare store.
-#: Where a run directory keeps what the analysis commands wrote (``--out RUN/analysis``).
-ANALYSIS_DIR = "analysis"
-#: Files an experiment writes into its run directory that sections read (a section ``need``).
-RUN_FILES = ("dose_response.csv", "compare.json", "summary.json", "base.csv")
 #: Paths listed per group.
 TOP_PATHS = 10
 
-_DPI = 90
 # Only data: images and the inline style sheet may load; no script, no network.
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 _STYLE = """
@@ -156,159 +147,9 @@ def _load(source: str | Path) -> tuple[TraceStore, xr.Dataset, str, Path | None]
 
 
 # ---------------------------------------------------------------------------------------------
-# HTML pieces
-# ---------------------------------------------------------------------------------------------
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    """A cell value as text: integers as is, floats to ``digits`` significant digits, NaN as '-'."""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return "-"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return f"{v:.{digits}g}"
-    return str(value)
-
-
-def _size(n: int | None) -> str:
-    """Bytes as text in B / KiB / MiB / GiB / TiB ('-' when unknown)."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
-def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: int = 1) -> str:
-    """An escaped HTML table; the first ``text_cols`` columns are left-aligned."""
-    head = "".join(f'<th class="t">{_e(c)}</th>' if i < text_cols else f"<th>{_e(c)}</th>"
-                   for i, c in enumerate(columns))
-    body = []
-    for row in rows:
-        cells = "".join(f'<td class="t">{_e(_fmt(v))}</td>' if i < text_cols else f"<td>{_e(_fmt(v))}</td>"
-                        for i, v in enumerate(row))
-        body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _img(fig: Figure, alt: str) -> str:
-    """``<img>`` holding ``fig`` as an inline base64 PNG."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", metadata={"Software": None})
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
-
-
-def _section(sec_id: str, heading: str, body: str) -> str:
-    return f'<section id="{_e(sec_id)}"><h2>{_e(heading)}</h2>\n{body}\n</section>'
-
-
-def _group_matrix(da: xr.DataArray, counts: xr.Dataset) -> np.ndarray:
-    """A (group..., rest...) DataArray as [G, rest...] in :func:`moetrace.metrics.group_names` order."""
-    return metrics.flatten_groups(da, metrics.group_dims(counts))
-
-
-# ---------------------------------------------------------------------------------------------
 # Sections: one object each; write_report, the table of contents, the statistics a run
 # directory must contain (REPORT_STATS) and the report test's section list derive from SECTIONS.
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Context:
-    """What a section's render function can read."""
-
-    store: TraceStore
-    counts: xr.Dataset
-    origin: str
-    groups: list[str]
-    results: pd.DataFrame | None = None
-    run_dir: Path | None = None
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def analysis_dir(self) -> Path | None:
-        return None if self.run_dir is None else self.run_dir / ANALYSIS_DIR
-
-    def has(self, need: str) -> bool:
-        """Whether the data named by ``need`` is present (see :class:`Section`)."""
-        if need in STATS:
-            return need in self.counts.data_vars
-        if need == "results":
-            return self.results is not None
-        if need == "coverage":
-            return self.results is not None and "coverage" in self.results.columns
-        if need == "probs":
-            return self.store.has_probs
-        if need == "decisiveness":  # routing/probs in the store, or what `moetrace decisiveness` wrote
-            return self.store.has_probs or self.has(f"{ANALYSIS_DIR}/decisiveness.zarr")
-        if need == "groups":
-            return bool(metrics.group_dims(self.counts))
-        if need == "generated":  # the trace holds generated (decoded) tokens besides its prompts
-            return int(self.by_generated()["tokens"].sel(generated="generated")) > 0
-        if need in RUN_FILES:  # a file an experiment or `moetrace compare --out` writes into the run directory
-            return self.run_dir is not None and (self.run_dir / need).is_file()
-        if need.startswith(f"{ANALYSIS_DIR}/"):  # a path or glob pattern under the run directory
-            return self.run_dir is not None and any(self.run_dir.glob(need))
-        raise MoetraceError(f"unknown report need {need!r}")
-
-    def by_generated(self) -> xr.Dataset:
-        """The trace's expert counts split into prompt and generated tokens (counted once, cached)."""
-        if "generated" not in self.cache:
-            self.cache["generated"] = count(self.store, stats=["experts"], by=["generated"], progress=False)
-        return self.cache["generated"]
-
-    def best_layer(self) -> int | None:
-        """Layer id with the largest chi-square (None without experts counts or when all are NaN)."""
-        if "best" not in self.cache:
-            best = None
-            if "experts" in self.counts.data_vars:
-                chi2 = metrics.layer_ranking(self.counts)["chi2"].values
-                if not np.all(np.isnan(chi2)):
-                    best = int(self.counts["layer"].values[int(np.nanargmax(chi2))])
-            self.cache["best"] = best
-        return self.cache["best"]
-
-
-@dataclass(frozen=True)
-class Section:
-    """One report section.
-
-    id: the HTML id and anchor; title: its heading; nav: its table-of-contents label;
-    needs: the data it reads — count statistics (names of :data:`moetrace.kernels.counting.STATS`),
-    ``results`` (an experiment table), ``coverage`` (its coverage column), ``probs``
-    (``routing/probs`` in the store), ``decisiveness`` (probs, or ``analysis/decisiveness.zarr``), ``groups`` (counts grouped by a label), or
-    ``analysis/<file or glob>`` (what an analysis command wrote into the run directory's ``analysis/``),
-    ``generated`` (the trace holds generated tokens), or one of :data:`RUN_FILES`
-    (``dose_response.csv``: what ``run_experiment(doses=...)`` wrote; ``summary.json``, ``base.csv``:
-    its headline and base accuracies; ``compare.json``: what ``moetrace compare --out RUN`` wrote);
-    render: Context -> HTML body. ``always``: shown with a note naming the missing count
-    statistics when some are absent (else the section is left out when its data is missing).
-    """
-
-    id: str
-    title: str
-    nav: str
-    needs: tuple[str, ...]
-    render: Callable[[Context], str]
-    always: bool = False
 
 
 def _not_counted(stats: Sequence[str], rank_order: str = "ranked") -> str:
@@ -322,39 +163,40 @@ def _render_separation(ctx: Context) -> str:
     counts = ctx.counts
     ranking = metrics.layer_ranking(counts)
     ent = metrics.entropy(counts)
-    h = _group_matrix(ent["entropy"].transpose(..., "layer"), counts)  # [G, L]
+    h = group_matrix(ent["entropy"].transpose(..., "layer"), counts)  # [G, L]
     layers = counts["layer"].values.tolist()
     rows = [[layer, ranking["chi2"].values[i], ranking["dof"].values[i], ranking["p_value"].values[i],
              ranking["avg_variance"].values[i], bool(ranking["significant"].values[i]), float(np.nanmean(h[:, i]))
              if np.any(~np.isnan(h[:, i])) else float("nan")]
             for i, layer in enumerate(layers)]
-    body = (_note("Seed 002's test of independence of group and expert on each layer's group x expert count "
-                  "matrix (all top-k ranks), and the Shannon entropy of each group's expert usage.")
-            + _img(figures.separation(counts), "chi-square, mean variance and entropy by layer")
-            + _table(["layer", "chi2", "dof", "p value", "mean variance", "significant", "mean entropy (bits)"], rows))
+    body = (note("Seed 002's test of independence of group and expert on each layer's group x expert count "
+                 "matrix (all top-k ranks), and the Shannon entropy of each group's expert usage.")
+            + img(figures.separation(counts), "chi-square, mean variance and entropy by layer")
+            + html_table(["layer", "chi2", "dof", "p value", "mean variance", "significant", "mean entropy (bits)"],
+                         rows))
     if ctx.best_layer() is not None:
-        body += _note(f"Most domain-separating layer (largest chi-square): {ctx.best_layer()}.")
+        body += note(f"Most domain-separating layer (largest chi-square): {ctx.best_layer()}.")
     return body
 
 
 def _render_usage(ctx: Context) -> str:
     layers = ctx.counts["layer"].values.tolist()
-    imgs = [_img(figures.usage_heatmaps(ctx.counts, layers[i:i + LAYERS_PER_FIGURE]),
-                 f"expert usage heatmaps, layers {layers[i]} to {layers[min(i + LAYERS_PER_FIGURE, len(layers)) - 1]}")
+    imgs = [img(figures.usage_heatmaps(ctx.counts, layers[i:i + LAYERS_PER_FIGURE]),
+                f"expert usage heatmaps, layers {layers[i]} to {layers[min(i + LAYERS_PER_FIGURE, len(layers)) - 1]}")
             for i in range(0, len(layers), LAYERS_PER_FIGURE)]
-    return (_note("Percent of each group's expert selections (all top-k ranks) that go to each expert; rows: "
-                  f"groups, columns: experts (uniform: {100.0 / ctx.counts.sizes['expert']:.3g}%).") + "".join(imgs))
+    return (note("Percent of each group's expert selections (all top-k ranks) that go to each expert; rows: "
+                 f"groups, columns: experts (uniform: {100.0 / ctx.counts.sizes['expert']:.3g}%).") + "".join(imgs))
 
 
 def _render_specialists(ctx: Context) -> str:
     layer = ctx.best_layer()
     if layer is None:
-        return _note("No layer has expert counts.")
+        return note("No layer has expert counts.")
     counts = ctx.counts
     var = metrics.expert_variation(counts, layer)
     cv = var["cv"].values
     if np.all(np.isnan(cv)):
-        return _note(f"Layer {layer}: the coefficient of variation needs at least two groups.")
+        return note(f"Layer {layer}: the coefficient of variation needs at least two groups.")
     gdims = metrics.group_dims(counts)
     experts = var["expert"].values
     preferred = ["/".join(str(var[f"preferred_{label}"].values[i]) for label in gdims) or "all"
@@ -364,18 +206,18 @@ def _render_specialists(ctx: Context) -> str:
         idx = np.flatnonzero(mask)
         idx = idx[np.argsort(-cv[idx], kind="stable")]
         rows += [[role, int(experts[i]), cv[i], preferred[i], var["usage_pct"].values[i]] for i in idx]
-    return (_note(f"Layer {layer} (largest chi-square). Coefficient of variation of each expert's counts across "
-                  f"groups; specialists above the 75th percentile ({var.attrs['q75']:.3g}), generalists below the "
-                  f"25th ({var.attrs['q25']:.3g}). Usage: percent of the preferred group's routing at this layer "
-                  "that goes to the expert.")
-            + _img(figures.specialists(counts, layer), f"coefficient of variation per expert at layer {layer}")
-            + _table(["role", "expert", "cv", "preferred group", "usage % of the group"], rows, text_cols=1))
+    return (note(f"Layer {layer} (largest chi-square). Coefficient of variation of each expert's counts across "
+                 f"groups; specialists above the 75th percentile ({var.attrs['q75']:.3g}), generalists below the "
+                 f"25th ({var.attrs['q25']:.3g}). Usage: percent of the preferred group's routing at this layer "
+                 "that goes to the expert.")
+            + img(figures.specialists(counts, layer), f"coefficient of variation per expert at layer {layer}")
+            + html_table(["role", "expert", "cv", "preferred group", "usage % of the group"], rows, text_cols=1))
 
 
 def _top_items(ctx: Context, var: str, dims: tuple[str, str], fmt: str) -> list[list]:
     """Rows (group, layer, item, count, share %, in group %) of each group's TOP_PATHS most frequent items."""
     counts = ctx.counts
-    arr = _group_matrix(counts[var].transpose(..., "layer", *dims), counts)  # [G, L, E, E]
+    arr = group_matrix(counts[var].transpose(..., "layer", *dims), counts)  # [G, L, E, E]
     shape = arr.shape[1:]
     flat = arr.reshape(arr.shape[0], -1)
     overall = flat.sum(axis=0)
@@ -398,25 +240,25 @@ def _top_items(ctx: Context, var: str, dims: tuple[str, str], fmt: str) -> list[
 def _render_paths(ctx: Context) -> str:
     rows = _top_items(ctx, "paths", ("prev_expert", "expert"), "{} -> {}")
     if not rows:
-        return _note("No paths were counted (a single recorded layer?).")
-    body = _note(f"The {TOP_PATHS} most frequent paths of each group: top-1 expert at the previous recorded layer "
-                 "-> top-1 expert at this layer. Share: of the group's paths over all layers; in group: the "
-                 "fraction of all groups' uses of the path that come from this group.")
+        return note("No paths were counted (a single recorded layer?).")
+    body = note(f"The {TOP_PATHS} most frequent paths of each group: top-1 expert at the previous recorded layer "
+                "-> top-1 expert at this layer. Share: of the group's paths over all layers; in group: the "
+                "fraction of all groups' uses of the path that come from this group.")
     if ctx.counts.sizes["layer"] > 1:
-        body += _img(figures.paths(ctx.counts), "top-1 transition matrices between consecutive layers")
-    return body + _table(["group", "layer", "path", "count", "share %", "in group %"], rows, text_cols=3)
+        body += img(figures.paths(ctx.counts), "top-1 transition matrices between consecutive layers")
+    return body + html_table(["group", "layer", "path", "count", "share %", "in group %"], rows, text_cols=3)
 
 
 def _render_pairs(ctx: Context) -> str:
     rows = _top_items(ctx, "pairs", ("first", "second"), "({}, {})")
     if not rows:
-        return _note("No pairs were counted.")
-    return (_note(f"Ordered (rank-0, rank-1) expert pairs, seed 000's third target method: the {TOP_PATHS} most "
-                  "frequent pairs of each group (share: of the group's pairs over all layers; in group: the "
-                  "fraction of all groups' uses of the pair that come from this group), and per layer the pair "
-                  "matrix over all groups.")
-            + _img(figures.pairs(ctx.counts), "rank-0 x rank-1 pair matrices")
-            + _table(["group", "layer", "pair", "count", "share %", "in group %"], rows, text_cols=3))
+        return note("No pairs were counted.")
+    return (note(f"Ordered (rank-0, rank-1) expert pairs, seed 000's third target method: the {TOP_PATHS} most "
+                 "frequent pairs of each group (share: of the group's pairs over all layers; in group: the "
+                 "fraction of all groups' uses of the pair that come from this group), and per layer the pair "
+                 "matrix over all groups.")
+            + img(figures.pairs(ctx.counts), "rank-0 x rank-1 pair matrices")
+            + html_table(["group", "layer", "pair", "count", "share %", "in group %"], rows, text_cols=3))
 
 
 def _render_coactivation(ctx: Context) -> str:
@@ -430,19 +272,19 @@ def _render_coactivation(ctx: Context) -> str:
             continue
         i, j = np.unravel_index(np.nanargmax(m), m.shape)
         rows.append([layer, f"{i} -> {j}", m[i, j], float(np.nanmean(m))])
-    return (_note("OLMoE's co-activation N(Ei, Ej) / N(Ei): of the tokens selecting expert i (row), the fraction "
-                  "that also select expert j, over all groups. Table: the strongest pair per layer and the mean.")
-            + _img(figures.coactivation(ctx.counts), "co-activation matrices by layer")
-            + _table(["layer", "strongest i -> j", "N(Ei,Ej)/N(Ei)", "mean"], rows, text_cols=2))
+    return (note("OLMoE's co-activation N(Ei, Ej) / N(Ei): of the tokens selecting expert i (row), the fraction "
+                 "that also select expert j, over all groups. Table: the strongest pair per layer and the mean.")
+            + img(figures.coactivation(ctx.counts), "co-activation matrices by layer")
+            + html_table(["layer", "strongest i -> j", "N(Ei,Ej)/N(Ei)", "mean"], rows, text_cols=2))
 
 
 def _render_stickiness(ctx: Context) -> str:
     ds = metrics.stickiness(ctx.counts)
-    s = _group_matrix(ds["stickiness"].transpose(..., "layer"), ctx.counts)
+    s = group_matrix(ds["stickiness"].transpose(..., "layer"), ctx.counts)
     mean = float(np.nanmean(s)) if np.any(~np.isnan(s)) else float("nan")
-    return (_note("Probability that the next token of the same sequence keeps the top-1 expert, per group and "
-                  f"layer; mean {_fmt(mean)} against the random baseline 1/E = {float(ds['baseline']):.3g}.")
-            + _img(figures.stickiness(ctx.counts), "stickiness by layer"))
+    return (note("Probability that the next token of the same sequence keeps the top-1 expert, per group and "
+                 f"layer; mean {fmt(mean)} against the random baseline 1/E = {float(ds['baseline']):.3g}.")
+            + img(figures.stickiness(ctx.counts), "stickiness by layer"))
 
 
 def _render_experiment(ctx: Context) -> str:
@@ -463,15 +305,15 @@ def _render_experiment(ctx: Context) -> str:
         how = ("each option scored by the summed log-likelihood of its answer text after the question"
                if scoring == "answer" else "the logit of its answer letter")
         parts.append("<h3>Base accuracy against chance and the answer-blind baseline</h3>"
-                     + _note(f"Scoring: {scoring} ({how}). "
-                             "Answer-blind: the same options scored with the question removed, what the model gets "
-                             "from its prior over answers alone. A group whose base accuracy's 95% Clopper-Pearson "
-                             "interval is not above both chance and the answer-blind accuracy is not testable on "
-                             "accuracy (a model cannot lose a skill it does not show) and is left out of the "
-                             "accuracy headline.")
-                     + _img(figures.base_accuracy(base), "base accuracy per group beside chance and answer-blind")
-                     + _table(["group", "questions", "base accuracy [95%]", "chance", "answer-blind", "testable",
-                               "base loss"], rows, text_cols=3))
+                     + note(f"Scoring: {scoring} ({how}). "
+                            "Answer-blind: the same options scored with the question removed, what the model gets "
+                            "from its prior over answers alone. A group whose base accuracy's 95% Clopper-Pearson "
+                            "interval is not above both chance and the answer-blind accuracy is not testable on "
+                            "accuracy (a model cannot lose a skill it does not show) and is left out of the "
+                            "accuracy headline.")
+                     + img(figures.base_accuracy(base), "base accuracy per group beside chance and answer-blind")
+                     + html_table(["group", "questions", "base accuracy [95%]", "chance", "answer-blind", "testable",
+                                   "base loss"], rows, text_cols=3))
     if ctx.has("summary.json"):  # the experiment's own headline, with its draw tests
         summary = json.loads((ctx.run_dir / "summary.json").read_text())
     else:
@@ -484,20 +326,20 @@ def _render_experiment(ctx: Context) -> str:
             if measure not in EXPERIMENT_MEASURES:
                 continue
             d = e["targeted_minus_random"]
-            p = "n/a" if "p_value" not in d else (f"{_fmt(d['p_value'], 3)}"
-                                                 + (f" (Holm {_fmt(d['p_holm'], 3)})" if "p_holm" in d else ""))
+            p = "n/a" if "p_value" not in d else (f"{fmt(d['p_value'], 3)}"
+                                                 + (f" (Holm {fmt(d['p_holm'], 3)})" if "p_holm" in d else ""))
             headline.append([method, EXPERIMENT_MEASURES[measure], _effect(e["targeted"]), _effect(e["off_target"]),
                              _effect(e["random"]), _effect(d), d.get("n_random", 0), p,
                              _ratio(e["selectivity"]), ", ".join(e.get("not_testable", [])) or "-"])
     figs = []
     for measure in measures:
-        figs.append(f"<h4>{_e(MEASURES[measure])}</h4>")
+        figs.append(f"<h4>{escape(MEASURES[measure])}</h4>")
         for method in methods:
             fig = figures.ablation_matrix(df, method, measure, None, groups)
-            figs.append(_img(fig, f"{measure} matrix of {method}"))
-    selection = _e(summary.get("selection", "the trace in this directory"))
-    primary = "; ".join(f"{t['method']} {EXPERIMENT_MEASURES[t['measure']]}: p {_fmt(t['p_value'], 3)}, Holm "
-                        f"{_fmt(t['p_holm'], 3)}" for t in summary.get("primary_tests", []))
+            figs.append(img(fig, f"{measure} matrix of {method}"))
+    selection = escape(summary.get("selection", "the trace in this directory"))
+    primary = "; ".join(f"{t['method']} {EXPERIMENT_MEASURES[t['measure']]}: p {fmt(t['p_value'], 3)}, Holm "
+                        f"{fmt(t['p_holm'], 3)}" for t in summary.get("primary_tests", []))
     value_cols = [c for c in ("base_accuracy", "ablated_accuracy", "drop", "drop_ci_low", "drop_ci_high",
                               "drop_p_value", "drop_p_holm", "base_loss", "ablated_loss", "loss_increase",
                               "loss_ci_low", "loss_ci_high", "loss_p_value", "loss_p_holm", "coverage", "n_items")
@@ -507,26 +349,26 @@ def _render_experiment(ctx: Context) -> str:
         ["method", "targeted_group", "evaluated_group"])
     return ("".join(parts)
             + "<h3>Per method</h3>"
-            + _note(f"Targets selected on {selection}. targeted: mean over targeted groups of the effect on that "
-                    "group; off-target: of the mean effect on the other groups; random: of the mean over the random "
-                    "draws (as many real routes per layer, used by no group's targets, matched on the targeted "
-                    "group's traffic where possible, see Targets); targeted - random with its two-level interval "
-                    "(draws and items resampled); p: rank of the targeted effect among the draws, pooled over "
-                    "groups (one-sided); n: draws per group. In brackets: 95% intervals (paired bootstrap over "
-                    "items for targeted and off-target). Primary tests (Holm-adjusted as one family): "
-                    f"{_e(primary) or 'none'}. Every other p-value is secondary.")
-            + _table(["method", "measure", "targeted", "off-target", "random (mean of draws)", "targeted - random",
-                      "n", "p vs random", "targeted / off-target", "not testable"], headline, text_cols=10)
+            + note(f"Targets selected on {selection}. targeted: mean over targeted groups of the effect on that "
+                   "group; off-target: of the mean effect on the other groups; random: of the mean over the random "
+                   "draws (as many real routes per layer, used by no group's targets, matched on the targeted "
+                   "group's traffic where possible, see Targets); targeted - random with its two-level interval "
+                   "(draws and items resampled); p: rank of the targeted effect among the draws, pooled over "
+                   "groups (one-sided); n: draws per group. In brackets: 95% intervals (paired bootstrap over "
+                   "items for targeted and off-target). Primary tests (Holm-adjusted as one family): "
+                   f"{escape(primary) or 'none'}. Every other p-value is secondary.")
+            + html_table(["method", "measure", "targeted", "off-target", "random (mean of draws)", "targeted - random",
+                          "n", "p vs random", "targeted / off-target", "not testable"], headline, text_cols=10)
             + "<h3>Targeted x evaluated groups</h3>"
-            + _note("Each cell: the effect on the evaluated group (column) of ablating the routes specialized in the "
-                    "targeted group (row). One colour scale per measure.")
+            + note("Each cell: the effect on the evaluated group (column) of ablating the routes specialized in the "
+                   "targeted group (row). One colour scale per measure.")
             + "".join(figs)
             + "<h3>Results</h3>"
-            + _note("results.csv's rows of the targeted ablations: every measure with its 95% paired interval, its "
-                    "item-level p-value (McNemar for accuracy, sign-flip for loss) and that p-value Holm-adjusted "
-                    "over the whole table. The random draws' rows are in results.csv.")
-            + _table(["method", "targeted group", "evaluated group", *[c.replace("_", " ") for c in value_cols]],
-                     table.itertuples(index=False), text_cols=3))
+            + note("results.csv's rows of the targeted ablations: every measure with its 95% paired interval, its "
+                   "item-level p-value (McNemar for accuracy, sign-flip for loss) and that p-value Holm-adjusted "
+                   "over the whole table. The random draws' rows are in results.csv.")
+            + html_table(["method", "targeted group", "evaluated group", *[c.replace("_", " ") for c in value_cols]],
+                         table.itertuples(index=False), text_cols=3))
 
 
 EXPERIMENT_MEASURES = {"drop": "accuracy drop", "loss_increase": "loss increase",
@@ -560,18 +402,18 @@ def _ratio(r: dict) -> str:
 
 def _render_dose_response(ctx: Context) -> str:
     dose = _read_run_csv(ctx.run_dir / "dose_response.csv")
-    parts = [_note("The effect on each targeted group of ablating its n most specialized items (n: 1, 8, ..., all, "
-                   "by their share of samples from the group), against the share of the group's routes those items "
-                   "cover (x). Dots: the targets, with their 95% paired interval over items; crosses: the mean of "
-                   "the random draws matched to that coverage (as many real routes per layer, used by no group's "
-                   "targets), with the 95% t-interval of that mean over draws. A draw that could not be matched "
-                   "lies at its own coverage, left of the targets.")]
+    parts = [note("The effect on each targeted group of ablating its n most specialized items (n: 1, 8, ..., all, "
+                  "by their share of samples from the group), against the share of the group's routes those items "
+                  "cover (x). Dots: the targets, with their 95% paired interval over items; crosses: the mean of "
+                  "the random draws matched to that coverage (as many real routes per layer, used by no group's "
+                  "targets), with the 95% t-interval of that mean over draws. A draw that could not be matched "
+                  "lies at its own coverage, left of the targets.")]
     if "target_coverage" not in dose.columns:
-        return _note("This dose_response.csv predates the coverage axis; rerun the experiment to plot it.")
+        return note("This dose_response.csv predates the coverage axis; rerun the experiment to plot it.")
     for measure in ("drop", "loss_increase"):
         if measure in dose.columns and dose[measure].notna().any():
-            parts.append(f"<h3>{_e(MEASURES[measure])}</h3>"
-                         + _img(figures.dose_response(dose, measure), f"dose-response of the {measure}"))
+            parts.append(f"<h3>{escape(MEASURES[measure])}</h3>"
+                         + img(figures.dose_response(dose, measure), f"dose-response of the {measure}"))
     own = dose[dose["targeted_group"] == dose["evaluated_group"]]
     table = (own.groupby(["method", "mode", "targeted_group", "dose", "is_random"], sort=True)
              .agg(coverage=("target_coverage", "mean"), draws=("seed", "nunique"), in_band=("in_band", "mean"),
@@ -579,8 +421,8 @@ def _render_dose_response(ctx: Context) -> str:
     rows = [[r.method, r.mode, r.targeted_group, str(r.dose), "random draws" if r.is_random else "targets",
              r.coverage * 100, r.draws if r.is_random else "-", r.in_band if r.is_random else "-", r.drop,
              r.loss_increase] for r in table.itertuples(index=False)]
-    return "".join(parts) + _table(["method", "mode", "targeted group", "dose", "ablated", "coverage %", "draws",
-                                    "in band", "accuracy drop", "loss increase"], rows, text_cols=5)
+    return "".join(parts) + html_table(["method", "mode", "targeted group", "dose", "ablated", "coverage %", "draws",
+                                        "in band", "accuracy drop", "loss increase"], rows, text_cols=5)
 
 
 def _render_generated(ctx: Context) -> str:
@@ -589,10 +431,10 @@ def _render_generated(ctx: Context) -> str:
     rows = [[str(kind), int(counts["tokens"].sel(generated=kind)),
              *[float(ent.sel(generated=kind, layer=layer)) for layer in counts["layer"].values]]
             for kind in counts["generated"].values]
-    return (_note("Expert usage of the prompt tokens and of the tokens the model generated, counted separately "
-                  "(`moetrace count --by generated`); entropy of each kind's expert distribution per layer, in bits.")
-            + _img(figures.usage_heatmaps(counts), "expert usage of prompt and generated tokens")
-            + _table(["tokens", "count", *[f"layer {layer}" for layer in counts["layer"].values]], rows))
+    return (note("Expert usage of the prompt tokens and of the tokens the model generated, counted separately "
+                 "(`moetrace count --by generated`); entropy of each kind's expert distribution per layer, in bits.")
+            + img(figures.usage_heatmaps(counts), "expert usage of prompt and generated tokens")
+            + html_table(["tokens", "count", *[f"layer {layer}" for layer in counts["layer"].values]], rows))
 
 
 def _render_compare(ctx: Context) -> str:
@@ -601,15 +443,15 @@ def _render_compare(ctx: Context) -> str:
                 if m in summary["layers"][0]]
     layer_rows = [[e["layer"], *[float("nan") if e[m] is None else e[m] for m in measures]] for e in summary["layers"]]
     worst = [[w["seq"], w["pos"], w["token_id"], w["layers_differing"]] for w in summary["worst_tokens"]]
-    return (_note(f"{summary['a']} vs {summary['b']}: {summary['tokens']:,} tokens aligned by (seq, pos) in "
-                  f"{summary['sequences']:,} sequences (`moetrace compare --out`).")
-            + _img(figures.compare_agreement(summary), "routing agreement of two traces by layer")
-            + _table(["layer", *[m.replace("_", " ") for m in measures]], layer_rows)
-            + (_note("Top-1 agreement is not measured: the rank order of "
-                     f"{' and '.join(summary['rank_order_unknown'])} is unknown.")
+    return (note(f"{summary['a']} vs {summary['b']}: {summary['tokens']:,} tokens aligned by (seq, pos) in "
+                 f"{summary['sequences']:,} sequences (`moetrace compare --out`).")
+            + img(figures.compare_agreement(summary), "routing agreement of two traces by layer")
+            + html_table(["layer", *[m.replace("_", " ") for m in measures]], layer_rows)
+            + (note("Top-1 agreement is not measured: the rank order of "
+                    f"{' and '.join(summary['rank_order_unknown'])} is unknown.")
                if summary.get("rank_order_unknown") else "")
-            + f"<h3>Tokens whose {_e(summary.get('differing', 'top-1'))} differs in most layers</h3>"
-            + _table(["seq", "pos", "token id", "layers differing"], worst))
+            + f"<h3>Tokens whose {escape(summary.get('differing', 'top-1'))} differs in most layers</h3>"
+            + html_table(["seq", "pos", "token id", "layers differing"], worst))
 
 
 def _render_targets(ctx: Context) -> str:
@@ -643,145 +485,17 @@ def _render_targets(ctx: Context) -> str:
         lo, hi = json.loads((ctx.run_dir / "summary.json").read_text()).get("coverage_band", [None, None])
         if lo is not None:
             band = f" (the band: {lo:.2f}x to {hi:.2f}x the targets' coverage)"
-    return (_note("The routes chosen for each targeted group (seed 000's rule: a route's share of the group's "
-                  "samples >= the group's share x threshold) and how much of each group's routing they cover: "
-                  "own = the targeted group's routes that are targeted, others = mean over the other groups; "
-                  "beside them the random draws' coverage of the targeted group's routes (mean, min-max) and how "
-                  f"many draws fell inside the matching band{band}. Draws can only use routes no group's targets "
-                  "use, so when the targets take most of a group's traffic no draw can match it: the comparison "
-                  "with random is then one of fewer routes, which the dose-response section puts side by side "
-                  "at equal coverage.")
-            + _img(figures.coverage(df), "coverage of each group's routes by its targets and by the random draws")
-            + _table(["method", "targeted group", "rules", "own coverage %", "others' coverage %",
-                      "random draws' coverage % (min-max)", "draws in band"], rows, text_cols=2))
-
-
-def _render_decisiveness(ctx: Context) -> str:
-    from moetrace.analysis import decisiveness
-
-    if ctx.has(f"{ANALYSIS_DIR}/decisiveness.zarr"):
-        ds = _open_dataset(ctx.analysis_dir / "decisiveness.zarr")
-    else:
-        ds = decisiveness(ctx.store, by=ctx.store.label_names)
-    rows = [[int(layer), *ds["entropy_quantile"].sel(layer=layer).values.tolist(),
-             float(ds["mean_mass"].sel(layer=layer).mean())] for layer in ds["layer"].values]
-    return (_note(f"Entropy of the router's full distribution over the {ds.attrs['n_experts']} experts divided by "
-                  f"log E (0: one expert takes everything, 1: uniform), per token, from routing/probs; and the "
-                  f"probability mass the top-{ds.attrs['top_k']} keep. Quantiles from {ds.sizes['bin']}-bin "
-                  "histograms.")
-            + _img(figures.decisiveness(ds), "router entropy and top-k mass by layer")
-            + _table(["layer", *[f"entropy q{q:g}" for q in ds["quantile"].values], "mean top-k mass"], rows))
-
-
-def _render_router_metrics(ctx: Context) -> str:
-    from moetrace.analysis import router_metrics
-
-    ds = router_metrics(ctx.counts)
-    layer = ctx.best_layer() if ctx.best_layer() is not None else int(ds["layer"].values[0])
-    rows = []
-    for l in ds["layer"].values.tolist():
-        spec = ds["specialization"].sel(layer=l).values
-        ov = ds["overlap"].sel(layer=l).values.copy() if "overlap" in ds else None
-        if ov is not None:
-            np.fill_diagonal(ov, np.nan)
-        rows.append([l, float(np.nanmax(spec)) if np.any(~np.isnan(spec)) else float("nan"),
-                     float(np.nanmean(ov)) if ov is not None and np.any(~np.isnan(ov)) else float("nan")])
-    return (_note("Expert selection frequency (fraction of a group's tokens with the expert in their top-k; "
-                  f"uniform {ds.attrs['frequency_baseline']:.3g}), domain specialization (share of the expert's "
-                  f"selections from the group; uniform {ds.attrs['specialization_baseline']:.3g}) and token overlap "
-                  f"(Jaccard of two experts' token sets). Figure: layer {layer}.")
-            + _img(figures.router_metrics(ds, layer), f"router metrics at layer {layer}")
-            + _table(["layer", "max specialization", "mean overlap"], rows))
-
-
-def _render_lang_domain(ctx: Context) -> str:
-    from moetrace.analysis import jensen_shannon
-
-    ds = jensen_shannon(ctx.counts)
-    cols = [c for c in ("jsd", "by_domain", "by_lang", "domain_given_lang", "lang_given_domain") if c in ds]
-    rows = [[int(l), *[float(ds[c].sel(layer=l)) for c in cols]] for l in ds["layer"].values]
-    split = "by_lang" in ds
-    return (_note("Weighted Jensen-Shannon divergence between the groups' expert distributions per layer, which "
-                  "equals the mutual information I(expert; group) in bits"
-                  + ("; split exactly into the part explained by language I(E; lang) and by domain I(E; domain), "
-                     "with what each leaves given the other." if split else
-                     " (the language / domain split needs counts grouped by both domain and lang)."))
-            + _img(figures.lang_domain(ds), "divergence between groups by layer")
-            + _table(["layer", *cols], rows))
-
-
-def _open_dataset(path: Path) -> xr.Dataset:
-    from moetrace.analysis import load_result
-
-    return load_result(path)
-
-
-def _render_similarity(ctx: Context) -> str:
-    ds = _open_dataset(ctx.analysis_dir / "similarity.zarr")
-    imgs = "".join(_img(figures.similarity(ds, int(l)), f"expert similarity at layer {l}") for l in ds["layer"].values)
-    rows = []
-    for l in ds["layer"].values.tolist():
-        row = [l]
-        for v in ("cosine", "cka", "weight_cosine"):
-            if v in ds:
-                m = ds[v].sel(layer=l).values.copy()
-                np.fill_diagonal(m, np.nan)
-                row.append(float(np.nanmean(m)))
-            else:
-                row.append(float("nan"))
-        rows.append(row)
-    return (_note(f"Every expert applied to the same {ds.attrs.get('tokens', '?')} tokens' layer inputs: mean "
-                  "cosine similarity of their outputs, linear CKA, and cosine similarity of their weights; experts "
-                  "ordered by average-linkage clustering (moetrace similarity).")
-            + imgs + _table(["layer", "mean cosine", "mean CKA", "mean weight cosine"], rows))
-
-
-def _render_router_stats(ctx: Context) -> str:
-    ds = _open_dataset(ctx.analysis_dir / "router_stats.zarr")
-    rows = [[int(l), float(ds["logit_mean"].sel(layer=l, rank=0)), float(ds["prob_mean"].sel(layer=l, rank=0)),
-             float(ds["weight_mean"].sel(layer=l, rank=0))] for l in ds["layer"].values]
-    return (_note(f"Router logits, probabilities ({ds.attrs.get('scoring', '')}) and top-k weights sorted per token, "
-                  f"mean +- std by rank over {ds.attrs.get('tokens', '?')} tokens (moetrace router-stats).")
-            + _img(figures.router_stats(ds), "router statistics by rank")
-            + _table(["layer", "top logit", "top probability", "top-1 weight"], rows))
-
-
-def _render_embedding(ctx: Context) -> str:
-    files = sorted(ctx.analysis_dir.glob("dim_reduc_layer*.csv"))
-    body = _note("2-D map of the routed experts' outputs (moetrace dim-reduc), coloured by expert and by group.")
-    for path in files:
-        points = pd.read_csv(path, keep_default_na=False)
-        meta = path.with_suffix(".json")
-        if meta.is_file():
-            points.attrs.update(json.loads(meta.read_text()))
-        body += f"<h3>{_e(path.stem)}</h3>" + _img(figures.embedding(points), path.stem)
-    return body
-
-
-def _render_profiles(ctx: Context) -> str:
-    body = _note("One (layer, expert) per profile (moetrace profile): its selection frequency, mean routing "
-                 "weight, most frequent tokens and the experts it co-activates with.")
-    for path in sorted(ctx.analysis_dir.glob("profile_layer*_expert*.json")):
-        p = json.loads(path.read_text())
-        body += (f"<h3>{_e(path.stem)}</h3>"
-                 + _table(["fact", "value"], [
-                     ["selected", p["selected"]], ["selection frequency", p["selection_frequency"]],
-                     ["mean weight", p["mean_weight"]],
-                     ["top tokens", ", ".join(f"{t['text']} ({t['count']})" for t in p["top_tokens"][:10])],
-                     ["co-activates with", ", ".join(f"{c['expert']} ({c['share']:.2f})"
-                                                     for c in p["coactivation"][:5])]], text_cols=2))
-    return body
-
-
-def _render_steering(ctx: Context) -> str:
-    body = _note("Boosting or ablating one expert's routing for a prompt (moetrace steer): greedy continuations "
-                 "and the next-token distribution at the chosen position, before and after.")
-    for path in sorted(ctx.analysis_dir.glob("steer*.json")):
-        r = json.loads(path.read_text())
-        body += (f"<h3>{_e(path.stem)}</h3>" + _img(figures.steering(r), path.stem)
-                 + _table(["", "text"], [["prompt", r["prompt"]], ["before", r["before"]["generated"]],
-                                         ["after", r["after"]["generated"]]], text_cols=2))
-    return body
+    return (note("The routes chosen for each targeted group (seed 000's rule: a route's share of the group's "
+                 "samples >= the group's share x threshold) and how much of each group's routing they cover: "
+                 "own = the targeted group's routes that are targeted, others = mean over the other groups; "
+                 "beside them the random draws' coverage of the targeted group's routes (mean, min-max) and how "
+                 f"many draws fell inside the matching band{band}. Draws can only use routes no group's targets "
+                 "use, so when the targets take most of a group's traffic no draw can match it: the comparison "
+                 "with random is then one of fewer routes, which the dose-response section puts side by side "
+                 "at equal coverage.")
+            + img(figures.coverage(df), "coverage of each group's routes by its targets and by the random draws")
+            + html_table(["method", "targeted group", "rules", "own coverage %", "others' coverage %",
+                          "random draws' coverage % (min-max)", "draws in band"], rows, text_cols=2))
 
 
 def _render_store(ctx: Context) -> str:
@@ -798,23 +512,24 @@ def _render_store(ctx: Context) -> str:
     arrays = []
     for name, a in info["arrays"].items():
         raw, stored = a["raw_bytes"], a["stored_bytes"]
-        arrays.append([name, str(tuple(a["shape"])), a["dtype"], _size(raw), _size(stored),
+        arrays.append([name, str(tuple(a["shape"])), a["dtype"], size(raw), size(stored),
                        raw / stored if raw and stored else float("nan")])
-    tokens = _group_matrix(counts["tokens"], counts).reshape(-1) if "tokens" in counts.data_vars else None
+    tokens = group_matrix(counts["tokens"], counts).reshape(-1) if "tokens" in counts.data_vars else None
     filters = counts.attrs.get("filters", "{}")
     counts_facts = [["counts", ctx.origin], ["statistics", ", ".join(sorted(counts.data_vars))],
                     ["grouped by", ", ".join(metrics.group_dims(counts)) or "nothing (one group: all)"],
                     ["filters", filters if isinstance(filters, str) else json.dumps(filters)]]
-    body = (_table(["fact", "value"], facts, text_cols=2)
+    body = (html_table(["fact", "value"], facts, text_cols=2)
             + "<h3>Arrays</h3>"
-            + _table(["array", "shape", "dtype", "raw", "stored", "ratio"], arrays, text_cols=3)
-            + "<h3>Counts</h3>" + _table(["fact", "value"], counts_facts, text_cols=2))
+            + html_table(["array", "shape", "dtype", "raw", "stored", "ratio"], arrays, text_cols=3)
+            + "<h3>Counts</h3>" + html_table(["fact", "value"], counts_facts, text_cols=2))
     if tokens is not None:
-        body += _table(["group", "tokens counted"], [[g, int(t)] for g, t in zip(ctx.groups, tokens)])
+        body += html_table(["group", "tokens counted"], [[g, int(t)] for g, t in zip(ctx.groups, tokens)])
     return body
 
 
-#: The report's sections, in page order. Adding an analysis to the report is one more entry.
+#: The report's sections, in page order: the experiment's and the counts', then each seed-003
+#: analysis' own (``ANALYSIS.section`` in ``engine/analysis/<name>.py``), then the store.
 SECTIONS: tuple[Section, ...] = (
     Section("experiment", "Ablation experiment", "Ablation experiment", ("results",), _render_experiment),
     Section("dose-response", "Dose-response", "Dose-response", ("dose_response.csv",), _render_dose_response),
@@ -830,19 +545,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("pairs", "Top expert pairs per group", "Pairs", ("pairs",), _render_pairs, always=True),
     Section("coactivation", "Expert co-activation", "Co-activation", ("coact",), _render_coactivation, always=True),
     Section("stickiness", "Stickiness", "Stickiness", ("temporal",), _render_stickiness, always=True),
-    Section("router-metrics", "Router metrics", "Router metrics", ("experts", "tokens", "coact"),
-            _render_router_metrics),
-    Section("lang-domain", "Languages vs domains", "Languages vs domains", ("experts", "groups"), _render_lang_domain),
-    Section("decisiveness", "Router decisiveness", "Decisiveness", ("decisiveness",), _render_decisiveness),
-    Section("router-stats", "Router statistics", "Router statistics", (f"{ANALYSIS_DIR}/router_stats.zarr",),
-            _render_router_stats),
-    Section("similarity", "Expert similarity", "Similarity", (f"{ANALYSIS_DIR}/similarity.zarr",),
-            _render_similarity),
-    Section("embedding", "Expert outputs in 2-D", "2-D map", (f"{ANALYSIS_DIR}/dim_reduc_layer*.csv",),
-            _render_embedding),
-    Section("profiles", "Expert profiles", "Profiles", (f"{ANALYSIS_DIR}/profile_layer*_expert*.json",),
-            _render_profiles),
-    Section("steering", "Steering", "Steering", (f"{ANALYSIS_DIR}/steer*.json",), _render_steering),
+    *(a.section for a in ANALYSES if a.section is not None),
     Section("store", "Trace store", "Trace store", (), _render_store, always=True),
 )
 
@@ -859,8 +562,8 @@ def planned_sections(ctx: Context) -> list[Section]:
 
 def _render(section: Section, ctx: Context) -> str:
     missing = [n for n in section.needs if n in STATS and not ctx.has(n)]
-    body = _note(_not_counted(missing, ctx.store.rank_order)) if missing else section.render(ctx)
-    return _section(section.id, section.title, body)
+    body = note(_not_counted(missing, ctx.store.rank_order)) if missing else section.render(ctx)
+    return section_html(section.id, section.title, body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -895,14 +598,14 @@ def write_report(source: str | Path, out_html: str | Path, *, results: str | Pat
     run_dir = source if (source / "trace.zarr").is_dir() else None
     ctx = Context(store=store, counts=counts, origin=origin, groups=groups, results=table, run_dir=run_dir)
     sections = planned_sections(ctx)
-    nav = "".join(f'<a href="#{_e(s.id)}">{_e(s.nav)}</a>' for s in sections)
+    nav = "".join(f'<a href="#{escape(s.id)}">{escape(s.nav)}</a>' for s in sections)
     summary = (f"{info['rows']:,} tokens, {info['sequences']:,} sequences, {info['n_layers']} layers, "
                f"top-{info['top_k']} of {info['n_experts']} experts, groups: {', '.join(groups)}")
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
-        f"<title>{_e(title)}</title>\n<style>{_STYLE}</style></head>\n<body>\n"
-        f"<h1>{_e(title)}</h1>\n<p>{_e(summary)}</p>\n<nav>{nav}</nav>\n"
+        f"<title>{escape(title)}</title>\n<style>{_STYLE}</style></head>\n<body>\n"
+        f"<h1>{escape(title)}</h1>\n<p>{escape(summary)}</p>\n<nav>{nav}</nav>\n"
         + "\n".join(_render(s, ctx) for s in sections)
         + "\n</body></html>\n"
     )

@@ -5,6 +5,7 @@ its numbers and its PNG + PDF figure, the numbers equal the library functions' r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -116,3 +117,40 @@ def test_run_suite_writes_every_model_analysis(setup, tmp_path):
     assert load_result(out / "decisiveness.zarr")["tokens"].sum() == 60
     assert len(list(out.glob("profile_layer0_expert*.json"))) == 1
     assert len(list(out.glob("steer_layers0_expert*.json"))) == 1
+
+
+def test_every_declared_analysis_is_complete(tmp_path, monkeypatch, capsys):
+    """Each ``ANALYSIS`` of engine/analysis/ declares a command whose example runs verbatim from a directory
+    holding ``run/trace.zarr`` (the demo model, captured with --probs and labels domain, lang), writes every
+    output it declares, shows its figures in ``moetrace.figures`` and gets its section in the report."""
+    import shlex
+
+    from moetrace import figures
+    from moetrace.analysis import ANALYSES
+    from moetrace.demo.data import make_training_documents
+    from moetrace.report import SECTIONS
+
+    monkeypatch.chdir(tmp_path)
+    docs = make_training_documents(120, seed=3)
+    Path("data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert cli_main(["capture", "run/trace.zarr", "--model", "demo", "--data", "data.jsonl", "--labels", "domain,lang",
+                     "--probs", "--quiet"]) == 0
+    modules = {p.stem for p in (Path(__file__).resolve().parents[1] / "engine" / "analysis").glob("[!_]*.py")}
+    assert len(ANALYSES) == len(modules - {"suite"})  # every public module declares one (the import checks the type)
+    assert len({a.command for a in ANALYSES}) == len(ANALYSES)
+    section_ids = [s.id for s in SECTIONS]
+    for analysis in ANALYSES:
+        args = shlex.split(analysis.example)
+        assert args[0] == analysis.command and "--out" in args and args[args.index("--out") + 1] == "run/analysis"
+        assert cli_main(args) == 0, analysis.example
+        for pattern in analysis.outputs:
+            assert list(Path("run/analysis").glob(pattern)), f"{analysis.command}: wrote no {pattern}"
+        for name, fn in analysis.figures.items():
+            assert getattr(figures, name) is fn
+        if analysis.section is not None:
+            assert analysis.section.id in section_ids
+    capsys.readouterr()
+    page = write_report(Path("run"), Path("report.html")).read_text()
+    for analysis in ANALYSES:
+        if analysis.section is not None:
+            assert f'<section id="{analysis.section.id}">' in page, analysis.command

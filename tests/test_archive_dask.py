@@ -91,9 +91,10 @@ def test_cli_workers(archive, tmp_path):
 
 def test_worker_killed_mid_count(client, tmp_path):
     """SIGKILL one worker process after the first ranges finished; the nanny restarts it, lost ranges are recomputed."""
-    spec = TraceSpec(n_tokens=16_000, n_layers=3, n_experts=8, top_k=2, seq_len=37)
+    # 250 ranges: enough that the count is still running when the first 5 have finished, on a fast machine too
+    spec = TraceSpec(n_tokens=64_000, n_layers=3, n_experts=8, top_k=2, seq_len=37)
     for i in range(2):
-        make_store(tmp_path / f"s{i}.zarr", i * 8_000, 8_000, spec=spec, chunk_rows=256)
+        make_store(tmp_path / f"s{i}.zarr", i * 32_000, 32_000, spec=spec, chunk_rows=256)
     kw = dict(stats=["experts", "temporal", "weight_sum"], by=["domain"], progress=False, range_rows=256)
     local = count(tmp_path, **kw)
     pids = client.run(os.getpid)

@@ -28,8 +28,9 @@ from moetrace import synthetic
 from moetrace.counting import count, save_counts
 from moetrace.cli import main as cli_main
 from moetrace.errors import MoetraceError
-from moetrace.report import REPORT_STATS, _fmt, _table, write_report
+from moetrace.report import REPORT_STATS, write_report
 from moetrace.report import SECTIONS as REPORT_SECTIONS
+from moetrace.sections import fmt, html_table
 from moetrace.store import TraceStore
 
 SPEC = synthetic.TraceSpec(n_tokens=2048, n_layers=4, n_experts=16, top_k=2, seq_len=32)
@@ -201,7 +202,7 @@ def test_escaping_of_label_values_and_groups(tmp_path):
 @given(st.lists(st.lists(st.text(max_size=12), min_size=2, max_size=2), max_size=4))
 def test_table_cells_round_trip(cells):
     """Whatever text goes into a table cell comes back as that text (no markup leaks)."""
-    fragment = _table(["a<", "b&"], cells)
+    fragment = html_table(["a<", "b&"], cells)
     assert table_rows(fragment) == cells
     page = Page(fragment)
     assert {t for t, _ in page.tags} <= {"table", "thead", "tbody", "tr", "th", "td"}
@@ -234,8 +235,8 @@ def test_chi_square_matches_scipy(run_dir, run_report):
             np.add.at(matrix, (group, data["experts"][:, layer, rank].astype(np.int64)), 1)
         matrix = matrix[:, matrix.sum(axis=0) > 0]
         chi2, p, dof, _ = scipy.stats.chi2_contingency(matrix)
-        assert rows[str(layer)][1] == _fmt(chi2)
-        assert rows[str(layer)][2] == _fmt(dof)
+        assert rows[str(layer)][1] == fmt(chi2)
+        assert rows[str(layer)][2] == fmt(dof)
 
 
 def test_top_path_matches_raw_routing(run_dir, run_report):
@@ -259,7 +260,7 @@ def test_top_path_matches_raw_routing(run_dir, run_report):
         layer, path, n, share = int(listed[0][1]), listed[0][2], int(listed[0][3].replace(",", "")), listed[0][4]
         prev, expert = (int(x) for x in path.split(" -> "))
         assert n == best == freq[(layer, prev, expert)]
-        assert share == _fmt(100.0 * best / sum(freq.values()))
+        assert share == fmt(100.0 * best / sum(freq.values()))
         assert [int(r[3].replace(",", "")) for r in listed] == sorted(freq.values(), reverse=True)[:10]
 
 
@@ -432,7 +433,7 @@ def test_pairs_and_coactivation_match_raw_routing(run_dir, run_report):
         both = sel.T.astype(np.int64) @ sel.astype(np.int64)
         ratio = both / np.maximum(np.diag(both)[:, None], 1)
         np.fill_diagonal(ratio, -1)
-        assert co_rows[str(layer)][2] == _fmt(ratio.max())
+        assert co_rows[str(layer)][2] == fmt(ratio.max())
 
 
 def test_targets_section_from_results_coverage(run_dir, tmp_path):

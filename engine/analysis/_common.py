@@ -1,9 +1,14 @@
-"""Shared plumbing of the analyses: layer selection, group codes, model inputs, expert modules."""
+"""Shared plumbing of the analyses: layer selection, group codes, model inputs, expert modules, the
+one writer of their files, and :class:`Analysis`, the declaration each analysis module makes."""
 
 from __future__ import annotations
 
+import argparse
+import functools
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,8 +218,121 @@ def save_result(ds, path) -> None:
 def load_result(path):
     """An analysis Dataset written by :func:`save_result`, loaded into memory."""
     import xarray as xr
-    from pathlib import Path
 
     if not Path(path).exists():
         raise MoetraceError(f"{path}: no such analysis result")
     return xr.open_zarr(str(path), consolidated=True).load()
+
+
+def write_outputs(out: Path, name: str, fig=None, table=None, dataset=None, data: Any = None) -> list[Path]:
+    """Write ``out/name.{csv,zarr,json,png,pdf}`` for the pieces given; returns the paths written.
+
+    The one writer of an analysis' files, shared by the commands and :func:`moetrace.analysis.suite.run_suite`.
+    """
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if table is not None:
+        table.to_csv(out / f"{name}.csv", index=False)
+        written.append(out / f"{name}.csv")
+    if dataset is not None:
+        save_result(dataset, out / f"{name}.zarr")
+        written.append(out / f"{name}.zarr")
+    if data is not None:
+        (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+        written.append(out / f"{name}.json")
+    if fig is not None:
+        for ext in ("png", "pdf"):
+            fig.savefig(out / f"{name}.{ext}", dpi=120, bbox_inches="tight")
+            written.append(out / f"{name}.{ext}")
+    return written
+
+
+def capture_probs(model, batches, path: str | Path) -> Path:
+    """Capture the routing with full router distributions (``probs=True``) of ``batches``
+    (:func:`token_batches`) into a new store at ``path``, one label ``group``."""
+    import shutil
+
+    from moetrace.capture import capture
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    seq = 0
+    with capture(model, path, labels=["group"], probs=True) as cap, torch.no_grad():
+        for b in batches:
+            lengths = b["attention_mask"].sum(1).tolist()
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
+            cap.set_batch(seq=list(range(seq, seq + len(lengths))), labels={"group": [b["groups"][i] for i in starts]})
+            seq += len(lengths)
+            model(**model_inputs(model, b))
+    return path
+
+
+@dataclass
+class SuiteRun:
+    """What each analysis' ``suite`` step reads when :func:`moetrace.analysis.suite.run_suite` runs them
+    all on one model: the model, its token sequences and groups, the store with ``routing/probs``, the
+    layers, where to write."""
+
+    model: nn.Module
+    input_ids: Sequence[Sequence[int]]
+    groups: Sequence[str]
+    out: Path
+    store: TraceStore
+    layers: list[int]
+    num_tokens: int
+    batch_size: int
+    pad_id: int
+    decode: Callable[[Sequence[int]], str] | None
+    method: str
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """The first ``num_tokens`` tokens as padded batches (:func:`token_batches`), afresh each call."""
+        return token_batches(self.input_ids, batch_size=self.batch_size, num_tokens=self.num_tokens,
+                             pad_id=self.pad_id, groups=self.groups)
+
+    @property
+    def first_layer(self) -> int:
+        return self.layers[0]
+
+    @functools.cached_property
+    def busiest_expert(self) -> int:
+        """The expert selected most often at the first layer (the one the profile and steering show)."""
+        counts = np.zeros(self.store.n_experts, dtype=np.int64)
+        pos = self.store.layer_ids.tolist().index(self.first_layer)
+        for chunk in self.store.iter_chunks(["experts"]):
+            counts += np.bincount(chunk["experts"][:, pos, :].ravel().astype(np.int64), minlength=self.store.n_experts)
+        return int(np.argmax(counts))
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One seed-003 analysis, declared in its module as ``ANALYSIS`` beside its computation;
+    :data:`moetrace.analysis.ANALYSES` collects them and the command line, :mod:`moetrace.figures`,
+    the report and :func:`moetrace.analysis.suite.run_suite` derive from that list.
+
+    command: the ``moetrace`` subcommand; help: its one line in ``moetrace --help``;
+    example: a command line (without ``moetrace``) that works from a directory holding
+    ``run/trace.zarr`` (captured from the demo model with ``--probs`` and labels ``domain,lang``):
+    shown in the command's help and run verbatim by the tests;
+    arguments: adds the command's options to its ``argparse`` parser; run: ``args -> exit code``;
+    outputs: glob patterns of the files the command writes into ``--out`` (the tests check each);
+    figures: public name in :mod:`moetrace.figures` -> figure function;
+    section: its report section (owning the file names it reads), or None;
+    suite: its step in ``run_suite`` (a :class:`SuiteRun` -> files written), or None;
+    order: its place among the analyses (command list, report page, suite).
+    """
+
+    command: str
+    help: str
+    example: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    outputs: tuple[str, ...]
+    order: int
+    figures: Mapping[str, Callable] = field(default_factory=dict)
+    section: Any = None  # moetrace.sections.Section
+    suite: Callable[[SuiteRun], list[Path]] | None = None

@@ -10,13 +10,20 @@ temporaries plus fixed-size histograms, whatever the number of tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-from moetrace.analysis._common import blocks, group_codes, layer_positions, row_range
+from moetrace.analysis._common import (Analysis, blocks, capture_probs, group_codes, layer_positions, row_range,
+                                       write_outputs)
+from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
+from moetrace.models.loading import load_model
+from moetrace.plotting import Figure, layer_axis, legend_right
+from moetrace.sections import ANALYSIS_DIR, Context, Section, html_table, img, note, open_dataset
 from moetrace.store import TraceStore
+
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -133,3 +140,84 @@ def table(ds: xr.Dataset) -> "pd.DataFrame":  # noqa: F821
         index=["group", "layer"], columns="quantile", values="group_entropy_quantile")
     q.columns = [f"entropy_q{c:g}" for c in q.columns]
     return df.merge(q.reset_index(), on=["group", "layer"])
+
+
+# ---------------------------------------------------------------------- figure, command, report section
+
+#: The name of the files the command writes (``decisiveness.{csv,zarr,png,pdf}``).
+OUTPUT = "decisiveness"
+
+
+def figure(ds: xr.Dataset) -> Figure:
+    """Histogram of the normalized router entropy per layer, and each group's mean entropy and top-k mass."""
+    fig = Figure(figsize=(11, 3.4))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    centers = (ds["bin_lo"].values + ds["bin_hi"].values) / 2
+    for layer in ds["layer"].values:
+        hist = ds["entropy_hist"].sel(layer=layer).values.astype(np.float64)
+        ax1.plot(centers, hist / max(1.0, hist.sum()), label=f"layer {layer}", lw=1)
+    ax1.set_xlabel("router entropy / log E", fontsize=8)
+    ax1.set_ylabel("share of tokens", fontsize=8)
+    ax1.legend(fontsize=6)
+    layers = ds["layer"].values.tolist()
+    for name, ax, title in (("mean_entropy", ax2, "mean entropy / log E"),
+                            ("mean_mass", ax3, f"mean top-{ds.attrs.get('top_k', 'k')} probability mass")):
+        for group in ds["group"].values:
+            ax.plot(np.arange(len(layers)), ds[name].sel(group=group).values, marker=".", label=str(group))
+        ax.set_title(title, fontsize=9)
+        layer_axis(ax, layers)
+    legend_right(ax3)
+    fig.tight_layout()
+    return fig
+
+
+def _arguments(p) -> None:
+    cli.add_common(p, model=True)
+    p.add_argument("--by", default=None, help="comma-separated labels for groups (default: all labels)")
+    p.add_argument("--bins", type=int, default=200, help="histogram bins over [0, 1] of entropy / log E (default 200)")
+
+
+def _run(args) -> int:
+    if (args.store is None) == (args.model is None):
+        raise MoetraceError("decisiveness: give either a trace store or --model (with --data)")
+    if args.model is not None:
+        model, tokenizer = load_model(args.model)
+        path = capture_probs(model, cli.batches(args, model, tokenizer)(), cli.out_dir(args) / "probs.zarr")
+        st = TraceStore.open(path)
+    else:
+        st = cli.open_store(args)
+    ds = decisiveness(st, layers=args.layers, num_tokens=args.num_tokens, by=cli.label_list(args.by, st),
+                      bins=args.bins)
+    cli.save(cli.out_dir(args), OUTPUT, figure(ds), table(ds), dataset=ds)
+    return 0
+
+
+def _suite(run) -> list[Path]:
+    ds = decisiveness(run.store, layers=run.layers, by=run.store.label_names)
+    return write_outputs(run.out, OUTPUT, figure(ds), table(ds), dataset=ds)
+
+
+def _render(ctx: Context) -> str:
+    if ctx.has(f"{ANALYSIS_DIR}/{OUTPUT}.zarr"):  # what the command wrote, else from the store's probs
+        ds = open_dataset(ctx.analysis_dir / f"{OUTPUT}.zarr")
+    else:
+        ds = decisiveness(ctx.store, by=ctx.store.label_names)
+    rows = [[int(layer), *ds["entropy_quantile"].sel(layer=layer).values.tolist(),
+             float(ds["mean_mass"].sel(layer=layer).mean())] for layer in ds["layer"].values]
+    return (note(f"Entropy of the router's full distribution over the {ds.attrs['n_experts']} experts divided by "
+                 f"log E (0: one expert takes everything, 1: uniform), per token, from routing/probs; and the "
+                 f"probability mass the top-{ds.attrs['top_k']} keep. Quantiles from {ds.sizes['bin']}-bin "
+                 "histograms.")
+            + img(figure(ds), "router entropy and top-k mass by layer")
+            + html_table(["layer", *[f"entropy q{q:g}" for q in ds["quantile"].values], "mean top-k mass"], rows))
+
+
+ANALYSIS = Analysis(
+    command="decisiveness", help="router entropy / log E and top-k mass per layer (needs routing/probs)",
+    example="decisiveness run/trace.zarr --layers 0 1 --num-tokens 20000 --out run/analysis",
+    arguments=_arguments, run=_run, order=30,
+    outputs=tuple(f"{OUTPUT}.{ext}" for ext in ("csv", "zarr", "png", "pdf")),
+    figures={"decisiveness": figure},
+    section=Section("decisiveness", "Router decisiveness", "Decisiveness", (f"probs|{ANALYSIS_DIR}/{OUTPUT}.zarr",),
+                    _render),
+    suite=_suite)

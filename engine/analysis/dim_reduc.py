@@ -10,15 +10,22 @@ its table (this is the one analysis that keeps its points: the embedding needs t
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from moetrace.analysis._common import BLOCK_ROWS, LayerInputs, experts_modules, model_inputs, routed_outputs
+from moetrace.analysis._common import (Analysis, BLOCK_ROWS, LayerInputs, experts_modules, model_inputs, routed_outputs,
+                                       write_outputs)
+from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
+from moetrace.models.loading import load_model
+from moetrace.plotting import Figure
+from moetrace.sections import ANALYSIS_DIR, Context, Section, escape, img, note
 
 
 def umap_available() -> bool:
@@ -96,3 +103,72 @@ def reduce_2d(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], laye
     points.attrs["method"] = use
     points.attrs["layer"] = int(layer)
     return points
+
+
+# ---------------------------------------------------------------------- figure, command, report section
+
+#: The names of the files the command writes, one set per layer (``dim_reduc_layer1.{csv,json,png,pdf}``).
+OUTPUT = "dim_reduc_layer{layer}"
+
+
+def figure(points: pd.DataFrame, color_by: Sequence[str] = ("expert", "group")) -> Figure:
+    """2-D map of expert outputs (:func:`moetrace.analysis.reduce_2d`), one panel per colouring."""
+    fig = Figure(figsize=(5.0 * len(color_by), 4.4))
+    axes = np.atleast_1d(fig.subplots(1, len(color_by)))
+    method = points.attrs.get("method", "")
+    for ax, col in zip(axes, color_by):
+        values = points[col].astype(str)
+        for name in sorted(set(values), key=lambda v: (len(v), v))[:40]:
+            sel = (values == name).to_numpy()
+            ax.scatter(points["x"].to_numpy()[sel], points["y"].to_numpy()[sel], s=3, alpha=0.6, label=name)
+        ax.set_title(f"{method.upper()} of expert outputs, coloured by {col}", fontsize=9)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5, markerscale=3, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def _arguments(p) -> None:
+    cli.add_common(p, store=False)
+    p.add_argument("--method", default="auto", choices=["auto", "umap", "pca"],
+                   help="auto: UMAP when umap-learn is installed, else PCA (default auto)")
+
+
+def _run(args) -> int:
+    model, tokenizer = load_model(args.model)
+    make = cli.batches(args, model, tokenizer)
+    layers = args.layers if args.layers is not None else sorted(experts_modules(model))
+    out = cli.out_dir(args)
+    for layer in layers:
+        points = reduce_2d(model, make(), layer, method=args.method)
+        cli.save(out, OUTPUT.format(layer=layer), figure(points), points, data=dict(points.attrs))
+    return 0
+
+
+def _suite(run) -> list[Path]:
+    points = reduce_2d(run.model, run.batches(), run.first_layer, method=run.method)
+    return write_outputs(run.out, OUTPUT.format(layer=run.first_layer), figure(points), points,
+                         data=dict(points.attrs))
+
+
+def _render(ctx: Context) -> str:
+    files = sorted(ctx.analysis_dir.glob(OUTPUT.format(layer="*") + ".csv"))
+    body = note("2-D map of the routed experts' outputs (moetrace dim-reduc), coloured by expert and by group.")
+    for path in files:
+        points = pd.read_csv(path, keep_default_na=False)
+        meta = path.with_suffix(".json")
+        if meta.is_file():
+            points.attrs.update(json.loads(meta.read_text()))
+        body += f"<h3>{escape(path.stem)}</h3>" + img(figure(points), path.stem)
+    return body
+
+
+ANALYSIS = Analysis(
+    command="dim-reduc", help="2-D map (UMAP, or PCA) of the routed experts' outputs, by expert and group",
+    example="dim-reduc --model demo --layers 1 --num-tokens 2000 --method pca --out run/analysis",
+    arguments=_arguments, run=_run, order=60,
+    outputs=tuple(OUTPUT.format(layer="*") + f".{ext}" for ext in ("csv", "json", "png", "pdf")),
+    figures={"embedding": figure},
+    section=Section("embedding", "Expert outputs in 2-D", "2-D map",
+                    (f"{ANALYSIS_DIR}/{OUTPUT.format(layer='*')}.csv",), _render),
+    suite=_suite)

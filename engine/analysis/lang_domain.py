@@ -20,7 +20,11 @@ import pandas as pd
 import xarray as xr
 
 from moetrace import metrics
+from moetrace.analysis._common import Analysis
+from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
+from moetrace.plotting import Figure, layer_axis, legend_right
+from moetrace.sections import Context, Section, html_table, img, note
 
 
 def _mi(joint: np.ndarray) -> np.ndarray:
@@ -67,3 +71,61 @@ def jensen_shannon(counts: xr.Dataset) -> xr.Dataset:
 
 def table(ds: xr.Dataset) -> pd.DataFrame:
     return ds.to_dataframe().reset_index()
+
+
+# ---------------------------------------------------------------------- figure, command, report section
+
+#: The name of the files the command writes (``lang_domain.{csv,zarr,png,pdf}``).
+OUTPUT = "lang_domain"
+
+
+def figure(ds: xr.Dataset) -> Figure:
+    """By layer: the divergence between groups (I(E; G), bits) and its language / domain split."""
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    layers = ds["layer"].values.tolist()
+    for name in ("jsd", "by_domain", "by_lang", "domain_given_lang", "lang_given_domain"):
+        if name in ds.data_vars:
+            ax.plot(np.arange(len(layers)), ds[name].values, marker=".", label=name,
+                    ls="--" if "given" in name else "-")
+    layer_axis(ax, layers)
+    ax.set_ylabel("bits", fontsize=8)
+    legend_right(ax)
+    fig.tight_layout()
+    return fig
+
+
+def _arguments(p) -> None:
+    cli.add_common(p)
+    p.add_argument("--by", default=None, help="comma-separated labels (default: all labels; the split needs "
+                                              "domain and lang)")
+
+
+def _run(args) -> int:
+    _, counts = cli.count_store(args, ["experts"])
+    ds = cli.select_layers(jensen_shannon(counts), args.layers)
+    cli.save(cli.out_dir(args), OUTPUT, figure(ds), table(ds), dataset=ds)
+    return 0
+
+
+def _render(ctx: Context) -> str:
+    ds = jensen_shannon(ctx.counts)
+    cols = [c for c in ("jsd", "by_domain", "by_lang", "domain_given_lang", "lang_given_domain") if c in ds]
+    rows = [[int(l), *[float(ds[c].sel(layer=l)) for c in cols]] for l in ds["layer"].values]
+    split = "by_lang" in ds
+    return (note("Weighted Jensen-Shannon divergence between the groups' expert distributions per layer, which "
+                 "equals the mutual information I(expert; group) in bits"
+                 + ("; split exactly into the part explained by language I(E; lang) and by domain I(E; domain), "
+                     "with what each leaves given the other." if split else
+                     " (the language / domain split needs counts grouped by both domain and lang)."))
+            + img(figure(ds), "divergence between groups by layer")
+            + html_table(["layer", *cols], rows))
+
+
+ANALYSIS = Analysis(
+    command="lang-domain", help="per-layer divergence between groups, split into language and domain",
+    example="lang-domain run/trace.zarr --out run/analysis",
+    arguments=_arguments, run=_run, order=20,
+    outputs=tuple(f"{OUTPUT}.{ext}" for ext in ("csv", "zarr", "png", "pdf")),
+    figures={"lang_domain": figure},
+    section=Section("lang-domain", "Languages vs domains", "Languages vs domains", ("experts", "groups"), _render))

@@ -10,13 +10,18 @@ windows read afterwards.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moetrace.analysis._common import group_codes, layer_positions, row_range
+from moetrace.analysis._common import Analysis, group_codes, layer_positions, row_range, write_outputs
+from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
+from moetrace.models.loading import load_model
+from moetrace.sections import ANALYSIS_DIR, Context, Section, escape, html_table, note
 from moetrace.store import TraceStore
 
 
@@ -131,3 +136,62 @@ def expert_profile(store: str | TraceStore, layer: int, expert: int, *, by: Sequ
         "weight_source": source or "rank (K - rank; no weights or probs recorded)",
         "coactivation": co, "top_tokens": top, "contexts": ctx,
     }
+
+
+# ---------------------------------------------------------------------- figure, command, report section
+
+#: The name of the JSON file the command writes per layer.
+OUTPUT = "profile_layer{layer}_expert{expert}"
+
+
+def _arguments(p) -> None:
+    cli.add_common(p, layers_help="layer ids (one profile each; default: all MoE layers)")
+    p.add_argument("--expert", type=int, required=True, metavar="E", help="the expert id to profile")
+    p.add_argument("--model", default=None, help="checkpoint whose tokenizer decodes token ids ('demo' works)")
+    p.add_argument("--top-tokens", type=int, default=20, help="most frequent tokens listed (default 20)")
+    p.add_argument("--contexts", type=int, default=5, help="example contexts listed (default 5)")
+    p.add_argument("--window", type=int, default=8, help="tokens either side of a context's token (default 8)")
+
+
+def _run(args) -> int:
+    st = cli.open_store(args)
+    decode = None
+    if args.model is not None:
+        _, tokenizer = load_model(args.model)
+        decode = tokenizer.decode if tokenizer is not None else None
+    out = cli.out_dir(args)
+    for layer in args.layers if args.layers is not None else st.layer_ids.tolist():
+        prof = expert_profile(st, layer, args.expert, num_tokens=args.num_tokens, top_tokens=args.top_tokens,
+                              contexts=args.contexts, window=args.window, decode=decode)
+        cli.save(out, OUTPUT.format(layer=layer, expert=args.expert), data=prof)
+    return 0
+
+
+def _suite(run) -> list[Path]:
+    prof = expert_profile(run.store, run.first_layer, run.busiest_expert, decode=run.decode)
+    return write_outputs(run.out, OUTPUT.format(layer=run.first_layer, expert=run.busiest_expert), data=prof)
+
+
+def _render(ctx: Context) -> str:
+    body = note("One (layer, expert) per profile (moetrace profile): its selection frequency, mean routing "
+                "weight, most frequent tokens and the experts it co-activates with.")
+    for path in sorted(ctx.analysis_dir.glob(OUTPUT.format(layer="*", expert="*") + ".json")):
+        p = json.loads(path.read_text())
+        body += (f"<h3>{escape(path.stem)}</h3>"
+                 + html_table(["fact", "value"], [
+                     ["selected", p["selected"]], ["selection frequency", p["selection_frequency"]],
+                     ["mean weight", p["mean_weight"]],
+                     ["top tokens", ", ".join(f"{t['text']} ({t['count']})" for t in p["top_tokens"][:10])],
+                     ["co-activates with", ", ".join(f"{c['expert']} ({c['share']:.2f})"
+                                                     for c in p["coactivation"][:5])]], text_cols=2))
+    return body
+
+
+ANALYSIS = Analysis(
+    command="profile", help="JSON profile of one expert at each of --layers: tokens, contexts, co-activation",
+    example="profile run/trace.zarr --layers 1 --expert 9 --model demo --out run/analysis",
+    arguments=_arguments, run=_run, order=70,
+    outputs=(OUTPUT.format(layer="*", expert="*") + ".json",),
+    section=Section("profiles", "Expert profiles", "Profiles",
+                    (f"{ANALYSIS_DIR}/{OUTPUT.format(layer='*', expert='*')}.json",), _render),
+    suite=_suite)

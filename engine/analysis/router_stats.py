@@ -16,6 +16,7 @@ sigmoid(logit) + bias that choose the experts, sorted per token (histogram on [-
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,13 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from moetrace.analysis._common import layer_positions, model_inputs
+from moetrace.analysis._common import Analysis, layer_positions, model_inputs, write_outputs
+from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
+from moetrace.models.loading import load_model
+from moetrace.plotting import Figure
+from moetrace.sections import ANALYSIS_DIR, Context, Section, html_table, img, note, open_dataset
+
 
 LOGIT_RANGE = 20.0
 QUANTITIES = ("logit", "prob", "weight", "selection")
@@ -137,3 +143,67 @@ def table(ds: xr.Dataset) -> pd.DataFrame:
         df.insert(2, "quantity", q)
         frames.append(df.dropna(subset=["mean"]))
     return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------- figure, command, report section
+
+#: The name of the files the command writes (``router_stats.{csv,zarr,png,pdf}``).
+OUTPUT = "router_stats"
+
+
+def figure(ds: xr.Dataset, max_ranks: int = 16) -> Figure:
+    """Per layer, mean +- std of the sorted logits and probabilities by rank, and the top-k weights."""
+    fig = Figure(figsize=(11, 3.4))
+    axes = fig.subplots(1, 3)
+    E = ds.sizes["rank"]
+    for ax, q, title in zip(axes, ("logit", "prob", "weight"), ("router logit", "router probability", "top-k weight")):
+        for layer in ds["layer"].values:
+            mean = ds[f"{q}_mean"].sel(layer=layer).values[:max_ranks]
+            std = ds[f"{q}_std"].sel(layer=layer).values[:max_ranks]
+            keep = ~np.isnan(mean)
+            ranks = np.arange(min(E, max_ranks))[keep]
+            ax.errorbar(ranks, mean[keep], yerr=std[keep], marker=".", capsize=2, lw=1, label=f"layer {layer}")
+        ax.set_title(f"{title} by rank", fontsize=9)
+        ax.set_xlabel("rank (0 = largest)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[2].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def _arguments(p) -> None:
+    cli.add_common(p, store=False)
+    p.add_argument("--bins", type=int, default=100, help="histogram bins per quantity (default 100)")
+
+
+def _run(args) -> int:
+    model, tokenizer = load_model(args.model)
+    ds = router_stats(model, cli.batches(args, model, tokenizer)(), layers=args.layers, bins=args.bins)
+    cli.save(cli.out_dir(args), OUTPUT, figure(ds), table(ds), dataset=ds)
+    return 0
+
+
+def _suite(run) -> list[Path]:
+    ds = router_stats(run.model, run.batches(), layers=run.layers)
+    return write_outputs(run.out, OUTPUT, figure(ds), table(ds), dataset=ds)
+
+
+def _render(ctx: Context) -> str:
+    ds = open_dataset(ctx.analysis_dir / f"{OUTPUT}.zarr")
+    rows = [[int(l), float(ds["logit_mean"].sel(layer=l, rank=0)), float(ds["prob_mean"].sel(layer=l, rank=0)),
+             float(ds["weight_mean"].sel(layer=l, rank=0))] for l in ds["layer"].values]
+    return (note(f"Router logits, probabilities ({ds.attrs.get('scoring', '')}) and top-k weights sorted per token, "
+                 f"mean +- std by rank over {ds.attrs.get('tokens', '?')} tokens (moetrace router-stats).")
+            + img(figure(ds), "router statistics by rank")
+            + html_table(["layer", "top logit", "top probability", "top-1 weight"], rows))
+
+
+ANALYSIS = Analysis(
+    command="router-stats", help="distributions of router logits, probabilities and top-k weights by rank",
+    example="router-stats --model demo --layers 0 3 --num-tokens 5000 --out run/analysis",
+    arguments=_arguments, run=_run, order=40,
+    outputs=tuple(f"{OUTPUT}.{ext}" for ext in ("csv", "zarr", "png", "pdf")),
+    figures={"router_stats": figure},
+    section=Section("router-stats", "Router statistics", "Router statistics", (f"{ANALYSIS_DIR}/{OUTPUT}.zarr",),
+                    _render),
+    suite=_suite)

@@ -13,15 +13,23 @@ layer's captured input rows through the model's own fused experts module
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 
-from moetrace.analysis._common import LayerInputs, check_expert_ids, expert_outputs, experts_modules, model_inputs
+from moetrace.analysis._common import (Analysis, LayerInputs, check_expert_ids, expert_outputs, experts_modules,
+                                       model_inputs, write_outputs)
+from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
+from moetrace.models.loading import load_model
+from moetrace.plotting import Figure
+from moetrace.sections import ANALYSIS_DIR, Context, Section, html_table, img, note, open_dataset
+
 
 #: Largest CKA accumulator (bytes) expert_similarity builds; beyond it pass fewer ``experts``.
 MAX_CKA_BYTES = 4 << 30
@@ -139,3 +147,89 @@ def cluster_order(sim: np.ndarray) -> np.ndarray:
     dist = np.clip(1.0 - (sim + sim.T) / 2, 0.0, None)
     np.fill_diagonal(dist, 0.0)
     return leaves_list(linkage(squareform(dist, checks=False), method="average"))
+
+
+# ---------------------------------------------------------------------- figure, command, report section
+
+#: The names of the files the command writes: the table and dataset, and one figure per layer.
+OUTPUT = "similarity"
+LAYER_FIGURE = "similarity_layer{layer}"
+
+
+def figure(ds: xr.Dataset, layer: int, variables: Sequence[str] = ("cosine", "cka", "weight_cosine")) -> Figure:
+    """Expert x expert similarity heatmaps at ``layer`` (those of ``variables`` present in ``ds``), experts
+    ordered by average-linkage clustering of the first one."""
+    names = [v for v in variables if v in ds.data_vars]
+    mats = [ds[v].sel(layer=layer).values for v in names]
+    order = cluster_order(mats[0])
+    experts = ds["expert"].values[order]
+    fig = Figure(figsize=(4.2 * len(names) + 0.8, 4.0))
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    for ax, name, m in zip(axes, names, mats):
+        image = ax.imshow(m[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
+        ax.set_title(f"layer {layer}: {name}", fontsize=9)
+        step = max(1, math.ceil(len(experts) / 16))
+        ticks = np.arange(0, len(experts), step)
+        ax.set_xticks(ticks, [str(e) for e in experts[::step]], fontsize=6)
+        ax.set_yticks(ticks, [str(e) for e in experts[::step]], fontsize=6)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def _arguments(p) -> None:
+    cli.add_common(p, store=False)
+    p.add_argument("--experts", type=int, nargs="+", default=None, metavar="E",
+                   help="expert ids to compare (default: all)")
+
+
+def _write(out: Path, ds: xr.Dataset, save) -> list[Path]:
+    written = save(out, OUTPUT, None, ds.to_dataframe().reset_index(), dataset=ds)
+    for layer in ds["layer"].values.tolist():
+        written += save(out, LAYER_FIGURE.format(layer=layer), figure(ds, layer))
+    return written
+
+
+def _run(args) -> int:
+    model, tokenizer = load_model(args.model)
+    ds = expert_similarity(model, cli.batches(args, model, tokenizer)(), layers=args.layers, experts=args.experts)
+    w = weight_similarity(model, args.layers)
+    if args.experts is not None:
+        w = w.sel(expert=args.experts, other_expert=args.experts)
+    _write(cli.out_dir(args), ds.merge(w), cli.save)
+    return 0
+
+
+def _suite(run) -> list[Path]:
+    ds = expert_similarity(run.model, run.batches(), layers=run.layers).merge(weight_similarity(run.model, run.layers))
+    return _write(run.out, ds, write_outputs)
+
+
+def _render(ctx: Context) -> str:
+    ds = open_dataset(ctx.analysis_dir / f"{OUTPUT}.zarr")
+    imgs = "".join(img(figure(ds, int(l)), f"expert similarity at layer {l}") for l in ds["layer"].values)
+    rows = []
+    for l in ds["layer"].values.tolist():
+        row = [l]
+        for v in ("cosine", "cka", "weight_cosine"):
+            if v in ds:
+                m = ds[v].sel(layer=l).values.copy()
+                np.fill_diagonal(m, np.nan)
+                row.append(float(np.nanmean(m)))
+            else:
+                row.append(float("nan"))
+        rows.append(row)
+    return (note(f"Every expert applied to the same {ds.attrs.get('tokens', '?')} tokens' layer inputs: mean "
+                 "cosine similarity of their outputs, linear CKA, and cosine similarity of their weights; experts "
+                 "ordered by average-linkage clustering (moetrace similarity).")
+            + imgs + html_table(["layer", "mean cosine", "mean CKA", "mean weight cosine"], rows))
+
+
+ANALYSIS = Analysis(
+    command="similarity", help="cosine and linear CKA between all experts' outputs, and of their weights",
+    example="similarity --model demo --layers 1 --num-tokens 2000 --out run/analysis",
+    arguments=_arguments, run=_run, order=50,
+    outputs=(f"{OUTPUT}.csv", f"{OUTPUT}.zarr", LAYER_FIGURE.format(layer="*") + ".png"),
+    figures={"similarity": figure},
+    section=Section("similarity", "Expert similarity", "Similarity", (f"{ANALYSIS_DIR}/{OUTPUT}.zarr",), _render),
+    suite=_suite)

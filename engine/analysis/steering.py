@@ -12,14 +12,21 @@ total variation distance.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from moetrace.analysis._common import Analysis, write_outputs
+from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
 from moetrace.evaluate import model_device
+from moetrace.models.loading import MODEL_HELP, load_model
+from moetrace.plotting import Figure
+from moetrace.sections import ANALYSIS_DIR, Context, Section, escape, html_table, img, note
 
 
 def _generate(model, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
@@ -84,3 +91,97 @@ def steer_prompt(model: torch.nn.Module, input_ids: Sequence[int], layers: Seque
                        "tokens": [{"token_id": int(t), "text": text([t]), "p_before": float(p0[t]),
                                    "p_after": float(p1[t]), "change": float(p1[t] - p0[t])} for t in listed]},
     }
+
+
+# ---------------------------------------------------------------------- figure, command, report section
+
+#: The name of the files the command writes (JSON and figure).
+OUTPUT = "steer_layers{layers}_expert{expert}"
+
+
+def figure(result: dict, top: int = 10) -> Figure:
+    """Next-token probability before and after steering (:func:`moetrace.analysis.steer_prompt`)."""
+    tokens = result["next_token"]["tokens"][:top]
+    fig = Figure(figsize=(max(5.0, 0.6 * len(tokens) + 2), 3.2))
+    ax = fig.subplots()
+    x = np.arange(len(tokens))
+    ax.bar(x - 0.2, [t["p_before"] for t in tokens], 0.4, label="before")
+    ax.bar(x + 0.2, [t["p_after"] for t in tokens], 0.4, label="after")
+    ax.set_xticks(x, [t["text"] for t in tokens], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("next-token probability", fontsize=8)
+    ax.set_title(f"expert {result['expert']} at layers {result['layers']}: scale {result['scale']:g}, "
+                 f"logit {result['logit']:+g} (KL {result['next_token']['kl']:.3g})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _arguments(p) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
+    g.add_argument("--prompt-ids", type=int, nargs="+", metavar="ID", help="prompt token ids")
+    p.add_argument("--layers", type=int, nargs="+", required=True, metavar="L", help="layer ids to steer at")
+    p.add_argument("--expert", type=int, required=True, metavar="E", help="the expert id to boost or ablate")
+    p.add_argument("--scale", type=float, default=0.0, help="factor on the routing weight (0 ablates; default 0)")
+    p.add_argument("--logit", type=float, default=0.0, help="added to the expert's router logit (default 0)")
+    p.add_argument("--target-idx", type=int, default=-1, help="prompt position whose next token is compared "
+                                                                "(default -1: the last)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="greedy tokens generated (default 20)")
+    p.add_argument("--num-tokens", type=int, default=None, metavar="N", help="cut the prompt to N tokens")
+    p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")
+
+
+def _name(layers, expert) -> str:
+    return OUTPUT.format(layers="-".join(map(str, layers)), expert=expert)
+
+
+def _run(args) -> int:
+    model, tokenizer = load_model(args.model)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise MoetraceError(f"--prompt: the model {args.model} has no tokenizer; pass --prompt-ids")
+        ids = tokenizer(args.prompt)["input_ids"]
+    else:
+        ids = args.prompt_ids
+    if args.num_tokens is not None:
+        ids = ids[:args.num_tokens]
+    res = steer_prompt(model, ids, args.layers, args.expert, scale=args.scale, logit=args.logit,
+                       target_idx=args.target_idx, max_new_tokens=args.max_new_tokens,
+                       decode=tokenizer.decode if tokenizer is not None else None)
+    print(f"prompt: {res['prompt']}\nbefore: {res['before']['generated']}\nafter:  {res['after']['generated']}")
+    print(f"next token after position {res['next_token']['position']}: KL {res['next_token']['kl']:.4g}, "
+          f"TV {res['next_token']['tv']:.4g}")
+    for t in res["next_token"]["tokens"][:10]:
+        print(f"  {t['text']!r:>16} {t['p_before']:.4f} -> {t['p_after']:.4f} ({t['change']:+.4f})")
+    cli.save(cli.out_dir(args), _name(args.layers, args.expert), figure(res), data=res)
+    return 0
+
+
+def _suite(run) -> list[Path]:
+    prompt = list(run.input_ids[0])[:24]
+    res = steer_prompt(run.model, prompt, [run.first_layer], run.busiest_expert, scale=0.0, target_idx=-1,
+                       max_new_tokens=12, decode=run.decode)
+    return write_outputs(run.out, _name([run.first_layer], run.busiest_expert), figure(res), data=res)
+
+
+def _render(ctx: Context) -> str:
+    body = note("Boosting or ablating one expert's routing for a prompt (moetrace steer): greedy continuations "
+                "and the next-token distribution at the chosen position, before and after.")
+    for path in sorted(ctx.analysis_dir.glob(OUTPUT.format(layers="*", expert="*") + ".json")):
+        r = json.loads(path.read_text())
+        body += (f"<h3>{escape(path.stem)}</h3>" + img(figure(r), path.stem)
+                 + html_table(["", "text"], [["prompt", r["prompt"]], ["before", r["before"]["generated"]],
+                                             ["after", r["after"]["generated"]]], text_cols=2))
+    return body
+
+
+ANALYSIS = Analysis(
+    command="steer", help="boost or ablate one expert for a prompt: generated text and next-token change",
+    example="steer --model demo --prompt \"the derivative of\" --layers 1 --expert 9 --scale 0 --out run/analysis",
+    arguments=_arguments, run=_run, order=80,
+    outputs=(OUTPUT.format(layers="*", expert="*") + ".json", OUTPUT.format(layers="*", expert="*") + ".png"),
+    figures={"steering": figure},
+    section=Section("steering", "Steering", "Steering",
+                    (f"{ANALYSIS_DIR}/{OUTPUT.format(layers='*', expert='*')}.json",), _render),
+    suite=_suite)
