@@ -69,7 +69,7 @@ from transformers import Cache
 
 from moetrace.alignment import Alignment, forward_inputs, mask_view
 from moetrace.errors import MoetraceError
-from moetrace.intervene import RouteEvent, observe_routing, router_sites
+from moetrace.intervene import RouteEvent, active_interventions, observe_routing, router_sites
 from moetrace.store import TraceStore
 
 _STOP = ("stop", None)
@@ -112,11 +112,14 @@ class _Batch:
 
     rows: batch rows of its forwards; ids: the sequence id of every ``group``-th row (the
     rows recorded); labels: label name -> value per id. Per forward: its filtered columns and
-    the batch row (slot) of each of its tokens; ``reorders``: (forwards before it, beam_idx).
+    the batch row (slot) of each of its tokens; ``reorders``: (forwards before it, beam_idx);
+    ``interventions``: what changed the routing when the batch began (``active_interventions``).
     """
 
-    def __init__(self, rows: int, ids: np.ndarray, labels: Mapping[str, np.ndarray], group: int, eos: np.ndarray):
+    def __init__(self, rows: int, ids: np.ndarray, labels: Mapping[str, np.ndarray], group: int, eos: np.ndarray,
+                 interventions: tuple = ()):
         self.rows, self.ids, self.labels, self.group = rows, ids, labels, group
+        self.interventions = interventions
         self.alignment = Alignment(rows, eos)
         self.columns: list[dict[str, np.ndarray]] = []
         self.owners: list[np.ndarray] = []
@@ -163,7 +166,8 @@ class Capture:
         self.model = model
         self.store = store
         self.probs = probs
-        self._n_layers = len(router_sites(model))
+        self._routers = [site.module for site in router_sites(model)]
+        self._n_layers = len(self._routers)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self._eos = np.asarray([] if eos is None else eos, dtype=np.int64).reshape(-1)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -266,7 +270,8 @@ class Capture:
             return value.detach().to("cpu", non_blocking=on_cuda, copy=True) if torch.is_tensor(value) else value
 
         item: dict[str, Any] = {"B": B, "S": S, "pending": pending,
-                                "view": None if view is None else {k: to_host(v) for k, v in view.items()}}
+                                "view": None if view is None else {k: to_host(v) for k, v in view.items()},
+                                "interventions": active_interventions(self._routers)}
         for key, value in {"past": past, "token_id": input_ids, "experts": experts, "weights": weights,
                            "probs": probs}.items():
             item[key] = to_host(value)
@@ -340,18 +345,18 @@ class Capture:
         self._next_seq += n
         return seq
 
-    def _new_batch(self, pending: dict[str, Any] | None, B: int) -> _Batch:
+    def _new_batch(self, pending: dict[str, Any] | None, B: int, interventions: tuple) -> _Batch:
         if pending is None:
             if self.store.label_names:
                 raise _label_error(self.store.label_names[0], B)
-            return _Batch(B, self._fresh_seq(B), {}, 1, self._eos)
+            return _Batch(B, self._fresh_seq(B), {}, 1, self._eos, interventions)
         n = B if pending["n"] is None else pending["n"]
         ids = pending["seq"]
         if ids is None:
             ids = self._fresh_seq(n)
         elif len(ids):
             self._next_seq = max(self._next_seq, int(ids.max()) + 1)
-        return _Batch(B, ids, pending["labels"], B // n, self._eos)
+        return _Batch(B, ids, pending["labels"], B // n, self._eos, interventions)
 
     def _add_forward(self, item: dict[str, Any]) -> None:
         B, S = item["B"], item["S"]
@@ -362,7 +367,7 @@ class Capture:
         past = max(int(past), 0)
         if item["pending"] is not None or past == 0 or self._batch is None or self._batch.rows != B:
             self._end_batch()
-            self._batch = self._new_batch(item["pending"], B)
+            self._batch = self._new_batch(item["pending"], B, item["interventions"])
         token_ids = None if item["token_id"] is None else item["token_id"].numpy()
         step = self._batch.alignment.step(S, past, view, token_ids)
         keep = step.recorded.reshape(-1)
@@ -392,6 +397,7 @@ class Capture:
             out[name] = np.repeat(batch.labels[name], per_seq)
         if len(out["seq"]):
             self.store.append(out)
+            self.store.note_interventions(batch.interventions, batch.ids)
             self.rows_captured += len(out["seq"])
 
     def close(self, raise_errors: bool = True) -> None:
@@ -416,7 +422,16 @@ class Capture:
             self.raise_writer_error()
 
 
-def _open_store(store: TraceStore | str | Path, model: nn.Module, labels: Sequence[str], probs: bool) -> TraceStore:
+def _tokenizer_name(tokenizer: Any) -> str | None:
+    """What a store records of a tokenizer: its name or path (a string is taken as one)."""
+    name = tokenizer if tokenizer is None or isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
+    if not name:
+        return None
+    return str(Path(name).resolve()) if Path(name).is_dir() else str(name)  # a local directory: from anywhere
+
+
+def _open_store(store: TraceStore | str | Path, model: nn.Module, labels: Sequence[str], probs: bool,
+                tokenizer: str | None = None) -> TraceStore:
     sites = router_sites(model)
     if not sites:
         raise MoetraceError(f"model {type(model).__name__}: no MoE router found to capture")
@@ -433,7 +448,7 @@ def _open_store(store: TraceStore | str | Path, model: nn.Module, labels: Sequen
             store, n_layers=len(sites), n_experts=spec.n_experts, top_k=spec.top_k, layer_ids=layer_ids,
             labels=list(labels), model=getattr(getattr(model, "config", None), "_name_or_path", None)
             or type(model).__name__, scoring=spec.scoring + ("_renorm" if spec.renormalize else ""),
-            weights=True, probs=probs)
+            tokenizer=tokenizer, weights=True, probs=probs)
     expected = (len(sites), spec.n_experts, spec.top_k, layer_ids)
     got = (opened.n_layers, opened.n_experts, opened.top_k, opened.layer_ids.tolist())
     if expected != got:
@@ -456,6 +471,7 @@ def capture(
     probs: bool = False,
     queue_size: int = 8,
     backend: str = "auto",
+    tokenizer: Any = None,
 ) -> Iterator[Capture]:
     """Context manager recording the routing of every forward of ``model`` into ``store``.
 
@@ -467,12 +483,14 @@ def capture(
         labels: label names for a new store (values come per batch from ``set_batch``).
         probs: also record the full router distribution ``routing/probs`` [N, L, E].
         queue_size: forwards buffered between the model and the writer thread.
+        tokenizer: the tokenizer of the token ids (or its name or path), recorded in a new store so
+            later commands can show token text (:attr:`TraceStore.tokenizer`).
     Yields a :class:`Capture`. On exit the writer drains, the last batch is written, the store
     is flushed (rows committed), the hooks are removed, and a writer error is raised as
     MoetraceError. How forwards group into batches and sequences (generate(), decode loops,
     beam search: one coherent beam history per recorded sequence) is in the module docstring.
     """
-    opened = _open_store(store, model, labels or [], probs)
+    opened = _open_store(store, model, labels or [], probs, _tokenizer_name(tokenizer))
     cap = Capture(model, opened, probs, queue_size)
     pre = model.register_forward_pre_hook(cap.before_forward, with_kwargs=True)
     post = model.register_forward_hook(cap.after_forward, with_kwargs=True)
@@ -530,7 +548,7 @@ def capture_texts(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]]
             return [int(x) for x in row["input_ids"]]
         return tokenizer(row["text"], add_special_tokens=True)["input_ids"]
 
-    with capture(model, store, labels=list(labels), probs=probs) as cap, torch.no_grad():
+    with capture(model, store, labels=list(labels), probs=probs, tokenizer=tokenizer) as cap, torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="capture", unit="batch"):
             batch = rows[start:start + batch_size]
             ids = [encode(r) for r in batch]

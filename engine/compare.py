@@ -250,19 +250,22 @@ def compare(a: str | Path | TraceStore, b: str | Path | TraceStore, *, by: Seque
         data["weight_rank_corr_tokens"] = (dims, defined.astype(np.int64))
     ds = xr.Dataset({"tokens": (tuple(by), tokens), **data}, coords=coords,
                     attrs={"a": str(sa.path), "b": str(sb.path), "sequences": int(len(common)),
+                           "a_tokens": len(sa), "b_tokens": len(sb),
                            "differing": "top-k set" if unranked else "top-1",
                            "rank_order_unknown": unranked})
     table = pd.concat(worst, ignore_index=True) if worst else pd.DataFrame(
         columns=["seq", "pos", "token_id", "layers_differing"])
+    table = table[table["layers_differing"] > 0]  # a token that agrees everywhere is not a disagreement
     table = table.sort_values(["layers_differing", "seq", "pos"], ascending=[False, True, True],
                               kind="stable").head(top_tokens).reset_index(drop=True)
     return CompareResult(ds, table)
 
 
 def summary_json(result: CompareResult) -> dict:
-    """The JSON ``moetrace compare --json`` prints: ``tokens``, ``sequences``, ``layers`` (one object per
-    layer with every measure over all groups), ``groups`` (per group and layer, when grouped) and
-    ``worst_tokens``."""
+    """The JSON ``moetrace compare --json`` prints: ``tokens`` and ``sequences`` aligned,
+    ``unmatched_tokens`` (``{"a": n, "b": n}``: each store's tokens with no (seq, pos) in the other),
+    ``layers`` (one object per layer with every measure over all groups), ``groups`` (per group and
+    layer, when grouped) and ``worst_tokens`` (only tokens that differ in at least one layer)."""
     ds = result.layers
     gdims = [d for d in ds["tokens"].dims]
     weight = ds["tokens"]
@@ -277,7 +280,10 @@ def summary_json(result: CompareResult) -> dict:
             total = float(w.sum())
             entry[m] = float((v.fillna(0) * w).sum() / total) if total else None
         layers.append(entry)
+    unmatched = {side: int(ds.attrs[f"{side}_tokens"]) - result.tokens for side in ("a", "b")
+                 if f"{side}_tokens" in ds.attrs}
     out = {"a": ds.attrs["a"], "b": ds.attrs["b"], "tokens": result.tokens, "sequences": ds.attrs["sequences"],
+           "unmatched_tokens": unmatched,
            "layers": layers, "differing": ds.attrs.get("differing", "top-1"),
            "rank_order_unknown": list(ds.attrs.get("rank_order_unknown", [])),
            "worst_tokens": [{k: int(v) for k, v in row.items()} for row in result.worst_tokens.to_dict("records")]}

@@ -271,11 +271,13 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _capture_context(model, store, capture_fn, by: Sequence[str]):
+def _capture_context(model, store, capture_fn, by: Sequence[str], tokenizer=None):
+    from moetrace.capture import capture
+
     if capture_fn is None and store is None:
         return contextlib.nullcontext(None)
-    if capture_fn is None:
-        from moetrace.capture import capture as capture_fn
+    if capture_fn is None or capture_fn is capture:  # moetrace's own: the store records the tokenizer too
+        return capture(model, store, labels=list(by), tokenizer=tokenizer)
     return capture_fn(model, store, labels=list(by))
 
 
@@ -515,7 +517,7 @@ def multiple_choice_accuracy(model, tokenizer, questions: Sequence[Mapping[str, 
         if scoring == "answer":
             scores = _answer_scores(model, tokenizer, questions, batch_size, progress, answer_blind)
         else:
-            with _capture_context(model, store, capture_fn, by) as cap:
+            with _capture_context(model, store, capture_fn, by, tokenizer) as cap:
                 scores, output_ids = _letter_scores(model, tokenizer, _prompts(questions, k_shot, shots),
                                                     batch_size, progress, cap, labels)
             extra = {"output_token": np.asarray([tokenizer.decode([int(t)]) for t in output_ids], dtype=str),
@@ -617,7 +619,7 @@ def perplexity(model, tokenizer, texts: Sequence[Mapping[str, str]], *, by: Sequ
     answer_nll = np.zeros(n, dtype=np.float64)
     device, pad_id = model_device(model), _pad_id(tokenizer)
 
-    with _eval_mode(model), _capture_context(model, store, capture_fn, by) as cap:
+    with _eval_mode(model), _capture_context(model, store, capture_fn, by, tokenizer) as cap:
         for start in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, unit="batch"):
             rows = order[start:start + batch_size]
             ids, mask = _pad([encoded[i] for i in rows], pad_id, left=False)

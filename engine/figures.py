@@ -25,12 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from moetrace import metrics
-from moetrace.plotting import Figure, group_labels, layer_axis, legend_right, palette
+from moetrace.plotting import Figure, group_labels, integer_axis, layer_axis, legend_right, palette
 
 __all__ = ["Figure", "group_labels", "palette"]  # and every figure function below and of the analyses
 
@@ -59,8 +60,9 @@ def separation(counts: xr.Dataset) -> Figure:
     ax1.set_title(f"chi-square (red: p < {ranking.attrs['alpha']:g})", fontsize=9)
     ax2.plot(x, ranking["avg_variance"].values, marker="o", color="#2c3e50")
     ax2.set_title("mean variance of normalized usage", fontsize=9)
-    for g, name in enumerate(group_labels(counts)):
-        ax3.plot(x, h[g], marker=".", label=name)
+    names = group_labels(counts)
+    for g, (name, color) in enumerate(zip(names, palette(len(names)))):
+        ax3.plot(x, h[g], marker=".", label=name, color=color)
     max_bits = float(ent["max_entropy"])
     ax3.axhline(max_bits, ls="--", color="k", lw=1, label=f"log2(E) = {max_bits:.2f}")
     ax3.set_title("entropy of expert usage (bits)", fontsize=9)
@@ -137,8 +139,10 @@ def stickiness(counts: xr.Dataset) -> Figure:
     layers = counts["layer"].values.tolist()
     fig = Figure(figsize=(7, 3))
     ax = fig.subplots()
-    for g, name in enumerate(group_labels(counts)):
-        ax.plot(np.arange(len(layers)), s[g], marker=".", label=name)
+    names = group_labels(counts)
+    colors = palette(len(names))
+    for g, name in enumerate(names):
+        ax.plot(np.arange(len(layers)), s[g], marker=".", label=name, color=colors[g])
     ax.axhline(baseline, ls="--", color="k", lw=1, label=f"1/E = {baseline:.3g}")
     layer_axis(ax, layers)
     ax.set_ylabel("P(same top-1 at t+1)", fontsize=8)
@@ -159,6 +163,8 @@ def _transition_heatmaps(mats: np.ndarray, layers: Sequence, title: str, xlabel:
         ax.set_title(f"layer {layers[i]}", fontsize=8)
         ax.set_xlabel(xlabel, fontsize=7)
         ax.set_ylabel(ylabel, fontsize=7)
+        integer_axis(ax.xaxis)
+        integer_axis(ax.yaxis)
         ax.tick_params(labelsize=6)
     for ax in axes[len(layers):]:
         ax.set_axis_off()
@@ -207,9 +213,14 @@ def _ordered(names: set[str], groups: Sequence[str]) -> list[str]:
     return [g for g in groups if g in names] + sorted(names - set(groups))
 
 
-def _matrix_ax(ax, matrix: pd.DataFrame, title: str, limit: float, ylabel: bool):
+def _matrix_ax(ax, matrix: pd.DataFrame, title: str, limit: float, ylabel: bool,
+               sure: np.ndarray | None = None, stars: np.ndarray | None = None):
+    """One targeted x evaluated heatmap. ``sure``: cells whose 95% interval excludes 0 (the others are
+    drawn pale grey, not coloured: noise is not painted); ``stars``: cells significant after Holm (*)."""
     values = matrix.to_numpy(dtype=np.float64)
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
+    shown = values if sure is None else np.where(sure, values, np.nan)
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#f2f2f2")
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto",
                       interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.set_xticks(np.arange(values.shape[1]), matrix.columns, rotation=60, ha="right", fontsize=7)
@@ -220,15 +231,20 @@ def _matrix_ax(ax, matrix: pd.DataFrame, title: str, limit: float, ylabel: bool)
     if values.size <= 144:
         for (r, c), v in np.ndenumerate(values):
             if not np.isnan(v):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(v) > 0.6 * limit else "black")
+                faint = sure is not None and not sure[r, c]
+                star = "*" if stars is not None and stars[r, c] else ""
+                ax.text(c, r, f"{v:.2f}{star}", ha="center", va="center", fontsize=6,
+                        color="#999999" if faint else "white" if abs(v) > 0.6 * limit else "black")
     return image
 
 
 def ablation_matrix(results: pd.DataFrame, method: str, measure: str = "drop", control: str | None = None,
                     groups: Sequence[str] = ()) -> Figure:
     """Targeted x evaluated group matrix of ``measure`` (mean over seeds) for ``method``, beside its
-    ``control`` method when given; one symmetric colour scale over the whole table."""
+    ``control`` method when given; one symmetric colour scale over the whole table. Where the table has
+    the experiment's 95% intervals (``drop_ci_low`` / ``_ci_high``, ``loss_...``), only cells whose
+    interval excludes 0 are coloured (the rest pale grey, value in grey), and a ``*`` marks a cell
+    whose Holm-adjusted p-value (``..._p_holm``) is below 0.05."""
     index = _ordered(set(results["targeted_group"]), groups)
     columns = _ordered(set(results["evaluated_group"]), groups)
     values = results[measure].to_numpy(dtype=np.float64)
@@ -239,11 +255,24 @@ def ablation_matrix(results: pd.DataFrame, method: str, measure: str = "drop", c
     fig = Figure(figsize=(side * len(names) + 1.0, side))
     axes = np.atleast_1d(fig.subplots(1, len(names)))
     image = None
+    prefix = measure.removesuffix("_increase")  # the experiment's interval columns: drop_ci_low, loss_ci_low
+
+    def cells(sub: pd.DataFrame, column: str) -> np.ndarray | None:
+        if column not in sub:
+            return None
+        numeric = sub.assign(**{column: pd.to_numeric(sub[column], errors="coerce")})  # "nan" read as text
+        return numeric.pivot_table(index="targeted_group", columns="evaluated_group", values=column,
+                                   aggfunc="mean", dropna=False).reindex(index=index, columns=columns).to_numpy(float)
+
     for ax, name in zip(axes, names):
         sub = results[results["method"] == name]
         matrix = sub.pivot_table(index="targeted_group", columns="evaluated_group", values=measure,
                                  aggfunc="mean").reindex(index=index, columns=columns)
-        image = _matrix_ax(ax, matrix, f"{name} (control)" if name == control else name, limit, ax is axes[0])
+        low, high, p_holm = (cells(sub, f"{prefix}_{c}") for c in ("ci_low", "ci_high", "p_holm"))
+        sure = None if low is None or high is None else (low > 0) | (high < 0)
+        stars = None if p_holm is None else np.nan_to_num(p_holm, nan=1.0) < 0.05
+        image = _matrix_ax(ax, matrix, f"{name} (control)" if name == control else name, limit, ax is axes[0],
+                           sure, stars)
     fig.colorbar(image, ax=list(axes), shrink=0.8, label=MEASURES.get(measure, measure))
     return fig
 

@@ -218,6 +218,15 @@ class _Entry:
     observer: Observer | None
     backend: str
     override: Override | None = None
+    targets: Targets | None = None
+
+    def describe(self) -> dict | None:
+        """What this context changes in the routing, as JSON-ready data (None: it only observes)."""
+        if self.override is not None:
+            return {"override": getattr(self.override, "__qualname__", type(self.override).__qualname__)}
+        if self.targets is not None and self.rules is not None:
+            return {"targets": self.targets.to_dict()}
+        return None
 
 
 class RoutingPatch:
@@ -406,7 +415,8 @@ def patch_routers(
             raise MoetraceError(f"targets: expected an moetrace.targets.Targets, got {type(targets).__name__}")
         rules = _layer_rules(targets, patch.sites)
         mask_mode = targets.mask_mode
-    entry = _Entry(rules=rules, mask_mode=mask_mode, observer=observer, backend=backend, override=override)
+    entry = _Entry(rules=rules, mask_mode=mask_mode, observer=observer, backend=backend, override=override,
+                   targets=targets)
     if not patch.entries:
         patch.install()
     patch.entries.append(entry)
@@ -416,6 +426,34 @@ def patch_routers(
         patch.entries[:] = [e for e in patch.entries if e is not entry]
         if not patch.entries:
             patch.restore()
+
+
+def active_interventions(routers: Sequence[nn.Module]) -> tuple[dict, ...]:
+    """What changes the routing of these router modules now: one entry per open ``intervene`` /
+    ``ablate`` / ``steer`` / ``replay`` context on them, outermost first (``{"targets": ...}`` or
+    ``{"override": name}``); ``()`` when they route as the model does. Host-side Python only (what
+    capture records with each batch)."""
+    patch = _PATCHES.get(routers[0]) if routers else None
+    if patch is None:
+        return ()
+    return tuple(d for d in (e.describe() for e in patch.entries) if d is not None)
+
+
+def describe_intervention(what: Mapping[str, Any]) -> str:
+    """One entry of :func:`active_interventions` in a few words (what ``moetrace info`` and the report show)."""
+    if "override" in what:
+        return f"routes overridden ({what['override']})"
+    t = what.get("targets", {})
+
+    def n(count: int, kind: str) -> str:
+        return f"{count} {kind if count != 1 else kind[:-1]}"
+
+    parts = [f"{n(sum(len(v) for v in t.get(kind, {}).values()), kind)} masked ({t.get('mask_mode', 'reroute')})"
+             for kind in ("experts", "paths", "pairs") if t.get(kind)]
+    boosts = sum(len(v) for v in t.get("boosts", {}).values())
+    if boosts:
+        parts.append(f"{n(boosts, 'experts')} boosted or scaled")
+    return ", ".join(parts) or "targets without rules"
 
 
 def intervene(model: nn.Module, targets: Targets, *, backend: str = "auto"):

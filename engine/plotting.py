@@ -9,12 +9,26 @@ import matplotlib.figure
 import numpy as np
 import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.layout_engine import ConstrainedLayoutEngine
+from matplotlib.ticker import MaxNLocator
 
 from moetrace import metrics
 
 
 class Figure(matplotlib.figure.Figure):
-    """A matplotlib ``Figure`` that Jupyter shows as PNG by itself (``_repr_png_``), whatever the backend."""
+    """A matplotlib ``Figure`` that Jupyter shows as PNG by itself (``_repr_png_``), whatever the backend.
+
+    Laid out by matplotlib's constrained layout (labels and colorbars never overlap a neighbouring
+    panel); ``tight_layout()`` calls are accepted and leave that layout in place.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("layout", "constrained")
+        super().__init__(*args, **kwargs)
+
+    def tight_layout(self, *args, **kwargs) -> None:
+        if not isinstance(self.get_layout_engine(), ConstrainedLayoutEngine):
+            super().tight_layout(*args, **kwargs)
 
     def _repr_png_(self) -> bytes:
         import io
@@ -34,6 +48,11 @@ def layer_axis(ax, layers: Sequence) -> None:
     ax.set_xticks(np.arange(len(layers)), [str(v) for v in layers], fontsize=7)
     ax.set_xlabel("layer", fontsize=8)
     ax.tick_params(labelsize=7)
+
+
+def integer_axis(axis) -> None:
+    """Ticks at whole numbers only (expert ids, ranks): never 2.5 or 0.25."""
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def legend_right(ax) -> None:

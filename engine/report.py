@@ -43,6 +43,7 @@ from moetrace.analysis import ANALYSES
 from moetrace.counting import count, load_counts
 from moetrace.errors import MoetraceError
 from moetrace.figures import LAYERS_PER_FIGURE, MEASURES
+from moetrace.intervene import describe_intervention
 from moetrace.kernels.counting import STATS
 from moetrace.sections import (Context, Section, escape, fmt, group_matrix, html_table, img, note, section_html,
                                size)
@@ -330,7 +331,8 @@ def _render_experiment(ctx: Context) -> str:
                                                  + (f" (Holm {fmt(d['p_holm'], 3)})" if "p_holm" in d else ""))
             headline.append([method, EXPERIMENT_MEASURES[measure], _effect(e["targeted"]), _effect(e["off_target"]),
                              _effect(e["random"]), _effect(d), d.get("n_random", 0), p,
-                             _ratio(e["selectivity"]), ", ".join(e.get("not_testable", [])) or "-"])
+                             _ratio(e["selectivity"]), ", ".join(e.get("not_testable", [])) or "-",
+                             ", ".join(e.get("no_targets", [])) or "-"])
     figs = []
     for measure in measures:
         figs.append(f"<h4>{escape(MEASURES[measure])}</h4>")
@@ -340,13 +342,8 @@ def _render_experiment(ctx: Context) -> str:
     selection = escape(summary.get("selection", "the trace in this directory"))
     primary = "; ".join(f"{t['method']} {EXPERIMENT_MEASURES[t['measure']]}: p {fmt(t['p_value'], 3)}, Holm "
                         f"{fmt(t['p_holm'], 3)}" for t in summary.get("primary_tests", []))
-    value_cols = [c for c in ("base_accuracy", "ablated_accuracy", "drop", "drop_ci_low", "drop_ci_high",
-                              "drop_p_value", "drop_p_holm", "base_loss", "ablated_loss", "loss_increase",
-                              "loss_ci_low", "loss_ci_high", "loss_p_value", "loss_p_holm", "coverage", "n_items")
-                  if c in df.columns]
-    real = df[~df["method"].str.startswith("random")]
-    table = real[["method", "targeted_group", "evaluated_group", *value_cols]].sort_values(
-        ["method", "targeted_group", "evaluated_group"])
+    real = df[~df["method"].str.startswith("random")].sort_values(["method", "targeted_group", "evaluated_group"])
+    result_columns, result_rows = _results_table(real)
     return ("".join(parts)
             + "<h3>Per method</h3>"
             + note(f"Targets selected on {selection}. targeted: mean over targeted groups of the effect on that "
@@ -356,19 +353,61 @@ def _render_experiment(ctx: Context) -> str:
                    "(draws and items resampled); p: rank of the targeted effect among the draws, pooled over "
                    "groups (one-sided); n: draws per group. In brackets: 95% intervals (paired bootstrap over "
                    "items for targeted and off-target). Primary tests (Holm-adjusted as one family): "
-                   f"{escape(primary) or 'none'}. Every other p-value is secondary.")
+                   f"{escape(primary) or 'none'}. Every other p-value is secondary. No targets: groups where no "
+                   "item reached the method's selection threshold; the method's effects leave them out.")
             + html_table(["method", "measure", "targeted", "off-target", "random (mean of draws)", "targeted - random",
-                          "n", "p vs random", "targeted / off-target", "not testable"], headline, text_cols=10)
+                          "n", "p vs random", "targeted / off-target", "not testable",
+                          "no targets (nothing ablated)"], headline, text_cols=11)
             + "<h3>Targeted x evaluated groups</h3>"
             + note("Each cell: the effect on the evaluated group (column) of ablating the routes specialized in the "
-                   "targeted group (row). One colour scale per measure.")
+                   "targeted group (row). One colour scale per measure; a cell is coloured only where its 95% "
+                   "interval excludes 0 (pale grey: the interval contains 0), and * marks a cell significant "
+                   "after Holm over the table.")
             + "".join(figs)
             + "<h3>Results</h3>"
             + note("results.csv's rows of the targeted ablations: every measure with its 95% paired interval, its "
                    "item-level p-value (McNemar for accuracy, sign-flip for loss) and that p-value Holm-adjusted "
                    "over the whole table. The random draws' rows are in results.csv.")
-            + html_table(["method", "targeted group", "evaluated group", *[c.replace("_", " ") for c in value_cols]],
-                         table.itertuples(index=False), text_cols=3))
+            + html_table(result_columns, result_rows, text_cols=3))
+
+
+def _results_table(real: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The targeted rows of results.csv as one table of consistently formatted text: accuracies and
+    losses to 3 decimals, effects signed with their 95% interval, p-values (Holm) to 2 digits."""
+    def num(v, spec: str) -> str:
+        return "-" if v is None or v != v else format(float(v), spec)
+
+    def effect(r, measure: str, prefix: str) -> str:
+        if measure not in r or r[measure] != r[measure]:
+            return "-"
+        ci = (f" [{num(r.get(f'{prefix}_ci_low'), '+.3f')}, {num(r.get(f'{prefix}_ci_high'), '+.3f')}]"
+              if f"{prefix}_ci_low" in r else "")
+        return num(r[measure], "+.3f") + ci
+
+    def p(r, prefix: str) -> str:
+        if f"{prefix}_p_value" not in r:
+            return "-"
+        holm = f" ({num(r.get(f'{prefix}_p_holm'), '.2g')})" if f"{prefix}_p_holm" in r else ""
+        return num(r[f"{prefix}_p_value"], ".2g") + holm
+
+    has_loss = any(c in real.columns and pd.to_numeric(real[c], errors="coerce").notna().any()
+                   for c in ("base_loss", "loss_increase"))
+    columns = ["method", "targeted group", "evaluated group", "base accuracy", "ablated accuracy",
+               "accuracy drop [95%]", "drop p (Holm)"]
+    if has_loss:
+        columns += ["base loss", "ablated loss", "loss increase [95%]", "loss p (Holm)"]
+    columns += ["coverage", "items"]
+    rows = []
+    for r in real.to_dict("records"):
+        row = [r["method"], r["targeted_group"], r["evaluated_group"], num(r.get("base_accuracy"), ".3f"),
+               num(r.get("ablated_accuracy"), ".3f"), effect(r, "drop", "drop"), p(r, "drop")]
+        if has_loss:
+            row += [num(r.get("base_loss"), ".3f"), num(r.get("ablated_loss"), ".3f"),
+                    effect(r, "loss_increase", "loss"), p(r, "loss")]
+        items = r.get("n_items")
+        row += [num(r.get("coverage"), ".1%"), "-" if items is None or items != items else f"{int(items):,}"]
+        rows.append(row)
+    return columns, rows
 
 
 EXPERIMENT_MEASURES = {"drop": "accuracy drop", "loss_increase": "loss increase",
@@ -501,19 +540,24 @@ def _render_targets(ctx: Context) -> str:
 def _render_store(ctx: Context) -> str:
     info, counts = ctx.store.info(), ctx.counts
     facts = [
-        ["path", info["path"]], ["model", info["model"] or "-"], ["scoring", info["scoring"] or "-"],
+        ["path", info["path"]], ["model", info["model"] or "-"], ["tokenizer", info.get("tokenizer") or "-"],
+        ["scoring", info["scoring"] or "-"],
         ["tokens (rows)", info["rows"]], ["routing rows", info["routing_rows"]], ["sequences", info["sequences"]],
-        ["sequence metadata rows", info["sequence_metadata_rows"]],
+        ["sequence metadata rows", info["sequence_metadata_rows"] or "none"],
         ["layers", f"{info['n_layers']} {info['layer_ids']}"], ["experts", info["n_experts"]],
         ["top-k", info["top_k"]], ["chunk rows", info["chunk_rows"]], ["format version", info["format_version"]],
     ]
-    for label, values in info["labels"].items():
-        facts.append([f"label {label}", ", ".join(f"{k}={v:,}" for k, v in values.items())])
+    for label, values in info["labels"].items():  # values sorted, as every group list on the page
+        facts.append([f"label {label}", ", ".join(f"{k}={v:,}" for k, v in sorted(values.items()))])
+    for entry in info.get("interventions", []):
+        ranges = ", ".join(f"{lo}" if lo == hi else f"{lo}..{hi}" for lo, hi in entry["sequences"])
+        facts.append([f"captured under an intervention: sequences {ranges}",
+                      "; then ".join(describe_intervention(w) for w in entry["what"])])
     arrays = []
     for name, a in info["arrays"].items():
         raw, stored = a["raw_bytes"], a["stored_bytes"]
         arrays.append([name, str(tuple(a["shape"])), a["dtype"], size(raw), size(stored),
-                       raw / stored if raw and stored else float("nan")])
+                       raw / stored if raw and stored and raw >= 1 << 20 else "small" if raw else float("nan")])
     tokens = group_matrix(counts["tokens"], counts).reshape(-1) if "tokens" in counts.data_vars else None
     filters = counts.attrs.get("filters", "{}")
     counts_facts = [["counts", ctx.origin], ["statistics", ", ".join(sorted(counts.data_vars))],
@@ -590,6 +634,8 @@ def write_report(source: str | Path, out_html: str | Path, *, results: str | Pat
     out_html = Path(out_html)
     table = load_results(results) if results is not None else None
     store, counts, origin, results_csv = _load(source)
+    # one group order on the whole page: label values sorted (the store keeps them in order of appearance)
+    counts = counts.sortby(list(metrics.group_dims(counts))) if metrics.group_dims(counts) else counts
     if table is None and results_csv is not None:
         table = load_results(results_csv)
     info = store.info()

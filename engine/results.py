@@ -74,8 +74,16 @@ def summarize(table: Mapping[str, np.ndarray], items: Mapping[str, np.ndarray] |
     out: dict[str, Any] = {}
     for method in sorted({m for m in df["method"] if not m.startswith("random:")}):
         entry: dict[str, Any] = {}
+        rows = df["method"] == method
+        nothing_ablated = "n_items" in df and bool((df.loc[rows, "n_items"] == 0).all())
         for measure, kind in MEASURES.items():
-            if measure not in df or not df.loc[df["method"] == method, measure].notna().any():
+            if measure not in df:
+                continue
+            # a method that ablated nothing anywhere still gets its accuracy (and, with texts, loss) entry:
+            # its headline row then says "no targets", not nothing at all
+            base_measured = measure == "drop" or (measure == "loss_increase" and "base_loss" in df
+                                                  and df["base_loss"].notna().any())
+            if not df.loc[rows, measure].notna().any() and not (nothing_ablated and base_measured):
                 continue
             entry[measure] = _measure_entry(df, item_df, method, measure, kind, testable, seed, n_boot)
         out[method] = entry
@@ -98,6 +106,9 @@ def _measure_entry(df, item_df, method: str, measure: str, kind: str, testable: 
     rand = rand[rand["targeted_group"] == rand["evaluated_group"]]  # a draw's effect on its targeted group
     groups = sorted(g for g in set(real["targeted_group"]) if real.loc[real["targeted_group"] == g, measure].notna().any())
     entry: dict[str, Any] = {"groups": groups}
+    if "n_items" in real:  # groups where no item reached the threshold: nothing was ablated for them
+        own_rows = real[real["targeted_group"] == real["evaluated_group"]]
+        entry["no_targets"] = sorted(set(own_rows.loc[own_rows["n_items"] == 0, "targeted_group"]))
     if measure == "drop" and testable is not None:
         entry["not_testable"] = [g for g in groups if g not in testable]
         groups = entry["groups"] = [g for g in groups if g in testable]
@@ -200,7 +211,7 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
 
     header = (f"{'method':<8} {'measure':<20} {'targeted':>24} {'off-target':>24} {'random (mean of draws)':>24} "
               f"{'targeted - random':>24} {'sel.':>6} {'n':>4}  p vs random")
-    lines, untestable = [header], set()
+    lines, untestable, no_targets = [header], set(), {}
     for method, entries in summary.items():
         if not isinstance(entries, Mapping) or method in ("base",):
             continue
@@ -208,6 +219,8 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
             if measure not in MEASURES or not isinstance(e, Mapping):
                 continue
             untestable |= set(e.get("not_testable", []))
+            if e.get("no_targets"):
+                no_targets[method] = (e["no_targets"], e.get("groups", []))
             d = e["targeted_minus_random"]
             lines.append(f"{method:<8} {MEASURE_LABELS[measure]:<20} {effect(e['targeted']):>24} "
                          f"{effect(e['off_target']):>24} {effect(e['random']):>24} {effect(d):>24} "
@@ -219,6 +232,14 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     if floor:
         lines.append("too few distinct random draws for p to go below 0.05 (p >= 1 / prod over groups of (draws + 1)): "
                      + ", ".join(floor))
+    for method, (empty, kept) in no_targets.items():
+        if kept:
+            lines.append(f"{method}: no item reached the selection threshold for {', '.join(empty)}, so nothing was "
+                         f"ablated there; its rows average over {', '.join(kept)} only (lower it with "
+                         f"--threshold {method}=X; the warnings name the largest X that selects something)")
+        else:
+            lines.append(f"{method}: no item reached the selection threshold for any group: nothing was ablated and "
+                         f"its rows measure nothing (lower it with --threshold {method}=X)")
     if untestable:
         lines.append(f"not testable on accuracy (base accuracy not clearly above chance and the answer-blind "
                      f"baseline), left out of the accuracy rows: {', '.join(sorted(untestable))}")

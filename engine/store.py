@@ -269,6 +269,7 @@ class TraceStore:
         labels: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
         model: str | None = None,
         scoring: str | None = None,
+        tokenizer: str | None = None,
         rank_order: str = "ranked",
         weights: bool = False,
         probs: bool = False,
@@ -288,6 +289,7 @@ class TraceStore:
         ``shard_chunks`` chunks per shard file (for very large stores); the writer then
         writes whole shards. ``weights``/``probs``/``token_text``: create the optional
         ``routing/weights`` [N,L,K], ``routing/probs`` [N,L,E], ``tokens/text`` arrays.
+        ``tokenizer``: name or path of the tokenizer the token ids come from (:attr:`tokenizer`).
         ``rank_order``: ``"ranked"`` (a token's K ids run from its top-1 down) or ``"unknown"``
         (the source gave only the set of K experts, e.g. in expert-id order): statistics that
         need rank order or the top-1 then refuse the store (:meth:`require_rank_order`).
@@ -335,6 +337,7 @@ class TraceStore:
         meta = {
             "format_version": FORMAT_VERSION,
             "model": model,
+            "tokenizer": tokenizer,
             "n_layers": n_layers,
             "layer_ids": layer_ids,
             "n_experts": n_experts,
@@ -406,7 +409,10 @@ class TraceStore:
         if not path.exists():
             raise MoetraceError(f"{path}: no such file or directory")
         if not (path / "zarr.json").is_file():
-            raise MoetraceError(f"{path}: not a moetrace store (no zarr.json: not a Zarr v3 group)")
+            if (path / "trace.zarr" / "zarr.json").is_file():
+                raise MoetraceError(f"{path}: a run directory, not a trace store; its store is {path / 'trace.zarr'}")
+            what = "a file" if path.is_file() else "a directory without zarr.json"
+            raise MoetraceError(f"{path}: not a moetrace store ({what}: not a Zarr v3 group)")
         try:
             with open(path / "zarr.json", "rb") as fh:
                 root = json.load(fh)
@@ -418,6 +424,9 @@ class TraceStore:
             raise MoetraceError(f"{path}/zarr.json: not a moetrace store (expected a Zarr v3 group, got {what})")
         attributes = root.get("attributes", {})
         meta = attributes.get(ATTR_KEY) if isinstance(attributes, dict) else None
+        if meta is None and isinstance(attributes, dict) and "moetrace_counts_version" in attributes:
+            raise MoetraceError(f"{path}: a counts file (what `moetrace count` writes), not a trace store; read it "
+                                f"with `moetrace stats {path}` or moetrace.load_counts")
         _check_version(path, meta)
         _check_meta(path, meta)
         try:
@@ -480,6 +489,12 @@ class TraceStore:
     @property
     def scoring(self) -> str | None:
         return self._meta.get("scoring")
+
+    @property
+    def tokenizer(self) -> str | None:
+        """The name or path of the tokenizer the token ids came from (recorded at capture), or None:
+        what later commands load to show token text (:func:`moetrace.models.loading.load_tokenizer`)."""
+        return self._meta.get("tokenizer")
 
     @property
     def rank_order(self) -> str:
@@ -586,6 +601,37 @@ class TraceStore:
             raise MoetraceError(
                 f"routing/experts: expected {K} distinct expert ids per token and layer, got "
                 f"{experts[row, layer].tolist()} (batch row {int(row)}, layer {int(self.layer_ids[layer])})")
+
+    @property
+    def interventions(self) -> list[dict]:
+        """What changed the routing while sequences were captured: ``[{"what": [...], "sequences":
+        [[first, last], ...]}]``, one entry per distinct set of open ``intervene`` / ``ablate`` /
+        ``steer`` / ``replay`` contexts (:func:`moetrace.intervene.active_interventions`), with the
+        sequence ids captured under it as inclusive ranges; ``[]``: every sequence routed as the model does."""
+        return [dict(e) for e in self._meta.get("interventions", [])]
+
+    def note_interventions(self, what: Sequence[Mapping[str, Any]], seq: Sequence[int] | np.ndarray) -> None:
+        """Record that sequences ``seq`` were captured under the routing changes ``what`` (see
+        :attr:`interventions`); an empty ``what`` records nothing. Committed with the next commit."""
+        self._require_writable()
+        what = [dict(w) for w in what]
+        ids = np.unique(np.asarray(seq, dtype=np.int64))
+        if not what or not ids.size:
+            return
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+        ranges = [[int(r[0]), int(r[-1])] for r in np.split(ids, breaks)]
+        log = self._meta.setdefault("interventions", [])
+        for entry in log:
+            if entry["what"] == what:
+                merged = sorted(entry["sequences"] + ranges)
+                entry["sequences"] = [merged[0]]
+                for lo, hi in merged[1:]:
+                    if lo <= entry["sequences"][-1][1] + 1:
+                        entry["sequences"][-1][1] = max(entry["sequences"][-1][1], hi)
+                    else:
+                        entry["sequences"].append([lo, hi])
+                return
+        log.append({"what": what, "sequences": ranges})
 
     def append_sequences(self, columns: Mapping[str, Any]) -> None:
         """Append per-sequence metadata rows (``sequences/*``), committed immediately.
@@ -741,6 +787,7 @@ class TraceStore:
             "path": str(self.path),
             "format_version": self._meta["format_version"],
             "model": self.model,
+            "tokenizer": self.tokenizer,
             "scoring": self.scoring,
             "rank_order": self.rank_order,
             "rows": n,
@@ -748,6 +795,7 @@ class TraceStore:
             "sequences": n_seq,
             "sequence_runs": n_runs,
             "sequence_metadata_rows": self.n_sequences_committed,
+            "interventions": self.interventions,
             "n_layers": self.n_layers,
             "layer_ids": self.layer_ids.tolist(),
             "n_experts": self.n_experts,
@@ -1013,9 +1061,11 @@ class TraceStore:
                     f"got {int(values.max()) if values.max() >= len(vocab) else int(values.min())}")
             return values.astype(LABEL_DTYPE), vocab
         strings = values.astype(str)
-        uniq, inverse = np.unique(strings, return_inverse=True)
+        uniq, first, inverse = np.unique(strings, return_index=True, return_inverse=True)
         index = {v: i for i, v in enumerate(vocab)}
-        missing = [u for u in uniq.tolist() if u not in index]
+        # new values join in the order they first appear in the rows, so the vocabulary does not depend
+        # on how the rows were split into batches
+        missing = [str(uniq[i]) for i in np.argsort(first, kind="stable").tolist() if uniq[i] not in index]
         if missing:
             if self._meta.get("labels_fixed", {}).get(label, False):
                 raise MoetraceError(
@@ -1161,11 +1211,17 @@ def _check_meta(path: Path, meta: dict) -> None:
     fixed = meta.get("labels_fixed", {})
     if not isinstance(fixed, dict) or not all(isinstance(v, bool) for v in fixed.values()):
         raise bad("labels_fixed", "a dict of label name -> bool")
-    for key in ("model", "scoring"):
+    for key in ("model", "scoring", "tokenizer"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise bad(key, "a string or null")
     if meta.get("rank_order", "ranked") not in RANK_ORDERS:
         raise bad("rank_order", f"one of {', '.join(RANK_ORDERS)}")
+    log = meta.get("interventions", [])
+    if not isinstance(log, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("what"), list) and isinstance(e.get("sequences"), list)
+            and all(isinstance(r, list) and len(r) == 2 and all(_is_int(x) for x in r) for r in e["sequences"])
+            for e in log):
+        raise bad("interventions", "a list of {what: [...], sequences: [[first, last], ...]}")
     shard = meta.get("shard_chunks")
     if shard is not None and (not _is_int(shard) or shard < 1):
         raise bad("shard_chunks", "a positive integer or null")

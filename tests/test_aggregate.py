@@ -190,7 +190,7 @@ def test_counts_equal_duckdb(seed, n_seq, L, K, extra_e, chunk_rows, by, skip, g
         if label in by:
             assert list(ds[label].values) == values
     if skip:
-        assert ds.attrs["last_shared_pos"] == r_last_shared_tok(trace["seq"], trace["pos"], trace["token_id"])[0]
+        assert ds.attrs["shared_prefix_tokens"] == r_last_shared_tok(trace["seq"], trace["pos"], trace["token_id"])[0]
 
 
 def test_chunking_never_changes_a_count(tmp_path):
@@ -377,7 +377,7 @@ def test_save_load_cli_roundtrip(tmp_path):
         np.testing.assert_array_equal(ds[name].values, direct[name].values)
     assert list(ds["domain"].values) == DOMAINS
     loaded = A.load_counts(out)
-    assert loaded.attrs["moetrace_counts_version"] == 1 and loaded.attrs["last_shared_pos"] >= 1
+    assert loaded.attrs["moetrace_counts_version"] == 1 and loaded.attrs["shared_prefix_tokens"] >= 1
     assert json.loads(loaded.attrs["filters"])["positions"] == [0, 50]
     assert cli_main(["count", str(path), str(out), "--quiet"]) == 2  # exists, no --overwrite
     assert cli_main(["count", str(path), str(out), "--by", "domain", "--group", "domain=math,bio",
@@ -410,8 +410,8 @@ def test_errors(tmp_path):
     ds.to_zarr(tmp_path / "v99.zarr", mode="w", consolidated=False)
     with pytest.raises(MoetraceError, match="version 99"):
         A.load_counts(tmp_path / "v99.zarr")
-    with pytest.raises(MoetraceError, match="not a moetrace counts file"):
-        A.load_counts(path)  # a trace store, not a counts file
+    with pytest.raises(MoetraceError, match="a trace store, not a counts file; count it first: `moetrace count"):
+        A.load_counts(path)
     with pytest.raises(MoetraceError, match="not a counts file|no such"):
         A.load_counts(tmp_path / "missing.zarr")
 

@@ -234,6 +234,41 @@ def test_expert_similarity_matches_materialized_outputs():
     np.testing.assert_allclose(np.diag(w), 1.0)
 
 
+def test_cka_in_the_sample_form_equals_the_feature_form():
+    """Where (E*H)^2 is over the memory limit, CKA is computed from the n x n Gram matrices of the tokens
+    (exact, not an estimate); cosine alone keeps no accumulator at all."""
+    model = tiny_model("qwen3_moe")
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(3, VOCAB, size=int(n)).tolist() for n in rng.integers(4, 12, size=9)]
+    feature = expert_similarity(model, token_batches(seqs, batch_size=4, num_tokens=50), layers=[1])
+    H = model.config.hidden_size
+    limit = (8 * H) ** 2 * 8 - 1  # the feature form does not fit; 50 tokens' samples do
+    sample = expert_similarity(model, token_batches(seqs, batch_size=4, num_tokens=50), layers=[1], max_bytes=limit)
+    assert feature.attrs["cka_form"] == "features" and sample.attrs["cka_form"] == "samples"
+    np.testing.assert_allclose(sample["cka"].values, feature["cka"].values, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sample["cosine"].values, feature["cosine"].values)
+    with pytest.raises(MoetraceError, match=r"use at most [\d,]+ tokens \(--num-tokens\)"):
+        expert_similarity(model, token_batches(seqs, batch_size=4, num_tokens=50), layers=[1], max_bytes=8 * 8 * 60 * 8)
+    cosine = expert_similarity(model, token_batches(seqs, batch_size=4, num_tokens=50), layers=[1], measures=["cosine"],
+                               max_bytes=0)
+    assert list(cosine.data_vars) == ["cosine"] and "cka_form" not in cosine.attrs
+    np.testing.assert_allclose(cosine["cosine"].values, feature["cosine"].values)
+
+
+def test_weight_cka_is_linear_cka_of_the_weights_over_the_residual_dimensions():
+    model = tiny_model("qwen3_moe")
+    module = experts_modules(model, [0])[0][0]
+    H = model.config.hidden_size
+    oriented = [p.detach().double() if p.shape[1] == H else p.detach().double().transpose(1, 2)
+                for p in (module.gate_up_proj, module.down_proj)]
+    X = torch.cat(oriented, dim=2).numpy()  # [E, H, features]
+    assert X.shape[1] == H
+    w = weight_similarity(model, [0])["weight_cka"].values[0]
+    for i, j in ((1, 4), (0, 7), (3, 3)):
+        assert w[i, j] == pytest.approx(linear_cka(X[i], X[j]), rel=1e-9)
+        assert w[i, j] == pytest.approx(hsic_cka(X[i], X[j]), rel=1e-6)
+
+
 @pytest.mark.parametrize("bad", [[3, 99], [8], [-1], [2, 2]])
 def test_expert_ids_outside_the_model_are_refused_before_any_forward(bad):
     """An id >= E or < 0 read memory outside the fused experts' weights (cosine = CKA = 1.0 for expert 99,

@@ -94,7 +94,11 @@ def test_model_commands_and_report(setup, capsys):
                      "--layers", "1", "--expert", "2", "--scale", "0", "--target-idx", "3",
                      "--max-new-tokens", "3", "--out", str(out)]) == 0
     assert "before:" in capsys.readouterr().out
-    files(out, "steer_layers1_expert2")
+    files(out, "steer_layers1_expert2_scale0_logit0")
+    assert cli_main(["steer", "--model", str(root / "ckpt"), "--prompt-ids", *map(str, rows[0]["input_ids"]),
+                     "--layers", "1", "--expert", "2", "--scale", "2.5", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    files(out, "steer_layers1_expert2_scale2.5_logit0")  # a boost beside the ablation, not over it
+    files(out, "steer_layers1_expert2_scale0_logit0")
     assert cli_main(["profile", str(run / "trace.zarr"), "--layers", "0", "--expert", "1", "--out", str(out)]) == 0
     text = write_report(run, root / "report.html").read_text()
     for sec in ("decisiveness", "router-metrics", "lang-domain", "router-stats", "similarity", "embedding",
@@ -116,7 +120,7 @@ def test_run_suite_writes_every_model_analysis(setup, tmp_path):
         files(out, name)
     assert load_result(out / "decisiveness.zarr")["tokens"].sum() == 60
     assert len(list(out.glob("profile_layer0_expert*.json"))) == 1
-    assert len(list(out.glob("steer_layers0_expert*.json"))) == 1
+    assert len(list(out.glob("steer_layers0_expert*_scale*_logit*.json"))) == 1
 
 
 def test_every_declared_analysis_is_complete(tmp_path, monkeypatch, capsys):

@@ -47,6 +47,11 @@ def test_router_stats_match_the_router_linear_layer():
     np.testing.assert_allclose(ds["prob_std"].sel(layer=1), sorted_probs.std(0), rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(ds["weight_mean"].sel(layer=1)[:2], sorted_probs[:, :2].mean(0), rtol=1e-4)
     assert np.isnan(ds["weight_mean"].sel(layer=1)[2:]).all()
+    # seed 003's renormalized top-k probabilities: OLMoE does not renormalize, so they differ from the weights
+    top = sorted_probs[:, :2]
+    np.testing.assert_allclose(ds["renorm_mean"].sel(layer=1)[:2], (top / top.sum(1, keepdims=True)).mean(0),
+                               rtol=1e-4)
+    assert float(ds["renorm_mean"].sel(layer=1, rank=0)) > float(ds["weight_mean"].sel(layer=1, rank=0)) + 0.05
     want, _ = np.histogram(probs.ravel(), bins=20, range=(0, 1))
     assert np.abs(ds["prob_hist"].sel(layer=1).values - want).sum() <= 2  # float32 vs float64 at bin edges
     assert int(ds["prob_hist"].sum()) == 40 * 8
@@ -60,6 +65,15 @@ def test_router_stats_other_scorings(family):
     assert (ds["weight_hist"].sum("bin") == 30 * 2).all()
     assert (ds["prob_hist"].sum("bin") == 30 * 8).all()
     assert ("selection_mean" in ds) == (family == "deepseek_v3")
+    assert (ds["renorm_hist"].sum("bin") == 30 * 2).all()
+    np.testing.assert_allclose(ds["renorm_mean"].sum("rank", skipna=True), 1.0, rtol=1e-5)
+
+
+def test_renormalized_top_k_equals_the_weights_of_a_family_that_renormalizes():
+    model = tiny_model("qwen3_moe")
+    assert model.config.norm_topk_prob
+    ds = router_stats(model, token_batches(sequences(), num_tokens=30))
+    np.testing.assert_allclose(ds["renorm_mean"].values[:, :2], ds["weight_mean"].values[:, :2], rtol=1e-5)
 
 
 def test_router_stats_bias_corrected_selection_scores():

@@ -97,6 +97,45 @@ def test_capture_while_ablating_records_the_routing_used(tmp_path):
     assert (experts[:, 1:, :] >= 0).all()
 
 
+def test_a_capture_records_the_interventions_its_sequences_were_routed_under(tmp_path):
+    """The store says which sequences were captured under which targets (and which under none), so a
+    trace captured inside ablate or steer cannot pass for the model's own routing."""
+    from moetrace.cli import main
+    from moetrace.intervene import steer
+
+    model = tiny_model("qwen2_moe")
+    ids, mask = padded_batch()
+    layer = router_sites(model)[0].layer_id
+    targets = Targets(experts={layer: [1, 2]})
+    with capture(model, tmp_path / "t.zarr") as cap, torch.no_grad():
+        cap.set_batch(seq=[0, 1])
+        model(input_ids=ids, attention_mask=mask)          # the model's own routing
+        with intervene(model, targets):
+            cap.set_batch(seq=[2, 3])
+            model(input_ids=ids, attention_mask=mask)
+            cap.set_batch(seq=[4, 5])
+            model(input_ids=ids, attention_mask=mask)
+        with steer(model, layer, 3, logit=2.0):
+            cap.set_batch(seq=[6, 7])
+            model(input_ids=ids, attention_mask=mask)
+    store = TraceStore.open(tmp_path / "t.zarr")
+    log = store.interventions
+    assert log == [{"what": [{"targets": targets.to_dict()}], "sequences": [[2, 5]]},
+                   {"what": [{"targets": Targets(boosts={layer: {3: {"logit": 2.0, "scale": 1.0}}}).to_dict()}],
+                    "sequences": [[6, 7]]}]
+    assert store.info()["interventions"] == log
+    assert main(["info", str(tmp_path / "t.zarr")]) == 0
+
+
+def test_a_plain_capture_records_no_intervention(tmp_path):
+    model = tiny_model("qwen2_moe")
+    ids, mask = padded_batch()
+    with capture(model, tmp_path / "t.zarr") as cap, torch.no_grad():
+        cap.set_batch()
+        model(input_ids=ids, attention_mask=mask)
+    assert TraceStore.open(tmp_path / "t.zarr").interventions == []
+
+
 def test_capture_needs_labels_when_the_store_has_them(tmp_path):
     model = tiny_model("olmoe")
     ids, mask = padded_batch()

@@ -285,6 +285,16 @@ def test_nothing_to_ablate_is_reported_as_no_targets_not_as_zero(tmp_path):
     assert (table["n_items"] == 0).all()
     assert np.isnan(table["drop"].astype(float)).all()
     assert "random:experts" not in set(table["method"])
+    # the headline says so: no effect printed as +0.000, a line naming the groups without targets
+    from moetrace.results import summary_lines
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["experts"]["drop"]["no_targets"] == sorted(set(table["targeted_group"]))
+    lines = summary_lines(summary)
+    row = next(line for line in lines if line.startswith("experts "))
+    assert "+0.000" not in row and "n/a" in row
+    assert any("experts: no item reached the selection threshold for any group: nothing was ablated" in line
+               for line in lines)
 
 
 def test_dose_ladder_takes_the_most_specialized_items_first():

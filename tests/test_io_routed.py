@@ -92,6 +92,24 @@ class RoutedContract(ImporterContract):
         k = self.top_k(src)
         return [str(src), str(out), "--format", self.fmt, "--labels", str(labels), *(["--top-k", str(k)] if k else [])]
 
+    def test_every_sequence_records_its_request_id_and_source(self, tmp_path):
+        """sequences/request_id and sequences/source say where each sequence came from: the request id
+        maps to the sequence's own label in the labels file, the source names a file under SRC."""
+        trace, (src, labels) = self.build(tmp_path, seed=5)
+        store = self.run_import((src, labels), tmp_path / "s.zarr", progress=False, chunk_rows=CHUNK)
+        meta = store.read_sequences()
+        np.testing.assert_array_equal(meta["seq"], np.arange(len(meta["seq"])))
+        with open(labels, newline="") as fh:
+            records = ([json.loads(line) for line in fh if line.strip()] if Path(labels).suffix == ".jsonl"
+                       else list(csv.DictReader(fh)))
+        topic_of = {str(r["request_id"]): str(r["topic"]) for r in records}
+        rows = store.read(["seq", "topic"])
+        first = np.searchsorted(rows["seq"], meta["seq"])
+        topics = store.decode_label("topic", rows["topic"][first])
+        assert [topic_of[str(k)] for k in meta["request_id"]] == topics.tolist()
+        root = Path(src) if Path(src).is_dir() else Path(src).parent  # sources are relative to it
+        assert all((root / str(s).split(":")[0]).is_file() for s in meta["source"]), meta["source"][:3]
+
     def test_generated_and_token_ids(self, tmp_path):
         """Prompt and generated tokens are marked as the engine reports them; token ids where it gives them."""
         trace, source = self.build(tmp_path, seed=7)

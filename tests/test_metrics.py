@@ -539,12 +539,16 @@ def test_cli_specialize_writes_seed_json(tmp_path, capsys):
     assert f"of the group's {group_total:,} paths samples" in capsys.readouterr().out
 
     assert main(["specialize", str(path), "--method", "pairs", "--group", "domain=math", "--threshold", "1.5",
-                 "--out", str(out), "--quiet"]) == 0
+                 "--out", str(out), "--quiet"]) == 2  # an existing output is refused, as by every writer
+    assert "output already exists" in capsys.readouterr().err and out.read_text() == oracle.exportable_json(spec) + "\n"
+    assert main(["specialize", str(path), "--method", "pairs", "--group", "domain=math", "--threshold", "1.5",
+                 "--out", str(out), "--quiet", "--overwrite"]) == 0
     sel = metrics.specialized(counts_from_frames(samples, experts, 8), "pairs", {"domain": "math"}, threshold=1.5)
     assert Targets.load(out, kind="pairs") == Targets.from_specialized("pairs", sel)
 
-    assert main(["specialize", str(path), "--method", "paths", "--group", "domain:law", "--out", str(out)]) == 2
-    assert main(["specialize", str(path), "--method", "paths", "--group", "topic=law", "--out", str(out)]) == 2
+    other = tmp_path / "other.json"
+    assert main(["specialize", str(path), "--method", "paths", "--group", "domain:law", "--out", str(other)]) == 2
+    assert main(["specialize", str(path), "--method", "paths", "--group", "topic=law", "--out", str(other)]) == 2
     err = capsys.readouterr().err
     assert "expected label=value" in err and "unknown label 'topic'" in err
 

@@ -79,7 +79,7 @@ def test_specialize_default_threshold_on_three_groups_explains_itself(counts_pat
     assert "nothing selected" in err and "> 1" in err
     suggested = err.rsplit("selects something here is ", 1)[1].split()[0]
     assert main(["specialize", str(counts_path), "--method", "experts", "--group", "domain=arith",
-                 "--threshold", suggested, "--out", str(out)]) == 0
+                 "--threshold", suggested, "--out", str(out), "--overwrite"]) == 0
     captured = capsys.readouterr()
     assert "nothing selected" not in captured.err
     assert not captured.out.startswith("0 specialized")
@@ -141,3 +141,42 @@ def test_demo_prompts_use_only_words_the_demo_tokenizer_knows(tmp_path):
     for p in prompts:
         assert {"text", "domain", "lang"} <= set(p)
         assert tok.unk_token_id not in tok(p["text"])["input_ids"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(min_value=1e-12, max_value=1e12, allow_nan=False))
+def test_the_suggested_threshold_is_short_and_never_above_the_largest_that_selects(value):
+    """Rounded down to 3 significant digits: 1.7966666666666669 reads 1.79, not its full repr (rounding to
+    nearest would go above the value, where nothing is selected)."""
+    from moetrace.commands.specialize import _at_most
+
+    text = _at_most(value)
+    assert 0 < float(text) <= value and float(text) >= value * (1 - 1e-2)
+    assert _at_most(1.7966666666666669) == "1.79"
+
+
+def test_errors_say_what_was_found_and_what_to_do(counts_path, tmp_path, capsys):
+    """A mistyped path, a trace store where counts are expected and the reverse, a run directory given as a
+    store: one line each, naming what was found and the command to run."""
+    store = counts_path.parent / "trace.zarr"
+    cases = [
+        (["info", str(tmp_path / "trace.zar")], "no such file or directory"),
+        (["stats", str(tmp_path / "counts.zar")], "no such counts file"),
+        (["stats", str(store)], f"a trace store, not a counts file; count it first: `moetrace count {store}"),
+        (["specialize", str(store), "--method", "experts", "--group", "domain=arith", "--out",
+          str(tmp_path / "t.json")], "a trace store, not a counts file"),
+        (["info", str(counts_path)], f"a counts file (what `moetrace count` writes), not a trace store; read it "
+                                     f"with `moetrace stats {counts_path}`"),
+        (["info", str(counts_path.parent)], f"a run directory, not a trace store; its store is {store}"),
+        (["profile", str(store), "--layers", "7", "--expert", "1", "--out", str(tmp_path / "a")],
+         "--layers: layer 7 is not a recorded MoE layer"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+
+
+def test_stats_prints_the_significance_level_it_tests_at(counts_path, capsys):
+    assert main(["stats", str(counts_path)]) == 0
+    assert "(significant: p < alpha = 0.001, seed 002's level)" in capsys.readouterr().out

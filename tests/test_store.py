@@ -120,6 +120,22 @@ def test_property_append_then_read_equals_input(tmp_path_factory, sizes, chunk_r
     assert all(c.start % chunk_rows == 0 for c in pieces[1:])
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(1, 149), max_size=6), seed=st.integers(0, 2**16))
+def test_label_vocabulary_does_not_depend_on_how_rows_are_batched(tmp_path_factory, cuts, seed):
+    """Values join a label's vocabulary in the order they first appear in the rows (a batch-size choice
+    in capture or an importer must not change the codes)."""
+    rows = make_rows(0, 150, 1, 1, 4, weights=False)
+    rows["domain"] = np.random.default_rng(seed).choice(["math", "bio", "code", "law"], size=150)
+    bounds = [0, *sorted(set(cuts)), 150]
+    path = tmp_path_factory.mktemp("vocab") / "t.zarr"
+    with TraceStore.create(path, n_layers=1, n_experts=4, top_k=1, labels=["domain"]) as st_:
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            st_.append({k: v[a:b] for k, v in rows.items()})
+    _, first = np.unique(rows["domain"], return_index=True)
+    assert TraceStore.open(path).labels["domain"] == [rows["domain"][i] for i in sorted(first)]
+
+
 def test_fixed_label_vocabulary_and_codes(tmp_path):
     st_ = TraceStore.create(tmp_path / "t.zarr", n_layers=1, n_experts=4, top_k=1,
                             labels={"lang": ["en", "de"]}, chunk_rows=4)
@@ -184,7 +200,7 @@ def test_store_is_plain_zarr_for_other_readers(tmp_path):
     group = zarr.open_group(str(tmp_path / "t.zarr"), mode="r")
     meta = group.attrs["moetrace"]
     assert meta["committed"] == 20 and meta["n_experts"] == 5 and meta["model"] == "tiny"
-    assert meta["labels"]["domain"] == ["bio", "code", "math"]
+    assert meta["labels"]["domain"] == ["math", "bio", "code"]  # the order the values first appear in
     np.testing.assert_array_equal(group["routing/experts"][:], rows["experts"])
     assert group["routing/experts"].chunks[1:] == (2, 2)
 

@@ -299,13 +299,17 @@ class SuiteRun:
         return self.layers[0]
 
     @functools.cached_property
-    def busiest_expert(self) -> int:
-        """The expert selected most often at the first layer (the one the profile and steering show)."""
+    def busiest_experts(self) -> list[int]:
+        """The experts of the first layer, most often selected first (the profile and steering show them)."""
         counts = np.zeros(self.store.n_experts, dtype=np.int64)
         pos = self.store.layer_ids.tolist().index(self.first_layer)
         for chunk in self.store.iter_chunks(["experts"]):
             counts += np.bincount(chunk["experts"][:, pos, :].ravel().astype(np.int64), minlength=self.store.n_experts)
-        return int(np.argmax(counts))
+        return np.argsort(-counts, kind="stable").tolist()
+
+    @property
+    def busiest_expert(self) -> int:
+        return self.busiest_experts[0]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from moetrace.analysis._common import (Analysis, blocks, capture_probs, group_co
 from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
 from moetrace.models.loading import load_model
-from moetrace.plotting import Figure, layer_axis, legend_right
+from moetrace.plotting import Figure, layer_axis, legend_right, palette
 from moetrace.sections import ANALYSIS_DIR, Context, Section, html_table, img, note, open_dataset
 from moetrace.store import TraceStore
 
@@ -153,17 +153,18 @@ def figure(ds: xr.Dataset) -> Figure:
     fig = Figure(figsize=(11, 3.4))
     ax1, ax2, ax3 = fig.subplots(1, 3)
     centers = (ds["bin_lo"].values + ds["bin_hi"].values) / 2
-    for layer in ds["layer"].values:
+    for layer, color in zip(ds["layer"].values, palette(ds.sizes["layer"])):
         hist = ds["entropy_hist"].sel(layer=layer).values.astype(np.float64)
-        ax1.plot(centers, hist / max(1.0, hist.sum()), label=f"layer {layer}", lw=1)
+        ax1.plot(centers, hist / max(1.0, hist.sum()), label=f"layer {layer}", lw=1, color=color)
     ax1.set_xlabel("router entropy / log E", fontsize=8)
     ax1.set_ylabel("share of tokens", fontsize=8)
     ax1.legend(fontsize=6)
     layers = ds["layer"].values.tolist()
     for name, ax, title in (("mean_entropy", ax2, "mean entropy / log E"),
                             ("mean_mass", ax3, f"mean top-{ds.attrs.get('top_k', 'k')} probability mass")):
-        for group in ds["group"].values:
-            ax.plot(np.arange(len(layers)), ds[name].sel(group=group).values, marker=".", label=str(group))
+        for group, color in zip(ds["group"].values, palette(ds.sizes["group"])):
+            ax.plot(np.arange(len(layers)), ds[name].sel(group=group).values, marker=".", label=str(group),
+                    color=color)
         ax.set_title(title, fontsize=9)
         layer_axis(ax, layers)
     legend_right(ax3)
@@ -189,6 +190,12 @@ def _run(args) -> int:
     ds = decisiveness(st, layers=args.layers, num_tokens=args.num_tokens, by=cli.label_list(args.by, st),
                       bins=args.bins)
     cli.save(cli.out_dir(args), OUTPUT, figure(ds), table(ds), dataset=ds)
+    w = ds["tokens"]  # the layer's means over all tokens: group means weighted by their tokens
+    for layer in ds["layer"].values.tolist():
+        h = float((ds["mean_entropy"].sel(layer=layer) * w).sum() / w.sum())
+        m = float((ds["mean_mass"].sel(layer=layer) * w).sum() / w.sum())
+        print(f"layer {layer}: mean router entropy / log E {h:.3f} (0: one expert, 1: uniform), "
+              f"mean top-{ds.attrs['top_k']} mass {m:.3f}")
     return 0
 
 

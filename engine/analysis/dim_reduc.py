@@ -24,7 +24,7 @@ from moetrace.analysis._common import (Analysis, BLOCK_ROWS, LayerInputs, expert
 from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
 from moetrace.models.loading import load_model
-from moetrace.plotting import Figure
+from moetrace.plotting import Figure, palette
 from moetrace.sections import ANALYSIS_DIR, Context, Section, escape, img, note
 
 
@@ -94,9 +94,14 @@ def reduce_2d(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], laye
     X, points = expert_points(model, batches, layer)
     use = "umap" if method == "umap" or (method == "auto" and have_umap) else "pca"
     if use == "umap":
-        import umap
+        import warnings
 
-        xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(X)
+        with warnings.catch_warnings():  # umap's notices about its own settings (n_jobs under a fixed seed, ...)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"umap\.")
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"sklearn\.")
+            import umap
+
+            xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(X)
     else:
         xy = pca_2d(X)
     points["x"], points["y"] = xy[:, 0], xy[:, 1]
@@ -118,9 +123,11 @@ def figure(points: pd.DataFrame, color_by: Sequence[str] = ("expert", "group")) 
     method = points.attrs.get("method", "")
     for ax, col in zip(axes, color_by):
         values = points[col].astype(str)
-        for name in sorted(set(values), key=lambda v: (len(v), v))[:40]:
+        names = sorted(set(values), key=lambda v: (len(v), v))[:40]
+        for name, color in zip(names, palette(len(names))):
             sel = (values == name).to_numpy()
-            ax.scatter(points["x"].to_numpy()[sel], points["y"].to_numpy()[sel], s=3, alpha=0.6, label=name)
+            ax.scatter(points["x"].to_numpy()[sel], points["y"].to_numpy()[sel], s=3, alpha=0.6, label=name,
+                       color=color)
         ax.set_title(f"{method.upper()} of expert outputs, coloured by {col}", fontsize=9)
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=5, markerscale=3, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -142,6 +149,7 @@ def _run(args) -> int:
     for layer in layers:
         points = reduce_2d(model, make(), layer, method=args.method)
         cli.save(out, OUTPUT.format(layer=layer), figure(points), points, data=dict(points.attrs))
+        print(f"layer {layer}: {len(points):,} routed expert outputs mapped to 2-D by {points.attrs['method'].upper()}")
     return 0
 
 
@@ -159,7 +167,9 @@ def _render(ctx: Context) -> str:
         meta = path.with_suffix(".json")
         if meta.is_file():
             points.attrs.update(json.loads(meta.read_text()))
-        body += f"<h3>{escape(path.stem)}</h3>" + img(figure(points), path.stem)
+        title = (f"Layer {points.attrs['layer']} ({str(points.attrs.get('method', '')).upper()}, "
+                 f"{len(points):,} routed outputs)" if "layer" in points.attrs else path.stem)
+        body += f"<h3>{escape(title)}</h3>" + img(figure(points), title)
     return body
 
 

@@ -105,6 +105,10 @@ def _run(args) -> int:
     _, counts = cli.count_store(args, ["experts"])
     ds = cli.select_layers(jensen_shannon(counts), args.layers)
     cli.save(cli.out_dir(args), OUTPUT, figure(ds), table(ds), dataset=ds)
+    for layer in ds["layer"].values.tolist():
+        split = (f" = language {float(ds['by_lang'].sel(layer=layer)):.4f} + domain given language "
+                 f"{float(ds['domain_given_lang'].sel(layer=layer)):.4f}" if "by_lang" in ds else "")
+        print(f"layer {layer}: I(expert; group) {float(ds['jsd'].sel(layer=layer)):.4f} bits{split}")
     return 0
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from moetrace.analysis._common import Analysis, group_codes, layer_positions, row_range, write_outputs
 from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
-from moetrace.models.loading import load_model
+from moetrace.models.loading import load_model, load_tokenizer
 from moetrace.sections import ANALYSIS_DIR, Context, Section, escape, html_table, note
 from moetrace.store import TraceStore
 
@@ -31,7 +31,9 @@ def expert_profile(store: str | TraceStore, layer: int, expert: int, *, by: Sequ
     """A JSON-ready profile of expert ``expert`` at layer id ``layer``.
 
     by: labels for the group shares (default all labels of the store). decode: token ids -> text
-    (e.g. ``tokenizer.decode``) for the top tokens and contexts; else the store's token text, else ids.
+    (e.g. ``tokenizer.decode``) for the top tokens and contexts; else the contexts use the store's
+    token text when it has some, and a ``text`` is None where neither gives one (``text_source``
+    says which: "decoder", "store" or None; the ids are always in ``token_id`` / ``tokens``).
     Keys: layer, expert, tokens (rows read), selected (rows with the expert in their top-k),
     selection_frequency (selected / tokens), baseline (k/E), by_rank (selections per rank),
     groups ({group: {selected, tokens, share_of_expert, frequency_in_group}}), mean_weight (of the
@@ -42,7 +44,7 @@ def expert_profile(store: str | TraceStore, layer: int, expert: int, *, by: Sequ
     tokens}] strongest first).
     """
     st = store if isinstance(store, TraceStore) else TraceStore.open(store)
-    (li,) = layer_positions(st.layer_ids, [layer], "--layer")
+    (li,) = layer_positions(st.layer_ids, [layer], "layer")
     E, K = st.n_experts, st.top_k
     if not 0 <= int(expert) < E:
         raise MoetraceError(f"--expert: expected an expert id in [0, {E}), got {expert}")
@@ -99,12 +101,13 @@ def expert_profile(store: str | TraceStore, layer: int, expert: int, *, by: Sequ
     selected = int(sel_g.sum())
     coact[expert] = 0
 
-    def text_of(ids: Sequence[int], texts: Sequence[str] | None = None) -> str:
+    def text_of(ids: Sequence[int], texts: Sequence[str] | None = None) -> str | None:
+        """The tokens' text: decoded, else the store's token text, else None (never ids posing as text)."""
         if decode is not None:
             return decode([int(i) for i in ids])
         if texts is not None:
             return "".join(texts)
-        return " ".join(str(int(i)) for i in ids)
+        return None
 
     order = np.argsort(-token_sel, kind="stable")[:top_tokens]
     order = order[token_sel[order] > 0]
@@ -135,6 +138,7 @@ def expert_profile(store: str | TraceStore, layer: int, expert: int, *, by: Sequ
         "mean_weight": weight_sum / selected if selected else float("nan"),
         "weight_source": source or "rank (K - rank; no weights or probs recorded)",
         "coactivation": co, "top_tokens": top, "contexts": ctx,
+        "text_source": "decoder" if decode is not None else "store" if "text" in text_cols else None,
     }
 
 
@@ -147,7 +151,8 @@ OUTPUT = "profile_layer{layer}_expert{expert}"
 def _arguments(p) -> None:
     cli.add_common(p, layers_help="layer ids (one profile each; default: all MoE layers)")
     p.add_argument("--expert", type=int, required=True, metavar="E", help="the expert id to profile")
-    p.add_argument("--model", default=None, help="checkpoint whose tokenizer decodes token ids ('demo' works)")
+    p.add_argument("--model", default=None, help="checkpoint whose tokenizer decodes token ids ('demo' works; "
+                                                 "default: the tokenizer the store recorded at capture)")
     p.add_argument("--top-tokens", type=int, default=20, help="most frequent tokens listed (default 20)")
     p.add_argument("--contexts", type=int, default=5, help="example contexts listed (default 5)")
     p.add_argument("--window", type=int, default=8, help="tokens either side of a context's token (default 8)")
@@ -155,15 +160,23 @@ def _arguments(p) -> None:
 
 def _run(args) -> int:
     st = cli.open_store(args)
-    decode = None
+    layers = args.layers if args.layers is not None else st.layer_ids.tolist()
+    layer_positions(st.layer_ids, layers, "--layers")  # every layer checked before the first profile is written
     if args.model is not None:
         _, tokenizer = load_model(args.model)
-        decode = tokenizer.decode if tokenizer is not None else None
+    else:
+        tokenizer = load_tokenizer(st.tokenizer)
+    decode = tokenizer.decode if tokenizer is not None else None
     out = cli.out_dir(args)
-    for layer in args.layers if args.layers is not None else st.layer_ids.tolist():
+    for layer in layers:
         prof = expert_profile(st, layer, args.expert, num_tokens=args.num_tokens, top_tokens=args.top_tokens,
                               contexts=args.contexts, window=args.window, decode=decode)
         cli.save(out, OUTPUT.format(layer=layer, expert=args.expert), data=prof)
+        print(f"layer {layer}, expert {args.expert}: selected by {prof['selection_frequency']:.1%} of tokens "
+              f"(uniform {prof['baseline']:.1%}); top tokens "
+              + ", ".join(f"{_token(t)} x{t['count']}" for t in prof["top_tokens"][:5]))
+    if decode is None:
+        print("token text: none (ids shown as #id): the store records no tokenizer that loads; give --model")
     return 0
 
 
@@ -172,16 +185,22 @@ def _suite(run) -> list[Path]:
     return write_outputs(run.out, OUTPUT.format(layer=run.first_layer, expert=run.busiest_expert), data=prof)
 
 
+def _token(t: dict) -> str:
+    """A top token as shown: its text, or ``#id`` when the profile has no text for it."""
+    return repr(t["text"]) if t.get("text") is not None else f"#{t['token_id']}"
+
+
 def _render(ctx: Context) -> str:
     body = note("One (layer, expert) per profile (moetrace profile): its selection frequency, mean routing "
                 "weight, most frequent tokens and the experts it co-activates with.")
     for path in sorted(ctx.analysis_dir.glob(OUTPUT.format(layer="*", expert="*") + ".json")):
         p = json.loads(path.read_text())
-        body += (f"<h3>{escape(path.stem)}</h3>"
+        title = f"Layer {p['layer']}, expert {p['expert']}: selected by {p['selection_frequency']:.1%} of tokens"
+        body += (f"<h3>{escape(title)}</h3>"
                  + html_table(["fact", "value"], [
                      ["selected", p["selected"]], ["selection frequency", p["selection_frequency"]],
                      ["mean weight", p["mean_weight"]],
-                     ["top tokens", ", ".join(f"{t['text']} ({t['count']})" for t in p["top_tokens"][:10])],
+                     ["top tokens", ", ".join(f"{_token(t)} ({t['count']})" for t in p["top_tokens"][:10])],
                      ["co-activates with", ", ".join(f"{c['expert']} ({c['share']:.2f})"
                                                      for c in p["coactivation"][:5])]], text_cols=2))
     return body

@@ -24,7 +24,7 @@ import xarray as xr
 from moetrace import metrics
 from moetrace.analysis._common import Analysis
 from moetrace.commands import _analysis_args as cli
-from moetrace.plotting import Figure
+from moetrace.plotting import Figure, integer_axis
 from moetrace.sections import Context, Section, html_table, img, note
 
 
@@ -86,6 +86,9 @@ def figure(ds: xr.Dataset, layer: int) -> Figure:
         image = ax.imshow(m.values, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_title(f"layer {layer}: {name}", fontsize=9)
         ax.set_xlabel("expert", fontsize=7)
+        integer_axis(ax.xaxis)
+        if name == "overlap":
+            integer_axis(ax.yaxis)
         if name != "overlap":
             ax.set_yticks(np.arange(ds.sizes["group"]), ds["group"].values, fontsize=6)
         ax.tick_params(labelsize=6)
@@ -106,6 +109,14 @@ def _run(args) -> int:
     cli.save(out, OUTPUT, None, table(ds), dataset=ds)
     for layer in ds["layer"].values.tolist():
         cli.save(out, LAYER_FIGURE.format(layer=layer), figure(ds, layer))
+    for layer in ds["layer"].values.tolist():
+        spec = ds["specialization"].sel(layer=layer)
+        if np.all(np.isnan(spec.values)):
+            continue
+        g, e = np.unravel_index(int(np.nanargmax(spec.values)), spec.shape)
+        print(f"layer {layer}: most specialized expert {int(ds['expert'].values[e])}, "
+              f"{float(spec.values[g, e]):.1%} of its selections from {ds['group'].values[g]} "
+              f"(uniform {ds.attrs['specialization_baseline']:.1%})")
     return 0
 
 

@@ -1,6 +1,9 @@
 """Router statistics (seed 003's ``router_stats.py``): distributions per layer and rank of the raw
 router logits, the router probabilities (softmax; sigmoid families: the sigmoid scores) and the
-top-k weights the experts are actually weighted with (renormalized / scaled as the family does).
+top-k weights the experts are actually weighted with (renormalized / scaled as the family does),
+and, beside them, the renormalized top-k probabilities (the K largest probabilities divided by their
+sum: seed 003's ``topk_probs / topk_probs.sum()``), which equal the weights only for families that
+renormalize (``norm_topk_prob``; OLMoE does not, so its weights are the raw probabilities).
 
 Collected with :func:`moetrace.intervene.observe_routing` while the model runs over token batches.
 "Rank" sorts each token's values descending (rank 0 = the largest logit / probability; for the
@@ -28,12 +31,12 @@ from moetrace.analysis._common import Analysis, layer_positions, model_inputs, w
 from moetrace.commands import _analysis_args as cli
 from moetrace.errors import MoetraceError
 from moetrace.models.loading import load_model
-from moetrace.plotting import Figure
+from moetrace.plotting import Figure, integer_axis, palette
 from moetrace.sections import ANALYSIS_DIR, Context, Section, html_table, img, note, open_dataset
 
 
 LOGIT_RANGE = 20.0
-QUANTITIES = ("logit", "prob", "weight", "selection")
+QUANTITIES = ("logit", "prob", "weight", "renorm", "selection")
 
 
 def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], layers: Sequence[int] | None = None,
@@ -41,8 +44,9 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
     """Distributions of router logits, probabilities and top-k weights per layer and rank.
 
     batches: dicts with ``input_ids``, ``attention_mask``, ``real`` (see ``token_batches``).
-    Returns a Dataset: for q in logit/prob/weight (and selection, see the module docstring), ``{q}_mean``, ``{q}_std``, ``{q}_min``, ``{q}_max``
-    (layer, rank; rank over E for logit/prob, over K for weight, NaN beyond K), ``{q}_hist`` int64
+    Returns a Dataset: for q in logit/prob/weight/renorm (and selection, see the module docstring),
+    ``{q}_mean``, ``{q}_std``, ``{q}_min``, ``{q}_max`` (layer, rank; rank over E for logit/prob,
+    over K for weight and renorm, NaN beyond K), ``{q}_hist`` int64
     (layer, bin) with ``{q}_lo``/``{q}_hi`` bin edges, ``clipped`` (layer, quantity); attrs scoring, tokens.
     """
     from moetrace.intervene import observe_routing, router_sites
@@ -52,10 +56,10 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
     ids = [sites[p].layer_id for p in pos]
     E, K = sites[0].spec.n_experts, sites[0].spec.top_k
     scale = max(1.0, max(float(s.spec.routed_scaling) for s in sites))
-    ranges = {"logit": (-LOGIT_RANGE, LOGIT_RANGE), "prob": (0.0, 1.0), "weight": (0.0, scale),
+    ranges = {"logit": (-LOGIT_RANGE, LOGIT_RANGE), "prob": (0.0, 1.0), "weight": (0.0, scale), "renorm": (0.0, 1.0),
               "selection": (-1.0, 2.0)}
     L = len(ids)
-    width = {"logit": E, "prob": E, "weight": K, "selection": E}
+    width = {"logit": E, "prob": E, "weight": K, "renorm": K, "selection": E}
     acc = {q: {"n": np.zeros((L, width[q])), "s": np.zeros((L, width[q])), "ss": np.zeros((L, width[q])),
                "min": np.full((L, width[q]), np.inf), "max": np.full((L, width[q]), -np.inf),
                "hist": np.zeros((L, bins), dtype=np.int64), "clip": np.zeros(L, dtype=np.int64)} for q in QUANTITIES}
@@ -81,9 +85,10 @@ def router_stats(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
         scoring["value"] = event.scoring
         real = real_rows["mask"].to(event.logits.device)
         logits = event.logits.float()[real]
-        values = {"logit": torch.sort(logits, dim=-1, descending=True).values,
-                  "prob": torch.sort(event.probs()[real], dim=-1, descending=True).values,
-                  "weight": event.weights.float()[real]}
+        probs = torch.sort(event.probs()[real].float(), dim=-1, descending=True).values
+        top = probs[:, :K]
+        values = {"logit": torch.sort(logits, dim=-1, descending=True).values, "prob": probs,
+                  "weight": event.weights.float()[real], "renorm": top / top.sum(-1, keepdim=True).clamp_min(1e-30)}
         if event.scoring == "sigmoid" and event.layer_id in biases:
             scores = event.probs()[real] + biases[event.layer_id].to(logits.device)
             values["selection"] = torch.sort(scores, dim=-1, descending=True).values
@@ -156,16 +161,26 @@ def figure(ds: xr.Dataset, max_ranks: int = 16) -> Figure:
     fig = Figure(figsize=(11, 3.4))
     axes = fig.subplots(1, 3)
     E = ds.sizes["rank"]
+    colors = palette(ds.sizes["layer"])
     for ax, q, title in zip(axes, ("logit", "prob", "weight"), ("router logit", "router probability", "top-k weight")):
-        for layer in ds["layer"].values:
+        for layer, color in zip(ds["layer"].values, colors):
             mean = ds[f"{q}_mean"].sel(layer=layer).values[:max_ranks]
             std = ds[f"{q}_std"].sel(layer=layer).values[:max_ranks]
             keep = ~np.isnan(mean)
             ranks = np.arange(min(E, max_ranks))[keep]
-            ax.errorbar(ranks, mean[keep], yerr=std[keep], marker=".", capsize=2, lw=1, label=f"layer {layer}")
+            ax.errorbar(ranks, mean[keep], yerr=std[keep], marker=".", capsize=2, lw=1, label=f"layer {layer}",
+                        color=color)
+        integer_axis(ax.xaxis)
         ax.set_title(f"{title} by rank", fontsize=9)
         ax.set_xlabel("rank (0 = largest)", fontsize=8)
         ax.tick_params(labelsize=7)
+    if "renorm_mean" in ds:  # seed 003's renormalized top-k probabilities beside the family's weights
+        for layer, color in zip(ds["layer"].values, colors):
+            mean = ds["renorm_mean"].sel(layer=layer).values[:max_ranks]
+            keep = ~np.isnan(mean)
+            axes[2].plot(np.arange(min(E, max_ranks))[keep], mean[keep], ls="--", marker="x", lw=1, color=color,
+                         label=f"layer {layer}, renormalized top-k prob.")
+        axes[2].set_title("top-k weight (dashed: renormalized top-k probabilities)", fontsize=9)
     axes[2].legend(fontsize=6)
     fig.tight_layout()
     return fig
@@ -180,6 +195,11 @@ def _run(args) -> int:
     model, tokenizer = load_model(args.model)
     ds = router_stats(model, cli.batches(args, model, tokenizer)(), layers=args.layers, bins=args.bins)
     cli.save(cli.out_dir(args), OUTPUT, figure(ds), table(ds), dataset=ds)
+    for layer in ds["layer"].values.tolist():
+        print(f"layer {layer}: top-1 router probability {float(ds['prob_mean'].sel(layer=layer, rank=0)):.3f}, "
+              f"top-1 weight {float(ds['weight_mean'].sel(layer=layer, rank=0)):.3f}, renormalized top-1 "
+              f"probability {float(ds['renorm_mean'].sel(layer=layer, rank=0)):.3f} (means over "
+              f"{ds.attrs['tokens']:,} tokens)")
     return 0
 
 
@@ -190,12 +210,17 @@ def _suite(run) -> list[Path]:
 
 def _render(ctx: Context) -> str:
     ds = open_dataset(ctx.analysis_dir / f"{OUTPUT}.zarr")
+    renorm = "renorm_mean" in ds  # absent from results written before it was measured
     rows = [[int(l), float(ds["logit_mean"].sel(layer=l, rank=0)), float(ds["prob_mean"].sel(layer=l, rank=0)),
-             float(ds["weight_mean"].sel(layer=l, rank=0))] for l in ds["layer"].values]
+             float(ds["weight_mean"].sel(layer=l, rank=0)),
+             float(ds["renorm_mean"].sel(layer=l, rank=0)) if renorm else float("nan")] for l in ds["layer"].values]
     return (note(f"Router logits, probabilities ({ds.attrs.get('scoring', '')}) and top-k weights sorted per token, "
-                 f"mean +- std by rank over {ds.attrs.get('tokens', '?')} tokens (moetrace router-stats).")
+                 f"mean +- std by rank over {ds.attrs.get('tokens', '?')} tokens (moetrace router-stats). Top-1 "
+                 "weight: what the family weights its top expert with; renormalized: the top-k probabilities divided "
+                 "by their sum (seed 003's measure), which differs from the weight where the family does not "
+                 "renormalize (OLMoE).")
             + img(figure(ds), "router statistics by rank")
-            + html_table(["layer", "top logit", "top probability", "top-1 weight"], rows))
+            + html_table(["layer", "top logit", "top probability", "top-1 weight", "top-1 renormalized"], rows))
 
 
 ANALYSIS = Analysis(

@@ -31,8 +31,13 @@ from moetrace.plotting import Figure
 from moetrace.sections import ANALYSIS_DIR, Context, Section, html_table, img, note, open_dataset
 
 
-#: Largest CKA accumulator (bytes) expert_similarity builds; beyond it pass fewer ``experts``.
+#: Memory (bytes) expert_similarity may use for CKA over all its layers: the feature-form accumulator
+#: (E*H)^2 per layer, or, when that is larger, the expert outputs and Gram matrices E*n*(H + n).
 MAX_CKA_BYTES = 4 << 30
+#: What expert_similarity can measure: ``cosine`` (no accumulator beyond [E, E]) and ``cka``.
+MEASURES = ("cosine", "cka")
+#: Experts per block of weight_similarity's float64 dot products.
+WEIGHT_BLOCK = 8
 
 
 def _as_array(x, name: str) -> np.ndarray:
@@ -61,28 +66,64 @@ def linear_cka(X, Y) -> float:
 
 
 def _cka_from_moments(S: np.ndarray, mu_sum: np.ndarray, n: int, E: int, H: int) -> np.ndarray:
-    """[E, E] linear CKA from S = sum z z^T [(E*H)^2] and sum z [E*H] over n samples."""
+    """[E, E] linear CKA from S = sum z z^T [(E*H)^2] and sum z [E*H] over n samples (the feature form)."""
     C = S - np.outer(mu_sum, mu_sum) / n  # centered cross-products
     C = C.reshape(E, H, E, H)
     cross = np.einsum("iajb,iajb->ij", C, C)  # ||Ci_j||_F^2
+    return _normalize(cross)
+
+
+def _cka_from_samples(X: Iterable[np.ndarray]) -> np.ndarray:
+    """[E, E] linear CKA of E representations [n, p_e] of the same n samples (given one at a time), in
+    the Gram form ``<Kc_i, Kc_j>_F`` with ``Kc = Xc Xc^T`` (columns centered): memory E n^2 float64 and
+    one representation, for when n is smaller than the features."""
+    grams = []
+    for x in X:
+        xc = np.asarray(x, dtype=np.float64)
+        xc = xc - xc.mean(axis=0)
+        grams.append(xc @ xc.T)
+    E = len(grams)
+    cross = np.empty((E, E))
+    for i in range(E):
+        for j in range(i, E):
+            cross[i, j] = cross[j, i] = np.vdot(grams[i], grams[j])
+    return _normalize(cross)
+
+
+def _normalize(cross: np.ndarray) -> np.ndarray:
     self_norm = np.sqrt(np.diag(cross))
     with np.errstate(invalid="ignore", divide="ignore"):
         return cross / np.outer(self_norm, self_norm)
 
 
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / (1 << 30):.1f} GiB"
+
+
 def expert_similarity(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], layers: Sequence[int] | None = None,
-                      experts: Sequence[int] | None = None) -> xr.Dataset:
+                      experts: Sequence[int] | None = None, measures: Sequence[str] = MEASURES,
+                      max_bytes: int = MAX_CKA_BYTES) -> xr.Dataset:
     """Mean cosine similarity and linear CKA between the outputs of experts on the same tokens.
 
     batches: dicts with ``input_ids``, ``attention_mask`` and ``real`` (bool [B*S], the real token
     rows; see :func:`moetrace.analysis._common.token_batches`). layers: layer ids (default all MoE
-    layers); experts: expert ids to compare (default all).
-    Returns a Dataset (layer, expert, other_expert): ``cosine`` and ``cka`` float64, attr ``tokens``.
+    layers); experts: expert ids to compare (default all); measures: of :data:`MEASURES`.
+    CKA is exact linear CKA over all the tokens, in whichever form needs less memory: the
+    feature form, one (E*H)^2 accumulator per layer, or the Gram form over the n tokens,
+    E*n*(H + n); ``max_bytes`` bounds the sum over the layers (pass one layer at a time, as
+    ``moetrace similarity`` does, for the most room; an error names what fits). Cosine needs no
+    accumulator beyond [E, E].
+    Returns a Dataset (layer, expert, other_expert): ``cosine`` and/or ``cka`` float64, attrs
+    ``tokens`` and ``cka_form`` ("features" or "samples").
     """
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise MoetraceError(f"measures: expected some of {', '.join(MEASURES)}, got {list(measures)}")
     mods = experts_modules(model, layers)
     E_all = next(iter(mods.values()))[1]
     which = list(range(E_all)) if experts is None else check_expert_ids(experts, E_all)
     E = len(which)
+    want_cka = "cka" in measures
     acc: dict[int, dict[str, Any]] = {layer: {} for layer in mods}
     n = 0
     with torch.no_grad(), LayerInputs(mods) as rec:
@@ -90,6 +131,7 @@ def expert_similarity(model: torch.nn.Module, batches: Iterable[Mapping[str, Any
             rec.inputs.clear()
             model(**model_inputs(model, batch))
             real = torch.as_tensor(batch["real"])
+            t = int(real.sum())
             for layer, (module, n_experts, _) in mods.items():
                 hidden = rec.inputs[layer][0]
                 hidden = hidden.reshape(-1, hidden.shape[-1])[real.to(hidden.device)]
@@ -97,43 +139,98 @@ def expert_similarity(model: torch.nn.Module, batches: Iterable[Mapping[str, Any
                 H = out.shape[-1]
                 a = acc[layer]
                 if not a:
-                    if (E * H) ** 2 * 8 > MAX_CKA_BYTES:
-                        raise MoetraceError(f"experts: {E} experts x {H} features need a {(E * H) ** 2 * 8 >> 20} "
-                                            f"MiB CKA accumulator (limit {MAX_CKA_BYTES >> 20} MiB); pass fewer experts")
-                    a.update(cos=np.zeros((E, E)), S=np.zeros((E * H, E * H)), mu=np.zeros(E * H), H=H)
+                    a.update(cos=np.zeros((E, E)), H=H)
+                    if want_cka:
+                        a["form"] = "features" if (E * H) ** 2 * 8 * len(mods) <= max_bytes else "samples"
+                        if a["form"] == "features":
+                            a.update(S=np.zeros((E * H, E * H)), mu=np.zeros(E * H))
+                        else:
+                            a["X"] = []
                 unit = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-30)
                 a["cos"] += torch.einsum("ith,jth->ij", unit, unit).cpu().numpy()
-                z = out.permute(1, 0, 2).reshape(out.shape[1], E * H)  # [T, E*H]
-                a["S"] += (z.T @ z).cpu().numpy()
-                a["mu"] += z.sum(0).cpu().numpy()
-            n += int(np.asarray(batch["real"]).sum())
+                if want_cka and a["form"] == "features":
+                    z = out.permute(1, 0, 2).reshape(out.shape[1], E * H)  # [T, E*H]
+                    a["S"] += (z.T @ z).cpu().numpy()
+                    a["mu"] += z.sum(0).cpu().numpy()
+                elif want_cka:
+                    need = E * (n + t) * (H + n + t) * 8 * len(mods)
+                    if need > max_bytes:
+                        n_max = _max_tokens(E, H, len(mods), max_bytes)
+                        raise MoetraceError(
+                            f"CKA of {E} experts x {H} features: the feature form needs {_gib((E * H) ** 2 * 8)} per "
+                            f"layer and the sample form over {n + t:,} tokens {_gib(need / len(mods))}, over the "
+                            f"limit of {_gib(max_bytes)} for {len(mods)} layer(s); use at most {n_max:,} tokens "
+                            "(--num-tokens), fewer --experts, one layer at a time, or --method cosine")
+                    a["X"].append(out.float().cpu().numpy())
+            n += t
     if n == 0:
         raise MoetraceError("expert_similarity: no tokens in the batches")
     layer_ids = sorted(mods)
-    cos = np.stack([acc[l]["cos"] / n for l in layer_ids])
-    cka = np.stack([_cka_from_moments(acc[l]["S"], acc[l]["mu"], n, E, acc[l]["H"]) for l in layer_ids])
-    return xr.Dataset({"cosine": (("layer", "expert", "other_expert"), cos),
-                       "cka": (("layer", "expert", "other_expert"), cka)},
-                      coords={"layer": layer_ids, "expert": which, "other_expert": which},
-                      attrs={"tokens": n, "analysis": "similarity"})
+    data = {}
+    if "cosine" in measures:
+        data["cosine"] = (("layer", "expert", "other_expert"), np.stack([acc[l]["cos"] / n for l in layer_ids]))
+    forms = sorted({acc[l]["form"] for l in layer_ids}) if want_cka else []
+    if want_cka:
+        def cka(a):
+            if a["form"] == "features":
+                return _cka_from_moments(a["S"], a["mu"], n, E, a["H"])
+            parts = a.pop("X")  # per batch [E, t, H] float32
+            return _cka_from_samples(np.concatenate([p[e] for p in parts]) for e in range(E))
+        data["cka"] = (("layer", "expert", "other_expert"), np.stack([cka(acc[l]) for l in layer_ids]))
+    return xr.Dataset(data, coords={"layer": layer_ids, "expert": which, "other_expert": which},
+                      attrs={"tokens": n, "analysis": "similarity", **({"cka_form": ",".join(forms)} if forms else {})})
+
+
+def _max_tokens(E: int, H: int, layers: int, max_bytes: int) -> int:
+    """Largest n with E * n * (H + n) * 8 * layers <= max_bytes."""
+    c = max_bytes / (8 * E * layers)
+    return max(0, int((-H + np.sqrt(H * H + 4 * c)) / 2))
 
 
 def weight_similarity(model: torch.nn.Module, layers: Sequence[int] | None = None) -> xr.Dataset:
-    """Cosine similarity of the experts' flattened weights (every fused 3-D parameter [E, ...] of the
-    experts module, concatenated per expert): Dataset (layer, expert, other_expert) ``weight_cosine``."""
+    """Similarity of the experts' weights, per layer: Dataset (layer, expert, other_expert) with
+
+    - ``weight_cosine``: cosine of the flattened weights (every fused 3-D parameter [E, ...] of the
+      experts module, concatenated per expert);
+    - ``weight_cka``: linear CKA of the weights as representations of the residual stream: each
+      3-D parameter with a hidden-size axis H, oriented [H, features] and concatenated per expert
+      (gate/up and down projections), compared over the H residual dimensions (Gram form, E*H^2 memory).
+    """
     mods = experts_modules(model, layers)
-    out = []
+    H = _hidden_size(model)
+    cosines, ckas = [], []
     for layer, (module, E, _) in sorted(mods.items()):
-        flat = [p.detach().double().reshape(E, -1) for _, p in module.named_parameters() if p.shape[0] == E]
-        if not flat:
+        params = [p.detach() for _, p in module.named_parameters() if p.ndim >= 2 and p.shape[0] == E]
+        if not params:
             raise MoetraceError(f"layer {layer}: experts module {type(module).__name__} has no [E, ...] parameters")
-        w = torch.cat(flat, dim=1)
-        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        out.append((w @ w.T).numpy())
+        dots = torch.zeros(E, E, dtype=torch.float64)
+        for p in params:  # float64 in blocks of experts: no float64 copy of a whole parameter
+            flat = p.reshape(E, -1)
+            for i in range(0, E, WEIGHT_BLOCK):
+                a = flat[i:i + WEIGHT_BLOCK].double()
+                for j in range(0, E, WEIGHT_BLOCK):
+                    dots[i:i + WEIGHT_BLOCK, j:j + WEIGHT_BLOCK] += a @ flat[j:j + WEIGHT_BLOCK].double().T
+        norms = dots.diagonal().sqrt().clamp_min(1e-30)
+        cosines.append((dots / norms[:, None] / norms[None, :]).numpy())
+        oriented = [p if p.shape[1] == H else p.transpose(1, 2) for p in params if p.ndim == 3 and H in p.shape[1:]]
+        if not oriented:
+            raise MoetraceError(f"layer {layer}: no expert weight of {type(module).__name__} has the hidden size {H} "
+                                "as an axis; weight CKA needs one")
+        ckas.append(_cka_from_samples(torch.cat([p[e] for p in oriented], dim=1).double().numpy()  # [H, features]
+                                      for e in range(E)))
     ids = sorted(mods)
-    E = out[0].shape[0]
-    return xr.Dataset({"weight_cosine": (("layer", "expert", "other_expert"), np.stack(out))},
+    E = cosines[0].shape[0]
+    dims = ("layer", "expert", "other_expert")
+    return xr.Dataset({"weight_cosine": (dims, np.stack(cosines)), "weight_cka": (dims, np.stack(ckas))},
                       coords={"layer": ids, "expert": np.arange(E), "other_expert": np.arange(E)})
+
+
+def _hidden_size(model: torch.nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    H = getattr(config, "hidden_size", None)
+    if not isinstance(H, int):
+        raise MoetraceError(f"{type(model).__name__}: its config has no hidden_size")
+    return H
 
 
 def cluster_order(sim: np.ndarray) -> np.ndarray:
@@ -156,7 +253,11 @@ OUTPUT = "similarity"
 LAYER_FIGURE = "similarity_layer{layer}"
 
 
-def figure(ds: xr.Dataset, layer: int, variables: Sequence[str] = ("cosine", "cka", "weight_cosine")) -> Figure:
+#: The variables a similarity result may hold, in the order figures and tables show them.
+VARIABLES = ("cosine", "cka", "weight_cosine", "weight_cka")
+
+
+def figure(ds: xr.Dataset, layer: int, variables: Sequence[str] = VARIABLES) -> Figure:
     """Expert x expert similarity heatmaps at ``layer`` (those of ``variables`` present in ``ds``), experts
     ordered by average-linkage clustering of the first one."""
     names = [v for v in variables if v in ds.data_vars]
@@ -181,6 +282,10 @@ def _arguments(p) -> None:
     cli.add_common(p, store=False)
     p.add_argument("--experts", type=int, nargs="+", default=None, metavar="E",
                    help="expert ids to compare (default: all)")
+    p.add_argument("--method", choices=("cosine", "cka", "both"), default="both",
+                   help="similarity of the experts' outputs: cosine (no memory beyond E x E), cka (exact linear CKA; "
+                        "memory min((E*H)^2, E*n*(H+n)) per layer, within 4 GiB) or both (default); the weights' "
+                        "cosine and CKA are always computed")
 
 
 def _write(out: Path, ds: xr.Dataset, save) -> list[Path]:
@@ -190,39 +295,51 @@ def _write(out: Path, ds: xr.Dataset, save) -> list[Path]:
     return written
 
 
+def by_layer(model, make_batches, layers: Sequence[int] | None = None, experts: Sequence[int] | None = None,
+             measures: Sequence[str] = MEASURES) -> xr.Dataset:
+    """:func:`expert_similarity` one layer at a time (``make_batches()`` gives the tokens afresh for each),
+    so the CKA memory limit applies to one layer; merged with :func:`weight_similarity`."""
+    ids = sorted(experts_modules(model, layers))
+    ds = xr.concat([expert_similarity(model, make_batches(), layers=[layer], experts=experts, measures=measures)
+                    for layer in ids], dim="layer", combine_attrs="drop_conflicts")
+    w = weight_similarity(model, ids)
+    if experts is not None:
+        w = w.sel(expert=list(experts), other_expert=list(experts))
+    return ds.merge(w)
+
+
 def _run(args) -> int:
     model, tokenizer = load_model(args.model)
-    ds = expert_similarity(model, cli.batches(args, model, tokenizer)(), layers=args.layers, experts=args.experts)
-    w = weight_similarity(model, args.layers)
-    if args.experts is not None:
-        w = w.sel(expert=args.experts, other_expert=args.experts)
-    _write(cli.out_dir(args), ds.merge(w), cli.save)
+    measures = MEASURES if args.method == "both" else (args.method,)
+    ds = by_layer(model, cli.batches(args, model, tokenizer), args.layers, args.experts, measures)
+    _write(cli.out_dir(args), ds, cli.save)
+    for layer in ds["layer"].values.tolist():
+        means = {v: _off_diagonal_mean(ds[v].sel(layer=layer).values) for v in VARIABLES if v in ds}
+        print(f"layer {layer}: mean over expert pairs: " + ", ".join(f"{v} {x:.3f}" for v, x in means.items()))
     return 0
 
 
 def _suite(run) -> list[Path]:
-    ds = expert_similarity(run.model, run.batches(), layers=run.layers).merge(weight_similarity(run.model, run.layers))
-    return _write(run.out, ds, write_outputs)
+    return _write(run.out, by_layer(run.model, run.batches, run.layers), write_outputs)
+
+
+def _off_diagonal_mean(m: np.ndarray) -> float:
+    """Mean of a square matrix without its diagonal (NaN for a 1 x 1 one)."""
+    m = np.array(m, dtype=np.float64)
+    np.fill_diagonal(m, np.nan)
+    return float(np.nanmean(m)) if np.any(~np.isnan(m)) else float("nan")
 
 
 def _render(ctx: Context) -> str:
     ds = open_dataset(ctx.analysis_dir / f"{OUTPUT}.zarr")
     imgs = "".join(img(figure(ds, int(l)), f"expert similarity at layer {l}") for l in ds["layer"].values)
-    rows = []
-    for l in ds["layer"].values.tolist():
-        row = [l]
-        for v in ("cosine", "cka", "weight_cosine"):
-            if v in ds:
-                m = ds[v].sel(layer=l).values.copy()
-                np.fill_diagonal(m, np.nan)
-                row.append(float(np.nanmean(m)))
-            else:
-                row.append(float("nan"))
-        rows.append(row)
+    rows = [[l, *(_off_diagonal_mean(ds[v].sel(layer=l).values) if v in ds else float("nan") for v in VARIABLES)]
+            for l in ds["layer"].values.tolist()]
     return (note(f"Every expert applied to the same {ds.attrs.get('tokens', '?')} tokens' layer inputs: mean "
-                 "cosine similarity of their outputs, linear CKA, and cosine similarity of their weights; experts "
-                 "ordered by average-linkage clustering (moetrace similarity).")
-            + imgs + html_table(["layer", "mean cosine", "mean CKA", "mean weight cosine"], rows))
+                 "cosine similarity of their outputs and their linear CKA; of their weights, the cosine and the "
+                 "linear CKA over the residual dimensions. Means over expert pairs (the diagonal left out); "
+                 "experts ordered by average-linkage clustering (moetrace similarity).")
+            + imgs + html_table(["layer", "mean cosine", "mean CKA", "mean weight cosine", "mean weight CKA"], rows))
 
 
 ANALYSIS = Analysis(

@@ -95,8 +95,9 @@ def steer_prompt(model: torch.nn.Module, input_ids: Sequence[int], layers: Seque
 
 # ---------------------------------------------------------------------- figure, command, report section
 
-#: The name of the files the command writes (JSON and figure).
-OUTPUT = "steer_layers{layers}_expert{expert}"
+#: The name of the files the command writes (JSON and figure): every setting that changes the result.
+OUTPUT = "steer_layers{layers}_expert{expert}_scale{scale}_logit{logit}"
+_ANY = OUTPUT.format(layers="*", expert="*", scale="*", logit="*")
 
 
 def figure(result: dict, top: int = 10) -> Figure:
@@ -132,8 +133,8 @@ def _arguments(p) -> None:
     p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")
 
 
-def _name(layers, expert) -> str:
-    return OUTPUT.format(layers="-".join(map(str, layers)), expert=expert)
+def _name(layers, expert, scale: float, logit: float) -> str:
+    return OUTPUT.format(layers="-".join(map(str, layers)), expert=expert, scale=f"{scale:g}", logit=f"{logit:g}")
 
 
 def _run(args) -> int:
@@ -154,23 +155,39 @@ def _run(args) -> int:
           f"TV {res['next_token']['tv']:.4g}")
     for t in res["next_token"]["tokens"][:10]:
         print(f"  {t['text']!r:>16} {t['p_before']:.4f} -> {t['p_after']:.4f} ({t['change']:+.4f})")
-    cli.save(cli.out_dir(args), _name(args.layers, args.expert), figure(res), data=res)
+    cli.save(cli.out_dir(args), _name(args.layers, args.expert, args.scale, args.logit), figure(res), data=res)
     return 0
 
 
+#: What the suite tries on the busiest experts of the first layer: ablate, and boost the router logit.
+SUITE_SETTINGS = ((0.0, 0.0), (1.0, 4.0))
+
+
 def _suite(run) -> list[Path]:
-    prompt = list(run.input_ids[0])[:24]
-    res = steer_prompt(run.model, prompt, [run.first_layer], run.busiest_expert, scale=0.0, target_idx=-1,
-                       max_new_tokens=12, decode=run.decode)
-    return write_outputs(run.out, _name([run.first_layer], run.busiest_expert), figure(res), data=res)
+    """An example that shows something: the first half of a document as the prompt (its continuation is not
+    in it), the three busiest experts of the first layer each ablated and boosted, and of those the one that
+    changes the generated text (else the next-token distribution) most."""
+    ids = list(run.input_ids[0])
+    prompt = ids[:max(2, min(24, len(ids) // 2))]
+    tried = []
+    for expert in run.busiest_experts[:3]:
+        for scale, logit in SUITE_SETTINGS:
+            res = steer_prompt(run.model, prompt, [run.first_layer], expert, scale=scale, logit=logit, target_idx=-1,
+                               max_new_tokens=12, decode=run.decode)
+            changed = res["before"]["generated"] != res["after"]["generated"]
+            tried.append(((changed, res["next_token"]["kl"]), expert, scale, logit, res))
+    _, expert, scale, logit, res = max(tried, key=lambda t: t[0])
+    return write_outputs(run.out, _name([run.first_layer], expert, scale, logit), figure(res), data=res)
 
 
 def _render(ctx: Context) -> str:
     body = note("Boosting or ablating one expert's routing for a prompt (moetrace steer): greedy continuations "
                 "and the next-token distribution at the chosen position, before and after.")
-    for path in sorted(ctx.analysis_dir.glob(OUTPUT.format(layers="*", expert="*") + ".json")):
+    for path in sorted(ctx.analysis_dir.glob(_ANY + ".json")):
         r = json.loads(path.read_text())
-        body += (f"<h3>{escape(path.stem)}</h3>" + img(figure(r), path.stem)
+        title = (f"Expert {r['expert']} at layers {', '.join(map(str, r['layers']))}: routing weight x{r['scale']:g}, "
+                 f"router logit {r['logit']:+g}; next-token KL {r['next_token']['kl']:.3g}")
+        body += (f"<h3>{escape(title)}</h3>" + img(figure(r), title)
                  + html_table(["", "text"], [["prompt", r["prompt"]], ["before", r["before"]["generated"]],
                                              ["after", r["after"]["generated"]]], text_cols=2))
     return body
@@ -180,8 +197,8 @@ ANALYSIS = Analysis(
     command="steer", help="boost or ablate one expert for a prompt: generated text and next-token change",
     example="steer --model demo --prompt \"the derivative of\" --layers 1 --expert 9 --scale 0 --out run/analysis",
     arguments=_arguments, run=_run, order=80,
-    outputs=(OUTPUT.format(layers="*", expert="*") + ".json", OUTPUT.format(layers="*", expert="*") + ".png"),
+    outputs=(_ANY + ".json", _ANY + ".png"),
     figures={"steering": figure},
     section=Section("steering", "Steering", "Steering",
-                    (f"{ANALYSIS_DIR}/{OUTPUT.format(layers='*', expert='*')}.json",), _render),
+                    (f"{ANALYSIS_DIR}/{_ANY}.json",), _render),
     suite=_suite)

@@ -23,7 +23,7 @@ def add_common(p, store: bool = True, layers_help: str = "layer ids (default: al
                                                     "default with --model demo: the demo corpus")
         p.add_argument("--labels", default=None,
                        help="comma-separated label fields of each line for groups (default: none; demo: domain,lang)")
-        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.add_argument("--layers", type=int, nargs="+", default=None, metavar="L", help=layers_help)
     p.add_argument("--num-tokens", type=int, default=None, metavar="N", help="use the first N tokens")
     p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")

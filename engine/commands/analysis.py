@@ -6,15 +6,16 @@ figure (PNG and PDF) into DIR; ``moetrace report RUN`` shows them when DIR is ``
 
 from __future__ import annotations
 
-import argparse
+from moetrace.commands._help import add_command
+
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 100
 
 
 def add_parser(subparsers) -> None:
     from moetrace.analysis import ANALYSES
 
     for analysis in ANALYSES:
-        p = subparsers.add_parser(analysis.command, help=analysis.help, description=analysis.help,
-                                  epilog=f"example:\n  moetrace {analysis.example}",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = add_command(subparsers, analysis.command, help=analysis.help, examples=[analysis.example])
         analysis.arguments(p)
         p.set_defaults(func=analysis.run)

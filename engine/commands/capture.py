@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moetrace.commands._help import add_command
 from moetrace.errors import MoetraceError
 from moetrace.jsonl import read_json_objects
 from moetrace.models.loading import MODEL_HELP
 
 
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 10
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "capture", help="run a transformers MoE model over a JSONL file and record its routing",
+    p = add_command(
+        subparsers, "capture", help="run a transformers MoE model over a JSONL file and record its routing",
+        examples=["capture trace.zarr --model demo --data texts.jsonl --labels domain,lang",
+                  "capture trace.zarr --model allenai/OLMoE-1B-7B-0924 --data prompts.jsonl --labels domain "
+                  "--max-new-tokens 32 --probs"],
         description="Each JSONL line is one sequence: {\"text\": ...} (tokenized with the model's "
                     "tokenizer) or {\"input_ids\": [...]}, plus label fields named by --labels. "
                     "The sequence id is the line number (0-based; with --append, counted on from the "
@@ -24,7 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="JSONL file, one sequence per line")
     p.add_argument("--labels", default="", help="comma-separated label fields of each line, e.g. domain,lang")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help="also generate N tokens per sequence (greedy) and record the first N-1 of them "
                         "(the last generated token never goes through the model, so it has no routing)")
@@ -63,7 +71,8 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise MoetraceError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     needs_tokenizer = any("input_ids" not in r for r in rows)  # a line with 'text' is tokenized
-    model, tokenizer = load_model(args.model, tokenizer=needs_tokenizer, require_tokenizer=needs_tokenizer)
+    # the tokenizer is loaded even for input_ids lines: the store records it, so later commands show token text
+    model, tokenizer = load_model(args.model, require_tokenizer=needs_tokenizer)
     if args.append and out.exists():
         first_id = next_sequence_id(TraceStore.open(out))
         cap = _capture_rows(model, tokenizer, out, rows, labels, first_id, args)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from moetrace.commands._help import add_command
+
+
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 80
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "compare", help="agreement of two traces' routing on the same tokens (top-1, top-k overlap, Jaccard)",
+    p = add_command(
+        subparsers, "compare",
+        examples=["compare trace_hf.zarr trace_vllm.zarr",
+                  "compare run/trace.zarr replayed.zarr --by domain --out run"],
+        help="agreement of two traces' routing on the same tokens (top-1, top-k overlap, Jaccard)",
         description="Aligns the tokens of two trace stores by (seq, pos) (their token ids must agree) and "
                     "reports per layer (and per group with --by) top-1 agreement, top-k overlap |A n B| / k, "
                     "Jaccard and, when both have weights, the rank correlation of the weights; plus the "
@@ -20,12 +29,19 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _table(layers: list[dict], measures: list[str]) -> None:
+    print(f"{'layer':>6} " + " ".join(f"{m:>17}" for m in measures))
+    for entry in layers:
+        print(f"{entry['layer']:>6} " + " ".join(f"{'n/a':>17}" if entry.get(m) is None else f"{entry[m]:>17.4f}"
+                                                 for m in measures))
+
+
 def run(args) -> int:
     import json
     from pathlib import Path
 
     from moetrace import figures
-    from moetrace.compare import compare, summary_json
+    from moetrace.compare import MEASURES, compare, summary_json
     from moetrace.errors import MoetraceError
 
     if args.top < 0:
@@ -40,12 +56,19 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
+    unmatched = summary.get("unmatched_tokens", {})
     print(f"{summary['tokens']:,} aligned tokens in {summary['sequences']:,} sequences: {summary['a']} vs {summary['b']}")
-    measures = [m for m in ("top1_agreement", "topk_overlap", "jaccard", "weight_rank_corr") if m in summary["layers"][0]]
-    print(f"{'layer':>6} " + " ".join(f"{m:>17}" for m in measures))
-    for entry in summary["layers"]:
-        print(f"{entry['layer']:>6} " + " ".join("              n/a" if entry[m] is None else f"{entry[m]:>17.4f}"
-                                                 for m in measures))
+    for side, other in (("a", "b"), ("b", "a")):
+        if unmatched.get(side):
+            print(f"  {unmatched[side]:,} tokens of {summary[side]} have no match (same seq and pos) in "
+                  f"{summary[other]} and are not compared")
+    measures = [m for m in MEASURES if m in summary["layers"][0]]
+    print("\nall tokens:")
+    _table(summary["layers"], measures)
+    for group in summary.get("groups", []):
+        name = "/".join(str(v) for k, v in group.items() if k not in ("tokens", "layers"))
+        print(f"\ngroup {name} ({group['tokens']:,} tokens):")
+        _table(group["layers"], measures)
     if summary["rank_order_unknown"]:
         print(f"top-1 agreement: not measured, the rank order of {' and '.join(summary['rank_order_unknown'])} is "
               "unknown (only the set of each token's experts was recorded)")
@@ -53,6 +76,8 @@ def run(args) -> int:
         print(f"\ntokens whose {summary['differing']} differs in most layers (seq, pos, token_id, layers):")
         for row in summary["worst_tokens"]:
             print(f"  {row['seq']:>8} {row['pos']:>6} {row['token_id']:>8} {row['layers_differing']:>4}")
+    else:
+        print(f"\nno aligned token's {summary['differing']} differs in any layer")
     if args.out:
         print(f"wrote {Path(args.out) / 'compare.json'} and compare.png")
     return 0

@@ -18,7 +18,12 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from moetrace.commands._help import add_command
 from moetrace.errors import MoetraceError
+
+
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 40
 
 
 def _csv(text: str) -> list[str]:
@@ -92,8 +97,12 @@ def _client(args: argparse.Namespace):
 
     # one range at a time per worker; its Numba threads share this machine's cores
     threads = str(max(1, (os.cpu_count() or 1) // args.workers))
+    import logging
+
+    # silence_logs: the nannies' start/stop notices (and a restarted worker's) stay out of the terminal
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, env={"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads})
+                           dashboard_address=None, silence_logs=logging.ERROR,
+                           env={"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads})
     return Client(cluster)
 
 
@@ -118,8 +127,9 @@ def run_count(args: argparse.Namespace) -> int:
     save_counts(ds, args.out, overwrite=args.overwrite)
     if not args.quiet:
         total = int(ds["tokens"].sum())
-        extra = f", last shared prefix token {ds.attrs['last_shared_pos']}" if "last_shared_pos" in ds.attrs else ""
-        print(f"counted {total} tokens into {args.out}: {', '.join(v for v in ds.data_vars)}{extra}")
+        extra = (f", after dropping each sequence's first {ds.attrs['shared_prefix_tokens']} tokens (the prefix every "
+                 "sequence shares)" if "shared_prefix_tokens" in ds.attrs else "")
+        print(f"counted {total:,} tokens into {args.out}: {', '.join(v for v in ds.data_vars)}{extra}")
     return 0
 
 
@@ -141,8 +151,10 @@ def _count(args: argparse.Namespace, count, client):
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "count",
+    p = add_command(
+        subparsers, "count",
+        examples=["count trace.zarr counts.zarr --stats experts,paths,pairs,temporal --by domain,lang",
+                  "count 'traces/*.zarr' counts.zarr --stats experts --by domain --workers 2 --checkpoint ckpt"],
         help="count expert choices, paths, pairs, transitions, co-activation into a Zarr counts file",
         description="Stream a trace store through the Numba counters and write the counts (xarray Dataset) to Zarr.",
     )

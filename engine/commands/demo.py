@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from moetrace.commands._help import add_command
+
+
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 0
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="load the shipped demo MoE model, run the ablation experiment, "
-                                           "write DIR/report.html and DIR/results.csv")
+    p = add_command(subparsers, "demo", help="load the shipped demo MoE model, run the ablation experiment, "
+                                             "write DIR/report.html and DIR/results.csv",
+                    examples=["demo", "demo --out demo_out --random 50"])
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--random", type=int, default=None,
                    help="matched random draws per target (default: moetrace.demo.run.DEMO_RANDOM, 20)")

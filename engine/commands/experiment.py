@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moetrace.commands._help import add_command
 from moetrace.models.loading import MODEL_HELP
 
 
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 70
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "experiment", help="evaluate, capture, find each group's specialized routes, ablate them, compare",
+    p = add_command(
+        subparsers, "experiment",
+        examples=["experiment run --model demo --data questions.csv --select select_texts.jsonl --texts texts.jsonl",
+                  "experiment run --model ./my-moe --data mmlu.csv --select held_out.jsonl --methods experts,paths "
+                  "--threshold experts=2 --doses 1,2,4,all"],
+        help="evaluate, capture, find each group's specialized routes, ablate them, compare",
         description="Base multiple-choice evaluation (answer scoring by default) with chance and answer-blind "
                     "baselines -> routing of held-out texts (--select) captured and counted -> for every group "
                     "and method the specialized targets -> evaluation of every group under each ablation, plus "
@@ -32,7 +41,13 @@ def add_parser(subparsers) -> None:
                         "(or the question's context column); letter: the logit of the answer letter (default answer)")
     p.add_argument("--by", default="domain", help="labels that define a group (default: domain)")
     p.add_argument("--labels", default="domain,lang", help="label columns captured into the trace")
-    p.add_argument("--methods", default="paths,experts,pairs")
+    p.add_argument("--methods", default="paths,experts,pairs",
+                   help="comma-separated target methods: paths (top-1 layer-to-layer), experts (top-1 expert per "
+                        "layer), pairs (ordered top-2) (default: all three)")
+    p.add_argument("--threshold", action="append", default=[], metavar="METHOD=X",
+                   help="selection threshold of a method (repeatable), e.g. experts=2: an item is a group's target "
+                        "when its share of samples from the group >= the group's share x X (seed 000's defaults: "
+                        "paths 1, experts 5, pairs 5; with G equal groups, X > G selects nothing)")
     p.add_argument("--random", type=int, default=20,
                    help="random draws per target, matched on the targeted group's traffic; the p-value of "
                         "targeted vs random is a rank among them, so it cannot go below 1/(N+1) per group (default 20)")
@@ -44,10 +59,29 @@ def add_parser(subparsers) -> None:
                         "beside up to 5 random draws matched to their coverage; writes OUT_DIR/dose_response.csv")
     p.add_argument("--modes", default="reroute",
                    help="mask modes for the dose-response: reroute, zero or reroute,zero (default reroute)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--batch-size", type=int, default=32, help="questions or texts per forward pass (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws and the bootstrap (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def _thresholds(items: list[str]) -> dict[str, float]:
+    """``["experts=2", ...]`` -> ``{"experts": 2.0}``; MoetraceError naming a malformed item."""
+    from moetrace.errors import MoetraceError
+    from moetrace.experiment import METHODS
+
+    out = {}
+    for item in items:
+        method, _, value = item.partition("=")
+        try:
+            x = float(value)
+        except ValueError:
+            x = float("nan")
+        if method not in METHODS or not x > 0:
+            raise MoetraceError(f"--threshold: expected METHOD=X with METHOD one of {', '.join(METHODS)} and X > 0, "
+                                f"got {item!r}")
+        out[method] = x
+    return out
 
 
 def run(args) -> int:
@@ -66,7 +100,8 @@ def run(args) -> int:
                    band=COVERAGE_BAND if args.band is None else args.band,
                    methods=[m for m in args.methods.split(",") if m],
                    by=[b for b in args.by.split(",") if b], labels=[x for x in args.labels.split(",") if x],
-                   n_random=args.random, seed=args.seed, batch_size=args.batch_size,
+                   thresholds=_thresholds(args.threshold), n_random=args.random, seed=args.seed,
+                   batch_size=args.batch_size,
                    doses=args.doses, modes=[m for m in args.modes.split(",") if m],
                    progress=not args.quiet)
 

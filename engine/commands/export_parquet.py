@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import sys
 
-from moetrace.errors import MoetraceError
+from moetrace.commands._help import add_command
 from moetrace.commands._io_args import add_common, positive
+from moetrace.errors import MoetraceError
+
+
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 110
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export-parquet", help="export a store as a long-format Parquet file")
+    p = add_command(subparsers, "export-parquet", help="export a store as a long-format Parquet file",
+                    examples=["export-parquet trace.zarr trace.parquet"])
     p.add_argument("store", metavar="STORE", help="trace store to read")
     p.add_argument("out", metavar="OUT.parquet", help="Parquet file to write")
     p.add_argument("--row-group-rows", type=positive, default=1 << 20, help="rows per row group (default 1048576)")

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from moetrace.commands._help import add_command
 from moetrace.commands._io_args import add_common, positive, report
 
 
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 20
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("import-csv", help="import seed 000's samples.csv + topks.csv into a store",
-                              description="Import samples.csv (one row per token) and topks.csv (one row per "
+    p = add_command(subparsers, "import-csv", help="import seed 000's samples.csv + topks.csv into a store",
+                    examples=["import-csv --samples samples.csv --topks topks.csv trace.zarr",
+                              "import-csv --samples samples.csv --topks topks.csv trace.zarr --labels domain,lang "
+                              "--memory-budget 2048"],
+                    description="Import samples.csv (one row per token) and topks.csv (one row per "
                                           "token x layer x top-k rank) into a new trace store.")
     p.add_argument("--samples", required=True, help="samples.csv: q_ix, token_ix, token, labels, per-question columns")
-    p.add_argument("--topks", required=True, help="topks.csv: q_ix, token_ix, layer_ix, topk_ix, expert[, weight]")
+    p.add_argument("--topks", required=True, help="topks.csv: q_ix, token_ix, layer_ix, topk_ix, expert[, weight]; "
+                                                    "topk_ix is 1-based (1 = the top-1 expert), as seed 000 writes it")
     p.add_argument("out", metavar="OUT.zarr", help="store to create")
     p.add_argument("--labels", default=None,
                    help="comma-separated per-token label columns (default: domain, lang, language, subject "

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from moetrace.commands._help import add_command
 from moetrace.commands._io_args import add_common, positive, report
 
 
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 21
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("import-llamacpp", help="import llama.cpp expert traces (DIR/<domain>/traces/*.json)")
+    p = add_command(subparsers, "import-llamacpp", help="import llama.cpp expert traces (DIR/<domain>/traces/*.json)",
+                    examples=["import-llamacpp llamacpp_traces trace.zarr",
+                              "import-llamacpp llamacpp_traces trace.zarr --top-k 8"])
     p.add_argument("dir", metavar="DIR", help="directory with <domain>/traces/token-NNNNN.json files")
     p.add_argument("out", metavar="OUT.zarr", help="store to create")
     p.add_argument("--top-k", type=positive, default=None,

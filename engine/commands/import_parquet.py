@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from moetrace.commands._help import add_command
 from moetrace.commands._io_args import add_common, positive, report
 
 
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 22
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("import-parquet", help="import a long-format Parquet file into a store")
+    p = add_command(subparsers, "import-parquet", help="import a long-format Parquet file into a store",
+                    examples=["import-parquet routing.parquet trace.zarr",
+                              "import-parquet routing.parquet trace.zarr --memory-budget 4096 --overwrite"])
     p.add_argument("input", metavar="IN.parquet", help="long format: seq, pos, token_id, layer, rank, expert, ...")
     p.add_argument("out", metavar="OUT.zarr", help="store to create")
     p.add_argument("--memory-budget", type=positive, default=512, metavar="MIB",

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from moetrace.commands._help import add_command
 from moetrace.commands._io_args import add_common, positive, report
 from moetrace.io.routed import FORMATS
 
 
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 23
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("import-routed", help="import per-request routing arrays from serving/training engines",
-                              description="Import routed expert ids [tokens, layers, top_k] per request (one "
+    p = add_command(subparsers, "import-routed",
+                    help="import per-request routing arrays from serving/training engines",
+                    examples=["import-routed vllm_outputs.jsonl trace.zarr --format vllm --label-fields domain "
+                              "--config config.json",
+                              "import-routed routed_npy trace.zarr --format npy --labels labels.csv"],
+                    description="Import routed expert ids [tokens, layers, top_k] per request (one "
                                           "sequence each) from " + ", ".join(FORMATS) + " outputs into a new store.")
     p.add_argument("src", metavar="SRC", help="source file or directory (see --format)")
     p.add_argument("out", metavar="OUT.zarr", help="store to create")

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import json
 
+from moetrace.commands._help import add_command
+
+
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 30
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("info", help="rows, sequences, layers, experts, labels and array sizes of a store")
+    p = add_command(subparsers, "info", help="rows, sequences, layers, experts, labels and array sizes of a store",
+                    examples=["info trace.zarr", "info trace.zarr --json"])
     p.add_argument("store", help="path of a moetrace trace store (.zarr directory)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -23,6 +30,7 @@ def _size(n: int | None) -> str:
 
 
 def run(args) -> int:
+    from moetrace.intervene import describe_intervention
     from moetrace.store import TraceStore
 
     info = TraceStore.open(args.store).info()
@@ -31,8 +39,14 @@ def run(args) -> int:
         return 0
     print(f"store       {info['path']}")
     print(f"model       {info['model'] or '-'} (scoring: {info['scoring'] or '-'})")
+    print(f"tokenizer   {info.get('tokenizer') or '- (token ids only)'}")
     print(f"rows        {info['rows']:,} tokens, {info['routing_rows']:,} routing rows")
-    print(f"sequences   {info['sequences']:,} (metadata rows: {info['sequence_metadata_rows']:,})")
+    meta = info["sequence_metadata_rows"]
+    print(f"sequences   {info['sequences']:,} " + (f"(per-sequence metadata for {meta:,})" if meta
+                                                  else "(no per-sequence metadata)"))
+    for entry in info.get("interventions", []):
+        ranges = ", ".join(f"{lo}" if lo == hi else f"{lo}..{hi}" for lo, hi in entry["sequences"])
+        print(f"intervened  sequences {ranges}: " + "; then ".join(describe_intervention(w) for w in entry["what"]))
     if info["sequence_runs"] != info["sequences"]:
         print(f"warning     the rows of a sequence are not contiguous ({info['sequence_runs']:,} runs of equal seq): "
               "statistics that pair adjacent rows (temporal, stickiness) are wrong on this store; re-import it")
@@ -46,6 +60,7 @@ def run(args) -> int:
     print(f"{'array':<24} {'shape':<22} {'dtype':<10} {'raw':>10} {'stored':>10} {'ratio':>6}")
     for name, a in info["arrays"].items():
         raw, stored = a["raw_bytes"], a["stored_bytes"]
-        ratio = f"{raw / stored:.1f}x" if raw and stored else "-"
+        # under 1 MiB a chunk's fixed overhead dominates: a ratio would say nothing about the codec
+        ratio = f"{raw / stored:.1f}x" if raw and stored and raw >= 1 << 20 else "small" if raw else "-"
         print(f"{name:<24} {str(tuple(a['shape'])):<22} {a['dtype']:<10} {_size(raw):>10} {_size(stored):>10} {ratio:>6}")
     return 0

@@ -6,10 +6,18 @@
 
 from __future__ import annotations
 
+from moetrace.commands._help import add_command
+
+
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 90
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "report", help="self-contained HTML report (plots inline) of a trace store or an experiment run directory")
+    p = add_command(
+        subparsers, "report", examples=["report demo_out demo_out/report.html",
+                                        "report trace.zarr report.html --title 'OLMoE on my prompts'"],
+        help="self-contained HTML report (plots inline) of a trace store or an experiment run directory")
     p.add_argument("source", help="a trace store (.zarr) or a run directory holding trace.zarr "
                                   "[+ counts.zarr, results.csv]")
     p.add_argument("out", help="HTML file to write")

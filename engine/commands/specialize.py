@@ -12,12 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moetrace.commands._help import add_command
 from moetrace.errors import MoetraceError
 from moetrace.targets import KINDS
 
 
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 60
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("specialize", help="select a group's specialized paths, experts or pairs (seed 000)")
+    p = add_command(subparsers, "specialize", help="select a group's specialized paths, experts or pairs (seed 000)",
+                    examples=["specialize counts.zarr --method experts --group domain=math --threshold 2 "
+                              "--out math_experts.json",
+                              "specialize counts.zarr --method paths --group domain=biology,lang=en --out bio_en_paths.json"])
     p.add_argument("counts", help="counts written by `moetrace count` (.zarr)")
     p.add_argument("--method", required=True, choices=sorted(KINDS),
                    help="paths: top-1 layer-to-layer paths; experts: top-1 expert per layer; pairs: ordered top-2")
@@ -30,6 +38,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--min-layer-index", type=int, default=None,
                    help="first layer position used (default: 1 for paths and experts, 0 for pairs)")
     p.add_argument("--out", required=True, help="targets JSON to write (seed 000's bare format)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=run)
 
@@ -62,17 +71,23 @@ def nothing_selected_warning(selection) -> str:
 
 
 def _at_most(value: float) -> str:
-    """The shortest decimal (3+ significant digits) not above ``value``: passing it back selects something."""
+    """``value`` rounded down to 3 significant digits (1.7966 -> 1.79), more only where that would reach
+    0: passing it back selects something (rounding to nearest would round 1.7966 up, past the value)."""
+    import math
+
     for digits in range(3, 18):
-        text = f"{value:.{digits}g}"
-        if float(text) <= value:
+        scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+        text = f"{math.floor(value * scale) / scale:.{digits}g}"
+        if 0 < float(text) <= value:
             return text
     return repr(value)
 
 
 def run(args: argparse.Namespace) -> int:
     from moetrace.counting import load_counts
+    from moetrace.io.base import check_output_path
 
+    check_output_path(args.out, args.overwrite, (args.counts,), what="the counts file")  # before any work
     counts = load_counts(args.counts)
     from moetrace import metrics
     from moetrace.targets import Targets

@@ -10,17 +10,22 @@ the largest chi-square), each specialist with its preferred group.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from moetrace import metrics
+from moetrace.commands._help import add_command
 from moetrace.errors import MoetraceError
 from moetrace.figures import group_labels
+
+
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 50
 
 
 def _json_value(value):
@@ -62,6 +67,7 @@ def collect(counts: xr.Dataset, layer: int | None = None, rank: int | None = Non
                                    for v in ("chi2", "dof", "p_value", "avg_variance", "significant")}}
             for lid in ranking["layer"].values
         ]
+        out["alpha"] = float(ranking.attrs["alpha"])
         ent = metrics.entropy(counts, rank=rank)
         table = _per_group_layer(ent["entropy"], counts)
         out["entropy"] = {
@@ -139,7 +145,8 @@ def print_stats(args: argparse.Namespace) -> int:
     print()
     if "layer_ranking" in tables:
         ranking = pd.DataFrame(tables["layer_ranking"]).set_index("layer").astype({"p_value": float})
-        _print_table("Group x expert chi-square test of independence, by layer", ranking)
+        _print_table("Group x expert chi-square test of independence, by layer "
+                     f"(significant: p < alpha = {tables['alpha']:g}, seed 002's level)", ranking)
         top = ranking.sort_values("chi2", ascending=False).head(5).index.tolist()
         print(f"Most group-specific layers (chi-square): {top}\n")
         ent = tables["entropy"]
@@ -166,7 +173,8 @@ def print_stats(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("stats", help="chi-square, entropy, stickiness and specialist tables of a counts file")
+    p = add_command(subparsers, "stats", help="chi-square, entropy, stickiness and specialist tables of a counts file",
+                    examples=["stats counts.zarr", "stats counts.zarr --layer 3 --rank 0 --json"])
     p.add_argument("counts", help="counts written by `moetrace count` (.zarr)")
     p.add_argument("--json", action="store_true", help="print the tables as JSON")
     p.add_argument("--layer", type=int, default=None,

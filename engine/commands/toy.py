@@ -6,7 +6,12 @@ features, uniform importance, 10,000 steps of batch 1024, AdamW lr 1e-3 constant
 
 from __future__ import annotations
 
+from moetrace.commands._help import add_command
 from moetrace.errors import MoetraceError
+
+
+#: Place in ``moetrace --help``'s command list (the workflow's order).
+ORDER = 120
 
 
 def _ints(text: str) -> list[int]:
@@ -28,11 +33,13 @@ def _common(p) -> None:
     p.add_argument("--importance-decay", type=float, default=1.0,
                    help="importance_f = decay ** f (default 1: uniform, as Chaudhari et al.)")
     p.add_argument("--load-balancing", action="store_true", help="add the load-balancing loss 0.01 * E * sum f_e P_e")
-    p.add_argument("--gate-init", choices=("xavier", "disjoint", "identity"), default="xavier")
+    p.add_argument("--gate-init", choices=("xavier", "disjoint", "identity"), default="xavier",
+                   help="router initialization: xavier (default), disjoint feature blocks, or identity")
     p.add_argument("--steps", type=int, default=10_000, help="training steps (default 10000)")
     p.add_argument("--batch", type=int, default=1024, help="inputs per step (default 1024)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="learning-rate schedule (default constant)")
     p.add_argument("--print-freq", type=int, default=1000, help="log the loss every N steps (default 1000)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU when there is one)")
     p.add_argument("--threads", type=int, default=1,
@@ -43,23 +50,28 @@ def _common(p) -> None:
 
 
 def add_parser(subparsers) -> None:
-    top = subparsers.add_parser("toy", help="seed 001's toy MoE of superposition: train one model, sweep many, or "
-                                            "reproduce Chaudhari et al. / Elhage et al. in their designs")
+    top = add_command(subparsers, "toy", help="seed 001's toy MoE of superposition: train one model, sweep many, or "
+                                              "reproduce Chaudhari et al. / Elhage et al. in their designs",
+                      examples=["toy train --out toy_run", "toy reproduce chaudhari --quick --out chaudhari"])
     sub = top.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
 
-    t = sub.add_parser("train", help="train one toy MoE; write model.safetensors, metrics.json, features.png")
+    t = add_command(sub, "train", help="train one toy MoE; write model.safetensors, metrics.json, features.png",
+                    examples=["toy train --experts 4 --active 1 --hidden 5 --feature-probability 0.1 --out toy_run"])
     _common(t)
     t.add_argument("--hidden", type=int, default=5, help="n_hidden H per expert (default 5)")
     t.add_argument("--experts", type=int, default=4, help="n_experts E (default 4)")
     t.add_argument("--active", type=int, default=1, help="n_active_experts k (default 1)")
-    t.add_argument("--feature-probability", type=float, default=0.1, help="default 0.1")
+    t.add_argument("--feature-probability", type=float, default=0.1,
+                   help="probability that a feature is present in an input (default 0.1)")
     t.add_argument("--shuffle-importance", action="store_true",
                    help="assign the importances to features in a random order (seed 001 does)")
     t.add_argument("--no-renormalize", action="store_true", help="keep raw softmax weights of the top-k")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
     t.set_defaults(func=run_train)
 
-    s = sub.add_parser("sweep", help="train a grid of toy MoEs at once; write sweep.csv/.parquet and phase diagrams")
+    s = add_command(sub, "sweep", help="train a grid of toy MoEs at once; write sweep.csv/.parquet and phase diagrams",
+                    examples=["toy sweep --experts 1,4 --active 1,2 --feature-probability 0.5,0.1 --steps 2000 "
+                              "--out sweep"])
     _common(s)
     size = s.add_mutually_exclusive_group()
     size.add_argument("--hidden", type=int, default=None,
@@ -77,9 +89,13 @@ def add_parser(subparsers) -> None:
                    help="train all models as one padded group instead of one group per E")
     s.set_defaults(func=run_sweep_cmd)
 
-    r = sub.add_parser("reproduce", help="rerun a paper in its own design: chaudhari (features per dimension, "
-                                         "phase diagrams) or elhage (dimensionality plateaus)")
-    r.add_argument("paper", choices=("chaudhari", "elhage"))
+    r = add_command(sub, "reproduce", help="rerun a paper in its own design: chaudhari (features per dimension, "
+                                           "phase diagrams) or elhage (dimensionality plateaus)",
+                    examples=["toy reproduce chaudhari --quick --out chaudhari",
+                              "toy reproduce elhage --seeds 3 --out elhage"])
+    r.add_argument("paper", choices=("chaudhari", "elhage"),
+                   help="chaudhari: Chaudhari et al. (features per dimension, phase diagrams); elhage: Elhage et al.'s "
+                        "dimensionality plateaus")
     r.add_argument("--quick", action="store_true",
                    help="fewer points, steps and seeds (minutes on 2 CPU cores); the model, data, loss and "
                         "metric stay the paper's")
@@ -179,8 +195,10 @@ def run_train(args) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     render_features(model.W_experts, out / "features.png",
                     title=f"E={cfg.n_experts}, k={cfg.n_active_experts}, p={args.feature_probability}, seed={args.seed}")
+    last = max(1, steps // 10)
     print(f"features represented: {metrics['n_features_represented']} of {F}; features per dimension {fpd:.3f}; "
-          f"final reconstruction loss {metrics['final_reconstruction_loss']:.6f}")
+          f"final reconstruction loss {metrics['final_reconstruction_loss']:.6f} (mean over the last {last:,} steps' "
+          "batches; a logged step's loss is one batch's, so it scatters around this)")
     print(f"wrote {out / 'model.safetensors'}, {out / 'metrics.json'}, {out / 'features.png'}")
     return 0
 

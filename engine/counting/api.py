@@ -38,7 +38,7 @@ def count(
     directory of stores, a glob, or a list of those, local paths or fsspec URLs (see
     :mod:`moetrace.counting.archive`: the stores must share layers, experts and top-k;
     label values are merged by value; attributes ``stores`` and ``store_rows`` name the
-    stores counted and their rows, ``rows`` is [0, total rows], ``last_shared_pos`` one
+    stores counted and their rows, ``rows`` is [0, total rows], ``shared_prefix_tokens`` one
     int per store when there are several). ``client``: a ``distributed.Client``; the
     archive is split into chunk-aligned ranges of about ``range_rows`` rows, counted on
     its workers and summed in a tree; the result equals the in-process one bit for bit.
@@ -56,7 +56,7 @@ def count(
       values; label coordinates stay complete.
     - ``skip_shared_prefix``: drop seed 000's prefix shared by every sequence (see
       :func:`moetrace.counting.prefix.shared_prefix`); the dataset gets attribute
-      ``last_shared_pos`` (the number of leading tokens dropped from each sequence,
+      ``shared_prefix_tokens`` (the number of leading tokens dropped from each sequence,
       R's ``last_shared_tok``).
     - ``generated_only``: keep rows with ``generated`` True.
     - ``positions``: ``(start, stop)``, keep ``start <= pos < stop``.

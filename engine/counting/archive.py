@@ -307,8 +307,8 @@ def _count_task(name: str, path, start: int, stop: int, stats, filters: Filters,
         ds = ds.reindex({k: strings(v) for k, v in coords.items()}, fill_value=0)
     for name in _exact_vars(ds):
         ds[name] = _to_units(ds[name], STATS[name].exact_unit, path, start, stop)
-    if "last_shared_pos" in ds.attrs:
-        ds.attrs[_SHARED] = {name: ds.attrs["last_shared_pos"]}
+    if "shared_prefix_tokens" in ds.attrs:
+        ds.attrs[_SHARED] = {name: ds.attrs["shared_prefix_tokens"]}
     return ds
 
 
@@ -500,7 +500,7 @@ def count_archive(archive: Any, stats, filters: Filters, vocab_size, progress: b
     total.attrs["filters"] = json.dumps(filters.attrs(_all_coords(filters, coords)))
     if filters.skip_shared_prefix:  # one int for one store, else one per store
         values = [int(shared[name]) if name in shared else int(_result(prefixes[i])[0]) for i, name in enumerate(ids)]
-        total.attrs["last_shared_pos"] = values[0] if len(values) == 1 else values
+        total.attrs["shared_prefix_tokens"] = values[0] if len(values) == 1 else values
     return total
 
 

@@ -86,5 +86,5 @@ def coverage(
     ds = xr.Dataset(data, coords={label: strings(sel.coords[label]) for label in sel.by})
     ds.attrs.update({"kind": kind, "store": str(st.path), "filters": json.dumps(sel.attrs)})
     if sel.last_shared is not None:
-        ds.attrs["last_shared_pos"] = int(sel.last_shared)
+        ds.attrs["shared_prefix_tokens"] = int(sel.last_shared)
     return ds

@@ -152,7 +152,7 @@ def _attrs(st: TraceStore, sel: Selection, names: list[str], start: int, stop: i
     if sel.positions is not None:
         attrs["positions"] = list(sel.positions)
     if sel.last_shared is not None:
-        attrs["last_shared_pos"] = int(sel.last_shared)
+        attrs["shared_prefix_tokens"] = int(sel.last_shared)
     return attrs
 
 

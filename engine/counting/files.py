@@ -106,10 +106,15 @@ def load_counts(path: str | Path) -> xr.Dataset:
         raise MoetraceError(f"{path}: not a counts file (cannot open as Zarr: {exc})") from None
     version = ds.attrs.get("moetrace_counts_version")
     if version is None:
+        if "moetrace" in ds.attrs:  # the attribute every trace store carries (moetrace.store.ATTR_KEY)
+            raise MoetraceError(f"{path}: a trace store, not a counts file; count it first: "
+                                f"`moetrace count {path} counts.zarr --by LABELS` (or moetrace.count)")
         raise MoetraceError(f"{path}: not a moetrace counts file (no moetrace_counts_version attribute)")
     if version != COUNTS_VERSION:
         raise MoetraceError(
             f"{path}: counts file version {version}, expected moetrace_counts_version={COUNTS_VERSION}")
+    if "last_shared_pos" in ds.attrs:  # its name before it said what it holds (a number of tokens)
+        ds.attrs["shared_prefix_tokens"] = ds.attrs.pop("last_shared_pos")
     if ds.attrs.get(COMPLETE_ATTR) != 1:
         raise MoetraceError(
             f"{path}: incomplete counts file (no {COMPLETE_ATTR} mark: its writer was interrupted); "

@@ -296,7 +296,10 @@ def load_demo_model(path: str | Path):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise MoetraceError(f"{path}: expected a model directory with config.json, found none")
-    model = AutoModelForCausalLM.from_pretrained(path)
+    from moetrace.progress import transformers_bars
+
+    with transformers_bars():
+        model = AutoModelForCausalLM.from_pretrained(path)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
 

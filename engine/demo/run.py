@@ -67,13 +67,19 @@ def run_demo(out: str | Path = "demo_out", *, n_random: int = DEMO_RANDOM, retra
         model_dir = ensure_demo_model(progress=progress)
         check_shipped_model()
     model, tokenizer = load_demo_model(model_dir)
+    def took() -> str:
+        return f" ({time.perf_counter() - t0:.0f} s)"
+
     print(f"[1/4] demo model: {model_dir} ({type(model).__name__}, "
           f"{model.config.num_hidden_layers} layers, {model.config.num_experts} experts, "
-          f"top-{model.config.num_experts_per_tok})")
-
+          f"top-{model.config.num_experts_per_tok}){took()}")
+    print(f"[2/4] experiment: base evaluation, routing capture, each domain's targets ablated beside {n_random} "
+          "random draws each ... (the longest stage)", flush=True)
     summary = run_demo_experiment(model, tokenizer, model_dir, out, n_random=n_random, progress=progress)
     texts = load_texts(model_dir / TEXTS_FILE)
-    print(f"[2/4] experiment on {summary['n_questions']} questions and {len(texts)} texts -> {out / 'results.csv'}")
+    print(f"[2/4] experiment on {summary['n_questions']} questions and {len(texts)} texts -> {out / 'results.csv'}"
+          f"{took()}")
+    print("[3/4] seed-003 analyses and the report ...", flush=True)
 
     from moetrace.analysis.suite import run_suite
     from moetrace.demo.data import make_training_documents
@@ -83,9 +89,9 @@ def run_demo(out: str | Path = "demo_out", *, n_random: int = DEMO_RANDOM, retra
               out / "analysis", num_tokens=2000, pad_id=tokenizer.pad_token_id or 0, decode=tokenizer.decode,
               method="pca")  # UMAP's first call compiles for ~30 s: `moetrace dim-reduc --method umap` draws it
     report = write_report(out, out / "report.html", title="moetrace demo")
-    print(f"[3/4] report -> {report}")
+    print(f"[3/4] report -> {report}{took()}")
     run_trace_demo(out / "csv_demo", progress=False, verbose=False)
-    print(f"[4/4] seed 000 CSV walk-through -> {out / 'csv_demo'}")
+    print(f"[4/4] seed 000 CSV walk-through -> {out / 'csv_demo'}{took()}")
 
     print("\n" + "\n".join(base_lines(summary["base"])))
     print(f"\neffect of ablating each domain's specialized routes, selected on {summary['selection']} "

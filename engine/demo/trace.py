@@ -64,8 +64,8 @@ def run_trace_demo(out: str | Path, spec: TraceSpec = DEFAULT_SPEC, progress: bo
     counts = count(store, stats=["experts", "paths", "pairs", "temporal", "coact"], by=by,
                    skip_shared_prefix=True, progress=progress)
     save_counts(counts, out / "counts.zarr")
-    say(f"[3/6] counted after dropping the shared prefix (last shared position "
-          f"{counts.attrs['last_shared_pos']}) -> {out / 'counts.zarr'}")
+    say(f"[3/6] counted after dropping the prefix every question shares (its first "
+          f"{counts.attrs['shared_prefix_tokens']} tokens) -> {out / 'counts.zarr'}")
 
     seqs = sequence_table(store, by, skip_shared_prefix=True)
     acc = metrics.base_accuracy(seqs, by)

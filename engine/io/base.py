@@ -251,8 +251,9 @@ def write_store(out: str | os.PathLike, batches: Iterable[dict], *, overwrite: b
     ``create``: keyword arguments of :meth:`TraceStore.create` (``n_layers``, ``n_experts``,
     ``top_k``, ``labels``, ...); ``batches``: an iterable of ``TraceStore.append`` batches
     (consumed lazily, so a generator reading one source file at a time keeps memory
-    bounded). A MoetraceError (or any exception) raised while iterating leaves nothing at
-    ``out``. Returns the published store opened read-only.
+    bounded); a batch may carry ``"sequences"``, per-sequence metadata columns (``seq`` and
+    more) for :meth:`TraceStore.append_sequences`. A MoetraceError (or any exception) raised
+    while iterating leaves nothing at ``out``. Returns the published store opened read-only.
     """
     from moetrace.store import TraceStore
 
@@ -260,7 +261,10 @@ def write_store(out: str | os.PathLike, batches: Iterable[dict], *, overwrite: b
         store = TraceStore.create(partial, **create)
         try:
             for batch in batches:
+                sequences = batch.pop("sequences", None)
                 store.append(batch)
+                if sequences is not None:
+                    store.append_sequences(sequences)
         finally:
             store.close()
     return TraceStore.open(out)

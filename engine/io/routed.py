@@ -118,7 +118,9 @@ def import_routed(
     Writes one sequence per request: ``tokens/seq`` int64 (request index in reading
     order), ``tokens/pos`` int32 (0, 1, ... within the request), ``tokens/token_id``
     (-1 where the source has none), ``tokens/generated``, one label per
-    ``label_fields`` name and per ``labels_file`` column, ``routing/experts`` [N, L, K].
+    ``label_fields`` name and per ``labels_file`` column, ``routing/experts`` [N, L, K];
+    and per sequence (``sequences/``, :meth:`TraceStore.read_sequences`) its ``request_id`` and
+    ``source`` (the file, and line where the format has lines, it was read from).
     ``top_k``: needed by formats whose arrays are flat (SGLang). ``layer_ids`` / ``config``:
     the model's layer ids of the source's MoE layers (module docstring; at most one of the
     two). ``options``: the format's own options (its module's ``OPTIONS``, e.g. Megatron's
@@ -182,6 +184,7 @@ def import_routed(
 
     def batches():
         pending: list[dict] = []
+        sources: dict[str, list] = {"seq": [], "request_id": [], "source": []}  # where each sequence came from
         rows = 0
         for seq, req in enumerate(tqdm(module.read(src, top_k=top_k, **options), desc="import", unit="request",
                                        disable=not progress, total=n_requests)):
@@ -195,16 +198,26 @@ def import_routed(
             for name, value in _labels(req, label_fields, side).items():
                 batch[name] = np.full(T, value)
             pending.append(batch)
+            for column, value in zip(sources, (seq, req.key, _relative(req.where, src))):
+                sources[column].append(value)
             rows += T
             if rows >= BATCH_ROWS:
-                yield _concat(pending)
+                yield {**_concat(pending), "sequences": {k: np.asarray(v) for k, v in sources.items()}}
                 pending, rows = [], 0
+                sources = {k: [] for k in sources}
         if pending:
-            yield _concat(pending)
+            yield {**_concat(pending), "sequences": {k: np.asarray(v) for k, v in sources.items()}}
 
     return write_store(out, batches(), overwrite=overwrite, inputs=(src,), n_layers=len(keep), n_experts=n_experts,
                        top_k=K, layer_ids=ids, labels=label_names, model=model, chunk_rows=chunk_rows,
                        rank_order=rank_order)
+
+
+def _relative(where: str, src: Path) -> str:
+    """``where`` (a file, and maybe its line) relative to the import's source directory, so a store does
+    not record the machine's paths (a single-file source keeps its file name)."""
+    root = str(src if src.is_dir() else src.parent).rstrip("/") + "/"
+    return where[len(root):] if where.startswith(root) else where
 
 
 def _layer_scan(req: Request) -> tuple[np.ndarray, list]:

@@ -34,9 +34,12 @@ def load_model(name: str | Path, *, tokenizer: bool = True, require_tokenizer: b
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moetrace.progress import transformers_bars
+
     path = resolve(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
     except (OSError, ValueError) as exc:
         raise MoetraceError(f"model {name}: expected 'demo', a transformers checkpoint directory or a hub id that "
                             f"loads, got an error ({_first_line(exc)})") from None
@@ -48,6 +51,19 @@ def load_model(name: str | Path, *, tokenizer: bool = True, require_tokenizer: b
         if require_tokenizer:
             raise MoetraceError(f"model {name}: no tokenizer loads from it ({_first_line(exc)})") from None
         return model, None
+
+
+def load_tokenizer(name: str | Path | None):
+    """The tokenizer at ``name`` (``"demo"``, a directory or a hub id; e.g. :attr:`TraceStore.tokenizer`),
+    or None when there is none or it does not load: callers then show token ids."""
+    if not name:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(name))
+    except (OSError, ValueError, MoetraceError):
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
