@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # A throw-away environment with the newest versions pyproject.toml allows (torch stays pinned).
 LATEST := .venv-latest
 
-.PHONY: demo test test-slow test-latest lock bench install
+.PHONY: demo test test-slow test-latest lock bench install gpu-check
 
 install: $(STAMP)
 
@@ -70,3 +70,9 @@ lock:
 # Quick pytest-benchmark pass over the hot paths; the full-size scripts are listed in the README.
 bench: $(STAMP)
 	PYTHONSAFEPATH=1 $(BIN)/python -m pytest bench/test_benchmarks.py --benchmark-only -q
+
+# On a CUDA machine: the routing kernel natively, its bandwidth, masking, capture and compile
+# (bench/gpu_check.py). Installs nothing: PYTHON is the machine's Python with CUDA torch and Triton.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONSAFEPATH=1 $(GPU_PYTHON) bench/gpu_check.py --out bench/gpu_check.md
