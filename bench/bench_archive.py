@@ -53,8 +53,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # bench/ only: the repository root on the path would make `kernels` ours, not HF's
 
 from bench_counting import fingerprint, peak_rss  # noqa: E402
 

@@ -44,8 +44,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # bench/ only: the repository root on the path would make `kernels` ours, not HF's
 
 GROUP_COLS = ["domain", "lang", "layer", "expert"]
 

@@ -35,9 +35,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from moetrace.kernels.routing import fused_route, route_reference  # noqa: E402
+from moetrace.kernels.routing import fused_route, route_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
