@@ -197,3 +197,25 @@ def test_report_sections_for_a_comparison_and_for_generated_tokens(tmp_path, cap
     flags = store.read(["generated"])["generated"]
     assert f"<td class=\"t\">generated</td><td>{int(flags.sum())}</td>" in generated
     assert f"<td class=\"t\">prompt</td><td>{int((~flags).sum())}</td>" in generated
+
+
+def test_the_command_says_what_was_not_compared_and_lists_only_disagreements(tmp_path, capsys):
+    """Tokens of either store without a partner are counted and named; per-group tables come with --by;
+    identical routing lists no 'differing' token."""
+    rng = np.random.default_rng(7)
+    seqs = []
+    for s in range(4):
+        n = 6
+        experts, weights = _routing(rng, n)
+        seqs.append((s, np.arange(n), rng.integers(0, 50, n), "ab"[s % 2], experts, weights))
+    a = _write(tmp_path / "a.zarr", seqs)
+    b = _write(tmp_path / "b.zarr", seqs[:3] + [(9, *seqs[3][1:])])  # sequence 3 is 9 in b: 6 tokens each unmatched
+    summary = summary_json(compare(a, b))
+    assert summary["tokens"] == 18 and summary["unmatched_tokens"] == {"a": 6, "b": 6}
+    assert summary["worst_tokens"] == []  # the same routing everywhere: nothing differs
+    assert main(["compare", str(a), str(b), "--by", "domain"]) == 0
+    out = capsys.readouterr().out
+    assert f"6 tokens of {a} have no match (same seq and pos) in {b} and are not compared" in out
+    assert f"6 tokens of {b} have no match" in out
+    assert "group a (12 tokens):" in out and "group b (6 tokens):" in out
+    assert "no aligned token's top-1 differs in any layer" in out and "differs in most layers" not in out
