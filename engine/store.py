@@ -36,9 +36,12 @@ chunks. Wider arrays (``routing/weights``, ``routing/probs``) take ``chunk_rows 
 rows, the largest fraction within 8 MiB, so their chunk boundaries are grid boundaries
 too and a block of rows read by :meth:`TraceStore.iter_chunks` is whole chunks of every
 array. No chunk exceeds 8 MiB uncompressed. Every array is compressed with the store's
-Blosc codec (default lz4 + bitshuffle) except ``tokens/text`` (variable-length UTF-8):
-Blosc zstd without shuffle compresses token text 5.6x better than lz4 + bitshuffle at the
-same read speed (bench/RESULTS.md).
+Blosc codec for its kind (format_version 3, :data:`DEFAULT_CODECS`): lz4 without shuffle
+for ``routing/experts`` (the counters read all of it, and bitshuffle decodes slower than
+they count), lz4 with byte shuffle for the token columns, lz4 + bitshuffle for the routing
+weights and probabilities. ``tokens/text`` (variable-length UTF-8) uses Blosc zstd without
+shuffle, which compresses token text 5.6x better than lz4 + bitshuffle at the same read
+speed (bench/RESULTS.md).
 
 Crash safety: appended rows are buffered and written as whole chunks
 (``flush`` also writes the tail); after *every* array of a batch is written, the
@@ -68,8 +71,13 @@ from moetrace.errors import MoetraceError
 
 # 2: rows obey the order invariant (module docstring), enforced by append. Version 1 stores
 # (written before) open read-only as before; opening one to append checks the invariant
-# over all its rows and upgrades it.
-FORMAT_VERSION = 2
+# over all its rows and upgrades it to 2.
+# 3: as 2, with a codec per kind of array (the ``codecs`` attribute, default DEFAULT_CODECS:
+# routing ids without shuffle, token columns with byte shuffle) where 1 and 2 have one
+# ``codec`` for all. Every version reads the same way (each array's codec is in its own Zarr
+# metadata); the number says which layout a store was written with.
+FORMAT_VERSION = 3
+ORDER_VERSION = 2  # the first version whose rows obey the order invariant
 #: ``rank_order`` values: the K ids of a token run from its top-1 down, or their order is not known.
 RANK_ORDERS = ("ranked", "unknown")
 
@@ -100,6 +108,19 @@ MAX_LAYER_ID = int(np.iinfo(np.int32).max)
 # zstd's compression ratio on routing ids at twice its decompression speed; 8 MiB chunks
 # halve the per-chunk overhead of 4 MiB ones when scanning.
 DEFAULT_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
+# format_version 3: a codec per kind of array (bench/bench_counting.py, bench/RESULTS.md, issue 25).
+# - routing/experts: counting reads all of it, and bitshuffle decodes it at 1.6-2.0 GB/s per core,
+#   slower than the counting kernels. Without shuffle lz4 finds nothing to compress in near-random
+#   ids and Blosc stores the chunk as is, which the counter maps into memory with no decoding at
+#   all; +33% on disk for this array.
+# - token columns (seq, pos, token_id, generated, labels): byte shuffle decodes 3-4x faster than
+#   bitshuffle and compresses them as well or better (seq 194x vs 168x, pos 191x vs 25x).
+# - routing/weights and routing/probs: DEFAULT_CODEC (bitshuffle suits float16).
+DEFAULT_CODECS = {
+    "routing/experts": {"cname": "lz4", "clevel": 5, "shuffle": "noshuffle"},
+    "tokens": {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"},
+    "routing": DEFAULT_CODEC,
+}
 # tokens/text: shuffles regroup fixed-width numbers, not text; on token text Blosc zstd
 # compresses 6.8x vs 1.2x for lz4 + bitshuffle, at the same read speed (string decoding
 # dominates); bench/bench_store.py --text, numbers in bench/RESULTS.md.
@@ -293,6 +314,8 @@ class TraceStore:
         ``rank_order``: ``"ranked"`` (a token's K ids run from its top-1 down) or ``"unknown"``
         (the source gave only the set of K experts, e.g. in expert-id order): statistics that
         need rank order or the top-1 then refuse the store (:meth:`require_rank_order`).
+        ``codec``: one Blosc codec for every array, a dict of cname, clevel and shuffle; default:
+        :data:`DEFAULT_CODECS`, one per kind of array.
         """
         path = Path(path)
         n_layers, n_experts, top_k = (_positive_int(v, name) for v, name in (
@@ -324,7 +347,9 @@ class TraceStore:
                 f"{MAX_CHUNK_BYTES >> 20} MiB), got {chunk_rows}")
         if shard_chunks is not None and int(shard_chunks) < 1:
             raise MoetraceError(f"shard_chunks: expected a positive integer, got {shard_chunks}")
-        codec = dict(DEFAULT_CODEC if codec is None else codec)
+        if codec is not None and (not isinstance(codec, Mapping) or set(codec) != {"cname", "clevel", "shuffle"}):
+            raise MoetraceError(f"codec: expected a dict of cname, clevel and shuffle, got {codec!r}")
+        codecs = {kind: dict(DEFAULT_CODECS[kind] if codec is None else codec) for kind in DEFAULT_CODECS}
 
         if path.exists():
             if not overwrite:
@@ -350,7 +375,7 @@ class TraceStore:
             "sequences_committed": 0,
             "chunk_rows": chunk_rows,
             "shard_chunks": None if shard_chunks is None else int(shard_chunks),
-            "codec": codec,
+            "codecs": codecs,
             # new at every create (overwrite included), kept by appends: tells a rewritten store
             # from the one it replaced (engine/counting/archive.py keys checkpoints by it)
             "uuid": uuid.uuid4().hex,
@@ -359,14 +384,13 @@ class TraceStore:
             # this lack the key, and zarr may have skipped their all-zero chunks)
             "all_chunks_written": True,
         }
-        compressor = _codec(codec)
-
         def make(name: str, inner: tuple[int, ...], dtype: Any, rows: int = chunk_rows) -> None:
+            kind = name if name in codecs else name.split("/")[0]
             shards = None
             if shard_chunks is not None:
                 shards = (rows * int(shard_chunks), *inner)
             group.create_array(name, shape=(0, *inner), chunks=(rows, *inner), shards=shards,
-                               dtype=dtype, compressors=compressor, fill_value=0)
+                               dtype=dtype, compressors=_codec(codecs[kind]), fill_value=0)
 
         for col in TOKEN_COLUMNS:
             make(f"tokens/{col}", (), TOKEN_DTYPES[col])
@@ -777,6 +801,7 @@ class TraceStore:
             item = _numpy_dtype(arr).itemsize if arr.dtype.kind != "T" else None
             inner = int(np.prod(arr.shape[1:])) if len(arr.shape) > 1 else 1
             arrays[name] = {
+                "codec": _codec_name(arr),
                 "shape": [rows, *arr.shape[1:]],
                 "dtype": str(_numpy_dtype(arr)),
                 "chunks": list(arr.chunks),
@@ -1164,7 +1189,19 @@ class TraceStore:
         del order, rows
         self._ended.add(ids[:-1])
         self._last = (int(ids[-1]), int(self.read(["pos"], n - 1, n)["pos"][0]))
-        self._meta["format_version"] = FORMAT_VERSION  # written with the next commit
+        # written with the next commit; its arrays keep their codecs, so it becomes a version 2 store
+        self._meta["format_version"] = ORDER_VERSION
+
+
+def _codec_name(arr: zarr.Array) -> str:
+    """An array's compression in a few words: ``lz4 5 noshuffle`` (Blosc), another codec's name, or ``none``."""
+    names = []
+    for c in arr.compressors:
+        if isinstance(c, BloscCodec):
+            names.append(" ".join(str(getattr(v, "value", v)) for v in (c.cname, c.clevel, c.shuffle)))
+        else:
+            names.append(type(c).__name__.removesuffix("Codec").lower())
+    return ", ".join(names) or "none"
 
 
 def _is_int(value: Any) -> bool:
@@ -1225,10 +1262,13 @@ def _check_meta(path: Path, meta: dict) -> None:
     shard = meta.get("shard_chunks")
     if shard is not None and (not _is_int(shard) or shard < 1):
         raise bad("shard_chunks", "a positive integer or null")
-    codec = meta.get("codec", DEFAULT_CODEC)
-    if (not isinstance(codec, dict) or not isinstance(codec.get("cname"), str)
-            or not _is_int(codec.get("clevel")) or not isinstance(codec.get("shuffle"), str)):
-        raise bad("codec", "a dict with cname (str), clevel (int) and shuffle (str)")
+    codecs = meta.get("codecs", {"all": meta.get("codec", DEFAULT_CODEC)})
+    if not isinstance(codecs, dict):
+        raise bad("codecs", "a dict of kind of array -> codec")
+    for codec in codecs.values():
+        if (not isinstance(codec, dict) or not isinstance(codec.get("cname"), str)
+                or not _is_int(codec.get("clevel")) or not isinstance(codec.get("shuffle"), str)):
+            raise bad("codecs" if "codecs" in meta else "codec", "a dict with cname (str), clevel (int) and shuffle (str)")
 
 
 def _positive_int(value: Any, name: str) -> int:

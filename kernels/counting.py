@@ -238,10 +238,14 @@ def _row_kernel(row_body, name: str) -> _Kernel:
 
 
 @body
-def _bump_pair(h, base, l, x, y, E):
-    """h[base + (l * E + x) * E + y] += 1 when both ids are below E; returns 1 (a bad id) otherwise."""
+def _bump_pair(h, l, x, y, E):
+    """h[(l * E + x) * E + y] += 1 when both ids are below E; returns 1 (a bad id) otherwise.
+
+    ``h`` is one group's slice; every index is unsigned (uint64): Numba then needs no
+    negative-index wraparound per access, which costs as much as the increment itself.
+    """
     if x < E and y < E:
-        h[base + (l * E + x) * E + y] += 1
+        h[(l * E + x) * E + y] += 1
         return 0
     return 1
 
@@ -252,14 +256,15 @@ def _experts_body(h, experts, group, aux, a, b, g, E):
     n, n_layers, top_k = experts.shape
     lk = n_layers * top_k
     flat = experts.reshape(n * lk)  # a view: one flat (row, layer, rank) index per id
-    base = g * lk * E
+    hg = h[g * lk * E: (g + 1) * lk * E]
+    uE = np.uint64(E)  # unsigned indices: no wraparound check per access (2x faster, bench/RESULTS.md)
     nbad = 0
-    for i in range(a * lk, b * lk, lk):
-        row = flat[i: i + lk]
+    for r in range(a, b):
+        row = flat[r * lk: r * lk + lk]
         for j in range(lk):
-            e = np.int64(row[j])
-            if e < E:
-                h[base + j * E + e] += 1
+            e = np.uint64(row[j])
+            if e < uE:
+                hg[np.uint64(j) * uE + e] += 1
             else:
                 nbad += 1
     return nbad
@@ -269,13 +274,16 @@ def _experts_body(h, experts, group, aux, a, b, g, E):
 def _paths_body(h, experts, group, aux, a, b, g, E):
     """h[((g * L + l) * E + top1[l-1]) * E + top1[l]] += 1 for l in 1..L-1."""
     n_layers = experts.shape[1]
-    base = g * n_layers * E * E
+    size = n_layers * E * E
+    hg = h[g * size: (g + 1) * size]
+    uE = np.uint64(E)
     nbad = 0
     for r in range(a, b):
-        prev = np.int64(experts[r, 0, 0])
+        row = experts[r, :, 0]
+        prev = np.uint64(row[0])
         for l in range(1, n_layers):
-            cur = np.int64(experts[r, l, 0])
-            nbad += _bump_pair(h, base, l, prev, cur, E)
+            cur = np.uint64(row[l])
+            nbad += _bump_pair(hg, np.uint64(l), prev, cur, uE)
             prev = cur
     return nbad
 
@@ -284,11 +292,14 @@ def _paths_body(h, experts, group, aux, a, b, g, E):
 def _pairs_body(h, experts, group, aux, a, b, g, E):
     """h[((g * L + l) * E + experts[r, l, 0]) * E + experts[r, l, 1]] += 1."""
     n_layers = experts.shape[1]
-    base = g * n_layers * E * E
+    size = n_layers * E * E
+    hg = h[g * size: (g + 1) * size]
+    uE = np.uint64(E)
     nbad = 0
     for r in range(a, b):
+        row = experts[r]
         for l in range(n_layers):
-            nbad += _bump_pair(h, base, l, np.int64(experts[r, l, 0]), np.int64(experts[r, l, 1]), E)
+            nbad += _bump_pair(hg, np.uint64(l), np.uint64(row[l, 0]), np.uint64(row[l, 1]), uE)
     return nbad
 
 
@@ -323,22 +334,26 @@ def _temporal_body(h, experts, group, aux, a, b, g, E):
     """
     seq, pos, carry = aux
     n_layers = experts.shape[1]
+    size = n_layers * E * E
+    uE = np.uint64(E)
     nbad = 0
     for r in range(a, b):
         if r == 0:  # the transition into the chunk's first row comes from the carried row
             pg = carry[0]
             if pg < 0 or carry[1] != seq[0] or carry[2] + 1 != pos[0]:
                 continue
-            base = pg * n_layers * E * E
+            hg = h[pg * size: (pg + 1) * size]
             for l in range(n_layers):
-                nbad += _bump_pair(h, base, l, carry[3 + l], np.int64(experts[0, l, 0]), E)
+                nbad += _bump_pair(hg, np.uint64(l), np.uint64(carry[3 + l]), np.uint64(experts[0, l, 0]), uE)
             continue
         pg = g if r > a else group[r - 1]  # inside a run the previous row has group g
         if pg < 0 or seq[r - 1] != seq[r] or pos[r - 1] + 1 != pos[r]:
             continue
-        base = pg * n_layers * E * E
+        hg = h[pg * size: (pg + 1) * size]
+        prev = experts[r - 1, :, 0]
+        cur = experts[r, :, 0]
         for l in range(n_layers):
-            nbad += _bump_pair(h, base, l, np.int64(experts[r - 1, l, 0]), np.int64(experts[r, l, 0]), E)
+            nbad += _bump_pair(hg, np.uint64(l), np.uint64(prev[l]), np.uint64(cur[l]), uE)
     return nbad
 
 
@@ -490,6 +505,11 @@ class CountStat:
     needs_rank_order = False
     args: tuple[str, ...] = ()
     body = None
+    # Counts pairs of adjacent rows: a range's first row needs the row before it (``prime``).
+    looks_back = False
+    # One state for all the driver's workers (updated under a lock), not one each: ``vocab``,
+    # whose [V, L, E] tensor is too large to copy per thread.
+    shared_state = False
     # A float statistic whose every value is an exact multiple of this unit: an archive carries its
     # partial sums between ranges as int64 multiples of it, so the total is exact in any order.
     exact_unit: float | None = None
@@ -547,10 +567,14 @@ class CountStat:
     def _scratch_dtype(self):
         return np.dtype(np.float64) if self.dtype.kind == "f" else np.dtype(np.int32)
 
-    def create(self):
-        """A zeroed ``[n_blocks, P]`` buffer of private histograms (P = size padded to cache lines)."""
+    def create(self, n_blocks: int | None = None):
+        """A zeroed ``[n_blocks, P]`` buffer of private histograms (P = size padded to cache lines).
+
+        ``n_blocks=1``: one histogram, counted by the serial build (the count driver's workers
+        each count whole chunks into their own state; bench/RESULTS.md).
+        """
         dt = self._scratch_dtype
-        buf = np.zeros((self.n_blocks, _padded(self.size, dt.itemsize)), dtype=dt)
+        buf = np.zeros((n_blocks or self.n_blocks, _padded(self.size, dt.itemsize)), dtype=dt)
         acc = np.zeros(self.size, dtype=self.dtype) if dt != self.dtype else None
         return _State(buf, acc)
 
@@ -582,13 +606,17 @@ class CountStat:
         if state.acc is not None and (state.since + n) * self._per_row() > _INT32_LIMIT:
             self._flush(state)
         aux = self._aux(state, arrays, experts)
-        nbad = self._loop(self._work(experts), state.buf, experts, group, aux, self.n_experts)
+        if state.buf.shape[0] == 1:
+            nbad = self._loop.serial(state.buf, experts, group, aux, self.n_experts)
+        else:
+            nbad = self._loop(self._work(experts), state.buf, experts, group, aux, self.n_experts)
         state.since += n
         self._after(state, arrays, experts, group)
         _check_bad(self.name, nbad, self.n_experts)
 
     def prime(self, state, arrays: dict) -> None:
-        """Hand over the row just before the counted range (no-op unless a statistic looks back)."""
+        """Hand over the row just before the counted range, or none (0-row arrays); a no-op unless
+        the statistic ``looks_back``."""
 
     def combine(self, a, b):
         """State of two disjoint row ranges: totals add (``b``'s carry is kept)."""
@@ -666,10 +694,11 @@ class TemporalStat(CountStat):
     dims = ("layer", "expert", "next_expert")
     inputs = ("seq", "pos")
     needs_rank_order = True
+    looks_back = True
     body = _temporal_body
 
-    def create(self):
-        state = super().create()
+    def create(self, n_blocks=None):
+        state = super().create(n_blocks)
         state.carry = np.full(3 + self.n_layers, -1, dtype=np.int64)
         return state
 
@@ -685,9 +714,11 @@ class TemporalStat(CountStat):
         carry[3:] = experts[-1, :, 0]
 
     def prime(self, state, arrays):
-        """Carry the row just before the range (1-row arrays: experts, group, seq, pos)."""
+        """Carry the row just before the range (1-row arrays: experts, group, seq, pos), or none (0 rows)."""
         if len(arrays["group"]):
             self._after(state, arrays, np.asarray(arrays["experts"]), np.asarray(arrays["group"]))
+        else:
+            state.carry[:] = -1
 
 
 @register
@@ -765,8 +796,9 @@ class VocabStat(CountStat):
     grouped = False
     inputs = ("token_id",)
     args = ("vocab_size",)
+    shared_state = True
 
-    def create(self):
+    def create(self, n_blocks=None):
         return np.zeros(self.shape, dtype=self.dtype)
 
     def update(self, state, arrays):
@@ -839,7 +871,7 @@ class DistinctSeqStat(CountStat):
     name = "n_questions"
     inputs = ("seq",)
 
-    def create(self):
+    def create(self, n_blocks=None):
         return [np.empty((0, 2), dtype=np.int64)]
 
     def update(self, state, arrays):

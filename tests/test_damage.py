@@ -166,6 +166,15 @@ def test_a_committed_count_raised_past_the_written_chunks_is_refused(tmp_path):
     assert len(TraceStore.open(st.path)) == 1024
     with pytest.raises(MoetraceError, match=r"missing chunk file of committed rows \[512, 640\)"):
         count(st.path, stats=["experts"], progress=False)
+    # the count driver's workers each take the next chunk: whichever fails first, the error names
+    # the first missing chunk, so it does not depend on the number of workers
+    from moetrace.counting.driver import count_store
+    from moetrace.counting.filters import Filters
+
+    for workers in (1, 3, 8):
+        with pytest.raises(MoetraceError, match=r"missing chunk file of committed rows \[512, 640\)"):
+            count_store(TraceStore.open(st.path), 0, 1024, ["experts"], Filters(), None, False, False,
+                        workers=workers)
 
 
 def test_an_archive_sum_that_would_wrap_is_refused():

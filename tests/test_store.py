@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moetrace.errors import MoetraceError
-from moetrace.store import FORMAT_VERSION, TraceStore
+from moetrace.store import FORMAT_VERSION, ORDER_VERSION, TraceStore
 from routes import random_topk
 
 
@@ -355,7 +356,8 @@ _DELETE = object()
     (_set_attr("chunk_rows", 0), r"moetrace.chunk_rows: expected a positive integer, got 0"),
     (_set_attr("format_version", "1"), r"moetrace.format_version: expected a positive integer, got '1'"),
     (_set_attr("model", 3), r"moetrace.model: expected a string or null, got 3"),
-    (_set_attr("codec", None), r"moetrace.codec: expected a dict"),
+    (_set_attr("codecs", None), r"moetrace.codecs: expected a dict"),
+    (_set_attr("codecs", {"tokens": {"cname": "lz4"}}), r"moetrace.codecs: expected a dict with cname \(str\), clevel"),
     (_set_attr("shard_chunks", 0), r"moetrace.shard_chunks: expected a positive integer or null"),
 ])
 def test_open_refuses_malformed_attributes_in_one_line(tmp_path, edit, message):
@@ -532,7 +534,8 @@ def test_version_1_stores_open_read_only_and_are_checked_before_appending(tmp_pa
             st_.append(_order_rows([1], [7]))
         st_.append(_order_rows([2, 3], [1, 0]))
     reader = TraceStore.open(ok)
-    assert reader.info()["format_version"] == FORMAT_VERSION and len(reader) == 7
+    # checked for order, not rewritten: its arrays keep their codecs, so it becomes a version 2 store
+    assert reader.info()["format_version"] == ORDER_VERSION and len(reader) == 7
 
 
 def test_cli_info_reports_distinct_sequences_and_warns_about_interleaved_rows(tmp_path, capsys):
@@ -580,7 +583,11 @@ def test_every_chunk_is_at_most_8_MiB_and_aligned_to_one_row_grid(tmp_path, L, K
     if extra.get("weights") and E <= 256:  # float16 weights are twice as wide as uint8 experts
         assert st_.info()["arrays"]["routing/weights"]["chunks"][0] == rows // 2
     codecs = zarr.open_array(str(tmp_path / "t.zarr" / "routing" / "experts"), mode="r").metadata.codecs
-    assert "bitshuffle" in str(codecs) and "lz4" in str(codecs)
+    assert "noshuffle" in str(codecs) and "lz4" in str(codecs)  # format_version 3's codec for the ids
+    arrays = st_.info()["arrays"]
+    assert arrays["tokens/seq"]["codec"] == arrays["tokens/domain"]["codec"] == "lz4 5 shuffle"
+    if "routing/weights" in arrays:
+        assert arrays["routing/weights"]["codec"] == "lz4 5 bitshuffle"
 
 
 def test_explicit_chunk_rows_over_8_MiB_are_refused(tmp_path):
@@ -630,3 +637,39 @@ def test_append_refuses_a_repeated_expert_in_one_tokens_top_k(tmp_path):
                                                 r"layer, got \[6, 2, 6\] \(batch row 1, layer 5\)"):
             st_.append({"seq": [1, 1], "pos": [0, 1], "experts": [[[0, 1, 2], [3, 4, 5]], [[1, 2, 3], [6, 2, 6]]]})
     assert len(TraceStore.open(tmp_path / "t.zarr")) == 2
+
+
+def test_version_2_stores_with_one_codec_still_read_count_and_append(tmp_path):
+    """A store written before format_version 3 (one ``codec`` attribute, bitshuffled routing ids)
+    reads, counts and appends as before, keeping its version and codecs; ``info`` says which."""
+    from moetrace.cli import main
+    from moetrace.counting import count
+    from moetrace.store import DEFAULT_CODEC
+
+    rng = np.random.default_rng(5)
+    n = 300
+    batch = {"seq": np.arange(n) // 30, "pos": np.arange(n) % 30, "experts": random_topk(rng, n, 2, 2, 64)}
+    old, new = tmp_path / "v2.zarr", tmp_path / "v3.zarr"
+    with TraceStore.create(old, n_layers=2, n_experts=64, top_k=2, chunk_rows=64, codec=DEFAULT_CODEC) as st_:
+        st_.append(batch)
+
+    def as_version_2(doc):
+        meta = doc["attributes"]["moetrace"]
+        meta["format_version"] = 2
+        meta["codec"] = meta.pop("codecs")["routing"]
+        return doc
+
+    _edit_json(old / "zarr.json", as_version_2)
+    with TraceStore.create(new, n_layers=2, n_experts=64, top_k=2, chunk_rows=64) as st_:
+        st_.append(batch)
+    for stats in (["experts", "temporal"], ["paths", "pairs"]):
+        xr.testing.assert_identical(count(old, stats=stats, progress=False).drop_attrs(),
+                                    count(new, stats=stats, progress=False).drop_attrs())
+    with TraceStore.open(old, mode="a") as st_:
+        st_.append({k: v[:30] for k, v in {**batch, "seq": batch["seq"] + 100}.items()})
+    info = TraceStore.open(old).info()
+    assert info["format_version"] == 2 and len(TraceStore.open(old)) == n + 30
+    assert info["arrays"]["routing/experts"]["codec"] == "lz4 5 bitshuffle"
+    assert TraceStore.open(new).info()["arrays"]["routing/experts"]["codec"] == "lz4 5 noshuffle"
+    assert TraceStore.open(new).info()["format_version"] == FORMAT_VERSION == 3
+    assert main(["info", str(old)]) == 0

@@ -29,7 +29,7 @@ FAST_APPEND = settings(max_examples=100, deadline=None, phases=PHASES, suppress_
 SLOW = settings(max_examples=2500, deadline=None, phases=PHASES, suppress_health_check=HEALTH)
 
 ATTR_KEYS = ["format_version", "model", "n_layers", "layer_ids", "n_experts", "top_k", "scoring", "labels",
-             "labels_fixed", "committed", "sequences_committed", "chunk_rows", "shard_chunks", "codec"]
+             "labels_fixed", "committed", "sequences_committed", "chunk_rows", "shard_chunks", "codec", "codecs"]
 ARRAY_KEYS = ["shape", "data_type", "chunk_grid", "chunk_key_encoding", "fill_value", "codecs", "node_type",
               "zarr_format", "attributes", "dimension_names"]
 DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16",
@@ -52,6 +52,8 @@ plausible = {
     "codec": st.fixed_dictionaries({"cname": st.sampled_from(["lz4", "zstd", "bogus"]),
                                     "clevel": small_ints, "shuffle": st.sampled_from(["bitshuffle", "x"])}) | json_values,
 }
+plausible["codecs"] = st.dictionaries(st.sampled_from(["tokens", "routing", "routing/experts", "x"]),
+                                      plausible["codec"], max_size=3) | json_values
 
 
 def attr_value(key: str):

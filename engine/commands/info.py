@@ -37,7 +37,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"store       {info['path']}")
+    print(f"store       {info['path']} (format_version {info['format_version']})")
     print(f"model       {info['model'] or '-'} (scoring: {info['scoring'] or '-'})")
     print(f"tokenizer   {info.get('tokenizer') or '- (token ids only)'}")
     print(f"rows        {info['rows']:,} tokens, {info['routing_rows']:,} routing rows")
@@ -57,10 +57,11 @@ def run(args) -> int:
     for label, counts in info["labels"].items():
         values = ", ".join(f"{k}={v:,}" for k, v in counts.items())
         print(f"label       {label}: {values}")
-    print(f"{'array':<24} {'shape':<22} {'dtype':<10} {'raw':>10} {'stored':>10} {'ratio':>6}")
+    print(f"{'array':<24} {'shape':<22} {'dtype':<10} {'raw':>10} {'stored':>10} {'ratio':>6}  codec")
     for name, a in info["arrays"].items():
         raw, stored = a["raw_bytes"], a["stored_bytes"]
         # under 1 MiB a chunk's fixed overhead dominates: a ratio would say nothing about the codec
         ratio = f"{raw / stored:.1f}x" if raw and stored and raw >= 1 << 20 else "small" if raw else "-"
-        print(f"{name:<24} {str(tuple(a['shape'])):<22} {a['dtype']:<10} {_size(raw):>10} {_size(stored):>10} {ratio:>6}")
+        print(f"{name:<24} {str(tuple(a['shape'])):<22} {a['dtype']:<10} {_size(raw):>10} {_size(stored):>10} "
+              f"{ratio:>6}  {a['codec']}")
     return 0

