@@ -273,6 +273,7 @@ class TraceStore:
         self._buffer: list[dict[str, np.ndarray]] = []
         self._buffered_rows = 0
         self._arrays: dict[str, zarr.Array] = {}
+        self._row_arrays: list[str] | None = None
         # Writer's view of the row order (committed + buffered rows): see _check_order.
         self._ended = _EndedIds()
         self._last: tuple[int, int] | None = None  # (seq, pos) of the last row
@@ -541,21 +542,20 @@ class TraceStore:
 
     @property
     def has_weights(self) -> bool:
-        return "routing/weights" in self._array_names()
+        return "routing/weights" in self._row_array_names()
 
     @property
     def has_probs(self) -> bool:
-        return "routing/probs" in self._array_names()
+        return "routing/probs" in self._row_array_names()
 
     @property
     def has_token_text(self) -> bool:
-        return "tokens/text" in self._array_names()
+        return "tokens/text" in self._row_array_names()
 
     @property
     def columns(self) -> list[str]:
         """Names of the per-token columns this store has (tokens/* and routing/*)."""
-        return [name.split("/", 1)[1] for name in self._array_names()
-                if name.startswith(("tokens/", "routing/"))]
+        return [name.split("/", 1)[1] for name in self._row_array_names()]
 
     @property
     def n_sequences_committed(self) -> int:
@@ -593,6 +593,22 @@ class TraceStore:
         unit = self._write_unit()
         if self._buffered_rows >= unit:
             self._write_buffer(whole_units_only=True)
+
+    def restrict_n_experts(self, n_experts: int) -> None:
+        """Lower ``n_experts`` to the count an importer learned at the end of its input.
+
+        A streaming importer creates the store before it has seen every expert id (with 256,
+        or 65536, experts: the id dtype it needs so far) and calls this before closing. Every
+        appended id was checked against the provisional count, so ``n_experts`` must keep
+        the id dtype and cover the largest id appended (the caller's guarantee).
+        """
+        self._require_writable()
+        n_experts = _positive_int(n_experts, "n_experts")
+        if n_experts > self.n_experts or expert_dtype(n_experts) != expert_dtype(self.n_experts) \
+                or n_experts < self.top_k:
+            raise MoetraceError(f"n_experts: cannot restrict {self.n_experts} experts to {n_experts} "
+                                f"(expected top_k={self.top_k} <= n <= {self.n_experts} with the same id dtype)")
+        self._meta["n_experts"] = n_experts  # written with the next commit
 
     def flush(self) -> None:
         """Write every buffered row and raise ``committed`` (rows become visible)."""
@@ -901,11 +917,18 @@ class TraceStore:
                     f"{where}: expected chunks of {rows} rows (chunk_rows{', or a power-of-2 fraction' if fraction else ''})"
                     f" along N only, got chunks {chunks}")
 
+    def _row_array_names(self) -> list[str]:
+        """The tokens/* and routing/* arrays: fixed when the store is created, so listed once
+        (listing a group costs a few ms, and ``append`` asks on every batch)."""
+        if self._row_arrays is None:
+            self._row_arrays = [f"{grp}/{k}" for grp in ("tokens", "routing") if grp in self._group
+                                for k in sorted(self._group[grp].array_keys())]
+        return list(self._row_arrays)
+
     def _array_names(self) -> list[str]:
-        names = []
-        for grp in ("tokens", "routing", "sequences"):
-            if grp in self._group:
-                names += [f"{grp}/{k}" for k in sorted(self._group[grp].array_keys())]
+        names = self._row_array_names()
+        if "sequences" in self._group:  # sequences/* arrays appear with append_sequences
+            names += [f"sequences/{k}" for k in sorted(self._group["sequences"].array_keys())]
         return names
 
     def _array(self, column: str) -> zarr.Array:

@@ -513,3 +513,66 @@ def test_columns_that_cannot_be_labels_or_sequence_columns(tmp_path, capsys, hea
     line = _cli_error(tmp_path, capsys, f"{header}\n{row}\n".encode(),
                       b"q_ix,token_ix,layer_ix,topk_ix,expert\n0,0,0,1,1\n", *(["--labels", labels] if labels else []))
     assert fragment in line, line
+
+
+@pytest.mark.parametrize("block", [40, 97, 1 << 20])
+def test_topks_parsed_in_parallel_blocks_import_the_same_and_errors_keep_their_row(tmp_path, monkeypatch, capsys,
+                                                                                  block):
+    """topks.csv is cut at line ends into blocks parsed on every core (40 and 97 bytes: a few rows per
+    block, cut mid-record and at CRLF ends); the store equals the trace, and a bad value in a late
+    block names its line as the serial reader does."""
+    import moetrace.io.csv_import as csv_import
+
+    monkeypatch.setattr(csv_import, "PARALLEL_BLOCK", block)
+    rng = np.random.default_rng(11)
+    trace = make_csv_trace(rng, n_q=5, L=2, K=3)
+    source = write_csv_trace(trace, tmp_path / "src", rng)
+    assert_store_equals_trace(import_csv(source["samples"], source["topks"], tmp_path / "o.zarr", chunk_rows=CHUNK,
+                                         progress=False), trace)
+    lines = source["topks"].read_text().splitlines()
+    header = lines[0].split(",")
+    bad = len(lines) - 3  # a late record; its line number (the header is line 1)
+    fields = lines[bad].split(",")
+    fields[header.index("expert")] = "seven"
+    lines[bad] = ",".join(fields)
+    source["topks"].write_text("\r\n".join(lines) + "\r\n")
+    args = ["import-csv", "--samples", str(source["samples"]), "--topks", str(source["topks"]),
+            str(tmp_path / "bad.zarr"), "-q", "--chunk-rows", str(CHUNK)]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{source['topks']}: row {bad + 1}, column expert: expected an integer, got 'seven'")
+
+
+def test_files_in_store_order_stream_without_partitions_and_learn_n_experts_at_the_end(tmp_path, monkeypatch):
+    """Sorted files (as seed 000 writes them) take the streaming path: no partition files, no sort.
+    The store starts with 256 experts (uint8 ids) and ends with the largest id + 1, or the given
+    count; an id beyond 255 after the first batch sends the import to the partitioned path, which
+    stores uint16 ids."""
+    import moetrace.io.csv_import as csv_import
+
+    rng = np.random.default_rng(12)
+    trace = make_csv_trace(rng, n_q=4, L=2, K=2)
+    source = write_csv_trace(trace, tmp_path / "src", rng, shuffle=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sorted files went through the partitioned import")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(csv_import, "_import_partitioned", refuse)
+        store = import_csv(source["samples"], source["topks"], tmp_path / "a.zarr", chunk_rows=CHUNK, progress=False)
+        assert_store_equals_trace(store, trace)
+        assert store.n_experts == int(trace.experts.max()) + 1
+        given = import_csv(source["samples"], source["topks"], tmp_path / "b.zarr", chunk_rows=CHUNK,
+                           n_experts=200, progress=False)
+        assert given.n_experts == 200
+    # a large id in the last token: the streaming path created uint8 ids and gives way
+    lines = source["topks"].read_text().splitlines()
+    header = lines[0].split(",")
+    fields = lines[-1].split(",")
+    fields[header.index("expert")] = "300"
+    lines[-1] = ",".join(fields)
+    source["topks"].write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(csv_import, "PARALLEL_BLOCK", 64)  # several batches: the first has small ids only
+    store = import_csv(source["samples"], source["topks"], tmp_path / "c.zarr", chunk_rows=CHUNK, progress=False)
+    assert store.n_experts == 301 and store.read(["experts"], 0, len(store))["experts"].dtype == np.uint16
+    assert int(store.read(["experts"], len(store) - 1, len(store))["experts"][0, -1, -1]) == 300

@@ -313,3 +313,21 @@ def test_shuffled_rows_sort_the_same_in_one_partition_or_many(tmp_path, monkeypa
     assert_store_equals_trace(one, trace)
     assert_store_equals_trace(many, trace)
     assert not list(tmp_path.glob(".*parts-*"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(per=st.integers(1, 6), heads=st.lists(st.text(alphabet="ab\u00e9", max_size=300), max_size=6),
+       change=st.none() | st.tuples(st.integers(0, 10**6), st.text(alphabet="ab\u00e9", max_size=4)),
+       skip=st.integers(0, 3), large=st.booleans())
+def test_first_break_in_token_blocks_equals_a_python_loop(per, heads, change, skip, large):
+    """The Numba check that a string column repeats each token's first value over its L x K rows
+    (kernels/blocks.py, compared 256 bytes at a time) finds the same first differing row as a
+    plain loop, for Arrow string and large_string arrays that start at an offset."""
+    from moetrace.io.parquet import _first_break
+
+    values = [h for h in heads for _ in range(per)]
+    if change is not None and values:
+        values[change[0] % len(values)] = change[1]
+    arr = pa.array(["x"] * skip + values, pa.large_string() if large else pa.string()).slice(skip)
+    want = next((r for r in range(len(values)) if values[r] != values[r // per * per]), -1)
+    assert _first_break(arr, per) == want

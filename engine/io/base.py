@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -40,6 +42,53 @@ POS_RANGE = (int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max))
 SEQ_RANGE = (int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max))
 #: ``routing/weights`` is float16: larger magnitudes would become infinite.
 MAX_WEIGHT = float(np.finfo(np.float16).max)
+
+
+def read_ahead(items: Iterable[Any], depth: int = 2, name: str = "moetrace-read-ahead") -> Iterator[Any]:
+    """``items`` in order, produced by a background thread up to ``depth`` ahead of the caller.
+
+    For sources whose next item is mostly native work that releases the GIL (pyarrow
+    decoding a Parquet row group or parsing CSV): it runs on the other core while the
+    caller checks and writes the previous one. An exception in the source is raised at
+    the item where it happened; a caller that stops early stops the thread.
+    """
+    out: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put((done, None))
+        except BaseException as exc:  # handed to the caller
+            out.put((done, exc))
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = out.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                out.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: tuple = (), what: str = "an input") -> Path:

@@ -49,7 +49,8 @@ from moetrace.progress import tqdm
 from moetrace.errors import MoetraceError
 from moetrace.io.base import (MAX_EXPERTS, MAX_LAYER_ID, POS_RANGE, SEQ_RANGE, TOKEN_ID_RANGE, KeySampler,
                               PartitionWriter, check_range, check_weights, n_partitions, partition_bounds,
-                              read_partition, resolve_n_experts, staged_store)
+                              read_ahead, read_partition, resolve_n_experts, staged_store)
+from moetrace.kernels.blocks import first_break_in_string_blocks
 from moetrace.store import RANK_ORDERS, TraceStore
 
 META_KEY = b"moetrace"
@@ -277,7 +278,8 @@ def _import_in_file_order(path: Path, pf: pq.ParquetFile, store: TraceStore, bat
     carry: pa.Table | None = None
     offset = 0  # file row number of carry's first row
     last_token: tuple[int, int] | None = None
-    batches = _iter_batches(path, pf, batch_size=max(int(batch_rows), per))
+    # the next batch is decoded (pyarrow, no GIL) on the other core while this one is checked and written
+    batches = read_ahead(_iter_batches(path, pf, batch_size=max(int(batch_rows), per)))
     for batch in tqdm(batches, desc="import", unit="batch", disable=not progress,
                       total=-(-pf.metadata.num_rows // max(int(batch_rows), per))):
         table = pa.Table.from_batches([batch])
@@ -422,8 +424,9 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
 
 
 def _iter_batches(path: Path, pf: pq.ParquetFile, **kwargs):
-    """``pf.iter_batches(**kwargs)``; a corrupt page or footer is a one-line MoetraceError."""
-    batches = pf.iter_batches(use_threads=False, **kwargs)
+    """``pf.iter_batches(**kwargs)`` (columns decoded on every core); a corrupt page or footer is a
+    one-line MoetraceError."""
+    batches = pf.iter_batches(use_threads=True, **kwargs)
     offset = 0
     while True:
         try:
@@ -587,11 +590,9 @@ def _append_blocks(path: Path, store: TraceStore, table: pa.Table, rows, layer_i
         if pa.types.is_dictionary(col.type):
             col = col.cast(col.type.value_type)
         _no_nulls(path, name, col, rows)
-        heads = col.take(pa.array(np.repeat(first, per)))
-        same = pc.equal(col, heads).to_numpy(zero_copy_only=False)
-        if not same.all():
-            flat = int(np.argmin(same))
-            fail(name, flat, repr(heads[flat].as_py()), repr(col[flat].as_py()))
+        flat = _first_break(col, per)
+        if flat >= 0:
+            fail(name, flat, repr(col[flat // per * per].as_py()), repr(col[flat].as_py()))
         values = np.asarray(col.take(pa.array(first)).to_numpy(zero_copy_only=False), dtype=str)
         batch["text" if name == "token" else name] = values
     if "weight" in table.column_names:
@@ -601,6 +602,19 @@ def _append_blocks(path: Path, store: TraceStore, table: pa.Table, rows, layer_i
     _check_token_order(path, batch["seq"], batch["pos"], rows, per, last_token)
     store.append(batch)
     return int(batch["seq"][-1]), int(batch["pos"][-1])
+
+
+def _first_break(col: pa.Array, per: int) -> int:
+    """The first row of a string column that differs from its token block's first row, or -1."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        _, offsets, data = col.buffers()
+        width = np.int32 if pa.types.is_string(col.type) else np.int64
+        offsets = np.frombuffer(offsets, dtype=width)[col.offset: col.offset + len(col) + 1]
+        data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        return int(first_break_in_string_blocks(offsets, data, per))
+    heads = col.take(pa.array(np.repeat(np.arange(0, len(col), per), per)[: len(col)]))
+    same = pc.equal(col, heads).to_numpy(zero_copy_only=False)  # e.g. string_view: compared by Arrow
+    return -1 if same.all() else int(np.argmin(same))
 
 
 def _check_token_order(path: Path, seq: np.ndarray, pos: np.ndarray, rows, per: int,
