@@ -118,7 +118,11 @@ def drive(st: TraceStore, sel: Selection, stats: list, start: int, stop: int, pr
             results = [work()]
         else:
             with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="moetrace-count") as pool:
-                results = [f.result() for f in [pool.submit(work) for _ in range(n_workers)]]
+                futures = [pool.submit(work) for _ in range(n_workers)]
+                try:
+                    results = [f.result() for f in futures]
+                finally:  # e.g. Ctrl-C here: the workers stop after their chunk instead of finishing the store
+                    stop_all.set()
     finally:
         stop_all.set()
         bar.close()
