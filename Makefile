@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # A throw-away environment with the newest versions pyproject.toml allows (torch stays pinned).
 LATEST := .venv-latest
 
-.PHONY: demo test test-slow test-latest lock bench install gpu-check
+.PHONY: demo test test-slow test-compile-full test-latest lock bench install gpu-check
 
 install: $(STAMP)
 
@@ -33,11 +33,18 @@ demo: $(STAMP)
 # PYTHONSAFEPATH: the repository root is not put on sys.path, so the folders engine/ and kernels/
 # are never imported by those names (moetrace is installed: moetrace <- engine/, moetrace.kernels
 # <- kernels/), and a `kernels` that transformers imports is Hugging Face's, never ours.
+# HYPOTHESIS_PROFILE=ci: property tests run derandomized (the same examples on every machine;
+# tests/conftest.py). Leave it out to let Hypothesis search at random.
 test: $(STAMP)
-	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q
+	HYPOTHESIS_PROFILE=ci PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q -m slow
+	HYPOTHESIS_PROFILE=ci PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q -m slow
+
+# Every combination of routing options compiled for sm_80 and sm_90 (the slow suite compiles a
+# covering design of them): hours on 2 cores, run once per kernel change; bench/RESULTS.md.
+test-compile-full: $(STAMP)
+	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q -m compile_full tests/test_triton_compile.py
 
 # Build $(LATEST) from scratch with the newest allowed versions and run the suite there: an
 # upcoming release that breaks moetrace shows here before users hit it.
@@ -54,7 +61,7 @@ test-latest:
 	rm -f $(LATEST)/.installed $(LATEST)/.tested
 	$(MAKE) $(LATEST)/.installed
 	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|triton|numba|numpy|zarr|xarray)=='
-	PYTHONSAFEPATH=1 $(LATEST)/bin/python -m pytest -q
+	HYPOTHESIS_PROFILE=ci PYTHONSAFEPATH=1 $(LATEST)/bin/python -m pytest -q
 	touch $(LATEST)/.tested
 
 # Re-lock to the set `make test-latest` just tested and passed: every package, exact versions.

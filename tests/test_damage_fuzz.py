@@ -40,7 +40,8 @@ ARRAYS = ["routing/experts", "routing/weights", "tokens/seq", "tokens/pos", "tok
 PHASES = (Phase.explicit, Phase.reuse, Phase.generate)
 HEALTH = list(HealthCheck)
 FAST = settings(max_examples=300, deadline=None, phases=PHASES, suppress_health_check=HEALTH, database=None)
-SLOW = settings(max_examples=5000, deadline=None, phases=PHASES, suppress_health_check=HEALTH, database=None)
+# 5000 examples ran over 17 min of the slow suite's 45 (issue 26); the fast suite's 300 take 75 s
+SLOW = settings(max_examples=1000, deadline=None, phases=PHASES, suppress_health_check=HEALTH, database=None)
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,11 @@ def option_space(E: int, K: int, matrix: str = "full"):
     ``matrix="full"``: the whole product (scoring x renormalize x mask_mode x bias/n_group for
     sigmoid x each optional input). ``"cover"``: for each structural choice (scoring,
     renormalize, mask_mode, n_group) only "no optional input" and "every optional input".
+    ``"pairs"``: :func:`pairwise_options`.
     """
+    if matrix == "pairs":
+        yield from pairwise_options(E, K)
+        return
     n_group, topk_group = default_groups(E, K)
     optional = ["boost", "scale", "expert_mask", "path"] + (["pair"] if K >= 2 else [])
     for scoring, renorm, zero in itertools.product(("softmax", "sigmoid"), (False, True), (False, True)):
@@ -106,6 +110,37 @@ def option_space(E: int, K: int, matrix: str = "full"):
             for pick in picks:
                 yield Options(scoring=scoring, renormalize=renorm, mask_mode="zero" if zero else "reroute",
                               n_group=g, topk_group=tg, **dict(zip(names, pick)))
+
+
+#: The option fields a covering design pairs up (``n_group`` stands for group-limited selection).
+_FACTORS = ("scoring", "renormalize", "mask_mode", "n_group", "bias", "boost", "scale", "expert_mask", "path",
+            "pair")
+
+
+def pairwise_options(E: int, K: int, archs: tuple = ()) -> list:
+    """A covering design of ``option_space(E, K, "full")``: every pair of values of two options that
+    can occur together (scoring, renormalize, mask mode, groups, each optional input) is in at least
+    one returned Options. Greedy (each step takes the first candidate that covers the most pairs not
+    yet covered), so the list is the same every run: 9 Options where the full product has 640.
+
+    ``archs``: the architecture is one more factor; returns ``(arch, Options)`` pairs, so each
+    option value is compiled for every architecture without compiling every Options for each.
+    """
+    candidates = [(arch, o) for o in option_space(E, K, "full") for arch in (archs or (None,))]
+
+    def pairs(candidate) -> frozenset:
+        arch, o = candidate
+        values = [("arch", arch)] + [(name, getattr(o, name)) for name in _FACTORS]
+        return frozenset((a, b) for i, a in enumerate(values) for b in values[i + 1:])
+
+    covers = [pairs(c) for c in candidates]
+    todo = set().union(*covers)
+    chosen = []
+    while todo:
+        best = max(range(len(candidates)), key=lambda i: len(covers[i] & todo))
+        chosen.append(candidates[best])
+        todo -= covers[best]
+    return chosen if archs else [o for _, o in chosen]
 
 
 def _inputs(o: Options, T: int, E: int, K: int, dtype: torch.dtype):
@@ -300,17 +335,37 @@ def matrix(archs=ARCHS, experts=EXPERTS, kind: str = "full", T: int = 4096) -> l
     """[(arch, E, LaunchSpec, Options)] for every distinct launch of both kernels (deduplicated).
 
     Options that give the same constexprs (e.g. bias and n_group for the backward kernel)
-    compile once; the first Options that produced a spec labels it.
+    compile once; the first Options that produced a spec labels it. ``kind="pairs"`` (the slow
+    suite's covering design): at each E, :func:`pairwise_options` with the architecture as a
+    factor, plus a launch for every other block size and warp count the launcher picks for fewer
+    rows (T = 1, 2, 4, ... 128: decoding), each with one of those (arch, Options) in turn.
     """
     out, seen = [], set()
+
+    def add(E: int, o: Options, rows: int, on=archs) -> None:
+        for spec in launch_specs(o, E, top_k_for(E), T=rows):
+            for arch in on:
+                if (arch, spec) not in seen:
+                    seen.add((arch, spec))
+                    out.append((arch, E, spec, o))
+
     for E in experts:
         K = top_k_for(E)
-        for o in option_space(E, K, kind):
-            for spec in launch_specs(o, E, K, T=T):
-                for arch in archs:
-                    if (arch, spec) not in seen:
-                        seen.add((arch, spec))
-                        out.append((arch, E, spec, o))
+        if kind != "pairs":
+            for o in option_space(E, K, kind):
+                add(E, o, T)
+            continue
+        # the covering design: the architecture is a factor, each Options compiles for one
+        chosen = pairwise_options(E, K, archs=tuple(archs))
+        for arch, o in chosen:
+            add(E, o, T, on=(arch,))
+        configs = {tuple(sorted(routing._launch_config(T, E, K).items()))}
+        for rows in (1 << j for j in range(8)):
+            config = tuple(sorted(routing._launch_config(rows, E, K).items()))
+            if config not in configs:  # each block size and warp count the launcher picks, once
+                arch, o = chosen[len(configs) % len(chosen)]
+                configs.add(config)
+                add(E, o, rows, on=(arch,))
     return out
 
 
