@@ -375,19 +375,27 @@ def test_answer_spans_are_checked(tmp_path):
 
 @pytest.mark.slow
 def test_demo_model_rebuilds_deterministically_here(tmp_path):
-    """Training the default demo model twice on this machine gives the same bits; on the platform
-    the shipped weights were trained on (demo_build.json's platform) it gives the shipped bits."""
-    from moetrace.demo.model import (DemoConfig, build_demo_model, platform_key, shipped_build_info,
-                                     weights_sha256)
+    """Training the default demo model twice on this machine gives the same bits, and the rebuilt
+    model knows its domains as the shipped one does (answer-scored accuracy >= 0.8 in each).
+
+    Its bits equal the shipped weights' only where float rounding matches the machine they were
+    trained on, which ``platform_key`` (architecture, torch's SIMD level, torch version) does not
+    pin down: two AVX-512 CPUs, one with AMX, gave different weights under the same key (issue 26).
+    So this checks what holds on every machine; the shipped file's own hash is checked by
+    test_shipped_demo_model_is_the_recorded_one_and_knows_its_domains.
+    """
+    from moetrace.demo.model import (QUESTIONS_FILE, SHIPPED_DIR, DemoConfig, build_demo_model, load_demo_model,
+                                     shipped_build_info, weights_sha256)
 
     a = build_demo_model(tmp_path / "a", progress=False)
-    info = shipped_build_info()
-    assert info["key"] == DemoConfig().key()
-    if platform_key() == info["platform"]:
-        assert weights_sha256(a) == info["weights_sha256"]
-    else:
-        b = build_demo_model(tmp_path / "b", progress=False)
-        assert weights_sha256(a) == weights_sha256(b)
+    b = build_demo_model(tmp_path / "b", progress=False)
+    assert weights_sha256(a) == weights_sha256(b)
+    assert shipped_build_info()["key"] == DemoConfig().key()
+    model, tok = load_demo_model(a)
+    questions = load_questions(SHIPPED_DIR / QUESTIONS_FILE)
+    accuracy = multiple_choice_accuracy(model, tok, questions, by=("domain",), batch_size=256,
+                                        progress=False).by_group()
+    assert min(accuracy.values()) >= 0.8, accuracy
 
 
 def test_shipped_demo_model_is_the_recorded_one_and_knows_its_domains():
