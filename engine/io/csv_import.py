@@ -40,7 +40,7 @@ Files in store order (samples by ``(q_ix, token_ix)``, topks by ``(q_ix, token_i
 topk_ix)``, as seed 000 writes them) stream straight into the store: ``topks.csv`` is cut at
 line ends into 8 MiB blocks parsed on every core, each whole token block is checked and paired
 with its ``samples.csv`` row, and appended. One read of each file (plus the key scan of
-``samples.csv``); bench/bench_import.py: 0.9x DuckDB's CSV -> Parquet time on 20.7M rows.
+``samples.csv``); bench/bench_import.py: 0.84-0.92x of DuckDB's CSV -> Parquet time on 20.7M rows.
 
 Anything else (rows in another order, or an error in the data) goes through external
 partitioning, which also names every error's file, row and column:
@@ -230,16 +230,7 @@ def _import_partitioned(samples_csv: "_CsvFile", topks_csv: "_CsvFile", partial:
             routing = _assemble_routing(samples, topks, tmp / "topks", part, key, layer_set, K,
                                         has_weight, keys)
             seq, pos = keys.decode(key)  # token_ix fits int32: checked by the scan
-            batch = {"seq": seq, "pos": pos.astype(np.int32),
-                     "text": np.asarray(tok.column("token").to_numpy(zero_copy_only=False), dtype=str),
-                     **routing}
-            if "token_id" in token_extras:
-                batch["token_id"] = tok.column("token_id").to_numpy()
-            if "generated" in token_extras:
-                batch["generated"] = tok.column("generated").to_numpy(zero_copy_only=False).astype(bool)
-            for label in labels:
-                batch[label] = np.asarray(tok.column(label).to_numpy(zero_copy_only=False), dtype=str)
-            store.append(batch)
+            store.append({**_token_columns(tok, seq, pos, token_extras, labels), **routing})
             seq_tables.append(_sequence_rows(samples, tok, seq, rows, seq_columns))
         store.flush()
         _append_sequences(samples, store, seq_tables, seq_columns)
@@ -318,22 +309,15 @@ def _import_in_order(samples_csv: "_CsvFile", topks_csv: "_CsvFile", partial: Pa
             tok, tok_rows = sample_rows.take(m)
             if (tok.column("q_ix").to_numpy() != q).any() or (tok.column("token_ix").to_numpy() != t).any():
                 raise _OutOfOrder()
-            batch_out = {"seq": q, "pos": t.astype(np.int32),
-                         "text": np.asarray(tok.column("token").to_numpy(zero_copy_only=False), dtype=str),
-                         "experts": expert.reshape(m, len(layer_ids), K)}
+            if "token_id" in token_extras:
+                check_range(samples, "token_id", tok.column("token_id").to_numpy(), *TOKEN_ID_RANGE, tok_rows,
+                            hint=" (tokens/token_id is int32; -1 = unknown)")
+            batch_out = _token_columns(tok, q, t, token_extras, create["labels"])
+            batch_out["experts"] = expert.reshape(m, len(layer_ids), K)
             if "weight" in topk_types:
                 weight = table.column("weight").to_numpy()[: m * per]
                 check_weights(topks, "weight", weight, row0)
                 batch_out["weights"] = weight.astype(np.float32).reshape(m, len(layer_ids), K)
-            if "token_id" in token_extras:
-                token_id = tok.column("token_id").to_numpy()
-                check_range(samples, "token_id", token_id, *TOKEN_ID_RANGE, tok_rows,
-                            hint=" (tokens/token_id is int32; -1 = unknown)")
-                batch_out["token_id"] = token_id
-            if "generated" in token_extras:
-                batch_out["generated"] = tok.column("generated").to_numpy(zero_copy_only=False).astype(bool)
-            for label in create["labels"]:
-                batch_out[label] = np.asarray(tok.column(label).to_numpy(zero_copy_only=False), dtype=str)
             store.append(batch_out)
             seq_tables.append(_sequence_rows(samples, tok, q, tok_rows, seq_columns))
         if store is None or (carry is not None and carry.num_rows) or sample_rows.more():
@@ -346,6 +330,20 @@ def _import_in_order(samples_csv: "_CsvFile", topks_csv: "_CsvFile", partial: Pa
         raise  # retried with larger blocks
     except MoetraceError as exc:
         raise _OutOfOrder() from exc
+
+
+def _token_columns(tok: pa.Table, seq: np.ndarray, pos: np.ndarray, token_extras: list[str],
+                   labels: list[str]) -> dict[str, np.ndarray]:
+    """The token columns of an append batch from samples.csv rows sorted by (q_ix, token_ix)."""
+    batch = {"seq": seq, "pos": pos.astype(np.int32),
+             "text": np.asarray(tok.column("token").to_numpy(zero_copy_only=False), dtype=str)}
+    if "token_id" in token_extras:
+        batch["token_id"] = tok.column("token_id").to_numpy()
+    if "generated" in token_extras:
+        batch["generated"] = tok.column("generated").to_numpy(zero_copy_only=False).astype(bool)
+    for label in labels:
+        batch[label] = np.asarray(tok.column(label).to_numpy(zero_copy_only=False), dtype=str)
+    return batch
 
 
 class _SampleRows:
