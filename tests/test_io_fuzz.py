@@ -674,3 +674,27 @@ def test_fuzz(fmt, valid, data):
 @given(data=st.data(), valid=st.booleans())
 def test_fuzz_many(fmt, data, valid):
     CASES[fmt](data, valid)
+
+
+def test_every_byte_of_a_column_chunk_flipped(tmp_path):
+    """Each byte of the first column chunk (its dictionary and data page headers included) flipped
+    in turn. Found by ``test_fuzz_many[parquet]``: a flipped page-header byte made pyarrow end the
+    batches early without an error, and the import wrote an empty store."""
+    from test_io_parquet import long_table, make_long_trace
+
+    table = long_table(make_long_trace(np.random.default_rng(3), n_tokens=3, L=3, K=2, weights=False, n_labels=0,
+                                       text=True))
+    original = tmp_path / "original.parquet"
+    pq.write_table(table, original)
+    raw = original.read_bytes()
+    first = pq.ParquetFile(original).metadata.row_group(0).column(0)
+    start = first.dictionary_page_offset or first.data_page_offset
+    for at in range(start, start + first.total_compressed_size):
+        path = tmp_path / f"flipped-{at}.parquet"
+        path.write_bytes(raw[:at] + bytes([raw[at] ^ 0x55]) + raw[at + 1:])
+        out = tmp_path / f"o-{at}.zarr"
+        try:
+            check_outcome(lambda: import_parquet(path, out, progress=False, chunk_rows=CHUNK), out,
+                          lambda: ref_import_parquet(path), lambda: ref_import_parquet(original))
+        except AssertionError as exc:
+            raise AssertionError(f"byte {at} flipped: {exc}") from exc

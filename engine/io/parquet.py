@@ -425,13 +425,18 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
 
 def _iter_batches(path: Path, pf: pq.ParquetFile, **kwargs):
     """``pf.iter_batches(**kwargs)`` (columns decoded on every core); a corrupt page or footer is a
-    one-line MoetraceError."""
+    one-line MoetraceError, and so are fewer rows than the footer promises (pyarrow ends the
+    iteration early, without an error, when a damaged page header says it holds no values)."""
     batches = pf.iter_batches(use_threads=True, **kwargs)
     offset = 0
     while True:
         try:
             batch = next(batches)
         except StopIteration:
+            if offset != pf.metadata.num_rows:
+                raise MoetraceError(f"{path}: row {offset}: not a readable Parquet file (truncated or corrupt: "
+                                    f"the footer counts {pf.metadata.num_rows} rows, the pages hold {offset})"
+                                    ) from None
             return
         except (pa.ArrowException, OSError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
