@@ -15,7 +15,9 @@ Two workloads, each generated once (reused when present with the same size) unde
   with ``moetrace import-parquet`` (the store a user with a Parquet file gets).
 
 Then measures, side by side, each provider in its own subprocess (so its peak RSS is
-its own; every engine limited to ``--threads`` threads; best of ``--repeats`` runs
+its own; every engine limited to ``--threads`` threads; the best of ``--repeats`` runs, or of
+as many as fit in ``--min-seconds`` when more do (a short run is either hit by another
+process on a shared machine or not: the best of many is the quiet machine's time),
 with a warm page cache; peak RSS = the child's ``VmHWM``):
 
 - ``moetrace``: ``count_range(store, stats=["experts"], by=LABELS)``;
@@ -155,7 +157,7 @@ def provider_moetrace(data: Path, tokens: int, stat: str, labels: list[str], rep
     stats = stat.split("+")
     count_range(st, 0, min(tokens, st.chunk_rows), stats=stats, by=labels, progress=False)  # compile
     best, ds = float("inf"), None
-    for _ in range(repeats):
+    for _ in rounds(repeats):
         t, c = time.perf_counter(), time.process_time()
         ds = count_range(st, 0, tokens, stats=stats, by=labels, progress=False)
         if time.perf_counter() - t < best:
@@ -165,6 +167,15 @@ def provider_moetrace(data: Path, tokens: int, stat: str, labels: list[str], rep
 
 
 CPU_SECONDS = [0.0]  # CPU seconds (all threads) of the best moetrace run
+MIN_SECONDS = [1.0]  # --min-seconds
+
+
+def rounds(repeats: int):
+    """Run numbers: at least ``repeats``, then more until ``MIN_SECONDS`` have passed."""
+    start, i = time.perf_counter(), 0
+    while i < repeats or time.perf_counter() - start < MIN_SECONDS[0]:
+        yield i
+        i += 1
 
 
 def provider_roofline(data: Path, labels: list[str], repeats: int, old_kernels: str | None) -> dict:
@@ -200,7 +211,7 @@ def provider_roofline(data: Path, labels: list[str], repeats: int, old_kernels: 
         """Best CPU seconds of ``fn`` (one thread works: CPU time is robust to a shared machine)."""
         fn()
         out = float("inf")
-        for _ in range(repeats):
+        for _ in rounds(repeats):
             t = time.process_time()
             fn()
             out = min(out, time.process_time() - t)
@@ -270,7 +281,7 @@ def provider_duckdb(data: Path, tokens: int, meta: dict, threads: int, repeats: 
     query = (f"SELECT {', '.join(meta['labels'])}, layer, expert, count(*) AS n "
              f"FROM read_parquet('{data / 'trace.parquet'}') {where} GROUP BY ALL")
     best, res = float("inf"), None
-    for _ in range(repeats):
+    for _ in rounds(repeats):
         t = time.perf_counter()
         res = con.execute(query).fetchnumpy()
         best = min(best, time.perf_counter() - t)
@@ -281,7 +292,7 @@ def provider_polars(data: Path, tokens: int, meta: dict, repeats: int) -> tuple[
     import polars as pl
 
     best, res = float("inf"), None
-    for _ in range(repeats):
+    for _ in rounds(repeats):
         t = time.perf_counter()
         lf = pl.scan_parquet(data / "trace.parquet")
         if tokens < meta["tokens"]:
@@ -304,7 +315,7 @@ def provider_pandas(data: Path, rows: int, meta: dict, repeats: int) -> tuple[fl
             break
     df = pa.Table.from_batches(batches).slice(0, rows).to_pandas()
     best, res = float("inf"), None
-    for _ in range(repeats):
+    for _ in rounds(repeats):
         t = time.perf_counter()
         res = df.groupby(group_cols, observed=True).size()
         best = min(best, time.perf_counter() - t)
@@ -356,7 +367,8 @@ def run_child(args, provider: str, rows: int, stat: str = "experts") -> dict:
     env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), POLARS_MAX_THREADS=str(args.threads),
                OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, __file__, "--child", provider, "--data", args.data, "--rows", str(rows),
-           "--stat", stat, "--threads", str(args.threads), "--repeats", str(args.repeats)]
+           "--stat", stat, "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--min-seconds", str(args.min_seconds)]
     if args.old_kernels:
         cmd += ["--old-kernels", args.old_kernels]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -370,6 +382,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8_000_000, help="tokens in the synthetic trace")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
     parser.add_argument("--repeats", type=int, default=3, help="runs per provider (best is reported)")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="each provider runs at least --repeats times and until this many seconds have passed")
     parser.add_argument("--pandas-rows", type=int, default=10_000_000, help="rows of the pandas slice")
     parser.add_argument("--data", default=str(HERE / "data" / "counting"), help="where the trace is generated")
     parser.add_argument("--old-commit", help="also time kernels/counting.py of this git commit (roofline table)")
@@ -380,6 +394,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stat", default="experts", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    MIN_SECONDS[0] = args.min_seconds
     if args.child:
         child(args)
         return
@@ -397,7 +412,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--workloads: unknown {unknown}; expected some of {list(WORKLOADS)}")
     print(f"Command: `.venv/bin/python bench/bench_counting.py --tokens {args.tokens} --threads {args.threads} "
-          f"--repeats {args.repeats} --workloads {','.join(workloads)}"
+          f"--repeats {args.repeats} --min-seconds {args.min_seconds:g} --workloads {','.join(workloads)}"
           + (f" --old-commit {args.old_commit}" if args.old_commit else "")
           + (" --skip-growth" if args.skip_growth else "") + "`")
     for workload in workloads:
@@ -417,7 +432,7 @@ def run_workload(args, workload: str) -> None:
     print(f"\n### Workload `{workload}`: {how}\n")
     print(f"Trace: {meta['tokens']:,} tokens x {meta['layers']} layers x top-{meta['top_k']} of "
           f"{meta['experts']} experts = {total:,} routing rows, by {by}; {args.threads} threads per engine; "
-          f"best of {args.repeats}; warm page cache.\n")
+          f"best of {args.repeats} runs or of {args.min_seconds:g} s of runs; warm page cache.\n")
     labels = ", ".join(meta["labels"])
     runs = [
         ("moetrace", "experts", f"count(experts, by={by}) from the store", total),
