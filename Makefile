@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # A throw-away environment with the newest versions pyproject.toml allows (torch stays pinned).
 LATEST := .venv-latest
 
-.PHONY: demo test test-slow test-compile-full test-latest lock bench install gpu-check
+.PHONY: demo test test-slow test-slow-ci test-compile-full test-latest lock bench install gpu-check
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	HYPOTHESIS_PROFILE=ci PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q -m slow
+
+# The slow tests that fit CI's budget beside `make test` (.ci/run runs both; times in bench/RESULTS.md).
+test-slow-ci: $(STAMP)
+	HYPOTHESIS_PROFILE=ci PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q -m 'slow and not long'
 
 # Every combination of routing options compiled for sm_80 and sm_90 (the slow suite compiles a
 # covering design of them): hours on 2 cores, run once per kernel change; bench/RESULTS.md.

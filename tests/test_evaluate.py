@@ -374,6 +374,7 @@ def test_answer_spans_are_checked(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 10 min: outside CI's slow subset (bench/RESULTS.md); `make test-slow` runs it
 def test_demo_model_rebuilds_deterministically_here(tmp_path):
     """Training the default demo model twice on this machine gives the same bits, and the rebuilt
     model knows its domains as the shipped one does (answer-scored accuracy >= 0.8 in each).
