@@ -8,7 +8,8 @@ Hypothesis profiles (``HYPOTHESIS_PROFILE``, default ``dev``): ``ci``, which ``m
 ``make test-slow`` and ``.ci/run`` use, derandomizes every property test (a fixed seed per test,
 no example database), so CI runs the same examples on every machine and a red run can be
 repeated; ``dev`` keeps Hypothesis's random search and its database, to find new failures
-locally. A failure either finds becomes an explicit ``@example`` beside its test. The profile
+locally. A failure either finds becomes an explicit ``@example`` beside its test (or, for a test
+that draws with ``st.data()``, whose examples cannot be written down, a plain test). The profile
 is loaded here, before any test module builds its own ``settings(...)``, which inherit from it.
 """
 

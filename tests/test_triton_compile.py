@@ -121,8 +121,6 @@ def test_every_combination_compiles_without_spills(arch, E):
 def test_the_covering_design_covers_every_pair_and_launch_configuration():
     """Each pair of values of two options (the architecture one of them) that the full matrix has is
     compiled, and so is every (BLOCK_T, num_warps) the launcher picks at an E for any number of rows."""
-    from moetrace.kernels.routing import _launch_config
-
     def pairs(candidates):
         out = set()
         for arch, o in candidates:

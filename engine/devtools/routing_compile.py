@@ -90,12 +90,9 @@ def option_space(E: int, K: int, matrix: str = "full"):
 
     ``matrix="full"``: the whole product (scoring x renormalize x mask_mode x bias/n_group for
     sigmoid x each optional input). ``"cover"``: for each structural choice (scoring,
-    renormalize, mask_mode, n_group) only "no optional input" and "every optional input".
-    ``"pairs"``: :func:`pairwise_options`.
+    renormalize, mask_mode, n_group) only "no optional input" and "every optional input" (the
+    slow suite's covering design is :func:`pairwise_options`, through ``matrix(kind="pairs")``).
     """
-    if matrix == "pairs":
-        yield from pairwise_options(E, K)
-        return
     n_group, topk_group = default_groups(E, K)
     optional = ["boost", "scale", "expert_mask", "path"] + (["pair"] if K >= 2 else [])
     for scoring, renorm, zero in itertools.product(("softmax", "sigmoid"), (False, True), (False, True)):
